@@ -1,0 +1,34 @@
+"""python -m workflow <stage> [--params PARAMS]  -- run one pipeline stage.
+
+Stages: download, preprocess, fid_reference, train, sample, evaluate, report (and bench).
+Training on several GPUs: accelerate launch -m workflow train
+"""
+import importlib
+import sys
+
+from workflow import STAGES
+from workflow.config import ConfigError
+
+COMMANDS = STAGES + ("bench",)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"unknown stage {name!r}; stages: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"workflow.{name}")
+    try:
+        module.main(rest)
+    except ConfigError as exc:  # a user mistake: one clear line, no traceback
+        print(f"error in stage {name}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""params.yaml -> frozen, validated dataclasses. The only module that knows the file's shape.
+
+    from workflow.config import load_params
+    params = load_params()              # ./params.yaml
+    params.train.learning_rate
+
+Unknown keys, wrong types and out-of-range values raise ConfigError naming the key and the rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A mistake in params.yaml (or another user input): the message names the key and the rule."""
+
+
+def _rule(check, text):
+    return {"check": check, "rule": text}
+
+
+POSITIVE = _rule(lambda v: v > 0, "must be > 0")
+NON_NEGATIVE = _rule(lambda v: v >= 0, "must be >= 0")
+UNIT_OPEN = _rule(lambda v: 0 < v < 1, "must be in (0, 1)")
+UNIT_CLOSED = _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
+NON_EMPTY = _rule(lambda v: len(v) > 0, "must not be empty")
+SHA256 = _rule(lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None, "must be 64 lowercase hex digits")
+SOURCE = _rule(lambda v: re.fullmatch(r"(builtin|imagefolder|hf):.+", v) is not None,
+               "must be builtin:<name>, imagefolder:<path> or hf:<owner>/<name>")
+
+
+def _f(default, rule=None):
+    return field(default=default, metadata=rule or {})
+
+
+def _tuple(default, rule=None):
+    return field(default=tuple(default), metadata=rule or {})
+
+
+@dataclass(frozen=True)
+class Paths:
+    raw: str = "data/raw"
+    images: str = "data/processed/images.npy"
+    meta: str = "data/processed/meta.json"
+    fid_ref: str = "data/processed/fid_ref.npz"
+    checkpoints: str = "models/checkpoints"
+    pipeline: str = "models/pipeline"
+    train_log: str = "reports/train"
+    grid: str = "reports/samples/grid.png"
+    samples: str = "data/samples"
+    metrics: str = "reports/metrics.json"
+    report: str = "reports/index.html"
+
+
+@dataclass(frozen=True)
+class Data:
+    source: str = _f("builtin:mnist", SOURCE)
+    revision: Optional[str] = None
+    split: str = "train"
+    image_column: str = "image"
+    resolution: int = _f(16, POSITIVE)
+    channels: Literal[1, 3] = 1
+    center_crop: bool = True
+    max_images: Optional[int] = _f(None, POSITIVE)
+
+    @property
+    def kind(self) -> str:
+        return self.source.split(":", 1)[0]
+
+    @property
+    def location(self) -> str:
+        return self.source.split(":", 1)[1]
+
+
+@dataclass(frozen=True)
+class Model:
+    block_out_channels: tuple[int, ...] = _tuple((32, 64, 64), NON_EMPTY)
+    layers_per_block: int = _f(1, POSITIVE)
+    attention_levels: tuple[int, ...] = _tuple((2,))
+    norm_num_groups: int = _f(16, POSITIVE)
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    num_train_timesteps: int = _f(1000, POSITIVE)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+
+
+@dataclass(frozen=True)
+class Train:
+    batch_size: int = _f(128, POSITIVE)
+    max_steps: int = _f(500, POSITIVE)
+    learning_rate: float = _f(2e-3, POSITIVE)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = _f(50, NON_NEGATIVE)
+    adam_beta1: float = _f(0.9, UNIT_OPEN)
+    adam_beta2: float = _f(0.999, UNIT_OPEN)
+    adam_weight_decay: float = _f(0.0, NON_NEGATIVE)
+    adam_epsilon: float = _f(1e-8, POSITIVE)
+    max_grad_norm: float = _f(1.0, POSITIVE)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    random_flip: bool = False
+    ema: bool = True
+    ema_inv_gamma: float = _f(1.0, POSITIVE)
+    ema_power: float = _f(0.75, POSITIVE)
+    ema_max_decay: float = _f(0.9999, UNIT_CLOSED)
+    log_every: int = _f(25, POSITIVE)
+    checkpoint_every: int = _f(250, POSITIVE)
+    checkpoints_to_keep: int = _f(2, POSITIVE)
+
+
+@dataclass(frozen=True)
+class Sample:
+    scheduler: Literal["ddpm", "ddim", "dpm"] = "ddim"
+    num_inference_steps: int = _f(50, POSITIVE)
+    grid_size: int = _f(8, POSITIVE)
+    num_images: int = _f(250, POSITIVE)
+    batch_size: int = _f(250, POSITIVE)
+
+
+@dataclass(frozen=True)
+class Fid:
+    num_reference: Optional[int] = _f(250, POSITIVE)
+    weights: Optional[str] = None
+    weights_sha256: Optional[str] = _f(None, SHA256)
+    batch_size: int = _f(50, POSITIVE)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = _f(0, NON_NEGATIVE)
+    paths: Paths = field(default_factory=Paths)
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    train: Train = field(default_factory=Train)
+    sample: Sample = field(default_factory=Sample)
+    fid: Fid = field(default_factory=Fid)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value):
+    """Tuples back to lists, so the dict round-trips through YAML and JSON."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (run from the project root, or pass the params file)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return params_from_dict(raw or {}, source=str(path))
+
+
+def params_from_dict(raw: dict, source: str = "params") -> Params:
+    params = _build(Params, raw, prefix="", source=source)
+    _check_cross_field(params, source)
+    return params
+
+
+def _build(cls, raw, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<top level>'}` must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key `{prefix}{unknown[0]}`; valid keys here: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        key = prefix + name
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, key + ".", source)
+            continue
+        value = _coerce(kind, value, key, source)
+        rule = fields[name].metadata
+        if rule and value is not None and not rule["check"](value):
+            raise ConfigError(f"{source}: `{key}` {rule['rule']}, got {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def _coerce(kind, value, key: str, source: str):
+    """Check `value` against the annotation `kind`; return it in its canonical Python type."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, source)
+    if origin is Literal:
+        if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
+            raise ConfigError(f"{source}: `{key}` must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: `{key}` must be a list of {args[0].__name__}, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: `{key}` must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _check_cross_field(p: Params, source: str) -> None:
+    levels = len(p.model.block_out_channels)
+    factor = 2 ** (levels - 1)
+    if p.data.resolution % factor:
+        raise ConfigError(f"{source}: `data.resolution` ({p.data.resolution}) must be divisible by 2^(levels-1) = "
+                          f"{factor} for {levels} levels in `model.block_out_channels`")
+    bad = [c for c in p.model.block_out_channels if c % p.model.norm_num_groups]
+    if bad:
+        raise ConfigError(f"{source}: `model.block_out_channels` {list(bad)} must be divisible by "
+                          f"`model.norm_num_groups` ({p.model.norm_num_groups})")
+    wrong = [lv for lv in p.model.attention_levels if not 0 <= lv < levels]
+    if wrong:
+        raise ConfigError(f"{source}: `model.attention_levels` {wrong} must be level indices in 0..{levels - 1}")
+    if p.sample.grid_size ** 2 > p.sample.num_images:
+        raise ConfigError(f"{source}: `sample.grid_size`^2 ({p.sample.grid_size ** 2}) must not exceed "
+                          f"`sample.num_images` ({p.sample.num_images})")
+    if p.fid.weights_sha256 and not p.fid.weights:
+        raise ConfigError(f"{source}: `fid.weights_sha256` is set but `fid.weights` is not")
+    if p.data.kind == "hf" and "/" not in p.data.location:
+        raise ConfigError(f"{source}: `data.source` {p.data.source!r} must name a repository as hf:<owner>/<name>")
