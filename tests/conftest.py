@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny params that run in seconds on a 2-core CPU."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from workflow.config import params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "seed": 0,
+    "data": {"source": "builtin:mnist", "resolution": 8, "channels": 1, "max_images": 32},
+    "model": {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_levels": [1],
+              "norm_num_groups": 8},
+    "train": {"batch_size": 8, "max_steps": 12, "warmup_steps": 2, "log_every": 4,
+              "checkpoint_every": 4, "checkpoints_to_keep": 2},
+    "sample": {"scheduler": "ddim", "num_inference_steps": 4, "grid_size": 2, "num_images": 6, "batch_size": 6},
+    "fid": {"num_reference": 6, "batch_size": 6},
+}
+
+
+def tiny_dict(**overrides) -> dict:
+    """TINY with `section={key: value}` overrides merged in."""
+    raw = copy.deepcopy(TINY)
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return raw
+
+
+@pytest.fixture
+def tiny_params(tmp_path, monkeypatch):
+    """Tiny Params with every relative path landing in tmp_path (the working directory)."""
+    monkeypatch.chdir(tmp_path)
+
+    def make(**overrides):
+        raw = tiny_dict(**overrides)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+        return params_from_dict(raw)
+
+    return make
+
+
+def write_images(path: str | Path, n: int = 24, channels: int = 1, size: int = 8, seed: int = 0) -> np.ndarray:
+    """A small uint8 N x C x H x W array, as preprocess writes it."""
+    images = np.random.default_rng(seed).integers(0, 256, (n, channels, size, size), dtype=np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, images)
+    return images

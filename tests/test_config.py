@@ -1,0 +1,66 @@
+import pytest
+import yaml
+
+from tests.conftest import ROOT, tiny_dict
+from workflow.config import ConfigError, Params, load_params, params_from_dict
+
+
+def test_shipped_params_are_the_documented_defaults():
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_validate(preset):
+    params = load_params(preset)
+    assert params.data.resolution % 2 ** (len(params.model.block_out_channels) - 1) == 0
+
+
+def test_values_are_typed():
+    p = params_from_dict(tiny_dict(train={"learning_rate": "1e-4"}))  # YAML 1.1 reads 1e-4 as a string
+    assert p.train.learning_rate == 1e-4 and isinstance(p.model.block_out_channels, tuple)
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"trian": {}}, ["unknown key `trian`", "train"]),
+    ({"train": {"lr": 1}}, ["unknown key `train.lr`", "learning_rate"]),
+    ({"train": {"batch_size": 0}}, ["`train.batch_size`", "> 0"]),
+    ({"train": {"batch_size": 2.5}}, ["`train.batch_size`", "int"]),
+    ({"train": {"ema": "yes"}}, ["`train.ema`", "bool"]),
+    ({"train": {"mixed_precision": "fp8"}}, ["`train.mixed_precision`", "'bf16'"]),
+    ({"data": {"channels": 2}}, ["`data.channels`", "1, 3"]),
+    ({"data": {"source": "s3://bucket"}}, ["`data.source`", "imagefolder:<path>"]),
+    ({"data": {"source": "hf:butterflies"}}, ["hf:<owner>/<name>"]),
+    ({"data": {"resolution": 9}}, ["`data.resolution`", "divisible"]),
+    ({"model": {"attention_levels": [5]}}, ["`model.attention_levels`"]),
+    ({"model": {"block_out_channels": [12, 32]}}, ["norm_num_groups"]),
+    ({"sample": {"grid_size": 3}}, ["`sample.grid_size`", "`sample.num_images`"]),
+    ({"fid": {"weights_sha256": "abc"}}, ["`fid.weights_sha256`", "hex"]),
+    ({"model": {"block_out_channels": "32"}}, ["`model.block_out_channels`", "list"]),
+    ({"train": [1, 2]}, ["`train` must be a mapping"]),
+])
+def test_mistakes_name_the_key_and_the_rule(raw, words):
+    merged = tiny_dict()
+    for section, value in raw.items():
+        merged[section] = {**merged.get(section, {}), **value} if isinstance(value, dict) else value
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(merged)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_load_params_reports_the_file(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="p.yaml: not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_cli_prints_one_clear_line(tmp_path, capsys):
+    from workflow.__main__ import main
+
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"train": {"learning_rate": -1}}))
+    assert main(["train", "--params", str(tmp_path / "p.yaml")]) == 1
+    assert "`train.learning_rate` must be > 0" in capsys.readouterr().err
+    assert main(["nonsense"]) == 2

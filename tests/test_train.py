@@ -1,0 +1,104 @@
+"""The training stage on a tiny model: it learns, it is deterministic, and resume is exact."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests.conftest import write_images
+from workflow import checkpoints
+from workflow.config import ConfigError
+from workflow.train import train
+
+WEIGHTS = "models/pipeline/unet/diffusion_pytorch_model.safetensors"
+
+
+def weights(path=WEIGHTS):
+    return load_file(path)
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_train_writes_a_loadable_pipeline_and_history(tiny_params):
+    params = tiny_params()
+    write_images(params.paths.images)
+    info = train(params)
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(params.paths.pipeline)
+    assert type(pipeline).__name__ == "DDPMPipeline" and pipeline.unet.config.sample_size == 8
+    rows = list(csv.DictReader(open(Path(params.paths.train_log) / "history.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    assert float(rows[0]["lr"]) == 0.0 and float(rows[2]["lr"]) == pytest.approx(2e-3)  # warm-up, then peak
+    summary = json.loads((Path(params.paths.train_log) / "summary.json").read_text())
+    assert summary == info and summary["steps"] == 12 and np.isfinite(summary["loss_final"])
+    assert summary["loss_final"] < float(rows[0]["loss"])  # it learns
+    assert summary["num_parameters"] == sum(p.numel() for p in pipeline.unet.parameters())
+
+
+def test_saved_weights_are_the_ema_weights(tiny_params):
+    params = tiny_params()
+    write_images(params.paths.images)
+    train(params)
+    key = checkpoints.latest_checkpoint(next(Path(params.paths.checkpoints).iterdir()))
+    raw = load_file(key / "model.safetensors")  # the raw (non-EMA) weights accelerate saved
+    saved = weights()
+    assert not same_weights(raw, saved)
+
+
+def test_two_runs_are_bitwise_identical(tiny_params, tmp_path):
+    params = tiny_params()
+    write_images(params.paths.images)
+    train(params)
+    first = weights()
+    for folder in ("models",):
+        import shutil
+        shutil.rmtree(folder)
+    train(params)
+    assert same_weights(first, weights())
+
+
+def test_resume_gives_the_uninterrupted_weights(tiny_params):
+    """Train 12 steps straight; then 8 steps, stop, and resume to 12: the weights must be equal to the bit."""
+    params = tiny_params()
+    write_images(params.paths.images)
+    train(params)
+    straight = weights()
+    run_dir = next(Path(params.paths.checkpoints).iterdir())
+    assert [s for s, _ in checkpoints.complete_checkpoints(run_dir)] == [8, 12]  # keeps the last 2
+    import shutil
+    shutil.rmtree(run_dir / "step-0000012")
+    shutil.rmtree(params.paths.pipeline)
+    (run_dir / ".step-0000016.tmp").mkdir()  # an interrupted save is never resumed from
+    info = train(params)
+    assert info["resumed_from_step"] == 8
+    assert same_weights(straight, weights())
+    history = list(csv.DictReader(open(Path(params.paths.train_log) / "history.csv")))
+    assert len(history) == 12  # the history survives the resume
+
+
+def test_changed_recipe_does_not_resume_foreign_checkpoints(tiny_params):
+    params = tiny_params()
+    write_images(params.paths.images)
+    train(params)
+    other = tiny_params(train={"learning_rate": 1e-3})
+    info = train(other)
+    assert info["resumed_from_step"] == 0
+    assert len(list(Path(params.paths.checkpoints).iterdir())) == 2
+
+
+def test_missing_images_is_a_clear_error(tiny_params):
+    with pytest.raises(ConfigError, match="images.npy not found: run the preprocess stage"):
+        train(tiny_params())
+
+
+def test_non_finite_loss_names_the_step(tiny_params):
+    params = tiny_params(train={"learning_rate": 1e30, "max_grad_norm": 1e30})
+    write_images(params.paths.images)
+    with pytest.raises(FloatingPointError, match=r"at step \d+"):
+        train(params)
+    assert not Path(params.paths.pipeline).exists()

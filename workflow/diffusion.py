@@ -1,0 +1,68 @@
+"""The diffusion maths of training, as plain functions on tensors (no I/O, no state).
+
+Also the run's random streams: everything random in a training step is a function of
+(seed, step), so a resumed run replays exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def stream_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys, e.g. (seed, step) or (seed, image index)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
+    """Dataset indices of the global batch at `step`: epochs are seeded permutations laid end to end."""
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = np.divmod(positions, n)
+    return np.array([_epoch_permutation(seed, int(e), n)[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float -1..1."""
+    return images_uint8.float().div_(127.5).sub_(1.0)
+
+
+def step_noise(seed: int, step: int, shape: tuple, num_train_timesteps: int, device) -> tuple:
+    """(noise, timesteps, flip mask) for the whole global batch of `step`, from the (seed, step) stream.
+
+    Drawn for the global batch on every process, so each process's shard equals the matching
+    slice of a single-process run."""
+    g = torch.Generator(device=device).manual_seed(stream_seed(seed, step))
+    noise = torch.randn(shape, generator=g, device=device)
+    timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=g, device=device)
+    flip = torch.rand(shape[0], generator=g, device=device) < 0.5
+    return noise, timesteps, flip
+
+
+def apply_flip(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror the images where `flip` is true (augmentation on the device, no host round trip)."""
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the network learns to predict, by the scheduler's prediction type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(clean, noise, timesteps)
+    if kind == "sample":
+        return clean
+    raise AssertionError(f"unhandled prediction type {kind}")
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error, computed in float32 whatever the autocast dtype."""
+    return F.mse_loss(prediction.float(), target.float())
