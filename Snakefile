@@ -1,0 +1,21 @@
+"""The pipeline, Snakemake's way:  snakemake --cores all
+
+The same DAG as dvc.yaml: the same stages running the same `python -m workflow <stage>` commands
+on the same inputs, outputs and params (tests/test_dag.py fails if the two drift apart).
+params.yaml is the config; profiles/default (loaded automatically) lets one GPU job run at a time.
+"""
+
+configfile: "params.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/evaluation.smk"
+
+
+rule all:
+    input:
+        rules.report.output.report,
+        rules.evaluate.output.metrics,
+    default_target: True

@@ -1,0 +1,22 @@
+rule download:
+    input:
+        code=code("download", "sources"),
+    output:
+        raw=directory(P["raw"]),
+    params:
+        values=params_of("data.source", "data.revision", "data.split", "data.image_column"),
+    shell:
+        "python -m workflow download"
+
+
+rule preprocess:
+    input:
+        raw=rules.download.output.raw,
+        code=code("preprocess"),
+    output:
+        images=P["images"],
+        meta=P["meta"],
+    params:
+        values=params_of("seed", "data.resolution", "data.channels", "data.center_crop", "data.max_images"),
+    shell:
+        "python -m workflow preprocess"

@@ -1,0 +1,44 @@
+rule fid_reference:
+    input:
+        images=rules.preprocess.output.images,
+        code=code("fid_reference", "fid", "inception"),
+    output:
+        fid_ref=P["fid_ref"],
+    params:
+        values=params_of("seed", "fid.num_reference", "fid.weights", "fid.weights_sha256", "fid.batch_size"),
+    resources:
+        gpu=1,
+    shell:
+        "python -m workflow fid_reference"
+
+
+rule evaluate:
+    input:
+        samples=rules.sample.output.samples,
+        fid_ref=rules.fid_reference.output.fid_ref,
+        train_log=rules.train.output.train_log,
+        code=code("evaluate", "fid", "inception"),
+    output:
+        metrics=P["metrics"],
+    params:
+        values=params_of("seed", "fid.weights", "fid.weights_sha256", "fid.batch_size"),
+    resources:
+        gpu=1,
+    shell:
+        "python -m workflow evaluate"
+
+
+rule report:
+    input:
+        raw=rules.download.output.raw,
+        meta=rules.preprocess.output.meta,
+        train_log=rules.train.output.train_log,
+        grid=rules.sample.output.grid,
+        metrics=rules.evaluate.output.metrics,
+        code=code("report"),
+    output:
+        report=P["report"],
+    params:
+        values=params_of("seed", "paths", "data", "model", "scheduler", "train", "sample", "fid"),
+    shell:
+        "python -m workflow report"

@@ -1,0 +1,30 @@
+# models/checkpoints is deliberately not an output: Snakemake deletes a failed job's outputs,
+# and the checkpoints are what a re-run resumes from.
+rule train:
+    input:
+        images=rules.preprocess.output.images,
+        code=code("train", "checkpoints", "diffusion", "model"),
+    output:
+        pipeline=directory(P["pipeline"]),
+        train_log=directory(P["train_log"]),
+    params:
+        values=params_of("seed", "model", "scheduler", "train"),
+    resources:
+        gpu=1,
+    shell:
+        "python -m workflow train"
+
+
+rule sample:
+    input:
+        pipeline=rules.train.output.pipeline,
+        code=code("sample", "diffusion", "model"),
+    output:
+        samples=directory(P["samples"]),
+        grid=P["grid"],
+    params:
+        values=params_of("seed", "sample"),
+    resources:
+        gpu=1,
+    shell:
+        "python -m workflow sample"
