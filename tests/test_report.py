@@ -1,0 +1,162 @@
+"""The report stage: a self-contained, deterministic HTML page built from synthetic artifacts."""
+import base64
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from workflow import report
+from workflow.config import ConfigError, Params
+
+FID = 37.4219
+EVIL_NAME = "<script>alert(1)</script>.png"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _grid_png() -> bytes:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(38, 38), dtype=np.uint8)  # 2x2 of 16 px with padding
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _history_csv() -> str:
+    steps = np.arange(1, 101)
+    loss = 1.0 / np.sqrt(steps) + 0.01 * np.sin(steps)
+    lr = 2e-3 * np.minimum(1.0, steps / 10)
+    lines = ["step,loss,lr"] + [f"{s},{l:.6f},{r:.6g}" for s, l, r in zip(steps, loss, lr)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """A project folder holding every input of the report stage, at the default relative paths."""
+    monkeypatch.chdir(tmp_path)
+    paths = Params().paths
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 3, "train": {"max_steps": 100}}))
+    grid = tmp_path / paths.grid
+    grid.parent.mkdir(parents=True)
+    grid.write_bytes(_grid_png())
+    log = tmp_path / paths.train_log
+    log.mkdir(parents=True)
+    (log / "history.csv").write_text(_history_csv())
+    _write_json(log / "summary.json", {"loss_final": 0.1, "images_per_second": 250.5, "seconds": 51.2,
+                                       "steps": 100, "num_parameters": 1_234_567, "device": "cpu"})
+    _write_json(tmp_path / paths.metrics, {
+        "fid": FID, "kid": 0.0123, "fid_num_samples": 250, "fid_num_reference": 240,
+        "fid_weights_sha256": "7ff4a85c" + "0" * 56, "train_loss_final": 0.1,
+        "train_images_per_second": 250.5, "train_seconds": 51.2, "sample_seconds": 4.5,
+        "num_parameters": 1_234_567})
+    source = {"kind": "hf", "repo_id": "someone/tiny-digits", "revision": "main", "sha": "a1b2c3d4e5",
+              "packages": {"huggingface_hub": "2.4.0"},
+              "files": [{"path": f"train/{i:05d}.png", "size": 1000 + i, "sha256": "0" * 64} for i in range(40)]}
+    _write_json(tmp_path / paths.raw / "SOURCE.json", source)
+    _write_json(tmp_path / paths.meta, {
+        "count": 38, "resolution": 16, "channels": 1,
+        "skipped": [{"file": EVIL_NAME, "reason": "cannot identify image file"},
+                    {"file": "train/00007.png", "reason": "truncated PNG data"}],
+        "source": {k: source[k] for k in ("kind", "repo_id", "revision", "sha")}})
+    return tmp_path
+
+
+def _render(run_dir) -> str:
+    report.main(["--params", "params.yaml"])
+    return (run_dir / Params().paths.report).read_text(encoding="utf-8")
+
+
+def _data_uris(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+def test_report_shows_every_artifact(run_dir):
+    page = _render(run_dir)
+    assert f"{FID:.2f}" in page
+    assert "on 250 generated samples against 240 reference images" in page
+    assert "someone/tiny-digits" in page and "a1b2c3d4e5" in page
+    assert "40 file(s), 39.8 KiB in total" in page and "and 35 more" in page
+    assert "truncated PNG data" in page and "cannot identify image file" in page
+    for key in ("learning_rate", "block_out_channels", "num_inference_steps", "weights_sha256"):
+        assert f"<th>{key}</th>" in page
+    assert "1,234,567" in page
+
+
+def test_images_are_embedded(run_dir):
+    page = _render(run_dir)
+    grid, plot = _data_uris(page)
+    assert grid == (run_dir / Params().paths.grid).read_bytes()
+    assert "image-rendering: pixelated" in page and 'width="494"' in page  # 38 px x 13
+    image = Image.open(io.BytesIO(plot))
+    image.load()
+    assert image.format == "PNG" and image.size == (800, 480)
+
+
+def test_page_is_self_contained_and_escaped(run_dir):
+    page = _render(run_dir)
+    assert "<script" not in page
+    assert html_escaped(EVIL_NAME) in page
+    assert not re.search(r"(?:src|href)=\"(?!data:)", page)
+    assert "http://" not in page and "https://" not in page
+    assert str(run_dir) not in page
+
+
+def html_escaped(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def test_two_runs_give_identical_bytes(run_dir):
+    """Once here and once in a fresh process through the CLI: no timestamps, no version strings."""
+    path = run_dir / Params().paths.report
+    _render(run_dir)
+    first = path.read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "workflow", "report", "--params", "params.yaml"],
+                   check=True, env=env, capture_output=True)
+    assert path.read_bytes() == first
+
+
+@pytest.mark.parametrize("name, stage", [
+    (Params().paths.metrics, "evaluate"),
+    (Params().paths.grid, "sample"),
+    (Params().paths.meta, "preprocess"),
+    ("data/raw/SOURCE.json", "download"),
+    ("reports/train/history.csv", "train"),
+    ("reports/train/summary.json", "train"),
+])
+def test_missing_input_names_file_and_stage(run_dir, name, stage):
+    (run_dir / name).unlink()
+    with pytest.raises(ConfigError, match=rf"{re.escape(name)}.*`{stage}`"):
+        report.main(["--params", "params.yaml"])
+    assert not (run_dir / Params().paths.report).exists()
+
+
+def test_bad_history_header_is_a_user_error(run_dir):
+    (run_dir / "reports/train/history.csv").write_text("step,loss\n1,0.5\n")
+    with pytest.raises(ConfigError, match=r"history\.csv.*lr"):
+        report.main(["--params", "params.yaml"])
+
+
+def test_moving_average():
+    assert np.allclose(report.moving_average(np.array([1.0, 2, 3, 4, 5]), 2), [1.5, 2.5, 3.5, 4.5])
+    assert np.allclose(report.moving_average(np.array([2.0, 4]), 10), [3.0])
+
+
+def test_loss_plot_survives_nan_and_empty_history():
+    empty = {k: np.array([]) for k in ("step", "loss", "lr")}
+    assert report.loss_plot_png(empty).startswith(report.PNG_SIGNATURE)
+    diverged = {"step": np.arange(5.0), "loss": np.array([1.0, np.nan, 0.5, np.inf, 0.2]),
+                "lr": np.full(5, np.nan)}
+    assert report.loss_plot_png(diverged).startswith(report.PNG_SIGNATURE)
