@@ -15,6 +15,10 @@ def test_presets_validate(preset):
     assert params.data.resolution % 2 ** (len(params.model.block_out_channels) - 1) == 0
 
 
+def test_bare_no_written_by_dvc_means_no():
+    assert params_from_dict(yaml.safe_load("train: {mixed_precision: no}")).train.mixed_precision == "no"
+
+
 def test_values_are_typed():
     p = params_from_dict(tiny_dict(train={"learning_rate": "1e-4"}))  # YAML 1.1 reads 1e-4 as a string
     assert p.train.learning_rate == 1e-4 and isinstance(p.model.block_out_channels, tuple)

@@ -210,6 +210,10 @@ def _coerce(kind, value, key: str, source: str):
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, key, source)
     if origin is Literal:
+        if value is False and "no" in args:
+            # `dvc exp run -S` rewrites params.yaml as YAML 1.2, where a bare `no` is a string;
+            # PyYAML reads YAML 1.1, where it is False. Both mean mixed_precision "no".
+            value = "no"
         if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
             raise ConfigError(f"{source}: `{key}` must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value

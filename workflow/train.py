@@ -188,6 +188,7 @@ def summary(run: Run, resumed_from: Path | None, key: str) -> dict:
         "device": run.accelerator.device.type,
         "num_processes": run.accelerator.num_processes,
         "mixed_precision": run.params.train.mixed_precision,
+        "torch_threads": torch.get_num_threads(),  # CPU results are bitwise reproducible per thread count
     }
 
 

@@ -6,6 +6,7 @@ rule fid_reference:
         fid_ref=P["fid_ref"],
     params:
         values=params_of("seed", "fid.num_reference", "fid.weights", "fid.weights_sha256", "fid.batch_size"),
+    threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
         gpu=1,
     shell:
@@ -22,6 +23,7 @@ rule evaluate:
         metrics=P["metrics"],
     params:
         values=params_of("seed", "fid.weights", "fid.weights_sha256", "fid.batch_size"),
+    threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
         gpu=1,
     shell:

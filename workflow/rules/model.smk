@@ -1,3 +1,5 @@
+# Compute rules take every core: Snakemake sets OMP_NUM_THREADS to a job's `threads` (default 1),
+# which would halve CPU speed and change float summation order against a `dvc repro` run.
 # models/checkpoints is deliberately not an output: Snakemake deletes a failed job's outputs,
 # and the checkpoints are what a re-run resumes from.
 rule train:
@@ -9,6 +11,7 @@ rule train:
         train_log=directory(P["train_log"]),
     params:
         values=params_of("seed", "model", "scheduler", "train"),
+    threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
         gpu=1,
     shell:
@@ -24,6 +27,7 @@ rule sample:
         grid=P["grid"],
     params:
         values=params_of("seed", "sample"),
+    threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
         gpu=1,
     shell:
