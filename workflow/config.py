@@ -100,7 +100,7 @@ class Scheduler:
 @dataclass(frozen=True)
 class Train:
     batch_size: int = _f(128, POSITIVE)
-    max_steps: int = _f(500, POSITIVE)
+    max_steps: int = _f(1200, POSITIVE)
     learning_rate: float = _f(2e-3, POSITIVE)
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = _f(50, NON_NEGATIVE)
@@ -116,7 +116,7 @@ class Train:
     ema_power: float = _f(0.75, POSITIVE)
     ema_max_decay: float = _f(0.9999, UNIT_CLOSED)
     log_every: int = _f(25, POSITIVE)
-    checkpoint_every: int = _f(250, POSITIVE)
+    checkpoint_every: int = _f(300, POSITIVE)
     checkpoints_to_keep: int = _f(2, POSITIVE)
 
 
