@@ -29,7 +29,7 @@ def snakemake_rules():
     cwd = os.getcwd()
     try:
         with SnakemakeApi() as api:
-            workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=ROOT / "Snakefile",
+            workflow = api.workflow(resource_settings=ResourceSettings(cores=2), snakefile=ROOT / "Snakefile",
                                     workdir=ROOT)._workflow
             return {rule.name: {"cmd": rule.shellcmd, "deps": set(rule.input), "outs": set(rule.output),
                                 "params": set(rule.params.values) if rule.params else set(),
