@@ -9,6 +9,7 @@ Unknown keys, wrong types and out-of-range values raise ConfigError naming the k
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -65,6 +66,7 @@ class Paths:
 @dataclass(frozen=True)
 class Data:
     source: str = _f("builtin:mnist", SOURCE)
+    folder: str = _f("data/images", NON_EMPTY)  # the imagefolder: path; dvc and Snakemake track its content
     revision: Optional[str] = None
     split: str = "train"
     image_column: str = "image"
@@ -99,8 +101,10 @@ class Scheduler:
 
 @dataclass(frozen=True)
 class Train:
-    batch_size: int = _f(128, POSITIVE)
-    max_steps: int = _f(1200, POSITIVE)
+    batch_size: int = _f(128, POSITIVE)  # images per optimiser step, over all processes and micro-batches
+    gradient_accumulation_steps: int = _f(1, POSITIVE)  # micro-batches per step: a memory knob only
+    max_steps: Optional[int] = _f(1200, POSITIVE)
+    epochs: Optional[float] = _f(None, POSITIVE)  # alternative to max_steps
     learning_rate: float = _f(2e-3, POSITIVE)
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = _f(50, NON_NEGATIVE)
@@ -109,7 +113,11 @@ class Train:
     adam_weight_decay: float = _f(0.0, NON_NEGATIVE)
     adam_epsilon: float = _f(1e-8, POSITIVE)
     max_grad_norm: float = _f(1.0, POSITIVE)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 where the GPU has it
+    allow_tf32: bool = True
+    compile: bool = False  # torch.compile; falls back to eager with a warning if compilation fails
+    min_snr_gamma: Optional[float] = _f(None, POSITIVE)  # Min-SNR-gamma loss weighting
+    noise_offset: float = _f(0.0, NON_NEGATIVE)
     random_flip: bool = False
     ema: bool = True
     ema_inv_gamma: float = _f(1.0, POSITIVE)
@@ -249,7 +257,16 @@ def _check_cross_field(p: Params, source: str) -> None:
     if p.sample.grid_size ** 2 > p.sample.num_images:
         raise ConfigError(f"{source}: `sample.grid_size`^2 ({p.sample.grid_size ** 2}) must not exceed "
                           f"`sample.num_images` ({p.sample.num_images})")
+    if (p.train.max_steps is None) == (p.train.epochs is None):
+        raise ConfigError(f"{source}: set exactly one of `train.max_steps` and `train.epochs` (the other null)")
+    if p.train.batch_size % p.train.gradient_accumulation_steps:
+        raise ConfigError(f"{source}: `train.batch_size` ({p.train.batch_size}) must be divisible by "
+                          f"`train.gradient_accumulation_steps` ({p.train.gradient_accumulation_steps})")
     if p.fid.weights_sha256 and not p.fid.weights:
         raise ConfigError(f"{source}: `fid.weights_sha256` is set but `fid.weights` is not")
     if p.data.kind == "hf" and "/" not in p.data.location:
         raise ConfigError(f"{source}: `data.source` {p.data.source!r} must name a repository as hf:<owner>/<name>")
+    if p.data.kind == "imagefolder" and os.path.normpath(p.data.location) != os.path.normpath(p.data.folder):
+        raise ConfigError(f"{source}: `data.source` {p.data.source!r} must read `data.folder` "
+                          f"({p.data.folder!r}), the folder dvc and Snakemake track: set `data.folder: "
+                          f"{p.data.location}` too")

@@ -34,15 +34,19 @@ def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float().div_(127.5).sub_(1.0)
 
 
-def step_noise(seed: int, step: int, shape: tuple, num_train_timesteps: int, device) -> tuple:
+def step_noise(seed: int, step: int, shape: tuple, num_train_timesteps: int, device,
+               noise_offset: float = 0.0) -> tuple:
     """(noise, timesteps, flip mask) for the whole global batch of `step`, from the (seed, step) stream.
 
     Drawn for the global batch on every process, so each process's shard equals the matching
-    slice of a single-process run."""
+    slice of a single-process run. The offset noise (one value per image and channel) is drawn
+    last, so switching it on leaves the other draws unchanged."""
     g = torch.Generator(device=device).manual_seed(stream_seed(seed, step))
     noise = torch.randn(shape, generator=g, device=device)
     timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=g, device=device)
     flip = torch.rand(shape[0], generator=g, device=device) < 0.5
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((*shape[:2], 1, 1), generator=g, device=device)
     return noise, timesteps, flip
 
 
@@ -63,6 +67,23 @@ def training_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timeste
     raise AssertionError(f"unhandled prediction type {kind}")
 
 
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error, computed in float32 whatever the autocast dtype."""
-    return F.mse_loss(prediction.float(), target.float())
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-image loss weights of Min-SNR-gamma (Hang et al. 2023), by prediction type."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps).float()
+    clipped = torch.clamp(snr, max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped  # "sample": the x0 loss already carries a factor snr
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in float32 whatever the autocast dtype; per-image `weights` if given."""
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float())
+    per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_image * weights).mean()

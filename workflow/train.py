@@ -2,6 +2,7 @@
 
     python -m workflow train                     # one process (GPU if there is one, else CPU)
     accelerate launch -m workflow train          # several GPUs; train.batch_size is the global batch
+    torchrun --nproc_per_node 2 -m workflow train    # several CPU processes (gloo)
 
 Reads params.paths.images; writes params.paths.pipeline (DDPMPipeline.save_pretrained, EMA weights,
 safetensors), params.paths.train_log (history.csv: loss and lr per step; summary.json) and
@@ -12,10 +13,13 @@ training k steps, stopping and resuming gives bitwise the weights of an uninterr
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +31,8 @@ from workflow import checkpoints
 from workflow.artifacts import atomic_dir, sha256_file
 from workflow.cli import parse_params
 from workflow.config import ConfigError, Params
-from workflow.diffusion import (apply_flip, batch_indices, diffusion_loss, step_noise,
-                                to_model_range, training_target)
+from workflow.diffusion import (apply_flip, batch_indices, diffusion_loss, min_snr_weights,
+                                step_noise, to_model_range, training_target)
 from workflow.model import build_noise_scheduler, build_unet, count_parameters
 
 LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -40,41 +44,73 @@ class Run:
     """Everything a training step touches."""
     params: Params
     accelerator: object
-    model: torch.nn.Module
+    model: torch.nn.Module  # what the step calls: the prepared model, or its torch.compile wrapper
+    eager_model: torch.nn.Module  # the prepared model itself, the fallback if compilation fails
     noise_scheduler: object
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     ema: object | None
-    images: torch.Tensor  # uint8 N x C x H x W, on the training device
-    progress: dict = field(default_factory=lambda: {"step": 0, "seconds": 0.0, "images": 0, "history": []})
+    images: torch.Tensor  # uint8 N x C x H x W, on the GPU when it fits, else in pinned host memory
+    total_steps: int
+    compile_pending: bool = False  # True until the first compiled step has run
+    progress: dict = field(default_factory=lambda: {"step": 0, "seconds": 0.0, "images": 0, "history": [],
+                                                    "throughput": []})
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """`auto`: bf16 on a GPU that supports it (fp16 training of this UNet NaNs, diffusers#6492), else none."""
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def make_accelerator(params: Params):
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=params.train.mixed_precision)
-    if params.train.batch_size % accelerator.num_processes:
-        raise ConfigError(f"`train.batch_size` ({params.train.batch_size}) must be divisible by the number "
-                          f"of processes ({accelerator.num_processes})")
+    # cpu=True where there is no GPU: only then does accelerate run torchrun's processes as gloo ranks
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(params.train.mixed_precision),
+                              cpu=not torch.cuda.is_available())
+    split = accelerator.num_processes * params.train.gradient_accumulation_steps
+    if params.train.batch_size % split:
+        raise ConfigError(f"`train.batch_size` ({params.train.batch_size}) must be divisible by processes x "
+                          f"`train.gradient_accumulation_steps` ({split})")
     return accelerator
+
+
+def total_steps(params: Params, num_images: int) -> int:
+    """`train.max_steps`, or `train.epochs` passes over the data in optimiser steps."""
+    if params.train.max_steps is not None:
+        return params.train.max_steps
+    return math.ceil(params.train.epochs * num_images / params.train.batch_size)
+
+
+def place_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The whole uint8 dataset on the GPU once when it fits in a quarter of free memory, else pinned."""
+    pixels = torch.from_numpy(np.ascontiguousarray(images))
+    if device.type != "cuda":
+        return pixels
+    free, _ = torch.cuda.mem_get_info(device)
+    return pixels.to(device) if pixels.nbytes < free // 4 else pixels.pin_memory()
 
 
 def setup(params: Params, images: np.ndarray, accelerator) -> Run:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    t = params.train
+    t, device = params.train, accelerator.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.allow_tf32
     torch.manual_seed(params.seed)  # the initial weights
     _, channels, resolution, _ = images.shape
     model = build_unet(params.model, resolution=resolution, channels=channels)
-    device = accelerator.device
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
                                   fused=device.type == "cuda")
+    steps = total_steps(params, len(images))
     lr_scheduler = get_scheduler(LR_SCHEDULES[t.lr_schedule], optimizer, num_warmup_steps=t.warmup_steps,
-                                 num_training_steps=t.max_steps)
+                                 num_training_steps=steps)
     # The lr schedule is stepped by hand, once per optimiser step: accelerate's prepared scheduler
     # would step once per process, and train.batch_size is already the global batch.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -87,37 +123,83 @@ def setup(params: Params, images: np.ndarray, accelerator) -> Run:
                        model_cls=type(unwrapped), model_config=unwrapped.config)
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
-    pixels = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    return Run(params, accelerator, model, build_noise_scheduler(params.scheduler), optimizer,
-               lr_scheduler, ema, pixels)
+    compiled = torch.compile(model) if t.compile else model
+    return Run(params, accelerator, compiled, model, build_noise_scheduler(params.scheduler), optimizer,
+               lr_scheduler, ema, place_images(images, device), steps, compile_pending=t.compile)
+
+
+def _process_slice(start: int, size: int, accelerator) -> slice:
+    """This process's share of the global batch positions [start, start + size)."""
+    share = size // accelerator.num_processes
+    first = start + accelerator.process_index * share
+    return slice(first, first + share)
+
+
+def _micro_loss(run: Run, index: torch.Tensor, noise, timesteps, flip) -> torch.Tensor:
+    p, device = run.params, noise.device
+    clean = to_model_range(run.images[index.to(run.images.device)].to(device, non_blocking=True))
+    if p.train.random_flip:
+        clean = apply_flip(clean, flip)
+    if device.type == "cuda":
+        clean, noise = (x.contiguous(memory_format=torch.channels_last) for x in (clean, noise))
+    noisy = run.noise_scheduler.add_noise(clean, noise, timesteps)
+    with run.accelerator.autocast():
+        prediction = run.model(noisy, timesteps, return_dict=False)[0]
+    weights = None
+    if p.train.min_snr_gamma is not None:
+        weights = min_snr_weights(run.noise_scheduler, timesteps, p.train.min_snr_gamma)
+    return diffusion_loss(prediction, training_target(run.noise_scheduler, clean, noise, timesteps), weights)
 
 
 def train_step(run: Run, step: int) -> torch.Tensor:
-    """One optimiser step on this process's shard of the global batch; returns the detached loss."""
+    """One optimiser step over the global batch of `step`: this process's shard of each micro-batch,
+    gradients accumulated locally and synchronised once. Returns the detached mean loss."""
     p, acc = run.params, run.accelerator
-    size = p.train.batch_size
-    shard = slice(acc.process_index * size // acc.num_processes, (acc.process_index + 1) * size // acc.num_processes)
-    index = torch.from_numpy(batch_indices(p.seed, step, size, run.images.shape[0])[shard]).to(run.images.device)
-    shape = (size, *run.images.shape[1:])
-    noise, timesteps, flip = (x[shard] for x in step_noise(p.seed, step, shape, p.scheduler.num_train_timesteps,
-                                                            run.images.device))
-    clean = to_model_range(run.images[index])
-    if p.train.random_flip:
-        clean = apply_flip(clean, flip)
-    if clean.device.type == "cuda":
-        clean, noise = (x.contiguous(memory_format=torch.channels_last) for x in (clean, noise))
-    noisy = run.noise_scheduler.add_noise(clean, noise, timesteps)
-    with acc.autocast():
-        prediction = run.model(noisy, timesteps, return_dict=False)[0]
-    loss = diffusion_loss(prediction, training_target(run.noise_scheduler, clean, noise, timesteps))
-    acc.backward(loss)
-    acc.clip_grad_norm_(run.model.parameters(), p.train.max_grad_norm)
+    size, micro_batches = p.train.batch_size, p.train.gradient_accumulation_steps
+    index = torch.from_numpy(batch_indices(p.seed, step, size, run.images.shape[0]))
+    noise, timesteps, flip = step_noise(p.seed, step, (size, *run.images.shape[1:]),
+                                        p.scheduler.num_train_timesteps, acc.device, p.train.noise_offset)
+    micro, losses = size // micro_batches, []
+    for m in range(micro_batches):
+        part = _process_slice(m * micro, micro, acc)
+        sync = acc.no_sync(run.eager_model) if m < micro_batches - 1 else contextlib.nullcontext()
+        with sync:
+            loss = _micro_loss(run, index[part], noise[part], timesteps[part], flip[part])
+            acc.backward(loss / micro_batches)
+        losses.append(loss.detach())
+    acc.clip_grad_norm_(run.eager_model.parameters(), p.train.max_grad_norm)
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
-        run.ema.step(run.model.parameters())
-    return loss.detach()
+        run.ema.step(run.eager_model.parameters())
+    return torch.stack(losses).mean()
+
+
+def guarded_step(run: Run, step: int) -> torch.Tensor:
+    """train_step; the first compiled step falls back to eager mode if compilation fails."""
+    if not run.compile_pending:
+        return train_step(run, step)
+    try:
+        loss = train_step(run, step)
+    except Exception as exc:  # compiler failures come as many types (e.g. CUDA "misaligned address")
+        warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); training eagerly")
+        run.optimizer.zero_grad(set_to_none=True)
+        run.model = run.eager_model
+        loss = train_step(run, step)
+    run.compile_pending = False
+    return loss
+
+
+def check_ranks_agree(run: Run) -> None:
+    """Invariant: data-parallel processes end with identical weights."""
+    acc = run.accelerator
+    if acc.num_processes == 1:
+        return
+    flat = torch.cat([w.detach().double().flatten() for w in acc.unwrap_model(run.model).parameters()])
+    fingerprint = torch.stack([flat.sum(), flat.square().sum(), flat.abs().max()])[None].to(acc.device)
+    gathered = acc.gather(fingerprint)
+    assert torch.equal(gathered, gathered[:1].expand_as(gathered)), f"ranks disagree: {gathered.tolist()}"
 
 
 def _flush_losses(run: Run, pending: list) -> None:
@@ -136,24 +218,28 @@ def _flush_losses(run: Run, pending: list) -> None:
 
 
 def train_loop(run: Run, checkpoint_dir: Path) -> None:
-    p, acc = run.params, run.accelerator
+    p, acc, last = run.params, run.accelerator, run.total_steps
     start_step = run.progress["step"]
-    bar = tqdm(total=p.train.max_steps, initial=start_step, desc="train", unit="step",
-               disable=not acc.is_local_main_process)
+    bar = tqdm(total=last, initial=start_step, desc="train", unit="step", disable=not acc.is_local_main_process)
     pending, started, images = [], time.perf_counter(), 0
-    for step in range(start_step, p.train.max_steps):
+    logged_at, logged_images = started, 0
+    for step in range(start_step, last):
         lr = run.lr_scheduler.get_last_lr()[0]
-        pending.append((step + 1, train_step(run, step), lr))
+        pending.append((step + 1, guarded_step(run, step), lr))
         images += p.train.batch_size
         done = step + 1
-        if done % p.train.log_every == 0 or done == p.train.max_steps or done % p.train.checkpoint_every == 0:
-            _flush_losses(run, pending)
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{run.progress['history'][-1][1]:.4f}", img_s=f"{images / elapsed:.0f}")
+        checkpoint = done % p.train.checkpoint_every == 0 or done == last
+        if done % p.train.log_every == 0 or checkpoint:
+            _flush_losses(run, pending)  # the one host synchronisation per log interval
+            now = time.perf_counter()
+            rate = (images - logged_images) / (now - logged_at)
+            run.progress["throughput"].append([done, rate])
+            logged_at, logged_images = now, images
+            bar.set_postfix(loss=f"{run.progress['history'][-1][1]:.4f}", img_s=f"{rate:.0f}")
             bar.update(done - bar.n)
-        if done % p.train.checkpoint_every == 0 or done == p.train.max_steps:
+        if checkpoint:
             _record_time(run, done, started, images)
-            started, images = time.perf_counter(), 0
+            started, images, logged_at, logged_images = time.perf_counter(), 0, time.perf_counter(), 0
             checkpoints.save_checkpoint(acc, checkpoint_dir, run.progress, p.train.checkpoints_to_keep)
     bar.close()
 
@@ -171,6 +257,7 @@ def resume(run: Run, checkpoint_dir: Path) -> Path | None:
     if latest is not None:
         run.accelerator.load_state(str(latest))
         run.progress = checkpoints.load_progress(latest)
+        run.progress.setdefault("throughput", [])
     return latest
 
 
@@ -187,7 +274,8 @@ def summary(run: Run, resumed_from: Path | None, key: str) -> dict:
         "resumed_from_step": int(resumed_from.name.split("-")[1]) if resumed_from else 0,
         "device": run.accelerator.device.type,
         "num_processes": run.accelerator.num_processes,
-        "mixed_precision": run.params.train.mixed_precision,
+        "mixed_precision": run.accelerator.mixed_precision,
+        "compiled": run.model is not run.eager_model,
         "torch_threads": torch.get_num_threads(),  # CPU results are bitwise reproducible per thread count
     }
 
@@ -208,14 +296,20 @@ def save_outputs(run: Run, info: dict) -> None:
         run.ema.restore(unet.parameters())
     with atomic_dir(paths.train_log) as out:
         (out / "history.csv").write_text(history_csv(run.progress["history"]))
+        (out / "throughput.csv").write_text(to_csv(["step", "images_per_second"],
+                                                   ([s, f"{r:.1f}"] for s, r in run.progress["throughput"])))
         (out / "summary.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def history_csv(history: list) -> str:
+    return to_csv(["step", "loss", "lr"], ([step, f"{loss:.6g}", f"{lr:.6g}"] for step, loss, lr in history))
+
+
+def to_csv(header: list, rows) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["step", "loss", "lr"])
-    writer.writerows([step, f"{loss:.6g}", f"{lr:.6g}"] for step, loss, lr in history)
+    writer.writerow(header)
+    writer.writerows(rows)
     return buffer.getvalue()
 
 
@@ -232,6 +326,7 @@ def train(params: Params) -> dict:
     if resumed_from is not None:
         accelerator.print(f"resuming from {resumed_from} (step {run.progress['step']})")
     train_loop(run, checkpoint_dir)
+    check_ranks_agree(run)
     info = summary(run, resumed_from, key)
     if accelerator.is_main_process:
         save_outputs(run, info)
