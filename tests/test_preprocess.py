@@ -118,7 +118,7 @@ def test_zero_readable_images_is_a_config_error(tmp_path, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()
     (src / "broken.png").write_text("nope")
-    write_params(tmp_path, monkeypatch, source=f"imagefolder:{src}")
+    write_params(tmp_path, monkeypatch, source=f"imagefolder:{src}", folder=str(src))
     download.main([])
     with pytest.raises(ConfigError, match="'data/raw'.*no readable images"):
         preprocess.main([])
@@ -151,7 +151,7 @@ def test_skipped_files_are_listed_relative_to_the_raw_images(tmp_path, monkeypat
     save(Image.new("RGB", (20, 10), RED), src / "ok" / "a.png")
     (src / "bad").mkdir()
     (src / "bad" / "b.jpg").write_bytes(b"\xff\xd8 broken")
-    write_params(tmp_path, monkeypatch, source=f"imagefolder:{src}", channels=3)
+    write_params(tmp_path, monkeypatch, source=f"imagefolder:{src}", folder=str(src), channels=3)
     download.main([])
     meta = preprocess.main([])
     assert meta["count"] == 1 and [s["file"] for s in meta["skipped"]] == ["bad/b.jpg"]

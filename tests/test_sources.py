@@ -14,6 +14,8 @@ from workflow.config import ConfigError, params_from_dict
 
 
 def make_params(tmp_path, source, **data):
+    if source.startswith("imagefolder:"):
+        data.setdefault("folder", source.split(":", 1)[1])
     return params_from_dict({"paths": {"raw": str(tmp_path / "raw")}, "data": {"source": source, **data}})
 
 
@@ -114,6 +116,13 @@ def test_interrupted_fetch_leaves_no_raw_folder_and_keeps_a_previous_one(tmp_pat
         sources.fetch(make_params(tmp_path, "builtin:digits"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "src"]
     assert json.loads((tmp_path / "raw" / "SOURCE.json").read_text())["kind"] == "imagefolder"
+
+
+def test_imagefolder_must_be_the_tracked_folder(tmp_path):
+    """dvc tracks `data.folder` (a dependency of download): an imagefolder elsewhere would go stale."""
+    with pytest.raises(ConfigError, match=r"must read `data.folder` \('data/images'\).*set `data.folder: /x/y`"):
+        params_from_dict({"data": {"source": "imagefolder:/x/y"}})
+    assert params_from_dict({"data": {"source": "imagefolder:./photos/", "folder": "photos"}}).data.folder == "photos"
 
 
 def test_hf_helpers_offline(tmp_path):

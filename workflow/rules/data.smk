@@ -1,5 +1,6 @@
 rule download:
     input:
+        folder=config["data"]["folder"],  # imagefolder: data (Snakemake re-runs on a newer mtime, dvc on content)
         code=code("download", "sources"),
     output:
         raw=directory(P["raw"]),
