@@ -1,6 +1,6 @@
 # make setup   create .venv with the pinned stack (requirements.txt)
 # make run     setup + dvc repro on the default params (embedded MNIST, CPU is fine)
-# make test    setup + the whole test suite
+# make test    setup + the test dependencies (requirements-test.txt) + the whole test suite
 # make smk     setup + the same pipeline through Snakemake
 
 PYTHON ?= python3
@@ -23,7 +23,11 @@ run: setup
 	dvc repro
 	@echo "report: reports/index.html   metrics: reports/metrics.json"
 
-test: setup
+$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -r requirements-test.txt
+	touch $@
+
+test: $(VENV)/.installed-test
 	python -m pytest
 
 smk: setup
