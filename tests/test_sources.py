@@ -126,13 +126,20 @@ def test_imagefolder_must_be_the_tracked_folder(tmp_path):
 
 
 def test_hf_helpers_offline(tmp_path):
-    """The parts of the hf source that need no server: split selection, parquet export, endpoint host."""
+    """The parts of the hf source that need no server: splits, parquet export, endpoint host, environment."""
     import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    assert sources._host("https://user:secret@hf-mirror.com:8443/api?x=1") == "hf-mirror.com:8443"
+    from workflow import hub
+
+    assert hub.host("https://user:secret@hf-mirror.com:8443/api?x=1") == "hf-mirror.com:8443"
+    env = hub.HubEnv.from_environ({"HF_ENDPOINT": "http://u:p@127.0.0.1:1/", "HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"})
+    assert env.shown == "http://127.0.0.1:1" and env.offline and "hf_x" not in repr(env)
+    assert hub.HubEnv.from_environ({}) == hub.HubEnv("https://huggingface.co", False, None)
+    assert hub.HubEnv.from_environ({}).credential is False  # never a token file, only HF_TOKEN
+
     snapshot = tmp_path / "snap"
     (snapshot / "data").mkdir(parents=True)
     buf = io.BytesIO()
@@ -141,12 +148,41 @@ def test_hf_helpers_offline(tmp_path):
     for split in ("train", "test"):
         pq.write_table(pa.table({"image": rows, "label": [0, 1]}),
                        snapshot / "data" / f"{split}-00000-of-00001.parquet")
-    files = sources.split_parquet_files(snapshot, "train")
+    every = sorted((snapshot / "data").glob("*.parquet"))
+    files = sources.select_split(every, snapshot, "train", "here", parquet=True)
     assert [f.name for f in files] == ["train-00000-of-00001.parquet"]
-    assert sources.split_parquet_files(snapshot, "validation") == sorted((snapshot / "data").glob("*"))
+    with pytest.raises(ConfigError, match="`data.split` 'validation'.*splits found: test, train"):
+        sources.select_split(every, snapshot, "validation", "here", parquet=True)
     out = tmp_path / "out"
     count, skipped = sources.export_parquet(files, snapshot, "image", out)
     assert count == 1 and (out / "data" / "train-00000-of-00001" / "000000.png").is_file()
     assert skipped[0]["row"] == 1 and "not a supported image" in skipped[0]["reason"]
     with pytest.raises(ConfigError, match="'img'.*columns: image, label"):
         sources.export_parquet(files, snapshot, "img", out)
+
+
+@pytest.mark.parametrize("path, parquet, split", [
+    ("data/train-00000-of-00002.parquet", True, "train"),
+    ("data/holdout-00003-of-00004-1a2b.parquet", True, "holdout"),
+    ("default/validation/0000.parquet", True, "validation"),
+    ("test.parquet", True, "test"),
+    ("data/0.parquet", True, None),
+    ("butterflies.parquet", True, None),
+    ("train/cat/001.png", False, "train"),
+    ("data/test/1.jpg", False, "test"),
+    ("images/0001.png", False, None),
+    ("train_1.png", False, None),
+])
+def test_file_split_follows_the_hub_naming(path, parquet, split):
+    from pathlib import PurePosixPath
+
+    assert sources.file_split(PurePosixPath(path), parquet) == split
+
+
+def test_files_named_by_no_split_are_train_only(tmp_path):
+    files = [tmp_path / "a" / "1.png", tmp_path / "b" / "2.png"]
+    assert sources.select_split(files, tmp_path, "train", "here", parquet=False) == files
+    with pytest.raises(ConfigError, match="'test'.*splits found: none"):
+        sources.select_split(files, tmp_path, "test", "here", parquet=False)
+    custom = [tmp_path / "holdout" / "1.png", tmp_path / "train" / "2.png"]
+    assert sources.select_split(custom, tmp_path, "holdout", "here", parquet=False) == custom[:1]

@@ -153,3 +153,19 @@ def test_two_processes_match_one(tiny_params, tmp_path):
     # on a few coordinates. So: nearly all weights equal to rounding, none off by a whole step.
     assert np.quantile(diffs, 0.999) <= 1e-6
     assert diffs.max() <= 0.05 * 2e-3
+
+
+def test_resume_with_accumulation_is_bitwise_and_counts_optimiser_steps(tiny_params):
+    """diffusers#3467: with accumulation, a resumed run must neither skip nor repeat steps."""
+    params = tiny_params(train={"max_steps": 8, "gradient_accumulation_steps": 2, "checkpoint_every": 4})
+    write_images(params.paths.images)
+    _, straight = trained_weights(params)
+    run_dir = next(Path(params.paths.checkpoints).iterdir())
+    shutil.rmtree(run_dir / "step-0000008")
+    shutil.rmtree(params.paths.pipeline)
+    info = train(params)
+    assert info["resumed_from_step"] == 4 and info["steps"] == 8
+    resumed = load_file(WEIGHTS)
+    assert all(np.array_equal(straight[k], resumed[k]) for k in straight)
+    rows = list(csv.DictReader(open(Path(params.paths.train_log) / "history.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))

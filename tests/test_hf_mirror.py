@@ -1,0 +1,385 @@
+"""The hf: source against a real Hugging Face mirror (olah) on loopback: both dataset layouts, pinning,
+resume after an interruption, offline re-runs, every user-facing error, and the token kept secret.
+
+Each download runs as users run it: `python -m workflow download` in a fresh process whose
+environment (HF_ENDPOINT, HF_HOME, HF_TOKEN, HF_HUB_OFFLINE) is set before it starts; HF_HOME is a
+temporary folder per test, so the Hugging Face cache is isolated.
+"""
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.mirror import (ROOT, SECRET_TOKEN, Dataset, Mirror, StallingProxy, clean_env, hf_env, image_files,  # noqa: F401
+                          mirror, parquet_files, png, run_stage)
+from workflow.artifacts import sha256_file
+
+
+def write_params(workdir: Path, data: dict, base: Path | None = None) -> None:
+    params = yaml.safe_load(base.read_text()) if base else {}
+    params.setdefault("data", {}).update(data)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def download(workdir: Path, env: dict, **data):
+    """Run the download stage in `workdir` with `data.*` params; (process, SOURCE record or None)."""
+    write_params(workdir, data)
+    done = run_stage(workdir, env)
+    source = workdir / "data" / "raw" / "SOURCE.json"
+    return done, (json.loads(source.read_text()) if done.returncode == 0 else None)
+
+
+def ok(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, f"download failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done.stdout
+
+
+def one_error(done: subprocess.CompletedProcess) -> str:
+    """The stage failed with one clear line (a ConfigError), not a traceback."""
+    assert done.returncode == 1, f"expected a ConfigError:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error in stage download: ")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-4000:]
+    return lines[0]
+
+
+def exported(workdir: Path) -> dict:
+    images = workdir / "data" / "raw" / "images"
+    return {p.relative_to(images).as_posix(): p.read_bytes() for p in sorted(images.rglob("*")) if p.is_file()}
+
+
+def secret_free(*roots: Path, texts: tuple[str, ...] = ()) -> None:
+    """SECRET_TOKEN appears in no file under `roots` (binary or text) and in none of `texts`."""
+    needle = SECRET_TOKEN.encode()
+    for text in texts:
+        assert SECRET_TOKEN not in text
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                assert needle not in path.read_bytes(), f"HF_TOKEN written to {path}"
+
+
+# --- both layouts, through the mirror ----------------------------------------------------------------
+
+def test_parquet_dataset_through_the_mirror(mirror, tmp_path):
+    files = parquet_files(5, shards=2)
+    files.update(parquet_files(2, split="test", seed=50))
+    repo = Dataset.create(mirror, "org/parquet-pets", files)
+    mark = mirror.mark()
+    env = hf_env(mirror, tmp_path / "hf", HF_TOKEN=SECRET_TOKEN)
+    done, record = download(tmp_path / "w", env, source="hf:org/parquet-pets")
+    out = ok(done)
+
+    used = ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    assert record["sha"] == repo.head and record["revision"] == "main"
+    assert record["endpoint"] == f"127.0.0.1:{mirror.port}" and record["layout"] == "parquet"
+    assert record["split"] == "train" and record["count"] == 5 and record["skipped"] == []
+    assert record["files"] == [{"path": name, "size": len(repo.blob(name)),
+                                "sha256": hashlib.sha256(repo.blob(name)).hexdigest()}
+                               for name in used]
+    images = exported(tmp_path / "w")
+    assert sorted(images) == ["data/train-00000-of-00002/000000.png", "data/train-00000-of-00002/000001.png",
+                              "data/train-00000-of-00002/000002.png", "data/train-00001-of-00002/000000.png",
+                              "data/train-00001-of-00002/000001.png"]
+    assert images["data/train-00001-of-00002/000001.png"] == png(4)  # the fifth image, byte for byte
+    assert f"at {repo.head} from 127.0.0.1:{mirror.port}" in out
+    # the mirror is really the host contacted: it served the revision and the files
+    asked = mirror.requests(mark)
+    assert ("GET", "/api/datasets/org/parquet-pets/revision/main", 200) in asked
+    assert set(used) <= set(mirror.file_gets(mark, "org/parquet-pets"))
+    secret_free(tmp_path, texts=(done.stdout, done.stderr))
+
+
+def test_image_files_layout_and_splits(mirror, tmp_path):
+    repo = Dataset.create(mirror, "org/folder-pets", image_files({"train": 3, "test": 2}))
+    env = hf_env(mirror, tmp_path / "hf")
+    done, record = download(tmp_path / "w", env, source="hf:org/folder-pets")
+    ok(done)
+    assert record["layout"] == "images" and record["count"] == 3 and record["sha"] == repo.head
+    assert [f["path"] for f in record["files"]] == ["train/a/0000.png", "train/a/0002.png", "train/b/0001.png"]
+    assert exported(tmp_path / "w")["train/b/0001.png"] == repo.blob("train/b/0001.png")
+    assert all(f["sha256"] == sha256_file(tmp_path / "w/data/raw/images" / f["path"]) for f in record["files"])
+
+    done, record = download(tmp_path / "w", env, source="hf:org/folder-pets", split="test")
+    ok(done)
+    assert record["count"] == 2 and sorted(exported(tmp_path / "w")) == ["test/a/0000.png", "test/b/0001.png"]
+    line = one_error(download(tmp_path / "w", env, source="hf:org/folder-pets", split="validation")[0])
+    assert "`data.split` 'validation'" in line and "splits found: test, train" in line
+    assert json.loads((tmp_path / "w/data/raw/SOURCE.json").read_text())["split"] == "test"  # kept, untouched
+
+
+def test_parquet_not_named_by_split_is_the_train_split(mirror, tmp_path):
+    shard = parquet_files(3)["data/train-00000-of-00001.parquet"]
+    Dataset.create(mirror, "org/unnamed", {"data/0.parquet": shard, "images.parquet": shard})
+    env = hf_env(mirror, tmp_path / "hf")
+    done, record = download(tmp_path / "w", env, source="hf:org/unnamed")
+    ok(done)
+    assert record["count"] == 6
+    line = one_error(download(tmp_path / "w", env, source="hf:org/unnamed", split="test")[0])
+    assert "`data.split` 'test'" in line and "splits found: none" in line
+
+
+# --- pinning -----------------------------------------------------------------------------------------
+
+def test_pinning_by_sha_after_main_moves(mirror, tmp_path):
+    repo = Dataset.create(mirror, "org/moving", parquet_files(3))
+    first = repo.head
+    env = hf_env(mirror, tmp_path / "hf")
+    done, pinned = download(tmp_path / "w", env, source="hf:org/moving", revision=first)
+    ok(done)
+    assert pinned["sha"] == pinned["revision"] == first and pinned["count"] == 3
+
+    second = repo.commit(parquet_files(5, seed=10), "more images")  # main moves
+    mark = mirror.mark()
+    done, again = download(tmp_path / "w", env, source="hf:org/moving", revision=first)
+    ok(done)
+    assert again == pinned  # the same commit, the same files
+    assert mirror.requests(mark) == []  # a pinned, cached snapshot: not one request, nothing fetched
+
+    mark = mirror.mark()
+    done, latest = download(tmp_path / "w", env, source="hf:org/moving")
+    ok(done)
+    assert latest["sha"] == second != first and latest["count"] == 5
+    assert mirror.file_gets(mark, "org/moving") == ["data/train-00000-of-00001.parquet"]  # only what changed
+    mark = mirror.mark()
+    done, same = download(tmp_path / "w", env, source="hf:org/moving")
+    ok(done)
+    assert same == latest
+    assert mirror.file_gets(mark, "org/moving") == []  # main re-resolved, nothing fetched again
+
+
+# --- interruption and resume -------------------------------------------------------------------------
+
+def test_resume_after_an_interrupted_download(mirror, tmp_path):
+    repo = Dataset.create(mirror, "org/interrupted", parquet_files(6, shards=2))
+    stalled_file = "data/train-00001-of-00002.parquet"
+    proxy = StallingProxy(mirror.port, stall=stalled_file)
+    hf_home = tmp_path / "hf"
+    snapshot = hf_home / "hub" / "datasets--org--interrupted" / "snapshots" / repo.head
+    try:
+        write_params(tmp_path / "w", {"source": "hf:org/interrupted"})
+        process = subprocess.Popen([sys.executable, "-m", "workflow", "download"], cwd=tmp_path / "w",
+                                   env=hf_env(proxy, hf_home, HF_HUB_DOWNLOAD_TIMEOUT="60"),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            assert proxy.stalled.wait(60), "the download never reached the stalled file"
+            deadline = time.monotonic() + 30
+            while not (snapshot / "data/train-00000-of-00002.parquet").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)  # the interruption: no clean-up runs
+            process.communicate()
+        assert (snapshot / "data/train-00000-of-00002.parquet").is_file()
+        assert not (snapshot / stalled_file).exists()
+        assert not (tmp_path / "w/data/raw").exists()  # nothing that looks finished
+
+        proxy.stall = None
+        seen = len(proxy.seen)
+        done, record = download(tmp_path / "w", hf_env(proxy, hf_home), source="hf:org/interrupted")
+        ok(done)
+    finally:
+        proxy.close()
+    fetched = [path for method, path, _ in proxy.seen[seen:] if method == "GET" and "/resolve/" in path]
+    assert [p.rsplit("/", 2)[-2:] for p in fetched] == [["data", "train-00001-of-00002.parquet"]]  # only the rest
+    assert record["count"] == 6 and record["sha"] == repo.head
+    assert [f["sha256"] for f in record["files"]] == [
+        hashlib.sha256(repo.blob(f"data/train-0000{k}-of-00002.parquet")).hexdigest() for k in (0, 1)]
+
+
+# --- offline -----------------------------------------------------------------------------------------
+
+def test_offline_rerun_with_the_server_stopped(tmp_path):
+    hf_home = tmp_path / "hf"
+    with Mirror.start(tmp_path / "own-mirror") as server:  # its own server, to stop it
+        repo = Dataset.create(server, "org/offline", parquet_files(4))
+        Dataset.create(server, "org/never-fetched", parquet_files(2))
+        endpoint = server.endpoint
+        done, online = download(tmp_path / "w", hf_env(server, hf_home), source="hf:org/offline")
+        ok(done)
+    assert server.process.poll() is not None  # stopped
+
+    # HF_HUB_OFFLINE=1: the cache, for the pinned sha and for the branch it has seen
+    for revision in (repo.head, None):
+        env = hf_env(endpoint, hf_home, HF_HUB_OFFLINE="1")
+        done, record = download(tmp_path / "w", env, source="hf:org/offline", revision=revision)
+        ok(done)
+        assert {k: v for k, v in record.items() if k != "revision"} == \
+            {k: v for k, v in online.items() if k != "revision"}
+    # no flag, the mirror down: retries, then the cache, and it says so
+    done, record = download(tmp_path / "w", hf_env(endpoint, hf_home), source="hf:org/offline")
+    ok(done)
+    assert record == online
+    assert "did not answer after 3 attempts" in done.stderr and f"using the cached snapshot {repo.head}" in done.stderr
+
+    # not in the cache: one clear message that says what was tried and what to set
+    for extra, tried in (({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+                         ({}, f"http://127.0.0.1:{server.port} did not answer after 3 attempts")):
+        env = hf_env(endpoint, hf_home, HF_TOKEN=SECRET_TOKEN, **extra)
+        done, _ = download(tmp_path / "w", env, source="hf:org/never-fetched")
+        line = one_error(done)
+        for words in ("'hf:org/never-fetched'", tried, "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN for a private or gated dataset (now set)",
+                      "no complete snapshot", "pin `data.revision`"):
+            assert words in line, (words, line)
+        secret_free(tmp_path / "w", hf_home, texts=(done.stdout, done.stderr))
+
+
+# --- errors users meet ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def errors_repo(mirror):
+    return Dataset.create(mirror, "org/errors", parquet_files(2, column="img"))
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"source": "hf:org/no-such-dataset"}, ["dataset not found at http://127.0.0.1:", "(HF_ENDPOINT)", "HF_TOKEN"]),
+    ({"source": "hf:org/errors", "revision": "v9"}, ["`data.revision` 'v9': no such branch, tag or commit",
+                                                     "'hf:org/errors' at http://127.0.0.1:"]),
+    ({"source": "hf:org/errors", "revision": "0" * 40}, [f"`data.revision` '{'0' * 40}': no such"]),
+    ({"source": "hf:org/errors"}, ["`data.image_column` 'image' is not a column of "
+                                   "data/train-00000-of-00001.parquet; columns: img, label"]),
+    ({"source": "hf:org/errors", "split": "valid"}, ["`data.split` 'valid'", "splits found: train"]),
+], ids=["repo-not-found", "branch-not-found", "sha-not-found", "no-image-column", "no-such-split"])
+def test_errors_name_the_cause_and_the_endpoint(mirror, errors_repo, tmp_path, data, words):
+    done, _ = download(tmp_path / "w", hf_env(mirror, tmp_path / "hf"), **data)
+    line = one_error(done)
+    for word in words:
+        assert word in line, (word, line)
+    assert not (tmp_path / "w/data/raw").exists()
+
+
+def test_image_column_param_reads_another_column(mirror, errors_repo, tmp_path):
+    done, record = download(tmp_path / "w", hf_env(mirror, tmp_path / "hf"), source="hf:org/errors",
+                            image_column="img")
+    ok(done)
+    assert record["count"] == 2
+
+
+def test_network_timeout_retries_with_backoff_then_explains(tmp_path):
+    with socket.socket() as silent:  # accepts connections (the kernel does), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        done, _ = download(tmp_path / "w", hf_env(endpoint, tmp_path / "hf", HF_HUB_ETAG_TIMEOUT="1"),
+                           source="hf:org/slow")
+        elapsed = time.monotonic() - started
+    line = one_error(done)
+    assert "did not answer after 3 attempts" in line and "Timeout" in line and "HF_ENDPOINT" in line
+    assert done.stderr.count("retrying in") == 2 and "retrying in 1 s" in done.stderr and "retrying in 2 s" in done.stderr
+    assert elapsed >= 3 + 3 * 1  # backoff 1 s + 2 s, three 1-s timeouts
+
+
+# --- the endpoint is read when the stage runs (huggingface_hub#2871) ----------------------------------
+
+def test_endpoint_set_after_huggingface_hub_was_imported_is_still_used(mirror, tmp_path):
+    """huggingface_hub reads HF_ENDPOINT once, at import: the stage passes the environment's endpoint to
+    every call, so even a process that imported it first talks to the mirror, never to huggingface.co."""
+    repo = Dataset.create(mirror, "org/late-endpoint", parquet_files(2))
+    write_params(tmp_path / "w", {"source": "hf:org/late-endpoint"})
+    env = hf_env(mirror, tmp_path / "hf")
+    del env["HF_ENDPOINT"]
+    script = ("import os, huggingface_hub.constants as c; assert c.ENDPOINT == 'https://huggingface.co'; "
+              f"os.environ['HF_ENDPOINT'] = {mirror.endpoint!r}; "
+              "from workflow.download import main; main([])")
+    mark = mirror.mark()
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "w", env=env, capture_output=True,
+                          text=True, timeout=120)
+    ok(done)
+    record = json.loads((tmp_path / "w/data/raw/SOURCE.json").read_text())
+    assert record["endpoint"] == f"127.0.0.1:{mirror.port}" and record["sha"] == repo.head
+    assert "data/train-00000-of-00001.parquet" in mirror.file_gets(mark, "org/late-endpoint")
+
+
+# --- the presets' datasets, in the layout the Hub serves them -----------------------------------------
+
+@pytest.mark.parametrize("preset, repo_id", [
+    ("tutorial-butterflies-128.yaml", "huggan/smithsonian_butterflies_subset"),
+    ("train-unconditional-flowers-64.yaml", "huggan/flowers-102-categories"),
+    (None, "huggan/anime-face-dataset"),
+])
+def test_presets_download_their_datasets_through_a_mirror(mirror, tmp_path, preset, repo_id):
+    """huggan/* datasets are parquet shards `data/train-*.parquet` with an `image` column of
+    `{bytes, path}` structs: the presets' `data` sections read them as they are."""
+    Dataset.create(mirror, repo_id, parquet_files(4, shards=2))
+    base = ROOT / "configs" / preset if preset else ROOT / "params.yaml"
+    write_params(tmp_path / "w", {} if preset else {"source": f"hf:{repo_id}", "channels": 3}, base=base)
+    done = run_stage(tmp_path / "w", hf_env(mirror, tmp_path / "hf"))
+    ok(done)
+    record = json.loads((tmp_path / "w/data/raw/SOURCE.json").read_text())
+    assert record["repo_id"] == repo_id and record["count"] == 4 and record["layout"] == "parquet"
+
+
+# --- end to end, under dvc -----------------------------------------------------------------------------
+
+def dvc(repo: Path, env: dict, *args: str) -> str:
+    done = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    secret_free(texts=(done.stdout, done.stderr))
+    return done.stdout
+
+
+def tiny_repo(path: Path, data: dict) -> Path:
+    from tests.test_e2e import make_repo
+
+    repo = make_repo(path)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(data)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return repo
+
+
+@pytest.mark.e2e
+def test_dvc_repro_through_the_mirror(mirror, tmp_path):
+    dataset = Dataset.create(mirror, "org/e2e-pets", parquet_files(16))
+    repo = tiny_repo(tmp_path / "repo", {"source": "hf:org/e2e-pets", "channels": 3, "max_images": None})
+    hf_home = tmp_path / "hf"
+    env = hf_env(mirror, hf_home, HF_TOKEN=SECRET_TOKEN)
+    env.pop("PYTHONPATH")  # the stages run from the copy, as dvc runs them
+    dvc(repo, env, "repro")
+    source = json.loads((repo / "data/raw/SOURCE.json").read_text())
+    assert source["sha"] == dataset.head and source["endpoint"] == f"127.0.0.1:{mirror.port}"
+    meta = json.loads((repo / "data/processed/meta.json").read_text())
+    assert meta["count"] == 16 and meta["source"]["sha"] == dataset.head
+    assert dataset.head in (repo / "reports/index.html").read_text()  # provenance in the report
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["download"]["params"]["params.yaml"]["data.source"] == "hf:org/e2e-pets"
+    secret_free(repo, hf_home)  # not in dvc.lock, SOURCE.json, meta, report, logs, nor the HF cache
+
+    mark = mirror.mark()
+    assert "didn't change, skipping" in dvc(repo, env, "repro", "download")
+    assert mirror.requests(mark) == []  # up to date: dvc did not even start the stage
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("where", ["inside", "outside"])
+def test_editing_the_imagefolder_reruns_download_and_preprocess(tmp_path, where):
+    folder = Path("data/images") if where == "inside" else tmp_path / "photos"
+    repo = tiny_repo(tmp_path / "repo", {"source": f"imagefolder:{folder}", "folder": str(folder),
+                                         "channels": 3, "max_images": None})
+    images = repo / folder if where == "inside" else folder
+    images.mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(png(i))
+    env = clean_env()
+    dvc(repo, env, "repro", "preprocess")
+    assert json.loads((repo / "data/processed/meta.json").read_text())["count"] == 3
+    assert json.loads(dvc(repo, env, "status", "--with-deps", "preprocess", "--json")) == {}
+
+    (images / "new" / "3.png").parent.mkdir()
+    (images / "new" / "3.png").write_bytes(png(3))  # a new image, one folder down
+    assert set(json.loads(dvc(repo, env, "status", "--with-deps", "preprocess", "--json"))) == {"download"}
+    dvc(repo, env, "repro", "preprocess")
+    assert json.loads((repo / "data/processed/meta.json").read_text())["count"] == 4
+
+    (images / "0.png").write_bytes(png(10))  # an edited image: same names, new content
+    assert set(json.loads(dvc(repo, env, "status", "--with-deps", "preprocess", "--json"))) == {"download"}
+    out = dvc(repo, env, "repro", "preprocess")
+    assert "Running stage 'download'" in out and "Running stage 'preprocess'" in out
