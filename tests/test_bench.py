@@ -1,0 +1,109 @@
+"""The benchmark harness on a tiny model: the numbers it reports hang together. Timings are never bounds."""
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests.conftest import ROOT
+from workflow import bench
+from workflow.config import ConfigError, params_from_dict
+from workflow.model import build_unet
+
+PEER = ROOT.parent / "shared" / "peers" / "tutorial_loop.py"
+needs_peer = pytest.mark.skipif(not PEER.is_file(), reason=f"the tutorial loop {PEER} is not beside this clone")
+TINY_RUN = dict(resolution=8, batch_size=4, steps=2, warmup=1, matmul_size=256)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: two threads on a 2-core machine that is busy elsewhere crawl (OpenMP barriers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def finite_positive(x):
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_bench_params_are_the_tutorials_model():
+    params = bench.bench_params(params_from_dict({}), 32, 16, (32, 64, 64), 25, "cpu")
+    assert params.model.layers_per_block == 2 and params.model.attention_levels == (1,)
+    assert params.model.norm_num_groups == 32 and params.data.resolution == 32
+    assert params.train.batch_size == 16 and params.train.max_steps == 25
+    assert params.train.mixed_precision == "no" and params.train.random_flip
+    assert bench.bench_params(params_from_dict({}), 8, 4, (16, 32), 3, "cuda").train.mixed_precision == "bf16"
+
+
+def test_our_loop_alone_through_main(tiny_params, capsys):
+    tiny_params()  # params.yaml in the working directory
+    bench.main(["train", "--resolution", "8", "--batch-size", "4", "--channels", "16", "32", "--steps", "2",
+                "--warmup", "1", "--repeats", "2", "--json", "bench.json"])
+    r = json.load(open("bench.json"))
+    assert finite_positive(r["ours_images_per_second"]) and r["device"] == "cpu"
+    assert len(r["ours_trials"]) == 2 and r["ours_images_per_second"] == max(r["ours_trials"])
+    assert r["peer_images_per_second"] is None and r["ratio"] is None and r["peer_share_of_limit"] is None
+    assert r["limit_images_per_second"] == pytest.approx(r["matmul_flop_per_second"] / r["flop_per_image"])
+    assert r["ours_share_of_limit"] == pytest.approx(r["ours_images_per_second"] / r["limit_images_per_second"])
+    assert r["matmul_dtype"] == "float32" and r["channels"] == [16, 32] and r["num_parameters"] > 0
+    out = capsys.readouterr().out
+    assert "ours / tutorial: n/a" in out and r["command"] in out and torch.__version__ in out
+
+
+def test_flop_per_image_does_not_depend_on_batch_and_counts_the_backward():
+    params = bench.bench_params(params_from_dict({}), 8, 4, (16, 32), 3, "cpu")
+    at2, at4 = bench.flop_per_image(params, 2), bench.flop_per_image(params, 4)
+    assert at2 > 0 and at4 == pytest.approx(at2, rel=0.01)
+    with torch.device("meta"):
+        model = build_unet(params.model, resolution=8, channels=3)
+        x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t)
+    forward = counter.get_total_flops() / 2
+    assert "aten.bmm" in map(str, counter.get_flop_counts()["Global"])  # the attention is counted
+    # backward = grad of inputs + grad of weights, about twice the forward (less: no grad of the image)
+    assert 2.5 * forward < at2 <= 3 * forward
+
+
+@pytest.mark.parametrize("resolution, gflop", [(128, 372), (64, 93)])
+def test_flop_per_image_of_the_seed_unet_is_design_section_5(resolution, gflop):
+    params = bench.bench_params(params_from_dict({}), resolution, 128, bench.SEED_CHANNELS, 3, "cuda")
+    assert bench.flop_per_image(params, 128) / 1e9 == pytest.approx(gflop, rel=0.005)
+
+
+def test_matmul_rate_is_measured():
+    rate, dtype = bench.matmul_rate(torch.device("cpu"), size=128, repeats=2, trials=2)
+    assert finite_positive(rate) and dtype == "float32"
+
+
+@needs_peer
+def test_both_loops_side_by_side():
+    r = bench.bench_train(params_from_dict({}), channels=(32, 64), peer_path=PEER, **TINY_RUN)
+    ours, theirs = r["ours_images_per_second"], r["peer_images_per_second"]
+    assert finite_positive(ours) and finite_positive(theirs) and r["peer_batch_size"] == 4
+    assert r["ratio"] == pytest.approx(ours / theirs)
+    assert r["peer_share_of_limit"] == pytest.approx(theirs / r["limit_images_per_second"])
+    table = bench.format_table(r, "python -m workflow bench train ...")
+    assert f"ours / tutorial: {r['ratio']:.2f}x" in table and "tutorial loop (peer)" in table
+
+
+@needs_peer
+def test_a_model_the_peer_cannot_build_is_a_clear_error():
+    peer = bench.load_peer(PEER)
+    params = bench.bench_params(params_from_dict({}), 8, 4, (16, 32), 3, "cpu")
+    with pytest.raises(ConfigError, match="norm groups 32"):
+        bench.check_same_model(peer, params)
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--warmup", "-1"), ("--repeats", "0")])
+def test_bad_knobs_are_clear_errors(flag, value):
+    with pytest.raises(ConfigError, match=f"{flag} must be >= "):
+        bench.parse_args(["train", flag, value])
+
+
+def test_missing_peer_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        bench.load_peer(tmp_path / "tutorial_loop.py")
