@@ -7,6 +7,7 @@ import yaml
 from PIL import Image
 
 from workflow import download, preprocess
+from workflow.sources import list_image_files
 from workflow.artifacts import sha256_file
 from workflow.config import ConfigError
 
@@ -96,7 +97,7 @@ def test_list_images_is_sorted_recursive_and_by_extension(tmp_path):
     for name in ["b.PNG", "a/z.jpeg", "a/y.txt", "c.webp", "a.bmp", "README"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    assert [p.relative_to(tmp_path).as_posix() for p in preprocess.list_images(tmp_path)] == \
+    assert [p.relative_to(tmp_path).as_posix() for p in list_image_files(tmp_path)] == \
         ["a.bmp", "a/z.jpeg", "b.PNG", "c.webp"]
 
 

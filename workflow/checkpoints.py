@@ -22,11 +22,12 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 
 def run_key(params: Params, images_sha256: str) -> str:
     """Hash of the data, model, noise schedule, training recipe and seed (not logging cadence)."""
-    train = params.to_dict()["train"]
+    everything = params.to_dict()
+    train = everything["train"]
     for cadence in ("log_every", "checkpoint_every", "checkpoints_to_keep"):
         train.pop(cadence)
-    identity = {"images": images_sha256, "seed": params.seed, "model": params.to_dict()["model"],
-                "scheduler": params.to_dict()["scheduler"], "train": train}
+    identity = {"images": images_sha256, "seed": params.seed, "model": everything["model"],
+                "scheduler": everything["scheduler"], "train": train}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 

