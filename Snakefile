@@ -18,4 +18,5 @@ rule all:
     input:
         rules.report.output.report,
         rules.evaluate.output.metrics,
+        rules.fid_steps.output.fid_steps,
     default_target: True

@@ -19,8 +19,8 @@ TINY = {
               "norm_num_groups": 8},
     "train": {"batch_size": 8, "max_steps": 12, "warmup_steps": 2, "log_every": 4,
               "checkpoint_every": 4, "checkpoints_to_keep": 2},
-    "sample": {"scheduler": "ddim", "num_inference_steps": 4, "grid_size": 2, "num_images": 6, "batch_size": 6},
-    "fid": {"num_reference": 6, "batch_size": 6},
+    "sample": {"sampler": "ddim", "num_inference_steps": 4, "grid_size": 2, "batch_size": 6},
+    "fid": {"num_samples": 6, "num_reference": 6, "batch_size": 6},
 }
 
 

@@ -61,9 +61,11 @@ def test_tutorial_attention_placement():
     assert [i for i, b in enumerate(unet.config.up_block_types) if b.startswith("Attn")] == [1]
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm"])
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmsolver++"])
 def test_samplers_share_the_training_schedule(name):
     noise_scheduler = build_noise_scheduler(Params().scheduler)
     sampler = build_sampler(name, noise_scheduler.config)
     assert sampler.config.num_train_timesteps == 1000
     assert torch.allclose(sampler.alphas_cumprod, noise_scheduler.alphas_cumprod)
+    if name == "dpmsolver++":
+        assert sampler.config.algorithm_type == "dpmsolver++" and sampler.config.solver_order == 2

@@ -1,15 +1,20 @@
-"""Sampling: deterministic per image, independent of the batch size, grid = start of the sample set."""
+"""Sampling: each image a function of (seed, index), for every sampler; streamed set, grid, DDPMPipeline parity."""
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import write_images
-from workflow.config import ConfigError
-from workflow.sample import make_grid, sample
+from workflow.config import ConfigError, Sample
+from workflow.model import build_sampler
+from workflow.sample import sample, write_sample_set
+from workflow.sampling import image_generators, load_unet, make_grid, sample_batches
 from workflow.train import train
+
+SAMPLERS = [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmsolver++", 0.0)]
 
 
 @pytest.fixture
@@ -24,17 +29,49 @@ def read_samples(folder):
     return np.stack([np.array(Image.open(f)) for f in sorted(Path(folder).glob("*.png"))])
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm"])
-def test_samples_do_not_depend_on_batch_size(trained, scheduler):
-    params = trained(sample={"scheduler": scheduler, "batch_size": 6})
+@pytest.mark.parametrize("sampler, eta", SAMPLERS)
+def test_images_depend_on_seed_and_index_only(trained, sampler, eta):
+    """Same params -> same images; another batch size -> same images; fewer samples -> the first ones."""
+    settings = {"sampler": sampler, "eta": eta}
+    params = trained(sample={**settings, "batch_size": 6})
     record = sample(params)
     whole = read_samples(params.paths.samples)
     assert whole.shape == (6, 8, 8) and whole.dtype == np.uint8 and record["count"] == 6
     assert len({im.tobytes() for im in whole}) == 6  # distinct images
-    sample(trained(sample={"scheduler": scheduler, "batch_size": 4}))
+    sample(trained(sample={**settings, "batch_size": 4}))
     assert np.array_equal(whole, read_samples(params.paths.samples))
+    sample(trained(sample={**settings, "batch_size": 3}, fid={"num_samples": 4}))
+    assert np.array_equal(whole[:4], read_samples(params.paths.samples))
     meta = json.loads((Path(params.paths.samples) / "samples.json").read_text())
-    assert meta["scheduler"] == scheduler and meta["num_inference_steps"] == 4
+    assert meta["sampler"] == sampler and meta["num_inference_steps"] == 4 and meta["eta"] == eta
+    assert meta["count"] == 4 and meta["dtype"] == "float32" and meta["device"] == "cpu"
+
+
+def test_eta_and_the_seed_change_the_images(trained):
+    base = trained()
+    sample(base)
+    deterministic = read_samples(base.paths.samples)
+    sample(trained(sample={"eta": 1.0}))
+    assert not np.array_equal(deterministic, read_samples(base.paths.samples))
+    sample(trained(seed=1))
+    assert not np.array_equal(deterministic, read_samples(base.paths.samples))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_our_loop_equals_ddpm_pipeline_on_cpu(trained, sampler):
+    """In float32 our loop is DDPMPipeline (the tutorial's sampler) with the same per-image generators."""
+    from diffusers import DDPMPipeline
+
+    params = trained()
+    unet, config = load_unet(params.paths.pipeline, torch.device("cpu"))
+    settings = Sample(sampler=sampler, num_inference_steps=5, batch_size=3)
+    ours = np.concatenate([b for _, b in sample_batches(unet, config, settings, 0, 3, torch.device("cpu"))])
+    pipeline = DDPMPipeline.from_pretrained(params.paths.pipeline)
+    pipeline.scheduler = build_sampler(sampler, pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    theirs = pipeline(batch_size=3, generator=image_generators(0, range(3)), num_inference_steps=5,
+                      output_type="np").images
+    assert np.array_equal(ours, np.round(theirs * 255).astype(np.uint8))
 
 
 def test_grid_is_the_first_samples(trained):
@@ -45,6 +82,22 @@ def test_grid_is_the_first_samples(trained):
     assert np.array_equal(grid, make_grid(images, 2))
     assert np.array_equal(grid[2:10, 2:10, 0], images[0, ..., 0])  # top-left cell, after the padding
     assert np.array_equal(grid[2:10, 12:20, 0], images[1, ..., 0])
+
+
+def test_sample_set_is_written_batch_by_batch_and_published_whole(tmp_path):
+    """Each batch is on disk (under the temporary name) before the next is made; the folder appears at the end."""
+    folder = tmp_path / "samples"
+
+    def batches():
+        for first in (0, 2):
+            if first:
+                written = sorted(p.name for p in tmp_path.rglob("*.png"))
+                assert written == ["000000.png", "000001.png"] and not folder.exists()
+            yield first, np.full((2, 4, 4, 1), first, np.uint8)
+
+    kept, record = write_sample_set(batches(), str(folder), keep=3, settings={"sampler": "ddim"})
+    assert kept.shape == (3, 4, 4, 1) and kept[2, 0, 0, 0] == 2 and record["count"] == 4
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(4)] + ["samples.json"]
 
 
 def test_make_grid_layout_rgb():
@@ -58,3 +111,10 @@ def test_make_grid_layout_rgb():
 def test_missing_pipeline_is_a_clear_error(tiny_params):
     with pytest.raises(ConfigError, match="run the train stage first"):
         sample(tiny_params())
+
+
+def test_eta_for_another_sampler_is_a_config_error(tiny_params):
+    with pytest.raises(ConfigError, match="sample.eta"):
+        tiny_params(sample={"sampler": "dpmsolver++", "eta": 0.5})
+    with pytest.raises(ConfigError, match="dpmsolver\\+\\+"):
+        tiny_params(sample={"sampler": "dpm"})

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors.numpy import load_file
 
 from tests.conftest import write_images
@@ -102,3 +103,42 @@ def test_non_finite_loss_names_the_step(tiny_params):
     with pytest.raises(FloatingPointError, match=r"at step \d+"):
         train(params)
     assert not Path(params.paths.pipeline).exists()
+
+
+def test_progress_grids_survive_a_resume_and_leave_the_weights_alone(tiny_params):
+    """One grid per checkpoint in train_log/grids; a resumed run has them all, bitwise; grids off: same weights."""
+    import shutil
+
+    params = tiny_params()
+    write_images(params.paths.images)
+    train(params)
+    with_grids = weights()
+    grids = Path(params.paths.train_log) / "grids"
+    names = ["step-0000004.png", "step-0000008.png", "step-0000012.png"]
+    assert sorted(p.name for p in grids.iterdir()) == names
+    assert Image.open(grids / names[0]).size == (4 * (8 + 2) + 2,) * 2  # 4 x 4 cells of 8 px, padded
+    straight = {n: (grids / n).read_bytes() for n in names}
+    assert len(set(straight.values())) == 3  # the model changes between checkpoints
+    run_dir = next(Path(params.paths.checkpoints).iterdir())
+    shutil.rmtree(run_dir / "step-0000012")  # the grid of step 4 outlives its pruned checkpoint
+    shutil.rmtree(params.paths.train_log)
+    assert train(params)["resumed_from_step"] == 8
+    assert {n: (grids / n).read_bytes() for n in names} == straight
+    shutil.rmtree("models")
+    shutil.rmtree(params.paths.train_log)
+    train(tiny_params(train={"progress_grids": False}))
+    assert same_weights(with_grids, weights())
+    assert not grids.exists()
+
+
+def test_last_progress_grid_is_the_sample_stages_grid(tiny_params):
+    """The final grid uses the saved EMA weights and the sample stage's noise streams: DDIM-25 gives the same PNG."""
+    from workflow.sample import sample
+
+    params = tiny_params(sample={"sampler": "ddim", "num_inference_steps": 25, "grid_size": 4, "batch_size": 16},
+                         fid={"num_samples": 16})
+    write_images(params.paths.images)
+    train(params)
+    sample(params)
+    last = Path(params.paths.train_log) / "grids" / "step-0000012.png"
+    assert np.array_equal(np.array(Image.open(last)), np.array(Image.open(params.paths.grid)))

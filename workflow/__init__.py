@@ -1,5 +1,5 @@
 """Reproducible unconditional image diffusion: download -> preprocess -> fid_reference -> train ->
-sample -> evaluate -> report. Run one stage with `python -m workflow <stage>`; the whole DAG with
+sample -> evaluate (+ fid_steps) -> report. Run one stage with `python -m workflow <stage>`; the whole DAG with
 `dvc repro` or `snakemake --cores all`.
 """
-STAGES = ("download", "preprocess", "fid_reference", "train", "sample", "evaluate", "report")
+STAGES = ("download", "preprocess", "fid_reference", "train", "sample", "evaluate", "fid_steps", "report")

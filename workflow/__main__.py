@@ -1,6 +1,6 @@
 """python -m workflow <stage> [--params PARAMS]  -- run one pipeline stage.
 
-Stages: download, preprocess, fid_reference, train, sample, evaluate, report (and bench).
+Stages: download, preprocess, fid_reference, train, sample, evaluate, fid_steps, report (and bench).
 Training on several GPUs: accelerate launch -m workflow train
 """
 import importlib

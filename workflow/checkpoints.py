@@ -21,10 +21,10 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 
 
 def run_key(params: Params, images_sha256: str) -> str:
-    """Hash of the data, model, noise schedule, training recipe and seed (not logging cadence)."""
+    """Hash of the data, model, noise schedule, training recipe and seed (not logging cadence, nor grids)."""
     everything = params.to_dict()
     train = everything["train"]
-    for cadence in ("log_every", "checkpoint_every", "checkpoints_to_keep"):
+    for cadence in ("log_every", "checkpoint_every", "checkpoints_to_keep", "progress_grids"):
         train.pop(cadence)
     identity = {"images": images_sha256, "seed": params.seed, "model": everything["model"],
                 "scheduler": everything["scheduler"], "train": train}

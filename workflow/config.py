@@ -35,6 +35,7 @@ NON_NEGATIVE = _rule(lambda v: v >= 0, "must be >= 0")
 UNIT_OPEN = _rule(lambda v: 0 < v < 1, "must be in (0, 1)")
 UNIT_CLOSED = _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
 NON_EMPTY = _rule(lambda v: len(v) > 0, "must not be empty")
+POSITIVE_ITEMS = _rule(lambda v: all(n > 0 for n in v), "must hold values > 0")
 SHA256 = _rule(lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None, "must be 64 lowercase hex digits")
 SOURCE = _rule(lambda v: re.fullmatch(r"(builtin|imagefolder|hf):.+", v) is not None,
                "must be builtin:<name>, imagefolder:<path> or hf:<owner>/<name>")
@@ -60,6 +61,7 @@ class Paths:
     grid: str = "reports/samples/grid.png"
     samples: str = "data/samples"
     metrics: str = "reports/metrics.json"
+    fid_steps: str = "reports/fid_steps.csv"
     report: str = "reports/index.html"
 
 
@@ -126,23 +128,28 @@ class Train:
     log_every: int = _f(25, POSITIVE)
     checkpoint_every: int = _f(300, POSITIVE)
     checkpoints_to_keep: int = _f(2, POSITIVE)
+    progress_grids: bool = True  # a small grid from the EMA weights at every checkpoint
 
 
 @dataclass(frozen=True)
 class Sample:
-    scheduler: Literal["ddpm", "ddim", "dpm"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
     num_inference_steps: int = _f(50, POSITIVE)
+    eta: float = _f(0.0, UNIT_CLOSED)  # DDIM only: 0 = deterministic DDIM, 1 = DDPM-like noise
     grid_size: int = _f(8, POSITIVE)
-    num_images: int = _f(250, POSITIVE)
     batch_size: int = _f(250, POSITIVE)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    compile: bool = False  # torch.compile the UNet; falls back to eager with a warning if it fails
 
 
 @dataclass(frozen=True)
 class Fid:
+    num_samples: int = _f(250, POSITIVE)  # the size of the sample set FID scores (made by the sample stage)
     num_reference: Optional[int] = _f(250, POSITIVE)
     weights: Optional[str] = None
     weights_sha256: Optional[str] = _f(None, SHA256)
     batch_size: int = _f(50, POSITIVE)
+    steps_sweep: tuple[int, ...] = _tuple((), POSITIVE_ITEMS)  # FID against sample.num_inference_steps
 
 
 @dataclass(frozen=True)
@@ -254,9 +261,12 @@ def _check_cross_field(p: Params, source: str) -> None:
     wrong = [lv for lv in p.model.attention_levels if not 0 <= lv < levels]
     if wrong:
         raise ConfigError(f"{source}: `model.attention_levels` {wrong} must be level indices in 0..{levels - 1}")
-    if p.sample.grid_size ** 2 > p.sample.num_images:
+    if p.sample.grid_size ** 2 > p.fid.num_samples:
         raise ConfigError(f"{source}: `sample.grid_size`^2 ({p.sample.grid_size ** 2}) must not exceed "
-                          f"`sample.num_images` ({p.sample.num_images})")
+                          f"`fid.num_samples` ({p.fid.num_samples}), the sample set the grid is taken from")
+    if p.sample.eta and p.sample.sampler != "ddim":
+        raise ConfigError(f"{source}: `sample.eta` ({p.sample.eta}) applies to the ddim sampler only; "
+                          f"set it to 0 for `sample.sampler` {p.sample.sampler!r}")
     if (p.train.max_steps is None) == (p.train.epochs is None):
         raise ConfigError(f"{source}: set exactly one of `train.max_steps` and `train.epochs` (the other null)")
     if p.train.batch_size % p.train.gradient_accumulation_steps:

@@ -4,12 +4,14 @@
 
 Reads the sample PNGs in `paths.samples` (sorted by name), `paths.fid_ref` (from fid_reference),
 `<paths.train_log>/summary.json` (from train) and `<paths.samples>/samples.json` (from sample).
-Writes `paths.metrics`: one flat JSON object (fid, kid, train_loss_final, ...; see METRIC_KEYS).
+Writes `paths.metrics`: one flat JSON object (fid, kid, train_loss_final, ..., evaluate_seconds:
+this stage's own wall time, loading the samples included; see METRIC_KEYS).
 FID uses the same features function and Inception file as the reference; a reference computed
 with other weights is refused.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +22,13 @@ from workflow.artifacts import read_json, write_json
 from workflow.cli import parse_params
 from workflow.config import ConfigError, Params
 from workflow.inception import load_extractor
+from workflow.reference import check_weights, load_reference, score
 
 TRAIN_KEYS = {"loss_final": "train_loss_final", "images_per_second": "train_images_per_second",
               "seconds": "train_seconds", "steps": "train_steps", "num_parameters": "num_parameters"}
 SAMPLE_KEYS = {"seconds": "sample_seconds", "images_per_second": "sample_images_per_second"}
-REFERENCE_KEYS = ("mu", "sigma", "features", "num_images", "weights_sha256")
 METRIC_KEYS = ("fid", "kid", "fid_num_samples", "fid_num_reference", "fid_weights_sha256",
-               "fid_weights_origin", *TRAIN_KEYS.values(), *SAMPLE_KEYS.values())
+               "fid_weights_origin", *TRAIN_KEYS.values(), *SAMPLE_KEYS.values(), "evaluate_seconds")
 INTEGER_METRICS = {"fid_num_samples", "fid_num_reference", "train_steps", "num_parameters"}
 
 
@@ -42,17 +44,6 @@ def load_samples(folder: str | Path) -> np.ndarray:
     return np.stack(arrays).transpose(0, 3, 1, 2)
 
 
-def load_reference(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} (`paths.fid_ref`): no such file; the fid_reference stage makes it")
-    with np.load(path, allow_pickle=False) as npz:
-        missing = [k for k in REFERENCE_KEYS if k not in npz.files]
-        if missing:
-            raise ConfigError(f"{path}: missing arrays {missing}; re-run the fid_reference stage")
-        return {k: npz[k] for k in REFERENCE_KEYS}
-
-
 def read_summary(path: Path, keys, stage: str) -> dict:
     """The `keys` of a JSON summary another stage wrote; a missing file or key names that stage."""
     if not path.is_file():
@@ -64,25 +55,11 @@ def read_summary(path: Path, keys, stage: str) -> dict:
     return {k: data[k] for k in keys}
 
 
-def score(sample_feats: np.ndarray, reference: dict, seed: int) -> dict:
-    """FID against the reference statistics and KID against its features."""
-    mu, sigma = fid.statistics(sample_feats)
-    return {"fid": fid.frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
-            "kid": fid.kernel_inception_distance(sample_feats, reference["features"], seed),
-            "fid_num_samples": len(sample_feats), "fid_num_reference": int(reference["num_images"])}
-
-
-def check_weights(reference: dict, info: dict, ref_path: str) -> None:
-    ref_sha = str(reference["weights_sha256"])
-    if ref_sha != info["sha256"]:
-        raise ConfigError(f"{ref_path} was computed with Inception weights sha256 {ref_sha}, but the current "
-                          f"weights ({info['path']}) have sha256 {info['sha256']}; re-run the fid_reference stage")
-
-
-def flat_metrics(scores: dict, info: dict, train: dict, sample: dict) -> dict:
+def flat_metrics(scores: dict, info: dict, train: dict, sample: dict, seconds: float) -> dict:
     """One flat dict of JSON-native values, keyed as METRIC_KEYS."""
     merged = {**scores, "fid_weights_sha256": info["sha256"], "fid_weights_origin": info["origin"],
-              **{TRAIN_KEYS[k]: v for k, v in train.items()}, **{SAMPLE_KEYS[k]: v for k, v in sample.items()}}
+              **{TRAIN_KEYS[k]: v for k, v in train.items()}, **{SAMPLE_KEYS[k]: v for k, v in sample.items()},
+              "evaluate_seconds": seconds}
     return {k: _native(k, merged[k]) for k in METRIC_KEYS}
 
 
@@ -93,6 +70,7 @@ def _native(key: str, value):
 
 
 def run(params: Params) -> dict:
+    started = time.perf_counter()
     paths = params.paths
     reference = load_reference(paths.fid_ref)
     train = read_summary(Path(paths.train_log) / "summary.json", TRAIN_KEYS, "train")
@@ -102,7 +80,8 @@ def run(params: Params) -> dict:
     check_weights(reference, info, paths.fid_ref)
     device = fid.default_device()
     feats = fid.features(images, extractor, params.fid.batch_size, device, fid.default_num_workers(device))
-    metrics = flat_metrics(score(feats, reference, params.seed), info, train, sample)
+    scores = score(feats, reference, params.seed)
+    metrics = flat_metrics(scores, info, train, sample, time.perf_counter() - started)
     write_json(paths.metrics, metrics)
     return metrics
 

@@ -11,10 +11,10 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from workflow.config import Model, Scheduler
 
-SAMPLERS = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpm": DPMSolverMultistepScheduler,  # DPM-Solver++ (its default algorithm_type)
+SAMPLERS = {  # sample.sampler -> (scheduler class, settings on top of the training noise schedule)
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
 
 
@@ -46,7 +46,8 @@ def build_noise_scheduler(scheduler: Scheduler) -> DDPMScheduler:
 
 def build_sampler(name: str, noise_scheduler_config):
     """A sampling scheduler sharing the training noise schedule (betas, prediction type)."""
-    return SAMPLERS[name].from_config(noise_scheduler_config)
+    cls, settings = SAMPLERS[name]
+    return cls.from_config(noise_scheduler_config, **settings)
 
 
 def count_parameters(module) -> int:

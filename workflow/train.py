@@ -5,8 +5,15 @@
     torchrun --nproc_per_node 2 -m workflow train    # several CPU processes (gloo)
 
 Reads params.paths.images; writes params.paths.pipeline (DDPMPipeline.save_pretrained, EMA weights,
-safetensors), params.paths.train_log (history.csv: loss and lr per step; summary.json) and
-checkpoints under params.paths.checkpoints, from which a re-run resumes automatically.
+safetensors), params.paths.train_log (history.csv: loss and lr per step; throughput.csv;
+summary.json; grids/step-XXXXXXX.png) and checkpoints under params.paths.checkpoints, from which a
+re-run resumes automatically.
+
+With train.progress_grids, every checkpoint also gets a 4x4 grid sampled from the EMA weights
+(DDIM, 25 steps) from the noise streams of the sample stage's first 16 images, so the same images
+are seen improving. The grids live beside the checkpoints (<checkpoints>/<run key>/grids/, never
+pruned, so they survive a resume) and are copied into train_log at the end. They use no global
+random state: switching them on or off leaves the weights bitwise unchanged.
 
 Every random draw of step s is a function of (seed, s), and the data order of (seed, epoch), so
 training k steps, stopping and resuming gives bitwise the weights of an uninterrupted run.
@@ -18,6 +25,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,13 +38,16 @@ from tqdm.auto import tqdm
 from workflow import checkpoints
 from workflow.artifacts import atomic_dir, sha256_file
 from workflow.cli import parse_params
-from workflow.config import ConfigError, Params
+from workflow.config import ConfigError, Params, Sample
 from workflow.diffusion import (apply_flip, batch_indices, diffusion_loss, min_snr_weights,
                                 step_noise, to_model_range, training_target)
 from workflow.model import build_noise_scheduler, build_unet, count_parameters
+from workflow.sampling import sample_batches, write_grid
 
 LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 FINAL_LOSS_WINDOW = 50  # train_loss_final is the mean over the last steps, not one noisy value
+PROGRESS_SAMPLER = Sample(sampler="ddim", num_inference_steps=25, grid_size=4, batch_size=16)
+GRIDS = "grids"  # the progress grids' folder, beside the checkpoints and in train_log
 
 
 @dataclass
@@ -239,9 +250,38 @@ def train_loop(run: Run, checkpoint_dir: Path) -> None:
             bar.update(done - bar.n)
         if checkpoint:
             _record_time(run, done, started, images)
+            save_progress_grid(run, checkpoint_dir / GRIDS, done)  # first: every saved checkpoint has its grid
             started, images, logged_at, logged_images = time.perf_counter(), 0, time.perf_counter(), 0
             checkpoints.save_checkpoint(acc, checkpoint_dir, run.progress, p.train.checkpoints_to_keep)
     bar.close()
+
+
+@contextlib.contextmanager
+def ema_weights(run: Run, unet: torch.nn.Module):
+    """The EMA weights in `unet` for the duration (store -> copy_to -> restore, bitwise)."""
+    if run.ema is None:
+        yield unet
+        return
+    run.ema.store(unet.parameters())
+    run.ema.copy_to(unet.parameters())
+    try:
+        yield unet
+    finally:
+        run.ema.restore(unet.parameters())
+
+
+def save_progress_grid(run: Run, folder: Path, step: int) -> None:
+    """The progress grid of `step` from the EMA weights (main process; per-image generators only)."""
+    if not run.params.train.progress_grids or not run.accelerator.is_main_process:
+        return
+    unet = run.accelerator.unwrap_model(run.eager_model)
+    size, was_training = PROGRESS_SAMPLER.grid_size, unet.training
+    with ema_weights(run, unet):
+        batches = sample_batches(unet, run.noise_scheduler.config, PROGRESS_SAMPLER, run.params.seed,
+                                 size * size, run.accelerator.device, progress=False)
+        images = np.concatenate([b for _, b in batches])
+    unet.train(was_training)
+    write_grid(images, size, folder / f"step-{step:07d}.png")
 
 
 def _record_time(run: Run, step: int, started: float, images: int) -> None:
@@ -280,21 +320,18 @@ def summary(run: Run, resumed_from: Path | None, key: str) -> dict:
     }
 
 
-def save_outputs(run: Run, info: dict) -> None:
-    """The pipeline with the EMA weights, and the loss/lr history; main process only."""
+def save_outputs(run: Run, info: dict, grids: Path) -> None:
+    """The pipeline with the EMA weights, the loss/lr history and the progress grids; main process only."""
     from diffusers import DDPMPipeline
 
     paths = run.params.paths
     unet = run.accelerator.unwrap_model(run.model)
-    if run.ema is not None:
-        run.ema.store(unet.parameters())
-        run.ema.copy_to(unet.parameters())
-    with atomic_dir(paths.pipeline) as out:
+    with ema_weights(run, unet), atomic_dir(paths.pipeline) as out:
         DDPMPipeline(unet=unet.to(memory_format=torch.contiguous_format), scheduler=run.noise_scheduler) \
             .save_pretrained(out, safe_serialization=True)
-    if run.ema is not None:
-        run.ema.restore(unet.parameters())
     with atomic_dir(paths.train_log) as out:
+        if run.params.train.progress_grids and grids.is_dir():
+            shutil.copytree(grids, out / GRIDS)
         (out / "history.csv").write_text(history_csv(run.progress["history"]))
         (out / "throughput.csv").write_text(to_csv(["step", "images_per_second"],
                                                    ([s, f"{r:.1f}"] for s, r in run.progress["throughput"])))
@@ -329,7 +366,7 @@ def train(params: Params) -> dict:
     check_ranks_agree(run)
     info = summary(run, resumed_from, key)
     if accelerator.is_main_process:
-        save_outputs(run, info)
+        save_outputs(run, info, checkpoint_dir / GRIDS)
     accelerator.wait_for_everyone()
     return info
 

@@ -18,7 +18,7 @@ rule evaluate:
         samples=rules.sample.output.samples,
         fid_ref=rules.fid_reference.output.fid_ref,
         train_log=rules.train.output.train_log,
-        code=code("evaluate", "fid", "inception"),
+        code=code("evaluate", "reference", "fid", "inception"),
     output:
         metrics=P["metrics"],
     params:
@@ -28,6 +28,24 @@ rule evaluate:
         gpu=1,
     shell:
         "python -m workflow evaluate"
+
+
+rule fid_steps:  # off unless fid.steps_sweep lists step counts; then one FID per count, for `dvc plots`
+    input:
+        pipeline=rules.train.output.pipeline,
+        fid_ref=rules.fid_reference.output.fid_ref,
+        code=code("fid_steps", "sampling", "reference", "fid", "inception", "diffusion", "model"),
+    output:
+        fid_steps=P["fid_steps"],
+    params:
+        values=params_of("seed", "sample.sampler", "sample.eta", "sample.batch_size", "sample.mixed_precision",
+                         "sample.compile", "fid.num_samples", "fid.steps_sweep", "fid.weights",
+                         "fid.weights_sha256", "fid.batch_size"),
+    threads: workflow.cores  # CPU runs use every core, as under dvc
+    resources:
+        gpu=1,
+    shell:
+        "python -m workflow fid_steps"
 
 
 rule report:

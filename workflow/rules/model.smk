@@ -5,7 +5,7 @@
 rule train:
     input:
         images=rules.preprocess.output.images,
-        code=code("train", "checkpoints", "diffusion", "model"),
+        code=code("train", "checkpoints", "sampling", "diffusion", "model"),
     output:
         pipeline=directory(P["pipeline"]),
         train_log=directory(P["train_log"]),
@@ -21,12 +21,12 @@ rule train:
 rule sample:
     input:
         pipeline=rules.train.output.pipeline,
-        code=code("sample", "diffusion", "model"),
+        code=code("sample", "sampling", "diffusion", "model"),
     output:
         samples=directory(P["samples"]),
         grid=P["grid"],
     params:
-        values=params_of("seed", "sample"),
+        values=params_of("seed", "sample", "fid.num_samples"),
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
         gpu=1,
