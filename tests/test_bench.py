@@ -107,3 +107,33 @@ def test_bad_knobs_are_clear_errors(flag, value):
 def test_missing_peer_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         bench.load_peer(tmp_path / "tutorial_loop.py")
+
+
+def test_bench_sample_ours_and_the_tutorial_call(tiny_params, capsys):
+    tiny_params(sample={"sampler": "dpmsolver++"})  # params.yaml in the working directory: ours uses its sampler
+    bench.main(["sample", "--resolution", "8", "--channels", "32", "64", "--steps", "2", "--batch-size", "4",
+                "--num-images", "6", "--peer-images", "4", "--repeats", "2", "--json", "sample.json"])
+    r = json.load(open("sample.json"))
+    assert r["sampler"] == "dpmsolver++" and r["steps"] == 2 and r["dtype"] == "float32"
+    assert len(r["ours_trials"]) == len(r["tutorial_trials"]) == 2
+    assert r["ours_images_per_second"] == max(r["ours_trials"]) and finite_positive(r["tutorial_images_per_second"])
+    assert r["ratio"] == pytest.approx(r["ours_images_per_second"] / r["tutorial_images_per_second"])
+    out = capsys.readouterr().out
+    assert "| ours: dpmsolver++ | 2 | float32 | 4 | 6 |" in out and "DDPMPipeline" in out and r["command"] in out
+
+
+def test_bench_fid_end_to_end(tiny_params):
+    tiny_params()
+    bench.main(["fid", "--resolution", "8", "--channels", "32", "64", "--steps", "2", "--batch-size", "2",
+                "--num-images", "3", "--reference-images", "2", "--json", "fid.json"])
+    r = json.load(open("fid.json"))
+    assert r["num_images"] == 3 and r["sampler"] == "ddim" and math.isfinite(r["fid"]) and r["fid"] > 0
+    assert r["total_seconds"] == pytest.approx(r["sample_seconds"] + r["fid_seconds"])
+
+
+@pytest.mark.parametrize("argv", [["sample", "--steps", "0"], ["fid", "--reference-images", "1"]])
+def test_bad_sampling_bench_knobs_are_clear_errors(argv):
+    from workflow import bench_sample
+
+    with pytest.raises(ConfigError, match=f"{argv[1]} must be >= "):
+        bench_sample.parse_args(argv)

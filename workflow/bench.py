@@ -1,4 +1,5 @@
 """Benchmark: our training step against the tutorial's loop, in one process on one device.
+(`python -m workflow bench sample` and `bench fid`, the sampling and FID benchmarks: workflow/bench_sample.py.)
 
     python -m workflow bench train                                   # our loop only; seed UNet, 128 px
     python -m workflow bench train --peer ../shared/peers/tutorial_loop.py \\
@@ -354,6 +355,11 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["sample"], ["fid"]):
+        from workflow import bench_sample
+
+        bench_sample.main(argv)
+        return
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -40,7 +40,7 @@ def write_sample_set(batches, folder: str, keep: int, settings: dict) -> tuple[n
         seconds = time.perf_counter() - started
         record = {**settings, "count": count, "seconds": seconds, "images_per_second": count / seconds}
         (out / "samples.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return np.stack(kept), record
+    return np.array(kept, dtype=np.uint8), record
 
 
 def sample(params: Params) -> dict:
