@@ -22,8 +22,8 @@ TINY = {
     "model": {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_levels": [1],
               "norm_num_groups": 8},
     "train": {"batch_size": 16, "max_steps": 16, "warmup_steps": 2, "log_every": 4, "checkpoint_every": 8},
-    "sample": {"num_inference_steps": 4, "grid_size": 2, "num_images": 8, "batch_size": 8},
-    "fid": {"num_reference": 8, "batch_size": 8},
+    "sample": {"num_inference_steps": 4, "grid_size": 2, "batch_size": 8},
+    "fid": {"num_samples": 8, "num_reference": 8, "batch_size": 8},
 }
 WEIGHTS = "models/pipeline/unet/diffusion_pytorch_model.safetensors"
 QUALITY = ("fid", "kid", "train_loss_final", "num_parameters", "fid_num_samples", "fid_num_reference")
@@ -60,6 +60,7 @@ def snapshot(repo: Path) -> dict:
     return {"weights": (repo / WEIGHTS).read_bytes(),
             "samples": [p.read_bytes() for p in sorted((repo / "data/samples").glob("*.png"))],
             "images": (repo / "data/processed/images.npy").read_bytes(),
+            "grids": [p.read_bytes() for p in sorted((repo / "reports/train/grids").glob("*.png"))],
             "quality": {k: metrics[k] for k in QUALITY}}
 
 
@@ -81,12 +82,16 @@ def test_dvc_repro_artifacts(dvc_repo):
     assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048)
     history = (repo / "reports/train/history.csv").read_text().splitlines()
     assert history[0] == "step,loss,lr" and len(history) == 17
+    grids = sorted(p.name for p in (repo / "reports/train/grids").iterdir())
+    assert grids == ["step-0000008.png", "step-0000016.png"]  # one per checkpoint
+    assert (repo / "reports/fid_steps.csv").read_text() == "num_inference_steps,fid,kid,seconds\n"  # off by default
     samples = sorted((repo / "data/samples").glob("*.png"))
     assert len(samples) == 8 and Image.open(samples[0]).size == (8, 8)
     assert Image.open(repo / "reports/samples/grid.png").size == (2 + 2 * 10, 2 + 2 * 10)
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0 and metrics["fid_num_samples"] == 8
     assert metrics["train_steps"] == 16 and metrics["train_images_per_second"] > 0
+    assert metrics["evaluate_seconds"] > 0
     html = (repo / "reports/index.html").read_text()
     assert "data:image/png;base64," in html and f"{metrics['fid']:.2f}" in html
     from diffusers import DiffusionPipeline
@@ -105,6 +110,13 @@ def test_editing_a_param_reruns_only_what_it_affects(dvc_repo):
         stale = set(json.loads(sh(repo, "dvc", "status", "--json")))
         assert stale == {"sample", "report"}
         params["sample"]["num_inference_steps"] = 4
+        params["sample"]["sampler"] = "dpmsolver++"
+        params["fid"]["num_samples"] = 4
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        # the reference statistics are cached: sampling and FID-size params never re-run fid_reference
+        assert set(json.loads(sh(repo, "dvc", "status", "--json"))) == {"sample", "fid_steps", "report"}
+        params["sample"]["sampler"] = "ddim"
+        params["fid"]["num_samples"] = 8
         params["train"]["learning_rate"] = 1e-3
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         assert set(json.loads(sh(repo, "dvc", "status", "--json"))) == {"train", "report"}
@@ -123,16 +135,37 @@ def test_snakemake_and_a_forced_rerun_reproduce_dvc_bitwise(dvc_repo, tmp_path):
     assert snapshot(repo) == first
 
 
+def experiments(repo: Path) -> dict:
+    """{experiment name: its data} from `dvc exp show --json`."""
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json"))
+    runs = [exp for row in shown for exp in (row.get("experiments") or [])]
+    return {rev["name"]: rev["data"] for run in runs for rev in run["revs"]}
+
+
+def test_the_issues_sampler_experiment(dvc_repo):
+    """`dvc exp run -S sample.sampler=dpmsolver++ -S sample.num_inference_steps=25`, verbatim: FID and KID in
+    `dvc exp show`; neither training nor the cached reference statistics run again."""
+    repo, _ = dvc_repo
+    original = (repo / "params.yaml").read_text()
+    try:
+        out = sh(repo, "dvc", "exp", "run", "-S", "sample.sampler=dpmsolver++", "-S",
+                 "sample.num_inference_steps=25", "-n", "dpmsolver-25")
+    finally:
+        (repo / "params.yaml").write_text(original)  # exp run leaves its params in the workspace
+    assert "Running stage 'sample'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'fid_reference'" not in out and "Running stage 'train'" not in out
+    data = experiments(repo)["dpmsolver-25"]
+    assert data["params"]["params.yaml"]["data"]["sample"]["sampler"] == "dpmsolver++"
+    metrics = data["metrics"]["reports/metrics.json"]["data"]
+    assert np.isfinite(metrics["fid"]) and np.isfinite(metrics["kid"]) and metrics["fid_num_samples"] == 8
+    samples = json.loads((repo / "data/samples/samples.json").read_text())
+    assert samples["sampler"] == "dpmsolver++" and samples["num_inference_steps"] == 25
+
+
 def test_dvc_exp_run_and_show(dvc_repo):
     repo, _ = dvc_repo
     sh(repo, "dvc", "exp", "run", "-S", "train.learning_rate=0.001", "-n", "lr-1e-3")
-    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json"))
-    runs = [exp for row in shown for exp in (row.get("experiments") or [])]
-    names = {}
-    for run in runs:
-        for rev in run["revs"]:
-            names[rev["name"]] = rev["data"]
-    data = names["lr-1e-3"]
+    data = experiments(repo)["lr-1e-3"]
     assert data["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.001
     metrics = data["metrics"]["reports/metrics.json"]["data"]
     assert np.isfinite(metrics["fid"]) and "train_images_per_second" in metrics
