@@ -165,7 +165,8 @@ def format_sample(r: dict, command: str) -> str:
 
 def format_fid(r: dict, command: str) -> str:
     return "\n".join(_header(r, command) + [
-        f"| {r['num_images']:,} samples, {r['sampler']}-{r['steps']}, {r['dtype']}, batch {r['batch_size']} | seconds |",
+        f"| {r['num_images']:,} samples, {_sampler_label(r)}-{r['steps']}, {r['dtype']}, batch {r['batch_size']} "
+        "| seconds |",
         "|---|---:|",
         f"| sampling + writing PNGs (sample stage) | {r['sample_seconds']:.1f} |",
         f"| loading + Inception features + FID/KID (evaluate stage; vs {r['reference_images']:,} reference images) "

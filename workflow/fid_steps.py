@@ -75,7 +75,8 @@ def run(params: Params) -> list[dict]:
 def main(argv=None) -> None:
     params = parse_params(argv, __doc__)
     rows = run(params)
-    points = ", ".join(f"{r['num_inference_steps']} steps: {r['fid']:.2f}" for r in rows) or "none (fid.steps_sweep is empty)"
+    points = ", ".join(f"{r['num_inference_steps']} steps: {r['fid']:.2f}" for r in rows)
+    points = points or "none (fid.steps_sweep is empty)"
     print(f"fid_steps ({params.sample.sampler}): FID {points} -> {params.paths.fid_steps}")
 
 
