@@ -18,7 +18,7 @@ TINY = {
     "model": {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_levels": [1],
               "norm_num_groups": 8},
     "train": {"batch_size": 8, "max_steps": 12, "warmup_steps": 2, "log_every": 4,
-              "checkpoint_every": 4, "checkpoints_to_keep": 2},
+              "checkpoint_every": 4, "checkpoints_total_limit": 2},
     "sample": {"scheduler": "ddim", "num_inference_steps": 4, "grid_size": 2, "num_images": 6, "batch_size": 6},
     "fid": {"num_reference": 6, "batch_size": 6},
 }

@@ -1,11 +1,15 @@
 """Atomic writes: an artifact is either complete under its final name or absent.
 
 Everything is written under a temporary sibling name and renamed into place at the end, so an
-interrupted stage never leaves a half-written file or folder that looks complete.
+interrupted stage never leaves a half-written file or folder that looks complete. Temporaries a
+killed process left behind are removed by the next write of the same artifact. A write that runs
+out of space raises DiskFullError naming the artifact, and leaves the previous version in place.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
@@ -14,16 +18,58 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from workflow.faults import maybe_fault
+
+FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+# How libraries that do their own I/O (safetensors in Rust, torch's zip writer) word the same errors.
+FULL_WORDS = ("No space left", "File too large", "Disk quota", "StorageFull", "FileTooLarge", "file write failed")
+
+
+class DiskFullError(OSError):
+    """Writing an artifact ran out of space (ENOSPC, EFBIG, EDQUOT); the message names the artifact."""
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, is a full disk or a file-size limit."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in FULL_ERRNOS:
+            return True
+        if any(words in str(seen) for words in FULL_WORDS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_guard(final: str | Path) -> Iterator[None]:
+    """Re-raise an out-of-space failure inside the block as one DiskFullError naming `final`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if not out_of_space(exc):
+            raise
+        raise DiskFullError(exc.errno if isinstance(exc, OSError) else errno.ENOSPC,
+                            f"out of disk space (or over the file-size limit) while writing {final}: "
+                            f"{type(exc).__name__}: {str(exc)[:200]}. Earlier artifacts are intact; "
+                            "free some space (e.g. lower train.checkpoints_total_limit) and re-run") from exc
+
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success it replaces `final` (file or folder)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):  # left by a killed earlier write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     work = tmp / final.name  # keeps the suffix, for writers that add one (np.savez)
     try:
-        yield work
+        with disk_full_guard(final):
+            yield work
+        maybe_fault("artifact.before_rename", final.name)
         remove(final)
         os.replace(work, final)
     finally:

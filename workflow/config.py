@@ -125,7 +125,7 @@ class Train:
     ema_max_decay: float = _f(0.9999, UNIT_CLOSED)
     log_every: int = _f(25, POSITIVE)
     checkpoint_every: int = _f(300, POSITIVE)
-    checkpoints_to_keep: int = _f(2, POSITIVE)
+    checkpoints_total_limit: int = _f(2, POSITIVE)
 
 
 @dataclass(frozen=True)
