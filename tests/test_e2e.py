@@ -18,7 +18,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.e2e
 
 TINY = {
-    "data": {"source": "builtin:mnist", "resolution": 8, "channels": 1, "max_images": 64},
+    "data": {"source": "builtin:mnist", "resolution": 8, "channels": 1, "max_images": 64, "min_images": 2},
     "model": {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_levels": [1],
               "norm_num_groups": 8},
     "train": {"batch_size": 16, "max_steps": 16, "warmup_steps": 2, "log_every": 4, "checkpoint_every": 8},

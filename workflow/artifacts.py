@@ -112,3 +112,30 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder: str | Path) -> None:
+    """Record the size and sha256 of every file in `folder` in `folder/manifest.json`."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    write_json(folder / MANIFEST, {p.relative_to(folder).as_posix(): {"size": p.stat().st_size,
+                                                                       "sha256": sha256_file(p)} for p in files})
+
+
+def manifest_damage(folder: str | Path) -> str | None:
+    """What is wrong with `folder` against its manifest.json (a file missing, truncated or altered), or None."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return f"no {MANIFEST}"
+    for name, expected in read_json(folder / MANIFEST).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{path} is {path.stat().st_size} bytes, {expected['size']} were written"
+        if sha256_file(path) != expected["sha256"]:
+            return f"{path} does not match the sha256 it was written with"
+    return None

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 
-from workflow.artifacts import disk_full_guard, read_json, remove, sha256_file, write_json
+from workflow.artifacts import disk_full_guard, manifest_damage, read_json, remove, write_json, write_manifest
 from workflow.config import Params
 from workflow.faults import maybe_fault
 
 PROGRESS = "progress.json"
-MANIFEST = "manifest.json"
 TRAINING_STATE = "training_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -58,31 +57,10 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest finished checkpoint whose files match its manifest; damaged ones are skipped, with a warning."""
     for _, folder in reversed(complete_checkpoints(run_dir)):
-        problem = damage(folder)
+        problem = manifest_damage(folder)
         if problem is None:
             return folder
         warnings.warn(f"checkpoint {folder} is damaged ({problem}): not resuming from it, trying the one before")
-    return None
-
-
-def manifest(folder: Path) -> dict:
-    """{relative path: {size, sha256}} of every file in `folder`."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
-
-
-def damage(checkpoint: Path) -> str | None:
-    """What is wrong with `checkpoint` against its manifest, or None if every file matches."""
-    if not (checkpoint / MANIFEST).is_file():
-        return f"no {MANIFEST}"
-    for name, expected in read_json(checkpoint / MANIFEST).items():
-        path = checkpoint / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["size"]:
-            return f"{name} is {path.stat().st_size} bytes, {expected['size']} were written"
-        if sha256_file(path) != expected["sha256"]:
-            return f"{name} does not match the sha256 it was written with"
     return None
 
 
@@ -103,7 +81,7 @@ def save_checkpoint(accelerator, run_dir: Path, progress: dict, limit: int, stat
             if accelerator.is_main_process:
                 torch.save({name: obj.state_dict() for name, obj in states.items()}, tmp / TRAINING_STATE)
                 maybe_fault("train.checkpoint.mid_save", progress["step"])
-                write_json(tmp / MANIFEST, manifest(tmp))
+                write_manifest(tmp)
                 write_json(tmp / PROGRESS, progress)
     except Exception:
         if accelerator.is_main_process:

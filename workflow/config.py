@@ -74,6 +74,7 @@ class Data:
     channels: Literal[1, 3] = 1
     center_crop: bool = True
     max_images: Optional[int] = _f(None, POSITIVE)
+    min_images: int = _f(16, POSITIVE)  # preprocess fails if fewer images decode
 
     @property
     def kind(self) -> str:

@@ -128,7 +128,16 @@ def fetch_imagefolder(data: Data, images: Path) -> dict:
         raise ConfigError(f"`data.source` {data.source!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
                           f"under {str(root)!r}")
     entries = copy_images(files, root, images)
-    return {"kind": "imagefolder", "path": data.location, "count": len(entries), "files": entries}
+    return {"kind": "imagefolder", "path": data.location, "count": len(entries), "files": entries,
+            "ignored": ignored_files(root)}
+
+
+def ignored_files(root: Path) -> list[dict]:
+    """The files under `root` that are not taken for images (by extension), each with the reason."""
+    others = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                    if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS)
+    return [{"file": name, "reason": f"not an image file name: {PurePosixPath(name).suffix or 'no extension'}"}
+            for name in others]
 
 
 def copy_images(files: list[Path], root: Path, images: Path) -> list[dict]:

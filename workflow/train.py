@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workflow import checkpoints
-from workflow.artifacts import atomic_dir, sha256_file
+from workflow.artifacts import atomic_dir, sha256_file, write_manifest
 from workflow.cli import parse_params
 from workflow.config import ConfigError, Params
 from workflow.diffusion import (apply_flip, batch_indices, diffusion_loss, min_snr_weights,
@@ -297,6 +297,7 @@ def save_outputs(run: Run, info: dict) -> None:
     with atomic_dir(paths.pipeline) as out:
         DDPMPipeline(unet=unet.to(memory_format=torch.contiguous_format), scheduler=run.noise_scheduler) \
             .save_pretrained(out, safe_serialization=True)
+        write_manifest(out)  # sample refuses a pipeline whose files no longer match it
     if run.ema is not None:
         run.ema.restore(unet.parameters())
     with atomic_dir(paths.train_log) as out:
