@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import io
+import os
 import re
 import shutil
 from pathlib import Path, PurePosixPath
@@ -140,11 +141,20 @@ def ignored_files(root: Path) -> list[dict]:
             for name in others]
 
 
+def inside(folder: Path, relative: str | Path) -> Path:
+    """`folder / relative`, or a ConfigError if that would land outside `folder` (`..`, an absolute path):
+    file names from a dataset never choose where we write."""
+    target = os.path.abspath(os.path.join(folder, relative))
+    if os.path.isabs(relative) or os.path.commonpath([target, os.path.abspath(folder)]) != os.path.abspath(folder):
+        raise ConfigError(f"dataset file name {str(relative)!r} points outside {str(folder)!r}: refused")
+    return Path(target)
+
+
 def copy_images(files: list[Path], root: Path, images: Path) -> list[dict]:
     """Copy `files` (under `root`) into `images`, keeping relative paths; return their entries."""
     entries = []
     for path in files:
-        target = images / path.relative_to(root)
+        target = inside(images, os.path.relpath(path, root))
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
         entries.append(file_entry(path, root))
@@ -241,7 +251,7 @@ def export_parquet(files: list[Path], snapshot: Path, column: str, images: Path)
     count, skipped = 0, []
     for path in files:
         name = path.relative_to(snapshot).as_posix()
-        folder = images / path.relative_to(snapshot).with_suffix("")
+        folder = inside(images, os.path.relpath(path, snapshot)).with_suffix("")  # rows: <row>.<format>
         shard = pq.ParquetFile(path)
         columns = shard.schema_arrow.names
         if column not in columns:
