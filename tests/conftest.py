@@ -54,3 +54,14 @@ def write_images(path: str | Path, n: int = 24, channels: int = 1, size: int = 8
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.save(path, images)
     return images
+
+
+@pytest.fixture(scope="session")
+def dvc_repo(tmp_path_factory):
+    """(repo, snapshot) of one uninterrupted `dvc repro` of the tiny end-to-end config, shared by the
+    end-to-end tests and the fault tests, which compare their interrupted-and-resumed runs with it."""
+    from tests.test_e2e import make_repo, sh, snapshot
+
+    repo = make_repo(tmp_path_factory.mktemp("dvc"))
+    sh(repo, "dvc", "repro")
+    return repo, snapshot(repo)

@@ -63,13 +63,6 @@ def snapshot(repo: Path) -> dict:
             "quality": {k: metrics[k] for k in QUALITY}}
 
 
-@pytest.fixture(scope="module")
-def dvc_repo(tmp_path_factory):
-    repo = make_repo(tmp_path_factory.mktemp("dvc"))
-    sh(repo, "dvc", "repro")
-    return repo, snapshot(repo)
-
-
 def test_dvc_repro_artifacts(dvc_repo):
     repo, _ = dvc_repo
     source = json.loads((repo / "data/raw/SOURCE.json").read_text())
