@@ -2,6 +2,7 @@
 by step or image count, never by sleeping), nothing half-written looks complete, and a plain re-run
 (the stage itself, `dvc repro`, or `snakemake --rerun-incomplete`) gives bitwise the uninterrupted result."""
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -140,3 +141,50 @@ def test_snakemake_rerun_incomplete_after_a_kill_in_train(dvc_repo, tmp_path):
     assert done.returncode != 0 and not (repo / "models/pipeline").exists()
     sh(repo, "snakemake", "--cores", "2", "--rerun-incomplete", "train")
     assert (repo / WEIGHTS).read_bytes() == uninterrupted["weights"]
+
+
+def limited_files(limit: int):
+    """preexec_fn: files may grow to `limit` bytes; past it a write fails with EFBIG (as on a full disk)
+    instead of the process being killed by SIGXFSZ. Works unprivileged, on any filesystem."""
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return apply
+
+
+def test_full_disk_in_a_checkpoint_save_is_one_clear_error_and_loses_nothing(train_dir, tmp_path):
+    source, straight = train_dir
+    workdir = tmp_path / "w"
+    shutil.copytree(source, workdir)
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 1e-3  # a new run, beside the finished one
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-m", "workflow", "train"], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=600, preexec_fn=limited_files(64 * 1024))  # < the weights file
+    assert done.returncode == 1, done.stderr[-3000:]
+    (line,) = [ln.split("error in stage train:")[1] for ln in done.stderr.splitlines() if "error in stage" in ln]
+    assert "[Errno 27] out of disk space (or over the file-size limit) while writing models/checkpoints/" in line
+    assert "/step-0000004: SafetensorError" in line and "Traceback" not in done.stderr
+    for path, data in before.items():  # every earlier artifact intact, byte for byte
+        assert path.name == "params.yaml" or path.read_bytes() == data, path
+    from workflow.checkpoints import complete_checkpoints, latest_checkpoint
+    runs = sorted((workdir / "models/checkpoints").iterdir(), key=lambda p: p.stat().st_mtime)
+    assert [len(complete_checkpoints(r)) for r in runs] == [2, 0]
+    assert list(runs[1].iterdir()) == []  # the failed save took its partial files with it
+    assert latest_checkpoint(runs[0]).name == "step-0000012"  # and the finished run still verifies
+
+
+def test_full_disk_in_preprocess_names_the_artifact(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"data": {"source": "builtin:digits", "resolution": 32, "channels": 3}}))
+    env = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    env["PYTHONPATH"] = str(ROOT)
+    assert stage(tmp_path, "download").returncode == 0
+    done = subprocess.run([sys.executable, "-m", "workflow", "preprocess"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600, preexec_fn=limited_files(1 << 20))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "out of disk space (or over the file-size limit) while writing data/processed/images.npy" in done.stderr
+    assert not (tmp_path / "data/processed").exists() or not list((tmp_path / "data/processed").iterdir())

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,8 +22,10 @@ from typing import Iterator
 from workflow.faults import maybe_fault
 
 FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-# How libraries that do their own I/O (safetensors in Rust, torch's zip writer) word the same errors.
-FULL_WORDS = ("No space left", "File too large", "Disk quota", "StorageFull", "FileTooLarge", "file write failed")
+# How libraries that do their own I/O word the same errors: safetensors (Rust), torch's zip writer, and
+# numpy's tofile, which reports a short write (on a regular file: out of space) with no errno.
+FULL_WORDS = re.compile(r"No space left|File too large|Disk quota|StorageFull|FileTooLarge|file write failed|"
+                        r"\d+ requested and \d+ written")
 
 
 class DiskFullError(OSError):
@@ -35,10 +38,18 @@ def out_of_space(exc: BaseException) -> bool:
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in FULL_ERRNOS:
             return True
-        if any(words in str(seen) for words in FULL_WORDS):
+        if FULL_WORDS.search(str(seen)):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _errno(exc: BaseException) -> int:
+    """The OS error number, also from a library's own wording ("os error 27"); ENOSPC if none is given."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    found = re.search(r"(?:os error|Errno) (\d+)", str(exc))
+    return int(found.group(1)) if found else errno.ENOSPC
 
 
 @contextlib.contextmanager
@@ -51,7 +62,7 @@ def disk_full_guard(final: str | Path) -> Iterator[None]:
     except Exception as exc:
         if not out_of_space(exc):
             raise
-        raise DiskFullError(exc.errno if isinstance(exc, OSError) else errno.ENOSPC,
+        raise DiskFullError(_errno(exc),
                             f"out of disk space (or over the file-size limit) while writing {final}: "
                             f"{type(exc).__name__}: {str(exc)[:200]}. Earlier artifacts are intact; "
                             "free some space (e.g. lower train.checkpoints_total_limit) and re-run") from exc
