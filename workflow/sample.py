@@ -40,7 +40,11 @@ def load_pipeline(path: str, sampler: str, device: torch.device):
     problem = manifest_damage(path)
     if problem is not None:
         raise ConfigError(f"{path} is damaged ({problem}): re-run the train stage (`dvc repro --force train`)")
-    pipeline = DDPMPipeline.from_pretrained(path, use_safetensors=True)
+    try:
+        pipeline = DDPMPipeline.from_pretrained(path, use_safetensors=True)  # never unpickles weights
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a loadable pipeline with safetensors weights ({type(exc).__name__}: "
+                          f"{str(exc)[:300]}); re-run the train stage") from None
     pipeline.scheduler = build_sampler(sampler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
