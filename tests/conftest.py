@@ -18,7 +18,7 @@ TINY = {
     "model": {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_levels": [1],
               "norm_num_groups": 8},
     "train": {"batch_size": 8, "max_steps": 12, "warmup_steps": 2, "log_every": 4,
-              "checkpoint_every": 4, "checkpoints_to_keep": 2},
+              "checkpoint_every": 4, "checkpoints_total_limit": 2},
     "sample": {"sampler": "ddim", "num_inference_steps": 4, "grid_size": 2, "batch_size": 6},
     "fid": {"num_samples": 6, "num_reference": 6, "batch_size": 6},
 }
@@ -54,3 +54,14 @@ def write_images(path: str | Path, n: int = 24, channels: int = 1, size: int = 8
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.save(path, images)
     return images
+
+
+@pytest.fixture(scope="session")
+def dvc_repo(tmp_path_factory):
+    """(repo, snapshot) of one uninterrupted `dvc repro` of the tiny end-to-end config, shared by the
+    end-to-end tests and the fault tests, which compare their interrupted-and-resumed runs with it."""
+    from tests.test_e2e import make_repo, sh, snapshot
+
+    repo = make_repo(tmp_path_factory.mktemp("dvc"))
+    sh(repo, "dvc", "repro")
+    return repo, snapshot(repo)

@@ -18,7 +18,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.e2e
 
 TINY = {
-    "data": {"source": "builtin:mnist", "resolution": 8, "channels": 1, "max_images": 64},
+    "data": {"source": "builtin:mnist", "resolution": 8, "channels": 1, "max_images": 64, "min_images": 2},
     "model": {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_levels": [1],
               "norm_num_groups": 8},
     "train": {"batch_size": 16, "max_steps": 16, "warmup_steps": 2, "log_every": 4, "checkpoint_every": 8},
@@ -62,13 +62,6 @@ def snapshot(repo: Path) -> dict:
             "images": (repo / "data/processed/images.npy").read_bytes(),
             "grids": [p.read_bytes() for p in sorted((repo / "reports/train/grids").glob("*.png"))],
             "quality": {k: metrics[k] for k in QUALITY}}
-
-
-@pytest.fixture(scope="module")
-def dvc_repo(tmp_path_factory):
-    repo = make_repo(tmp_path_factory.mktemp("dvc"))
-    sh(repo, "dvc", "repro")
-    return repo, snapshot(repo)
 
 
 def test_dvc_repro_artifacts(dvc_repo):

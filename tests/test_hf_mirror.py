@@ -194,6 +194,36 @@ def test_resume_after_an_interrupted_download(mirror, tmp_path):
         hashlib.sha256(repo.blob(f"data/train-0000{k}-of-00002.parquet")).hexdigest() for k in (0, 1)]
 
 
+def test_mirror_going_away_mid_download_is_one_clear_error_then_resumes(mirror, tmp_path):
+    """The endpoint vanishes with one file half sent: one clear error (after the retries), nothing that
+    looks finished, the completed file kept; with the mirror back, only the missing file is fetched."""
+    repo = Dataset.create(mirror, "org/vanishing", parquet_files(6, shards=2))
+    stalled_file = "data/train-00001-of-00002.parquet"
+    proxy = StallingProxy(mirror.port, stall=stalled_file)
+    hf_home = tmp_path / "hf"
+    write_params(tmp_path / "w", {"source": "hf:org/vanishing"})
+    process = subprocess.Popen([sys.executable, "-m", "workflow", "download"], cwd=tmp_path / "w",
+                               env=hf_env(proxy, hf_home, HF_HUB_DOWNLOAD_TIMEOUT="60", HF_TOKEN=SECRET_TOKEN),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proxy.stalled.wait(60), "the download never reached the stalled file"
+    proxy.close()  # the mirror goes away mid-file, and stays away
+    stdout, stderr = process.communicate(timeout=120)
+    line = one_error(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    assert "did not answer after 3 attempts" in line and "no complete snapshot" in line, line
+    assert not (tmp_path / "w/data/raw").exists()
+    secret_free(tmp_path / "w", hf_home, texts=(stdout, stderr))
+
+    back = StallingProxy(mirror.port)
+    try:
+        done, record = download(tmp_path / "w", hf_env(back, hf_home), source="hf:org/vanishing")
+        ok(done)
+    finally:
+        back.close()
+    fetched = [path for method, path, _ in back.seen if method == "GET" and "/resolve/" in path]
+    assert [p.rsplit("/", 2)[-2:] for p in fetched] == [["data", "train-00001-of-00002.parquet"]]
+    assert record["count"] == 6 and record["sha"] == repo.head
+
+
 # --- offline -----------------------------------------------------------------------------------------
 
 def test_offline_rerun_with_the_server_stopped(tmp_path):

@@ -121,7 +121,7 @@ def test_zero_readable_images_is_a_config_error(tmp_path, monkeypatch):
     (src / "broken.png").write_text("nope")
     write_params(tmp_path, monkeypatch, source=f"imagefolder:{src}", folder=str(src))
     download.main([])
-    with pytest.raises(ConfigError, match="'data/raw'.*no readable images"):
+    with pytest.raises(ConfigError, match="only 0 usable images in 'data/raw/images'.*UnidentifiedImageError: 1"):
         preprocess.main([])
     assert not (tmp_path / "data" / "processed").exists()
 
@@ -152,7 +152,7 @@ def test_skipped_files_are_listed_relative_to_the_raw_images(tmp_path, monkeypat
     save(Image.new("RGB", (20, 10), RED), src / "ok" / "a.png")
     (src / "bad").mkdir()
     (src / "bad" / "b.jpg").write_bytes(b"\xff\xd8 broken")
-    write_params(tmp_path, monkeypatch, source=f"imagefolder:{src}", folder=str(src), channels=3)
+    write_params(tmp_path, monkeypatch, source=f"imagefolder:{src}", folder=str(src), channels=3, min_images=1)
     download.main([])
     meta = preprocess.main([])
     assert meta["count"] == 1 and [s["file"] for s in meta["skipped"]] == ["bad/b.jpg"]

@@ -67,6 +67,7 @@ def test_imagefolder_copies_nested_images_and_records_them(tmp_path):
     assert record["files"] == [
         {"path": "a.png", "size": a.stat().st_size, "sha256": sha256_file(a)},
         {"path": "sub/deep/b.JPG", "size": b.stat().st_size, "sha256": sha256_file(b)}]
+    assert record["ignored"] == [{"file": "notes.txt", "reason": "not an image file name: .txt"}]
     assert json.loads((tmp_path / "raw" / "SOURCE.json").read_text()) == record
 
 

@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from workflow import STAGES
+from workflow.artifacts import DiskFullError
 from workflow.config import ConfigError
 
 COMMANDS = STAGES + ("bench",)
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     module = importlib.import_module(f"workflow.{name}")
     try:
         module.main(rest)
-    except ConfigError as exc:  # a user mistake: one clear line, no traceback
+    except (ConfigError, DiskFullError) as exc:  # a user mistake or a full disk: one clear line
         print(f"error in stage {name}: {exc}", file=sys.stderr)
         return 1
     return 0

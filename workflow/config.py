@@ -8,7 +8,9 @@ Unknown keys, wrong types and out-of-range values raise ConfigError naming the k
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import re
 import types
@@ -36,6 +38,7 @@ UNIT_OPEN = _rule(lambda v: 0 < v < 1, "must be in (0, 1)")
 UNIT_CLOSED = _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
 NON_EMPTY = _rule(lambda v: len(v) > 0, "must not be empty")
 POSITIVE_ITEMS = _rule(lambda v: all(n > 0 for n in v), "must hold values > 0")
+POSITIVE_LIST = _rule(lambda v: len(v) > 0 and all(x > 0 for x in v), "must be a non-empty list of numbers > 0")
 SHA256 = _rule(lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None, "must be 64 lowercase hex digits")
 SOURCE = _rule(lambda v: re.fullmatch(r"(builtin|imagefolder|hf):.+", v) is not None,
                "must be builtin:<name>, imagefolder:<path> or hf:<owner>/<name>")
@@ -51,18 +54,18 @@ def _tuple(default, rule=None):
 
 @dataclass(frozen=True)
 class Paths:
-    raw: str = "data/raw"
-    images: str = "data/processed/images.npy"
-    meta: str = "data/processed/meta.json"
-    fid_ref: str = "data/processed/fid_ref.npz"
-    checkpoints: str = "models/checkpoints"
-    pipeline: str = "models/pipeline"
-    train_log: str = "reports/train"
-    grid: str = "reports/samples/grid.png"
-    samples: str = "data/samples"
-    metrics: str = "reports/metrics.json"
-    fid_steps: str = "reports/fid_steps.csv"
-    report: str = "reports/index.html"
+    raw: str = _f("data/raw", NON_EMPTY)
+    images: str = _f("data/processed/images.npy", NON_EMPTY)
+    meta: str = _f("data/processed/meta.json", NON_EMPTY)
+    fid_ref: str = _f("data/processed/fid_ref.npz", NON_EMPTY)
+    checkpoints: str = _f("models/checkpoints", NON_EMPTY)
+    pipeline: str = _f("models/pipeline", NON_EMPTY)
+    train_log: str = _f("reports/train", NON_EMPTY)
+    grid: str = _f("reports/samples/grid.png", NON_EMPTY)
+    samples: str = _f("data/samples", NON_EMPTY)
+    metrics: str = _f("reports/metrics.json", NON_EMPTY)
+    fid_steps: str = _f("reports/fid_steps.csv", NON_EMPTY)
+    report: str = _f("reports/index.html", NON_EMPTY)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Data:
     channels: Literal[1, 3] = 1
     center_crop: bool = True
     max_images: Optional[int] = _f(None, POSITIVE)
+    min_images: int = _f(16, POSITIVE)  # preprocess fails if fewer images decode
 
     @property
     def kind(self) -> str:
@@ -88,7 +92,7 @@ class Data:
 
 @dataclass(frozen=True)
 class Model:
-    block_out_channels: tuple[int, ...] = _tuple((32, 64, 64), NON_EMPTY)
+    block_out_channels: tuple[int, ...] = _tuple((32, 64, 64), POSITIVE_LIST)
     layers_per_block: int = _f(1, POSITIVE)
     attention_levels: tuple[int, ...] = _tuple((2,))
     norm_num_groups: int = _f(16, POSITIVE)
@@ -127,7 +131,7 @@ class Train:
     ema_max_decay: float = _f(0.9999, UNIT_CLOSED)
     log_every: int = _f(25, POSITIVE)
     checkpoint_every: int = _f(300, POSITIVE)
-    checkpoints_to_keep: int = _f(2, POSITIVE)
+    checkpoints_total_limit: int = _f(2, POSITIVE)
     progress_grids: bool = True  # a small grid from the EMA weights at every checkpoint
 
 
@@ -182,9 +186,9 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (run from the project root, or pass the params file)") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: not UTF-8, or an impossible date (2024-13-01)
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return params_from_dict(raw or {}, source=str(path))
+    return params_from_dict({} if raw is None else raw, source=str(path))
 
 
 def params_from_dict(raw: dict, source: str = "params") -> Params:
@@ -197,7 +201,7 @@ def _build(cls, raw, prefix: str, source: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<top level>'}` must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(map(str, set(raw) - set(fields)))
     if unknown:
         raise ConfigError(f"{source}: unknown key `{prefix}{unknown[0]}`; valid keys here: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
@@ -229,23 +233,31 @@ def _coerce(kind, value, key: str, source: str):
             # `dvc exp run -S` rewrites params.yaml as YAML 1.2, where a bare `no` is a string;
             # PyYAML reads YAML 1.1, where it is False. Both mean mixed_precision "no".
             value = "no"
-        if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
+        if not any(value == a and type(value) is type(a) for a in args):  # 1.0 is not 1, True is not 1
             raise ConfigError(f"{source}: `{key}` must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: `{key}` must be a list of {args[0].__name__}, got {value!r}")
         return tuple(_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, str):
-        try:  # YAML 1.1 reads `1e-4` (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
+    if kind is float:
+        return _finite(value, key, source)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{source}: `{key}` must be {kind.__name__}, got {value!r}")
     return value
+
+
+def _finite(value, key: str, source: str) -> float:
+    """An int, float or numeric string (YAML 1.1 reads `1e-4`, without a dot, as a string) as a finite float."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value) if abs(value) < 1e308 else math.inf
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None or not math.isfinite(number):
+        raise ConfigError(f"{source}: `{key}` must be a finite number, got {value!r}")
+    return number
 
 
 def _check_cross_field(p: Params, source: str) -> None:
@@ -260,7 +272,8 @@ def _check_cross_field(p: Params, source: str) -> None:
                           f"`model.norm_num_groups` ({p.model.norm_num_groups})")
     wrong = [lv for lv in p.model.attention_levels if not 0 <= lv < levels]
     if wrong:
-        raise ConfigError(f"{source}: `model.attention_levels` {wrong} must be level indices in 0..{levels - 1}")
+        raise ConfigError(f"{source}: `model.attention_levels` {wrong} must be level indices in 0..{levels - 1} "
+                          f"(the {levels} levels of `model.block_out_channels`)")
     if p.sample.grid_size ** 2 > p.fid.num_samples:
         raise ConfigError(f"{source}: `sample.grid_size`^2 ({p.sample.grid_size ** 2}) must not exceed "
                           f"`fid.num_samples` ({p.fid.num_samples}), the sample set the grid is taken from")

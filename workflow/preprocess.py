@@ -7,11 +7,16 @@ Reads `<paths.raw>/images/` and `<paths.raw>/SOURCE.json` (written by `download`
 (count, resolution, channels, center_crop, skipped files with reasons, source summary, sha256 of the
 array). Each image is EXIF-rotated, converted to L or RGB, and either resized on its shorter side and
 centre-cropped (`data.center_crop: true`) or squashed to a square, with PIL's antialiasing bicubic.
-A file that cannot be decoded is skipped and listed, never fatal. `data.max_images` takes a subset of
-the files chosen with `seed`, before decoding, kept in file order.
+A file that cannot be decoded (corrupt, truncated, empty, not an image, or a decompression bomb:
+more pixels than PIL.Image.MAX_IMAGE_PIXELS) is skipped and listed with its reason; so are files the
+source ignored (no image extension). Fewer than `data.min_images` usable images is an error naming
+the count and the commonest reasons. `data.max_images` takes a subset of the files chosen with
+`seed`, before decoding, kept in file order.
 """
 from __future__ import annotations
 
+import collections
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +25,23 @@ from PIL import Image, ImageOps
 from workflow.artifacts import atomic_path, read_json, sha256_file, write_json
 from workflow.cli import parse_params
 from workflow.config import ConfigError, Params
+from workflow.faults import maybe_fault
 from workflow.sources import IMAGES_DIR, SOURCE_FILE, list_image_files
 
 MODES = {1: "L", 3: "RGB"}
 # What a broken or non-image file raises while PIL decodes it (UnidentifiedImageError is an OSError).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+                 Image.DecompressionBombWarning)
 
 
 def load_image(path: str | Path, resolution: int, channels: int, center_crop: bool) -> np.ndarray:
     """One file -> C x resolution x resolution uint8. Raises what PIL raises for a bad file."""
-    with Image.open(path) as image:
-        image.load()
-        image = to_8bit(ImageOps.exif_transpose(image)).convert(MODES[channels])
+    with warnings.catch_warnings():
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse those too, before decoding
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image.load()
+            image = to_8bit(ImageOps.exif_transpose(image)).convert(MODES[channels])
     image = resize(image, resolution, center_crop)
     array = np.asarray(image, dtype=np.uint8)
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
@@ -69,6 +79,7 @@ def preprocess_images(files, resolution: int, channels: int, center_crop: bool) 
             skipped.append({"file": str(path), "reason": f"{type(exc).__name__}: {exc}"})
             continue
         count += 1
+        maybe_fault("preprocess.after_image", count)
     return out[:count].copy() if count < len(files) else out, skipped
 
 
@@ -81,8 +92,8 @@ def select_subset(files: list, max_images: int | None, seed: int) -> list:
 
 
 def source_summary(record: dict) -> dict:
-    """SOURCE.json without its (possibly long) file list."""
-    return {key: value for key, value in record.items() if key != "files"}
+    """SOURCE.json without its (possibly long) lists of files used and ignored."""
+    return {key: value for key, value in record.items() if key not in ("files", "ignored")}
 
 
 def read_raw(raw: str | Path) -> tuple[Path, dict]:
@@ -93,6 +104,17 @@ def read_raw(raw: str | Path) -> tuple[Path, dict]:
         raise ConfigError(f"`paths.raw` {str(raw)!r}: no {IMAGES_DIR}/ and {SOURCE_FILE} there "
                           "(run `python -m workflow download` first)")
     return images, read_json(source)
+
+
+def check_enough(count: int, minimum: int, skipped: list[dict], root: Path) -> None:
+    """ConfigError naming the count and the commonest skip reasons if fewer than `minimum` images decoded."""
+    if count >= minimum:
+        return
+    kinds = collections.Counter(item["reason"].split(":", 1)[0] for item in skipped)
+    reasons = "; ".join(f"{kind}: {n}" for kind, n in kinds.most_common(3)) or "none skipped"
+    raise ConfigError(f"`data.min_images` is {minimum} but only {count} usable images in {str(root)!r} "
+                      f"({len(skipped)} files skipped; commonest reasons: {reasons}). Fix or add images, "
+                      "or lower `data.min_images`")
 
 
 def write_images(path: str | Path, array: np.ndarray) -> str:
@@ -109,11 +131,10 @@ def run(params: Params) -> dict:
     root, record = read_raw(params.paths.raw)
     files = select_subset(list_image_files(root), data.max_images, params.seed)
     array, skipped = preprocess_images(files, data.resolution, data.channels, data.center_crop)
-    if not len(array):
-        raise ConfigError(f"`paths.raw` {params.paths.raw!r}: no readable images in {str(root)!r} "
-                          f"({len(files)} image files, {len(skipped)} skipped)")
     for item in skipped:
         item["file"] = Path(item["file"]).relative_to(root).as_posix()
+    skipped = record.get("ignored", []) + record.get("skipped", []) + skipped  # the source's, then ours
+    check_enough(len(array), data.min_images, skipped, root)
     meta = {"count": len(array), "resolution": data.resolution, "channels": data.channels,
             "center_crop": data.center_crop, "max_images": data.max_images, "seed": params.seed,
             "skipped": skipped, "source": source_summary(record),

@@ -10,6 +10,8 @@ params.paths.samples when complete, with samples.json holding the timing), so me
 with the number of samples; only the first grid_size^2 images are kept, for params.paths.grid.
 Image i is a function of (seed, i): the samples do not depend on sample.batch_size, a smaller
 set is the start of a larger one, and the grid is the start of the sample set.
+The set is published whole, and a pipeline whose files no longer match the manifest train
+wrote (truncated, altered) is refused, naming the file; weights are read from safetensors only.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from workflow.artifacts import atomic_dir
 from workflow.cli import parse_params
 from workflow.config import Params
+from workflow.faults import maybe_fault
 from workflow.sampling import load_unet, resolve_dtype, sample_batches, to_pil, write_grid
 
 
@@ -35,6 +38,7 @@ def write_sample_set(batches, folder: str, keep: int, settings: dict) -> tuple[n
         for first, images in batches:
             for k, image in enumerate(images):
                 to_pil(image).save(out / f"{first + k:06d}.png")
+                maybe_fault("sample.after_image", first + k + 1)
             kept.extend(images[: max(0, keep - len(kept))])
             count += len(images)
         seconds = time.perf_counter() - started

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workflow.artifacts import atomic_path
+from workflow.artifacts import atomic_path, manifest_damage
 from workflow.config import ConfigError, Sample
 from workflow.diffusion import stream_seed
 from workflow.model import build_sampler
@@ -44,12 +44,21 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def load_unet(path: str | Path, device: torch.device):
-    """(UNet with the saved EMA weights, the training noise schedule's config) from a saved DDPMPipeline."""
+    """(UNet with the saved EMA weights, the training noise schedule's config) from a saved DDPMPipeline.
+
+    A pipeline whose files no longer match the manifest train wrote is refused, naming the file."""
     from diffusers import DDPMPipeline
 
     if not (Path(path) / "model_index.json").is_file():
         raise ConfigError(f"{path} holds no trained pipeline: run the train stage first")
-    pipeline = DDPMPipeline.from_pretrained(str(path))
+    problem = manifest_damage(path)
+    if problem is not None:
+        raise ConfigError(f"{path} is damaged ({problem}): re-run the train stage (`dvc repro --force train`)")
+    try:
+        pipeline = DDPMPipeline.from_pretrained(str(path), use_safetensors=True)  # never unpickles weights
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a loadable pipeline with safetensors weights ({type(exc).__name__}: "
+                          f"{str(exc)[:300]}); re-run the train stage") from None
     return pipeline.unet.to(device), pipeline.scheduler.config
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import io
+import os
 import re
 import shutil
 from pathlib import Path, PurePosixPath
@@ -128,14 +129,32 @@ def fetch_imagefolder(data: Data, images: Path) -> dict:
         raise ConfigError(f"`data.source` {data.source!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
                           f"under {str(root)!r}")
     entries = copy_images(files, root, images)
-    return {"kind": "imagefolder", "path": data.location, "count": len(entries), "files": entries}
+    return {"kind": "imagefolder", "path": data.location, "count": len(entries), "files": entries,
+            "ignored": ignored_files(root)}
+
+
+def ignored_files(root: Path) -> list[dict]:
+    """The files under `root` that are not taken for images (by extension), each with the reason."""
+    others = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                    if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS)
+    return [{"file": name, "reason": f"not an image file name: {PurePosixPath(name).suffix or 'no extension'}"}
+            for name in others]
+
+
+def inside(folder: Path, relative: str | Path) -> Path:
+    """`folder / relative`, or a ConfigError if that would land outside `folder` (`..`, an absolute path):
+    file names from a dataset never choose where we write."""
+    target = os.path.abspath(os.path.join(folder, relative))
+    if os.path.isabs(relative) or os.path.commonpath([target, os.path.abspath(folder)]) != os.path.abspath(folder):
+        raise ConfigError(f"dataset file name {str(relative)!r} points outside {str(folder)!r}: refused")
+    return Path(target)
 
 
 def copy_images(files: list[Path], root: Path, images: Path) -> list[dict]:
     """Copy `files` (under `root`) into `images`, keeping relative paths; return their entries."""
     entries = []
     for path in files:
-        target = images / path.relative_to(root)
+        target = inside(images, os.path.relpath(path, root))
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
         entries.append(file_entry(path, root))
@@ -232,7 +251,7 @@ def export_parquet(files: list[Path], snapshot: Path, column: str, images: Path)
     count, skipped = 0, []
     for path in files:
         name = path.relative_to(snapshot).as_posix()
-        folder = images / path.relative_to(snapshot).with_suffix("")
+        folder = inside(images, os.path.relpath(path, snapshot)).with_suffix("")  # rows: <row>.<format>
         shard = pq.ParquetFile(path)
         columns = shard.schema_arrow.names
         if column not in columns:

@@ -36,11 +36,12 @@ import torch
 from tqdm.auto import tqdm
 
 from workflow import checkpoints
-from workflow.artifacts import atomic_dir, sha256_file
+from workflow.artifacts import atomic_dir, sha256_file, write_manifest
 from workflow.cli import parse_params
 from workflow.config import ConfigError, Params, Sample
 from workflow.diffusion import (apply_flip, batch_indices, diffusion_loss, min_snr_weights,
                                 step_noise, to_model_range, training_target)
+from workflow.faults import maybe_fault
 from workflow.model import build_noise_scheduler, build_unet, count_parameters
 from workflow.sampling import sample_batches, write_grid
 
@@ -125,7 +126,6 @@ def setup(params: Params, images: np.ndarray, accelerator) -> Run:
     # The lr schedule is stepped by hand, once per optimiser step: accelerate's prepared scheduler
     # would step once per process, and train.batch_size is already the global batch.
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
     ema = None
     if t.ema:
         unwrapped = accelerator.unwrap_model(model)
@@ -133,7 +133,6 @@ def setup(params: Params, images: np.ndarray, accelerator) -> Run:
                        inv_gamma=t.ema_inv_gamma, power=t.ema_power,
                        model_cls=type(unwrapped), model_config=unwrapped.config)
         ema.to(device)
-        accelerator.register_for_checkpointing(ema)
     compiled = torch.compile(model) if t.compile else model
     return Run(params, accelerator, compiled, model, build_noise_scheduler(params.scheduler), optimizer,
                lr_scheduler, ema, place_images(images, device), steps, compile_pending=t.compile)
@@ -239,6 +238,7 @@ def train_loop(run: Run, checkpoint_dir: Path) -> None:
         pending.append((step + 1, guarded_step(run, step), lr))
         images += p.train.batch_size
         done = step + 1
+        maybe_fault("train.after_step", done)
         checkpoint = done % p.train.checkpoint_every == 0 or done == last
         if done % p.train.log_every == 0 or checkpoint:
             _flush_losses(run, pending)  # the one host synchronisation per log interval
@@ -252,7 +252,8 @@ def train_loop(run: Run, checkpoint_dir: Path) -> None:
             _record_time(run, done, started, images)
             save_progress_grid(run, checkpoint_dir / GRIDS, done)  # first: every saved checkpoint has its grid
             started, images, logged_at, logged_images = time.perf_counter(), 0, time.perf_counter(), 0
-            checkpoints.save_checkpoint(acc, checkpoint_dir, run.progress, p.train.checkpoints_to_keep)
+            checkpoints.save_checkpoint(acc, checkpoint_dir, run.progress, p.train.checkpoints_total_limit,
+                                        training_states(run))
     bar.close()
 
 
@@ -292,11 +293,15 @@ def _record_time(run: Run, step: int, started: float, images: int) -> None:
     run.progress["images"] += images
 
 
+def training_states(run: Run) -> dict:
+    """What a checkpoint holds beside accelerate's model, optimiser and RNG states."""
+    return {"lr_scheduler": run.lr_scheduler, **({"ema": run.ema} if run.ema is not None else {})}
+
+
 def resume(run: Run, checkpoint_dir: Path) -> Path | None:
     latest = checkpoints.latest_checkpoint(checkpoint_dir)
     if latest is not None:
-        run.accelerator.load_state(str(latest))
-        run.progress = checkpoints.load_progress(latest)
+        run.progress = checkpoints.load_checkpoint(run.accelerator, latest, training_states(run))
         run.progress.setdefault("throughput", [])
     return latest
 
@@ -329,6 +334,7 @@ def save_outputs(run: Run, info: dict, grids: Path) -> None:
     with ema_weights(run, unet), atomic_dir(paths.pipeline) as out:
         DDPMPipeline(unet=unet.to(memory_format=torch.contiguous_format), scheduler=run.noise_scheduler) \
             .save_pretrained(out, safe_serialization=True)
+        write_manifest(out)  # sample refuses a pipeline whose files no longer match it
     with atomic_dir(paths.train_log) as out:
         if run.params.train.progress_grids and grids.is_dir():
             shutil.copytree(grids, out / GRIDS)

@@ -4,7 +4,7 @@ from workflow.config import params_from_dict
 params_from_dict(config, source="params.yaml")  # validate when the workflow is parsed
 
 P = config["paths"]
-GROUND = ["config", "artifacts", "cli"]
+GROUND = ["config", "artifacts", "faults", "cli"]
 
 
 def code(*modules):

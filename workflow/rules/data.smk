@@ -18,6 +18,7 @@ rule preprocess:
         images=P["images"],
         meta=P["meta"],
     params:
-        values=params_of("seed", "data.resolution", "data.channels", "data.center_crop", "data.max_images"),
+        values=params_of("seed", "data.resolution", "data.channels", "data.center_crop", "data.max_images",
+                         "data.min_images"),
     shell:
         "python -m workflow preprocess"

@@ -1,0 +1,97 @@
+"""Damaged artifacts are detected, never used: a truncated or altered checkpoint is skipped (with a
+warning) for the one before, and resuming from it still gives the uninterrupted weights; a damaged
+pipeline is refused by the sample stage with a message naming the file."""
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file
+
+from tests.conftest import write_images
+from workflow import checkpoints
+from workflow.config import ConfigError
+from workflow.sample import sample
+from workflow.train import train
+
+WEIGHTS = "models/pipeline/unet/diffusion_pytorch_model.safetensors"
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def trained(tiny_params):
+    """Tiny params, trained once (12 steps, checkpoints at 8 and 12 kept); returns (params, weights,
+    restore), where restore() puts models/ back as that run left it."""
+    params = tiny_params()
+    write_images(params.paths.images)
+    train(params)
+    shutil.copytree("models", "models-backup")
+
+    def restore():
+        shutil.rmtree("models")
+        shutil.copytree("models-backup", "models")
+    return params, load_file(WEIGHTS), restore
+
+
+CHECKPOINT_DAMAGE = [("model.safetensors", truncate), ("optimizer.bin", flip_a_byte),
+                     ("training_state.pt", truncate), ("random_states_0.pkl", None)]
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained):
+    params, straight, restore = trained
+    for name, damage in CHECKPOINT_DAMAGE:
+        restore()
+        (run_dir,) = Path(params.paths.checkpoints).iterdir()
+        target = run_dir / "step-0000012" / name
+        damage(target) if damage else target.unlink()
+        shutil.rmtree(params.paths.pipeline)
+        with pytest.warns(UserWarning, match=f"step-0000012 is damaged .*{name}.*trying the one before"):
+            info = train(params)
+        assert info["resumed_from_step"] == 8, name
+        resumed = load_file(WEIGHTS)
+        assert all((resumed[k] == straight[k]).all() for k in straight), name  # the uninterrupted weights
+        assert checkpoints.latest_checkpoint(run_dir).name == "step-0000012"  # re-saved, intact again
+
+    restore()  # every checkpoint damaged: training starts afresh, to the same weights
+    (run_dir,) = Path(params.paths.checkpoints).iterdir()
+    for step in ("step-0000008", "step-0000012"):
+        truncate(run_dir / step / "model.safetensors")
+    with pytest.warns(UserWarning, match="damaged"):
+        assert train(params)["resumed_from_step"] == 0
+    resumed = load_file(WEIGHTS)
+    assert all((resumed[k] == straight[k]).all() for k in straight)
+
+
+PIPELINE_DAMAGE = [("unet/diffusion_pytorch_model.safetensors", truncate), ("unet/config.json", flip_a_byte),
+                   ("scheduler/scheduler_config.json", None)]
+
+
+def test_sample_refuses_a_damaged_pipeline_naming_the_file(trained):
+    import torch
+
+    from workflow.artifacts import write_manifest
+
+    params, _, restore = trained
+    for name, damage in PIPELINE_DAMAGE:
+        restore()
+        target = Path(params.paths.pipeline) / name
+        damage(target) if damage else target.unlink()
+        with pytest.raises(ConfigError, match=f"models/pipeline is damaged .*{name}.*re-run the train stage"):
+            sample(params)
+        assert not Path(params.paths.samples).exists()
+
+    restore()  # pickled (.bin) weights instead of safetensors, consistent with the manifest: never unpickled
+    unet = Path(params.paths.pipeline) / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({}, unet / "diffusion_pytorch_model.bin")
+    write_manifest(params.paths.pipeline)
+    with pytest.raises(ConfigError, match="not a loadable pipeline with safetensors weights"):
+        sample(params)

@@ -1,0 +1,191 @@
+"""Killed at any point, nothing is lost: each stage is SIGKILLed at an exact point (workflow/faults.py,
+by step or image count, never by sleeping), nothing half-written looks complete, and a plain re-run
+(the stage itself, `dvc repro`, or `snakemake --rerun-incomplete`) gives bitwise the uninterrupted result."""
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, tiny_dict, write_images
+from workflow import faults
+
+WEIGHTS = "models/pipeline/unet/diffusion_pytorch_model.safetensors"
+
+
+def test_triggers_name_a_point_and_optionally_a_value():
+    assert faults.triggers("train.after_step=7", "train.after_step", 7)
+    assert not faults.triggers("train.after_step=7", "train.after_step", 8)
+    assert not faults.triggers("train.after_step=7", "train.checkpoint.mid_save", 7)
+    assert faults.triggers("sample.after_image", "sample.after_image", 3)  # no value: the first call
+    assert faults.triggers("a=1, train.after_step=2", "train.after_step", 2)
+    assert not faults.triggers("artifact.before_rename=metrics.json", "artifact.before_rename", "pipeline")
+
+
+def stage(workdir: Path, name: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    env["PYTHONPATH"] = str(ROOT)
+    if fault:
+        env[faults.VARIABLE] = fault
+    return subprocess.run([sys.executable, "-m", "workflow", name], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def killed(done: subprocess.CompletedProcess) -> bool:
+    return done.returncode == -signal.SIGKILL
+
+
+def outputs(workdir: Path) -> dict:
+    return {"weights": (workdir / WEIGHTS).read_bytes(),
+            "history": (workdir / "reports/train/history.csv").read_text()}
+
+
+def steps_saved(workdir: Path) -> list[str]:
+    """The checkpoint folders of the run, complete or temporary (not the progress grids beside them)."""
+    (run_dir,) = (workdir / "models/checkpoints").iterdir()
+    return sorted(p.name for p in run_dir.iterdir() if p.name != "grids")
+
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory):
+    """A folder with the tiny params (12 steps, a checkpoint every 4, keep 2) and images, and the
+    outputs of one uninterrupted `python -m workflow train` there."""
+    workdir = tmp_path_factory.mktemp("train")
+    (workdir / "params.yaml").write_text(yaml.safe_dump(tiny_dict()))
+    write_images(workdir / "data/processed/images.npy")
+    done = stage(workdir, "train")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir, outputs(workdir)
+
+
+# fault -> (checkpoint folders the kill leaves, the step the re-run resumes from)
+TRAIN_KILLS = {
+    "train.after_step=6": (["step-0000004"], 4),  # mid-interval
+    "train.checkpoint.mid_save=8": ([".step-0000008.tmp", "step-0000004"], 4),  # inside a save
+    "train.checkpoint.saved=8": (["step-0000004", "step-0000008"], 8),  # right after a checkpoint
+    "artifact.before_rename=pipeline": (["step-0000008", "step-0000012"], 12),  # all trained, not published
+}
+
+
+@pytest.mark.parametrize("fault", TRAIN_KILLS)
+def test_train_killed_resumes_to_the_uninterrupted_weights(train_dir, tmp_path, fault):
+    source, straight = train_dir
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    for name in ("params.yaml", "data"):
+        (shutil.copytree if name == "data" else shutil.copy)(source / name, workdir / name)
+    done = stage(workdir, "train", fault)
+    assert killed(done), (done.returncode, done.stderr[-2000:])
+    left, resume_step = TRAIN_KILLS[fault]
+    if left:
+        assert steps_saved(workdir) == left
+    assert not (workdir / "models/pipeline").exists() and not (workdir / "reports/train").exists()
+
+    done = stage(workdir, "train")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained 12 steps" in done.stdout
+    summary = yaml.safe_load((workdir / "reports/train/summary.json").read_text())
+    assert summary["resumed_from_step"] == resume_step
+    assert outputs(workdir) == straight  # weights and loss history, to the bit
+    assert steps_saved(workdir) == ["step-0000008", "step-0000012"]  # the temporary is gone, limit kept
+    assert not list((workdir / "models").glob(".*.tmp"))  # no stale temporaries left beside the outputs
+
+
+def dvc(repo: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    from tests.test_e2e import sh
+
+    if fault is None:
+        sh(repo, "dvc", "repro")
+        return None
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env[faults.VARIABLE] = fault
+    return subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.e2e
+def test_dvc_repro_after_kills_in_every_stage_equals_the_uninterrupted_run(dvc_repo, tmp_path):
+    """One pipeline, killed in preprocess, train (inside its last checkpoint save), sample (mid-stream)
+    and evaluate (metrics written, not yet in place), re-run each time with `dvc repro`."""
+    from tests.test_e2e import make_repo, snapshot
+
+    _, uninterrupted = dvc_repo
+    repo = make_repo(tmp_path)
+    gone = {"preprocess.after_image=10": ["data/processed/images.npy", "data/processed/meta.json"],
+            "train.checkpoint.mid_save=16": ["models/pipeline", "reports/train"],
+            "sample.after_image=3": ["data/samples", "reports/samples/grid.png"],
+            "artifact.before_rename=metrics.json": ["reports/metrics.json"]}
+    for fault, absent in gone.items():
+        done = dvc(repo, fault)
+        assert done.returncode != 0 and "-9" in done.stdout + done.stderr, (fault, done.stderr[-2000:])
+        assert not [path for path in absent if (repo / path).exists()], fault
+    dvc(repo)
+    assert snapshot(repo) == uninterrupted
+
+
+@pytest.mark.e2e
+def test_snakemake_rerun_incomplete_after_a_kill_in_train(dvc_repo, tmp_path):
+    from tests.test_e2e import make_repo, sh
+
+    _, uninterrupted = dvc_repo
+    repo = make_repo(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env[faults.VARIABLE] = "train.after_step=12"
+    done = subprocess.run(["snakemake", "--cores", "2", "train"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode != 0 and not (repo / "models/pipeline").exists()
+    sh(repo, "snakemake", "--cores", "2", "--rerun-incomplete", "train")
+    assert (repo / WEIGHTS).read_bytes() == uninterrupted["weights"]
+
+
+def limited_files(limit: int):
+    """preexec_fn: files may grow to `limit` bytes; past it a write fails with EFBIG (as on a full disk)
+    instead of the process being killed by SIGXFSZ. Works unprivileged, on any filesystem."""
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return apply
+
+
+def test_full_disk_in_a_checkpoint_save_is_one_clear_error_and_loses_nothing(train_dir, tmp_path):
+    source, straight = train_dir
+    workdir = tmp_path / "w"
+    shutil.copytree(source, workdir)
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 1e-3  # a new run, beside the finished one
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-m", "workflow", "train"], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=600, preexec_fn=limited_files(64 * 1024))  # < the weights file
+    assert done.returncode == 1, done.stderr[-3000:]
+    (line,) = [ln.split("error in stage train:")[1] for ln in done.stderr.splitlines() if "error in stage" in ln]
+    assert "[Errno 27] out of disk space (or over the file-size limit) while writing models/checkpoints/" in line
+    assert "/step-0000004: SafetensorError" in line and "Traceback" not in done.stderr
+    for path, data in before.items():  # every earlier artifact intact, byte for byte
+        assert path.name == "params.yaml" or path.read_bytes() == data, path
+    from workflow.checkpoints import complete_checkpoints, latest_checkpoint
+    runs = sorted((workdir / "models/checkpoints").iterdir(), key=lambda p: p.stat().st_mtime)
+    assert [len(complete_checkpoints(r)) for r in runs] == [2, 0]
+    assert list(runs[1].iterdir()) == []  # the failed save took its partial files with it
+    assert latest_checkpoint(runs[0]).name == "step-0000012"  # and the finished run still verifies
+
+
+def test_full_disk_in_preprocess_names_the_artifact(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"data": {"source": "builtin:digits", "resolution": 32, "channels": 3}}))
+    env = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    env["PYTHONPATH"] = str(ROOT)
+    assert stage(tmp_path, "download").returncode == 0
+    done = subprocess.run([sys.executable, "-m", "workflow", "preprocess"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600, preexec_fn=limited_files(1 << 20))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "out of disk space (or over the file-size limit) while writing data/processed/images.npy" in done.stderr
+    assert not (tmp_path / "data/processed").exists() or not list((tmp_path / "data/processed").iterdir())
