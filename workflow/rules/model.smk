@@ -5,7 +5,7 @@
 rule train:
     input:
         images=rules.preprocess.output.images,
-        code=code("train", "checkpoints", "diffusion", "model"),
+        code=code("train", "checkpoints", "diffusion", "environment", "model"),
     output:
         pipeline=directory(P["pipeline"]),
         train_log=directory(P["train_log"]),
