@@ -24,7 +24,7 @@ rule sample:
         code=code("sample", "diffusion", "model"),
     output:
         samples=directory(P["samples"]),
-        grid=P["grid"],
+        grid=report(P["grid"], caption="../captions/grid.rst", category="Samples"),
     params:
         values=params_of("seed", "sample"),
     threads: workflow.cores  # CPU runs use every core, as under dvc
