@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.browser import browser, needs_chromium, render
 from workflow import curves, report
 from workflow.config import ConfigError, Params
 from workflow.htmlpage import PNG_SIGNATURE
@@ -112,7 +113,7 @@ def test_images_are_embedded(run_dir):
     assert plot == (run_dir / Params().paths.loss_plot).read_bytes()  # the figure Snakemake's report shows
     image = Image.open(io.BytesIO(plot))
     image.load()
-    assert image.format == "PNG" and image.size == (960, 460)
+    assert image.format == "PNG" and image.size == (1150, 440)
 
 
 def test_progress_strip_labels_steps_and_thins_long_runs(run_dir):
@@ -187,7 +188,7 @@ def test_a_run_with_nothing_but_params_still_gets_a_page(run_dir):
     assert page.count("<strong>missing:</strong>") >= 7 and "<th>learning_rate</th>" in page
     assert "reports/train/grids/step-*.png" in page
     image = Image.open(run_dir / Params().paths.loss_plot)
-    assert image.size == (960, 460)
+    assert image.size == (1150, 440)
 
 
 def test_progress_grids_absent_is_missing(run_dir):
@@ -231,3 +232,25 @@ def test_loss_plots_survive_nan_and_empty_history():
     for history in (empty, diverged):
         assert curves.loss_plot_png(history).startswith(PNG_SIGNATURE)
     assert curves.overlay_plot_png([("a", "#1f77b4", empty), ("b", "#ff7f0e", diverged)]).startswith(PNG_SIGNATURE)
+
+
+@needs_chromium
+@pytest.mark.parametrize("size", [(1366, 768), (1440, 900)])
+def test_page_in_chromium_decodes_every_image(run_dir, size):
+    """As a person sees it on a laptop: every image decodes, no console errors, and the first screen
+    shows the final grid and the FID."""
+    from selenium.webdriver.common.by import By
+
+    _render(run_dir)
+    with browser() as driver:
+        shot = render(driver, run_dir / Params().paths.report, run_dir / f"report-{size[0]}", size)
+        fid = driver.find_element(By.CLASS_NAME, "fid-value")
+        assert fid.text == f"{FID:.2f}" and fid.rect["y"] + fid.rect["height"] <= size[1]
+    assert shot.console_errors == []
+    alts = [image["alt"] for image in shot.images]
+    assert alts == ["grid of generated samples", *(f"samples at step {s}" for s in PROGRESS_STEPS),
+                    "training loss and learning rate"]
+    assert all(shot.decoded(image) for image in shot.images), shot.images
+    grid = shot.images[0]
+    assert grid["y"] + grid["height"] <= size[1] and grid["width"] >= 400  # large, and on the first screen
+    assert shot.first_screen.size == size

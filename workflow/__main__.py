@@ -1,6 +1,7 @@
 """python -m workflow <stage> [--params PARAMS]  -- run one pipeline stage.
 
-Stages: download, preprocess, fid_reference, train, sample, evaluate, report (and bench).
+Stages: download, preprocess, fid_reference, train, sample, evaluate, report.
+Tools beside them: bench (training throughput), compare (DVC experiments on one page).
 Training on several GPUs: accelerate launch -m workflow train
 """
 import importlib
@@ -9,7 +10,7 @@ import sys
 from workflow import STAGES
 from workflow.config import ConfigError
 
-COMMANDS = STAGES + ("bench",)
+COMMANDS = STAGES + ("bench", "compare")
 
 
 def main(argv=None) -> int:

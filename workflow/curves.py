@@ -84,7 +84,7 @@ def _style():
     return matplotlib.style.context("default")
 
 
-def loss_plot_png(history: dict, size: tuple[float, float] = (9.6, 4.6)) -> bytes:
+def loss_plot_png(history: dict, size: tuple[float, float] = (11.5, 4.4)) -> bytes:
     """One run: the loss (log scale, raw faint + moving average) over a small learning-rate panel."""
     with _style():
         fig = _figure(size)
@@ -107,7 +107,7 @@ def loss_plot_png(history: dict, size: tuple[float, float] = (9.6, 4.6)) -> byte
         return _png(fig)
 
 
-def overlay_plot_png(runs: list, size: tuple[float, float] = (11.0, 4.8)) -> bytes:
+def overlay_plot_png(runs: list, size: tuple[float, float] = (11.5, 4.8)) -> bytes:
     """Several runs: (label, colour, history) each; smoothed losses overlaid (raw ones faint) over
     their learning rates, one colour per run."""
     with _style():

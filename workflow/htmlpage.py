@@ -128,7 +128,7 @@ section { background: #fff; border: 1px solid #e1e4ea; border-radius: 10px; padd
 table { border-collapse: collapse; } th, td { text-align: left; vertical-align: top; padding: 3px 12px 3px 0; }
 table.kv th { font-weight: 600; color: #3b4252; white-space: nowrap; }
 table.kv table.kv { margin: 0; } table.list td, table.list th { border-bottom: 1px solid #eceef2; }
-code { font: 0.9em ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; word-break: break-all; }
+code { font: 0.9em ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; overflow-wrap: anywhere; }
 figure { margin: 0; } figcaption { color: #5a6272; font-size: 0.88em; margin-top: 4px; }
 img { max-width: 100%; height: auto; }
 img.pixelated { image-rendering: pixelated; border: 1px solid #d5d9e1; background: #000; }

@@ -131,7 +131,8 @@ def _known(value) -> dict:
     return {} if isinstance(value, Missing) else value
 
 
-def hero_section(grid_png: bytes | Missing, metrics: dict | Missing, summary: dict | Missing) -> str:
+def hero_section(inputs: ReportInputs) -> str:
+    grid_png = inputs.grid_png
     if isinstance(grid_png, Missing):
         grid = f'<figure class="final">{grid_png.html()}</figure>'
     else:
@@ -139,27 +140,40 @@ def hero_section(grid_png: bytes | Missing, metrics: dict | Missing, summary: di
         width, height = png_size(grid_png)
         grid = (f'<figure class="final">{img}<figcaption>Final samples (EMA weights): {width}&times;{height} px, '
                 f"shown at {scale}&times;</figcaption></figure>")
-    return f'<section class="hero">{grid}<div class="keyfigs">{key_figures(metrics, summary)}</div></section>\n'
+    return f'<section class="hero">{grid}<div class="keyfigs">{key_figures(inputs)}</div></section>\n'
 
 
-def key_figures(metrics: dict | Missing, summary: dict | Missing) -> str:
+def key_figures(inputs: ReportInputs) -> str:
+    """The FID card, the headline numbers of metrics.json and what produced them."""
+    metrics = inputs.metrics
     if isinstance(metrics, Missing):
-        return "<h2>Metrics</h2>" + metrics.html()
+        return "<h2>Metrics</h2>" + metrics.html() + kv_table(run_rows(inputs))
     fid, kid = metrics.get("fid"), metrics.get("kid")
     basis = (f"over {fmt_number(metrics.get('fid_num_samples'))} samples against "
              f"{fmt_number(metrics.get('fid_num_reference'))} reference images")
     card = (f'<div class="fid"><div class="fid-label">FID</div><div class="fid-value">{fmt_number(fid, ".2f")}</div>'
             f'<div class="fid-basis">KID {fmt_number(kid, ".4g")} &middot; {basis}</div></div>')
     seconds = [v for k, v in metrics.items() if k.endswith("_seconds") and isinstance(v, (int, float))]
-    device = _known(summary).get("device_name") or _known(summary).get("device")
     rows = [("final training loss", fmt_number(metrics.get("train_loss_final"), ".4g")),
             ("training steps", fmt_number(metrics.get("train_steps"))),
             ("model parameters", fmt_number(metrics.get("num_parameters"))),
             ("training throughput", fmt_number(metrics.get("train_images_per_second"), ",.1f", " images/s")),
-            ("wall time, all timed stages", esc(fmt_seconds(sum(seconds))) if seconds else "&mdash;"),
-            ("device", esc(device) if device else "&mdash;")]
+            ("wall time, all timed stages", esc(fmt_seconds(sum(seconds))) if seconds else "&mdash;")]
     everything = kv_table((key, nested(value)) for key, value in metrics.items())
-    return card + kv_table(rows) + f"<details><summary>all of metrics.json</summary>{everything}</details>"
+    return (card + kv_table(rows + run_rows(inputs))
+            + f"<details><summary>all of metrics.json</summary>{everything}</details>")
+
+
+def run_rows(inputs: ReportInputs) -> list:
+    """What produced those numbers, in one line each: device, sampling, data."""
+    summary, source = _known(inputs.summary), _known(inputs.source)
+    device = summary.get("device_name") or summary.get("device")
+    sampling = " ".join(f"{k}={fmt_scalar(v)}" for k, v in inputs.params.get("sample", {}).items())
+    data = fmt_scalar(inputs.params.get("data", {}).get("source"))
+    if isinstance(source.get("sha"), str):
+        data += f" @ {esc(source['sha'][:12])}"
+    return [("device", esc(device) if device else "&mdash;"), ("sampling", f"<code>{sampling}</code>"),
+            ("data", f"<code>{data}</code>")]
 
 
 # ---------------------------------------------------------------- progress, curves, timings, environment
@@ -192,7 +206,8 @@ def training_section(history: dict | Missing, summary: dict | Missing, loss_png:
         return section(title, history.html())
     bad = int(np.count_nonzero(~np.isfinite(history["loss"])))
     note = f'<p class="warn">{bad} step(s) had a non-finite loss.</p>' if bad else ""
-    img = f'<img src="{data_uri(loss_png)}" alt="training loss and learning rate" width="960" height="460">'
+    width, height = png_size(loss_png)
+    img = f'<img src="{data_uri(loss_png)}" alt="training loss and learning rate" width="{width}" height="{height}">'
     caption = (f"{len(history['loss']):,} logged steps; the loss on a log scale, faint per step and "
                "smoothed by a moving average; the learning rate below")
     details = ("" if isinstance(summary, Missing) else
@@ -374,7 +389,7 @@ def _title(params: dict, meta: dict | Missing) -> tuple[str, str]:
 def render_report(inputs: ReportInputs, loss_png: bytes) -> str:
     """The whole page as a string: a pure function of `inputs` and the loss figure."""
     title, subtitle = _title(inputs.params, inputs.meta)
-    body = (hero_section(inputs.grid_png, inputs.metrics, inputs.summary)
+    body = (hero_section(inputs)
             + progress_section(inputs.progress)
             + training_section(inputs.history, inputs.summary, loss_png)
             + '<div class="row2">' + timings_section(inputs.metrics) + environment_section(inputs.summary)
