@@ -56,9 +56,13 @@ class Experiment:
 
     @property
     def fid(self) -> float:
+        """The FID, or infinity where there is none (it ranks last)."""
         value = self.metrics.get("fid")
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return float(value) if ok else math.inf
+        return float(value) if _finite(value) else math.inf
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---------------------------------------------------------------- what dvc knows
@@ -180,8 +184,7 @@ def ranked(experiments: list) -> list:
 
 
 def _sort_value(value) -> str:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return repr(float(value)) if ok else ""
+    return repr(float(value)) if _finite(value) else ""
 
 
 def _param_cell(value) -> str:
@@ -262,8 +265,8 @@ tr.best td { background: #eefaf0; }
          font-size: 0.78em; font-weight: 600; vertical-align: 1px; }
 .swatch { display: inline-block; width: 11px; height: 11px; border-radius: 3px; margin-right: 7px; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 14px; }
-.thumb { flex: 0 1 auto; max-width: 240px; border: 1px solid #e1e4ea; border-top: 4px solid; border-radius: 8px; padding: 8px 10px 10px;
-         background: #fafbfc; }
+.thumb { flex: 0 1 auto; max-width: 240px; border: 1px solid #e1e4ea; border-top: 4px solid; border-radius: 8px;
+         padding: 8px 10px 10px; background: #fafbfc; }
 .thumb.best { box-shadow: 0 0 0 2px #1f7a3a; }
 .thumb figcaption { margin: 0 0 6px; color: #1d2330; font-size: 0.92em; }
 .caption { color: #5a6272; font-size: 0.88em; margin: 6px 0 0; }

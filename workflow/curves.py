@@ -91,11 +91,13 @@ def loss_plot_png(history: dict, size: tuple[float, float] = (11.5, 4.4)) -> byt
         ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
         steps, loss = finite_loss(history)
         _loss_axes(ax_loss)
-        if len(loss):
-            x, y, window = smoothed(steps, loss)
+        x, y, window = smoothed(steps, loss)
+        if window > 1:
             ax_loss.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
             ax_loss.plot(x, y, color="tab:blue", linewidth=1.8, label=f"moving average ({window} steps)")
             ax_loss.legend(loc="upper right", frameon=False)
+        elif len(loss):  # too few steps to smooth
+            ax_loss.plot(steps, loss, color="tab:blue", linewidth=1.8)
         else:
             _note(ax_loss, "no finite loss values")
         _lr_axes(ax_lr)

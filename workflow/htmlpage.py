@@ -45,7 +45,7 @@ def fmt_number(value, spec: str = ",", suffix: str = "") -> str:
 
 
 def fmt_seconds(seconds) -> str:
-    """Wall time as a person reads it: 4.5 s, 3 min 12 s, 1 h 05 min."""
+    """Wall time as a person reads it: 4.5 s, 3 min 12 s, 1 h 05 min (None: a dash)."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
         return fmt_number(seconds)
     if seconds < 60:
@@ -54,7 +54,7 @@ def fmt_seconds(seconds) -> str:
     if minutes < 60:
         return f"{minutes} min {secs:02d} s"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
+    return f"{hours} h {minutes:02d} min"  # digits and letters only: nothing to escape
 
 
 def fmt_bytes(n: float) -> str:

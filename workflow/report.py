@@ -158,7 +158,7 @@ def key_figures(inputs: ReportInputs) -> str:
             ("training steps", fmt_number(metrics.get("train_steps"))),
             ("model parameters", fmt_number(metrics.get("num_parameters"))),
             ("training throughput", fmt_number(metrics.get("train_images_per_second"), ",.1f", " images/s")),
-            ("wall time, all timed stages", esc(fmt_seconds(sum(seconds))) if seconds else "&mdash;")]
+            ("wall time, all timed stages", fmt_seconds(sum(seconds) if seconds else None))]
     everything = kv_table((key, nested(value)) for key, value in metrics.items())
     return (card + kv_table(rows + run_rows(inputs))
             + f"<details><summary>all of metrics.json</summary>{everything}</details>")
@@ -235,13 +235,12 @@ def timings_section(metrics: dict | Missing) -> str:
     rows = stage_timings(metrics)
     if not rows:
         return section(title, missing("stage timings", "metrics.json records no `<stage>_seconds`"))
-    body = "".join(f"<tr><th>{esc(stage)}</th><td class=\"num\">{esc(fmt_seconds(sec)) if sec is not None else '&mdash;'}"
-                   f"</td><td class=\"num\">{fmt_number(rate, ',.1f', ' images/s')}</td></tr>"
-                   for stage, sec, rate in rows)
+    body = "".join(f"<tr><th>{esc(stage)}</th><td class=\"num\">{fmt_seconds(sec)}</td>"
+                   f"<td class=\"num\">{fmt_number(rate, ',.1f', ' images/s')}</td></tr>" for stage, sec, rate in rows)
     total = sum(sec for _, sec, _ in rows if sec is not None)
     table = (f'<table class="list timings"><tr><th>stage</th><th class="num">wall time</th>'
              f'<th class="num">throughput</th></tr>{body}<tr class="total"><th>total</th>'
-             f'<td class="num">{esc(fmt_seconds(total))}</td><td></td></tr></table>')
+             f'<td class="num">{fmt_seconds(total)}</td><td></td></tr></table>')
     note = "<p class=\"caption\">Each stage's own work as it timed it (process start-up and imports aside).</p>"
     return section(title, table + note)
 
@@ -258,7 +257,9 @@ def environment_section(summary: dict | Missing) -> str:
             ("torch.compile", "on" if summary.get("compiled") else "off"),
             ("torch threads", fmt_number(summary.get("torch_threads")))]
     if isinstance(software, dict):
-        rows += [(name, f"<code>{fmt_scalar(version)}</code>") for name, version in software.items()]
+        order = {name: i for i, name in enumerate(("python", "torch", "diffusers", "accelerate"))}
+        rows += [(name, f"<code>{fmt_scalar(software[name])}</code>")
+                 for name in sorted(software, key=lambda n: (order.get(n, len(order)), n))]
     else:
         rows.append(("software", "not recorded by this run (re-run the <code>train</code> stage to record it)"))
     return section(title, kv_table(rows))
