@@ -109,7 +109,7 @@ def test_images_are_embedded(run_dir):
     grid, *progress, plot = _data_uris(page)
     assert grid == (run_dir / Params().paths.grid).read_bytes()
     assert progress == [_grid_png(seed=step) for step in PROGRESS_STEPS]  # oldest first
-    assert "image-rendering: pixelated" in page and 'width="494"' in page  # 38 px x 13
+    assert "image-rendering: pixelated" in page and 'width="456"' in page  # 38 px x 12 <= 480 px
     assert plot == (run_dir / Params().paths.loss_plot).read_bytes()  # the figure Snakemake's report shows
     image = Image.open(io.BytesIO(plot))
     image.load()

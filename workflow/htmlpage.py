@@ -96,10 +96,10 @@ def png_size(png: bytes) -> tuple[int, int]:
 
 
 def pixel_image(png: bytes, target_px: int, alt: str, css_class: str = "") -> tuple[str, int]:
-    """An <img> of a small PNG scaled up by a whole factor to about `target_px` wide, pixels kept
-    sharp (nearest neighbour); returns the tag and the factor."""
+    """An <img> of a small PNG scaled up by the largest whole factor that keeps it within `target_px`
+    wide (at least 1), pixels kept sharp (nearest neighbour); returns the tag and the factor."""
     width, height = png_size(png)
-    scale = max(1, round(target_px / max(width, 1)))
+    scale = max(1, target_px // max(width, 1))
     tag = (f'<img class="pixelated {esc(css_class)}" src="{data_uri(png)}" width="{width * scale}" '
            f'height="{height * scale}" alt="{esc(alt)}">')
     return tag, scale

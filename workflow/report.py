@@ -28,8 +28,7 @@ from workflow.config import ConfigError, Params
 from workflow.htmlpage import (PNG_SIGNATURE, data_uri, esc, fmt_bytes, fmt_number, fmt_scalar, fmt_seconds,
                                kv_table, missing, nested, page, pixel_image, png_size, section)
 
-GRID_DISPLAY_PX = 480  # the final grid is scaled up by a whole factor to about this width
-STRIP_WIDTH_PX = 1150  # the progress grids share this width
+GRID_DISPLAY_PX = 480  # the final grid is scaled up by a whole factor to at most this width
 MAX_PROGRESS_SHOWN = 8
 MAX_SKIPPED_SHOWN = 100
 MAX_FILES_SHOWN = 5
@@ -191,8 +190,9 @@ def progress_section(progress: list | Missing) -> str:
     if isinstance(progress, Missing):
         return section(title, progress.html())
     shown = shown_progress(progress)
-    target = min(GRID_DISPLAY_PX // 2, STRIP_WIDTH_PX // len(shown))
-    figures = "".join(f"<figure>{pixel_image(png, target, f'samples at step {step}')[0]}"
+    # The strip fills the width (CSS scales each grid up, pixels kept sharp), never below 1:1.
+    figures = "".join(f'<figure style="min-width: {png_size(png)[0]}px">'
+                      f"{pixel_image(png, 0, f'samples at step {step}')[0]}"
                       f"<figcaption>step {step:,}</figcaption></figure>" for step, png in shown)
     note = f"{len(shown)} of {len(progress)} checkpoints" if len(shown) < len(progress) else \
         f"{len(progress)} checkpoint(s)"
@@ -362,7 +362,7 @@ CSS = """
 .fid-value { font-size: 2.8em; font-weight: 700; line-height: 1.05; }
 .fid-basis { color: #5a6272; font-size: 0.9em; }
 .strip { display: flex; gap: 14px; overflow-x: auto; align-items: flex-end; padding-bottom: 4px; }
-.strip figure { flex: 0 0 auto; text-align: center; }
+.strip figure { flex: 1 1 0; max-width: 300px; text-align: center; } .strip img { width: 100%; }
 .caption { color: #5a6272; font-size: 0.88em; margin: 6px 0 0; }
 .row2 { display: grid; grid-template-columns: repeat(auto-fit, minmax(380px, 1fr)); gap: 16px; }
 .row2 > section { margin-bottom: 16px; }
