@@ -81,7 +81,7 @@ EXPERIMENTS = {"lr-1e-3": ["train.learning_rate=0.001"],
 
 
 @pytest.fixture(scope="module")
-def experiments(dvc_repo):
+def exp_runs(dvc_repo):
     """`dvc exp run -S ...` twice, then the baseline applied again, so the workspace is as it was."""
     repo, _ = dvc_repo
     for name, changes in EXPERIMENTS.items():
@@ -147,8 +147,8 @@ def test_snakemake_and_a_forced_rerun_reproduce_dvc_bitwise(dvc_repo, tmp_path):
     assert snapshot(repo) == first
 
 
-def test_dvc_exp_run_and_show(experiments):
-    repo = experiments
+def test_dvc_exp_run_and_show(exp_runs):
+    repo = exp_runs
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json"))
     runs = [exp for row in shown for exp in (row.get("experiments") or [])]
     names = {}
@@ -166,13 +166,13 @@ def test_dvc_exp_run_and_show(experiments):
         names["baseline"]["metrics"]["reports/metrics.json"]["data"]
 
 
-def test_compare_shows_the_run_and_both_experiments(experiments, tmp_path):
+def test_compare_shows_the_run_and_both_experiments(exp_runs, tmp_path):
     """`make run` + two `dvc exp run -S` experiments: the comparison page has all three, each with its
     own grid, the loss curves in one plot, the best FID marked, and it opens cleanly in Chromium."""
-    repo = experiments
+    repo = exp_runs
     sh(repo, "python", "-m", "workflow", "compare")
     page = (repo / "reports/experiments.html").read_text()
-    assert sorted(table_rows(page)) == sorted(["baseline", *EXPERIMENTS])
+    assert {"baseline", *EXPERIMENTS} <= set(table_rows(page))  # other tests may add experiments
     assert page.count("<tr class=best>") == 1 and "Not available" not in page
     for key in ("train.learning_rate", "train.max_steps"):  # the params that differ
         assert f'<button type="button">{key}</button>' in page
@@ -180,10 +180,12 @@ def test_compare_shows_the_run_and_both_experiments(experiments, tmp_path):
     for name, grid in grids.items():  # each thumbnail is that experiment's own grid, from the DVC cache
         assert f'src="data:image/png;base64,{base64.b64encode(grid).decode()}"' in page, name
     assert grids["steps-8"] != grids["baseline"]
-    sh(repo, "python", "-m", "workflow", "compare", "steps-8", "baseline", "--output", str(tmp_path / "two.html"))
-    assert sorted(table_rows((tmp_path / "two.html").read_text())) == ["baseline", "steps-8"]
-    check_in_chromium(repo / "reports/experiments.html", tmp_path / "experiments", images=4)
-    check_in_chromium(repo / "reports/index.html", tmp_path / "report", images=2)
+    names = ["baseline", *EXPERIMENTS]
+    sh(repo, "python", "-m", "workflow", "compare", *names, "--output", str(tmp_path / "three.html"))
+    assert sorted(table_rows((tmp_path / "three.html").read_text())) == sorted(names)
+    check_in_chromium(tmp_path / "three.html", tmp_path / "experiments", images=4)  # 3 grids, 1 plot
+    progress = list((repo / "reports/train/grids").glob("step-*.png"))
+    check_in_chromium(repo / "reports/index.html", tmp_path / "report", images=2 + len(progress))
 
 
 def check_snakemake_report(repo: Path, tmp_path: Path) -> None:
