@@ -1,7 +1,9 @@
 # make setup   create .venv with the pinned stack (requirements.txt)
-# make run     setup + dvc repro on the default params (embedded MNIST, CPU is fine)
-# make test    setup + the test dependencies (requirements-test.txt) + the whole test suite
-# make smk     setup + the same pipeline through Snakemake
+# make run      setup + the pipeline on the default params (embedded MNIST, CPU is fine), recorded
+#               as a DVC experiment (`dvc exp run`; plain `dvc repro` outside a git checkout)
+# make compare  reports/experiments.html: this commit's experiments side by side
+# make test     setup + the test dependencies (requirements-test.txt) + Chromium + the whole test suite
+# make smk      setup + the same pipeline through Snakemake
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +12,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup run test smk clean-outputs
+.PHONY: setup run compare test browser smk clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -19,19 +21,30 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
 
+# `dvc exp run` is `dvc repro` that also records the run as an experiment, so `make compare` shows
+# it beside later `dvc exp run -S ...` experiments (their results replace it in the workspace).
 run: setup
-	dvc repro
-	@echo "report: reports/index.html   metrics: reports/metrics.json"
+	if git rev-parse --verify --quiet HEAD >/dev/null 2>&1; then dvc exp run; else dvc repro; fi
+	@echo "report: reports/index.html   metrics: reports/metrics.json   compare runs: make compare"
+
+compare: setup
+	python -m workflow compare
 
 $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -r requirements-test.txt
 	touch $@
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test browser
 	python -m pytest
+
+# The page tests open the reports in Debian's headless Chromium through its chromedriver.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 smk: setup
 	snakemake --cores all
 
 clean-outputs:
-	rm -rf data/raw data/processed data/samples models/pipeline models/checkpoints reports/train reports/samples reports/index.html reports/metrics.json
+	rm -rf data/raw data/processed data/samples models/pipeline models/checkpoints reports/train reports/samples reports/index.html reports/loss.png reports/metrics.json reports/experiments.html reports/snakemake.html

@@ -3,9 +3,14 @@
 The same DAG as dvc.yaml: the same stages running the same `python -m workflow <stage>` commands
 on the same inputs, outputs and params (tests/test_dag.py fails if the two drift apart).
 params.yaml is the config; profiles/default (loaded automatically) lets one GPU job run at a time.
+`snakemake --report reports/snakemake.html` (after a run) collects the grid, the loss plot, the metrics
+and the run report into Snakemake's own self-contained report.
 """
 
 configfile: "params.yaml"
+
+
+report: "workflow/captions/workflow.rst"  # snakemake --report reports/snakemake.html (after a run)
 
 
 include: "workflow/rules/common.smk"

@@ -58,10 +58,11 @@ def write_images(path: str | Path, n: int = 24, channels: int = 1, size: int = 8
 
 @pytest.fixture(scope="session")
 def dvc_repo(tmp_path_factory):
-    """(repo, snapshot) of one uninterrupted `dvc repro` of the tiny end-to-end config, shared by the
-    end-to-end tests and the fault tests, which compare their interrupted-and-resumed runs with it."""
+    """(repo, snapshot) of one uninterrupted run of the tiny end-to-end config, as `make run` makes it in a
+    git checkout (`dvc exp run`, here named "baseline"), shared by the end-to-end tests and the fault
+    tests, which compare their interrupted-and-resumed runs with it."""
     from tests.test_e2e import make_repo, sh, snapshot
 
     repo = make_repo(tmp_path_factory.mktemp("dvc"))
-    sh(repo, "dvc", "repro")
+    sh(repo, "dvc", "exp", "run", "-n", "baseline")
     return repo, snapshot(repo)

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, tiny_dict
-from workflow.config import ConfigError, Params, load_params, params_from_dict
+from workflow.config import ConfigError, Params, Paths, load_params, params_from_dict, paths_of
 
 
 def test_shipped_params_are_the_documented_defaults():
@@ -72,3 +72,10 @@ def test_cli_prints_one_clear_line(tmp_path, capsys):
     assert main(["train", "--params", str(tmp_path / "p.yaml")]) == 1
     assert "`train.learning_rate` must be > 0" in capsys.readouterr().err
     assert main(["nonsense"]) == 2
+
+
+def test_paths_of_another_runs_params_takes_defaults_and_ignores_the_rest():
+    """An experiment's params.yaml from older or newer code still locates its artifacts."""
+    paths = paths_of({"paths": {"grid": "out/grid.png", "renamed_later": "x"}, "train": {"unknown": 1}})
+    assert paths.grid == "out/grid.png" and paths.metrics == Paths().metrics
+    assert paths_of({}) == Paths()

@@ -1,8 +1,10 @@
 """End to end: the real `dvc repro`, `dvc exp run`, and `snakemake` on a tiny configuration, each in
 a temporary git repository holding a copy of the project. Checks the artifacts' contents and that
 independent runs give bitwise-identical weights, samples and quality metrics on CPU."""
+import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.browser import CHROMEDRIVER, CHROMIUM, browser, render
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -64,6 +67,22 @@ def snapshot(repo: Path) -> dict:
             "quality": {k: metrics[k] for k in QUALITY}}
 
 
+# Two experiments on top of the baseline; each `-S` list is complete, because a workspace run keeps
+# the previous experiment's params.yaml.
+EXPERIMENTS = {"lr-1e-3": ["train.learning_rate=0.001"],
+               "steps-8": ["train.learning_rate=0.002", "train.max_steps=8"]}
+
+
+@pytest.fixture(scope="module")
+def exp_runs(dvc_repo):
+    """`dvc exp run -S ...` twice, then the baseline applied again, so the workspace is as it was."""
+    repo, _ = dvc_repo
+    for name, changes in EXPERIMENTS.items():
+        sh(repo, "dvc", "exp", "run", "-n", name, *(arg for change in changes for arg in ("-S", change)))
+    sh(repo, "dvc", "exp", "apply", "baseline")
+    return repo
+
+
 def test_dvc_repro_artifacts(dvc_repo):
     repo, _ = dvc_repo
     source = json.loads((repo / "data/raw/SOURCE.json").read_text())
@@ -87,6 +106,9 @@ def test_dvc_repro_artifacts(dvc_repo):
     assert metrics["evaluate_seconds"] > 0
     html = (repo / "reports/index.html").read_text()
     assert "data:image/png;base64," in html and f"{metrics['fid']:.2f}" in html
+    summary = json.loads((repo / "reports/train/summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["device_name"] in html
+    assert f"<th>diffusers</th><td><code>{summary['software']['diffusers']}</code>" in html
     from diffusers import DiffusionPipeline
     assert DiffusionPipeline.from_pretrained(str(repo / "models/pipeline")).unet.config.sample_size == 8
     assert "up to date" in sh(repo, "dvc", "status") or sh(repo, "dvc", "status").strip() == ""
@@ -123,6 +145,7 @@ def test_snakemake_and_a_forced_rerun_reproduce_dvc_bitwise(dvc_repo, tmp_path):
     sh(repo, "snakemake", "--cores", "2")
     assert snapshot(repo) == first
     assert (repo / "reports/index.html").is_file()
+    check_snakemake_report(repo, tmp_path)
     shutil.rmtree(repo / "models/checkpoints")  # otherwise train resumes from its finished checkpoint
     sh(repo, "dvc", "repro", "--force")
     assert snapshot(repo) == first
@@ -155,10 +178,71 @@ def test_the_issues_sampler_experiment(dvc_repo):
     assert samples["sampler"] == "dpmsolver++" and samples["num_inference_steps"] == 25
 
 
-def test_dvc_exp_run_and_show(dvc_repo):
-    repo, _ = dvc_repo
-    sh(repo, "dvc", "exp", "run", "-S", "train.learning_rate=0.001", "-n", "lr-1e-3")
-    data = experiments(repo)["lr-1e-3"]
+def test_dvc_exp_run_and_show(exp_runs):
+    repo = exp_runs
+    names = experiments(repo)
+    data = names["lr-1e-3"]
     assert data["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.001
     metrics = data["metrics"]["reports/metrics.json"]["data"]
     assert np.isfinite(metrics["fid"]) and "train_images_per_second" in metrics
+    assert names["steps-8"]["metrics"]["reports/metrics.json"]["data"]["train_steps"] == 8
+    params = yaml.safe_load((repo / "params.yaml").read_text())  # the baseline is back in the workspace
+    assert params["train"]["max_steps"] == 16 and params["train"]["learning_rate"] == 0.002
+    assert json.loads((repo / "reports/metrics.json").read_text()) == \
+        names["baseline"]["metrics"]["reports/metrics.json"]["data"]
+
+
+def test_compare_shows_the_run_and_both_experiments(exp_runs, tmp_path):
+    """`make run` + two `dvc exp run -S` experiments: the comparison page has all three, each with its
+    own grid, the loss curves in one plot, the best FID marked, and it opens cleanly in Chromium."""
+    repo = exp_runs
+    sh(repo, "python", "-m", "workflow", "compare")
+    page = (repo / "reports/experiments.html").read_text()
+    assert {"baseline", *EXPERIMENTS} <= set(table_rows(page))  # other tests may add experiments
+    assert page.count("<tr class=best>") == 1 and "Not available" not in page
+    for key in ("train.learning_rate", "train.max_steps"):  # the params that differ
+        assert f'<button type="button">{key}</button>' in page
+    grids = {name: experiment_grid(repo, name) for name in ("baseline", *EXPERIMENTS)}
+    for name, grid in grids.items():  # each thumbnail is that experiment's own grid, from the DVC cache
+        assert f'src="data:image/png;base64,{base64.b64encode(grid).decode()}"' in page, name
+    assert grids["steps-8"] != grids["baseline"]
+    names = ["baseline", *EXPERIMENTS]
+    sh(repo, "python", "-m", "workflow", "compare", *names, "--output", str(tmp_path / "three.html"))
+    assert sorted(table_rows((tmp_path / "three.html").read_text())) == sorted(names)
+    check_in_chromium(tmp_path / "three.html", tmp_path / "experiments", images=4)  # 3 grids, 1 plot
+    progress = list((repo / "reports/train/grids").glob("step-*.png"))
+    check_in_chromium(repo / "reports/index.html", tmp_path / "report", images=2 + len(progress))
+
+
+def check_snakemake_report(repo: Path, tmp_path: Path) -> None:
+    """`snakemake --report` (as the README says it) embeds our results and loads nothing from the network."""
+    sh(repo, "snakemake", "--report", "reports/snakemake.html")
+    page = (repo / "reports/snakemake.html").read_text()
+    for name in ("grid.png", "loss.png", "metrics.json", "index.html"):
+        assert name in page, name
+    assert not re.search(r"<(?:script|link|img)[^>]+(?:src|href)=[\"']?(?:https?:)?//", page)
+    check_in_chromium(repo / "reports/snakemake.html", tmp_path / "snakemake", images=None)
+
+
+def table_rows(page: str) -> list:
+    return re.findall(r'<tr(?: class=best)?><td data-sort="([^"]+)">', page)
+
+
+def experiment_grid(repo: Path, name: str) -> bytes:
+    """The grid an experiment left, from its git ref (refs/exps/.../<name>) and the DVC cache."""
+    from dvc.api import DVCFileSystem
+
+    refs = sh(repo, "git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").splitlines()
+    (rev,) = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
+    return DVCFileSystem(str(repo), rev=rev).read_bytes("reports/samples/grid.png")
+
+
+def check_in_chromium(page: Path, out: Path, images: int | None) -> None:
+    """No console errors; `images` images, each decoded (None: Snakemake's page, whose images are its own)."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("chromium and chromedriver are not installed (`make test` installs them)")
+    with browser() as driver:
+        shot = render(driver, page, out)
+    assert shot.console_errors == [], shot.console_errors
+    if images is not None:
+        assert len(shot.images) == images and all(shot.decoded(image) for image in shot.images), shot.images

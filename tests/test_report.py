@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,17 @@ import pytest
 import yaml
 from PIL import Image
 
-from workflow import report
+from tests.browser import browser, needs_chromium, render
+from workflow import curves, report
 from workflow.config import ConfigError, Params
+from workflow.htmlpage import PNG_SIGNATURE
 
 FID = 37.4219
 EVIL_NAME = "<script>alert(1)</script>.png"
 REPO = Path(__file__).resolve().parents[1]
+PROGRESS_STEPS = (25, 50, 75, 100)
+CPU_NAME = "Example CPU @ 2.00GHz"
+SOFTWARE = {"python": "3.11.7", "torch": "2.14.1", "diffusers": "0.42.1", "accelerate": "1.15.0"}
 
 
 def _write_json(path: Path, data) -> None:
@@ -26,8 +32,8 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
-def _grid_png() -> bytes:
-    rng = np.random.default_rng(0)
+def _grid_png(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(38, 38), dtype=np.uint8)  # 2x2 of 16 px with padding
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
@@ -54,13 +60,17 @@ def run_dir(tmp_path, monkeypatch):
     log = tmp_path / paths.train_log
     log.mkdir(parents=True)
     (log / "history.csv").write_text(_history_csv())
+    for step in PROGRESS_STEPS:
+        (log / "grids").mkdir(exist_ok=True)
+        (log / "grids" / f"step-{step:07d}.png").write_bytes(_grid_png(seed=step))
     _write_json(log / "summary.json", {"loss_final": 0.1, "images_per_second": 250.5, "seconds": 51.2,
-                                       "steps": 100, "num_parameters": 1_234_567, "device": "cpu"})
+                                       "steps": 100, "num_parameters": 1_234_567, "device": "cpu",
+                                       "device_name": CPU_NAME, "software": SOFTWARE})
     _write_json(tmp_path / paths.metrics, {
         "fid": FID, "kid": 0.0123, "fid_num_samples": 250, "fid_num_reference": 240,
         "fid_weights_sha256": "7ff4a85c" + "0" * 56, "train_loss_final": 0.1,
         "train_images_per_second": 250.5, "train_seconds": 51.2, "sample_seconds": 4.5,
-        "num_parameters": 1_234_567})
+        "sample_images_per_second": 55.5, "evaluate_seconds": 75.25, "num_parameters": 1_234_567})
     source = {"kind": "hf", "repo_id": "someone/tiny-digits", "revision": "main", "sha": "a1b2c3d4e5",
               "packages": {"huggingface_hub": "2.4.0"},
               "files": [{"path": f"train/{i:05d}.png", "size": 1000 + i, "sha256": "0" * 64} for i in range(40)]}
@@ -85,7 +95,7 @@ def _data_uris(page: str) -> list[bytes]:
 def test_report_shows_every_artifact(run_dir):
     page = _render(run_dir)
     assert f"{FID:.2f}" in page
-    assert "on 250 generated samples against 240 reference images" in page
+    assert "over 250 samples against 240 reference images" in page
     assert "someone/tiny-digits" in page and "a1b2c3d4e5" in page
     assert "40 file(s), 39.8 KiB in total" in page and "and 35 more" in page
     assert "truncated PNG data" in page and "cannot identify image file" in page
@@ -96,12 +106,38 @@ def test_report_shows_every_artifact(run_dir):
 
 def test_images_are_embedded(run_dir):
     page = _render(run_dir)
-    grid, plot = _data_uris(page)
+    grid, *progress, plot = _data_uris(page)
     assert grid == (run_dir / Params().paths.grid).read_bytes()
-    assert "image-rendering: pixelated" in page and 'width="494"' in page  # 38 px x 13
+    assert progress == [_grid_png(seed=step) for step in PROGRESS_STEPS]  # oldest first
+    assert "image-rendering: pixelated" in page and 'width="456"' in page  # 38 px x 12 <= 480 px
+    assert plot == (run_dir / Params().paths.loss_plot).read_bytes()  # the figure Snakemake's report shows
     image = Image.open(io.BytesIO(plot))
     image.load()
-    assert image.format == "PNG" and image.size == (800, 480)
+    assert image.format == "PNG" and image.size == (1150, 440)
+
+
+def test_progress_strip_labels_steps_and_thins_long_runs(run_dir):
+    page = _render(run_dir)
+    assert all(f"<figcaption>step {step}</figcaption>" in page for step in PROGRESS_STEPS)
+    grids = run_dir / "reports/train/grids"
+    for step in range(200, 3001, 100):
+        (grids / f"step-{step:07d}.png").write_bytes(_grid_png(seed=step))
+    (grids / "notes.txt").write_text("not a grid")
+    page = _render(run_dir)
+    shown = [int(s.replace(",", "")) for s in re.findall(r"<figcaption>step ([\d,]+)</figcaption>", page)]
+    assert len(shown) == report.MAX_PROGRESS_SHOWN and shown[0] == 25 and shown[-1] == 3000
+    assert shown == sorted(shown) and f"{report.MAX_PROGRESS_SHOWN} of 33 checkpoints" in page
+
+
+def test_stage_timings_software_and_device(run_dir):
+    page = _render(run_dir)
+    timings = page[page.index("Time per stage"):page.index("Software and device")]
+    assert timings.index(">train<") < timings.index(">sample<") < timings.index(">evaluate<")
+    assert "51.2 s" in timings and "4.5 s" in timings and "1 min 15 s" in timings
+    assert "250.5 images/s" in timings and "55.5 images/s" in timings and "2 min 11 s" in timings  # total
+    environment = page[page.index("Software and device"):page.index("Dataset provenance")]
+    assert CPU_NAME in environment
+    assert all(f"<th>{name}</th><td><code>{version}</code>" in environment for name, version in SOFTWARE.items())
 
 
 def test_page_is_self_contained_and_escaped(run_dir):
@@ -128,35 +164,93 @@ def test_two_runs_give_identical_bytes(run_dir):
     assert path.read_bytes() == first
 
 
-@pytest.mark.parametrize("name, stage", [
-    (Params().paths.metrics, "evaluate"),
-    (Params().paths.grid, "sample"),
-    (Params().paths.meta, "preprocess"),
-    ("data/raw/SOURCE.json", "download"),
-    ("reports/train/history.csv", "train"),
-    ("reports/train/summary.json", "train"),
+@pytest.mark.parametrize("name, stage, section", [
+    (Params().paths.metrics, "evaluate", 'class="hero"'),
+    (Params().paths.grid, "sample", 'class="hero"'),
+    (Params().paths.meta, "preprocess", "Dataset provenance"),
+    ("data/raw/SOURCE.json", "download", "Dataset provenance"),
+    ("reports/train/history.csv", "train", "Training curves"),
+    ("reports/train/summary.json", "train", "Software and device"),
 ])
-def test_missing_input_names_file_and_stage(run_dir, name, stage):
+def test_a_missing_input_is_shown_as_missing(run_dir, name, stage, section):
     (run_dir / name).unlink()
-    with pytest.raises(ConfigError, match=rf"{re.escape(name)}.*`{stage}`"):
-        report.main(["--params", "params.yaml"])
-    assert not (run_dir / Params().paths.report).exists()
+    page = _render(run_dir)
+    box = f"<strong>missing:</strong> {name} <span>(written by the `{stage}` stage"
+    assert box in page
+    assert section in page[:page.index(box)].rsplit("<section", 1)[1]  # in the section that shows it
+
+
+def test_a_run_with_nothing_but_params_still_gets_a_page(run_dir):
+    """A partial run (here: none at all) gets every section, each saying what is missing."""
+    for name in ("data", "reports"):
+        shutil.rmtree(run_dir / name)
+    page = _render(run_dir)
+    assert page.count("<strong>missing:</strong>") >= 7 and "<th>learning_rate</th>" in page
+    assert "reports/train/grids/step-*.png" in page
+    image = Image.open(run_dir / Params().paths.loss_plot)
+    assert image.size == (1150, 440)
+
+
+def test_progress_grids_absent_is_missing(run_dir):
+    shutil.rmtree(run_dir / "reports/train/grids")
+    page = _render(run_dir)
+    assert "<strong>missing:</strong> reports/train/grids/step-*.png" in page
+    assert len(_data_uris(page)) == 2  # the final grid and the loss figure
+
+
+def test_older_summary_without_software_says_so(run_dir):
+    path = run_dir / "reports/train/summary.json"
+    summary = json.loads(path.read_text())
+    del summary["software"], summary["device_name"]
+    path.write_text(json.dumps(summary))
+    page = _render(run_dir)
+    assert "<th>software</th><td>not recorded by this run" in page
 
 
 def test_bad_history_header_is_a_user_error(run_dir):
     (run_dir / "reports/train/history.csv").write_text("step,loss\n1,0.5\n")
     with pytest.raises(ConfigError, match=r"history\.csv.*lr"):
         report.main(["--params", "params.yaml"])
+    assert not (run_dir / Params().paths.report).exists()
+
+
+def test_a_damaged_artifact_is_a_user_error_naming_it(run_dir):
+    (run_dir / Params().paths.metrics).write_text("{not json")
+    with pytest.raises(ConfigError, match=r"metrics\.json: not valid JSON.*`evaluate`"):
+        report.main(["--params", "params.yaml"])
 
 
 def test_moving_average():
-    assert np.allclose(report.moving_average(np.array([1.0, 2, 3, 4, 5]), 2), [1.5, 2.5, 3.5, 4.5])
-    assert np.allclose(report.moving_average(np.array([2.0, 4]), 10), [3.0])
+    assert np.allclose(curves.moving_average(np.array([1.0, 2, 3, 4, 5]), 2), [1.5, 2.5, 3.5, 4.5])
+    assert np.allclose(curves.moving_average(np.array([2.0, 4]), 10), [3.0])
 
 
-def test_loss_plot_survives_nan_and_empty_history():
+def test_loss_plots_survive_nan_and_empty_history():
     empty = {k: np.array([]) for k in ("step", "loss", "lr")}
-    assert report.loss_plot_png(empty).startswith(report.PNG_SIGNATURE)
     diverged = {"step": np.arange(5.0), "loss": np.array([1.0, np.nan, 0.5, np.inf, 0.2]),
                 "lr": np.full(5, np.nan)}
-    assert report.loss_plot_png(diverged).startswith(report.PNG_SIGNATURE)
+    for history in (empty, diverged):
+        assert curves.loss_plot_png(history).startswith(PNG_SIGNATURE)
+    assert curves.overlay_plot_png([("a", "#1f77b4", empty), ("b", "#ff7f0e", diverged)]).startswith(PNG_SIGNATURE)
+
+
+@needs_chromium
+@pytest.mark.parametrize("size", [(1366, 768), (1440, 900)])
+def test_page_in_chromium_decodes_every_image(run_dir, size):
+    """As a person sees it on a laptop: every image decodes, no console errors, and the first screen
+    shows the final grid and the FID."""
+    from selenium.webdriver.common.by import By
+
+    _render(run_dir)
+    with browser() as driver:
+        shot = render(driver, run_dir / Params().paths.report, run_dir / f"report-{size[0]}", size)
+        fid = driver.find_element(By.CLASS_NAME, "fid-value")
+        assert fid.text == f"{FID:.2f}" and fid.rect["y"] + fid.rect["height"] <= size[1]
+    assert shot.console_errors == []
+    alts = [image["alt"] for image in shot.images]
+    assert alts == ["grid of generated samples", *(f"samples at step {s}" for s in PROGRESS_STEPS),
+                    "training loss and learning rate"]
+    assert all(shot.decoded(image) for image in shot.images), shot.images
+    grid = shot.images[0]
+    assert grid["y"] + grid["height"] <= size[1] and grid["width"] >= 400  # large, and on the first screen
+    assert shot.first_screen.size == size

@@ -39,6 +39,7 @@ def test_train_writes_a_loadable_pipeline_and_history(tiny_params):
     assert summary == info and summary["steps"] == 12 and np.isfinite(summary["loss_final"])
     assert summary["loss_final"] < float(rows[0]["loss"])  # it learns
     assert summary["num_parameters"] == sum(p.numel() for p in pipeline.unet.parameters())
+    assert set(summary["software"]) == {"python", "torch", "diffusers", "accelerate"} and summary["device_name"]
 
 
 def test_saved_weights_are_the_ema_weights(tiny_params):

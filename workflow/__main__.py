@@ -1,6 +1,7 @@
 """python -m workflow <stage> [--params PARAMS]  -- run one pipeline stage.
 
-Stages: download, preprocess, fid_reference, train, sample, evaluate, fid_steps, report (and bench).
+Stages: download, preprocess, fid_reference, train, sample, evaluate, fid_steps, report.
+Tools beside them: bench (training, sampling and FID throughput), compare (DVC experiments on one page).
 Training on several GPUs: accelerate launch -m workflow train
 """
 import importlib
@@ -10,7 +11,7 @@ from workflow import STAGES
 from workflow.artifacts import DiskFullError
 from workflow.config import ConfigError
 
-COMMANDS = STAGES + ("bench",)
+COMMANDS = STAGES + ("bench", "compare")
 
 
 def main(argv=None) -> int:

@@ -36,17 +36,18 @@ import gc
 import importlib.util
 import json
 import math
-import platform
 import shlex
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from workflow.config import DEFAULT_PARAMS, ConfigError, Params, load_params, params_from_dict
+from workflow.environment import device_name
 from workflow.model import build_unet, count_parameters
 
 SEED_CHANNELS = (128, 128, 256, 256, 512, 512)
@@ -228,16 +229,6 @@ def matmul_rate(device: torch.device, size: int | None = None, repeats: int | No
     return 2 * size ** 3 * repeats / best, str(dtype).removeprefix("torch.")
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), model)
-    return f"{model}, {torch.get_num_threads()} torch threads"
-
-
 def measure_loops(params: Params, peer, images: np.ndarray, steps: int, warmup: int, peer_batch_size: int,
                   repeats: int) -> dict:
     """images/s of each loop, `repeats` times, alternating ours and the peer's so both see the same machine."""
@@ -267,8 +258,8 @@ def bench_train(base: Params, resolution: int = 128, batch_size: int = 16, steps
     rate, dtype = matmul_rate(device, matmul_size)
     limit = rate / flop
     return {
-        "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
-        "diffusers": _version("diffusers"), "resolution": resolution, "channels": list(channels),
+        "device": device.type, "device_name": _device_label(device), "torch": torch.__version__,
+        "diffusers": version("diffusers"), "resolution": resolution, "channels": list(channels),
         "batch_size": batch_size, "peer_batch_size": peer_batch_size if peer else None, "steps": steps,
         "warmup": warmup, "repeats": repeats, "mixed_precision": params.train.mixed_precision,
         "ema": params.train.ema, "compile": params.train.compile,
@@ -281,10 +272,9 @@ def bench_train(base: Params, resolution: int = 128, batch_size: int = 16, steps
     }
 
 
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
+def _device_label(device: torch.device) -> str:
+    label = device_name(device)
+    return f"{label}, {torch.get_num_threads()} torch threads" if device.type == "cpu" else label
 
 
 def _on(flag: bool) -> str:

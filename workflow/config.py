@@ -66,6 +66,7 @@ class Paths:
     metrics: str = _f("reports/metrics.json", NON_EMPTY)
     fid_steps: str = _f("reports/fid_steps.csv", NON_EMPTY)
     report: str = _f("reports/index.html", NON_EMPTY)
+    loss_plot: str = _f("reports/loss.png", NON_EMPTY)
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,15 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def paths_of(raw: dict) -> Paths:
+    """The `paths` of a params dict another run wrote (an experiment's params.yaml, perhaps from an
+    older version of this code): absent keys take their defaults and unknown ones are ignored, as
+    only the paths are needed to find that run's artifacts."""
+    section = raw.get("paths") if isinstance(raw.get("paths"), dict) else {}
+    known = {f.name for f in dataclasses.fields(Paths)}
+    return Paths(**{k: str(v) for k, v in section.items() if k in known})
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:

@@ -2,60 +2,70 @@
 
     python -m workflow report [--params params.yaml]
 
-Reads the sample grid, the training log (history.csv + summary.json), metrics.json, the
-preprocessing meta.json, the download record SOURCE.json and the params, and writes
-`paths.report` (reports/index.html). The page needs nothing from the network: images are
-base64 data URIs and the CSS is inline. It holds no timestamps and no absolute paths that the
-inputs don't already hold, so identical inputs give a byte-identical page.
+Reads the sample grid, the training log (history.csv, summary.json and the progress grids
+grids/step-XXXXXXX.png), metrics.json, the preprocessing meta.json, the download record
+SOURCE.json and the params. Writes `paths.report` (reports/index.html) and `paths.loss_plot`
+(reports/loss.png, the loss and learning-rate figure the page shows; Snakemake's report shows it too).
+
+The page needs nothing from the network: images are base64 data URIs and the CSS is inline. An
+artifact a run does not have (a partial run, or an older one) is shown as missing, naming the stage
+that writes it; a damaged one is an error naming the file. The page holds no timestamps and no
+absolute paths that the inputs don't already hold, so identical inputs give a byte-identical page.
 """
 from __future__ import annotations
 
-import base64
-import csv
-import html
-import io
 import json
-import math
-import struct
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from workflow.artifacts import atomic_path
+from workflow import STAGES, curves
+from workflow.artifacts import atomic_path, write_bytes
 from workflow.cli import parse_params
 from workflow.config import ConfigError, Params
+from workflow.htmlpage import (PNG_SIGNATURE, data_uri, esc, fmt_bytes, fmt_number, fmt_scalar, fmt_seconds,
+                               kv_table, missing, nested, page, pixel_image, png_size, section)
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-GRID_DISPLAY_PX = 512  # the sample grid is scaled up by a whole factor to about this width
+GRID_DISPLAY_PX = 480  # the final grid is scaled up by a whole factor to at most this width
+MAX_PROGRESS_SHOWN = 8
 MAX_SKIPPED_SHOWN = 100
 MAX_FILES_SHOWN = 5
+PROGRESS_NAME = re.compile(r"step-(\d{7})\.png")
+
+
+@dataclass(frozen=True)
+class Missing:
+    """An input the run does not have: where it would be and what writes it."""
+    path: str
+    why: str
+
+    def html(self) -> str:
+        return missing(self.path, self.why)
 
 
 @dataclass(frozen=True, eq=False)
 class ReportInputs:
-    """Everything the page shows, already loaded: render_report does no I/O."""
+    """Everything the page shows, already loaded: render_report does no I/O. Any field but params
+    may be Missing."""
     params: dict
-    metrics: dict
-    summary: dict
-    history: dict  # "step", "loss", "lr" -> 1-D float arrays of equal length
-    meta: dict
-    source: dict
-    grid_png: bytes
+    metrics: dict | Missing
+    summary: dict | Missing
+    history: dict | Missing  # "step", "loss", "lr" -> 1-D float arrays of equal length
+    meta: dict | Missing
+    source: dict | Missing
+    grid_png: bytes | Missing
+    progress: list | Missing  # [(optimiser step, PNG bytes)], oldest first
 
 
 # ---------------------------------------------------------------- loading (the only I/O)
 
-def _require(path: str | Path, stage: str) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: missing; it is written by the `{stage}` stage "
-                          f"(run `python -m workflow {stage}` or `dvc repro`)")
-    return path
+def _written_by(stage: str) -> str:
+    return f"written by the `{stage}` stage: `python -m workflow {stage}` or `dvc repro`"
 
 
-def _load_json_object(path: str | Path, stage: str) -> dict:
-    path = _require(path, stage)
+def _load_json_object(path: Path, stage: str) -> dict:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -65,34 +75,30 @@ def _load_json_object(path: str | Path, stage: str) -> dict:
     return data
 
 
-def _load_png(path: str | Path, stage: str) -> bytes:
-    data = _require(path, stage).read_bytes()
+def _load_png(path: Path, stage: str) -> bytes:
+    data = path.read_bytes()
     if not data.startswith(PNG_SIGNATURE) or len(data) < 24:
         raise ConfigError(f"{path}: not a PNG image; re-run the `{stage}` stage")
     return data
 
 
-def _float(text: str) -> float:
-    return float(text) if text.strip() else math.nan
+def load_history(path: Path, stage: str = "train") -> dict:
+    return curves.parse_history(path.read_text(), str(path))
 
 
-def load_history(path: str | Path) -> dict:
-    """history.csv (header step,loss,lr; extra columns ignored) -> dict of float arrays."""
-    path = _require(path, "train")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"step", "loss", "lr"} - set(reader.fieldnames or ())
-        if missing:
-            raise ConfigError(f"{path}: header lacks column(s) {', '.join(sorted(missing))}; "
-                              f"expected step,loss,lr")
-        rows = []
-        for row in reader:
-            try:
-                rows.append([_float(row["step"]), _float(row["loss"]), _float(row["lr"] or "")])
-            except (ValueError, AttributeError):
-                raise ConfigError(f"{path}: line {reader.line_num}: not numbers: {row}") from None
-    table = np.array(rows, dtype=float).reshape(-1, 3)
-    return {"step": table[:, 0], "loss": table[:, 1], "lr": table[:, 2]}
+def _optional(load, path: str | Path, stage: str):
+    path = Path(path)
+    return load(path, stage) if path.is_file() else Missing(str(path), _written_by(stage))
+
+
+def load_progress(folder: Path) -> list | Missing:
+    """The progress grids <train_log>/grids/step-XXXXXXX.png as [(step, png)], oldest first."""
+    found = sorted((int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else ())
+                   if (m := PROGRESS_NAME.fullmatch(p.name)))
+    if not found:
+        return Missing(f"{folder}/step-*.png", "written by the `train` stage at each checkpoint, "
+                                               "when the run makes progress grids")
+    return [(step, _load_png(path, "train")) for step, path in found]
 
 
 def load_inputs(params: Params) -> ReportInputs:
@@ -100,185 +106,166 @@ def load_inputs(params: Params) -> ReportInputs:
     log = Path(p.train_log)
     return ReportInputs(
         params=params.to_dict(),
-        metrics=_load_json_object(p.metrics, "evaluate"),
-        summary=_load_json_object(log / "summary.json", "train"),
-        history=load_history(log / "history.csv"),
-        meta=_load_json_object(p.meta, "preprocess"),
-        source=_load_json_object(Path(p.raw) / "SOURCE.json", "download"),
-        grid_png=_load_png(p.grid, "sample"),
+        metrics=_optional(_load_json_object, p.metrics, "evaluate"),
+        summary=_optional(_load_json_object, log / "summary.json", "train"),
+        history=_optional(load_history, log / "history.csv", "train"),
+        meta=_optional(_load_json_object, p.meta, "preprocess"),
+        source=_optional(_load_json_object, Path(p.raw) / "SOURCE.json", "download"),
+        grid_png=_optional(_load_png, p.grid, "sample"),
+        progress=load_progress(log / "grids"),
     )
 
 
-# ---------------------------------------------------------------- formatting helpers
-
-def esc(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def fmt_scalar(value) -> str:
-    """A plain value as YAML would spell it (escaped)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        text = format(value, ".6g")
-        return esc(text if any(c in text for c in ".ein") else text + ".0")  # 1.0, not 1
-    return esc(value)
+def loss_plot(inputs: ReportInputs) -> bytes:
+    """The loss/lr figure (paths.loss_plot); without a history, an empty figure that says so."""
+    history = inputs.history
+    if isinstance(history, Missing):
+        history = {c: np.array([]) for c in curves.COLUMNS}
+    return curves.loss_plot_png(history)
 
 
-def fmt_number(value, spec: str = ",", suffix: str = "") -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "&mdash;" if value is None else esc(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return esc(value)
-    return esc(format(value, spec) + suffix)
+# ---------------------------------------------------------------- the top: final grid and key figures
+
+def _known(value) -> dict:
+    return {} if isinstance(value, Missing) else value
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def nested(value) -> str:
-    """Any JSON-like value as HTML: dicts become nested tables, lists of scalars a comma list."""
-    if isinstance(value, dict):
-        if not value:
-            return "<em>{}</em>"
-        rows = "".join(f"<tr><th>{esc(k)}</th><td>{nested(v)}</td></tr>" for k, v in value.items())
-        return f'<table class="kv">{rows}</table>'
-    if isinstance(value, (list, tuple)):
-        if all(not isinstance(v, (dict, list, tuple)) for v in value):
-            return "[" + ", ".join(fmt_scalar(v) for v in value) + "]"
-        return "<ol>" + "".join(f"<li>{nested(v)}</li>" for v in value) + "</ol>"
-    return f"<code>{fmt_scalar(value)}</code>"
-
-
-def kv_table(rows) -> str:
-    """rows: (label text, value HTML) pairs; the label is escaped here, the value already is."""
-    body = "".join(f"<tr><th>{esc(label)}</th><td>{value}</td></tr>" for label, value in rows)
-    return f'<table class="kv">{body}</table>'
-
-
-def data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def png_size(png: bytes) -> tuple[int, int]:
-    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk always comes first
-    return width, height
-
-
-# ---------------------------------------------------------------- the loss plot
-
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over `window` values; the result is len(values) - window + 1 long."""
-    window = max(1, min(window, len(values)))
-    sums = np.cumsum(np.concatenate([[0.0], values]))
-    return (sums[window:] - sums[:-window]) / window
-
-
-def loss_plot_png(history: dict) -> bytes:
-    """Loss (log scale, raw faint + moving average) over a small learning-rate panel, as PNG."""
-    import matplotlib.style
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    with matplotlib.style.context("default"):  # ignore any matplotlibrc: same bytes everywhere
-        fig = Figure(figsize=(8, 4.8), dpi=100, layout="constrained")
-        FigureCanvasAgg(fig)
-        ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-        _draw_loss(ax_loss, history["step"], history["loss"])
-        _draw_lr(ax_lr, history["step"], history["lr"])
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    return buffer.getvalue()
-
-
-def _draw_loss(ax, steps: np.ndarray, loss: np.ndarray) -> None:
-    keep = np.isfinite(steps) & np.isfinite(loss) & (loss > 0)
-    steps, loss = steps[keep], loss[keep]
-    ax.set_ylabel("loss")
-    ax.grid(True, which="both", alpha=0.25)
-    if not len(loss):
-        ax.text(0.5, 0.5, "no finite loss values", ha="center", va="center", transform=ax.transAxes)
-        return
-    window = max(1, len(loss) // 20)
-    ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
-    centre = (window - 1) // 2  # each mean drawn at its window's middle step: no visual lag
-    ax.plot(steps[centre:len(steps) - window + 1 + centre], moving_average(loss, window),
-            color="tab:blue", linewidth=1.8,
-            label=f"moving average ({window} steps)")
-    ax.set_yscale("log")
-    ax.legend(loc="upper right", frameon=False)
-
-
-def _draw_lr(ax, steps: np.ndarray, lr: np.ndarray) -> None:
-    keep = np.isfinite(steps) & np.isfinite(lr)
-    ax.set_ylabel("learning rate")
-    ax.set_xlabel("step")
-    ax.grid(True, alpha=0.25)
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    if keep.any():
-        ax.plot(steps[keep], lr[keep], color="tab:orange", linewidth=1.4)
+def hero_section(inputs: ReportInputs) -> str:
+    grid_png = inputs.grid_png
+    if isinstance(grid_png, Missing):
+        grid = f'<figure class="final">{grid_png.html()}</figure>'
     else:
-        ax.text(0.5, 0.5, "no learning-rate values", ha="center", va="center", transform=ax.transAxes)
+        img, scale = pixel_image(grid_png, GRID_DISPLAY_PX, "grid of generated samples")
+        width, height = png_size(grid_png)
+        grid = (f'<figure class="final">{img}<figcaption>Final samples (EMA weights): {width}&times;{height} px, '
+                f"shown at {scale}&times;</figcaption></figure>")
+    return f'<section class="hero">{grid}<div class="keyfigs">{key_figures(inputs)}</div></section>\n'
 
 
-# ---------------------------------------------------------------- page sections
-
-METRIC_ROWS = (  # key, label, format spec, suffix; the FID card shows fid/kid/num_* itself
-    ("train_loss_final", "final training loss", ".4g", ""),
-    ("train_images_per_second", "training throughput", ",.1f", " images/s"),
-    ("train_steps", "training steps", ",", ""),
-    ("train_seconds", "training time", ",.1f", " s"),
-    ("sample_images_per_second", "sampling throughput", ",.1f", " images/s"),
-    ("sample_seconds", "sampling time", ",.1f", " s"),
-    ("num_parameters", "model parameters", ",", ""),
-)
-FID_KEYS = ("fid", "kid", "fid_num_samples", "fid_num_reference", "fid_weights_origin", "fid_weights_sha256")
-
-
-def metrics_section(metrics: dict) -> str:
+def key_figures(inputs: ReportInputs) -> str:
+    """The FID card, the headline numbers of metrics.json and what produced them."""
+    metrics = inputs.metrics
+    if isinstance(metrics, Missing):
+        return "<h2>Metrics</h2>" + metrics.html() + kv_table(run_rows(inputs))
     fid, kid = metrics.get("fid"), metrics.get("kid")
-    basis = (f"on {fmt_number(metrics.get('fid_num_samples'))} generated samples against "
+    basis = (f"over {fmt_number(metrics.get('fid_num_samples'))} samples against "
              f"{fmt_number(metrics.get('fid_num_reference'))} reference images")
-    card = (f'<div class="fid"><div class="fid-label">FID</div>'
-            f'<div class="fid-value">{fmt_number(fid, ".2f")}</div>'
-            f'<div class="fid-basis">{basis}<br>KID {fmt_number(kid, ".4g")}</div></div>')
-    known = {key for key, *_ in METRIC_ROWS} | set(FID_KEYS)
-    rows = [(label, fmt_number(metrics[key], spec, suffix))
-            for key, label, spec, suffix in METRIC_ROWS if key in metrics]
-    if "fid_weights_origin" in metrics:
-        rows.append(("Inception weights", f"<code>{fmt_scalar(metrics['fid_weights_origin'])}</code>"))
-    if "fid_weights_sha256" in metrics:
-        rows.append(("Inception weights sha256", f"<code>{fmt_scalar(metrics['fid_weights_sha256'])}</code>"))
-    rows += [(key, nested(value)) for key, value in metrics.items() if key not in known]
-    return _section("Metrics", f'<div class="metrics">{card}{kv_table(rows)}</div>')
+    card = (f'<div class="fid"><div class="fid-label">FID</div><div class="fid-value">{fmt_number(fid, ".2f")}</div>'
+            f'<div class="fid-basis">KID {fmt_number(kid, ".4g")} &middot; {basis}</div></div>')
+    seconds = [v for k, v in metrics.items() if k.endswith("_seconds") and isinstance(v, (int, float))]
+    rows = [("final training loss", fmt_number(metrics.get("train_loss_final"), ".4g")),
+            ("training steps", fmt_number(metrics.get("train_steps"))),
+            ("model parameters", fmt_number(metrics.get("num_parameters"))),
+            ("training throughput", fmt_number(metrics.get("train_images_per_second"), ",.1f", " images/s")),
+            ("wall time, all timed stages", fmt_seconds(sum(seconds) if seconds else None))]
+    everything = kv_table((key, nested(value)) for key, value in metrics.items())
+    return (card + kv_table(rows + run_rows(inputs))
+            + f"<details><summary>all of metrics.json</summary>{everything}</details>")
 
 
-def samples_section(grid_png: bytes) -> str:
-    width, height = png_size(grid_png)
-    scale = max(1, round(GRID_DISPLAY_PX / max(width, 1)))
-    img = (f'<img class="pixelated" src="{data_uri(grid_png)}" width="{width * scale}" '
-           f'height="{height * scale}" alt="grid of generated samples">')
-    caption = f"{width}&times;{height} px, shown at {scale}&times; (nearest-neighbour)"
-    return _section("Samples", f"<figure>{img}<figcaption>{caption}</figcaption></figure>")
+def run_rows(inputs: ReportInputs) -> list:
+    """What produced those numbers, in one line each: device, sampling, data."""
+    summary, source = _known(inputs.summary), _known(inputs.source)
+    device = summary.get("device_name") or summary.get("device")
+    sampling = " ".join(f"{k}={fmt_scalar(v)}" for k, v in inputs.params.get("sample", {}).items())
+    data = fmt_scalar(inputs.params.get("data", {}).get("source"))
+    if isinstance(source.get("sha"), str):
+        data += f" @ {esc(source['sha'][:12])}"
+    return [("device", esc(device) if device else "&mdash;"), ("sampling", f"<code>{sampling}</code>"),
+            ("data", f"<code>{data}</code>")]
 
 
-def training_section(history: dict, summary: dict) -> str:
-    loss = history["loss"]
-    bad = int(np.count_nonzero(~np.isfinite(loss)))
+# ---------------------------------------------------------------- progress, curves, timings, environment
+
+def shown_progress(progress: list) -> list:
+    """At most MAX_PROGRESS_SHOWN grids, evenly spaced, always the first and the last."""
+    if len(progress) <= MAX_PROGRESS_SHOWN:
+        return progress
+    picks = np.unique(np.linspace(0, len(progress) - 1, MAX_PROGRESS_SHOWN).round().astype(int))
+    return [progress[i] for i in picks]
+
+
+def progress_section(progress: list | Missing) -> str:
+    title = "Progress over training"
+    if isinstance(progress, Missing):
+        return section(title, progress.html())
+    shown = shown_progress(progress)
+    # The strip fills the width (CSS scales each grid up, pixels kept sharp), never below 1:1.
+    figures = "".join(f'<figure style="min-width: {png_size(png)[0]}px">'
+                      f"{pixel_image(png, 0, f'samples at step {step}')[0]}"
+                      f"<figcaption>step {step:,}</figcaption></figure>" for step, png in shown)
+    note = f"{len(shown)} of {len(progress)} checkpoints" if len(shown) < len(progress) else \
+        f"{len(progress)} checkpoint(s)"
+    caption = f"<p class=\"caption\">Samples from the EMA weights at each checkpoint, from the same noise: {note}.</p>"
+    return section(title, f'<div class="strip">{figures}</div>{caption}')
+
+
+def training_section(history: dict | Missing, summary: dict | Missing, loss_png: bytes) -> str:
+    title = "Training curves"
+    if isinstance(history, Missing):
+        return section(title, history.html())
+    bad = int(np.count_nonzero(~np.isfinite(history["loss"])))
     note = f'<p class="warn">{bad} step(s) had a non-finite loss.</p>' if bad else ""
-    img = f'<img src="{data_uri(loss_plot_png(history))}" alt="training loss and learning rate">'
-    caption = f"{len(loss):,} logged steps; loss on a log scale"
-    body = (f"<figure>{img}<figcaption>{caption}</figcaption></figure>{note}"
-            f"<h3>Training summary</h3>{nested(summary)}")
-    return _section("Training", body)
+    width, height = png_size(loss_png)
+    img = f'<img src="{data_uri(loss_png)}" alt="training loss and learning rate" width="{width}" height="{height}">'
+    caption = (f"{len(history['loss']):,} logged steps; the loss on a log scale, faint per step and "
+               "smoothed by a moving average; the learning rate below")
+    details = ("" if isinstance(summary, Missing) else
+               f"<details><summary>training summary (summary.json)</summary>{nested(summary)}</details>")
+    return section(title, f"<figure>{img}<figcaption>{caption}</figcaption></figure>{note}{details}")
 
+
+def stage_timings(metrics: dict) -> list:
+    """[(stage, seconds or None, images/s or None)] from the metrics' `<stage>_seconds` and
+    `<stage>_images_per_second` keys, in pipeline order."""
+    found: dict = {}
+    for key, value in metrics.items():
+        match = re.fullmatch(r"(\w+?)_(seconds|images_per_second)", key)
+        if match and isinstance(value, (int, float)) and not isinstance(value, bool):
+            found.setdefault(match.group(1), {})[match.group(2)] = value
+    order = {stage: i for i, stage in enumerate(STAGES)}
+    stages = sorted(found, key=lambda s: (order.get(s, len(order)), s))
+    return [(s, found[s].get("seconds"), found[s].get("images_per_second")) for s in stages]
+
+
+def timings_section(metrics: dict | Missing) -> str:
+    title = "Time per stage"
+    if isinstance(metrics, Missing):
+        return section(title, metrics.html())
+    rows = stage_timings(metrics)
+    if not rows:
+        return section(title, missing("stage timings", "metrics.json records no `<stage>_seconds`"))
+    body = "".join(f"<tr><th>{esc(stage)}</th><td class=\"num\">{fmt_seconds(sec)}</td>"
+                   f"<td class=\"num\">{fmt_number(rate, ',.1f', ' images/s')}</td></tr>" for stage, sec, rate in rows)
+    total = sum(sec for _, sec, _ in rows if sec is not None)
+    table = (f'<table class="list timings"><tr><th>stage</th><th class="num">wall time</th>'
+             f'<th class="num">throughput</th></tr>{body}<tr class="total"><th>total</th>'
+             f'<td class="num">{fmt_seconds(total)}</td><td></td></tr></table>')
+    note = "<p class=\"caption\">Each stage's own work as it timed it (process start-up and imports aside).</p>"
+    return section(title, table + note)
+
+
+def environment_section(summary: dict | Missing) -> str:
+    title = "Software and device"
+    if isinstance(summary, Missing):
+        return section(title, summary.html())
+    software = summary.get("software")
+    rows = [("device", esc(summary.get("device_name") or "not recorded")),
+            ("kind", f"<code>{fmt_scalar(summary.get('device'))}</code>"),
+            ("processes", fmt_number(summary.get("num_processes"))),
+            ("mixed precision", f"<code>{fmt_scalar(summary.get('mixed_precision'))}</code>"),
+            ("torch.compile", "on" if summary.get("compiled") else "off"),
+            ("torch threads", fmt_number(summary.get("torch_threads")))]
+    if isinstance(software, dict):
+        order = {name: i for i, name in enumerate(("python", "torch", "diffusers", "accelerate"))}
+        rows += [(name, f"<code>{fmt_scalar(software[name])}</code>")
+                 for name in sorted(software, key=lambda n: (order.get(n, len(order)), n))]
+    else:
+        rows.append(("software", "not recorded by this run (re-run the <code>train</code> stage to record it)"))
+    return section(title, kv_table(rows))
+
+
+# ---------------------------------------------------------------- dataset provenance
 
 IDENTITY_KEYS = ("kind", "repo_id", "name", "path", "package", "package_version", "endpoint", "split",
                  "revision", "sha", "data_file_sha256")
@@ -330,85 +317,96 @@ def record_table(record: dict) -> str:
     return kv_table((key, special.get(key, nested)(value)) for key, value in record.items())
 
 
-def dataset_section(meta: dict, source: dict) -> str:
-    meta_source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
-    rows = _identity_rows(source) or _identity_rows(meta_source)
-    rows += [("images", fmt_number(meta.get("count"))),
-             ("resolution", f"{fmt_number(meta.get('resolution'))} px"),
-             ("channels", fmt_number(meta.get("channels")))]
-    if "files" in source:
-        rows.append(("downloaded files", files_summary(source["files"])))
-    preprocessing = {k: v for k, v in meta.items() if k not in ("skipped", "source")}
-    details = (f"<details><summary>download record (SOURCE.json)</summary>{record_table(source)}</details>"
-               f"<details><summary>preprocessing record (meta.json)</summary>{record_table(preprocessing)}"
-               "</details>")
-    body = kv_table(rows) + "<h3>Skipped files</h3>" + skipped_table(meta.get("skipped")) + details
-    return _section("Dataset provenance", body)
+def dataset_section(meta: dict | Missing, source: dict | Missing) -> str:
+    if isinstance(meta, Missing) and isinstance(source, Missing):
+        return section("Dataset provenance", source.html() + meta.html())
+    meta_d, source_d = _known(meta), _known(source)
+    meta_source = meta_d.get("source") if isinstance(meta_d.get("source"), dict) else {}
+    rows = _identity_rows(source_d) or _identity_rows(meta_source)
+    rows += [("images", fmt_number(meta_d.get("count"))),
+             ("resolution", f"{fmt_number(meta_d.get('resolution'))} px"),
+             ("channels", fmt_number(meta_d.get("channels")))]
+    if "files" in source_d:
+        rows.append(("downloaded files", files_summary(source_d["files"])))
+    body = kv_table(rows)
+    if isinstance(meta, Missing):
+        body += meta.html()
+    else:
+        preprocessing = {k: v for k, v in meta.items() if k not in ("skipped", "source")}
+        body += ("<h3>Skipped files</h3>" + skipped_table(meta.get("skipped"))
+                 + f"<details><summary>preprocessing record (meta.json)</summary>{record_table(preprocessing)}"
+                 "</details>")
+    if isinstance(source, Missing):
+        body += source.html()
+    else:
+        body += f"<details><summary>download record (SOURCE.json)</summary>{record_table(source)}</details>"
+    return section("Dataset provenance", body)
 
 
 def params_section(params: dict) -> str:
-    return _section("Parameters", '<div class="params">' + nested(params) + "</div>")
+    """Every param, one card per section of params.yaml."""
+    loose = {k: v for k, v in params.items() if not isinstance(v, dict)}
+    groups = ([("general", loose)] if loose else []) + [(k, v) for k, v in params.items() if isinstance(v, dict)]
+    cards = "".join(f'<div class="card"><h3>{esc(name)}</h3>{nested(values)}</div>' for name, values in groups)
+    return section("Parameters (params.yaml)", f'<div class="params">{cards}</div>')
 
 
-def _section(title: str, body: str) -> str:
-    return f"<section><h2>{esc(title)}</h2>{body}</section>\n"
-
+# ---------------------------------------------------------------- the page
 
 CSS = """
-body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2330;
-       background: #f5f6f8; margin: 0; }
-main { max-width: 980px; margin: 0 auto; padding: 24px; }
-h1 { font-size: 1.6em; margin: 0.2em 0; } h2 { font-size: 1.25em; margin-top: 0; }
-h3 { font-size: 1em; margin: 1em 0 0.3em; }
-.subtitle { color: #5a6272; margin: 0 0 1.5em; }
-section { background: #fff; border: 1px solid #e1e4ea; border-radius: 8px; padding: 18px 22px;
-          margin-bottom: 18px; }
-table { border-collapse: collapse; } th, td { text-align: left; vertical-align: top; padding: 3px 10px 3px 0; }
-table.kv > tbody > tr > th, table.kv > tr > th { font-weight: 600; color: #3b4252; white-space: nowrap; }
-table.kv table.kv { margin: 0; } table.list td, table.list th { border-bottom: 1px solid #eceef2; }
-code { font: 0.9em ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; word-break: break-all; }
-.metrics { display: flex; gap: 28px; align-items: flex-start; flex-wrap: wrap; }
-.fid { background: #eef3ff; border: 1px solid #c9d6f5; border-radius: 8px; padding: 14px 22px; min-width: 200px; }
+.hero { display: flex; gap: 28px; align-items: flex-start; flex-wrap: wrap; }
+.hero .final { flex: 0 1 auto; max-width: 100%; }
+.keyfigs { flex: 1 1 320px; min-width: 300px; }
+.fid { background: #eef3ff; border: 1px solid #c9d6f5; border-radius: 10px; padding: 12px 20px; margin-bottom: 12px; }
 .fid-label { font-weight: 600; color: #3451a3; letter-spacing: 0.05em; }
-.fid-value { font-size: 2.6em; font-weight: 700; line-height: 1.1; }
-.fid-basis { color: #5a6272; font-size: 0.9em; max-width: 240px; }
-figure { margin: 0 0 12px; } figcaption { color: #5a6272; font-size: 0.9em; }
-img { max-width: 100%; height: auto; }
-img.pixelated { image-rendering: crisp-edges; image-rendering: pixelated; border: 1px solid #e1e4ea; }
-details { margin-top: 10px; } summary { cursor: pointer; color: #3451a3; }
-.warn { color: #a33b34; } ol { margin: 0; padding-left: 1.4em; } ul { margin: 0.2em 0; }
+.fid-value { font-size: 2.8em; font-weight: 700; line-height: 1.05; }
+.fid-basis { color: #5a6272; font-size: 0.9em; }
+.strip { display: flex; gap: 14px; overflow-x: auto; align-items: flex-end; padding-bottom: 4px; }
+.strip figure { flex: 1 1 0; max-width: 300px; text-align: center; } .strip img { width: 100%; }
+.caption { color: #5a6272; font-size: 0.88em; margin: 6px 0 0; }
+.row2 { display: grid; grid-template-columns: repeat(auto-fit, minmax(380px, 1fr)); gap: 16px; }
+.row2 > section { margin-bottom: 16px; }
+table.timings { min-width: 60%; } tr.total th, tr.total td { border-top: 2px solid #d5d9e1; }
+.params { columns: 330px; column-gap: 12px; }
+.card { break-inside: avoid; border: 1px solid #eceef2; border-radius: 8px; padding: 6px 12px 10px;
+        background: #fafbfc; margin-bottom: 12px; }
+.card table.kv th { white-space: normal; overflow-wrap: break-word; font-weight: 500; }
+.card table.kv { width: 100%; } .card code { word-break: normal; overflow-wrap: break-word; }
+.card h3 { margin: 0.3em 0 0.4em; color: #3451a3; }
 """
 
 
-def _title(params: dict, meta: dict) -> tuple[str, str]:
+def _title(params: dict, meta: dict | Missing) -> tuple[str, str]:
     title = f"Diffusion run: {params.get('data', {}).get('source', 'unknown dataset')}"
+    meta = _known(meta)
     count = meta.get("count", "?")
     count = f"{count:,}" if isinstance(count, int) else count
     subtitle = (f"{count} images at {meta.get('resolution', '?')} px, "
-                f"{meta.get('channels', '?')} channel(s); seed {params.get('seed', '?')}; "
-                f"{params.get('train', {}).get('max_steps', '?')} training steps")
-    return title, subtitle
+                f"{meta.get('channels', '?')} channel(s); seed {params.get('seed', '?')}")
+    steps = params.get("train", {}).get("max_steps")
+    return title, subtitle + (f"; {steps:,} training steps" if isinstance(steps, int) else "")
 
 
-def render_report(inputs: ReportInputs) -> str:
-    """The whole page as a string: a pure function of `inputs`."""
+def render_report(inputs: ReportInputs, loss_png: bytes) -> str:
+    """The whole page as a string: a pure function of `inputs` and the loss figure."""
     title, subtitle = _title(inputs.params, inputs.meta)
-    body = (metrics_section(inputs.metrics) + samples_section(inputs.grid_png)
-            + training_section(inputs.history, inputs.summary)
-            + dataset_section(inputs.meta, inputs.source) + params_section(inputs.params))
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"
-            f"<h1>{esc(title)}</h1>\n<p class=\"subtitle\">{esc(subtitle)}</p>\n{body}"
-            "<footer><p class=\"subtitle\">Written by <code>python -m workflow report</code> "
-            "from params.yaml and the pipeline's artifacts.</p></footer>\n</main>\n</body>\n</html>\n")
+    body = (hero_section(inputs)
+            + progress_section(inputs.progress)
+            + training_section(inputs.history, inputs.summary, loss_png)
+            + '<div class="row2">' + timings_section(inputs.metrics) + environment_section(inputs.summary)
+            + "</div>\n" + dataset_section(inputs.meta, inputs.source) + params_section(inputs.params)
+            + "<footer>Written by <code>python -m workflow report</code> from params.yaml and the pipeline's "
+              "artifacts.</footer>\n")
+    return page(title, subtitle, body, CSS)
 
 
 def main(argv=None) -> None:
     params = parse_params(argv, "Write the self-contained HTML report of a run.")
-    page = render_report(load_inputs(params))
+    inputs = load_inputs(params)
+    loss_png = loss_plot(inputs)
+    write_bytes(params.paths.loss_plot, loss_png)
     with atomic_path(params.paths.report) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+        tmp.write_text(render_report(inputs, loss_png), encoding="utf-8")
     print(f"report: {params.paths.report}")
 
 

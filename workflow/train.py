@@ -42,6 +42,7 @@ from workflow.config import ConfigError, Params, Sample
 from workflow.diffusion import (apply_flip, batch_indices, diffusion_loss, min_snr_weights,
                                 step_noise, to_model_range, training_target)
 from workflow.faults import maybe_fault
+from workflow.environment import device_name, software_versions
 from workflow.model import build_noise_scheduler, build_unet, count_parameters
 from workflow.sampling import sample_batches, write_grid
 
@@ -318,6 +319,8 @@ def summary(run: Run, resumed_from: Path | None, key: str) -> dict:
         "run_key": key,
         "resumed_from_step": int(resumed_from.name.split("-")[1]) if resumed_from else 0,
         "device": run.accelerator.device.type,
+        "device_name": device_name(run.accelerator.device),
+        "software": software_versions(),
         "num_processes": run.accelerator.num_processes,
         "mixed_precision": run.accelerator.mixed_precision,
         "compiled": run.model is not run.eager_model,

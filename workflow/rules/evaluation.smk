@@ -20,7 +20,7 @@ rule evaluate:
         train_log=rules.train.output.train_log,
         code=code("evaluate", "reference", "fid", "inception"),
     output:
-        metrics=P["metrics"],
+        metrics=report(P["metrics"], caption="../captions/metrics.rst", category="Metrics"),
     params:
         values=params_of("seed", "fid.weights", "fid.weights_sha256", "fid.batch_size"),
     threads: workflow.cores  # CPU runs use every core, as under dvc
@@ -55,9 +55,10 @@ rule report:
         train_log=rules.train.output.train_log,
         grid=rules.sample.output.grid,
         metrics=rules.evaluate.output.metrics,
-        code=code("report"),
+        code=code("report", "curves", "htmlpage"),
     output:
-        report=P["report"],
+        report=report(P["report"], caption="../captions/run_report.rst", category="Run report"),
+        loss_plot=report(P["loss_plot"], caption="../captions/loss.rst", category="Training"),
     params:
         values=params_of("seed", "paths", "data", "model", "scheduler", "train", "sample", "fid"),
     shell:

@@ -5,7 +5,7 @@
 rule train:
     input:
         images=rules.preprocess.output.images,
-        code=code("train", "checkpoints", "sampling", "diffusion", "model"),
+        code=code("train", "checkpoints", "sampling", "diffusion", "environment", "model"),
     output:
         pipeline=directory(P["pipeline"]),
         train_log=directory(P["train_log"]),
@@ -24,7 +24,7 @@ rule sample:
         code=code("sample", "sampling", "diffusion", "model"),
     output:
         samples=directory(P["samples"]),
-        grid=P["grid"],
+        grid=report(P["grid"], caption="../captions/grid.rst", category="Samples"),
     params:
         values=params_of("seed", "sample", "fid.num_samples"),
     threads: workflow.cores  # CPU runs use every core, as under dvc

@@ -1,0 +1,121 @@
+"""The experiment comparison's own logic: which runs it shows, which params differ, the best FID,
+and the page (opened in Chromium, sorted by a click). The real `dvc exp show` and DVC cache are
+exercised end to end in tests/test_e2e.py."""
+import io
+import math
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.browser import browser, needs_chromium, render
+from workflow import compare
+from workflow.config import ConfigError
+
+
+def _params(lr=0.002, steps=16, metrics="reports/metrics.json"):
+    return {"seed": 0, "paths": {"metrics": metrics}, "model": {"block_out_channels": [16, 32]},
+            "train": {"learning_rate": lr, "max_steps": steps}}
+
+
+def _data(params, metrics):
+    return {"params": {"params.yaml": {"data": params}},
+            "metrics": {params["paths"]["metrics"]: {"data": metrics}} if metrics is not None else {}}
+
+
+def _rev(name, sha, params, metrics):
+    return {"rev": sha, "name": name, "data": _data(params, metrics)}
+
+
+# The shape of `dvc exp show --json` (dvc 3): the workspace, then the baseline commit with its experiments.
+SHOWN = [
+    {"rev": "workspace", "name": None, "data": _data(_params(steps=8), {"fid": 90.0})},
+    {"rev": "a" * 40, "name": "main", "data": _data(_params(), None), "experiments": [
+        {"revs": [_rev("steps-8", "b" * 40, _params(steps=8), {"fid": 90.0})]},
+        {"revs": [_rev("lr-1e-3", "c" * 40, _params(lr=0.001), {"fid": 70.5, "kid": 0.1})]},
+    ]},
+]
+
+
+def test_listed_runs_follow_dvcs_order():
+    runs = compare.listed_runs(SHOWN)
+    assert [(r["name"], r["kind"]) for r in runs] == [
+        ("workspace", "workspace"), ("main", "commit"), ("steps-8", "experiment"), ("lr-1e-3", "experiment")]
+    assert compare.run_metrics(runs[3]) == {"fid": 70.5, "kid": 0.1}
+
+
+def test_default_selection_skips_a_commit_without_results_and_a_workspace_seen_already():
+    names = [r["name"] for r in compare.select(compare.listed_runs(SHOWN), [])]
+    assert names == ["steps-8", "lr-1e-3"]
+    shown = [dict(SHOWN[0], data=_data(_params(steps=4), {"fid": 120.0})), SHOWN[1]]
+    assert [r["name"] for r in compare.select(compare.listed_runs(shown), [])][0] == "workspace"
+
+
+def test_named_selection_by_name_or_rev_prefix():
+    runs = compare.listed_runs(SHOWN)
+    assert [r["name"] for r in compare.select(runs, ["cccc", "steps-8"])] == ["lr-1e-3", "steps-8"]
+    with pytest.raises(ConfigError, match=r"no experiment 'nope'.*there are: workspace, main, steps-8, lr-1e-3"):
+        compare.select(runs, ["nope"])
+
+
+def _grid(seed: int, size: int = 22) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _history(scale: float, steps: int = 40) -> dict:
+    step = np.arange(1.0, steps + 1)
+    return {"step": step, "loss": scale / np.sqrt(step), "lr": 1e-3 * np.minimum(1.0, step / 5)}
+
+
+def _experiment(name, fid, lr=0.002, steps=16, grid=True, history=True):
+    metrics = {} if fid is None else {"fid": fid, "kid": fid / 1000, "train_loss_final": 0.05,
+                                      "train_images_per_second": 500.0}
+    return compare.Experiment(name, name[0] * 40, _params(lr, steps), metrics,
+                              _grid(len(name)) if grid else None, _history(fid or 1.0) if history else None,
+                              () if grid else ("reports/samples/grid.png: not in the cache",))
+
+
+EXPERIMENTS = [_experiment("baseline", 51.5), _experiment("lr-1e-3", 48.25, lr=0.001),
+               _experiment("steps-8", 80.0, steps=8), _experiment("failed", None, grid=False, history=False)]
+
+
+def test_differing_params_and_ranking():
+    assert compare.differing_params(EXPERIMENTS) == ["train.learning_rate", "train.max_steps"]
+    assert compare.differing_params(EXPERIMENTS[:1]) == []
+    assert [e.name for e in compare.ranked(EXPERIMENTS)] == ["lr-1e-3", "baseline", "steps-8", "failed"]
+    assert math.isinf(EXPERIMENTS[3].fid)
+
+
+def test_page_marks_the_best_fid_and_shows_every_experiment():
+    page = compare.render_comparison(EXPERIMENTS)
+    rows = re.findall(r"<tr( class=best)?><td data-sort=\"([^\"]+)\">", page)
+    assert rows == [(" class=best", "lr-1e-3"), ("", "baseline"), ("", "steps-8"), ("", "failed")]
+    assert "48.25 <span class=\"badge\">best</span>" in page and "best FID 48.25: lr-1e-3" in page
+    assert page.count('<figure class="thumb') == 4 and page.count("<strong>missing:</strong> sample grid") == 1
+    assert "<button type=\"button\">train.learning_rate</button>" in page
+    assert "<button type=\"button\">seed</button>" not in page  # the same everywhere
+    assert "failed</strong>: reports/samples/grid.png: not in the cache" in page
+    assert not re.search(r"(?:src|href)=\"(?!data:)", page) and "http" not in page
+
+
+@needs_chromium
+def test_page_in_chromium_decodes_every_image_and_sorts(tmp_path):
+    from selenium.webdriver.common.by import By
+
+    path = tmp_path / "experiments.html"
+    path.write_text(compare.render_comparison(EXPERIMENTS), encoding="utf-8")
+    with browser() as driver:
+        shot = render(driver, path, tmp_path / "compare-synthetic")
+        assert shot.console_errors == []
+        assert len(shot.images) == 4  # three grids and the curves; the failed run has no grid
+        assert all(shot.decoded(image) for image in shot.images), shot.images
+        header = driver.find_element(By.XPATH, "//th/button[text()='FID']")
+        header.click()
+        header.click()  # descending: the run without a FID stays last
+        order = [row.text.split("\n")[0].split()[0] for row in driver.find_elements(By.CSS_SELECTOR, "tbody tr")]
+        assert order == ["steps-8", "baseline", "lr-1e-3", "failed"]
+        assert driver.get_log("browser") == []
