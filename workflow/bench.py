@@ -258,7 +258,7 @@ def bench_train(base: Params, resolution: int = 128, batch_size: int = 16, steps
     rate, dtype = matmul_rate(device, matmul_size)
     limit = rate / flop
     return {
-        "device": device.type, "device_name": _device_label(device), "torch": torch.__version__,
+        "device": device.type, "device_name": device_label(device), "torch": torch.__version__,
         "diffusers": version("diffusers"), "resolution": resolution, "channels": list(channels),
         "batch_size": batch_size, "peer_batch_size": peer_batch_size if peer else None, "steps": steps,
         "warmup": warmup, "repeats": repeats, "mixed_precision": params.train.mixed_precision,
@@ -272,7 +272,7 @@ def bench_train(base: Params, resolution: int = 128, batch_size: int = 16, steps
     }
 
 
-def _device_label(device: torch.device) -> str:
+def device_label(device: torch.device) -> str:
     label = device_name(device)
     return f"{label}, {torch.get_num_threads()} torch threads" if device.type == "cpu" else label
 

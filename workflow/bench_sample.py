@@ -32,6 +32,7 @@ import shlex
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +131,8 @@ def bench_fid(base: Params, resolution: int, channels: tuple, steps: int, batch_
 
 def describe(params: Params, unet, device, resolution: int, channels: tuple, steps: int) -> dict:
     s = params.sample
-    return {"device": device.type, "device_name": bench.device_name(device), "torch": torch.__version__,
-            "diffusers": bench._version("diffusers"), "resolution": resolution, "channels": list(channels),
+    return {"device": device.type, "device_name": bench.device_label(device), "torch": torch.__version__,
+            "diffusers": version("diffusers"), "resolution": resolution, "channels": list(channels),
             "num_parameters": count_parameters(unet), "sampler": s.sampler, "eta": s.eta, "steps": steps,
             "dtype": str(resolve_dtype(s.mixed_precision, device)).removeprefix("torch."), "compile": s.compile}
 
