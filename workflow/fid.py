@@ -9,19 +9,18 @@ No command of its own: `python -m workflow fid_reference` and `python -m workflo
 
 Each image goes uint8 RGB (a grayscale image is replicated to three channels, which is what PIL's
 convert("RGB") does) -> clean-fid's "clean" resizer (per-channel float PIL bicubic to 299x299) ->
-float 0..255 -> the extractor (workflow.inception). The distances are clean-fid's own functions.
+float 0..255 -> the extractor (workflow.inception). KID is clean-fid's kernel_distance; FID is
+clean-fid's formula by a faster, equal route (frechet_distance).
 """
 from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import numpy as np
 import torch
 from cleanfid import fid as cleanfid_fid
 from cleanfid.resize import build_resizer
-from scipy.linalg import LinAlgWarning
 from torch.utils.data import DataLoader, Dataset
 
 FEATURE_DIM = 2048
@@ -85,13 +84,24 @@ def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """FID between two Gaussians, by clean-fid's frechet_distance."""
-    with warnings.catch_warnings():
-        # clean-fid passes scipy's deprecated sqrtm(disp=False); and with fewer samples than feature
-        # dimensions (2048) the covariances are singular by construction, which sqrtm warns about.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*disp")
-        warnings.filterwarnings("ignore", category=LinAlgWarning)
-        return float(cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2))
+    """FID between two Gaussians: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+    The same quantity as clean-fid's frechet_distance, computed another way: the eigenvalues of
+    S1 S2 are those of the symmetric S1^(1/2) S2 S1^(1/2), so the trace of the square root is the sum
+    of their square roots. Two symmetric eigendecompositions cost about a tenth of scipy's sqrtm
+    (a complex Schur form: ~15 s at 2048 dimensions on 2 CPU cores), and they stay well defined for
+    the singular covariances of sets smaller than 2048. Tested against the closed form and against
+    `cleanfid.fid.compute_fid` (1e-6 relative); the eigenvalues below 0 are rounding, clipped to 0.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = root1 @ sigma2 @ root1
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)  # symmetrised against rounding
+    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def kernel_inception_distance(feats1: np.ndarray, feats2: np.ndarray, seed: int,
