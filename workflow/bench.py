@@ -356,10 +356,15 @@ def main(argv=None) -> None:
     result = bench_train(load_params(args.params), resolution=args.resolution, batch_size=args.batch_size,
                          steps=args.steps, warmup=args.warmup, channels=tuple(args.channels),
                          peer_path=args.peer, peer_batch_size=args.peer_batch_size, repeats=args.repeats)
+    publish(result, format_table, argv, args.json)
+
+
+def publish(result: dict, render, argv: list, json_path: str | None) -> None:
+    """Print `render(result, command)`; with --json, also write the numbers and the command."""
     command = shlex.join(["python", "-m", "workflow", "bench", *argv])
-    print(format_table(result, command))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
+    print(render(result, command))
+    if json_path:
+        Path(json_path).write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import shlex
 import sys
 import tempfile
 import time
 from importlib.metadata import version
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -214,10 +211,7 @@ def main(argv) -> None:
         result, fmt = bench_sample(*common, args.peer_images, args.repeats), format_sample
     else:
         result, fmt = bench_fid(*common, args.reference_images), format_fid
-    command = shlex.join(["python", "-m", "workflow", "bench", *argv])
-    print(fmt(result, command))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
+    bench.publish(result, fmt, argv, args.json)
 
 
 if __name__ == "__main__":
