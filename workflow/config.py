@@ -52,27 +52,32 @@ def _tuple(default, rule=None):
     return field(default=tuple(default), metadata=rule or {})
 
 
+def _path(default):
+    """A path in params.yaml: any non-empty string."""
+    return _f(default, NON_EMPTY)
+
+
 @dataclass(frozen=True)
 class Paths:
-    raw: str = _f("data/raw", NON_EMPTY)
-    images: str = _f("data/processed/images.npy", NON_EMPTY)
-    meta: str = _f("data/processed/meta.json", NON_EMPTY)
-    fid_ref: str = _f("data/processed/fid_ref.npz", NON_EMPTY)
-    checkpoints: str = _f("models/checkpoints", NON_EMPTY)
-    pipeline: str = _f("models/pipeline", NON_EMPTY)
-    train_log: str = _f("reports/train", NON_EMPTY)
-    grid: str = _f("reports/samples/grid.png", NON_EMPTY)
-    samples: str = _f("data/samples", NON_EMPTY)
-    metrics: str = _f("reports/metrics.json", NON_EMPTY)
-    fid_steps: str = _f("reports/fid_steps.csv", NON_EMPTY)
-    report: str = _f("reports/index.html", NON_EMPTY)
-    loss_plot: str = _f("reports/loss.png", NON_EMPTY)
+    raw: str = _path("data/raw")
+    images: str = _path("data/processed/images.npy")
+    meta: str = _path("data/processed/meta.json")
+    fid_ref: str = _path("data/processed/fid_ref.npz")
+    checkpoints: str = _path("models/checkpoints")
+    pipeline: str = _path("models/pipeline")
+    train_log: str = _path("reports/train")
+    grid: str = _path("reports/samples/grid.png")
+    samples: str = _path("data/samples")
+    metrics: str = _path("reports/metrics.json")
+    fid_steps: str = _path("reports/fid_steps.csv")
+    report: str = _path("reports/index.html")
+    loss_plot: str = _path("reports/loss.png")
 
 
 @dataclass(frozen=True)
 class Data:
     source: str = _f("builtin:mnist", SOURCE)
-    folder: str = _f("data/images", NON_EMPTY)  # the imagefolder: path; dvc and Snakemake track its content
+    folder: str = _path("data/images")  # the imagefolder: path; dvc and Snakemake track its content
     revision: Optional[str] = None
     split: str = "train"
     image_column: str = "image"
