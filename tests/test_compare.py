@@ -52,6 +52,13 @@ def test_default_selection_skips_a_commit_without_results_and_a_workspace_seen_a
     assert [r["name"] for r in compare.select(compare.listed_runs(shown), [])][0] == "workspace"
 
 
+def test_default_selection_shows_a_repeated_run_once():
+    again = _rev("rerun", "d" * 40, _params(steps=8), {"fid": 90.0})  # `make run` twice: same params, same results
+    shown = [SHOWN[0], dict(SHOWN[1], experiments=[*SHOWN[1]["experiments"], {"revs": [again]}])]
+    assert [r["name"] for r in compare.select(compare.listed_runs(shown), [])] == ["steps-8", "lr-1e-3"]
+    assert [r["name"] for r in compare.select(compare.listed_runs(shown), ["rerun"])] == ["rerun"]
+
+
 def test_named_selection_by_name_or_rev_prefix():
     runs = compare.listed_runs(SHOWN)
     assert [r["name"] for r in compare.select(runs, ["cccc", "steps-8"])] == ["lr-1e-3", "steps-8"]

@@ -218,8 +218,10 @@ def check_snakemake_report(repo: Path, tmp_path: Path) -> None:
     """`snakemake --report` (as the README says it) embeds our results and loads nothing from the network."""
     sh(repo, "snakemake", "--report", "reports/snakemake.html")
     page = (repo / "reports/snakemake.html").read_text()
-    for name in ("grid.png", "loss.png", "metrics.json", "index.html"):
+    progress = sorted(p.name for p in (repo / "reports/train/grids").glob("step-*.png"))
+    for name in ("grid.png", "loss.png", "metrics.json", "index.html", *progress):
         assert name in page, name
+    assert progress and "Progress grids" in page
     assert not re.search(r"<(?:script|link|img)[^>]+(?:src|href)=[\"']?(?:https?:)?//", page)
     check_in_chromium(repo / "reports/snakemake.html", tmp_path / "snakemake", images=None)
 

@@ -107,10 +107,16 @@ def _same_results(a: dict, b: dict) -> bool:
 
 def select(runs: list, wanted: list) -> list:
     """The runs named in `wanted` (name, rev prefix or `workspace`), in that order; without names, the
-    experiments, the baseline commit if it has results, and the workspace if its results are new."""
+    experiments, the baseline commit if it has results, and the workspace if its results are new.
+    A run whose params and metrics equal an earlier one's (`make run` twice on one commit records the
+    same cached results twice) is shown once, under the name dvc lists first."""
     if wanted:
         return [_find(runs, name) for name in wanted]
-    chosen = [r for r in runs if r["kind"] == "experiment" or (r["kind"] == "commit" and run_metrics(r))]
+    chosen = []
+    for run in runs:
+        if run["kind"] == "experiment" or (run["kind"] == "commit" and run_metrics(run)):
+            if not any(_same_results(run, other) for other in chosen):
+                chosen.append(run)
     workspace = [r for r in runs if r["kind"] == "workspace" and run_metrics(r)
                  and not any(_same_results(r, other) for other in chosen)]
     return workspace + chosen

@@ -231,31 +231,32 @@ def _flush_losses(run: Run, pending: list) -> None:
 def train_loop(run: Run, checkpoint_dir: Path) -> None:
     p, acc, last = run.params, run.accelerator, run.total_steps
     start_step = run.progress["step"]
-    bar = tqdm(total=last, initial=start_step, desc="train", unit="step", disable=not acc.is_local_main_process)
-    pending, started, images = [], time.perf_counter(), 0
-    logged_at, logged_images = started, 0
-    for step in range(start_step, last):
-        lr = run.lr_scheduler.get_last_lr()[0]
-        pending.append((step + 1, guarded_step(run, step), lr))
-        images += p.train.batch_size
-        done = step + 1
-        maybe_fault("train.after_step", done)
-        checkpoint = done % p.train.checkpoint_every == 0 or done == last
-        if done % p.train.log_every == 0 or checkpoint:
-            _flush_losses(run, pending)  # the one host synchronisation per log interval
-            now = time.perf_counter()
-            rate = (images - logged_images) / (now - logged_at)
-            run.progress["throughput"].append([done, rate])
-            logged_at, logged_images = now, images
-            bar.set_postfix(loss=f"{run.progress['history'][-1][1]:.4f}", img_s=f"{rate:.0f}")
-            bar.update(done - bar.n)
-        if checkpoint:
-            _record_time(run, done, started, images)
-            save_progress_grid(run, checkpoint_dir / GRIDS, done)  # first: every saved checkpoint has its grid
-            started, images, logged_at, logged_images = time.perf_counter(), 0, time.perf_counter(), 0
-            checkpoints.save_checkpoint(acc, checkpoint_dir, run.progress, p.train.checkpoints_total_limit,
-                                        training_states(run))
-    bar.close()
+    # a context manager: a failed step (non-finite loss) closes the bar where the error is reported
+    with tqdm(total=last, initial=start_step, desc="train", unit="step",
+              disable=not acc.is_local_main_process) as bar:
+        pending, started, images = [], time.perf_counter(), 0
+        logged_at, logged_images = started, 0
+        for step in range(start_step, last):
+            lr = run.lr_scheduler.get_last_lr()[0]
+            pending.append((step + 1, guarded_step(run, step), lr))
+            images += p.train.batch_size
+            done = step + 1
+            maybe_fault("train.after_step", done)
+            checkpoint = done % p.train.checkpoint_every == 0 or done == last
+            if done % p.train.log_every == 0 or checkpoint:
+                _flush_losses(run, pending)  # the one host synchronisation per log interval
+                now = time.perf_counter()
+                rate = (images - logged_images) / (now - logged_at)
+                run.progress["throughput"].append([done, rate])
+                logged_at, logged_images = now, images
+                bar.set_postfix(loss=f"{run.progress['history'][-1][1]:.4f}", img_s=f"{rate:.0f}")
+                bar.update(done - bar.n)
+            if checkpoint:
+                _record_time(run, done, started, images)
+                save_progress_grid(run, checkpoint_dir / GRIDS, done)  # first: every saved checkpoint has its grid
+                started, images, logged_at, logged_images = time.perf_counter(), 0, time.perf_counter(), 0
+                checkpoints.save_checkpoint(acc, checkpoint_dir, run.progress, p.train.checkpoints_total_limit,
+                                            training_states(run))
 
 
 @contextlib.contextmanager

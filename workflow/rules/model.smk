@@ -8,7 +8,8 @@ rule train:
         code=code("train", "checkpoints", "sampling", "diffusion", "environment", "model"),
     output:
         pipeline=directory(P["pipeline"]),
-        train_log=directory(P["train_log"]),
+        train_log=report(directory(P["train_log"]), patterns=["grids/step-{step}.png"],
+                         caption="../captions/progress.rst", category="Training", subcategory="Progress grids"),
     params:
         values=params_of("seed", "model", "scheduler", "train"),
     threads: workflow.cores  # CPU runs use every core, as under dvc
