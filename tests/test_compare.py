@@ -103,7 +103,7 @@ def test_page_marks_the_best_fid_and_shows_every_experiment():
     assert rows == [(" class=best", "lr-1e-3"), ("", "baseline"), ("", "steps-8"), ("", "failed")]
     assert "48.25 <span class=\"badge\">best</span>" in page and "best FID 48.25: lr-1e-3" in page
     assert page.count('<figure class="thumb') == 4 and page.count("<strong>missing:</strong> sample grid") == 1
-    assert "<button type=\"button\">train.learning_rate</button>" in page
+    assert "<button type=\"button\">train.<wbr>learning_rate</button>" in page  # may wrap after the dot
     assert "<button type=\"button\">seed</button>" not in page  # the same everywhere
     assert "failed</strong>: reports/samples/grid.png: not in the cache" in page
     assert not re.search(r"(?:src|href)=\"(?!data:)", page) and "http" not in page

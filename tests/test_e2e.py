@@ -201,7 +201,7 @@ def test_compare_shows_the_run_and_both_experiments(exp_runs, tmp_path):
     assert {"baseline", *EXPERIMENTS} <= set(table_rows(page))  # other tests may add experiments
     assert page.count("<tr class=best>") == 1 and "Not available" not in page
     for key in ("train.learning_rate", "train.max_steps"):  # the params that differ
-        assert f'<button type="button">{key}</button>' in page
+        assert f'<button type="button">{key.replace(".", ".<wbr>")}</button>' in page
     grids = {name: experiment_grid(repo, name) for name in ("baseline", *EXPERIMENTS)}
     for name, grid in grids.items():  # each thumbnail is that experiment's own grid, from the DVC cache
         assert f'src="data:image/png;base64,{base64.b64encode(grid).decode()}"' in page, name

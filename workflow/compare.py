@@ -207,8 +207,11 @@ def _swatch(colour: str) -> str:
 
 
 def table_section(experiments: list, colours: dict, keys: list, best: Experiment | None) -> str:
-    heads = ["experiment", "rev", *keys, *(title for _, title, _ in COLUMNS)]
-    head = "".join(f'<th><button type="button">{esc(h)}</button></th>' for h in heads)
+    # a long param name may wrap after its dots, so several params fit the width without scrolling;
+    # the metrics' headings sit right, over their right-aligned numbers
+    heads = [("", h) for h in ("experiment", "rev", *keys)] + [(' class="num"', t) for _, t, _ in COLUMNS]
+    head = "".join(f'<th{cls}><button type="button">{esc(h).replace(".", ".<wbr>")}</button></th>'
+                   for cls, h in heads)
     rows = []
     for e in experiments:
         flat = flatten(e.params)
@@ -260,9 +263,10 @@ def problems_section(experiments: list) -> str:
 
 CSS = """
 .scroll { overflow-x: auto; }
-table.sortable th { padding: 0; border-bottom: 2px solid #d5d9e1; white-space: nowrap; }
+table.sortable th { padding: 0; border-bottom: 2px solid #d5d9e1; vertical-align: bottom; }
+table.sortable th.num, table.sortable th.num button { text-align: right; }
 table.sortable th button { font: inherit; font-weight: 600; color: #3b4252; background: none; border: 0;
-                           padding: 6px 14px 6px 0; cursor: pointer; }
+                           padding: 6px 14px 6px 0; cursor: pointer; text-align: left; }
 table.sortable th[aria-sort="ascending"] button::after { content: " \\25B2"; font-size: 0.75em; }
 table.sortable th[aria-sort="descending"] button::after { content: " \\25BC"; font-size: 0.75em; }
 table.sortable td { padding: 6px 14px 6px 0; white-space: nowrap; }
