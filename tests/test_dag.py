@@ -1,6 +1,5 @@
 """dvc.yaml and the Snakefile declare one DAG: same stages, commands, deps, outs and params."""
 import os
-from pathlib import Path
 
 import pytest
 

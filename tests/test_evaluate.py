@@ -83,7 +83,7 @@ def test_reference_from_other_weights_is_refused(reference):
 
 
 def test_missing_inputs_name_the_stage_that_makes_them(tiny_params):
-    params = tiny_params()
+    tiny_params()  # writes params.yaml; no stage has run, so no inputs exist
     with pytest.raises(ConfigError, match="preprocess stage"):
         fid_reference.main(ARGS)
     with pytest.raises(ConfigError, match="fid_reference stage"):
