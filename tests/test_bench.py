@@ -122,13 +122,21 @@ def test_bench_sample_ours_and_the_tutorial_call(tiny_params, capsys):
     assert "| ours: dpmsolver++ | 2 | float32 | 4 | 6 |" in out and "DDPMPipeline" in out and r["command"] in out
 
 
-def test_bench_fid_end_to_end(tiny_params):
+def test_bench_fid_end_to_end(tiny_params, capsys):
     tiny_params()
     bench.main(["fid", "--resolution", "8", "--channels", "32", "64", "--steps", "2", "--batch-size", "2",
                 "--num-images", "3", "--reference-images", "2", "--json", "fid.json"])
     r = json.load(open("fid.json"))
     assert r["num_images"] == 3 and r["sampler"] == "ddim" and math.isfinite(r["fid"]) and r["fid"] > 0
     assert r["total_seconds"] == pytest.approx(r["sample_seconds"] + r["fid_seconds"])
+    assert "| 3 samples, ddim-2, float32, batch 2 | seconds |" in capsys.readouterr().out
+
+
+def test_fid_table_names_the_compiled_sampler_with_its_steps():
+    from workflow import bench_sample
+
+    r = {"sampler": "dpmsolver++", "steps": 25, "eta": 0.0, "compile": True}
+    assert bench_sample._sampler_label(r, with_steps=True) == "dpmsolver++-25, torch.compile"
 
 
 @pytest.mark.parametrize("argv", [["sample", "--steps", "0"], ["fid", "--reference-images", "1"]])

