@@ -56,14 +56,15 @@ def exported(workdir: Path) -> dict:
     return {p.relative_to(images).as_posix(): p.read_bytes() for p in sorted(images.rglob("*")) if p.is_file()}
 
 
-def secret_free(*roots: Path, texts: tuple[str, ...] = ()) -> None:
-    """SECRET_TOKEN appears in no file under `roots` (binary or text) and in none of `texts`."""
+def secret_free(*roots: Path, texts: tuple[str, ...] = (), saved: Path | None = None) -> None:
+    """SECRET_TOKEN appears in no file under `roots` (binary or text) but `saved` (the login's token
+    file) and in none of `texts`."""
     needle = SECRET_TOKEN.encode()
     for text in texts:
         assert SECRET_TOKEN not in text
     for root in roots:
         for path in Path(root).rglob("*"):
-            if path.is_file() and not path.is_symlink():
+            if path.is_file() and not path.is_symlink() and path != saved:
                 assert needle not in path.read_bytes(), f"HF_TOKEN written to {path}"
 
 
@@ -125,6 +126,35 @@ def test_parquet_not_named_by_split_is_the_train_split(mirror, tmp_path):
     assert record["count"] == 6
     line = one_error(download(tmp_path / "w", env, source="hf:org/unnamed", split="test")[0])
     assert "`data.split` 'test'" in line and "splits found: none" in line
+
+
+# --- the token: HF_TOKEN, or the one `hf auth login` saved --------------------------------------------
+
+@pytest.mark.parametrize("how", ["login", "env"])
+def test_token_opens_a_private_dataset_and_is_written_nowhere(mirror, tmp_path, how):
+    """A private dataset (the proxy in front of the mirror answers as the Hub does without a valid
+    token): the token from HF_TOKEN or from the file `hf auth login` saves in HF_HOME is sent with
+    every request, and written to no output, log or cache file."""
+    repo = Dataset.create(mirror, f"org/private-{how}", parquet_files(3))
+    proxy = StallingProxy(mirror.port, private=(repo.repo_id, SECRET_TOKEN))
+    hf_home, source = tmp_path / "hf", f"hf:{repo.repo_id}"
+    try:
+        line = one_error(download(tmp_path / "w", hf_env(proxy, hf_home), source=source)[0])
+        assert "dataset not found" in line and "HF_TOKEN" in line and "hf auth login" in line, line
+        assert proxy.seen and not any(proxy.authorized)
+        extra = {"HF_TOKEN": SECRET_TOKEN} if how == "env" else {}
+        if how == "login":
+            hf_home.mkdir(parents=True, exist_ok=True)
+            (hf_home / "token").write_text(SECRET_TOKEN)  # what `hf auth login` writes: HF_HOME/token
+        seen = len(proxy.seen)
+        done, record = download(tmp_path / "w", hf_env(proxy, hf_home, **extra), source=source)
+        ok(done)
+    finally:
+        proxy.close()
+    assert record["sha"] == repo.head and record["count"] == 3
+    asked = [carried for (_, path, _), carried in zip(proxy.seen[seen:], proxy.authorized[seen:]) if repo.repo_id in path]
+    assert len(asked) >= 3 and all(asked)  # every request for the dataset carried the token
+    secret_free(tmp_path, texts=(done.stdout, done.stderr), saved=hf_home / "token")
 
 
 # --- pinning -----------------------------------------------------------------------------------------

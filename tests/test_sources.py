@@ -126,20 +126,28 @@ def test_imagefolder_must_be_the_tracked_folder(tmp_path):
     assert params_from_dict({"data": {"source": "imagefolder:./photos/", "folder": "photos"}}).data.folder == "photos"
 
 
-def test_hf_helpers_offline(tmp_path):
-    """The parts of the hf source that need no server: splits, parquet export, endpoint host, environment."""
+def test_hf_helpers_offline(tmp_path, monkeypatch):
+    """The parts of the hf source that need no server: splits, parquet export, endpoint host, environment, token."""
     import io
 
+    import huggingface_hub.constants
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from workflow import hub
 
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_DISABLE_IMPLICIT_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    token_file = tmp_path / "hf" / "token"  # where `hf auth login` saves it: HF_HOME/token
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(token_file))
     assert hub.host("https://user:secret@hf-mirror.com:8443/api?x=1") == "hf-mirror.com:8443"
-    env = hub.HubEnv.from_environ({"HF_ENDPOINT": "http://u:p@127.0.0.1:1/", "HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"})
-    assert env.shown == "http://127.0.0.1:1" and env.offline and "hf_x" not in repr(env)
     assert hub.HubEnv.from_environ({}) == hub.HubEnv("https://huggingface.co", False, None)
-    assert hub.HubEnv.from_environ({}).credential is False  # never a token file, only HF_TOKEN
+    token_file.parent.mkdir()
+    token_file.write_text("hf_saved\n")
+    assert hub.HubEnv.from_environ({}).token == "hf_saved"  # the login's token file
+    monkeypatch.setenv("HF_TOKEN", "hf_x")  # HF_TOKEN first, as huggingface_hub does
+    env = hub.HubEnv.from_environ({"HF_ENDPOINT": "http://u:p@127.0.0.1:1/", "HF_HUB_OFFLINE": "1"})
+    assert env.shown == "http://127.0.0.1:1" and env.offline and env.token == "hf_x" and "hf_x" not in repr(env)
 
     snapshot = tmp_path / "snap"
     (snapshot / "data").mkdir(parents=True)

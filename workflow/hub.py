@@ -7,8 +7,8 @@ Everything comes from the environment, read when the stage runs (not when huggin
 imported, which is when the library itself reads HF_ENDPOINT, huggingface_hub#2871):
   HF_ENDPOINT      the Hub or a mirror (default https://huggingface.co), passed to every call
   HF_HUB_OFFLINE   1: no network at all, the local cache only
-  HF_TOKEN         for private or gated datasets; never written anywhere, never printed; a token
-                   saved by `hf auth login` is not used
+  HF_TOKEN         for private or gated datasets, else the token `hf auth login` saved (huggingface_hub's
+                   own look-up, `get_token()`); sent to the endpoint only, never written, never printed
   HF_HOME / HF_HUB_CACHE, HF_HUB_ETAG_TIMEOUT   huggingface_hub's own cache folder and metadata timeout
 
 huggingface_hub's cache does the heavy lifting: files already in the cache are not fetched again,
@@ -32,6 +32,7 @@ import httpx2  # huggingface_hub's HTTP client: its network errors
 from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                     RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.utils import get_token_to_send
 
 from workflow.config import ConfigError
 
@@ -53,9 +54,12 @@ class HubEnv:
 
     @classmethod
     def from_environ(cls, environ=os.environ) -> "HubEnv":
+        """Endpoint and offline flag from `environ`; the token huggingface_hub will send (HF_TOKEN, else
+        the file `hf auth login` wrote under HF_HOME), kept only to say whether one is set and to keep
+        it out of messages."""
         offline = environ.get("HF_HUB_OFFLINE") or environ.get("TRANSFORMERS_OFFLINE") or ""
         return cls(endpoint=(environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
-                   offline=offline.upper() in TRUE, token=environ.get("HF_TOKEN") or None)
+                   offline=offline.upper() in TRUE, token=get_token_to_send(None))
 
     @property
     def host(self) -> str:
@@ -65,10 +69,6 @@ class HubEnv:
     def shown(self) -> str:
         """The endpoint as messages show it: scheme and host, no credentials, path or query."""
         return f"{urlsplit(self.endpoint).scheme}://{self.host}"
-
-    @property
-    def credential(self) -> str | bool:
-        return self.token or False  # False: huggingface_hub must not look for a token file either
 
 
 def host(endpoint: str) -> str:
@@ -118,7 +118,7 @@ def from_cache(repo_id: str, revision: str) -> tuple[str, Path] | None:
 
 def download(repo_id: str, revision: str, env: HubEnv, source: str) -> tuple[str, Path]:
     """Resolve and download, retrying network errors with backoff; Unreachable if every try failed."""
-    api = HfApi(endpoint=env.endpoint, token=env.credential)
+    api = HfApi(endpoint=env.endpoint)
     last = ""
     for attempt in range(ATTEMPTS):
         if attempt:
@@ -129,7 +129,7 @@ def download(repo_id: str, revision: str, env: HubEnv, source: str) -> tuple[str
         try:
             check_revision(api, repo_id, revision, env, source)
             folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
-                                            endpoint=env.endpoint, token=env.credential))
+                                            endpoint=env.endpoint))
             return folder.name, folder
         except TRANSIENT as exc:
             last = describe(exc, env)
@@ -197,17 +197,20 @@ def has_main(api: HfApi, repo_id: str, timeout: float) -> bool:
 
 # --- messages: what happened, where, and what to set ------------------------------------------------
 
+LOGIN = "set HF_TOKEN in the environment or log in once with `hf auth login`"
+
+
 def repo_not_found(source: str, env: HubEnv) -> str:
-    token = ("HF_TOKEN is set: check that it grants access to it" if env.token else
-             "a private or gated dataset needs HF_TOKEN set in the environment")
+    token = ("a token is set (HF_TOKEN or `hf auth login`): check that it grants access to it" if env.token else
+             f"a private or gated dataset needs a token: {LOGIN}")
     return (f"`data.source` {source!r}: dataset not found at {env.shown} (HF_ENDPOINT). Check the name; "
             f"{token}; a mirror may not carry every dataset.")
 
 
 def gated(source: str, env: HubEnv) -> str:
-    token = "the HF_TOKEN set" if env.token else "no HF_TOKEN set"
+    token = "the token set (HF_TOKEN or `hf auth login`)" if env.token else "no token set"
     return (f"`data.source` {source!r} at {env.shown} (HF_ENDPOINT) is gated and {token} grants access: "
-            "accept its conditions on its Hub page, then set HF_TOKEN in the environment to a token of that account.")
+            f"accept its conditions on its Hub page, then {LOGIN} with a token of that account.")
 
 
 def revision_not_found(source: str, revision: str, env: HubEnv) -> str:
@@ -217,9 +220,10 @@ def revision_not_found(source: str, revision: str, env: HubEnv) -> str:
 
 def not_available(source: str, revision: str, tried: str, env: HubEnv) -> str:
     return (f"`data.source` {source!r} at revision {revision!r} is not available: {tried}, and the local "
-            f"Hugging Face cache ({constants.HF_HUB_CACHE}) holds no complete snapshot of it. "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE}) holds no complete snapshot of the files it needs. "
             f"To download it, set HF_ENDPOINT to a Hub or mirror you can reach (now {env.shown}; "
             f"e.g. https://hf-mirror.com), unset HF_HUB_OFFLINE (now {'set' if env.offline else 'unset'}), "
-            f"and set HF_TOKEN for a private or gated dataset (now {'set' if env.token else 'unset'}). "
+            f"and set HF_TOKEN for a private or gated dataset (now {'set' if env.token else 'unset'}) or log "
+            "in once with `hf auth login`. "
             "To work offline later: download once, pin `data.revision` to the commit sha in SOURCE.json, "
             "then HF_HUB_OFFLINE=1 uses the cache.")
