@@ -1,7 +1,11 @@
-"""The Hugging Face Hub (or a mirror of it) as the download stage sees it: one commit's snapshot.
+"""The Hugging Face Hub (or a mirror of it) as the download stage sees it: the files a split needs, at one commit.
 
     from workflow.hub import HubEnv, snapshot
-    sha, folder = snapshot("huggan/smithsonian_butterflies_subset", "main", HubEnv.from_environ())
+    sha, folder, chosen = snapshot("huggan/smithsonian_butterflies_subset", "main", HubEnv.from_environ(), select)
+
+`select(folder, listing)` sees the dataset card (README.md, .huggingface.yaml, in `folder`) and the
+commit's file listing ({path: size}), and returns what to download: an object whose `.files` are repo
+paths (workflow/sources.py resolves a config's split with `datasets`). Only those files are fetched.
 
 Everything comes from the environment, read when the stage runs (not when huggingface_hub was
 imported, which is when the library itself reads HF_ENDPOINT, huggingface_hub#2871):
@@ -13,25 +17,28 @@ imported, which is when the library itself reads HF_ENDPOINT, huggingface_hub#28
 
 huggingface_hub's cache does the heavy lifting: files already in the cache are not fetched again,
 an interrupted file resumes from its `.incomplete` part (where the server honours Range), sizes are
-checked against the server's, and a snapshot is only served from the cache when the cached file
-list says it is complete. This module adds what users need around it: the revision resolved to a
-commit sha, retries with backoff on network errors, the cache when the mirror is unreachable, and
-one clear ConfigError for each way it can fail.
+checked against the server's, the commit's file listing is cached with it, and `local_files_only`
+serves a branch or sha from the cache only when the cached listing says every requested file is
+there. This module adds what users need around it: the revision resolved to a commit sha, retries
+with backoff on network errors, the cache when the mirror is unreachable (saying so), and one clear
+ConfigError for each way it can fail.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import httpx2  # huggingface_hub's HTTP client: its network errors
-from huggingface_hub import HfApi, constants, snapshot_download
-from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub import HfApi, constants, get_cached_repo_tree, snapshot_download
+from huggingface_hub.errors import (CachedRepoTreeNotFoundError, GatedRepoError, HfHubHTTPError,
+                                    LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import get_token_to_send
 
 from workflow.config import ConfigError
@@ -41,9 +48,11 @@ ATTEMPTS = 3          # tries of the network part before falling back to the cac
 BACKOFF_SECONDS = 1.0  # wait before the second try, doubled before each further one
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 TRUE = {"1", "ON", "YES", "TRUE"}
-# Worth another try: no connection, a timeout, a reset; LocalEntryNotFoundError is how
-# snapshot_download reports that it lost the network with nothing in the cache.
-TRANSIENT = (httpx2.TransportError, LocalEntryNotFoundError)
+# Worth another try: no connection, a timeout, a reset; LocalEntryNotFoundError (or no cached listing)
+# is how snapshot_download reports that it lost the network with nothing in the cache.
+TRANSIENT = (httpx2.TransportError, LocalEntryNotFoundError, CachedRepoTreeNotFoundError)
+CARD_FILES = ["README.md", ".huggingface.yaml"]  # the dataset card and its standalone YAML: they declare configs
+Select = Callable[[Path, dict[str, int]], Any]  # (card folder, {path: size}) -> what to fetch, with `.files`
 
 
 @dataclass(frozen=True)
@@ -80,25 +89,25 @@ class Unreachable(Exception):
     """The endpoint did not answer (after retries)."""
 
 
-def snapshot(repo_id: str, revision: str, env: HubEnv, source: str = "") -> tuple[str, Path]:
-    """(commit sha, local snapshot folder) of dataset `repo_id` at `revision` (branch, tag or sha).
+def snapshot(repo_id: str, revision: str, env: HubEnv, select: Select, source: str = "") -> tuple[str, Path, Any]:
+    """(commit sha, local snapshot folder, what `select` chose) of dataset `repo_id` at `revision`.
 
-    A commit sha already complete in the cache is used without any network request. Otherwise the
-    snapshot is downloaded from `env.endpoint`; if that is unreachable (or HF_HUB_OFFLINE is set),
-    the cache's snapshot of `revision` is used when it is there, and a ConfigError says what to set
-    when it is not.
+    Only the card and `select`'s files are fetched. A commit sha whose files are all in the cache is
+    used without any network request. Otherwise they are downloaded from `env.endpoint`; if that is
+    unreachable (or HF_HUB_OFFLINE is set), the cache serves `revision` when it holds every file
+    needed, and a ConfigError says what to set when it does not.
     """
     source = source or f"hf:{repo_id}"
-    if COMMIT_SHA.fullmatch(revision) and (cached := from_cache(repo_id, revision)):
+    if COMMIT_SHA.fullmatch(revision) and (cached := from_cache(repo_id, revision, select)):
         return cached
     if env.offline:
         tried = "HF_HUB_OFFLINE is set, so no download was tried"
     else:
         try:
-            return download(repo_id, revision, env, source)
+            return download(repo_id, revision, env, select, source)
         except Unreachable as exc:
             tried = f"{env.shown} did not answer after {ATTEMPTS} attempts ({exc})"
-    cached = from_cache(repo_id, revision)
+    cached = from_cache(repo_id, revision, select)
     if cached is None:
         raise ConfigError(not_available(source, revision, tried, env))
     if not env.offline:
@@ -107,16 +116,30 @@ def snapshot(repo_id: str, revision: str, env: HubEnv, source: str = "") -> tupl
     return cached
 
 
-def from_cache(repo_id: str, revision: str) -> tuple[str, Path] | None:
-    """The cache's complete snapshot of `revision` (a sha, or a branch/tag it has seen), or None."""
+def fetch(repo_id: str, revision: str, select: Select, env: HubEnv | None) -> tuple[str, Path, Any]:
+    """The card and the commit's listing, then `select`'s files: from `env.endpoint`, or with env None
+    from the cache alone (huggingface_hub's `local_files_only`, which checks the cached listing)."""
+    where = ({"endpoint": env.endpoint} if env else {"local_files_only": True})
+    folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=CARD_FILES,
+                                    **where))
+    sha = folder.name
+    listing = {f.path: f.size for f in get_cached_repo_tree(repo_id, repo_type="dataset", revision=sha)}
+    chosen = select(folder, listing)
+    # exact paths, not patterns: a `[` or `*` in a file name matches only itself
+    snapshot_download(repo_id, repo_type="dataset", revision=sha,
+                      allow_patterns=[glob.escape(name) for name in chosen.files], **where)
+    return sha, folder, chosen
+
+
+def from_cache(repo_id: str, revision: str, select: Select) -> tuple[str, Path, Any] | None:
+    """The cache's snapshot of `revision` (a sha, or a branch/tag it has seen) if it holds every file needed."""
     try:
-        folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, local_files_only=True))
-    except LocalEntryNotFoundError:  # includes IncompleteSnapshotError: a partial snapshot is no snapshot
+        return fetch(repo_id, revision, select, env=None)
+    except (LocalEntryNotFoundError, CachedRepoTreeNotFoundError):  # IncompleteSnapshotError is one
         return None
-    return folder.name, folder
 
 
-def download(repo_id: str, revision: str, env: HubEnv, source: str) -> tuple[str, Path]:
+def download(repo_id: str, revision: str, env: HubEnv, select: Select, source: str) -> tuple[str, Path, Any]:
     """Resolve and download, retrying network errors with backoff; Unreachable if every try failed."""
     api = HfApi(endpoint=env.endpoint)
     last = ""
@@ -127,10 +150,9 @@ def download(repo_id: str, revision: str, env: HubEnv, source: str) -> tuple[str
                   file=sys.stderr)
             time.sleep(wait)
         try:
+            # first: snapshot_download itself would fall back to the cache without a word
             check_revision(api, repo_id, revision, env, source)
-            folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
-                                            endpoint=env.endpoint))
-            return folder.name, folder
+            return fetch(repo_id, revision, select, env)  # by name: the cache records what `main` is
         except TRANSIENT as exc:
             last = describe(exc, env)
         except HfHubHTTPError as exc:
@@ -138,7 +160,6 @@ def download(repo_id: str, revision: str, env: HubEnv, source: str) -> tuple[str
                 raise
             last = describe(exc, env)
     raise Unreachable(last)
-
 
 
 def status(exc: HfHubHTTPError) -> int | None:
