@@ -254,13 +254,20 @@ def run_stage(workdir: Path, env: dict, stage: str = "download", timeout: int = 
 
 class StallingProxy:
     """Forwards to the mirror; a GET whose path ends with `stall` gets its headers and half its body,
-    then nothing (the client waits, as on a dropped link) until the proxy is closed."""
+    then nothing (the client waits, as on a dropped link) until the proxy is closed.
 
-    def __init__(self, upstream_port: int, stall: str | None = None):
+    With `private=(repo_id, token)`, it checks credentials as the Hub does for a private repository
+    (olah, offline, checks none): a request for that dataset without `Authorization: Bearer <token>`
+    gets 401 and `X-Error-Code: RepoNotFound`. `authorized` says, per request, whether it carried the
+    token (the token itself is kept in memory only)."""
+
+    def __init__(self, upstream_port: int, stall: str | None = None, private: tuple[str, str] | None = None):
         self.upstream_port, self.stall = upstream_port, stall
+        self.private, self.token = private or (None, None)
         self.stalled = threading.Event()
         self.released = threading.Event()
         self.seen: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
+        self.authorized: list[bool] = []  # per request in `seen`: did it carry the token
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -286,6 +293,9 @@ class StallingProxy:
 
     def forward(self, handler: BaseHTTPRequestHandler, method: str) -> None:
         self.seen.append((method, handler.path, handler.headers.get("Range")))
+        self.authorized.append(handler.headers.get("Authorization") == f"Bearer {self.token}")
+        if self.private and f"datasets/{self.private}/" in handler.path and not self.authorized[-1]:
+            return self.refuse(handler, method)
         upstream = HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection")}
         upstream.request(method, handler.path, headers=headers)
@@ -314,6 +324,19 @@ class StallingProxy:
             handler.wfile.write(body)
         except OSError:  # the client went away (killed): nothing to deliver
             handler.close_connection = True
+
+    @staticmethod
+    def refuse(handler: BaseHTTPRequestHandler, method: str) -> None:
+        """The Hub's answer to a private repository without a valid token."""
+        body = b'{"error":"Repository not found"}'
+        handler.send_response(401)
+        handler.send_header("X-Error-Code", "RepoNotFound")
+        handler.send_header("X-Error-Message", "Repository not found")
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if method != "HEAD":
+            handler.wfile.write(body)
 
     def close(self) -> None:
         self.released.set()

@@ -6,6 +6,7 @@ environment (HF_ENDPOINT, HF_HOME, HF_TOKEN, HF_HUB_OFFLINE) is set before it st
 temporary folder per test, so the Hugging Face cache is isolated.
 """
 import hashlib
+import io
 import json
 import os
 import signal
@@ -56,14 +57,15 @@ def exported(workdir: Path) -> dict:
     return {p.relative_to(images).as_posix(): p.read_bytes() for p in sorted(images.rglob("*")) if p.is_file()}
 
 
-def secret_free(*roots: Path, texts: tuple[str, ...] = ()) -> None:
-    """SECRET_TOKEN appears in no file under `roots` (binary or text) and in none of `texts`."""
+def secret_free(*roots: Path, texts: tuple[str, ...] = (), saved: Path | None = None) -> None:
+    """SECRET_TOKEN appears in no file under `roots` (binary or text) but `saved` (the login's token
+    file) and in none of `texts`."""
     needle = SECRET_TOKEN.encode()
     for text in texts:
         assert SECRET_TOKEN not in text
     for root in roots:
         for path in Path(root).rglob("*"):
-            if path.is_file() and not path.is_symlink():
+            if path.is_file() and not path.is_symlink() and path != saved:
                 assert needle not in path.read_bytes(), f"HF_TOKEN written to {path}"
 
 
@@ -91,10 +93,12 @@ def test_parquet_dataset_through_the_mirror(mirror, tmp_path):
                               "data/train-00001-of-00002/000001.png"]
     assert images["data/train-00001-of-00002/000001.png"] == png(4)  # the fifth image, byte for byte
     assert f"at {repo.head} from 127.0.0.1:{mirror.port}" in out
-    # the mirror is really the host contacted: it served the revision and the files
+    # the mirror is really the host contacted: it served the revision and the files, only the card and
+    # the train split's (not the test split's)
     asked = mirror.requests(mark)
     assert ("GET", "/api/datasets/org/parquet-pets/revision/main", 200) in asked
-    assert set(used) <= set(mirror.file_gets(mark, "org/parquet-pets"))
+    assert mirror.file_gets(mark, "org/parquet-pets") == ["README.md", *used]
+    assert record["config"] == "default"
     secret_free(tmp_path, texts=(done.stdout, done.stderr))
 
 
@@ -124,7 +128,117 @@ def test_parquet_not_named_by_split_is_the_train_split(mirror, tmp_path):
     ok(done)
     assert record["count"] == 6
     line = one_error(download(tmp_path / "w", env, source="hf:org/unnamed", split="test")[0])
-    assert "`data.split` 'test'" in line and "splits found: none" in line
+    assert "`data.split` 'test'" in line and "splits found: train" in line
+
+
+# --- the card's configs, and only the requested split ------------------------------------------------
+
+CONFIGS_CARD = b"""---
+license: cc0-1.0
+configs:
+- config_name: photos
+  default: true
+  data_files:
+  - split: train
+    path: ["odd/place/*.parquet", "more/b.parquet"]
+  - split: holdout
+    path: "elsewhere/**"
+- config_name: sketches
+  data_dir: art
+---
+# Photos in odd folders; the card says where.
+"""
+
+# `datasets` itself, as the Hub's dataset viewer uses it: load the split from the mirror, print each
+# image's mode, size and pixel hash.
+VIEWER = """import hashlib, json, sys, datasets
+repo, sha = sys.argv[1:3]
+for config, split in json.loads(sys.argv[3]):
+    rows = datasets.load_dataset(repo, name=config, split=split, revision=sha)
+    rows = rows.cast_column("image", datasets.Image())  # the fixture's parquet has no features metadata
+    print(json.dumps(sorted([im.mode, list(im.size), hashlib.sha256(im.tobytes()).hexdigest()]
+                            for im in rows["image"])))
+"""
+
+
+def pixels(workdir: Path) -> list:
+    """The exported images as VIEWER prints them."""
+    from PIL import Image
+
+    images = []
+    for blob in exported(workdir).values():
+        with Image.open(io.BytesIO(blob)) as im:
+            images.append([im.mode, list(im.size), hashlib.sha256(im.tobytes()).hexdigest()])
+    return sorted(images)
+
+
+def test_card_configs_load_what_datasets_loads_and_only_that_split(mirror, tmp_path):
+    """A card whose `configs:` put the data in odd folders: each config's split exports exactly the
+    images `datasets.load_dataset` (the Hub viewer's reader) gives for it, through the same mirror,
+    and only that split's files are downloaded; offline, a split not downloaded yet is not there."""
+    shard = lambda n, seed: parquet_files(n, seed=seed)["data/train-00000-of-00001.parquet"]  # noqa: E731
+    files = {"odd/place/a.parquet": shard(2, 0), "odd/place/c.parquet": shard(1, 10), "more/b.parquet": shard(2, 20),
+             "elsewhere/x/y.parquet": shard(1, 30), "art/train/s.parquet": shard(2, 40),
+             "art/test/t.parquet": shard(1, 50), **parquet_files(3, seed=60)}  # data/train-*: not train here
+    repo = Dataset.create(mirror, "org/odd-folders", files)
+    repo.commit({"README.md": CONFIGS_CARD}, "card with configs")
+    hf_home = tmp_path / "hf"
+    cases = [(None, "train", ["more/b.parquet", "odd/place/a.parquet", "odd/place/c.parquet"]),
+             (None, "holdout", ["elsewhere/x/y.parquet"]), ("sketches", "test", ["art/test/t.parquet"])]
+    ours = []
+    for config, split, used in cases:
+        if split == "holdout":  # not downloaded yet: the cache does not have it
+            line = one_error(download(tmp_path / "w", hf_env(mirror, hf_home, HF_HUB_OFFLINE="1"),
+                                      source="hf:org/odd-folders", split=split)[0])
+            assert "no complete snapshot of the files it needs" in line, line
+        mark = mirror.mark()
+        chosen = {"config": config} if config else {}  # null: the card's default
+        done, record = download(tmp_path / "w", hf_env(mirror, hf_home), source="hf:org/odd-folders", split=split,
+                                **chosen)
+        ok(done)
+        assert record["config"] == (config or "photos") and record["split"] == split
+        assert [f["path"] for f in record["files"]] == used
+        assert set(mirror.file_gets(mark, "org/odd-folders")) - {"README.md"} == set(used)  # that split only
+        ours.append(pixels(tmp_path / "w"))
+    snapshot = hf_home / "hub" / "datasets--org--odd-folders" / "snapshots" / repo.head
+    assert sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*.parquet")) == \
+        sorted(name for *_, used in cases for name in used)  # never data/ nor art/train/
+
+    viewer = subprocess.run([sys.executable, "-c", VIEWER, "org/odd-folders", repo.head,
+                             json.dumps([[config, split] for config, split, _ in cases])],
+                            env=hf_env(mirror, tmp_path / "viewer-home"), capture_output=True, text=True, timeout=300)
+    assert viewer.returncode == 0, viewer.stderr[-3000:]
+    assert [json.loads(line) for line in viewer.stdout.splitlines()] == ours
+    assert [len(images) for images in ours] == [5, 1, 1]
+
+
+# --- the token: HF_TOKEN, or the one `hf auth login` saved --------------------------------------------
+
+@pytest.mark.parametrize("how", ["login", "env"])
+def test_token_opens_a_private_dataset_and_is_written_nowhere(mirror, tmp_path, how):
+    """A private dataset (the proxy in front of the mirror answers as the Hub does without a valid
+    token): the token from HF_TOKEN or from the file `hf auth login` saves in HF_HOME is sent with
+    every request, and written to no output, log or cache file."""
+    repo = Dataset.create(mirror, f"org/private-{how}", parquet_files(3))
+    proxy = StallingProxy(mirror.port, private=(repo.repo_id, SECRET_TOKEN))
+    hf_home, source = tmp_path / "hf", f"hf:{repo.repo_id}"
+    try:
+        line = one_error(download(tmp_path / "w", hf_env(proxy, hf_home), source=source)[0])
+        assert "dataset not found" in line and "HF_TOKEN" in line and "hf auth login" in line, line
+        assert proxy.seen and not any(proxy.authorized)
+        extra = {"HF_TOKEN": SECRET_TOKEN} if how == "env" else {}
+        if how == "login":
+            hf_home.mkdir(parents=True, exist_ok=True)
+            (hf_home / "token").write_text(SECRET_TOKEN)  # what `hf auth login` writes: HF_HOME/token
+        seen = len(proxy.seen)
+        done, record = download(tmp_path / "w", hf_env(proxy, hf_home, **extra), source=source)
+        ok(done)
+    finally:
+        proxy.close()
+    assert record["sha"] == repo.head and record["count"] == 3
+    asked = [carried for (_, path, _), carried in zip(proxy.seen[seen:], proxy.authorized[seen:]) if repo.repo_id in path]
+    assert len(asked) >= 3 and all(asked)  # every request for the dataset carried the token
+    secret_free(tmp_path, texts=(done.stdout, done.stderr), saved=hf_home / "token")
 
 
 # --- pinning -----------------------------------------------------------------------------------------

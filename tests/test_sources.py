@@ -126,34 +126,36 @@ def test_imagefolder_must_be_the_tracked_folder(tmp_path):
     assert params_from_dict({"data": {"source": "imagefolder:./photos/", "folder": "photos"}}).data.folder == "photos"
 
 
-def test_hf_helpers_offline(tmp_path):
-    """The parts of the hf source that need no server: splits, parquet export, endpoint host, environment."""
+def test_hf_helpers_offline(tmp_path, monkeypatch):
+    """The parts of the hf source that need no server: parquet export, endpoint host, environment, token."""
     import io
 
+    import huggingface_hub.constants
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from workflow import hub
 
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_DISABLE_IMPLICIT_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    token_file = tmp_path / "hf" / "token"  # where `hf auth login` saves it: HF_HOME/token
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(token_file))
     assert hub.host("https://user:secret@hf-mirror.com:8443/api?x=1") == "hf-mirror.com:8443"
-    env = hub.HubEnv.from_environ({"HF_ENDPOINT": "http://u:p@127.0.0.1:1/", "HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"})
-    assert env.shown == "http://127.0.0.1:1" and env.offline and "hf_x" not in repr(env)
     assert hub.HubEnv.from_environ({}) == hub.HubEnv("https://huggingface.co", False, None)
-    assert hub.HubEnv.from_environ({}).credential is False  # never a token file, only HF_TOKEN
+    token_file.parent.mkdir()
+    token_file.write_text("hf_saved\n")
+    assert hub.HubEnv.from_environ({}).token == "hf_saved"  # the login's token file
+    monkeypatch.setenv("HF_TOKEN", "hf_x")  # HF_TOKEN first, as huggingface_hub does
+    env = hub.HubEnv.from_environ({"HF_ENDPOINT": "http://u:p@127.0.0.1:1/", "HF_HUB_OFFLINE": "1"})
+    assert env.shown == "http://127.0.0.1:1" and env.offline and env.token == "hf_x" and "hf_x" not in repr(env)
 
     snapshot = tmp_path / "snap"
     (snapshot / "data").mkdir(parents=True)
     buf = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buf, format="PNG")
     rows = [{"bytes": buf.getvalue(), "path": "x.png"}, {"bytes": b"not an image", "path": None}]
-    for split in ("train", "test"):
-        pq.write_table(pa.table({"image": rows, "label": [0, 1]}),
-                       snapshot / "data" / f"{split}-00000-of-00001.parquet")
-    every = sorted((snapshot / "data").glob("*.parquet"))
-    files = sources.select_split(every, snapshot, "train", "here", parquet=True)
-    assert [f.name for f in files] == ["train-00000-of-00001.parquet"]
-    with pytest.raises(ConfigError, match="`data.split` 'validation'.*splits found: test, train"):
-        sources.select_split(every, snapshot, "validation", "here", parquet=True)
+    pq.write_table(pa.table({"image": rows, "label": [0, 1]}), snapshot / "data" / "train-00000-of-00001.parquet")
+    files = [snapshot / "data" / "train-00000-of-00001.parquet"]
     out = tmp_path / "out"
     count, skipped = sources.export_parquet(files, snapshot, "image", out)
     assert count == 1 and (out / "data" / "train-00000-of-00001" / "000000.png").is_file()
@@ -162,28 +164,84 @@ def test_hf_helpers_offline(tmp_path):
         sources.export_parquet(files, snapshot, "img", out)
 
 
-@pytest.mark.parametrize("path, parquet, split", [
-    ("data/train-00000-of-00002.parquet", True, "train"),
-    ("data/holdout-00003-of-00004-1a2b.parquet", True, "holdout"),
-    ("default/validation/0000.parquet", True, "validation"),
-    ("test.parquet", True, "test"),
-    ("data/0.parquet", True, None),
-    ("butterflies.parquet", True, None),
-    ("train/cat/001.png", False, "train"),
-    ("data/test/1.jpg", False, "test"),
-    ("images/0001.png", False, None),
-    ("train_1.png", False, None),
+def split_of(tmp_path, paths, split="train", config=None, card=None):
+    """`sources.split_files` on a listing of `paths` (no server: only the card is a real file)."""
+    if card is not None:
+        (tmp_path / "README.md").write_text(card)
+    chosen = sources.split_files(tmp_path, {p: 10 for p in paths}, config, split, "'hf:o/d' at abc")
+    return chosen.config, chosen.layout, chosen.files
+
+
+# The Hub's naming conventions, as `datasets` applies them to a repository without `configs:` in its card.
+@pytest.mark.parametrize("paths, split, files", [
+    (["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "data/test-00000-of-00001.parquet"],
+     "train", ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]),
+    (["data/holdout-00003-of-00004-1a2b.parquet", "data/train-00000-of-00001.parquet"], "holdout",
+     ["data/holdout-00003-of-00004-1a2b.parquet"]),
+    (["default/validation/0000.parquet", "default/train/0000.parquet"], "validation", ["default/validation/0000.parquet"]),
+    (["test.parquet", "train.parquet"], "test", ["test.parquet"]),
+    (["data/0.parquet", "butterflies.parquet"], "train", ["butterflies.parquet", "data/0.parquet"]),  # no split: train
+    (["train/cat/001.png", "data/test/1.jpg", "images/0001.png"], "test", ["data/test/1.jpg"]),
+    (["train/cat/001.png", "data/test/1.jpg", "images/0001.png"], "train", ["train/cat/001.png"]),
+    (["train_1.png", "test_1.png", "notes.txt"], "train", ["train_1.png"]),
+    (["a/1.png", "a/2.png", "a/3.png", "a/x.parquet", ".hidden/4.png"], "train", ["a/1.png", "a/2.png", "a/3.png"]),
 ])
-def test_file_split_follows_the_hub_naming(path, parquet, split):
-    from pathlib import PurePosixPath
+def test_split_files_follow_the_hub_naming(tmp_path, paths, split, files):
+    config, layout, chosen = split_of(tmp_path, paths, split)
+    assert config == "default" and chosen == files
+    assert layout == ("parquet" if files[0].endswith(".parquet") else "images")  # datasets' choice: the most files
 
-    assert sources.file_split(PurePosixPath(path), parquet) == split
+
+CARD = """---
+license: cc0-1.0
+configs:
+- config_name: photos
+  default: true
+  data_files:
+  - split: train
+    path: ["odd/place/*.parquet", "more/b.parquet"]
+  - split: holdout
+    path: "elsewhere/**"
+- config_name: sketches
+  data_dir: art
+- config_name: broken
+  data_files: "odd/none-such.parquet"
+- config_name: escape
+  data_files: "/etc/*"
+---
+# d
+"""
+REPO = ["README.md", "odd/place/a.parquet", "odd/place/c.parquet", "more/b.parquet", "elsewhere/x/y.parquet",
+        "data/train-00000-of-00001.parquet", "art/train/s.png", "art/test/t.png"]
 
 
-def test_files_named_by_no_split_are_train_only(tmp_path):
-    files = [tmp_path / "a" / "1.png", tmp_path / "b" / "2.png"]
-    assert sources.select_split(files, tmp_path, "train", "here", parquet=False) == files
-    with pytest.raises(ConfigError, match="'test'.*splits found: none"):
-        sources.select_split(files, tmp_path, "test", "here", parquet=False)
-    custom = [tmp_path / "holdout" / "1.png", tmp_path / "train" / "2.png"]
-    assert sources.select_split(custom, tmp_path, "holdout", "here", parquet=False) == custom[:1]
+def test_card_configs_decide_which_files(tmp_path):
+    """The card's `configs:` (custom data_files, data_dir, the default one) override the naming conventions."""
+    assert split_of(tmp_path, REPO, card=CARD) == \
+        ("photos", "parquet", ["more/b.parquet", "odd/place/a.parquet", "odd/place/c.parquet"])
+    assert split_of(tmp_path, REPO, "holdout", card=CARD)[2] == ["elsewhere/x/y.parquet"]
+    assert split_of(tmp_path, REPO, "test", "sketches", card=CARD) == ("sketches", "images", ["art/test/t.png"])
+    with pytest.raises(ConfigError, match=r"`data.split` 'test': not a split of config 'photos'.*splits found: holdout, train"):
+        split_of(tmp_path, REPO, "test", card=CARD)
+    with pytest.raises(ConfigError, match=r"`data.config` 'cats' is not one of .*: photos, sketches, broken, escape"):
+        split_of(tmp_path, REPO, config="cats", card=CARD)
+    with pytest.raises(ConfigError, match=r"config 'broken'.*name a file the dataset does not have"):
+        split_of(tmp_path, REPO, config="broken", card=CARD)
+    with pytest.raises(ConfigError, match=r"config 'escape'.*'/etc/\*' is not a path inside the dataset repository"):
+        split_of(tmp_path, REPO, config="escape", card=CARD)
+
+
+def test_card_config_errors(tmp_path):
+    two = "---\nconfigs:\n- config_name: a\n  data_files: a/*.png\n- config_name: b\n  data_files: b/*.png\n---\n"
+    with pytest.raises(ConfigError, match=r"`data.config` is null and none is the default .*: a, b"):
+        split_of(tmp_path, ["a/1.png", "b/1.png"], card=two)
+    assert split_of(tmp_path, ["a/1.png", "b/1.png"], config="b")[2] == ["b/1.png"]
+    (tmp_path / "README.md").unlink()
+    with pytest.raises(ConfigError, match=r"`data.config` 'b': the card .* declares no configs"):
+        split_of(tmp_path, ["a/1.png"], config="b")
+    with pytest.raises(ConfigError, match=r"holds csv files \(t.csv\); this pipeline reads parquet"):
+        split_of(tmp_path, ["t.csv"])
+    with pytest.raises(ConfigError, match=r"none of its files \(a.ico\) is a .jpg"):
+        split_of(tmp_path, ["a.ico"])
+    with pytest.raises(ConfigError, match="README.md"):
+        split_of(tmp_path, ["a/1.png"], card="---\nconfigs: 3\n---\n")

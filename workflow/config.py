@@ -79,6 +79,7 @@ class Data:
     source: str = _f("builtin:mnist", SOURCE)
     folder: str = _path("data/images")  # the imagefolder: path; dvc and Snakemake track its content
     revision: Optional[str] = None
+    config: Optional[str] = _f(None, NON_EMPTY)  # hf only: a config the dataset card declares; None = its default
     split: str = "train"
     image_column: str = "image"
     resolution: int = _f(16, POSITIVE)

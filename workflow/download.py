@@ -3,8 +3,9 @@
     python -m workflow download [--params params.yaml]
 
 The only stage that may read the network (for `hf:` sources; `HF_ENDPOINT`, `HF_HUB_OFFLINE` and
-`HF_TOKEN` are honoured from the environment, and no token is ever written). The source logic lives
-in workflow/sources.py, the Hugging Face side (mirror, cache, pinning, retries) in workflow/hub.py.
+`HF_TOKEN` or the token `hf auth login` saved are honoured, and no token is ever written). The source
+logic lives in workflow/sources.py, the Hugging Face side (mirror, cache, pinning, retries) in
+workflow/hub.py.
 """
 from workflow import sources
 from workflow.cli import parse_params

@@ -8,8 +8,9 @@
   imagefolder:<path>               a local folder of images, copied with its relative paths; <path>
                                    must be `data.folder`, the folder dvc and Snakemake track
   hf:<owner>/<name>                a Hugging Face dataset (or a mirror's, HF_ENDPOINT) at a resolved
-                                   commit (`data.revision`), split `data.split`; the Hub side is
-                                   workflow/hub.py
+                                   commit (`data.revision`), config `data.config` (null: the card's
+                                   default), split `data.split`, as `datasets` resolves them; only
+                                   that split's files are downloaded; the Hub side is workflow/hub.py
 
 The folder is built under a temporary name and renamed into place when complete, so an interrupted
 fetch never looks finished. Run as a stage with `python -m workflow download`.
@@ -20,11 +21,12 @@ import importlib
 import importlib.metadata
 import io
 import os
-import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from workflow.artifacts import atomic_dir, sha256_file, write_json
@@ -163,80 +165,135 @@ def copy_images(files: list[Path], root: Path, images: Path) -> list[dict]:
 
 # --- hf: a Hugging Face dataset repository ----------------------------------------------------------
 
-# Split names the Hub recognises in file and folder names (besides `<split>-00000-of-00004` shards).
-KNOWN_SPLITS = ("train", "training", "validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation")
-SHARD = re.compile(r"(?P<split>.+?)-\d{5}-of-\d{5}(?:-.*)?")
+LISTING = "reference://"  # the commit's file listing as an fsspec filesystem, for datasets' pattern resolution
+LAYOUTS = {"parquet": ("parquet", (".parquet",)), "imagefolder": ("images", IMAGE_EXTENSIONS)}  # datasets' module
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """What one split of one config of a Hub dataset needs: the repo files we read, sorted."""
+    config: str       # the card's config name ("default" where the card declares none)
+    layout: str       # "parquet" (an image column) or "images" (image files)
+    files: list[str]
 
 
 def fetch_hf(data: Data, images: Path) -> dict:
-    """Resolve `data.revision` to a commit, get that snapshot (workflow/hub.py), export `data.split`'s images.
+    """Resolve `data.revision` to a commit, fetch only the files of `data.config`'s split `data.split`
+    (workflow/hub.py), and export their images.
 
-    Two layouts: parquet shards with an image column (`{bytes, path}` structs, as `datasets` writes
+    Two layouts: parquet files with an image column (`{bytes, path}` structs, as `datasets` writes
     them), or plain image files. The record names the endpoint's host, the commit, and every file used.
     """
     from workflow import hub  # imports huggingface_hub: only the hf source needs it
 
     env = hub.HubEnv.from_environ()
     repo_id, requested = data.location, data.revision or "main"
-    sha, snapshot = hub.snapshot(repo_id, requested, env, data.source)
-    where = f"{data.source!r} at {sha}"
-    parquet = sorted(snapshot.rglob("*.parquet"), key=lambda p: p.relative_to(snapshot).as_posix())
+
+    def select(card: Path, listing: dict[str, int]) -> SplitFiles:
+        return split_files(card, listing, data.config, data.split, f"{data.source!r} at {card.name}")
+
+    sha, snapshot, chosen = hub.snapshot(repo_id, requested, env, select, data.source)
+    paths = [inside(snapshot, name) for name in chosen.files]
     skipped = []
-    if parquet:
-        parquet = select_split(parquet, snapshot, data.split, where, parquet=True)
-        count, skipped = export_parquet(parquet, snapshot, data.image_column, images)
-        used = [file_entry(p, snapshot) for p in parquet]
+    if chosen.layout == "parquet":
+        count, skipped = export_parquet(paths, snapshot, data.image_column, images)
+        used = [file_entry(p, snapshot) for p in paths]
     else:
-        files = list_image_files(snapshot)
-        if not files:
-            raise ConfigError(f"`data.source` {where}: neither parquet files nor image files "
-                              f"({', '.join(IMAGE_EXTENSIONS)}) in the dataset")
-        used = copy_images(select_split(files, snapshot, data.split, where, parquet=False), snapshot, images)
+        used = copy_images(paths, snapshot, images)
         count = len(used)
     if not count:
-        raise ConfigError(f"`data.source` {where}: no readable images in split {data.split!r}")
+        raise ConfigError(f"`data.source` {data.source!r} at {sha}: no readable images in split {data.split!r}")
     return {"kind": "hf", "repo_id": repo_id, "revision": requested, "sha": sha, "endpoint": env.host,
-            "split": data.split, "layout": "parquet" if parquet else "images", "count": count,
+            "config": chosen.config, "split": data.split, "layout": chosen.layout, "count": count,
             "skipped": skipped, "files": used}
 
 
-def file_split(relative: PurePosixPath, parquet: bool) -> str | None:
-    """The split a dataset file's name puts it in, by the Hub's conventions, or None.
+def split_files(card: Path, listing: dict[str, int], config: str | None, split: str, where: str) -> SplitFiles:
+    """The files of `config`'s split `split`, as `datasets` resolves them (what the Hub's viewer shows).
 
-    `data/train-00000-of-00002.parquet`, `default/train/0000.parquet`, `test.parquet`,
-    `train/cat/1.png` -> train, train, test, train; `data/0.parquet`, `images/1.png` -> None.
+    `card` is the folder with the dataset card (README.md, .huggingface.yaml), `listing` the commit's
+    files {path: size}: nothing is downloaded. The card's `configs:` (data_files, data_dir, which is
+    the default) decide, else the Hub's file naming (`data/train-00000-of-00002.parquet`, `test/`, ...;
+    files named by no split are `train`). Of those files, the ones of the format `datasets` would load
+    the split as: parquet files, or image files.
     """
-    if parquet:
-        shard = SHARD.fullmatch(relative.stem)
-        if shard:
-            return shard.group("split")
-        if relative.stem.isdigit() and len(relative.parts) > 1 and relative.parts[-2] != "data":
-            return relative.parts[-2]  # refs/convert/parquet: <config>/<split>/0000.parquet
-    names = ([relative.stem] if parquet else []) + list(reversed(relative.parts[:-1]))
-    for name in names:
-        word = re.split(r"[-._ ]", name.lower(), maxsplit=1)[0]
-        if word in KNOWN_SPLITS:
-            return word
-    return None
+    from datasets.data_files import DataFilesPatternsDict, EmptyDatasetError, get_data_patterns, sanitize_patterns
+    from datasets.download import DownloadConfig
+    from datasets.load import infer_module_for_data_files_list
+    from datasets.utils.file_utils import xjoin
+
+    name, settings = card_config(card, config, where)
+    # version 1 of the reference spec: its keys are only paths ("version" may be a file name too)
+    refs = {"version": 1, "refs": {path: [str(card / path), 0, size] for path, size in listing.items()}}
+    options = DownloadConfig(storage_options={"reference": {"fo": refs}})
+    base = xjoin(LISTING, outside_checked(settings.get("data_dir") or "", name, where))
+    try:
+        patterns = (sanitize_patterns(settings["data_files"]) if settings.get("data_files") is not None
+                    else get_data_patterns(base, download_config=options))
+    except EmptyDatasetError:
+        raise ConfigError(f"config {name!r} of {where}: no data files") from None
+    patterns = {str(key): value for key, value in patterns.items()}  # NamedSplit("train") -> "train"
+    if split not in patterns:
+        raise ConfigError(f"`data.split` {split!r}: not a split of config {name!r} of {where}; "
+                          f"splits found: {', '.join(sorted(patterns))}")
+    for pattern in patterns[split]:
+        outside_checked(pattern, name, where)
+    try:
+        resolved = DataFilesPatternsDict.from_patterns({split: patterns[split]}).resolve(base, options)[split]
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config {name!r} of {where}: the card's data_files of split {split!r} name a file "
+                          f"the dataset does not have ({exc})") from None
+    files = sorted({path.removeprefix(LISTING) for path in resolved})
+    module, _ = infer_module_for_data_files_list([f for f in files if not f.endswith(".zip")])
+    if module not in LAYOUTS:
+        raise ConfigError(f"`data.split` {split!r} of config {name!r} of {where} holds "
+                          f"{f'{module} files' if module else 'no data files datasets reads'} "
+                          f"({', '.join(files[:3]) or 'none'}); this pipeline reads parquet files with an image "
+                          f"column, or image files ({', '.join(IMAGE_EXTENSIONS)})")
+    layout, suffixes = LAYOUTS[module]
+    chosen = [f for f in files if PurePosixPath(f).suffix.lower() in suffixes]
+    if not chosen:
+        raise ConfigError(f"`data.split` {split!r} of config {name!r} of {where}: none of its files "
+                          f"({', '.join(files[:3])}) is a {', '.join(suffixes)} file")
+    return SplitFiles(name, layout, chosen)
 
 
-def select_split(files: list[Path], snapshot: Path, split: str, where: str, parquet: bool) -> list[Path]:
-    """The files of `split`: named for it, or inside a folder named for it.
+def outside_checked(pattern: str, config: str, where: str) -> str:
+    """`pattern` if it is inside the repository: the card may not point `datasets` at other files or hosts."""
+    from datasets.utils.file_utils import is_relative_path
 
-    Files not named by any split at all are one `train` split (as `datasets` reads them); otherwise a
-    split with no files is a ConfigError that lists the splits found.
-    """
-    relative = {f: PurePosixPath(f.relative_to(snapshot).as_posix()) for f in files}
-    splits = {f: file_split(r, parquet) for f, r in relative.items()}
-    chosen = [f for f in files if splits[f] == split or split in relative[f].parts[:-1]]
-    if chosen:
-        return chosen
-    found = sorted({s for s in splits.values() if s})
-    if not found and split == "train":
-        return files
-    kind = "parquet files" if parquet else "image files"
-    raise ConfigError(f"`data.split` {split!r}: none of the {kind} of {where} belongs to it; splits found: "
-                      f"{', '.join(found) if found else 'none (files not named by split are `train`)'}")
+    if not isinstance(pattern, str) or not is_relative_path(pattern):
+        raise ConfigError(f"config {config!r} of {where}: the card's data_files/data_dir {pattern!r} is not a "
+                          "path inside the dataset repository; only those are read")
+    return pattern
+
+
+def card_config(card: Path, config: str | None, where: str) -> tuple[str, dict]:
+    """(name, settings) of the card's config `config` (None: the card's default), by `datasets`' reading of
+    the card's `configs:`; a card that declares none has one config, "default", with no settings."""
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    try:
+        meta = DatasetCard.load(card / "README.md").data if (card / "README.md").is_file() else DatasetCardData()
+        standalone = card / ".huggingface.yaml"  # merged over the card's YAML, as datasets does
+        if standalone.is_file():
+            meta = DatasetCardData(**{**meta.to_dict(), **(yaml.safe_load(standalone.read_text()) or {})})
+        configs = MetadataConfigs.from_dataset_card_data(meta)
+        default = configs.get_default_config_name()
+    except (ValueError, yaml.YAMLError, TypeError) as exc:
+        raise ConfigError(f"the dataset card (README.md) of {where}: {exc}") from None
+    if not configs:
+        if config not in (None, "default"):
+            raise ConfigError(f"`data.config` {config!r}: the card of {where} declares no configs; "
+                              "set it to null (the one config, 'default')")
+        return "default", {}
+    name = config or default
+    if name not in configs:
+        which = f"{config!r} is not one" if config else "is null and none is the default"
+        raise ConfigError(f"`data.config` {which} of the configs the card of {where} declares: "
+                          f"{', '.join(configs)}")
+    return name, configs[name]
 
 
 def export_parquet(files: list[Path], snapshot: Path, column: str, images: Path) -> tuple[int, list[dict]]:

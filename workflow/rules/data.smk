@@ -5,7 +5,7 @@ rule download:
     output:
         raw=directory(P["raw"]),
     params:
-        values=params_of("data.source", "data.revision", "data.split", "data.image_column"),
+        values=params_of("data.source", "data.revision", "data.config", "data.split", "data.image_column"),
     shell:
         "python -m workflow download"
 
