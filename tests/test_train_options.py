@@ -1,5 +1,5 @@
 """Training options of issue 4: accumulation, epochs, Min-SNR, noise offset, compile fallback,
-auto precision, non-finite loss, several processes."""
+non-finite loss, several processes (auto precision: tests/test_gpu_paths_on_cpu.py)."""
 import csv
 import os
 import shutil
@@ -18,7 +18,7 @@ from workflow import checkpoints
 from workflow.config import Scheduler
 from workflow.diffusion import min_snr_weights, step_noise
 from workflow.model import build_noise_scheduler
-from workflow.train import resolve_mixed_precision, total_steps, train
+from workflow.train import total_steps, train
 
 WEIGHTS = "models/pipeline/unet/diffusion_pytorch_model.safetensors"
 
@@ -110,12 +110,6 @@ def test_failing_compile_falls_back_to_eager(tiny_params, monkeypatch):
     assert info["compiled"] is False and info["steps"] == 4
     _, eager = trained_weights(tiny_params(train={"max_steps": 4}))
     assert all(np.array_equal(eager[k], load_file(WEIGHTS)[k]) for k in eager)
-
-
-def test_auto_precision_is_none_on_cpu():
-    if not torch.cuda.is_available():
-        assert resolve_mixed_precision("auto") == "no"
-    assert resolve_mixed_precision("fp16") == "fp16"
 
 
 def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny_params):

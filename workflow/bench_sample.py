@@ -38,7 +38,8 @@ import torch
 from workflow import bench, fid
 from workflow.config import DEFAULT_PARAMS, ConfigError, Params, load_params
 from workflow.model import build_noise_scheduler, build_unet, count_parameters
-from workflow.sampling import resolve_dtype, sample_batches
+from workflow.runtime import Runtime, default_device
+from workflow.sampling import sample_batches
 
 TUTORIAL_GRID = 16  # the tutorial's eval_batch_size: one 4 x 4 grid per call
 
@@ -82,7 +83,7 @@ def tutorial_sampling(params: Params, unet, device, steps: int, count: int) -> f
 
 def bench_sample(base: Params, resolution: int, channels: tuple, steps: int, batch_size: int, num_images: int,
                  peer_images: int, repeats: int) -> dict:
-    device = fid.default_device()
+    device = default_device()
     params, unet = bench_model(base, resolution, channels, device)
     trials = {"ours": [], "tutorial": []}
     for _ in range(repeats):  # alternating: both loops see the same machine
@@ -102,7 +103,7 @@ def bench_fid(base: Params, resolution: int, channels: tuple, steps: int, batch_
     from workflow.reference import score
     from workflow.sample import write_sample_set
 
-    device = fid.default_device()
+    device = default_device()
     params, unet = bench_model(base, resolution, channels, device)
     extractor, _ = load_extractor(params.fid)
     workers = fid.default_num_workers(device)
@@ -131,7 +132,7 @@ def describe(params: Params, unet, device, resolution: int, channels: tuple, ste
     return {"device": device.type, "device_name": bench.device_label(device), "torch": torch.__version__,
             "diffusers": version("diffusers"), "resolution": resolution, "channels": list(channels),
             "num_parameters": count_parameters(unet), "sampler": s.sampler, "eta": s.eta, "steps": steps,
-            "dtype": str(resolve_dtype(s.mixed_precision, device)).removeprefix("torch."), "compile": s.compile}
+            "dtype": str(Runtime.for_device(device).sampling_dtype(s.mixed_precision)).removeprefix("torch."), "compile": s.compile}
 
 
 def _header(r: dict, command: str) -> list[str]:

@@ -23,6 +23,7 @@ from workflow.cli import parse_params
 from workflow.config import ConfigError, Params
 from workflow.inception import load_extractor
 from workflow.reference import check_weights, load_reference, score
+from workflow.runtime import default_device
 
 TRAIN_KEYS = {"loss_final": "train_loss_final", "images_per_second": "train_images_per_second",
               "seconds": "train_seconds", "steps": "train_steps", "num_parameters": "num_parameters"}
@@ -78,7 +79,7 @@ def run(params: Params) -> dict:
     images = load_samples(paths.samples)
     extractor, info = load_extractor(params.fid)
     check_weights(reference, info, paths.fid_ref)
-    device = fid.default_device()
+    device = default_device()
     feats = fid.features(images, extractor, params.fid.batch_size, device, fid.default_num_workers(device))
     scores = score(feats, reference, params.seed)
     metrics = flat_metrics(scores, info, train, sample, time.perf_counter() - started)

@@ -66,10 +66,6 @@ def features(images: np.ndarray, extractor: torch.nn.Module, batch_size: int,
     return np.concatenate(out)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def default_num_workers(device: torch.device) -> int:
     """Resize workers: none on CPU (the network already uses every core), several beside a GPU."""
     return 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) - 1))

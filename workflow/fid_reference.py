@@ -19,6 +19,7 @@ from workflow.artifacts import atomic_path
 from workflow.cli import parse_params
 from workflow.config import ConfigError, Params
 from workflow.inception import load_extractor
+from workflow.runtime import default_device
 
 
 def choose_reference(num_images: int, num_reference: int | None, seed: int) -> np.ndarray:
@@ -53,7 +54,7 @@ def run(params: Params) -> dict:
     if len(index) < 2:
         raise ConfigError(f"{params.paths.images}: FID statistics need at least 2 images, got {len(index)}")
     extractor, info = load_extractor(params.fid)
-    device = fid.default_device()
+    device = default_device()
     stats = reference_statistics(np.asarray(images[index]), extractor, params.fid.batch_size, device)
     stats["weights_sha256"] = np.array(info["sha256"])
     with atomic_path(params.paths.fid_ref) as tmp, open(tmp, "wb") as f:

@@ -27,6 +27,7 @@ from workflow.cli import parse_params
 from workflow.config import Params
 from workflow.inception import load_extractor
 from workflow.reference import check_weights, load_reference, score
+from workflow.runtime import default_device
 from workflow.sampling import load_unet, sample_batches
 
 COLUMNS = ("num_inference_steps", "fid", "kid", "seconds")
@@ -53,7 +54,7 @@ def sweep(params: Params) -> list[dict]:
     reference = load_reference(params.paths.fid_ref)
     extractor, info = load_extractor(params.fid)
     check_weights(reference, info, params.paths.fid_ref)
-    device = fid.default_device()
+    device = default_device()
     unet, scheduler_config = load_unet(params.paths.pipeline, device)
     return [sweep_point(params, n, unet, scheduler_config, extractor, reference, device)
             for n in params.fid.steps_sweep]

@@ -19,13 +19,13 @@ import json
 import time
 
 import numpy as np
-import torch
 
 from workflow.artifacts import atomic_dir
 from workflow.cli import parse_params
 from workflow.config import Params
 from workflow.faults import maybe_fault
-from workflow.sampling import load_unet, resolve_dtype, sample_batches, to_pil, write_grid
+from workflow.runtime import Runtime
+from workflow.sampling import load_unet, sample_batches, to_pil, write_grid
 
 
 def write_sample_set(batches, folder: str, keep: int, settings: dict) -> tuple[np.ndarray, dict]:
@@ -49,11 +49,12 @@ def write_sample_set(batches, folder: str, keep: int, settings: dict) -> tuple[n
 
 def sample(params: Params) -> dict:
     s = params.sample
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runtime = Runtime.detect()
+    device = runtime.device
     unet, scheduler_config = load_unet(params.paths.pipeline, device)
     batches = sample_batches(unet, scheduler_config, s, params.seed, params.fid.num_samples, device)
     settings = {"sampler": s.sampler, "num_inference_steps": s.num_inference_steps, "eta": s.eta,
-                "device": device.type, "dtype": str(resolve_dtype(s.mixed_precision, device)).removeprefix("torch."),
+                "device": device.type, "dtype": str(runtime.sampling_dtype(s.mixed_precision)).removeprefix("torch."),
                 "compile": s.compile}
     grid_images, record = write_sample_set(batches, params.paths.samples, s.grid_size ** 2, settings)
     write_grid(grid_images, s.grid_size, params.paths.grid)

@@ -19,7 +19,6 @@ and falls back to eager mode with a warning if compiling fails.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -31,16 +30,9 @@ from workflow.artifacts import atomic_path, manifest_damage
 from workflow.config import ConfigError, Sample
 from workflow.diffusion import stream_seed
 from workflow.model import build_sampler
+from workflow.runtime import Runtime, maybe_compile, with_eager_fallback
 
 GRID_PADDING = 2
-
-
-def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """`sample.mixed_precision` -> the UNet's compute dtype: auto is bf16 on a GPU that has it, else float32."""
-    if choice == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return torch.bfloat16 if choice == "bf16" else torch.float32
 
 
 def load_unet(path: str | Path, device: torch.device):
@@ -63,35 +55,29 @@ def load_unet(path: str | Path, device: torch.device):
 
 
 class Denoiser:
-    """The UNet as the sampling loop calls it: inference mode, autocast, channels_last, optional compile."""
+    """The UNet as the sampling loop calls it: inference mode, autocast, memory layout, optional compile."""
 
-    def __init__(self, unet: torch.nn.Module, settings: Sample, device: torch.device):
-        self.device, self.dtype = device, resolve_dtype(settings.mixed_precision, device)
-        self.eager = unet.eval()
-        if device.type == "cuda":
-            self.eager = self.eager.to(memory_format=torch.channels_last)
-        self.model = torch.compile(self.eager) if settings.compile else self.eager
+    def __init__(self, unet: torch.nn.Module, settings: Sample, runtime: Runtime):
+        self.runtime, self.device = runtime, runtime.device
+        self.dtype = runtime.sampling_dtype(settings.mixed_precision)
+        self.eager = runtime.layout(unet.eval())
+        self.model = maybe_compile(self.eager, settings.compile)
         self.compile_pending = settings.compile
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not self.compile_pending:
-            return self._run(x, t)
-        try:
-            out = self._run(x, t)
-        except Exception as exc:  # compiler failures come as many types (e.g. CUDA "misaligned address")
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); sampling eagerly")
-            self.model = self.eager
-            out = self._run(x, t)
+            return self._run(self.model, x, t)
+        out, compiled = with_eager_fallback(lambda: self._run(self.model, x, t),
+                                            lambda: self._run(self.eager, x, t), "sampling")
+        self.model = self.model if compiled else self.eager
         self.compile_pending = False
         return out
 
-    def _run(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+    def _run(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
                     else contextlib.nullcontext())
         with autocast:
-            return self.model(x, t, return_dict=False)[0].float()
+            return model(self.runtime.layout(x), t, return_dict=False)[0].float()
 
 
 def image_generators(seed: int, indices) -> list[torch.Generator]:
@@ -123,11 +109,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def sample_batches(unet: torch.nn.Module, scheduler_config, settings: Sample, seed: int, count: int,
-                   device: torch.device, progress: bool = True) -> Iterator[tuple[int, np.ndarray]]:
-    """Images 0 .. count-1, `settings.batch_size` at a time, as (first index, uint8 B x H x W x C)."""
+                   device: torch.device, progress: bool = True,
+                   runtime: Runtime | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Images 0 .. count-1, `settings.batch_size` at a time, as (first index, uint8 B x H x W x C).
+
+    `runtime` (default: `device` with its own choices) decides precision and memory layout."""
     from tqdm.auto import tqdm
 
-    denoiser = Denoiser(unet, settings, device)
+    denoiser = Denoiser(unet, settings, runtime or Runtime.for_device(device))
     name = f"{settings.sampler}-{settings.num_inference_steps}"
     with tqdm(total=count, desc=f"sample {name}", unit="img", disable=not progress) as bar:
         for first in range(0, count, settings.batch_size):

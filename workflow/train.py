@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from workflow.diffusion import (apply_flip, batch_indices, diffusion_loss, min_s
 from workflow.faults import maybe_fault
 from workflow.environment import device_name, software_versions
 from workflow.model import build_noise_scheduler, build_unet, count_parameters
+from workflow.runtime import Runtime, maybe_compile, with_eager_fallback
 from workflow.sampling import sample_batches, write_grid
 
 LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -57,6 +58,7 @@ class Run:
     """Everything a training step touches."""
     params: Params
     accelerator: object
+    runtime: Runtime
     model: torch.nn.Module  # what the step calls: the prepared model, or its torch.compile wrapper
     eager_model: torch.nn.Module  # the prepared model itself, the fallback if compilation fails
     noise_scheduler: object
@@ -70,19 +72,13 @@ class Run:
                                                     "throughput": []})
 
 
-def resolve_mixed_precision(choice: str) -> str:
-    """`auto`: bf16 on a GPU that supports it (fp16 training of this UNet NaNs, diffusers#6492), else none."""
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def make_accelerator(params: Params):
+def make_accelerator(params: Params, runtime: Runtime | None = None):
     from accelerate import Accelerator
 
+    runtime = runtime or Runtime.detect()
     # cpu=True where there is no GPU: only then does accelerate run torchrun's processes as gloo ranks
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(params.train.mixed_precision),
-                              cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=runtime.training_precision(params.train.mixed_precision),
+                              cpu=runtime.device.type == "cpu")
     split = accelerator.num_processes * params.train.gradient_accumulation_steps
     if params.train.batch_size % split:
         raise ConfigError(f"`train.batch_size` ({params.train.batch_size}) must be divisible by processes x "
@@ -97,30 +93,20 @@ def total_steps(params: Params, num_images: int) -> int:
     return math.ceil(params.train.epochs * num_images / params.train.batch_size)
 
 
-def place_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The whole uint8 dataset on the GPU once when it fits in a quarter of free memory, else pinned."""
-    pixels = torch.from_numpy(np.ascontiguousarray(images))
-    if device.type != "cuda":
-        return pixels
-    free, _ = torch.cuda.mem_get_info(device)
-    return pixels.to(device) if pixels.nbytes < free // 4 else pixels.pin_memory()
-
-
-def setup(params: Params, images: np.ndarray, accelerator) -> Run:
+def setup(params: Params, images: np.ndarray, accelerator, runtime: Runtime | None = None) -> Run:
+    """The model, optimiser, schedules, EMA and dataset of a run, placed as `runtime` (default: detected) says."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     t, device = params.train, accelerator.device
+    runtime = dataclasses.replace(runtime, device=device) if runtime else Runtime.for_device(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.allow_tf32
     torch.manual_seed(params.seed)  # the initial weights
     _, channels, resolution, _ = images.shape
-    model = build_unet(params.model, resolution=resolution, channels=channels)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
-                                  fused=device.type == "cuda")
+    model = runtime.layout(build_unet(params.model, resolution=resolution, channels=channels))
+    optimizer = runtime.adamw(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                              weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
     steps = total_steps(params, len(images))
     lr_scheduler = get_scheduler(LR_SCHEDULES[t.lr_schedule], optimizer, num_warmup_steps=t.warmup_steps,
                                  num_training_steps=steps)
@@ -134,9 +120,10 @@ def setup(params: Params, images: np.ndarray, accelerator) -> Run:
                        inv_gamma=t.ema_inv_gamma, power=t.ema_power,
                        model_cls=type(unwrapped), model_config=unwrapped.config)
         ema.to(device)
-    compiled = torch.compile(model) if t.compile else model
-    return Run(params, accelerator, compiled, model, build_noise_scheduler(params.scheduler), optimizer,
-               lr_scheduler, ema, place_images(images, device), steps, compile_pending=t.compile)
+    dataset = runtime.place_dataset(torch.from_numpy(np.ascontiguousarray(images)))
+    return Run(params, accelerator, runtime, maybe_compile(model, t.compile), model,
+               build_noise_scheduler(params.scheduler), optimizer, lr_scheduler, ema, dataset, steps,
+               compile_pending=t.compile)
 
 
 def _process_slice(start: int, size: int, accelerator) -> slice:
@@ -151,8 +138,7 @@ def _micro_loss(run: Run, index: torch.Tensor, noise, timesteps, flip) -> torch.
     clean = to_model_range(run.images[index.to(run.images.device)].to(device, non_blocking=True))
     if p.train.random_flip:
         clean = apply_flip(clean, flip)
-    if device.type == "cuda":
-        clean, noise = (x.contiguous(memory_format=torch.channels_last) for x in (clean, noise))
+    clean, noise = run.runtime.layout(clean), run.runtime.layout(noise)
     noisy = run.noise_scheduler.add_noise(clean, noise, timesteps)
     with run.accelerator.autocast():
         prediction = run.model(noisy, timesteps, return_dict=False)[0]
@@ -191,13 +177,13 @@ def guarded_step(run: Run, step: int) -> torch.Tensor:
     """train_step; the first compiled step falls back to eager mode if compilation fails."""
     if not run.compile_pending:
         return train_step(run, step)
-    try:
-        loss = train_step(run, step)
-    except Exception as exc:  # compiler failures come as many types (e.g. CUDA "misaligned address")
-        warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); training eagerly")
-        run.optimizer.zero_grad(set_to_none=True)
+
+    def eager_step():
+        run.optimizer.zero_grad(set_to_none=True)  # whatever the failed attempt accumulated
         run.model = run.eager_model
-        loss = train_step(run, step)
+        return train_step(run, step)
+
+    loss, _ = with_eager_fallback(lambda: train_step(run, step), eager_step, "training")
     run.compile_pending = False
     return loss
 
@@ -288,8 +274,7 @@ def save_progress_grid(run: Run, folder: Path, step: int) -> None:
 
 
 def _record_time(run: Run, step: int, started: float, images: int) -> None:
-    if run.accelerator.device.type == "cuda":
-        torch.cuda.synchronize()
+    run.runtime.synchronize()
     run.progress["step"] = step
     run.progress["seconds"] += time.perf_counter() - started
     run.progress["images"] += images

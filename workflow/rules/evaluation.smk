@@ -1,7 +1,7 @@
 rule fid_reference:
     input:
         images=rules.preprocess.output.images,
-        code=code("fid_reference", "fid", "inception"),
+        code=code("fid_reference", "fid", "inception", "runtime"),
     output:
         fid_ref=P["fid_ref"],
     params:
@@ -18,7 +18,7 @@ rule evaluate:
         samples=rules.sample.output.samples,
         fid_ref=rules.fid_reference.output.fid_ref,
         train_log=rules.train.output.train_log,
-        code=code("evaluate", "reference", "fid", "inception"),
+        code=code("evaluate", "reference", "fid", "inception", "runtime"),
     output:
         metrics=report(P["metrics"], caption="../captions/metrics.rst", category="Metrics"),
     params:
@@ -34,7 +34,7 @@ rule fid_steps:  # off unless fid.steps_sweep lists step counts; then one FID pe
     input:
         pipeline=rules.train.output.pipeline,
         fid_ref=rules.fid_reference.output.fid_ref,
-        code=code("fid_steps", "sampling", "reference", "fid", "inception", "diffusion", "model"),
+        code=code("fid_steps", "sampling", "reference", "fid", "inception", "diffusion", "model", "runtime"),
     output:
         fid_steps=P["fid_steps"],
     params:

@@ -5,7 +5,7 @@
 rule train:
     input:
         images=rules.preprocess.output.images,
-        code=code("train", "checkpoints", "sampling", "diffusion", "environment", "model"),
+        code=code("train", "checkpoints", "sampling", "diffusion", "environment", "model", "runtime"),
     output:
         pipeline=directory(P["pipeline"]),
         train_log=report(directory(P["train_log"]), patterns=["grids/step-{step}.png"],
@@ -22,7 +22,7 @@ rule train:
 rule sample:
     input:
         pipeline=rules.train.output.pipeline,
-        code=code("sample", "sampling", "diffusion", "model"),
+        code=code("sample", "sampling", "diffusion", "model", "runtime"),
     output:
         samples=directory(P["samples"]),
         grid=report(P["grid"], caption="../captions/grid.rst", category="Samples"),
