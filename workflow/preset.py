@@ -8,6 +8,8 @@ A preset is checked on its own, over the defaults, before anything runs: an unkn
 is one ConfigError naming the key and the preset file. `python -m workflow preset FILE` then prints
 one `-S key=value` argument per key it sets, shell-quoted, which `make run CONFIG=FILE` hands to
 `dvc exp run --temp` (values as JSON, which dvc's -S parser reads: lists, null and quoted strings).
+Read as a params file on its own (`--params configs/x.yaml`, as the bench commands do), a preset is
+itself over the defaults.
 A tool beside the stages: it reads the preset and prints, nothing else.
 """
 from __future__ import annotations
