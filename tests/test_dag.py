@@ -33,7 +33,7 @@ def snakemake_rules():
                                     workdir=ROOT)._workflow
             return {rule.name: {"cmd": rule.shellcmd, "deps": set(rule.input), "outs": set(rule.output),
                                 "params": set(rule.params.values) if rule.params else set(),
-                                "params_file": rule.params.config if rule.params else None,
+                                "params_file": dict(rule.params.items()).get("config"),
                                 "log": list(rule.log), "gpu": "gpu" in rule.resources}
                     for rule in workflow.rules if rule.name != "all"}
     finally:
