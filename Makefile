@@ -1,9 +1,10 @@
 # make setup   create .venv with the pinned stack (requirements.txt)
 # make run      setup + the pipeline on the default params (embedded MNIST, CPU is fine), recorded
 #               as a DVC experiment (`dvc exp run`; plain `dvc repro` outside a git checkout)
+# make run CONFIG=configs/<preset>.yaml   a preset, as a DVC experiment run beside the workspace
 # make compare  reports/experiments.html: this commit's experiments side by side
 # make test     setup + the test dependencies (requirements-test.txt) + Chromium + the whole test suite
-# make smk      setup + the same pipeline through Snakemake
+# make smk      setup + the same pipeline through Snakemake (CONFIG=... as `--configfile`)
 
 PYTHON ?= python3
 VENV := .venv
@@ -23,9 +24,19 @@ $(VENV)/.installed: requirements.txt
 
 # `dvc exp run` is `dvc repro` that also records the run as an experiment, so `make compare` shows
 # it beside later `dvc exp run -S ...` experiments (their results replace it in the workspace).
+# With CONFIG, the preset's keys become `dvc exp run -S key=value` arguments (checked first: a mistake
+# stops here, naming the key and the file), and `--temp` runs the experiment in a copy of the workspace:
+# params.yaml (your edits included in the run) and the workspace's results stay as they are.
 run: setup
+ifdef CONFIG
+	@git rev-parse --verify --quiet HEAD >/dev/null 2>&1 || \
+		{ echo "make run CONFIG=... records a DVC experiment: it needs a git checkout with a commit" >&2; exit 2; }
+	overrides="$$(python -m workflow preset '$(CONFIG)')" && eval "dvc exp run --temp $$overrides"
+	@echo "compare runs: dvc exp show, make compare   its outputs and params in the workspace: dvc exp apply NAME"
+else
 	if git rev-parse --verify --quiet HEAD >/dev/null 2>&1; then dvc exp run; else dvc repro; fi
 	@echo "report: reports/index.html   metrics: reports/metrics.json   compare runs: make compare"
+endif
 
 compare: setup
 	python -m workflow compare
@@ -44,7 +55,7 @@ browser:
 		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 smk: setup
-	snakemake --cores all
+	snakemake --cores all $(if $(CONFIG),--configfile '$(CONFIG)')
 
 clean-outputs:
 	rm -rf data/raw data/processed data/samples models/pipeline models/checkpoints reports/train reports/samples reports/index.html reports/loss.png reports/metrics.json reports/experiments.html reports/snakemake.html

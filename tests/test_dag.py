@@ -1,5 +1,6 @@
 """dvc.yaml and the Snakefile declare one DAG: same stages, commands, deps, outs and params."""
 import os
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,8 @@ def snakemake_rules():
                                     workdir=ROOT)._workflow
             return {rule.name: {"cmd": rule.shellcmd, "deps": set(rule.input), "outs": set(rule.output),
                                 "params": set(rule.params.values) if rule.params else set(),
-                                "gpu": "gpu" in rule.resources}
+                                "params_file": dict(rule.params.items()).get("config"),
+                                "log": list(rule.log), "gpu": "gpu" in rule.resources}
                     for rule in workflow.rules if rule.name != "all"}
     finally:
         os.chdir(cwd)
@@ -51,13 +53,49 @@ def test_one_vocabulary_of_stage_names(both):
         assert (ROOT / "workflow" / f"{name}.py").is_file()
 
 
+def snakemake_command(dvc_cmd: str) -> str:
+    """dvc.yaml's command as the Snakefile runs it: on the merged config, its stderr also in the rule's log."""
+    return "{{ " + dvc_cmd + " --params {params.config} 2>&1 1>&3 | tee {log} >&2; }} 3>&1"
+
+
 @pytest.mark.parametrize("name", STAGES)
 def test_same_command_deps_outs_params(both, name):
     dvc, smk = both
-    assert dvc[name]["cmd"] == smk[name]["cmd"] == f"python -m workflow {name}"
+    assert dvc[name]["cmd"] == f"python -m workflow {name}"
+    assert smk[name]["cmd"] == snakemake_command(dvc[name]["cmd"])
+    assert smk[name]["log"] == [f"logs/{name}.log"]
     assert dvc[name]["deps"] == smk[name]["deps"]
     assert dvc[name]["outs"] == smk[name]["outs"]
     assert dvc[name]["params"] == smk[name]["params"]
+
+
+def test_every_snakemake_job_runs_on_the_merged_config(both):
+    """Without --configfile or --config the merged config is params.yaml, in a file named by its content."""
+    import hashlib
+
+    from workflow.config import load_params
+
+    _, smk = both
+    (path,) = {rule["params_file"] for rule in smk.values()}
+    assert path.parent.as_posix() == "logs/params"
+    text = (ROOT / path).read_bytes()
+    assert path.stem == hashlib.sha256(text).hexdigest()[:16]
+    assert load_params(ROOT / path) == load_params(ROOT / "params.yaml")
+
+
+def test_snakemake_lint_reports_only_the_software_definition(tmp_path):
+    """`snakemake --lint`: every rule has a log, the Snakefile a min_version, and so on; what remains is
+    the conda/container lint, which the README says does not apply (one pinned venv, requirements.txt)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["snakemake", "--lint"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    lints = [line.strip() for line in done.stderr.splitlines() if line.startswith("    * ")]
+    assert done.stderr.count("Lints for rule ") == len(STAGES), done.stderr
+    assert set(lints) == {"* Specify a conda environment or container for each rule.:"}, done.stderr
+    assert "Lints for snakefile" not in done.stderr
+    assert 'min_version("' in (ROOT / "Snakefile").read_text()
 
 
 def test_declared_code_exists_and_stage_code_is_declared(both):

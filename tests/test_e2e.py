@@ -32,10 +32,14 @@ WEIGHTS = "models/pipeline/unet/diffusion_pytorch_model.safetensors"
 QUALITY = ("fid", "kid", "train_loss_final", "num_parameters", "fid_num_samples", "fid_num_reference")
 
 
-def sh(repo: Path, *cmd: str, timeout: int = 600) -> str:
+def run(repo: Path, *cmd: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` = this venv
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def sh(repo: Path, *cmd: str, timeout: int = 600) -> str:
+    done = run(repo, *cmd, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done.stdout
 
@@ -149,6 +153,85 @@ def test_snakemake_and_a_forced_rerun_reproduce_dvc_bitwise(dvc_repo, tmp_path):
     shutil.rmtree(repo / "models/checkpoints")  # otherwise train resumes from its finished checkpoint
     sh(repo, "dvc", "repro", "--force")
     assert snapshot(repo) == first
+
+
+@pytest.fixture(scope="module")
+def smk_preset(tmp_path_factory):
+    """(repo, its params.yaml) after `snakemake --cores 2 --configfile configs/steps-8.yaml`: a preset
+    that trains 8 steps where params.yaml says 16."""
+    repo = make_repo(tmp_path_factory.mktemp("smk"))
+    (repo / "configs/steps-8.yaml").write_text("train:\n  max_steps: 8\n")
+    params = (repo / "params.yaml").read_text()
+    sh(repo, "snakemake", "--cores", "2", "--configfile", "configs/steps-8.yaml")
+    return repo, params
+
+
+def planned(done: subprocess.CompletedProcess) -> set:
+    """The jobs a `snakemake -n` would run."""
+    return set(re.findall(r"^(?:local)?rule (\w+):", done.stdout + done.stderr, re.M))
+
+
+def test_snakemake_configfile_and_config_decide_what_every_job_runs(smk_preset):
+    repo, params = smk_preset
+    assert (repo / "params.yaml").read_text() == params  # Snakemake merges the preset, never writes a file
+    assert json.loads((repo / "reports/metrics.json").read_text())["train_steps"] == 8
+    assert len((repo / "reports/train/history.csv").read_text().splitlines()) == 1 + 8
+    # --config merges over the preset; a sampling param re-runs sampling and what reads its samples
+    change = ("--configfile", "configs/steps-8.yaml", "--config", "sample={num_inference_steps: 5}")
+    assert planned(run(repo, "snakemake", "-n", *change)) == {"sample", "evaluate", "report", "all"}
+    sh(repo, "snakemake", "--cores", "2", *change)
+    assert json.loads((repo / "data/samples/samples.json").read_text())["num_inference_steps"] == 5
+    assert json.loads((repo / "reports/metrics.json").read_text())["train_steps"] == 8  # train did not re-run
+    assert planned(run(repo, "snakemake", "-n", *change)) == set()
+
+
+def test_a_failed_snakemake_job_shows_its_error_and_keeps_it_in_its_log(smk_preset):
+    """Runs after the test above: its failed preprocess leaves the DAG to re-run from there."""
+    repo, _ = smk_preset
+    done = run(repo, "snakemake", "--cores", "2", "--configfile", "configs/steps-8.yaml",
+               "--config", "data={min_images: 100}")
+    error = "error in stage preprocess: `data.min_images` is 100 but only 64 usable images"
+    assert done.returncode != 0 and error in done.stderr  # the user sees it as the job fails
+    assert error in (repo / "logs/preprocess.log").read_text()  # and it is kept (on a cluster: read it later)
+    assert "logs/preprocess.log" in done.stderr
+    assert "train:" in (repo / "logs/train.log").read_text()  # every job keeps its stderr, the progress too
+
+
+def make(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    """`make ARGS` as in a fresh clone, this venv standing in for the one `make setup` would create."""
+    return run(repo, "make", "-o", ".venv/.installed", *args)
+
+
+def test_make_run_config_records_the_preset_as_an_experiment_and_keeps_params_yaml(dvc_repo):
+    """`make run CONFIG=configs/<preset>.yaml`: checked first, run as a DVC experiment with the user's
+    uncommitted params.yaml (edits included), which it leaves as it was, as it leaves the workspace's results."""
+    repo, first = dvc_repo
+    original = (repo / "params.yaml").read_text()
+    edited = original.replace("num_inference_steps: 4", "num_inference_steps: 5")
+    assert edited != original
+    (repo / "configs/steps-8.yaml").write_text("train:\n  max_steps: 8\n  learning_rate: 0.001\n")
+    (repo / "configs/typo.yaml").write_text("train:\n  max_step: 8\n")
+    try:
+        (repo / "params.yaml").write_text(edited)
+        before = experiments(repo)
+        typo = make(repo, "run", "CONFIG=configs/typo.yaml")
+        assert typo.returncode != 0 and "configs/typo.yaml: unknown key `train.max_step`" in typo.stderr
+        assert "Reproducing experiment" not in typo.stdout + typo.stderr and experiments(repo) == before
+        done = make(repo, "run", "CONFIG=configs/steps-8.yaml")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        assert (repo / "params.yaml").read_text() == edited
+        after = experiments(repo)
+        (name,) = set(after) - set(before)
+        params = after[name]["params"]["params.yaml"]["data"]
+        assert params["train"]["max_steps"] == 8 and params["train"]["learning_rate"] == 0.001
+        assert params["sample"]["num_inference_steps"] == 5  # the user's edit ran with the preset
+        assert after[name]["metrics"]["reports/metrics.json"]["data"]["train_steps"] == 8
+        assert json.loads((repo / "reports/metrics.json").read_text())["train_steps"] == 16  # the workspace's
+        assert (repo / WEIGHTS).read_bytes() == first["weights"]
+    finally:
+        (repo / "params.yaml").write_text(original)
+        for name in ("steps-8.yaml", "typo.yaml"):
+            (repo / "configs" / name).unlink()
 
 
 def experiments(repo: Path) -> dict:

@@ -1,7 +1,8 @@
 """python -m workflow <stage> [--params PARAMS]  -- run one pipeline stage.
 
 Stages: download, preprocess, fid_reference, train, sample, evaluate, fid_steps, report.
-Tools beside them: bench (training, sampling and FID throughput), compare (DVC experiments on one page).
+Tools beside them: bench (training, sampling and FID throughput), compare (DVC experiments on one page),
+preset (a configs/*.yaml preset checked and printed as `dvc exp run -S` arguments).
 Training on several GPUs: accelerate launch -m workflow train
 """
 import importlib
@@ -11,7 +12,7 @@ from workflow import STAGES
 from workflow.artifacts import DiskFullError
 from workflow.config import ConfigError
 
-COMMANDS = STAGES + ("bench", "compare")
+COMMANDS = STAGES + ("bench", "compare", "preset")
 
 
 def main(argv=None) -> int:

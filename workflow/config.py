@@ -197,6 +197,11 @@ def paths_of(raw: dict) -> Paths:
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    return params_from_dict(read_params_file(path), source=str(path))
+
+
+def read_params_file(path: str | Path):
+    """A params file's content as written, not yet validated ({} when empty)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -204,7 +209,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         raise ConfigError(f"{path}: no such file (run from the project root, or pass the params file)") from None
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: not UTF-8, or an impossible date (2024-13-01)
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return params_from_dict({} if raw is None else raw, source=str(path))
+    return {} if raw is None else raw
 
 
 def params_from_dict(raw: dict, source: str = "params") -> Params:

@@ -1,8 +1,48 @@
-# Helpers shared by the rules: paths from params.yaml, each stage's code, and its params.
+# Helpers shared by the rules: the config every job runs with, paths, each stage's code, params and command.
+import hashlib
+import os
+from pathlib import Path
+
+import yaml
+from snakemake.utils import update_config
+
+from workflow.artifacts import write_bytes
 from workflow.config import params_from_dict
+from workflow.preset import load_preset
 
-params_from_dict(config, source="params.yaml")  # validate when the workflow is parsed
+# The config: params.yaml, then each --configfile (a preset holds only what it changes), then --config,
+# merged by Snakemake. A preset is checked on its own first, so a mistake in it names its file.
+for preset in workflow.overwrite_configfiles:
+    load_preset(os.path.relpath(preset))
 
+
+def typed(value):
+    """--config reads a nested value's scalars as strings (`--config 'train={max_steps: 8}'` gives "8"):
+    read each again as YAML, as it would be read from a file."""
+    if isinstance(value, dict):
+        return {key: typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [typed(item) for item in value]
+    return yaml.safe_load(value) if isinstance(value, str) else value
+
+
+def config_sources():
+    files = [os.path.relpath(path) for path in workflow.overwrite_configfiles]
+    return " + ".join(["params.yaml", *files, *(["--config"] if workflow.config_settings.config else [])])
+
+
+def params_file(params):
+    """The merged config as a file named by its content (logs/params/<sha256>.yaml): every job runs with it,
+    runs of different configs never share one, and a cluster job's own parse of the Snakefile finds it."""
+    text = yaml.safe_dump(params.to_dict(), sort_keys=False)
+    path = Path("logs/params") / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    if not path.is_file():
+        write_bytes(path, text.encode())
+    return path
+
+
+update_config(config, typed(dict(workflow.config_settings.config)))
+PARAMS_FILE = params_file(params_from_dict(config, source=config_sources()))  # validated when parsed
 P = config["paths"]
 GROUND = ["config", "artifacts", "faults", "cli"]
 
@@ -21,3 +61,10 @@ def params_of(*keys):
             value = value[part]
         values[key] = value
     return values
+
+
+def stage(name):
+    """dvc.yaml's command for the stage, run on the merged config (`{params.config}`, a Path: Snakemake's
+    params trigger records only plain values, so the file's name, which changes with any param, re-runs
+    nothing; each job's `values` decide). Its stderr goes to the terminal and to the rule's log."""
+    return "{{ python -m workflow %s --params {params.config} 2>&1 1>&3 | tee {log} >&2; }} 3>&1" % name

@@ -6,8 +6,11 @@ rule download:
         raw=directory(P["raw"]),
     params:
         values=params_of("data.source", "data.revision", "data.config", "data.split", "data.image_column"),
+        config=PARAMS_FILE,
+    log:
+        "logs/download.log",
     shell:
-        "python -m workflow download"
+        stage("download")
 
 
 rule preprocess:
@@ -20,5 +23,8 @@ rule preprocess:
     params:
         values=params_of("seed", "data.resolution", "data.channels", "data.center_crop", "data.max_images",
                          "data.min_images"),
+        config=PARAMS_FILE,
+    log:
+        "logs/preprocess.log",
     shell:
-        "python -m workflow preprocess"
+        stage("preprocess")

@@ -6,11 +6,14 @@ rule fid_reference:
         fid_ref=P["fid_ref"],
     params:
         values=params_of("seed", "fid.num_reference", "fid.weights", "fid.weights_sha256", "fid.batch_size"),
+        config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
         gpu=1,
+    log:
+        "logs/fid_reference.log",
     shell:
-        "python -m workflow fid_reference"
+        stage("fid_reference")
 
 
 rule evaluate:
@@ -23,11 +26,14 @@ rule evaluate:
         metrics=report(P["metrics"], caption="../captions/metrics.rst", category="Metrics"),
     params:
         values=params_of("seed", "fid.weights", "fid.weights_sha256", "fid.batch_size"),
+        config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
         gpu=1,
+    log:
+        "logs/evaluate.log",
     shell:
-        "python -m workflow evaluate"
+        stage("evaluate")
 
 
 rule fid_steps:  # off unless fid.steps_sweep lists step counts; then one FID per count, for `dvc plots`
@@ -41,11 +47,14 @@ rule fid_steps:  # off unless fid.steps_sweep lists step counts; then one FID pe
         values=params_of("seed", "sample.sampler", "sample.eta", "sample.batch_size", "sample.mixed_precision",
                          "sample.compile", "fid.num_samples", "fid.steps_sweep", "fid.weights",
                          "fid.weights_sha256", "fid.batch_size"),
+        config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
         gpu=1,
+    log:
+        "logs/fid_steps.log",
     shell:
-        "python -m workflow fid_steps"
+        stage("fid_steps")
 
 
 rule report:
@@ -61,5 +70,8 @@ rule report:
         loss_plot=report(P["loss_plot"], caption="../captions/loss.rst", category="Training"),
     params:
         values=params_of("seed", "paths", "data", "model", "scheduler", "train", "sample", "fid"),
+        config=PARAMS_FILE,
+    log:
+        "logs/report.log",
     shell:
-        "python -m workflow report"
+        stage("report")

@@ -12,11 +12,14 @@ rule train:
                          caption="../captions/progress.rst", category="Training", subcategory="Progress grids"),
     params:
         values=params_of("seed", "model", "scheduler", "train"),
+        config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
         gpu=1,
+    log:
+        "logs/train.log",
     shell:
-        "python -m workflow train"
+        stage("train")
 
 
 rule sample:
@@ -28,8 +31,11 @@ rule sample:
         grid=report(P["grid"], caption="../captions/grid.rst", category="Samples"),
     params:
         values=params_of("seed", "sample", "fid.num_samples"),
+        config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
         gpu=1,
+    log:
+        "logs/sample.log",
     shell:
-        "python -m workflow sample"
+        stage("sample")
