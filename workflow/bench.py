@@ -49,6 +49,7 @@ import torch
 from workflow.config import DEFAULT_PARAMS, ConfigError, Params, load_params, params_from_dict
 from workflow.environment import device_name
 from workflow.model import build_unet, count_parameters
+from workflow.runtime import default_device
 
 SEED_CHANNELS = (128, 128, 256, 256, 512, 512)
 PEER_NORM_GROUPS = 32  # diffusers' UNet2DModel default, which the tutorial's UNet keeps
@@ -245,7 +246,7 @@ def bench_train(base: Params, resolution: int = 128, batch_size: int = 16, steps
                 channels: tuple = SEED_CHANNELS, peer_path: str | Path | None = None,
                 peer_batch_size: int | None = None, repeats: int = 1, matmul_size: int | None = None) -> dict:
     """Measure both loops (best of `repeats`), the FLOP per image and the matmul limit; return a dict."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     peer_batch_size = peer_batch_size or batch_size
     params = bench_params(base, resolution, batch_size, tuple(channels), warmup + steps, device.type)
     peer = load_peer(peer_path) if peer_path else None
