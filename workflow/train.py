@@ -38,12 +38,12 @@ from tqdm.auto import tqdm
 from workflow import checkpoints
 from workflow.artifacts import atomic_dir, sha256_file, write_manifest
 from workflow.cli import parse_params
-from workflow.config import ConfigError, Params, Sample
+from workflow.config import STEPS, ConfigError, Params, Sample
 from workflow.diffusion import (apply_flip, batch_indices, diffusion_loss, min_snr_weights,
                                 step_noise, to_model_range, training_target)
 from workflow.faults import maybe_fault
 from workflow.environment import device_name, software_versions
-from workflow.model import build_noise_scheduler, build_unet, count_parameters
+from workflow.model import build_noise_scheduler, build_unet, check_size, count_parameters
 from workflow.sampling import sample_batches, write_grid
 
 LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -94,7 +94,12 @@ def total_steps(params: Params, num_images: int) -> int:
     """`train.max_steps`, or `train.epochs` passes over the data in optimiser steps."""
     if params.train.max_steps is not None:
         return params.train.max_steps
-    return math.ceil(params.train.epochs * num_images / params.train.batch_size)
+    steps = math.ceil(params.train.epochs * num_images / params.train.batch_size)
+    if steps > STEPS:
+        raise ConfigError(f"`train.epochs` ({params.train.epochs}) over {num_images:,} images at `train.batch_size` "
+                          f"{params.train.batch_size} is {steps:,} steps, over the {STEPS:,} that "
+                          "`train.max_steps` allows")
+    return steps
 
 
 def place_images(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -361,6 +366,7 @@ def to_csv(header: list, rows) -> str:
 
 
 def train(params: Params) -> dict:
+    check_size(params)  # a UNet or a batch over the caps is refused before anything is allocated
     images_path = Path(params.paths.images)
     if not images_path.is_file():
         raise ConfigError(f"{images_path} not found: run the preprocess stage first")
