@@ -21,7 +21,7 @@ from workflow.diffusion import min_snr_weights, step_noise
 from workflow.model import build_noise_scheduler
 from workflow.train import resolve_mixed_precision, total_steps, train
 
-WEIGHTS = "models/pipeline/unet/diffusion_pytorch_model.safetensors"
+WEIGHTS = "models/trained/unet/diffusion_pytorch_model.safetensors"
 
 
 def trained_weights(params):
@@ -130,7 +130,7 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny_params):
     run_dir = Path(params.paths.checkpoints) / os.listdir(params.paths.checkpoints)[0]
     kept = checkpoints.complete_checkpoints(run_dir)
     assert [step for step, _ in kept] == list(range(1, bad_step))[-2:]  # up to the step before, never the bad one
-    assert not Path(params.paths.pipeline).exists()
+    assert not Path(params.paths.trained).exists()
 
 
 @pytest.mark.e2e
@@ -164,7 +164,7 @@ def test_resume_with_accumulation_is_bitwise_and_counts_optimiser_steps(tiny_par
     _, straight = trained_weights(params)
     run_dir = next(Path(params.paths.checkpoints).iterdir())
     shutil.rmtree(run_dir / "step-0000008")
-    shutil.rmtree(params.paths.pipeline)
+    shutil.rmtree(params.paths.trained)
     info = train(params)
     assert info["resumed_from_step"] == 4 and info["steps"] == 8
     resumed = load_file(WEIGHTS)

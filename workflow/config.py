@@ -84,7 +84,8 @@ class Paths:
     meta: str = _path("data/processed/meta.json")
     fid_ref: str = _path("data/processed/fid_ref.npz")
     checkpoints: str = _path("models/checkpoints")
-    pipeline: str = _path("models/pipeline")
+    trained: str = _path("models/trained")  # train's pipeline, read by sample and fid_steps
+    pipeline: str = _path("models/pipeline")  # the package stage's: the trained pipeline + its model card
     train_log: str = _path("reports/train")
     grid: str = _path("reports/samples/grid.png")
     samples: str = _path("data/samples")

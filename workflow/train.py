@@ -4,7 +4,7 @@
     accelerate launch -m workflow train          # several GPUs; train.batch_size is the global batch
     torchrun --nproc_per_node 2 -m workflow train    # several CPU processes (gloo)
 
-Reads params.paths.images; writes params.paths.pipeline (DDPMPipeline.save_pretrained, EMA weights,
+Reads params.paths.images; writes params.paths.trained (DDPMPipeline.save_pretrained, EMA weights,
 safetensors), params.paths.train_log (history.csv: loss and lr per step; throughput.csv;
 summary.json; grids/step-XXXXXXX.png) and checkpoints under params.paths.checkpoints, from which a
 re-run resumes automatically.
@@ -340,7 +340,7 @@ def save_outputs(run: Run, info: dict, grids: Path) -> None:
 
     paths = run.params.paths
     unet = run.accelerator.unwrap_model(run.model)
-    with ema_weights(run, unet), atomic_dir(paths.pipeline) as out:
+    with ema_weights(run, unet), atomic_dir(paths.trained) as out:
         DDPMPipeline(unet=unet.to(memory_format=torch.contiguous_format), scheduler=run.noise_scheduler) \
             .save_pretrained(out, safe_serialization=True)
         write_manifest(out)  # sample refuses a pipeline whose files no longer match it
