@@ -50,6 +50,7 @@ def check_card(root: Path, params: Params) -> None:
     if source["kind"] == "hf":
         assert meta["datasets"] == [source["repo_id"]] == [result["dataset"]["type"]]
         assert result["dataset"]["revision"] == source["sha"] and result["dataset"]["split"] == source["split"]
+        assert result["dataset"].get("config") == source.get("config")
     else:
         assert "datasets" not in meta and result["dataset"]["type"] == params.data.source
     scores = {m["type"]: m for m in result["metrics"]}

@@ -77,7 +77,8 @@ def card_metadata(params: Params, source: dict, metrics: dict) -> ModelCardData:
     names = {"hf": lambda: source["repo_id"], "imagefolder": lambda: source["path"],
              "builtin": lambda: f"{source['name']} ({source['package']} {source['package_version']})"}
     dataset = {"dataset_type": source["repo_id"] if hf else params.data.source, "dataset_name": names[source["kind"]](),
-               **({"dataset_split": source["split"], "dataset_revision": source["sha"]} if hf else {})}
+               **({"dataset_config": source.get("config"), "dataset_split": source["split"],
+                   "dataset_revision": source["sha"]} if hf else {})}  # config: recorded by newer downloads
     s = params.sample
     args = {"num_samples": metrics["fid_num_samples"], "num_reference": metrics["fid_num_reference"],
             "sampler": s.sampler, "num_inference_steps": s.num_inference_steps, "eta": s.eta,
