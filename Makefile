@@ -58,4 +58,4 @@ smk: setup
 	snakemake --cores all $(if $(CONFIG),--configfile '$(CONFIG)')
 
 clean-outputs:
-	rm -rf data/raw data/processed data/samples models/pipeline models/checkpoints reports/train reports/samples reports/index.html reports/loss.png reports/metrics.json reports/experiments.html reports/snakemake.html
+	rm -rf data/raw data/processed data/samples models/trained models/pipeline models/checkpoints reports/train reports/samples reports/index.html reports/loss.png reports/metrics.json reports/experiments.html reports/snakemake.html

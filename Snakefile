@@ -23,6 +23,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/evaluation.smk"
+include: "workflow/rules/package.smk"
 
 
 rule all:
@@ -30,4 +31,5 @@ rule all:
         rules.report.output.report,
         rules.evaluate.output.metrics,
         rules.fid_steps.output.fid_steps,
+        rules.package.output.pipeline,
     default_target: True

@@ -2,15 +2,25 @@
 from __future__ import annotations
 
 import copy
+import os
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from hypothesis import settings
 
 from workflow.config import params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Property tests run the same examples on every run and machine (CI included): derandomized, no example
+# database carried between runs, and a deadline per example, so a value that makes the code slow fails
+# the test instead of hanging it. HYPOTHESIS_PROFILE=explore searches afresh (random, more examples).
+settings.register_profile("ci", derandomize=True, database=None, deadline=timedelta(seconds=5), print_blob=True)
+settings.register_profile("explore", deadline=timedelta(seconds=5), max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 TINY = {
     "seed": 0,

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -79,3 +81,60 @@ def test_paths_of_another_runs_params_takes_defaults_and_ignores_the_rest():
     paths = paths_of({"paths": {"grid": "out/grid.png", "renamed_later": "x"}, "train": {"unknown": 1}})
     assert paths.grid == "out/grid.png" and paths.metrics == Paths().metrics
     assert paths_of({}) == Paths()
+
+
+def numeric_keys(cls=Params, prefix=""):
+    """(dotted key, type hint) of every number and list of numbers in params (bools and choices aside)."""
+    import dataclasses
+    import typing
+
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            yield from numeric_keys(hint, f"{prefix}{name}.")
+            continue
+        inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        kind = typing.get_args(inner[0])[0] if typing.get_origin(inner[0]) is tuple else inner[0]
+        if kind in (int, float):
+            yield prefix + name, inner[0]
+
+
+@pytest.mark.parametrize("key", [k for k, _ in numeric_keys()])
+def test_every_number_has_an_upper_bound(key):
+    """A huge value (an extra zero or six) is one error naming the key, never a stage that runs without end."""
+    hint = dict(numeric_keys())[key]
+    huge = [10**13] if str(hint).startswith("tuple") else 10**13
+    section, _, leaf = key.rpartition(".")
+    raw = tiny_dict(**({section: {leaf: huge}} if section else {leaf: huge}))
+    with pytest.raises(ConfigError, match=f"`{re.escape(key)}"):
+        params_from_dict(raw)
+
+
+def test_a_million_layers_is_refused_at_once():
+    """The value that made tests/test_config_fuzz.py build modules for 7 minutes at 12 GB (issue 18)."""
+    with pytest.raises(ConfigError, match=r"`model.layers_per_block` must be > 0 and <= 16, got 1000000"):
+        params_from_dict(tiny_dict(model={"layers_per_block": 1000000}))
+
+
+def test_readme_lists_the_upper_bounds():
+    """The README's "Upper bounds" table is the bounds config.py enforces, key for key."""
+    import dataclasses
+
+    def bounds(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                yield from bounds(f.default_factory, f"{prefix}{f.name}.")
+            elif "max" in f.metadata:
+                yield prefix + f.name, f.metadata["max"]
+
+    section = (ROOT / "README.md").read_text().split("### Upper bounds", 1)[1].split("\n#", 1)[0]
+    documented = {}
+    for bound, keys in re.findall(r"^\| ([\d,]+) \| (.+) \|$", section, flags=re.M):
+        documented.update({key: int(bound.replace(",", "")) for key in re.findall(r"`([a-z_.]+)`", keys)})
+    assert documented == dict(bounds(Params))
+
+
+def test_sampling_steps_within_the_training_schedule():
+    with pytest.raises(ConfigError, match=r"`sample.num_inference_steps`.*`scheduler.num_train_timesteps` \(100\)"):
+        params_from_dict(tiny_dict(scheduler={"num_train_timesteps": 100}, sample={"num_inference_steps": 101}))
+    with pytest.raises(ConfigError, match=r"`fid.steps_sweep` \(\[2000\]\)"):
+        params_from_dict(tiny_dict(fid={"steps_sweep": [10, 2000]}))

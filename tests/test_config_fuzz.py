@@ -1,18 +1,20 @@
 """Property-based tests of the params loader (hypothesis): whatever value, type or key is put anywhere
 in params.yaml, the loader answers with valid Params or one ConfigError naming the key; never another
-exception, never a traceback from deep inside torch or diffusers later."""
+exception, never a traceback from deep inside torch or diffusers later, and never a value that hangs
+or exhausts memory (every number is bounded; the UNet's size is checked on the meta device).
+The examples are the same on every run (tests/conftest.py: the "ci" hypothesis profile)."""
 import math
 import tempfile
 from pathlib import Path
 
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import tiny_dict
 from workflow.config import ConfigError, Params, load_params, params_from_dict
-from workflow.model import build_unet
+from workflow.model import build_unet, check_size
 
 
 def key_paths(tree: dict, prefix: str = "") -> list[str]:
@@ -33,7 +35,7 @@ ANY_VALUE = st.one_of(
     st.lists(st.one_of(st.integers(-4, 130), st.text(max_size=3), st.none()), max_size=4),
     st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
     st.sampled_from([0, -1, 0.0, -0.5, 1.5, math.inf, -math.inf, math.nan, 2**64, [], [0, 32], [16, -32], [1.0]]))
-FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=250, suppress_health_check=[HealthCheck.too_slow])  # + the profile's deadline
 
 
 def put(raw: dict, key: str, value) -> dict:
@@ -57,13 +59,21 @@ def accepted_or_named(raw: dict, key: str) -> None:
     for section in ("train", "fid", "scheduler", "data"):
         for value in params.to_dict()[section].values():
             assert not isinstance(value, float) or math.isfinite(value)
-    if key.startswith("model"):  # an accepted model builds (on the meta device: no memory, no time)
-        with torch.device("meta"):
+    if key.split(".")[0] in ("model", "train", "data"):  # within the caps, or one error naming the key
+        try:
+            check_size(params)
+        except ConfigError as error:
+            assert f"`{key}" in str(error) or f"`{key.split('.')[0]}.*`" in str(error), (key, str(error))
+            return
+        with torch.device("meta"):  # an accepted model builds (on the meta device: no memory, no time)
             build_unet(params.model, resolution=params.data.resolution, channels=params.data.channels)
 
 
 @FUZZ
 @given(key=st.sampled_from(KEYS), value=ANY_VALUE)
+@example(key="model.layers_per_block", value=1000000)  # once built a million layers (12 GB, 7+ minutes)
+@example(key="model.block_out_channels", value=[4096, 4096])  # within every bound, ~3 B parameters
+@example(key="train.batch_size", value=65536)  # the largest batch: a small UNet's activations stay small
 def test_any_value_at_any_key_is_valid_or_one_config_error_naming_it(key, value):
     accepted_or_named(put(tiny_dict(), key, value), key)
 

@@ -13,7 +13,7 @@ from workflow.config import ConfigError
 from workflow.sample import sample
 from workflow.train import train
 
-WEIGHTS = "models/pipeline/unet/diffusion_pytorch_model.safetensors"
+WEIGHTS = "models/trained/unet/diffusion_pytorch_model.safetensors"
 
 
 def truncate(path: Path) -> None:
@@ -52,7 +52,7 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained):
         (run_dir,) = Path(params.paths.checkpoints).iterdir()
         target = run_dir / "step-0000012" / name
         damage(target) if damage else target.unlink()
-        shutil.rmtree(params.paths.pipeline)
+        shutil.rmtree(params.paths.trained)
         with pytest.warns(UserWarning, match=f"step-0000012 is damaged .*{name}.*trying the one before"):
             info = train(params)
         assert info["resumed_from_step"] == 8, name
@@ -82,16 +82,16 @@ def test_sample_refuses_a_damaged_pipeline_naming_the_file(trained):
     params, _, restore = trained
     for name, damage in PIPELINE_DAMAGE:
         restore()
-        target = Path(params.paths.pipeline) / name
+        target = Path(params.paths.trained) / name
         damage(target) if damage else target.unlink()
-        with pytest.raises(ConfigError, match=f"models/pipeline is damaged .*{name}.*re-run the train stage"):
+        with pytest.raises(ConfigError, match=f"models/trained is damaged .*{name}.*re-run the train stage"):
             sample(params)
         assert not Path(params.paths.samples).exists()
 
     restore()  # pickled (.bin) weights instead of safetensors, consistent with the manifest: never unpickled
-    unet = Path(params.paths.pipeline) / "unet"
+    unet = Path(params.paths.trained) / "unet"
     (unet / "diffusion_pytorch_model.safetensors").unlink()
     torch.save({}, unet / "diffusion_pytorch_model.bin")
-    write_manifest(params.paths.pipeline)
+    write_manifest(params.paths.trained)
     with pytest.raises(ConfigError, match="not a loadable pipeline with safetensors weights"):
         sample(params)

@@ -118,6 +118,15 @@ def test_dvc_repro_artifacts(dvc_repo):
     assert "up to date" in sh(repo, "dvc", "status") or sh(repo, "dvc", "status").strip() == ""
 
 
+def test_dvc_run_publishes_the_model_card(dvc_repo):
+    """models/pipeline, as `hf upload` takes it: the card is this run's own and its snippet runs (issue 18)."""
+    from tests.test_package import check_card
+    from workflow.config import load_params
+
+    repo, _ = dvc_repo
+    check_card(repo, load_params(repo / "params.yaml"))
+
+
 def test_editing_a_param_reruns_only_what_it_affects(dvc_repo):
     repo, _ = dvc_repo
     original = (repo / "params.yaml").read_text()
@@ -127,18 +136,18 @@ def test_editing_a_param_reruns_only_what_it_affects(dvc_repo):
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         # dvc status lists the stages whose own deps changed; evaluate follows once sample's outputs do
         stale = set(json.loads(sh(repo, "dvc", "status", "--json")))
-        assert stale == {"sample", "report"}
+        assert stale == {"sample", "report", "package"}  # the model card shows the sampling params
         params["sample"]["num_inference_steps"] = 4
         params["sample"]["sampler"] = "dpmsolver++"
         params["fid"]["num_samples"] = 4
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         # the reference statistics are cached: sampling and FID-size params never re-run fid_reference
-        assert set(json.loads(sh(repo, "dvc", "status", "--json"))) == {"sample", "fid_steps", "report"}
+        assert set(json.loads(sh(repo, "dvc", "status", "--json"))) == {"sample", "fid_steps", "report", "package"}
         params["sample"]["sampler"] = "ddim"
         params["fid"]["num_samples"] = 8
         params["train"]["learning_rate"] = 1e-3
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        assert set(json.loads(sh(repo, "dvc", "status", "--json"))) == {"train", "report"}
+        assert set(json.loads(sh(repo, "dvc", "status", "--json"))) == {"train", "report", "package"}
     finally:
         (repo / "params.yaml").write_text(original)
 

@@ -16,7 +16,7 @@ import yaml
 from tests.conftest import ROOT, tiny_dict, write_images
 from workflow import faults
 
-WEIGHTS = "models/pipeline/unet/diffusion_pytorch_model.safetensors"
+WEIGHTS = "models/trained/unet/diffusion_pytorch_model.safetensors"
 
 
 def test_triggers_name_a_point_and_optionally_a_value():
@@ -69,7 +69,7 @@ TRAIN_KILLS = {
     "train.after_step=6": (["step-0000004"], 4),  # mid-interval
     "train.checkpoint.mid_save=8": ([".step-0000008.tmp", "step-0000004"], 4),  # inside a save
     "train.checkpoint.saved=8": (["step-0000004", "step-0000008"], 8),  # right after a checkpoint
-    "artifact.before_rename=pipeline": (["step-0000008", "step-0000012"], 12),  # all trained, not published
+    "artifact.before_rename=trained": (["step-0000008", "step-0000012"], 12),  # all trained, not published
 }
 
 
@@ -85,7 +85,7 @@ def test_train_killed_resumes_to_the_uninterrupted_weights(train_dir, tmp_path, 
     left, resume_step = TRAIN_KILLS[fault]
     if left:
         assert steps_saved(workdir) == left
-    assert not (workdir / "models/pipeline").exists() and not (workdir / "reports/train").exists()
+    assert not (workdir / "models/trained").exists() and not (workdir / "reports/train").exists()
 
     done = stage(workdir, "train")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -124,7 +124,7 @@ def test_dvc_repro_after_kills_in_every_stage_equals_the_uninterrupted_run(dvc_r
     _, uninterrupted = dvc_repo
     repo = make_repo(tmp_path)
     gone = {"preprocess.after_image=10": ["data/processed/images.npy", "data/processed/meta.json"],
-            "train.checkpoint.mid_save=16": ["models/pipeline", "reports/train"],
+            "train.checkpoint.mid_save=16": ["models/trained", "reports/train"],
             "sample.after_image=3": ["data/samples", "reports/samples/grid.png"],
             "artifact.before_rename=metrics.json": ["reports/metrics.json"]}
     for fault, absent in gone.items():
@@ -146,7 +146,7 @@ def test_snakemake_rerun_incomplete_after_a_kill_in_train(dvc_repo, tmp_path):
     env[faults.VARIABLE] = "train.after_step=12"
     done = subprocess.run(["snakemake", "--cores", "2", "train"], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode != 0 and not (repo / "models/pipeline").exists()
+    assert done.returncode != 0 and not (repo / "models/trained").exists()
     sh(repo, "snakemake", "--cores", "2", "--rerun-incomplete", "train")
     assert (repo / WEIGHTS).read_bytes() == uninterrupted["weights"]
 

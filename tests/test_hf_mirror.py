@@ -21,7 +21,9 @@ import yaml
 
 from tests.mirror import (ROOT, SECRET_TOKEN, Dataset, Mirror, StallingProxy, clean_env, hf_env, image_files,  # noqa: F401
                           mirror, parquet_files, png, run_stage)
+from tests.test_package import check_card
 from workflow.artifacts import sha256_file
+from workflow.config import load_params
 
 
 def write_params(workdir: Path, data: dict, base: Path | None = None) -> None:
@@ -493,6 +495,7 @@ def test_dvc_repro_through_the_mirror(mirror, tmp_path):
     meta = json.loads((repo / "data/processed/meta.json").read_text())
     assert meta["count"] == 16 and meta["source"]["sha"] == dataset.head
     assert dataset.head in (repo / "reports/index.html").read_text()  # provenance in the report
+    check_card(repo, load_params(repo / "params.yaml"))  # the model card names the dataset at its pinned commit
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert lock["stages"]["download"]["params"]["params.yaml"]["data.source"] == "hf:org/e2e-pets"
     secret_free(repo, hf_home)  # not in dvc.lock, SOURCE.json, meta, report, logs, nor the HF cache

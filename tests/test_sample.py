@@ -63,10 +63,10 @@ def test_our_loop_equals_ddpm_pipeline_on_cpu(trained, sampler):
     from diffusers import DDPMPipeline
 
     params = trained()
-    unet, config = load_unet(params.paths.pipeline, torch.device("cpu"))
+    unet, config = load_unet(params.paths.trained, torch.device("cpu"))
     settings = Sample(sampler=sampler, num_inference_steps=5, batch_size=3)
     ours = np.concatenate([b for _, b in sample_batches(unet, config, settings, 0, 3, torch.device("cpu"))])
-    pipeline = DDPMPipeline.from_pretrained(params.paths.pipeline)
+    pipeline = DDPMPipeline.from_pretrained(params.paths.trained)
     pipeline.scheduler = build_sampler(sampler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     theirs = pipeline(batch_size=3, generator=image_generators(0, range(3)), num_inference_steps=5,

@@ -1,6 +1,6 @@
 """python -m workflow <stage> [--params PARAMS]  -- run one pipeline stage.
 
-Stages: download, preprocess, fid_reference, train, sample, evaluate, fid_steps, report.
+Stages: download, preprocess, fid_reference, train, sample, evaluate, fid_steps, report, package.
 Tools beside them: bench (training, sampling and FID throughput), compare (DVC experiments on one page),
 preset (a configs/*.yaml preset checked and printed as `dvc exp run -S` arguments).
 Training on several GPUs: accelerate launch -m workflow train

@@ -32,11 +32,13 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 
 
 def run_key(params: Params, images_sha256: str) -> str:
-    """Hash of the data, model, noise schedule, training recipe and seed (not logging cadence, nor grids)."""
+    """Hash of the data, model, noise schedule, training recipe and seed (not logging cadence, grids, nor the
+    size caps, which only decide whether a run may start)."""
     everything = params.to_dict()
     train = everything["train"]
-    for cadence in ("log_every", "checkpoint_every", "checkpoints_total_limit", "progress_grids"):
+    for cadence in ("log_every", "checkpoint_every", "checkpoints_total_limit", "progress_grids", "max_activation_gib"):
         train.pop(cadence)
+    everything["model"].pop("max_parameters")
     identity = {"images": images_sha256, "seed": params.seed, "model": everything["model"],
                 "scheduler": everything["scheduler"], "train": train}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

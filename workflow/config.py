@@ -32,13 +32,33 @@ def _rule(check, text):
     return {"check": check, "rule": text}
 
 
-POSITIVE = _rule(lambda v: v > 0, "must be > 0")
-NON_NEGATIVE = _rule(lambda v: v >= 0, "must be >= 0")
+# Every number has an upper bound too, so no value can make a stage loop or allocate without end
+# (a typo like `layers_per_block: 1000000` is one clear error, not a hung machine). The bounds are far
+# above the presets; README "Upper bounds" lists them (a test keeps that table equal to these).
+def positive(limit):
+    return _rule(lambda v: 0 < v <= limit, f"must be > 0 and <= {limit:,}") | {"max": limit}
+
+
+def non_negative(limit):
+    return _rule(lambda v: 0 <= v <= limit, f"must be >= 0 and <= {limit:,}") | {"max": limit}
+
+
+def positive_items(limit, count):
+    """A list of at most `count` numbers, each in (0, limit] (may be empty)."""
+    return _rule(lambda v: len(v) <= count and all(0 < n <= limit for n in v),
+                 f"must hold at most {count} values, each > 0 and <= {limit:,}") | {"max": limit}
+
+
+def positive_list(limit, count):
+    return _rule(lambda v: 0 < len(v) <= count and all(0 < x <= limit for x in v),
+                 f"must be a list of 1 to {count} numbers, each > 0 and <= {limit:,}") | {"max": limit}
+
+
 UNIT_OPEN = _rule(lambda v: 0 < v < 1, "must be in (0, 1)")
 UNIT_CLOSED = _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
 NON_EMPTY = _rule(lambda v: len(v) > 0, "must not be empty")
-POSITIVE_ITEMS = _rule(lambda v: all(n > 0 for n in v), "must hold values > 0")
-POSITIVE_LIST = _rule(lambda v: len(v) > 0 and all(x > 0 for x in v), "must be a non-empty list of numbers > 0")
+STEPS = 10_000_000  # optimiser steps, and every count of them (warm-up, logging, checkpoint cadence)
+IMAGES = 100_000_000  # images in a dataset
 SHA256 = _rule(lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None, "must be 64 lowercase hex digits")
 SOURCE = _rule(lambda v: re.fullmatch(r"(builtin|imagefolder|hf):.+", v) is not None,
                "must be builtin:<name>, imagefolder:<path> or hf:<owner>/<name>")
@@ -64,7 +84,8 @@ class Paths:
     meta: str = _path("data/processed/meta.json")
     fid_ref: str = _path("data/processed/fid_ref.npz")
     checkpoints: str = _path("models/checkpoints")
-    pipeline: str = _path("models/pipeline")
+    trained: str = _path("models/trained")  # train's pipeline, read by sample and fid_steps
+    pipeline: str = _path("models/pipeline")  # the package stage's: the trained pipeline + its model card
     train_log: str = _path("reports/train")
     grid: str = _path("reports/samples/grid.png")
     samples: str = _path("data/samples")
@@ -82,11 +103,11 @@ class Data:
     config: Optional[str] = _f(None, NON_EMPTY)  # hf only: a config the dataset card declares; None = its default
     split: str = "train"
     image_column: str = "image"
-    resolution: int = _f(16, POSITIVE)
+    resolution: int = _f(16, positive(1024))
     channels: Literal[1, 3] = 1
     center_crop: bool = True
-    max_images: Optional[int] = _f(None, POSITIVE)
-    min_images: int = _f(16, POSITIVE)  # preprocess fails if fewer images decode
+    max_images: Optional[int] = _f(None, positive(IMAGES))
+    min_images: int = _f(16, positive(IMAGES))  # preprocess fails if fewer images decode
 
     @property
     def kind(self) -> str:
@@ -99,73 +120,77 @@ class Data:
 
 @dataclass(frozen=True)
 class Model:
-    block_out_channels: tuple[int, ...] = _tuple((32, 64, 64), POSITIVE_LIST)
-    layers_per_block: int = _f(1, POSITIVE)
+    block_out_channels: tuple[int, ...] = _tuple((32, 64, 64), positive_list(4096, 8))  # 8 levels at most
+    layers_per_block: int = _f(1, positive(16))
     attention_levels: tuple[int, ...] = _tuple((2,))
-    norm_num_groups: int = _f(16, POSITIVE)
+    norm_num_groups: int = _f(16, positive(1024))
+    # the UNet is counted on the meta device before it is built (workflow.model.check_size)
+    max_parameters: int = _f(2_000_000_000, positive(10**12))
 
 
 @dataclass(frozen=True)
 class Scheduler:
-    num_train_timesteps: int = _f(1000, POSITIVE)
+    num_train_timesteps: int = _f(1000, positive(100_000))
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
 
 
 @dataclass(frozen=True)
 class Train:
-    batch_size: int = _f(128, POSITIVE)  # images per optimiser step, over all processes and micro-batches
-    gradient_accumulation_steps: int = _f(1, POSITIVE)  # micro-batches per step: a memory knob only
-    max_steps: Optional[int] = _f(1200, POSITIVE)
-    epochs: Optional[float] = _f(None, POSITIVE)  # alternative to max_steps
-    learning_rate: float = _f(2e-3, POSITIVE)
+    batch_size: int = _f(128, positive(65_536))  # images per optimiser step, over all processes and micro-batches
+    gradient_accumulation_steps: int = _f(1, positive(1024))  # micro-batches per step: a memory knob only
+    # one micro-batch's activations, estimated before anything is built (workflow.model.check_size)
+    max_activation_gib: float = _f(256.0, positive(2**20))
+    max_steps: Optional[int] = _f(1200, positive(STEPS))
+    epochs: Optional[float] = _f(None, positive(100_000))  # alternative to max_steps
+    learning_rate: float = _f(2e-3, positive(1))
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = _f(50, NON_NEGATIVE)
+    warmup_steps: int = _f(50, non_negative(STEPS))
     adam_beta1: float = _f(0.9, UNIT_OPEN)
     adam_beta2: float = _f(0.999, UNIT_OPEN)
-    adam_weight_decay: float = _f(0.0, NON_NEGATIVE)
-    adam_epsilon: float = _f(1e-8, POSITIVE)
-    max_grad_norm: float = _f(1.0, POSITIVE)
+    adam_weight_decay: float = _f(0.0, non_negative(1))
+    adam_epsilon: float = _f(1e-8, positive(1))
+    max_grad_norm: float = _f(1.0, positive(1e6))
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 where the GPU has it
     allow_tf32: bool = True
     compile: bool = False  # torch.compile; falls back to eager with a warning if compilation fails
-    min_snr_gamma: Optional[float] = _f(None, POSITIVE)  # Min-SNR-gamma loss weighting
-    noise_offset: float = _f(0.0, NON_NEGATIVE)
+    min_snr_gamma: Optional[float] = _f(None, positive(1000))  # Min-SNR-gamma loss weighting
+    noise_offset: float = _f(0.0, non_negative(1))
     random_flip: bool = False
     ema: bool = True
-    ema_inv_gamma: float = _f(1.0, POSITIVE)
-    ema_power: float = _f(0.75, POSITIVE)
+    ema_inv_gamma: float = _f(1.0, positive(1e6))
+    ema_power: float = _f(0.75, positive(10))
     ema_max_decay: float = _f(0.9999, UNIT_CLOSED)
-    log_every: int = _f(25, POSITIVE)
-    checkpoint_every: int = _f(300, POSITIVE)
-    checkpoints_total_limit: int = _f(2, POSITIVE)
+    log_every: int = _f(25, positive(STEPS))
+    checkpoint_every: int = _f(300, positive(STEPS))
+    checkpoints_total_limit: int = _f(2, positive(100))
     progress_grids: bool = True  # a small grid from the EMA weights at every checkpoint
 
 
 @dataclass(frozen=True)
 class Sample:
     sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
-    num_inference_steps: int = _f(50, POSITIVE)
+    num_inference_steps: int = _f(50, positive(10_000))
     eta: float = _f(0.0, UNIT_CLOSED)  # DDIM only: 0 = deterministic DDIM, 1 = DDPM-like noise
-    grid_size: int = _f(8, POSITIVE)
-    batch_size: int = _f(250, POSITIVE)
+    grid_size: int = _f(8, positive(16))
+    batch_size: int = _f(250, positive(4096))
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     compile: bool = False  # torch.compile the UNet; falls back to eager with a warning if it fails
 
 
 @dataclass(frozen=True)
 class Fid:
-    num_samples: int = _f(250, POSITIVE)  # the size of the sample set FID scores (made by the sample stage)
-    num_reference: Optional[int] = _f(250, POSITIVE)
+    num_samples: int = _f(250, positive(100_000))  # the size of the sample set FID scores (made by the sample stage)
+    num_reference: Optional[int] = _f(250, positive(1_000_000))
     weights: Optional[str] = None
     weights_sha256: Optional[str] = _f(None, SHA256)
-    batch_size: int = _f(50, POSITIVE)
-    steps_sweep: tuple[int, ...] = _tuple((), POSITIVE_ITEMS)  # FID against sample.num_inference_steps
+    batch_size: int = _f(50, positive(4096))
+    steps_sweep: tuple[int, ...] = _tuple((), positive_items(10_000, 32))  # FID against sample.num_inference_steps
 
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = _f(0, NON_NEGATIVE)
+    seed: int = _f(0, non_negative(2**32 - 1))
     paths: Paths = field(default_factory=Paths)
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
@@ -298,6 +323,10 @@ def _check_cross_field(p: Params, source: str) -> None:
     if p.sample.grid_size ** 2 > p.fid.num_samples:
         raise ConfigError(f"{source}: `sample.grid_size`^2 ({p.sample.grid_size ** 2}) must not exceed "
                           f"`fid.num_samples` ({p.fid.num_samples}), the sample set the grid is taken from")
+    too_many = [n for n in (p.sample.num_inference_steps, *p.fid.steps_sweep) if n > p.scheduler.num_train_timesteps]
+    if too_many:
+        raise ConfigError(f"{source}: `sample.num_inference_steps` and `fid.steps_sweep` ({too_many}) must not exceed "
+                          f"`scheduler.num_train_timesteps` ({p.scheduler.num_train_timesteps})")
     if p.sample.eta and p.sample.sampler != "ddim":
         raise ConfigError(f"{source}: `sample.eta` ({p.sample.eta}) applies to the ddim sampler only; "
                           f"set it to 0 for `sample.sampler` {p.sample.sampler!r}")

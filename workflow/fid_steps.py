@@ -3,7 +3,7 @@
     python -m workflow fid_steps [--params params.yaml]
     dvc exp run -S 'fid.steps_sweep=[10,25,50]' && dvc plots show     # "FID against sampling steps"
 
-For each n in fid.steps_sweep: samples fid.num_samples images from params.paths.pipeline with
+For each n in fid.steps_sweep: samples fid.num_samples images from params.paths.trained with
 sample.sampler (and sample.eta, batch size, precision, compile) in n steps, which are exactly the
 images the sample stage makes with sample.num_inference_steps = n, and scores them against
 params.paths.fid_ref as evaluate does. The images stay in memory, batch by batch: PNG is lossless,
@@ -55,7 +55,7 @@ def sweep(params: Params) -> list[dict]:
     extractor, info = load_extractor(params.fid)
     check_weights(reference, info, params.paths.fid_ref)
     device = default_device()
-    unet, scheduler_config = load_unet(params.paths.pipeline, device)
+    unet, scheduler_config = load_unet(params.paths.trained, device)
     return [sweep_point(params, n, unet, scheduler_config, extractor, reference, device)
             for n in params.fid.steps_sweep]
 

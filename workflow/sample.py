@@ -2,7 +2,7 @@
 
     python -m workflow sample [--params params.yaml]
 
-Loads params.paths.pipeline (EMA weights) and samples fid.num_samples images with sample.sampler
+Loads params.paths.trained (EMA weights) and samples fid.num_samples images with sample.sampler
 (ddpm | ddim with sample.eta | dpmsolver++) in sample.num_inference_steps, sample.batch_size at a
 time (workflow.sampling: bf16 + channels_last on a GPU, float32 on CPU, optional torch.compile).
 Each batch's PNGs go straight into the output folder (written under a temporary name, renamed to
@@ -51,7 +51,7 @@ def sample(params: Params) -> dict:
     s = params.sample
     runtime = Runtime.detect()
     device = runtime.device
-    unet, scheduler_config = load_unet(params.paths.pipeline, device)
+    unet, scheduler_config = load_unet(params.paths.trained, device)
     batches = sample_batches(unet, scheduler_config, s, params.seed, params.fid.num_samples, device)
     settings = {"sampler": s.sampler, "num_inference_steps": s.num_inference_steps, "eta": s.eta,
                 "device": device.type, "dtype": str(runtime.sampling_dtype(s.mixed_precision)).removeprefix("torch."),

@@ -1,7 +1,7 @@
 """Sampling from a trained UNet: the one loop the sample, fid_steps and train stages share.
 
     from workflow.sampling import load_unet, sample_batches
-    unet, scheduler_config = load_unet("models/pipeline", device)
+    unet, scheduler_config = load_unet("models/trained", device)
     for first, images in sample_batches(unet, scheduler_config, params.sample, seed=0, count=250, device=device):
         ...   # images: uint8 (B, H, W, C), samples first .. first + B - 1
 
@@ -35,17 +35,21 @@ from workflow.runtime import Runtime, maybe_compile, with_eager_fallback
 GRID_PADDING = 2
 
 
-def load_unet(path: str | Path, device: torch.device):
-    """(UNet with the saved EMA weights, the training noise schedule's config) from a saved DDPMPipeline.
-
-    A pipeline whose files no longer match the manifest train wrote is refused, naming the file."""
-    from diffusers import DDPMPipeline
-
+def check_pipeline(path: str | Path) -> None:
+    """Refuse a missing pipeline, or one whose files no longer match the manifest train wrote (naming the file)."""
     if not (Path(path) / "model_index.json").is_file():
         raise ConfigError(f"{path} holds no trained pipeline: run the train stage first")
     problem = manifest_damage(path)
     if problem is not None:
         raise ConfigError(f"{path} is damaged ({problem}): re-run the train stage (`dvc repro --force train`)")
+
+
+def load_unet(path: str | Path, device: torch.device):
+    """(UNet with the saved EMA weights, the training noise schedule's config) from a saved DDPMPipeline,
+    checked first (check_pipeline)."""
+    from diffusers import DDPMPipeline
+
+    check_pipeline(path)
     try:
         pipeline = DDPMPipeline.from_pretrained(str(path), use_safetensors=True)  # never unpickles weights
     except (OSError, ValueError) as exc:

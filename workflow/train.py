@@ -4,7 +4,7 @@
     accelerate launch -m workflow train          # several GPUs; train.batch_size is the global batch
     torchrun --nproc_per_node 2 -m workflow train    # several CPU processes (gloo)
 
-Reads params.paths.images; writes params.paths.pipeline (DDPMPipeline.save_pretrained, EMA weights,
+Reads params.paths.images; writes params.paths.trained (DDPMPipeline.save_pretrained, EMA weights,
 safetensors), params.paths.train_log (history.csv: loss and lr per step; throughput.csv;
 summary.json; grids/step-XXXXXXX.png) and checkpoints under params.paths.checkpoints, from which a
 re-run resumes automatically.
@@ -38,12 +38,12 @@ from tqdm.auto import tqdm
 from workflow import checkpoints
 from workflow.artifacts import atomic_dir, sha256_file, write_manifest
 from workflow.cli import parse_params
-from workflow.config import ConfigError, Params, Sample
+from workflow.config import STEPS, ConfigError, Params, Sample
 from workflow.diffusion import (apply_flip, batch_indices, diffusion_loss, min_snr_weights,
                                 step_noise, to_model_range, training_target)
 from workflow.faults import maybe_fault
 from workflow.environment import device_name, software_versions
-from workflow.model import build_noise_scheduler, build_unet, count_parameters
+from workflow.model import build_noise_scheduler, build_unet, check_size, count_parameters
 from workflow.runtime import Runtime, maybe_compile, with_eager_fallback
 from workflow.sampling import sample_batches, write_grid
 
@@ -90,7 +90,12 @@ def total_steps(params: Params, num_images: int) -> int:
     """`train.max_steps`, or `train.epochs` passes over the data in optimiser steps."""
     if params.train.max_steps is not None:
         return params.train.max_steps
-    return math.ceil(params.train.epochs * num_images / params.train.batch_size)
+    steps = math.ceil(params.train.epochs * num_images / params.train.batch_size)
+    if steps > STEPS:
+        raise ConfigError(f"`train.epochs` ({params.train.epochs}) over {num_images:,} images at `train.batch_size` "
+                          f"{params.train.batch_size} is {steps:,} steps, over the {STEPS:,} that "
+                          "`train.max_steps` allows")
+    return steps
 
 
 def setup(params: Params, images: np.ndarray, accelerator, runtime: Runtime | None = None) -> Run:
@@ -320,7 +325,7 @@ def save_outputs(run: Run, info: dict, grids: Path) -> None:
 
     paths = run.params.paths
     unet = run.accelerator.unwrap_model(run.model)
-    with ema_weights(run, unet), atomic_dir(paths.pipeline) as out:
+    with ema_weights(run, unet), atomic_dir(paths.trained) as out:
         DDPMPipeline(unet=unet.to(memory_format=torch.contiguous_format), scheduler=run.noise_scheduler) \
             .save_pretrained(out, safe_serialization=True)
         write_manifest(out)  # sample refuses a pipeline whose files no longer match it
@@ -346,6 +351,7 @@ def to_csv(header: list, rows) -> str:
 
 
 def train(params: Params) -> dict:
+    check_size(params)  # a UNet or a batch over the caps is refused before anything is allocated
     images_path = Path(params.paths.images)
     if not images_path.is_file():
         raise ConfigError(f"{images_path} not found: run the preprocess stage first")

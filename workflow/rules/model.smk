@@ -7,7 +7,7 @@ rule train:
         images=rules.preprocess.output.images,
         code=code("train", "checkpoints", "sampling", "diffusion", "environment", "model", "runtime"),
     output:
-        pipeline=directory(P["pipeline"]),
+        pipeline=directory(P["trained"]),
         train_log=report(directory(P["train_log"]), patterns=["grids/step-{step}.png"],
                          caption="../captions/progress.rst", category="Training", subcategory="Progress grids"),
     params:

@@ -1,0 +1,120 @@
+"""workflow.model's size check: a UNet over model.max_parameters, or a training micro-batch over
+train.max_activation_gib, is refused from the config alone, before anything is allocated (issue 18)."""
+import time
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT, tiny_dict
+from workflow import checkpoints
+from workflow.config import ConfigError, load_params, params_from_dict
+from workflow.model import activation_bytes, build_unet, check_size, count_parameters
+from workflow.train import total_steps
+
+
+@pytest.mark.parametrize("preset", ["params.yaml", *sorted(p.relative_to(ROOT).as_posix()
+                                                            for p in (ROOT / "configs").glob("*.yaml"))])
+def test_the_default_and_the_presets_are_within_the_caps(preset):
+    params = load_params(ROOT / preset)
+    size = check_size(params)
+    unet = build_unet(params.model, resolution=params.data.resolution, channels=params.data.channels)
+    assert size["parameters"] == count_parameters(unet)  # the meta count is the real one
+    assert size["parameters"] * 10 < params.model.max_parameters
+    assert size["activation_gib"] * 10 < params.train.max_activation_gib
+
+
+def test_a_huge_unet_is_refused_naming_its_keys_without_allocating():
+    """Every value within its bound, yet 143 B parameters: refused in seconds, nothing allocated."""
+    raw = tiny_dict(model={"block_out_channels": [4096] * 8, "layers_per_block": 16, "norm_num_groups": 32,
+                           "attention_levels": list(range(8))}, data={"resolution": 1024})
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as error:
+        check_size(params_from_dict(raw))
+    assert time.perf_counter() - started < 30
+    for words in ("143,528,292,353 parameters", "`model.max_parameters` (2,000,000,000)",
+                  "`model.block_out_channels`", "`model.layers_per_block` 16"):
+        assert words in str(error.value)
+
+
+def test_a_micro_batch_over_the_activation_cap_is_refused_naming_its_keys():
+    params = load_params(ROOT / "configs/tutorial-butterflies-128.yaml")
+    raw = params.to_dict()
+    raw["train"]["batch_size"] = 1024
+    with pytest.raises(ConfigError) as error:
+        check_size(params_from_dict(raw))
+    for words in ("micro-batch of 1024 images", "`train.batch_size`", "`train.gradient_accumulation_steps`",
+                  "`data.resolution` 128", "`train.max_activation_gib` (256.0)"):
+        assert words in str(error.value)
+    raw["train"]["gradient_accumulation_steps"] = 8  # the memory knob: 128 images per micro-batch
+    assert 0 < check_size(params_from_dict(raw))["activation_gib"] < 256
+
+
+def saved_by_a_real_forward_pass(unet, batch: int, bf16: bool = False) -> int:
+    """Bytes a real CPU forward pass saves for backward (weights aside), counted as autograd packs them."""
+    weights = {id(w) for w in unet.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        base = tensor if tensor._base is None else tensor._base
+        if id(base) not in weights:
+            saved[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        output = unet(torch.randn(batch, channels, size, size), torch.zeros(batch, dtype=torch.long),
+                      return_dict=False)[0]
+    output.float().mean().backward()  # the graph was a real one
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("raw", [tiny_dict(), {}], ids=["tiny", "default"])
+def test_the_meta_estimate_bounds_what_a_real_cpu_forward_pass_saves(raw):
+    """Meta counts attention as the math kernel does (its N x N weights), the fused CPU kernel saves
+    less: the estimate is an upper bound, within 10% on these models; bf16 autocast saves less still."""
+    params = params_from_dict(raw)
+    shape = {"resolution": params.data.resolution, "channels": params.data.channels}
+    torch.manual_seed(0)
+    real = saved_by_a_real_forward_pass(build_unet(params.model, **shape), 4)
+    with torch.device("meta"):
+        meta = build_unet(params.model, **shape)
+    estimate = activation_bytes(meta, 4)
+    assert real <= estimate <= 1.1 * real
+    assert activation_bytes(meta, 40) == 10 * estimate  # linear in the batch
+    bf16 = saved_by_a_real_forward_pass(build_unet(params.model, **shape), 4, bf16=True)
+    assert bf16 < real
+
+
+def test_train_refuses_over_a_cap_before_reading_anything(tiny_params, capsys):
+    """Through the CLI, with no images on disk: the cap is the first thing checked."""
+    from workflow.__main__ import main
+
+    tiny_params(model={"max_parameters": 10_000})
+    assert main(["train"]) == 1
+    err = capsys.readouterr().err
+    assert "error in stage train:" in err and "parameters, over `model.max_parameters` (10,000)" in err
+    tiny_params(train={"max_activation_gib": 0.001})
+    assert main(["train"]) == 1
+    assert "over `train.max_activation_gib` (0.001)" in capsys.readouterr().err
+
+
+def test_epochs_may_not_add_up_to_more_steps_than_max_steps_allows():
+    params = params_from_dict(tiny_dict(train={"max_steps": None, "epochs": 100_000, "batch_size": 1}))
+    assert total_steps(params, 100) == 10_000_000
+    with pytest.raises(ConfigError, match=r"`train.epochs` \(100000.0\) over 101 images .* 10,100,000 steps"):
+        total_steps(params, 101)
+
+
+def test_the_caps_do_not_change_the_run_key(tmp_path):
+    """Raising a cap decides whether a run may start; it must not orphan that run's checkpoints."""
+    raw = tiny_dict()
+    key = checkpoints.run_key(params_from_dict(raw), "0" * 64)
+    raw["model"]["max_parameters"] = 10**9
+    raw["train"]["max_activation_gib"] = 8.0
+    assert checkpoints.run_key(params_from_dict(raw), "0" * 64) == key
+    raw["model"]["layers_per_block"] = 2
+    assert checkpoints.run_key(params_from_dict(raw), "0" * 64) != key
+    yaml.safe_dump(raw, (tmp_path / "params.yaml").open("w"))
+    assert load_params(tmp_path / "params.yaml").model.max_parameters == 10**9

@@ -1,0 +1,18 @@
+rule package:  # models/pipeline: the trained pipeline + its model card, ready for `hf upload`
+    input:
+        pipeline=rules.train.output.pipeline,
+        grid=rules.sample.output.grid,
+        metrics=rules.evaluate.output.metrics,
+        raw=rules.download.output.raw,
+        meta=rules.preprocess.output.meta,
+        train_log=rules.train.output.train_log,
+        code=code("package", "sampling", "diffusion", "model", "runtime"),
+    output:
+        pipeline=directory(P["pipeline"]),
+    params:
+        values=params_of("seed", "data", "model", "scheduler", "train", "sample"),  # what the model card shows
+        config=PARAMS_FILE,
+    log:
+        "logs/package.log",
+    shell:
+        stage("package")
