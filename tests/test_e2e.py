@@ -44,15 +44,26 @@ def sh(repo: Path, *cmd: str, timeout: int = 600) -> str:
     return done.stdout
 
 
-def make_repo(path: Path) -> Path:
+# What a run records about itself: never copied, so a test repository starts with no run, whatever
+# the checkout holds (after `make run` its dvc.lock names outputs only the checkout's cache has).
+RUN_RECORDS = {"dvc.lock"}
+
+
+def project_files(source: Path = ROOT) -> list:
+    """The files git tracks in `source` (as they are in its working tree), less the run records:
+    untracked files and results a run leaves behind are not part of the project (`git add` a new
+    file for the end-to-end tests to see it)."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached"], cwd=source, capture_output=True, text=True,
+                           check=True).stdout.split("\0")
+    return [name for name in files if name and name not in RUN_RECORDS and (source / name).is_file()]
+
+
+def make_repo(path: Path, source: Path = ROOT) -> Path:
     """A git repository with the project's files (as a fresh clone has them) and the tiny params."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, path / name)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name in project_files(source):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, path / name)
+    params = yaml.safe_load((source / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -60,6 +71,30 @@ def make_repo(path: Path) -> Path:
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
         subprocess.run(cmd, cwd=path, check=True)
     return path
+
+
+def test_a_test_repository_has_the_projects_files_and_no_run(tmp_path):
+    """A checkout after `make run` (its dvc.lock names outputs only its own cache holds; some users
+    commit it) and with untracked scratch files: the test repository gets the tracked files as the
+    working tree has them, and no run record, so no test depends on the checkout's state."""
+    source, repo = tmp_path / "checkout", tmp_path / "repo"
+    source.mkdir()
+    repo.mkdir()
+    shutil.copy2(ROOT / "params.yaml", source / "params.yaml")
+    (source / "dvc.yaml").write_text("stages: {}\n")
+    (source / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "with a run"]):
+        subprocess.run(cmd, cwd=source, check=True)
+    (source / "dvc.yaml").write_text("stages: {}\n# edited, not committed\n")
+    (source / "scratch.py").write_text("print('mine')\n")
+    (source / "reports").mkdir()
+    (source / "reports/metrics.json").write_text("{}\n")
+    make_repo(repo, source)
+    assert subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout.split() == ["dvc.yaml", "params.yaml"]
+    assert (repo / "dvc.yaml").read_text() == (source / "dvc.yaml").read_text()
+    assert not (repo / "dvc.lock").exists() and not (repo / "scratch.py").exists()
 
 
 def snapshot(repo: Path) -> dict:
