@@ -17,7 +17,7 @@ from PIL import Image
 from tests.browser import browser, needs_chromium, render
 from workflow import curves, report
 from workflow.config import ConfigError, Params
-from workflow.htmlpage import PNG_SIGNATURE
+from workflow.htmlpage import PNG_SIGNATURE, esc
 
 FID = 37.4219
 EVIL_NAME = "<script>alert(1)</script>.png"
@@ -189,6 +189,25 @@ def test_a_run_with_nothing_but_params_still_gets_a_page(run_dir):
     assert "reports/train/grids/step-*.png" in page
     image = Image.open(run_dir / Params().paths.loss_plot)
     assert image.size == (1150, 440)
+
+
+def test_outputs_a_recorded_run_made_but_this_workspace_lacks_say_dvc_pull(run_dir):
+    """A clone of a repository whose dvc.lock is committed has none of the cached outputs: the page
+    still renders, and says which ones `dvc pull` fetches (the metrics, in git, are shown)."""
+    dvc = [sys.executable, "-m", "dvc"]
+    (run_dir / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"made": {
+        "cmd": "python -m workflow train", "outs": [Params().paths.grid, Params().paths.train_log]}}}))
+    for args in (["init", "--no-scm", "-q"], ["commit", "-f", "-q"]):  # dvc.lock records the outputs there
+        subprocess.run([*dvc, *args], cwd=run_dir, check=True, capture_output=True)
+    shutil.rmtree(run_dir / Params().paths.train_log)
+    (run_dir / Params().paths.grid).unlink()
+    (run_dir / Params().paths.meta).unlink()  # not recorded: the stage that writes it is named
+    page = _render(run_dir)
+    for name in (Params().paths.grid, "reports/train/history.csv", "reports/train/summary.json",
+                 "reports/train/grids/step-*.png"):
+        assert f"<strong>missing:</strong> {name} <span>({esc(report.FETCH)})" in page, name
+    assert f"<strong>missing:</strong> {Params().paths.meta} <span>(written by the `preprocess` stage" in page
+    assert f"{FID:.2f}" in page
 
 
 def test_progress_grids_absent_is_missing(run_dir):
