@@ -143,8 +143,10 @@ from PIL import Image
 seed = yaml.safe_load(open("params.yaml"))["seed"]
 Path("reports/samples").mkdir(parents=True, exist_ok=True)
 Image.fromarray(np.random.default_rng(seed).integers(0, 256, (22, 22), dtype=np.uint8)).save("reports/samples/grid.png")
-Path("reports/train").mkdir(parents=True, exist_ok=True)
-Path("reports/train/history.csv").write_text("step,loss,lr\\n" + "".join(f"{s},{1 / s},0.001\\n" for s in range(1, 9)))
+log = Path("reports/train/plots/metrics/train")  # dvclive's layout, as train writes it
+log.mkdir(parents=True, exist_ok=True)
+(log / "loss.tsv").write_text("step\\tloss\\n" + "".join(f"{s}\\t{1 / s}\\n" for s in range(1, 9)))
+(log / "lr.tsv").write_text("step\\tlr\\n" + "".join(f"{s}\\t0.001\\n" for s in range(1, 9)))
 Path("reports/metrics.json").write_text(json.dumps({"fid": 50.0 + seed, "train_loss_final": 0.125}))
 '''
 STAGE = {"cmd": "python stand_in.py", "deps": ["stand_in.py"], "params": ["seed"],
@@ -190,6 +192,6 @@ def test_a_clone_with_an_empty_cache_compares_and_says_what_to_fetch(tmp_path, m
     assert page.count("<strong>missing:</strong> sample grid <span>(not in the local DVC cache") == 2
     assert "<strong>missing:</strong> loss histories" in page
     for name, fetch in (("main", "dvc pull"), ("seed-1", "dvc exp pull origin seed-1")):
-        for path in ("reports/samples/grid.png", "reports/train/history.csv"):
+        for path in ("reports/samples/grid.png", "reports/train/plots/metrics/train/loss.tsv"):
             assert (f"<li><strong>{name}</strong>: {path}: not in the local DVC cache; "
                     f"fetch it with `{fetch}`</li>") in page, (name, path)

@@ -131,8 +131,8 @@ def test_dvc_repro_artifacts(dvc_repo):
     assert json.loads((repo / "data/processed/meta.json").read_text())["count"] == 64
     ref = np.load(repo / "data/processed/fid_ref.npz")
     assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048)
-    history = (repo / "reports/train/history.csv").read_text().splitlines()
-    assert history[0] == "step,loss,lr" and len(history) == 17
+    history = (repo / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()  # dvclive's
+    assert history[0] == "step\tloss" and [row.split("\t")[0] for row in history[1:]] == [str(s) for s in range(1, 17)]
     grids = sorted(p.name for p in (repo / "reports/train/grids").iterdir())
     assert grids == ["step-0000008.png", "step-0000016.png"]  # one per checkpoint
     assert (repo / "reports/fid_steps.csv").read_text() == "num_inference_steps,fid,kid,seconds\n"  # off by default
@@ -219,7 +219,7 @@ def test_snakemake_configfile_and_config_decide_what_every_job_runs(smk_preset):
     repo, params = smk_preset
     assert (repo / "params.yaml").read_text() == params  # Snakemake merges the preset, never writes a file
     assert json.loads((repo / "reports/metrics.json").read_text())["train_steps"] == 8
-    assert len((repo / "reports/train/history.csv").read_text().splitlines()) == 1 + 8
+    assert len((repo / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()) == 1 + 8
     # --config merges over the preset; a sampling param re-runs sampling and what reads its samples
     change = ("--configfile", "configs/steps-8.yaml", "--config", "sample={num_inference_steps: 5}")
     assert planned(run(repo, "snakemake", "-n", *change)) == {"sample", "evaluate", "report", "all"}
@@ -317,6 +317,28 @@ def test_dvc_exp_run_and_show(exp_runs):
     assert params["train"]["max_steps"] == 16 and params["train"]["learning_rate"] == 0.002
     assert json.loads((repo / "reports/metrics.json").read_text()) == \
         names["baseline"]["metrics"]["reports/metrics.json"]["data"]
+    for name, steps in (("baseline", 16), ("steps-8", 8)):  # dvclive's summary of the training log
+        live = names[name]["metrics"]["reports/train/metrics.json"]["data"]
+        assert live["step"] == steps and set(live["train"]) == {"loss", "lr", "images_per_second"}
+
+
+def test_dvc_plots_diff_draws_each_experiments_training_log(exp_runs):
+    """`dvc plots diff <exp> <exp>`: loss and lr per step and images/s per log interval of each, from
+    the files dvclive wrote, the very values the comparison page draws."""
+    from workflow import compare
+
+    repo = exp_runs
+    shown = json.loads(sh(repo, "dvc", "plots", "diff", "baseline", "steps-8", "--json"))
+    assert not shown.get("errors"), shown["errors"]
+    titles = ("Training loss", "Learning rate", "Training throughput")  # (FID against steps is empty: off)
+    values = {title: plot["content"]["data"]["values"] for title in titles for plot in shown["data"][title]}
+    for rev, steps in (("baseline", 16), ("steps-8", 8)):
+        for title, every in (("Training loss", 1), ("Learning rate", 1), ("Training throughput", 4)):
+            rows = [row for row in values[title] if row["rev"] == rev]
+            assert [int(row["step"]) for row in rows] == list(range(every, steps + 1, every)), (rev, title)
+    runs = compare.select(compare.listed_runs(compare.exp_show(repo)), ["baseline"])
+    drawn = compare.load_experiment(repo, runs[0]).history
+    assert drawn["loss"].tolist() == [float(row["loss"]) for row in values["Training loss"] if row["rev"] == "baseline"]
 
 
 def test_compare_shows_the_run_and_both_experiments(exp_runs, tmp_path):

@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflow import curves
+from workflow import curves, trainlog
 from workflow.artifacts import atomic_path
 from workflow.config import ConfigError, paths_of
 from workflow.htmlpage import (data_uri, esc, fmt_number, fmt_scalar, missing, page, pixel_image, png_size,
@@ -56,7 +56,7 @@ class Experiment:
     params: dict  # its params.yaml
     metrics: dict  # its metrics.json ({} when it has none)
     grid_png: bytes | None
-    history: dict | None  # curves.parse_history's arrays
+    history: dict | None  # trainlog.parse_history's arrays
     problems: tuple = ()  # what could not be read, and why
 
     @property
@@ -146,11 +146,17 @@ def load_experiment(root: Path, run: dict) -> Experiment:
     fs = DVCFileSystem(str(root), rev=None if run["rev"] == "workspace" else run["rev"])
     fetch = fetch_command(run)
     grid = _read(fs, paths.grid, problems, fetch)
-    text = _read(fs, f"{paths.train_log}/history.csv", problems, fetch)
-    history = curves.parse_history(text.decode(), f"{run['name']}:{paths.train_log}/history.csv") if text else None
+    history = _read_history(fs, paths.train_log, problems, fetch, run["name"])
     if not run_metrics(run):
         problems.append(f"{paths.metrics}: no metrics")
     return Experiment(run["name"], run["rev"], params, run_metrics(run), grid, history, tuple(problems))
+
+
+def _read_history(fs, log: str, problems: list, fetch: str, name: str) -> dict | None:
+    """The loss and lr per step from the run's training log (the lr only when the loss is there)."""
+    loss = _read(fs, f"{log}/{trainlog.tsv(trainlog.LOSS)}", problems, fetch)
+    lr = None if loss is None else _read(fs, f"{log}/{trainlog.tsv(trainlog.LR)}", problems, fetch)
+    return None if lr is None else trainlog.parse_history(loss.decode(), lr.decode(), f"{name}:{log}")
 
 
 def fetch_command(run: dict) -> str:
@@ -264,7 +270,7 @@ def curves_section(experiments: list, colours: dict) -> str:
     runs = [(e.name, colours[e.name], e.history) for e in experiments if e.history is not None]
     lacking = [e.name for e in experiments if e.history is None]
     if not runs:
-        return section("Training curves", missing("loss histories", "no experiment's history.csv could be read"))
+        return section("Training curves", missing("loss histories", "no experiment's training log could be read"))
     png = curves.overlay_plot_png(runs)
     width, height = png_size(png)
     img = (f'<img src="{data_uri(png)}" width="{width}" height="{height}" '

@@ -2,16 +2,18 @@
 
     python -m workflow report [--params params.yaml]
 
-Reads the sample grid, the training log (history.csv, summary.json and the progress grids
-grids/step-XXXXXXX.png), metrics.json, the preprocessing meta.json, the download record
-SOURCE.json and the params. Writes `paths.report` (reports/index.html) and `paths.loss_plot`
-(reports/loss.png, the loss and learning-rate figure the page shows; Snakemake's report shows it too).
+Reads the sample grid, the training log (loss and lr as dvclive wrote them, see workflow/trainlog.py;
+summary.json; the progress grids grids/step-XXXXXXX.png), metrics.json, the preprocessing meta.json,
+the download record SOURCE.json and the params. Writes `paths.report` (reports/index.html) and
+`paths.loss_plot` (reports/loss.png, the loss and learning-rate figure the page shows; Snakemake's
+report shows it too).
 
 The page needs nothing from the network: images are base64 data URIs and the CSS is inline. An
 artifact a run does not have (a partial run, or an older one) is shown as missing, naming the stage
 that writes it; one that dvc.lock records but the workspace lacks (a fresh clone) names `dvc pull`,
-which fetches it from the project's DVC remote; a damaged one is an error naming the file. The page holds no timestamps and no
-absolute paths that the inputs don't already hold, so identical inputs give a byte-identical page.
+which fetches it from the project's DVC remote; a damaged one is an error naming the file. The page
+holds no timestamps and no absolute paths that the inputs don't already hold, so identical inputs
+give a byte-identical page.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow import STAGES, curves
+from workflow import STAGES, curves, trainlog
 from workflow.artifacts import atomic_path, write_bytes
 from workflow.cli import parse_params
 from workflow.config import ConfigError, Params
@@ -83,8 +85,13 @@ def _load_png(path: Path, stage: str) -> bytes:
     return data
 
 
-def load_history(path: Path, stage: str = "train") -> dict:
-    return curves.parse_history(path.read_text(), str(path))
+def load_history(log: Path) -> dict | Missing:
+    """The loss and lr per step from the training log folder `log`."""
+    files = [log / trainlog.tsv(metric) for metric in (trainlog.LOSS, trainlog.LR)]
+    for path in files:
+        if not path.is_file():
+            return Missing(str(path), _written_by("train"))
+    return trainlog.parse_history(files[0].read_text(), files[1].read_text(), str(log))
 
 
 def _optional(load, path: str | Path, stage: str):
@@ -109,7 +116,7 @@ def load_inputs(params: Params) -> ReportInputs:
         params=params.to_dict(),
         metrics=_optional(_load_json_object, p.metrics, "evaluate"),
         summary=_optional(_load_json_object, log / "summary.json", "train"),
-        history=_optional(load_history, log / "history.csv", "train"),
+        history=load_history(log),
         meta=_optional(_load_json_object, p.meta, "preprocess"),
         source=_optional(_load_json_object, Path(p.raw) / "SOURCE.json", "download"),
         grid_png=_optional(_load_png, p.grid, "sample"),
