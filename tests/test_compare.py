@@ -126,3 +126,72 @@ def test_page_in_chromium_decodes_every_image_and_sorts(tmp_path):
         order = [row.text.split("\n")[0].split()[0] for row in driver.find_elements(By.CSS_SELECTOR, "tbody tr")]
         assert order == ["steps-8", "baseline", "lr-1e-3", "failed"]
         assert driver.get_log("browser") == []
+
+
+# ---------------------------------------------------------------- a clone whose DVC cache is empty
+
+# A stand-in for the pipeline (the real one is exercised in tests/test_e2e.py): one DVC stage that
+# writes, from params.yaml's seed, the files compare reads.
+STAND_IN = '''
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+seed = yaml.safe_load(open("params.yaml"))["seed"]
+Path("reports/samples").mkdir(parents=True, exist_ok=True)
+Image.fromarray(np.random.default_rng(seed).integers(0, 256, (22, 22), dtype=np.uint8)).save("reports/samples/grid.png")
+log = Path("reports/train/plots/metrics/train")  # dvclive's layout, as train writes it
+log.mkdir(parents=True, exist_ok=True)
+(log / "loss.tsv").write_text("step\\tloss\\n" + "".join(f"{s}\\t{1 / s}\\n" for s in range(1, 9)))
+(log / "lr.tsv").write_text("step\\tlr\\n" + "".join(f"{s}\\t0.001\\n" for s in range(1, 9)))
+Path("reports/metrics.json").write_text(json.dumps({"fid": 50.0 + seed, "train_loss_final": 0.125}))
+'''
+STAGE = {"cmd": "python stand_in.py", "deps": ["stand_in.py"], "params": ["seed"],
+         "outs": ["reports/samples/grid.png", "reports/train"],
+         "metrics": [{"reports/metrics.json": {"cache": False}}]}
+
+
+def _run(cwd, *cmd):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+
+
+def test_a_clone_with_an_empty_cache_compares_and_says_what_to_fetch(tmp_path, monkeypatch):
+    """`git clone` of a project whose dvc.lock and metrics are committed, plus an experiment pulled
+    without its data (`dvc exp pull --no-cache`): no output is in the clone's DVC cache. The page
+    renders the metrics (they live in git), marks each grid and history missing, and names the
+    command that fetches it (issue 18, item 10: this crashed with DataIndexDirError)."""
+    import yaml
+
+    origin, clone = tmp_path / "origin", tmp_path / "clone"
+    origin.mkdir()
+    (origin / "stand_in.py").write_text(STAND_IN)
+    (origin / "params.yaml").write_text("seed: 0\n")
+    (origin / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"run": STAGE}}))
+    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
+    for cmd in ([*git, "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"],
+                [*git, "add", "-A"], [*git, "commit", "-qm", "a run, its dvc.lock and metrics"],
+                ["dvc", "exp", "run", "-q", "-n", "seed-1", "-S", "seed=1"]):
+        _run(origin, *cmd)
+    _run(tmp_path, "git", "clone", "-q", str(origin), str(clone))
+    _run(clone, "dvc", "exp", "pull", "--no-cache", "origin", "seed-1")
+    monkeypatch.chdir(clone)
+    compare.main([])
+    page = (clone / compare.DEFAULT_OUTPUT).read_text()
+    rows = re.findall(r"<tr(?: class=best)?><td data-sort=\"([^\"]+)\">", page)
+    assert rows == ["main", "seed-1"] and "50.00" in page and "51.00" in page
+    assert page.count("<strong>missing:</strong> sample grid <span>(not in the local DVC cache") == 2
+    assert "<strong>missing:</strong> loss histories" in page
+    for name, fetch in (("main", "dvc pull"), ("seed-1", "dvc exp pull origin seed-1")):
+        for path in ("reports/samples/grid.png", "reports/train/plots/metrics/train/loss.tsv"):
+            assert (f"<li><strong>{name}</strong>: {path}: not in the local DVC cache; "
+                    f"fetch it with `{fetch}`</li>") in page, (name, path)

@@ -44,15 +44,26 @@ def sh(repo: Path, *cmd: str, timeout: int = 600) -> str:
     return done.stdout
 
 
-def make_repo(path: Path) -> Path:
+# What a run records about itself: never copied, so a test repository starts with no run, whatever
+# the checkout holds (after `make run` its dvc.lock names outputs only the checkout's cache has).
+RUN_RECORDS = {"dvc.lock"}
+
+
+def project_files(source: Path = ROOT) -> list:
+    """The files git tracks in `source` (as they are in its working tree), less the run records:
+    untracked files and results a run leaves behind are not part of the project (`git add` a new
+    file for the end-to-end tests to see it)."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached"], cwd=source, capture_output=True, text=True,
+                           check=True).stdout.split("\0")
+    return [name for name in files if name and name not in RUN_RECORDS and (source / name).is_file()]
+
+
+def make_repo(path: Path, source: Path = ROOT) -> Path:
     """A git repository with the project's files (as a fresh clone has them) and the tiny params."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, path / name)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name in project_files(source):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, path / name)
+    params = yaml.safe_load((source / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -60,6 +71,30 @@ def make_repo(path: Path) -> Path:
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
         subprocess.run(cmd, cwd=path, check=True)
     return path
+
+
+def test_a_test_repository_has_the_projects_files_and_no_run(tmp_path):
+    """A checkout after `make run` (its dvc.lock names outputs only its own cache holds; some users
+    commit it) and with untracked scratch files: the test repository gets the tracked files as the
+    working tree has them, and no run record, so no test depends on the checkout's state."""
+    source, repo = tmp_path / "checkout", tmp_path / "repo"
+    source.mkdir()
+    repo.mkdir()
+    shutil.copy2(ROOT / "params.yaml", source / "params.yaml")
+    (source / "dvc.yaml").write_text("stages: {}\n")
+    (source / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "with a run"]):
+        subprocess.run(cmd, cwd=source, check=True)
+    (source / "dvc.yaml").write_text("stages: {}\n# edited, not committed\n")
+    (source / "scratch.py").write_text("print('mine')\n")
+    (source / "reports").mkdir()
+    (source / "reports/metrics.json").write_text("{}\n")
+    make_repo(repo, source)
+    assert subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout.split() == ["dvc.yaml", "params.yaml"]
+    assert (repo / "dvc.yaml").read_text() == (source / "dvc.yaml").read_text()
+    assert not (repo / "dvc.lock").exists() and not (repo / "scratch.py").exists()
 
 
 def snapshot(repo: Path) -> dict:
@@ -96,8 +131,8 @@ def test_dvc_repro_artifacts(dvc_repo):
     assert json.loads((repo / "data/processed/meta.json").read_text())["count"] == 64
     ref = np.load(repo / "data/processed/fid_ref.npz")
     assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048)
-    history = (repo / "reports/train/history.csv").read_text().splitlines()
-    assert history[0] == "step,loss,lr" and len(history) == 17
+    history = (repo / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()  # dvclive's
+    assert history[0] == "step\tloss" and [row.split("\t")[0] for row in history[1:]] == [str(s) for s in range(1, 17)]
     grids = sorted(p.name for p in (repo / "reports/train/grids").iterdir())
     assert grids == ["step-0000008.png", "step-0000016.png"]  # one per checkpoint
     assert (repo / "reports/fid_steps.csv").read_text() == "num_inference_steps,fid,kid,seconds\n"  # off by default
@@ -184,7 +219,7 @@ def test_snakemake_configfile_and_config_decide_what_every_job_runs(smk_preset):
     repo, params = smk_preset
     assert (repo / "params.yaml").read_text() == params  # Snakemake merges the preset, never writes a file
     assert json.loads((repo / "reports/metrics.json").read_text())["train_steps"] == 8
-    assert len((repo / "reports/train/history.csv").read_text().splitlines()) == 1 + 8
+    assert len((repo / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()) == 1 + 8
     # --config merges over the preset; a sampling param re-runs sampling and what reads its samples
     change = ("--configfile", "configs/steps-8.yaml", "--config", "sample={num_inference_steps: 5}")
     assert planned(run(repo, "snakemake", "-n", *change)) == {"sample", "evaluate", "report", "package", "all"}  # the card shows sample.*
@@ -282,6 +317,28 @@ def test_dvc_exp_run_and_show(exp_runs):
     assert params["train"]["max_steps"] == 16 and params["train"]["learning_rate"] == 0.002
     assert json.loads((repo / "reports/metrics.json").read_text()) == \
         names["baseline"]["metrics"]["reports/metrics.json"]["data"]
+    for name, steps in (("baseline", 16), ("steps-8", 8)):  # dvclive's summary of the training log
+        live = names[name]["metrics"]["reports/train/metrics.json"]["data"]
+        assert live["step"] == steps and set(live["train"]) == {"loss", "lr", "images_per_second"}
+
+
+def test_dvc_plots_diff_draws_each_experiments_training_log(exp_runs):
+    """`dvc plots diff <exp> <exp>`: loss and lr per step and images/s per log interval of each, from
+    the files dvclive wrote, the very values the comparison page draws."""
+    from workflow import compare
+
+    repo = exp_runs
+    shown = json.loads(sh(repo, "dvc", "plots", "diff", "baseline", "steps-8", "--json"))
+    assert not shown.get("errors"), shown["errors"]
+    titles = ("Training loss", "Learning rate", "Training throughput")  # (FID against steps is empty: off)
+    values = {title: plot["content"]["data"]["values"] for title in titles for plot in shown["data"][title]}
+    for rev, steps in (("baseline", 16), ("steps-8", 8)):
+        for title, every in (("Training loss", 1), ("Learning rate", 1), ("Training throughput", 4)):
+            rows = [row for row in values[title] if row["rev"] == rev]
+            assert [int(row["step"]) for row in rows] == list(range(every, steps + 1, every)), (rev, title)
+    runs = compare.select(compare.listed_runs(compare.exp_show(repo)), ["baseline"])
+    drawn = compare.load_experiment(repo, runs[0]).history
+    assert drawn["loss"].tolist() == [float(row["loss"]) for row in values["Training loss"] if row["rev"] == "baseline"]
 
 
 def test_compare_shows_the_run_and_both_experiments(exp_runs, tmp_path):

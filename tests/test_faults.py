@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, tiny_dict, write_images
-from workflow import faults
+from workflow import faults, trainlog
+from workflow.train import GRIDS, LIVE
 
 WEIGHTS = "models/trained/unet/diffusion_pytorch_model.safetensors"
 
@@ -43,13 +44,15 @@ def killed(done: subprocess.CompletedProcess) -> bool:
 
 def outputs(workdir: Path) -> dict:
     return {"weights": (workdir / WEIGHTS).read_bytes(),
-            "history": (workdir / "reports/train/history.csv").read_text()}
+            "history": [(workdir / "reports/train" / trainlog.tsv(metric)).read_text()
+                        for metric in (trainlog.LOSS, trainlog.LR)]}
 
 
 def steps_saved(workdir: Path) -> list[str]:
-    """The checkpoint folders of the run, complete or temporary (not the progress grids beside them)."""
+    """The checkpoint folders of the run, complete or temporary (not the progress grids and the
+    training log beside them)."""
     (run_dir,) = (workdir / "models/checkpoints").iterdir()
-    return sorted(p.name for p in run_dir.iterdir() if p.name != "grids")
+    return sorted(p.name for p in run_dir.iterdir() if p.name not in (GRIDS, LIVE))
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +184,9 @@ def test_full_disk_in_a_checkpoint_save_is_one_clear_error_and_loses_nothing(tra
     from workflow.checkpoints import complete_checkpoints, latest_checkpoint
     runs = sorted((workdir / "models/checkpoints").iterdir(), key=lambda p: p.stat().st_mtime)
     assert [len(complete_checkpoints(r)) for r in runs] == [2, 0]
-    # the failed save took its partial files with it; the progress grid made just before it stays
-    # (a re-run makes the same one again)
-    assert [p.name for p in runs[1].iterdir()] == ["grids"]
+    # the failed save took its partial files with it; the progress grid made just before it and the
+    # training log so far stay (a re-run makes the same grid again and re-writes the log)
+    assert sorted(p.name for p in runs[1].iterdir()) == [LIVE, GRIDS]
     assert latest_checkpoint(runs[0]).name == "step-0000012"  # and the finished run still verifies
 
 

@@ -15,9 +15,9 @@ import yaml
 from PIL import Image
 
 from tests.browser import browser, needs_chromium, render
-from workflow import curves, report
+from workflow import curves, report, trainlog
 from workflow.config import ConfigError, Params
-from workflow.htmlpage import PNG_SIGNATURE
+from workflow.htmlpage import PNG_SIGNATURE, esc
 
 FID = 37.4219
 EVIL_NAME = "<script>alert(1)</script>.png"
@@ -40,12 +40,13 @@ def _grid_png(seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def _history_csv() -> str:
+def _write_training_log(folder: Path) -> None:
+    """100 steps of loss and lr, written as train writes them (through dvclive)."""
     steps = np.arange(1, 101)
     loss = 1.0 / np.sqrt(steps) + 0.01 * np.sin(steps)
     lr = 2e-3 * np.minimum(1.0, steps / 10)
-    lines = ["step,loss,lr"] + [f"{s},{l:.6f},{r:.6g}" for s, l, r in zip(steps, loss, lr)]
-    return "\n".join(lines) + "\n"
+    history = [[int(s), float(l), float(r)] for s, l, r in zip(steps, loss, lr)]
+    trainlog.start(folder, history, [[int(s), 250.5] for s in steps[9::10]]).end()
 
 
 @pytest.fixture
@@ -58,8 +59,7 @@ def run_dir(tmp_path, monkeypatch):
     grid.parent.mkdir(parents=True)
     grid.write_bytes(_grid_png())
     log = tmp_path / paths.train_log
-    log.mkdir(parents=True)
-    (log / "history.csv").write_text(_history_csv())
+    _write_training_log(log)
     for step in PROGRESS_STEPS:
         (log / "grids").mkdir(exist_ok=True)
         (log / "grids" / f"step-{step:07d}.png").write_bytes(_grid_png(seed=step))
@@ -169,7 +169,8 @@ def test_two_runs_give_identical_bytes(run_dir):
     (Params().paths.grid, "sample", 'class="hero"'),
     (Params().paths.meta, "preprocess", "Dataset provenance"),
     ("data/raw/SOURCE.json", "download", "Dataset provenance"),
-    ("reports/train/history.csv", "train", "Training curves"),
+    ("reports/train/plots/metrics/train/loss.tsv", "train", "Training curves"),
+    ("reports/train/plots/metrics/train/lr.tsv", "train", "Training curves"),
     ("reports/train/summary.json", "train", "Software and device"),
 ])
 def test_a_missing_input_is_shown_as_missing(run_dir, name, stage, section):
@@ -191,6 +192,25 @@ def test_a_run_with_nothing_but_params_still_gets_a_page(run_dir):
     assert image.size == (1150, 440)
 
 
+def test_outputs_a_recorded_run_made_but_this_workspace_lacks_say_dvc_pull(run_dir):
+    """A clone of a repository whose dvc.lock is committed has none of the cached outputs: the page
+    still renders, and says which ones `dvc pull` fetches (the metrics, in git, are shown)."""
+    dvc = [sys.executable, "-m", "dvc"]
+    (run_dir / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"made": {
+        "cmd": "python -m workflow train", "outs": [Params().paths.grid, Params().paths.train_log]}}}))
+    for args in (["init", "--no-scm", "-q"], ["commit", "-f", "-q"]):  # dvc.lock records the outputs there
+        subprocess.run([*dvc, *args], cwd=run_dir, check=True, capture_output=True)
+    shutil.rmtree(run_dir / Params().paths.train_log)
+    (run_dir / Params().paths.grid).unlink()
+    (run_dir / Params().paths.meta).unlink()  # not recorded: the stage that writes it is named
+    page = _render(run_dir)
+    for name in (Params().paths.grid, "reports/train/plots/metrics/train/loss.tsv", "reports/train/summary.json",
+                 "reports/train/grids/step-*.png"):
+        assert f"<strong>missing:</strong> {name} <span>({esc(report.FETCH)})" in page, name
+    assert f"<strong>missing:</strong> {Params().paths.meta} <span>(written by the `preprocess` stage" in page
+    assert f"{FID:.2f}" in page
+
+
 def test_progress_grids_absent_is_missing(run_dir):
     shutil.rmtree(run_dir / "reports/train/grids")
     page = _render(run_dir)
@@ -208,10 +228,20 @@ def test_older_summary_without_software_says_so(run_dir):
 
 
 def test_bad_history_header_is_a_user_error(run_dir):
-    (run_dir / "reports/train/history.csv").write_text("step,loss\n1,0.5\n")
-    with pytest.raises(ConfigError, match=r"history\.csv.*lr"):
+    (run_dir / "reports/train/plots/metrics/train/lr.tsv").write_text("step\tloss\n1\t0.5\n")
+    with pytest.raises(ConfigError, match=r"reports/train/plots/metrics/train/lr\.tsv: header lacks column step or lr"):
         report.main(["--params", "params.yaml"])
     assert not (run_dir / Params().paths.report).exists()
+
+
+def test_the_curves_are_the_ones_dvclive_logged(run_dir):
+    """The report reads the files dvclive wrote: the loss/lr figure is drawn from exactly those values."""
+    log = run_dir / Params().paths.train_log
+    texts = [(log / trainlog.tsv(metric)).read_text() for metric in (trainlog.LOSS, trainlog.LR)]
+    history = trainlog.parse_history(*texts, str(log))
+    assert history["step"].tolist() == list(range(1, 101)) and history["lr"][9] == pytest.approx(2e-3)
+    _render(run_dir)
+    assert (run_dir / Params().paths.loss_plot).read_bytes() == curves.loss_plot_png(history)
 
 
 def test_a_damaged_artifact_is_a_user_error_naming_it(run_dir):

@@ -1,7 +1,8 @@
 """The training stage on a tiny model: it learns, it is deterministic, and resume is exact."""
-import csv
 import dataclasses
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,24 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from tests.conftest import write_images
-from workflow import checkpoints
+from workflow import checkpoints, trainlog
 from workflow.config import ConfigError
 from workflow.train import train
 
 WEIGHTS = "models/trained/unet/diffusion_pytorch_model.safetensors"
+
+
+def log_files(params) -> dict:
+    """The training log's files (dvclive's layout), by path relative to train_log: their bytes."""
+    log = Path(params.paths.train_log)
+    return {p.relative_to(log).as_posix(): p.read_bytes() for p in sorted(log.rglob("*"))
+            if p.is_file() and p.parts[len(log.parts)] not in ("grids", "summary.json")}
+
+
+def history(params) -> dict:
+    log = Path(params.paths.train_log)
+    texts = [(log / trainlog.tsv(metric)).read_text() for metric in (trainlog.LOSS, trainlog.LR)]
+    return trainlog.parse_history(*texts, str(log))
 
 
 def weights(path=WEIGHTS):
@@ -33,12 +47,12 @@ def test_train_writes_a_loadable_pipeline_and_history(tiny_params):
 
     pipeline = DiffusionPipeline.from_pretrained(params.paths.trained)
     assert type(pipeline).__name__ == "DDPMPipeline" and pipeline.unet.config.sample_size == 8
-    rows = list(csv.DictReader(open(Path(params.paths.train_log) / "history.csv")))
-    assert [int(r["step"]) for r in rows] == list(range(1, 13))
-    assert float(rows[0]["lr"]) == 0.0 and float(rows[2]["lr"]) == pytest.approx(2e-3)  # warm-up, then peak
+    rows = history(params)
+    assert rows["step"].tolist() == list(range(1, 13))
+    assert rows["lr"][0] == 0.0 and rows["lr"][2] == pytest.approx(2e-3)  # warm-up, then peak
     summary = json.loads((Path(params.paths.train_log) / "summary.json").read_text())
     assert summary == info and summary["steps"] == 12 and np.isfinite(summary["loss_final"])
-    assert summary["loss_final"] < float(rows[0]["loss"])  # it learns
+    assert summary["loss_final"] < rows["loss"][0]  # it learns
     assert summary["num_parameters"] == sum(p.numel() for p in pipeline.unet.parameters())
     assert set(summary["software"]) == {"python", "torch", "diffusers", "accelerate"} and summary["device_name"]
 
@@ -59,7 +73,6 @@ def test_two_runs_are_bitwise_identical(tiny_params, tmp_path):
     train(params)
     first = weights()
     for folder in ("models",):
-        import shutil
         shutil.rmtree(folder)
     train(params)
     assert same_weights(first, weights())
@@ -73,15 +86,50 @@ def test_resume_gives_the_uninterrupted_weights(tiny_params):
     straight = weights()
     run_dir = next(Path(params.paths.checkpoints).iterdir())
     assert [s for s, _ in checkpoints.complete_checkpoints(run_dir)] == [8, 12]  # keeps the last 2
-    import shutil
     shutil.rmtree(run_dir / "step-0000012")
     shutil.rmtree(params.paths.trained)
     (run_dir / ".step-0000016.tmp").mkdir()  # an interrupted save is never resumed from
     info = train(params)
     assert info["resumed_from_step"] == 8
     assert same_weights(straight, weights())
-    history = list(csv.DictReader(open(Path(params.paths.train_log) / "history.csv")))
-    assert len(history) == 12  # the history survives the resume
+    assert history(params)["step"].tolist() == list(range(1, 13))  # the history survives the resume
+
+
+def test_the_log_is_dvclives_and_a_resume_rewrites_it_bitwise(tiny_params):
+    """loss and lr per step, images/s per log interval and the summary, in dvclive's layout with no
+    timestamps; a run resumed from step 8 after logging to 12 re-writes the log from its checkpoint,
+    to the byte of the uninterrupted run's (the throughput aside: it is measured)."""
+    params = tiny_params()
+    write_images(params.paths.images)
+    train(params)
+    straight = log_files(params)
+    assert set(straight) == {"metrics.json", *(trainlog.tsv(m) for m in (trainlog.LOSS, trainlog.LR,
+                                                                         trainlog.THROUGHPUT))}
+    assert straight[trainlog.tsv(trainlog.LOSS)].decode().splitlines()[0] == "step\tloss"
+    rates = straight[trainlog.tsv(trainlog.THROUGHPUT)].decode().splitlines()
+    assert rates[0] == "step\timages_per_second" and [r.split("\t")[0] for r in rates[1:]] == ["4", "8", "12"]
+    summary = json.loads(straight["metrics.json"])
+    assert summary["step"] == 12 and set(summary["train"]) == {"loss", "lr", "images_per_second"}
+    assert summary["train"]["loss"] == history(params)["loss"][-1]
+    run_dir = next(Path(params.paths.checkpoints).iterdir())
+    shutil.rmtree(run_dir / "step-0000012")  # as if killed after logging step 12, before its checkpoint
+    shutil.rmtree(params.paths.trained)
+    assert train(params)["resumed_from_step"] == 8
+    resumed = log_files(params)
+    for metric in (trainlog.LOSS, trainlog.LR):
+        assert resumed[trainlog.tsv(metric)] == straight[trainlog.tsv(metric)], metric
+    assert resumed[trainlog.tsv(trainlog.THROUGHPUT)].decode().count("\n") == len(rates)
+
+
+def test_the_log_leaves_the_repository_around_it_alone(tiny_params, tmp_path):
+    """In a git repository without commits and without DVC (`make run` there runs `dvc repro`),
+    dvclive's own repository set-up would fail ("Empty git repo") or `dvc init` it."""
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    params = tiny_params(train={"max_steps": 4})
+    write_images(params.paths.images)
+    train(params)
+    assert history(params)["step"].tolist() == [1, 2, 3, 4]
+    assert not (tmp_path / ".dvc").exists()
 
 
 def test_changed_recipe_does_not_resume_foreign_checkpoints(tiny_params):
@@ -111,8 +159,6 @@ def test_non_finite_loss_names_the_step(tiny_params):
 
 def test_progress_grids_survive_a_resume_and_leave_the_weights_alone(tiny_params):
     """One grid per checkpoint in train_log/grids; a resumed run has them all, bitwise; grids off: same weights."""
-    import shutil
-
     params = tiny_params()
     write_images(params.paths.images)
     train(params)

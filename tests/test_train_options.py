@@ -1,6 +1,5 @@
 """Training options of issue 4: accumulation, epochs, Min-SNR, noise offset, compile fallback,
 non-finite loss, several processes (auto precision: tests/test_gpu_paths_on_cpu.py)."""
-import csv
 import dataclasses
 import os
 import shutil
@@ -15,6 +14,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from tests.conftest import ROOT, write_images
+from tests.test_train import history
 from workflow import checkpoints
 from workflow.config import Scheduler
 from workflow.diffusion import min_snr_weights, step_noise
@@ -63,8 +63,7 @@ def test_epochs_count_optimiser_steps(tiny_params):
     assert total_steps(params, 24) == 6
     info = train(params)
     assert info["steps"] == 6
-    rows = list(csv.DictReader(open(Path(params.paths.train_log) / "history.csv")))
-    assert len(rows) == 6
+    assert history(params)["step"].tolist() == list(range(1, 7))
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
@@ -163,5 +162,4 @@ def test_resume_with_accumulation_is_bitwise_and_counts_optimiser_steps(tiny_par
     assert info["resumed_from_step"] == 4 and info["steps"] == 8
     resumed = load_file(WEIGHTS)
     assert all(np.array_equal(straight[k], resumed[k]) for k in straight)
-    rows = list(csv.DictReader(open(Path(params.paths.train_log) / "history.csv")))
-    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    assert history(params)["step"].tolist() == list(range(1, 9))

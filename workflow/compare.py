@@ -11,6 +11,11 @@ reads them from the local DVC cache. Writes reports/experiments.html: one row pe
 the params that differ among them, FID, KID, final loss and training images/s (sortable, the best
 FID marked), the grids side by side, and the loss and learning-rate curves overlaid in one plot.
 
+An output the local cache lacks (a fresh clone, or an experiment pulled without its data) is marked
+missing with the command that fetches it from the project's DVC remote: `dvc pull` for the workspace
+and the current commit, `dvc exp pull origin <name>` for an experiment. The metrics live in git, so
+they are shown all the same.
+
 Without names, the page shows the current commit's experiments, the commit itself if it holds
 results, and the workspace if its results are not already one of those. A tool like `bench`, not
 a pipeline stage: it reads what the pipeline made and changes nothing but its own page.
@@ -25,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflow import curves
+from workflow import curves, trainlog
 from workflow.artifacts import atomic_path
 from workflow.config import ConfigError, paths_of
 from workflow.htmlpage import (data_uri, esc, fmt_number, fmt_scalar, missing, page, pixel_image, png_size,
@@ -51,7 +56,7 @@ class Experiment:
     params: dict  # its params.yaml
     metrics: dict  # its metrics.json ({} when it has none)
     grid_png: bytes | None
-    history: dict | None  # curves.parse_history's arrays
+    history: dict | None  # trainlog.parse_history's arrays
     problems: tuple = ()  # what could not be read, and why
 
     @property
@@ -139,20 +144,40 @@ def load_experiment(root: Path, run: dict) -> Experiment:
     params, problems = run_params(run), []
     paths = paths_of(params)
     fs = DVCFileSystem(str(root), rev=None if run["rev"] == "workspace" else run["rev"])
-    grid = _read(fs, paths.grid, problems)
-    text = _read(fs, f"{paths.train_log}/history.csv", problems)
-    history = curves.parse_history(text.decode(), f"{run['name']}:{paths.train_log}/history.csv") if text else None
+    fetch = fetch_command(run)
+    grid = _read(fs, paths.grid, problems, fetch)
+    history = _read_history(fs, paths.train_log, problems, fetch, run["name"])
     if not run_metrics(run):
         problems.append(f"{paths.metrics}: no metrics")
     return Experiment(run["name"], run["rev"], params, run_metrics(run), grid, history, tuple(problems))
 
 
-def _read(fs, path: str, problems: list) -> bytes | None:
+def _read_history(fs, log: str, problems: list, fetch: str, name: str) -> dict | None:
+    """The loss and lr per step from the run's training log (the lr only when the loss is there)."""
+    loss = _read(fs, f"{log}/{trainlog.tsv(trainlog.LOSS)}", problems, fetch)
+    lr = None if loss is None else _read(fs, f"{log}/{trainlog.tsv(trainlog.LR)}", problems, fetch)
+    return None if lr is None else trainlog.parse_history(loss.decode(), lr.decode(), f"{name}:{log}")
+
+
+def fetch_command(run: dict) -> str:
+    """What fetches a run's outputs from the project's DVC remote into the local cache."""
+    return f"dvc exp pull origin {run['name']}" if run["kind"] == "experiment" else "dvc pull"
+
+
+def _read(fs, path: str, problems: list, fetch: str) -> bytes | None:
+    """The file at the run's rev, or None with the reason in `problems`: the run did not make it, or
+    made it but the local DVC cache lacks it (then: the command that fetches it)."""
+    from dvc_data.index import DataIndexDirError
+
     try:
         return fs.read_bytes(path)
-    except (FileNotFoundError, IsADirectoryError) as exc:  # not run, failed, or not in the local cache
-        problems.append(f"{path}: {exc.strerror or exc}")
-        return None
+    except DataIndexDirError:  # inside an output folder whose listing the cache lacks
+        problems.append(f"{path}: not in the local DVC cache; fetch it with `{fetch}`")
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        recorded = fs.exists(path)  # an output DVC records, whose data the cache lacks
+        problems.append(f"{path}: not in the local DVC cache; fetch it with `{fetch}`" if recorded
+                        else f"{path}: {exc.strerror or exc}")
+    return None
 
 
 def collect(root: Path, wanted: list) -> list:
@@ -233,7 +258,7 @@ def grids_section(experiments: list, colours: dict, best: Experiment | None) -> 
     cards = []
     for e in experiments:
         image = (pixel_image(e.grid_png, THUMBNAIL_PX, f"samples of {e.name}")[0] if e.grid_png
-                 else missing("sample grid", "not in this experiment's outputs or the local DVC cache"))
+                 else missing("sample grid", _why_missing(e, paths_of(e.params).grid)))
         badge = ' <span class="badge">best FID</span>' if e is best else ""
         cards.append(f'<figure class="thumb{" best" if e is best else ""}" style="border-top-color:{colours[e.name]}">'
                      f"<figcaption>{_swatch(colours[e.name])}<strong>{esc(e.name)}</strong>{badge}<br>"
@@ -245,7 +270,7 @@ def curves_section(experiments: list, colours: dict) -> str:
     runs = [(e.name, colours[e.name], e.history) for e in experiments if e.history is not None]
     lacking = [e.name for e in experiments if e.history is None]
     if not runs:
-        return section("Training curves", missing("loss histories", "no experiment's history.csv could be read"))
+        return section("Training curves", missing("loss histories", "no experiment's training log could be read"))
     png = curves.overlay_plot_png(runs)
     width, height = png_size(png)
     img = (f'<img src="{data_uri(png)}" width="{width}" height="{height}" '
@@ -256,9 +281,23 @@ def curves_section(experiments: list, colours: dict) -> str:
     return section("Training curves", f"<figure>{img}<figcaption>{caption}</figcaption></figure>")
 
 
+def _why_missing(e: Experiment, path: str) -> str:
+    """Why `path` could not be read, as recorded when the experiment was loaded."""
+    return next((p.partition(": ")[2] for p in e.problems if p.startswith(f"{path}: ")),
+                "not in this experiment's outputs or the local DVC cache")
+
+
 def problems_section(experiments: list) -> str:
     items = "".join(f"<li><strong>{esc(e.name)}</strong>: {esc(p)}</li>" for e in experiments for p in e.problems)
-    return section("Not available", f"<ul>{items}</ul>") if items else ""
+    if not items:
+        return ""
+    note = ""
+    if any("not in the local DVC cache" in p for e in experiments for p in e.problems):
+        note = ('<p class="caption">Outputs not in the local DVC cache are fetched from the project\'s DVC remote '
+                "(<code>dvc remote list</code>), where <code>dvc push</code> and <code>dvc exp push origin "
+                "&lt;name&gt;</code> put them: <code>dvc pull</code> for the workspace and the current commit, "
+                "<code>dvc exp pull origin &lt;name&gt;</code> for an experiment.</p>")
+    return section("Not available", f"<ul>{items}</ul>{note}")
 
 
 CSS = """

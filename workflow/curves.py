@@ -1,7 +1,8 @@
-"""Training curves: the train stage's history.csv (step, loss, lr), smoothed, drawn as PNG figures.
+"""Training curves: the train stage's loss and lr per step (workflow/trainlog.py reads them),
+smoothed, drawn as PNG figures.
 
     from workflow import curves
-    history = curves.parse_history(Path("reports/train/history.csv").read_text(), "reports/train/history.csv")
+    history = {"step": steps, "loss": loss, "lr": lr}                   # float arrays, as trainlog gives them
     png = curves.loss_plot_png(history)                                 # one run: loss over lr
     png = curves.overlay_plot_png([("lr-1e-3", "#1f77b4", history), ...])  # several runs in one plot
 
@@ -10,36 +11,12 @@ and saved without metadata, so the same history gives the same PNG bytes.
 """
 from __future__ import annotations
 
-import csv
 import io
-import math
 
 import numpy as np
 
-from workflow.config import ConfigError
-
 COLUMNS = ("step", "loss", "lr")
 SMOOTHING_POINTS = 20  # the moving average spans 1/20 of the logged steps
-
-
-def _float(text: str) -> float:
-    return float(text) if text.strip() else math.nan
-
-
-def parse_history(text: str, origin: str) -> dict:
-    """history.csv's text (header step,loss,lr; extra columns ignored) -> {column: float array}."""
-    reader = csv.DictReader(io.StringIO(text))
-    missing = set(COLUMNS) - set(reader.fieldnames or ())
-    if missing:
-        raise ConfigError(f"{origin}: header lacks column(s) {', '.join(sorted(missing))}; expected step,loss,lr")
-    rows = []
-    for row in reader:
-        try:
-            rows.append([_float(row[c] or "") for c in COLUMNS])
-        except (ValueError, AttributeError):
-            raise ConfigError(f"{origin}: line {reader.line_num}: not numbers: {row}") from None
-    table = np.array(rows, dtype=float).reshape(-1, len(COLUMNS))
-    return {c: table[:, i] for i, c in enumerate(COLUMNS)}
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:

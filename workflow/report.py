@@ -2,26 +2,29 @@
 
     python -m workflow report [--params params.yaml]
 
-Reads the sample grid, the training log (history.csv, summary.json and the progress grids
-grids/step-XXXXXXX.png), metrics.json, the preprocessing meta.json, the download record
-SOURCE.json and the params. Writes `paths.report` (reports/index.html) and `paths.loss_plot`
-(reports/loss.png, the loss and learning-rate figure the page shows; Snakemake's report shows it too).
+Reads the sample grid, the training log (loss and lr as dvclive wrote them, see workflow/trainlog.py;
+summary.json; the progress grids grids/step-XXXXXXX.png), metrics.json, the preprocessing meta.json,
+the download record SOURCE.json and the params. Writes `paths.report` (reports/index.html) and
+`paths.loss_plot` (reports/loss.png, the loss and learning-rate figure the page shows; Snakemake's
+report shows it too).
 
 The page needs nothing from the network: images are base64 data URIs and the CSS is inline. An
 artifact a run does not have (a partial run, or an older one) is shown as missing, naming the stage
-that writes it; a damaged one is an error naming the file. The page holds no timestamps and no
-absolute paths that the inputs don't already hold, so identical inputs give a byte-identical page.
+that writes it; one that dvc.lock records but the workspace lacks (a fresh clone) names `dvc pull`,
+which fetches it from the project's DVC remote; a damaged one is an error naming the file. The page
+holds no timestamps and no absolute paths that the inputs don't already hold, so identical inputs
+give a byte-identical page.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
-from workflow import STAGES, curves
+from workflow import STAGES, curves, trainlog
 from workflow.artifacts import atomic_path, write_bytes
 from workflow.cli import parse_params
 from workflow.config import ConfigError, Params
@@ -82,8 +85,13 @@ def _load_png(path: Path, stage: str) -> bytes:
     return data
 
 
-def load_history(path: Path, stage: str = "train") -> dict:
-    return curves.parse_history(path.read_text(), str(path))
+def load_history(log: Path) -> dict | Missing:
+    """The loss and lr per step from the training log folder `log`."""
+    files = [log / trainlog.tsv(metric) for metric in (trainlog.LOSS, trainlog.LR)]
+    for path in files:
+        if not path.is_file():
+            return Missing(str(path), _written_by("train"))
+    return trainlog.parse_history(files[0].read_text(), files[1].read_text(), str(log))
 
 
 def _optional(load, path: str | Path, stage: str):
@@ -104,16 +112,43 @@ def load_progress(folder: Path) -> list | Missing:
 def load_inputs(params: Params) -> ReportInputs:
     p = params.paths
     log = Path(p.train_log)
-    return ReportInputs(
+    return with_fetch_hints(ReportInputs(
         params=params.to_dict(),
         metrics=_optional(_load_json_object, p.metrics, "evaluate"),
         summary=_optional(_load_json_object, log / "summary.json", "train"),
-        history=_optional(load_history, log / "history.csv", "train"),
+        history=load_history(log),
         meta=_optional(_load_json_object, p.meta, "preprocess"),
         source=_optional(_load_json_object, Path(p.raw) / "SOURCE.json", "download"),
         grid_png=_optional(_load_png, p.grid, "sample"),
         progress=load_progress(log / "grids"),
-    )
+    ))
+
+
+FETCH = "recorded by DVC (dvc.lock) but not in this workspace: `dvc pull` fetches it from the project's DVC remote"
+
+
+def with_fetch_hints(inputs: ReportInputs) -> ReportInputs:
+    """Each Missing input that a recorded run made (its DVC output is absent here) says `dvc pull`."""
+    absent = {f.name: getattr(inputs, f.name) for f in fields(inputs) if isinstance(getattr(inputs, f.name), Missing)}
+    if not absent:
+        return inputs  # the usual case: DVC is not consulted
+    lacking = absent_outputs()
+    hinted = {name: Missing(m.path, FETCH) for name, m in absent.items()
+              if any(o == Path(m.path) or o in Path(m.path).parents for o in lacking)}
+    return replace(inputs, **hinted)
+
+
+def absent_outputs() -> list[Path]:
+    """The cached outputs that the DVC project here records (dvc.lock) but the workspace lacks."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        repo = Repo(".")
+    except NotDvcRepoError:
+        return []
+    with repo:
+        return [Path(out.def_path) for out in repo.index.outs if out.use_cache and out.hash_info and not out.exists]
 
 
 def loss_plot(inputs: ReportInputs) -> bytes:

@@ -5,9 +5,11 @@
     torchrun --nproc_per_node 2 -m workflow train    # several CPU processes (gloo)
 
 Reads params.paths.images; writes params.paths.trained (DDPMPipeline.save_pretrained, EMA weights,
-safetensors), params.paths.train_log (history.csv: loss and lr per step; throughput.csv;
-summary.json; grids/step-XXXXXXX.png) and checkpoints under params.paths.checkpoints, from which a
-re-run resumes automatically.
+safetensors), params.paths.train_log (loss and lr per step and images/s per log interval, logged
+through dvclive in its layout, see workflow/trainlog.py; summary.json; grids/step-XXXXXXX.png) and
+checkpoints under params.paths.checkpoints, from which a re-run resumes automatically. The main
+process logs during the run into <checkpoints>/<run key>/dvclive/, re-written from the checkpoint's
+history on resume, and the log is copied into train_log at the end, as the grids are.
 
 With train.progress_grids, every checkpoint also gets a 4x4 grid sampled from the EMA weights
 (DDIM, 25 steps) from the noise streams of the sample stage's first 16 images, so the same images
@@ -21,9 +23,7 @@ training k steps, stopping and resuming gives bitwise the weights of an uninterr
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import json
 import math
 import shutil
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from workflow import checkpoints
+from workflow import checkpoints, trainlog
 from workflow.artifacts import atomic_dir, sha256_file, write_manifest
 from workflow.cli import parse_params
 from workflow.config import STEPS, ConfigError, Params, Sample
@@ -51,6 +51,7 @@ LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine"
 FINAL_LOSS_WINDOW = 50  # train_loss_final is the mean over the last steps, not one noisy value
 PROGRESS_SAMPLER = Sample(sampler="ddim", num_inference_steps=25, grid_size=4, batch_size=16)
 GRIDS = "grids"  # the progress grids' folder, beside the checkpoints and in train_log
+LIVE = "dvclive"  # the training log's folder while training, beside the checkpoints
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Run:
     images: torch.Tensor  # uint8 N x C x H x W, on the GPU when it fits, else in pinned host memory
     total_steps: int
     compile_pending: bool = False  # True until the first compiled step has run
+    live: object | None = None  # the dvclive logger, on the main process
     progress: dict = field(default_factory=lambda: {"step": 0, "seconds": 0.0, "images": 0, "history": [],
                                                     "throughput": []})
 
@@ -235,10 +237,13 @@ def train_loop(run: Run, checkpoint_dir: Path) -> None:
             maybe_fault("train.after_step", done)
             checkpoint = done % p.train.checkpoint_every == 0 or done == last
             if done % p.train.log_every == 0 or checkpoint:
+                logged = len(run.progress["history"])
                 _flush_losses(run, pending)  # the one host synchronisation per log interval
                 now = time.perf_counter()
                 rate = (images - logged_images) / (now - logged_at)
                 run.progress["throughput"].append([done, rate])
+                if run.live is not None:
+                    trainlog.log(run.live, run.progress["history"][logged:], [[done, rate]])
                 logged_at, logged_images = now, images
                 bar.set_postfix(loss=f"{run.progress['history'][-1][1]:.4f}", img_s=f"{rate:.0f}")
                 bar.update(done - bar.n)
@@ -319,8 +324,8 @@ def summary(run: Run, resumed_from: Path | None, key: str) -> dict:
     }
 
 
-def save_outputs(run: Run, info: dict, grids: Path) -> None:
-    """The pipeline with the EMA weights, the loss/lr history and the progress grids; main process only."""
+def save_outputs(run: Run, info: dict, checkpoint_dir: Path) -> None:
+    """The pipeline with the EMA weights, the training log and the progress grids; main process only."""
     from diffusers import DDPMPipeline
 
     paths = run.params.paths
@@ -329,25 +334,12 @@ def save_outputs(run: Run, info: dict, grids: Path) -> None:
         DDPMPipeline(unet=unet.to(memory_format=torch.contiguous_format), scheduler=run.noise_scheduler) \
             .save_pretrained(out, safe_serialization=True)
         write_manifest(out)  # sample refuses a pipeline whose files no longer match it
+    run.live.end()
     with atomic_dir(paths.train_log) as out:
-        if run.params.train.progress_grids and grids.is_dir():
-            shutil.copytree(grids, out / GRIDS)
-        (out / "history.csv").write_text(history_csv(run.progress["history"]))
-        (out / "throughput.csv").write_text(to_csv(["step", "images_per_second"],
-                                                   ([s, f"{r:.1f}"] for s, r in run.progress["throughput"])))
+        shutil.copytree(checkpoint_dir / LIVE, out, dirs_exist_ok=True)
+        if run.params.train.progress_grids and (checkpoint_dir / GRIDS).is_dir():
+            shutil.copytree(checkpoint_dir / GRIDS, out / GRIDS)
         (out / "summary.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-
-
-def history_csv(history: list) -> str:
-    return to_csv(["step", "loss", "lr"], ([step, f"{loss:.6g}", f"{lr:.6g}"] for step, loss, lr in history))
-
-
-def to_csv(header: list, rows) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def train(params: Params) -> dict:
@@ -363,11 +355,13 @@ def train(params: Params) -> dict:
     resumed_from = resume(run, checkpoint_dir)
     if resumed_from is not None:
         accelerator.print(f"resuming from {resumed_from} (step {run.progress['step']})")
+    if accelerator.is_main_process:
+        run.live = trainlog.start(checkpoint_dir / LIVE, run.progress["history"], run.progress["throughput"])
     train_loop(run, checkpoint_dir)
     check_ranks_agree(run)
     info = summary(run, resumed_from, key)
     if accelerator.is_main_process:
-        save_outputs(run, info, checkpoint_dir / GRIDS)
+        save_outputs(run, info, checkpoint_dir)
     accelerator.wait_for_everyone()
     return info
 

@@ -64,7 +64,7 @@ rule report:
         train_log=rules.train.output.train_log,
         grid=rules.sample.output.grid,
         metrics=rules.evaluate.output.metrics,
-        code=code("report", "curves", "htmlpage"),
+        code=code("report", "trainlog", "curves", "htmlpage"),
     output:
         report=report(P["report"], caption="../captions/run_report.rst", category="Run report"),
         loss_plot=report(P["loss_plot"], caption="../captions/loss.rst", category="Training"),

@@ -5,7 +5,7 @@
 rule train:
     input:
         images=rules.preprocess.output.images,
-        code=code("train", "checkpoints", "sampling", "diffusion", "environment", "model", "runtime"),
+        code=code("train", "trainlog", "checkpoints", "sampling", "diffusion", "environment", "model", "runtime"),
     output:
         pipeline=directory(P["trained"]),
         train_log=report(directory(P["train_log"]), patterns=["grids/step-{step}.png"],
