@@ -16,7 +16,7 @@ min_version("9.27")  # the version this workflow is tested with (requirements.tx
 configfile: "params.yaml"
 
 
-report: "workflow/captions/workflow.rst"  # snakemake --report reports/snakemake.html (after a run)
+report: "workflow/pages/captions/workflow.rst"  # snakemake --report reports/snakemake.html (after a run)
 
 
 include: "workflow/rules/common.smk"

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from hypothesis import settings
 
-from workflow.config import params_from_dict
+from workflow.core.config import params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

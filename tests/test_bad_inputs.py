@@ -14,8 +14,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from workflow import download, preprocess, sources
-from workflow.config import ConfigError
+from workflow.core.config import load_params
+from workflow.stages import download, preprocess
+from workflow.sources import fetch
+from workflow.core.config import ConfigError
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -78,8 +80,8 @@ def bad_folder(tmp_path, monkeypatch):
 
 def test_each_bad_file_is_used_correctly_or_skipped_with_its_reason(bad_folder):
     bad_folder(min_images=1)
-    download.main([])
-    meta = preprocess.main([])
+    download.run(load_params("params.yaml"))
+    meta = preprocess.run(load_params("params.yaml"))
     used = sorted(n for n, (_, want) in CASES.items() if isinstance(want, tuple))
     order = sorted(used, key=lambda n: n)  # files are decoded in relative-path order
     array = np.load("data/processed/images.npy")
@@ -96,9 +98,9 @@ def test_each_bad_file_is_used_correctly_or_skipped_with_its_reason(bad_folder):
 
 def test_too_few_usable_images_names_the_count_and_the_commonest_reasons(bad_folder):
     bad_folder(min_images=10)
-    download.main([])
+    download.run(load_params("params.yaml"))
     with pytest.raises(ConfigError) as error:
-        preprocess.main([])
+        preprocess.run(load_params("params.yaml"))
     message = str(error.value)
     assert "`data.min_images` is 10 but only 9 usable images" in message and "7 files skipped" in message
     assert "UnidentifiedImageError: 3" in message  # the commonest reason first
@@ -113,7 +115,7 @@ def test_parquet_path_column_cannot_choose_where_images_go(tmp_path):
     rows = [{"bytes": png, "path": "../../evil.png"}, {"bytes": png, "path": str(tmp_path / "abs-evil.png")}]
     shard = snapshot / "data" / "train-00000-of-00001.parquet"
     pq.write_table(pa.table({"image": rows}), shard)
-    count, skipped = sources.export_parquet([shard], snapshot, "image", out)
+    count, skipped = fetch.export_parquet([shard], snapshot, "image", out)
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
     assert count == 2 and skipped == []
     assert written == ["raw/images/data/train-00000-of-00001/000000.png",
@@ -126,8 +128,8 @@ def test_a_file_name_that_escapes_the_raw_folder_is_refused(tmp_path, name):
     images.mkdir(parents=True)
     hostile = Path(name) if name.startswith("/") else root / name  # as a file list could name it
     with pytest.raises(ConfigError, match="points outside .*refused"):
-        sources.copy_images([hostile], root, images)
+        fetch.copy_images([hostile], root, images)
     with pytest.raises(ConfigError, match="points outside"):
-        sources.inside(images, name)
-    assert sources.inside(images, "a/b.png") == images / "a" / "b.png"
+        fetch.inside(images, name)
+    assert fetch.inside(images, "a/b.png") == images / "a" / "b.png"
     assert list(tmp_path.rglob("evil.png")) == []

@@ -7,9 +7,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.conftest import ROOT
-from workflow import bench
-from workflow.config import ConfigError, params_from_dict
-from workflow.model import build_unet
+from workflow.tools import bench, bench_common, bench_train
+from workflow.core.config import ConfigError, params_from_dict
+from workflow.models.builders import build_unet
 
 PEER = ROOT.parent / "shared" / "peers" / "tutorial_loop.py"
 needs_peer = pytest.mark.skipif(not PEER.is_file(), reason=f"the tutorial loop {PEER} is not beside this clone")
@@ -30,12 +30,12 @@ def finite_positive(x):
 
 
 def test_bench_params_are_the_tutorials_model():
-    params = bench.bench_params(params_from_dict({}), 32, 16, (32, 64, 64), 25, "cpu")
+    params = bench_common.bench_params(params_from_dict({}), 32, 16, (32, 64, 64), 25, "cpu")
     assert params.model.layers_per_block == 2 and params.model.attention_levels == (1,)
     assert params.model.norm_num_groups == 32 and params.data.resolution == 32
     assert params.train.batch_size == 16 and params.train.max_steps == 25
     assert params.train.mixed_precision == "no" and params.train.random_flip
-    assert bench.bench_params(params_from_dict({}), 8, 4, (16, 32), 3, "cuda").train.mixed_precision == "bf16"
+    assert bench_common.bench_params(params_from_dict({}), 8, 4, (16, 32), 3, "cuda").train.mixed_precision == "bf16"
 
 
 def test_our_loop_alone_through_main(tiny_params, capsys):
@@ -54,8 +54,8 @@ def test_our_loop_alone_through_main(tiny_params, capsys):
 
 
 def test_flop_per_image_does_not_depend_on_batch_and_counts_the_backward():
-    params = bench.bench_params(params_from_dict({}), 8, 4, (16, 32), 3, "cpu")
-    at2, at4 = bench.flop_per_image(params, 2), bench.flop_per_image(params, 4)
+    params = bench_common.bench_params(params_from_dict({}), 8, 4, (16, 32), 3, "cpu")
+    at2, at4 = bench_train.flop_per_image(params, 2), bench_train.flop_per_image(params, 4)
     assert at2 > 0 and at4 == pytest.approx(at2, rel=0.01)
     with torch.device("meta"):
         model = build_unet(params.model, resolution=8, channels=3)
@@ -70,32 +70,32 @@ def test_flop_per_image_does_not_depend_on_batch_and_counts_the_backward():
 
 @pytest.mark.parametrize("resolution, gflop", [(128, 372), (64, 93)])
 def test_flop_per_image_of_the_seed_unet_is_design_section_5(resolution, gflop):
-    params = bench.bench_params(params_from_dict({}), resolution, 128, bench.SEED_CHANNELS, 3, "cuda")
-    assert bench.flop_per_image(params, 128) / 1e9 == pytest.approx(gflop, rel=0.005)
+    params = bench_common.bench_params(params_from_dict({}), resolution, 128, bench_common.SEED_CHANNELS, 3, "cuda")
+    assert bench_train.flop_per_image(params, 128) / 1e9 == pytest.approx(gflop, rel=0.005)
 
 
 def test_matmul_rate_is_measured():
-    rate, dtype = bench.matmul_rate(torch.device("cpu"), size=128, repeats=2, trials=2)
+    rate, dtype = bench_train.matmul_rate(torch.device("cpu"), size=128, repeats=2, trials=2)
     assert finite_positive(rate) and dtype == "float32"
 
 
 @needs_peer
 def test_both_loops_side_by_side():
-    r = bench.bench_train(params_from_dict({}), channels=(32, 64), peer_path=PEER, **TINY_RUN)
+    r = bench_train.bench_train(params_from_dict({}), channels=(32, 64), peer_path=PEER, **TINY_RUN)
     ours, theirs = r["ours_images_per_second"], r["peer_images_per_second"]
     assert finite_positive(ours) and finite_positive(theirs) and r["peer_batch_size"] == 4
     assert r["ratio"] == pytest.approx(ours / theirs)
     assert r["peer_share_of_limit"] == pytest.approx(theirs / r["limit_images_per_second"])
-    table = bench.format_table(r, "python -m workflow bench train ...")
+    table = bench_train.format_table(r, "python -m workflow bench train ...")
     assert f"ours / tutorial: {r['ratio']:.2f}x" in table and "tutorial loop (peer)" in table
 
 
 @needs_peer
 def test_a_model_the_peer_cannot_build_is_a_clear_error():
-    peer = bench.load_peer(PEER)
-    params = bench.bench_params(params_from_dict({}), 8, 4, (16, 32), 3, "cpu")
+    peer = bench_train.load_peer(PEER)
+    params = bench_common.bench_params(params_from_dict({}), 8, 4, (16, 32), 3, "cpu")
     with pytest.raises(ConfigError, match="norm groups 32"):
-        bench.check_same_model(peer, params)
+        bench_train.check_same_model(peer, params)
 
 
 @pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--warmup", "-1"), ("--repeats", "0")])
@@ -106,7 +106,7 @@ def test_bad_knobs_are_clear_errors(flag, value):
 
 def test_missing_peer_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
-        bench.load_peer(tmp_path / "tutorial_loop.py")
+        bench_train.load_peer(tmp_path / "tutorial_loop.py")
 
 
 def test_bench_sample_ours_and_the_tutorial_call(tiny_params, capsys):
@@ -133,7 +133,7 @@ def test_bench_fid_end_to_end(tiny_params, capsys):
 
 
 def test_fid_table_names_the_compiled_sampler_with_its_steps():
-    from workflow import bench_sample
+    from workflow.tools import bench_sample
 
     r = {"sampler": "dpmsolver++", "steps": 25, "eta": 0.0, "compile": True}
     assert bench_sample._sampler_label(r, with_steps=True) == "dpmsolver++-25, torch.compile"
@@ -141,7 +141,6 @@ def test_fid_table_names_the_compiled_sampler_with_its_steps():
 
 @pytest.mark.parametrize("argv", [["sample", "--steps", "0"], ["fid", "--reference-images", "1"]])
 def test_bad_sampling_bench_knobs_are_clear_errors(argv):
-    from workflow import bench_sample
 
     with pytest.raises(ConfigError, match=f"{argv[1]} must be >= "):
-        bench_sample.parse_args(argv)
+        bench.parse_args(argv)

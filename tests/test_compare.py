@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from tests.browser import browser, needs_chromium, render
-from workflow import compare
-from workflow.config import ConfigError
+from workflow.tools import compare
+from workflow.core.config import ConfigError
 
 
 def _params(lr=0.002, steps=16, metrics="reports/metrics.json"):

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, tiny_dict
-from workflow.config import ConfigError, Params, Paths, load_params, params_from_dict, paths_of
+from workflow.core.config import ConfigError, Params, Paths, load_params, params_from_dict, paths_of
 
 
 def test_shipped_params_are_the_documented_defaults():

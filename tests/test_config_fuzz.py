@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import tiny_dict
-from workflow.config import ConfigError, Params, load_params, params_from_dict
-from workflow.model import build_unet, check_size
+from workflow.core.config import ConfigError, Params, load_params, params_from_dict
+from workflow.models.builders import build_unet, check_size
 
 
 def key_paths(tree: dict, prefix: str = "") -> list[str]:

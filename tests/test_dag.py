@@ -6,6 +6,7 @@ import pytest
 
 from tests.conftest import ROOT
 from workflow import STAGES
+from workflow.core.code_deps import stage_code
 
 
 def dvc_stages():
@@ -50,7 +51,7 @@ def test_one_vocabulary_of_stage_names(both):
     assert list(dvc) == list(STAGES)
     assert set(smk) == set(STAGES)
     for name in STAGES:
-        assert (ROOT / "workflow" / f"{name}.py").is_file()
+        assert (ROOT / "workflow" / "stages" / f"{name}.py").is_file()
 
 
 def snakemake_command(dvc_cmd: str) -> str:
@@ -73,7 +74,7 @@ def test_every_snakemake_job_runs_on_the_merged_config(both):
     """Without --configfile or --config the merged config is params.yaml, in a file named by its content."""
     import hashlib
 
-    from workflow.config import load_params
+    from workflow.core.config import load_params
 
     _, smk = both
     (path,) = {rule["params_file"] for rule in smk.values()}
@@ -103,7 +104,7 @@ def test_declared_code_exists_and_stage_code_is_declared(both):
     for name, stage in dvc.items():
         code = {d for d in stage["deps"] if d.startswith("workflow/")}
         assert all((ROOT / d).is_file() for d in code), name
-        assert f"workflow/{name}.py" in code
+        assert f"workflow/stages/{name}.py" in code
 
 
 def test_checkpoints_persist_in_dvc_and_are_no_snakemake_output(both):
@@ -122,7 +123,7 @@ def test_gpu_stages_are_capped_by_the_default_profile(both):
 
 
 def test_declared_params_are_real_keys(both):
-    from workflow.config import Params
+    from workflow.core.config import Params
 
     dvc, _ = both
     valid = Params().to_dict()
@@ -134,27 +135,8 @@ def test_declared_params_are_real_keys(both):
                 node = node[part]
 
 
-def workflow_imports(module: str) -> set:
-    """The workflow modules `module` imports, transitively (workflow/__init__.py aside)."""
-    import ast
-
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        tree = ast.parse((ROOT / "workflow" / f"{name}.py").read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "workflow":
-                todo += [a.name for a in node.names if (ROOT / "workflow" / f"{a.name}.py").is_file()]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("workflow."):
-                todo.append(node.module.split(".")[1])
-    return seen
-
-
 @pytest.mark.parametrize("name", STAGES)
 def test_declared_code_is_exactly_what_the_stage_imports(both, name):
     dvc, _ = both
     declared = {d for d in dvc[name]["deps"] if d.startswith("workflow/")}
-    assert declared == {f"workflow/{m}.py" for m in workflow_imports(name)}
+    assert declared == set(stage_code(name))

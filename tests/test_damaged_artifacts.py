@@ -8,10 +8,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.conftest import write_images
-from workflow import checkpoints
-from workflow.config import ConfigError
-from workflow.sample import sample
-from workflow.train import train
+from workflow.formats import checkpoints
+from workflow.core.config import ConfigError
+from workflow.stages.sample import run as sample
+from workflow.stages.train import run as train
 
 WEIGHTS = "models/trained/unet/diffusion_pytorch_model.safetensors"
 
@@ -77,7 +77,7 @@ PIPELINE_DAMAGE = [("unet/diffusion_pytorch_model.safetensors", truncate), ("une
 def test_sample_refuses_a_damaged_pipeline_naming_the_file(trained):
     import torch
 
-    from workflow.artifacts import write_manifest
+    from workflow.core.artifacts import write_manifest
 
     params, _, restore = trained
     for name, damage in PIPELINE_DAMAGE:

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from workflow.config import Model, Params, Scheduler
-from workflow.diffusion import (apply_flip, batch_indices, diffusion_loss, step_noise, stream_seed,
+from workflow.core.config import Model, Params, Scheduler
+from workflow.maths.diffusion import (apply_flip, batch_indices, diffusion_loss, step_noise, stream_seed,
                                 to_model_range, training_target)
-from workflow.model import build_noise_scheduler, build_sampler, build_unet
+from workflow.models.builders import build_noise_scheduler, build_sampler, build_unet
 
 
 def test_each_epoch_visits_every_image_once():

@@ -156,7 +156,7 @@ def test_dvc_repro_artifacts(dvc_repo):
 def test_dvc_run_publishes_the_model_card(dvc_repo):
     """models/pipeline, as `hf upload` takes it: the card is this run's own and its snippet runs (issue 18)."""
     from tests.test_package import check_card
-    from workflow.config import load_params
+    from workflow.core.config import load_params
 
     repo, _ = dvc_repo
     check_card(repo, load_params(repo / "params.yaml"))
@@ -325,7 +325,7 @@ def test_dvc_exp_run_and_show(exp_runs):
 def test_dvc_plots_diff_draws_each_experiments_training_log(exp_runs):
     """`dvc plots diff <exp> <exp>`: loss and lr per step and images/s per log interval of each, from
     the files dvclive wrote, the very values the comparison page draws."""
-    from workflow import compare
+    from workflow.tools import compare
 
     repo = exp_runs
     shown = json.loads(sh(repo, "dvc", "plots", "diff", "baseline", "steps-8", "--json"))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from workflow.environment import device_name, software_versions
+from workflow.core.environment import device_name, software_versions
 
 
 def test_software_versions_are_the_installed_ones():

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from conftest import write_images
-from workflow import evaluate, fid_reference
-from workflow.config import ConfigError
+from workflow.core.config import load_params
+from workflow.stages import evaluate, fid_reference
+from workflow.core.config import ConfigError
 
-ARGS = ["--params", "params.yaml"]
 
 
 def write_samples(params, images: np.ndarray) -> None:
@@ -35,7 +35,7 @@ def write_samples(params, images: np.ndarray) -> None:
 def reference(tiny_params):
     params = tiny_params()
     images = write_images(params.paths.images, n=6)
-    fid_reference.main(ARGS)
+    fid_reference.run(load_params("params.yaml"))
     return params, images
 
 
@@ -52,7 +52,7 @@ def test_reference_file_holds_statistics_and_weights(reference):
 def test_same_images_score_zero_and_different_images_do_not(reference):
     params, images = reference
     write_samples(params, images[::-1])
-    evaluate.main(ARGS)
+    evaluate.run(load_params("params.yaml"))
     metrics = json.loads(Path(params.paths.metrics).read_text())
     assert set(metrics) == set(evaluate.METRIC_KEYS)
     assert abs(metrics["fid"]) < 1e-3
@@ -66,7 +66,7 @@ def test_same_images_score_zero_and_different_images_do_not(reference):
     smooth = np.tile(np.linspace(0, 255, 8, dtype=np.uint8), (6, 1, 8, 1))
     smooth[:, :, :, ::2] //= np.arange(1, 7, dtype=np.uint8)[:, None, None, None]
     write_samples(params, smooth)
-    evaluate.main(ARGS)
+    evaluate.run(load_params("params.yaml"))
     different = json.loads(Path(params.paths.metrics).read_text())
     assert different["fid"] > 50 and different["kid"] > metrics["kid"] + 0.1
 
@@ -79,19 +79,19 @@ def test_reference_from_other_weights_is_refused(reference):
     arrays["weights_sha256"] = np.array("f" * 64)
     np.savez(params.paths.fid_ref, **arrays)
     with pytest.raises(ConfigError, match="re-run the fid_reference stage"):
-        evaluate.main(ARGS)
+        evaluate.run(load_params("params.yaml"))
 
 
 def test_missing_inputs_name_the_stage_that_makes_them(tiny_params):
     tiny_params()  # writes params.yaml; no stage has run, so no inputs exist
     with pytest.raises(ConfigError, match="preprocess stage"):
-        fid_reference.main(ARGS)
+        fid_reference.run(load_params("params.yaml"))
     with pytest.raises(ConfigError, match="fid_reference stage"):
-        evaluate.main(ARGS)
+        evaluate.run(load_params("params.yaml"))
 
 
 def test_too_many_reference_images_is_a_config_error(tiny_params):
     params = tiny_params(fid={"num_reference": 7})
     write_images(params.paths.images, n=6)
     with pytest.raises(ConfigError, match="fid.num_reference"):
-        fid_reference.main(ARGS)
+        fid_reference.run(load_params("params.yaml"))

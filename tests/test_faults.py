@@ -1,4 +1,4 @@
-"""Killed at any point, nothing is lost: each stage is SIGKILLed at an exact point (workflow/faults.py,
+"""Killed at any point, nothing is lost: each stage is SIGKILLed at an exact point (workflow/core/faults.py,
 by step or image count, never by sleeping), nothing half-written looks complete, and a plain re-run
 (the stage itself, `dvc repro`, or `snakemake --rerun-incomplete`) gives bitwise the uninterrupted result."""
 import os
@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, tiny_dict, write_images
-from workflow import faults, trainlog
-from workflow.train import GRIDS, LIVE
+from workflow.core import faults
+from workflow.formats import trainlog
+from workflow.stages.train import GRIDS, LIVE
 
 WEIGHTS = "models/trained/unet/diffusion_pytorch_model.safetensors"
 
@@ -181,7 +182,7 @@ def test_full_disk_in_a_checkpoint_save_is_one_clear_error_and_loses_nothing(tra
     assert "/step-0000004: SafetensorError" in line and "Traceback" not in done.stderr
     for path, data in before.items():  # every earlier artifact intact, byte for byte
         assert path.name == "params.yaml" or path.read_bytes() == data, path
-    from workflow.checkpoints import complete_checkpoints, latest_checkpoint
+    from workflow.formats.checkpoints import complete_checkpoints, latest_checkpoint
     runs = sorted((workdir / "models/checkpoints").iterdir(), key=lambda p: p.stat().st_mtime)
     assert [len(complete_checkpoints(r)) for r in runs] == [2, 0]
     # the failed save took its partial files with it; the progress grid made just before it and the

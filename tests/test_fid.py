@@ -1,4 +1,4 @@
-"""workflow.fid (distances, features) and workflow.inception (finding and checking the weights)."""
+"""workflow.maths.fid (distances, features) and workflow.models.inception (finding and checking the weights)."""
 from __future__ import annotations
 
 import shutil
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workflow import fid, inception
-from workflow.config import ConfigError, Fid
+from workflow.maths import fid
+from workflow.models import inception
+from workflow.core.config import ConfigError, Fid
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workflow import fid, inception
-from workflow.config import Fid
-from workflow.evaluate import load_samples
+from workflow.maths import fid
+from workflow.models import inception
+from workflow.core.config import Fid
+from workflow.stages.evaluate import load_samples
 
 
 @pytest.fixture(scope="module")

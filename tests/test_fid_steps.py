@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_images
-from workflow import evaluate, fid_reference, fid_steps
-from workflow.sample import sample
-from workflow.train import train
+from workflow.core.config import load_params
+from workflow.stages import evaluate, fid_reference, fid_steps
+from workflow.stages.sample import run as sample
+from workflow.stages.train import run as train
 
-ARGS = ["--params", "params.yaml"]
 
 
 def rows(path):
@@ -20,7 +20,7 @@ def rows(path):
 
 def test_empty_sweep_writes_the_header_and_needs_nothing(tiny_params):
     params = tiny_params()  # no pipeline, no reference: none is loaded
-    fid_steps.main(ARGS)
+    fid_steps.run(load_params("params.yaml"))
     assert Path(params.paths.fid_steps).read_text() == "num_inference_steps,fid,kid,seconds\n"
 
 
@@ -28,10 +28,10 @@ def test_sweep_rows_and_the_point_evaluate_scored(tiny_params):
     params = tiny_params(fid={"steps_sweep": [2, 4], "num_samples": 4}, train={"progress_grids": False})
     write_images(params.paths.images, n=24)
     train(params)
-    fid_reference.main(ARGS)
+    fid_reference.run(load_params("params.yaml"))
     sample(params)
-    evaluate.main(ARGS)
-    fid_steps.main(ARGS)
+    evaluate.run(load_params("params.yaml"))
+    fid_steps.run(load_params("params.yaml"))
     table = rows(params.paths.fid_steps)
     assert [int(r["num_inference_steps"]) for r in table] == [2, 4]
     assert all(float(r["fid"]) > 0 and float(r["seconds"]) > 0 for r in table)

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from tests.conftest import write_images
-from workflow.bench import fresh_accelerator_state
-from workflow.model import build_noise_scheduler, build_unet
-from workflow.runtime import Runtime, fits_on_device
-from workflow.sampling import Denoiser, sample_batches
-from workflow.train import make_accelerator, setup, train_step
+from workflow.tools.bench import fresh_accelerator_state
+from workflow.models.builders import build_noise_scheduler, build_unet
+from workflow.core.runtime import Runtime, fits_on_device
+from workflow.models.sampling import Denoiser, sample_batches
+from workflow.stages.train import make_accelerator, setup, train_step
 
 CPU = torch.device("cpu")
 GPU_PATHS = Runtime.gpu_paths_on(CPU)
@@ -70,7 +70,7 @@ def test_compiled_training_step_equals_eager(tiny_params):
     params = tiny_params(train={"compile": True, "ema": False})
     images = write_images(params.paths.images)
     run = setup(params, images, make_accelerator(params))
-    from workflow.train import guarded_step
+    from workflow.stages.train import guarded_step
 
     compiled = [guarded_step(run, step).item() for step in range(2)]
     assert run.model is not run.eager_model  # compiled, not fallen back
@@ -85,7 +85,7 @@ def tiny_unet():
 
 
 def _tiny_model():
-    from workflow.config import params_from_dict
+    from workflow.core.config import params_from_dict
     from tests.conftest import tiny_dict
 
     return (params_from_dict(tiny_dict()).model,)
@@ -99,7 +99,7 @@ def sample(settings, runtime, unet=None):
 
 
 def params_sample():
-    from workflow.config import params_from_dict
+    from workflow.core.config import params_from_dict
     from tests.conftest import tiny_dict
 
     return params_from_dict(tiny_dict(sample={"num_inference_steps": 3, "batch_size": 4}))

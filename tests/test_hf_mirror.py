@@ -22,8 +22,8 @@ import yaml
 from tests.mirror import (ROOT, SECRET_TOKEN, Dataset, Mirror, StallingProxy, clean_env, hf_env, image_files,  # noqa: F401
                           mirror, parquet_files, png, run_stage)
 from tests.test_package import check_card
-from workflow.artifacts import sha256_file
-from workflow.config import load_params
+from workflow.core.artifacts import sha256_file
+from workflow.core.config import load_params
 
 
 def write_params(workdir: Path, data: dict, base: Path | None = None) -> None:
@@ -434,7 +434,7 @@ def test_endpoint_set_after_huggingface_hub_was_imported_is_still_used(mirror, t
     del env["HF_ENDPOINT"]
     script = ("import os, huggingface_hub.constants as c; assert c.ENDPOINT == 'https://huggingface.co'; "
               f"os.environ['HF_ENDPOINT'] = {mirror.endpoint!r}; "
-              "from workflow.download import main; main([])")
+              "from workflow.__main__ import main; assert main(['download']) == 0")
     mark = mirror.mark()
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "w", env=env, capture_output=True,
                           text=True, timeout=120)

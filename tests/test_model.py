@@ -1,4 +1,4 @@
-"""workflow.model's size check: a UNet over model.max_parameters, or a training micro-batch over
+"""workflow.models.builders's size check: a UNet over model.max_parameters, or a training micro-batch over
 train.max_activation_gib, is refused from the config alone, before anything is allocated (issue 18)."""
 import time
 
@@ -7,10 +7,10 @@ import torch
 import yaml
 
 from tests.conftest import ROOT, tiny_dict
-from workflow import checkpoints
-from workflow.config import ConfigError, load_params, params_from_dict
-from workflow.model import activation_bytes, build_unet, check_size, count_parameters
-from workflow.train import total_steps
+from workflow.formats import checkpoints
+from workflow.core.config import ConfigError, load_params, params_from_dict
+from workflow.models.builders import activation_bytes, build_unet, check_size, count_parameters
+from workflow.stages.train import total_steps
 
 
 @pytest.mark.parametrize("preset", ["params.yaml", *sorted(p.relative_to(ROOT).as_posix()

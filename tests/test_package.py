@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_dict
-from workflow.artifacts import manifest_damage
-from workflow.config import ConfigError, Params, load_params
+from workflow.core.artifacts import manifest_damage
+from workflow.core.config import ConfigError, Params, load_params
 
 STAGES = ("download", "preprocess", "fid_reference", "train", "sample", "evaluate", "package")
 
@@ -113,7 +113,7 @@ def test_the_folder_is_the_trained_pipeline_with_the_evaluated_sampler(run):
     import torch
     from diffusers import DiffusionPipeline
 
-    from workflow.sampling import load_unet
+    from workflow.models.sampling import load_unet
 
     root, params = run
     published, trained = root / params.paths.pipeline, root / params.paths.trained
@@ -135,7 +135,7 @@ def test_another_sampler_gets_its_scheduler_and_its_snippet(run):
     """dpmsolver++ has no pipeline of its own: DDPMPipeline with the DPM-Solver++ scheduler saved."""
     from diffusers import DiffusionPipeline
 
-    from workflow.package import package
+    from workflow.stages.package import run as package
 
     root, params = run
     params = dataclasses.replace(params, sample=dataclasses.replace(params.sample, sampler="dpmsolver++"),
@@ -151,7 +151,7 @@ def test_another_sampler_gets_its_scheduler_and_its_snippet(run):
 
 
 def test_a_missing_artifact_names_the_stage_that_makes_it(run):
-    from workflow.package import package
+    from workflow.stages.package import run as package
 
     root, params = run
     with pytest.MonkeyPatch.context() as patch:

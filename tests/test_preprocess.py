@@ -1,4 +1,4 @@
-"""workflow/preprocess.py: decoding, resizing and cropping, skipped files, the seeded subset, the stage."""
+"""workflow/stages/preprocess.py: decoding, resizing and cropping, skipped files, the seeded subset, the stage."""
 import json
 
 import numpy as np
@@ -6,10 +6,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from workflow import download, preprocess
-from workflow.sources import list_image_files
-from workflow.artifacts import sha256_file
-from workflow.config import ConfigError
+from workflow.core.config import load_params
+from workflow.stages import download, preprocess
+from workflow.sources.fetch import list_image_files
+from workflow.core.artifacts import sha256_file
+from workflow.core.config import ConfigError
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -120,22 +121,22 @@ def test_zero_readable_images_is_a_config_error(tmp_path, monkeypatch):
     src.mkdir()
     (src / "broken.png").write_text("nope")
     write_params(tmp_path, monkeypatch, source=f"imagefolder:{src}", folder=str(src))
-    download.main([])
+    download.run(load_params("params.yaml"))
     with pytest.raises(ConfigError, match="only 0 usable images in 'data/raw/images'.*UnidentifiedImageError: 1"):
-        preprocess.main([])
+        preprocess.run(load_params("params.yaml"))
     assert not (tmp_path / "data" / "processed").exists()
 
 
 def test_missing_raw_folder_is_a_config_error(tmp_path, monkeypatch):
     write_params(tmp_path, monkeypatch, source="builtin:digits")
     with pytest.raises(ConfigError, match="'data/raw'.*run `python -m workflow download`"):
-        preprocess.main([])
+        preprocess.run(load_params("params.yaml"))
 
 
 def test_download_then_preprocess_end_to_end(tmp_path, monkeypatch):
     write_params(tmp_path, monkeypatch, source="builtin:digits", resolution=8, max_images=100)
-    download.main([])
-    meta = preprocess.main([])
+    download.run(load_params("params.yaml"))
+    meta = preprocess.run(load_params("params.yaml"))
     array = np.load("data/processed/images.npy", mmap_mode="r")
     assert array.shape == (100, 1, 8, 8) and array.dtype == np.uint8 and array.max() == 255
     assert json.loads((tmp_path / "data/processed/meta.json").read_text()) == meta
@@ -144,7 +145,7 @@ def test_download_then_preprocess_end_to_end(tmp_path, monkeypatch):
     assert meta["center_crop"] is True and meta["skipped"] == [] and meta["max_images"] == 100
     assert meta["source"]["kind"] == "builtin" and meta["source"]["name"] == "digits"
     assert "files" not in meta["source"]
-    assert preprocess.main([])["images_sha256"] == meta["images_sha256"]  # deterministic
+    assert preprocess.run(load_params("params.yaml"))["images_sha256"] == meta["images_sha256"]  # deterministic
 
 
 def test_skipped_files_are_listed_relative_to_the_raw_images(tmp_path, monkeypatch):
@@ -153,7 +154,7 @@ def test_skipped_files_are_listed_relative_to_the_raw_images(tmp_path, monkeypat
     (src / "bad").mkdir()
     (src / "bad" / "b.jpg").write_bytes(b"\xff\xd8 broken")
     write_params(tmp_path, monkeypatch, source=f"imagefolder:{src}", folder=str(src), channels=3, min_images=1)
-    download.main([])
-    meta = preprocess.main([])
+    download.run(load_params("params.yaml"))
+    meta = preprocess.run(load_params("params.yaml"))
     assert meta["count"] == 1 and [s["file"] for s in meta["skipped"]] == ["bad/b.jpg"]
     assert meta["source"] == {"kind": "imagefolder", "path": str(src), "count": 2}

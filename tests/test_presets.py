@@ -7,8 +7,9 @@ import shutil
 import pytest
 
 from tests.conftest import ROOT
-from workflow.config import ConfigError, Params, load_params, params_from_dict
-from workflow.preset import dvc_set_args, leaves, load_preset
+from workflow.core.config import ConfigError, Params, load_params, params_from_dict
+from workflow.core.config import dotted_keys, load_preset
+from workflow.tools.preset import dvc_set_args
 
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 UNET = {"model.block_out_channels": [128, 128, 256, 256, 512, 512], "model.layers_per_block": 2,
@@ -53,7 +54,7 @@ DELIBERATE = {
 
 def effective(preset) -> dict:
     """{dotted key: value} of the params a preset runs with (over the defaults)."""
-    return leaves(params_from_dict(load_preset(preset)).to_dict())
+    return dotted_keys(params_from_dict(load_preset(preset)).to_dict())
 
 
 def test_every_preset_has_a_reference():
@@ -63,9 +64,9 @@ def test_every_preset_has_a_reference():
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_a_preset_holds_only_what_it_changes_from_the_defaults(preset):
     """Not a copy of params.yaml: a new default then reaches every preset that does not change that key."""
-    defaults, ours = leaves(Params().to_dict()), effective(preset)
+    defaults, ours = dotted_keys(Params().to_dict()), effective(preset)
     assert load_params(ROOT / "params.yaml") == Params()
-    keys = list(leaves(load_preset(preset)))
+    keys = list(dotted_keys(load_preset(preset)))
     assert keys and [key for key in keys if ours[key] == defaults[key]] == [], preset.name
 
 

@@ -15,9 +15,12 @@ import yaml
 from PIL import Image
 
 from tests.browser import browser, needs_chromium, render
-from workflow import curves, report, trainlog
-from workflow.config import ConfigError, Params
-from workflow.htmlpage import PNG_SIGNATURE, esc
+from workflow.core.config import load_params
+from workflow.pages import curves
+from workflow.stages import report
+from workflow.formats import trainlog
+from workflow.core.config import ConfigError, Params
+from workflow.pages.htmlpage import PNG_SIGNATURE, esc
 
 FID = 37.4219
 EVIL_NAME = "<script>alert(1)</script>.png"
@@ -84,7 +87,7 @@ def run_dir(tmp_path, monkeypatch):
 
 
 def _render(run_dir) -> str:
-    report.main(["--params", "params.yaml"])
+    report.run(load_params("params.yaml"))
     return (run_dir / Params().paths.report).read_text(encoding="utf-8")
 
 
@@ -230,7 +233,7 @@ def test_older_summary_without_software_says_so(run_dir):
 def test_bad_history_header_is_a_user_error(run_dir):
     (run_dir / "reports/train/plots/metrics/train/lr.tsv").write_text("step\tloss\n1\t0.5\n")
     with pytest.raises(ConfigError, match=r"reports/train/plots/metrics/train/lr\.tsv: header lacks column step or lr"):
-        report.main(["--params", "params.yaml"])
+        report.run(load_params("params.yaml"))
     assert not (run_dir / Params().paths.report).exists()
 
 
@@ -247,7 +250,7 @@ def test_the_curves_are_the_ones_dvclive_logged(run_dir):
 def test_a_damaged_artifact_is_a_user_error_naming_it(run_dir):
     (run_dir / Params().paths.metrics).write_text("{not json")
     with pytest.raises(ConfigError, match=r"metrics\.json: not valid JSON.*`evaluate`"):
-        report.main(["--params", "params.yaml"])
+        report.run(load_params("params.yaml"))
 
 
 def test_moving_average():

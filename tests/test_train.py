@@ -11,9 +11,9 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from tests.conftest import write_images
-from workflow import checkpoints, trainlog
-from workflow.config import ConfigError
-from workflow.train import train
+from workflow.formats import checkpoints, trainlog
+from workflow.core.config import ConfigError
+from workflow.stages.train import run as train
 
 WEIGHTS = "models/trained/unet/diffusion_pytorch_model.safetensors"
 
@@ -183,7 +183,7 @@ def test_progress_grids_survive_a_resume_and_leave_the_weights_alone(tiny_params
 
 def test_last_progress_grid_is_the_sample_stages_grid(tiny_params):
     """The final grid uses the saved EMA weights and the sample stage's noise streams: DDIM-25 gives the same PNG."""
-    from workflow.sample import sample
+    from workflow.stages.sample import run as sample
 
     params = tiny_params(sample={"sampler": "ddim", "num_inference_steps": 25, "grid_size": 4, "batch_size": 16},
                          fid={"num_samples": 16})

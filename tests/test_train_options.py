@@ -15,11 +15,12 @@ from safetensors.numpy import load_file
 
 from tests.conftest import ROOT, write_images
 from tests.test_train import history
-from workflow import checkpoints
-from workflow.config import Scheduler
-from workflow.diffusion import min_snr_weights, step_noise
-from workflow.model import build_noise_scheduler
-from workflow.train import total_steps, train
+from workflow.formats import checkpoints
+from workflow.core.config import Scheduler
+from workflow.maths.diffusion import min_snr_weights, step_noise
+from workflow.models.builders import build_noise_scheduler
+from workflow.stages.train import run as train
+from workflow.stages.train import total_steps
 
 WEIGHTS = "models/trained/unet/diffusion_pytorch_model.safetensors"
 
@@ -32,7 +33,7 @@ def trained_weights(params):
 
 def step_gradients(params, images):
     """The gradients the optimiser receives at step 0 (captured instead of stepping)."""
-    from workflow.train import make_accelerator, setup, train_step
+    from workflow.stages.train import make_accelerator, setup, train_step
 
     run = setup(params, images, make_accelerator(params))
     captured = {}

@@ -1,18 +1,33 @@
-"""python -m workflow <stage> [--params PARAMS]  -- run one pipeline stage.
+"""python -m workflow <command> [options]  -- the one command line of the pipeline.
 
-Stages: download, preprocess, fid_reference, train, sample, evaluate, fid_steps, report, package.
-Tools beside them: bench (training, sampling and FID throughput), compare (DVC experiments on one page),
+Stages (each reads params.yaml, or the file given with --params):
+  download, preprocess, fid_reference, train, sample, evaluate, fid_steps, report, package.
+Tools beside them: bench (train | sample | fid throughput), compare (DVC experiments on one page),
 preset (a configs/*.yaml preset checked and printed as `dvc exp run -S` arguments).
 Training on several GPUs: accelerate launch -m workflow train
 """
+
+import argparse
 import importlib
 import sys
 
-from workflow import STAGES
-from workflow.artifacts import DiskFullError
-from workflow.config import ConfigError
+from workflow import STAGES, TOOLS
+from workflow.core.artifacts import DiskFullError
+from workflow.core.config import DEFAULT_PARAMS, ConfigError, load_params
 
-COMMANDS = STAGES + ("bench", "compare", "preset")
+
+def run_stage(name: str, argv: list[str]) -> None:
+    """Every stage the same way: read the params, `run(params)` -> summary, print its headline."""
+    stage = importlib.import_module(f"workflow.stages.{name}")
+    parser = argparse.ArgumentParser(prog=f"python -m workflow {name}", description=stage.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
+    params = load_params(parser.parse_args(argv).params)
+    print(stage.headline(stage.run(params), params))
+
+
+def run_tool(name: str, argv: list[str]) -> None:
+    importlib.import_module(f"workflow.tools.{name}").main(argv)
 
 
 def main(argv=None) -> int:
@@ -21,14 +36,14 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"unknown stage {name!r}; stages: {', '.join(COMMANDS)}", file=sys.stderr)
+    if name not in STAGES + TOOLS:
+        print(f"unknown command {name!r}; stages: {', '.join(STAGES)}; tools: {', '.join(TOOLS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"workflow.{name}")
+    is_stage = name in STAGES
     try:
-        module.main(rest)
+        (run_stage if is_stage else run_tool)(name, rest)
     except (ConfigError, DiskFullError) as exc:  # a user mistake or a full disk: one clear line
-        print(f"error in stage {name}: {exc}", file=sys.stderr)
+        print(f"error in {'stage ' if is_stage else ''}{name}: {exc}", file=sys.stderr)
         return 1
     return 0
 

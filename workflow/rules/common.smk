@@ -6,9 +6,9 @@ from pathlib import Path
 import yaml
 from snakemake.utils import update_config
 
-from workflow.artifacts import write_bytes
-from workflow.config import params_from_dict
-from workflow.preset import load_preset
+from workflow.core.artifacts import write_bytes
+from workflow.core.code_deps import stage_code
+from workflow.core.config import load_preset, params_from_dict
 
 # The config: params.yaml, then each --configfile (a preset holds only what it changes), then --config,
 # merged by Snakemake. A preset is checked on its own first, so a mistake in it names its file.
@@ -43,13 +43,7 @@ def params_file(params):
 
 update_config(config, typed(dict(workflow.config_settings.config)))
 PARAMS_FILE = params_file(params_from_dict(config, source=config_sources()))  # validated when parsed
-P = config["paths"]
-GROUND = ["config", "artifacts", "faults", "cli"]
-
-
-def code(*modules):
-    """The stage's own modules plus the shared ground it imports: a change to any re-runs it."""
-    return [f"workflow/{m}.py" for m in (*modules, *GROUND)]
+PATHS = config["paths"]
 
 
 def params_of(*keys):

@@ -1,9 +1,9 @@
 rule download:
     input:
         folder=config["data"]["folder"],  # imagefolder: data (Snakemake re-runs on a newer mtime, dvc on content)
-        code=code("download", "sources", "hub"),
+        code=stage_code("download"),
     output:
-        raw=directory(P["raw"]),
+        raw=directory(PATHS["raw"]),
     params:
         values=params_of("data.source", "data.revision", "data.config", "data.split", "data.image_column"),
         config=PARAMS_FILE,
@@ -16,10 +16,10 @@ rule download:
 rule preprocess:
     input:
         raw=rules.download.output.raw,
-        code=code("preprocess", "sources", "hub"),
+        code=stage_code("preprocess"),
     output:
-        images=P["images"],
-        meta=P["meta"],
+        images=PATHS["images"],
+        meta=PATHS["meta"],
     params:
         values=params_of("seed", "data.resolution", "data.channels", "data.center_crop", "data.max_images",
                          "data.min_images"),

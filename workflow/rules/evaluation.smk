@@ -1,9 +1,9 @@
 rule fid_reference:
     input:
         images=rules.preprocess.output.images,
-        code=code("fid_reference", "fid", "inception", "runtime"),
+        code=stage_code("fid_reference"),
     output:
-        fid_ref=P["fid_ref"],
+        fid_ref=PATHS["fid_ref"],
     params:
         values=params_of("seed", "fid.num_reference", "fid.weights", "fid.weights_sha256", "fid.batch_size"),
         config=PARAMS_FILE,
@@ -21,9 +21,9 @@ rule evaluate:
         samples=rules.sample.output.samples,
         fid_ref=rules.fid_reference.output.fid_ref,
         train_log=rules.train.output.train_log,
-        code=code("evaluate", "reference", "fid", "inception", "runtime"),
+        code=stage_code("evaluate"),
     output:
-        metrics=report(P["metrics"], caption="../captions/metrics.rst", category="Metrics"),
+        metrics=report(PATHS["metrics"], caption="../pages/captions/metrics.rst", category="Metrics"),
     params:
         values=params_of("seed", "fid.weights", "fid.weights_sha256", "fid.batch_size"),
         config=PARAMS_FILE,
@@ -40,9 +40,9 @@ rule fid_steps:  # off unless fid.steps_sweep lists step counts; then one FID pe
     input:
         pipeline=rules.train.output.pipeline,
         fid_ref=rules.fid_reference.output.fid_ref,
-        code=code("fid_steps", "sampling", "reference", "fid", "inception", "diffusion", "model", "runtime"),
+        code=stage_code("fid_steps"),
     output:
-        fid_steps=P["fid_steps"],
+        fid_steps=PATHS["fid_steps"],
     params:
         values=params_of("seed", "sample.sampler", "sample.eta", "sample.batch_size", "sample.mixed_precision",
                          "sample.compile", "fid.num_samples", "fid.steps_sweep", "fid.weights",
@@ -64,10 +64,10 @@ rule report:
         train_log=rules.train.output.train_log,
         grid=rules.sample.output.grid,
         metrics=rules.evaluate.output.metrics,
-        code=code("report", "trainlog", "curves", "htmlpage"),
+        code=stage_code("report"),
     output:
-        report=report(P["report"], caption="../captions/run_report.rst", category="Run report"),
-        loss_plot=report(P["loss_plot"], caption="../captions/loss.rst", category="Training"),
+        report=report(PATHS["report"], caption="../pages/captions/run_report.rst", category="Run report"),
+        loss_plot=report(PATHS["loss_plot"], caption="../pages/captions/loss.rst", category="Training"),
     params:
         values=params_of("seed", "paths", "data", "model", "scheduler", "train", "sample", "fid"),
         config=PARAMS_FILE,

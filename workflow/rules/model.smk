@@ -5,11 +5,11 @@
 rule train:
     input:
         images=rules.preprocess.output.images,
-        code=code("train", "trainlog", "checkpoints", "sampling", "diffusion", "environment", "model", "runtime"),
+        code=stage_code("train"),
     output:
-        pipeline=directory(P["trained"]),
-        train_log=report(directory(P["train_log"]), patterns=["grids/step-{step}.png"],
-                         caption="../captions/progress.rst", category="Training", subcategory="Progress grids"),
+        pipeline=directory(PATHS["trained"]),
+        train_log=report(directory(PATHS["train_log"]), patterns=["grids/step-{step}.png"],
+                         caption="../pages/captions/progress.rst", category="Training", subcategory="Progress grids"),
     params:
         values=params_of("seed", "model", "scheduler", "train"),
         config=PARAMS_FILE,
@@ -25,10 +25,10 @@ rule train:
 rule sample:
     input:
         pipeline=rules.train.output.pipeline,
-        code=code("sample", "sampling", "diffusion", "model", "runtime"),
+        code=stage_code("sample"),
     output:
-        samples=directory(P["samples"]),
-        grid=report(P["grid"], caption="../captions/grid.rst", category="Samples"),
+        samples=directory(PATHS["samples"]),
+        grid=report(PATHS["grid"], caption="../pages/captions/grid.rst", category="Samples"),
     params:
         values=params_of("seed", "sample", "fid.num_samples"),
         config=PARAMS_FILE,

@@ -6,9 +6,9 @@ rule package:  # models/pipeline: the trained pipeline + its model card, ready f
         raw=rules.download.output.raw,
         meta=rules.preprocess.output.meta,
         train_log=rules.train.output.train_log,
-        code=code("package", "sampling", "diffusion", "model", "runtime"),
+        code=stage_code("package"),
     output:
-        pipeline=directory(P["pipeline"]),
+        pipeline=directory(PATHS["pipeline"]),
     params:
         values=params_of("seed", "data", "model", "scheduler", "train", "sample"),  # what the model card shows
         config=PARAMS_FILE,

@@ -1,0 +1,364 @@
+"""params.yaml -> frozen, validated dataclasses. The only module that knows the file's shape.
+
+    from workflow.core.config import load_params
+    params = load_params()              # ./params.yaml
+    params.train.learning_rate
+
+Unknown keys, wrong types and out-of-range values raise ConfigError naming the key and the rule.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A mistake in params.yaml (or another user input): the message names the key and the rule."""
+
+
+def _rule(check, text):
+    return {"check": check, "rule": text}
+
+
+# Every number has an upper bound too, so no value can make a stage loop or allocate without end
+# (a typo like `layers_per_block: 1000000` is one clear error, not a hung machine). The bounds are far
+# above the presets; README "Upper bounds" lists them (a test keeps that table equal to these).
+def positive(limit):
+    return _rule(lambda v: 0 < v <= limit, f"must be > 0 and <= {limit:,}") | {"max": limit}
+
+
+def non_negative(limit):
+    return _rule(lambda v: 0 <= v <= limit, f"must be >= 0 and <= {limit:,}") | {"max": limit}
+
+
+def positive_items(limit, count):
+    """A list of at most `count` numbers, each in (0, limit] (may be empty)."""
+    return _rule(lambda v: len(v) <= count and all(0 < n <= limit for n in v),
+                 f"must hold at most {count} values, each > 0 and <= {limit:,}") | {"max": limit}
+
+
+def positive_list(limit, count):
+    return _rule(lambda v: 0 < len(v) <= count and all(0 < x <= limit for x in v),
+                 f"must be a list of 1 to {count} numbers, each > 0 and <= {limit:,}") | {"max": limit}
+
+
+UNIT_OPEN = _rule(lambda v: 0 < v < 1, "must be in (0, 1)")
+UNIT_CLOSED = _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
+NON_EMPTY = _rule(lambda v: len(v) > 0, "must not be empty")
+STEPS = 10_000_000  # optimiser steps, and every count of them (warm-up, logging, checkpoint cadence)
+IMAGES = 100_000_000  # images in a dataset
+SHA256 = _rule(lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None, "must be 64 lowercase hex digits")
+SOURCE = _rule(lambda v: re.fullmatch(r"(builtin|imagefolder|hf):.+", v) is not None,
+               "must be builtin:<name>, imagefolder:<path> or hf:<owner>/<name>")
+
+
+def _f(default, rule=None):
+    return field(default=default, metadata=rule or {})
+
+
+def _tuple(default, rule=None):
+    return field(default=tuple(default), metadata=rule or {})
+
+
+def _path(default):
+    """A path in params.yaml: any non-empty string."""
+    return _f(default, NON_EMPTY)
+
+
+@dataclass(frozen=True)
+class Paths:
+    raw: str = _path("data/raw")
+    images: str = _path("data/processed/images.npy")
+    meta: str = _path("data/processed/meta.json")
+    fid_ref: str = _path("data/processed/fid_ref.npz")
+    checkpoints: str = _path("models/checkpoints")
+    trained: str = _path("models/trained")  # train's pipeline, read by sample and fid_steps
+    pipeline: str = _path("models/pipeline")  # the package stage's: the trained pipeline + its model card
+    train_log: str = _path("reports/train")
+    grid: str = _path("reports/samples/grid.png")
+    samples: str = _path("data/samples")
+    metrics: str = _path("reports/metrics.json")
+    fid_steps: str = _path("reports/fid_steps.csv")
+    report: str = _path("reports/index.html")
+    loss_plot: str = _path("reports/loss.png")
+
+
+@dataclass(frozen=True)
+class Data:
+    source: str = _f("builtin:mnist", SOURCE)
+    folder: str = _path("data/images")  # the imagefolder: path; dvc and Snakemake track its content
+    revision: Optional[str] = None
+    config: Optional[str] = _f(None, NON_EMPTY)  # hf only: a config the dataset card declares; None = its default
+    split: str = "train"
+    image_column: str = "image"
+    resolution: int = _f(16, positive(1024))
+    channels: Literal[1, 3] = 1
+    center_crop: bool = True
+    max_images: Optional[int] = _f(None, positive(IMAGES))
+    min_images: int = _f(16, positive(IMAGES))  # preprocess fails if fewer images decode
+
+    @property
+    def kind(self) -> str:
+        return self.source.split(":", 1)[0]
+
+    @property
+    def location(self) -> str:
+        return self.source.split(":", 1)[1]
+
+
+@dataclass(frozen=True)
+class Model:
+    block_out_channels: tuple[int, ...] = _tuple((32, 64, 64), positive_list(4096, 8))  # 8 levels at most
+    layers_per_block: int = _f(1, positive(16))
+    attention_levels: tuple[int, ...] = _tuple((2,))
+    norm_num_groups: int = _f(16, positive(1024))
+    # the UNet is counted on the meta device before it is built (workflow.models.builders.check_size)
+    max_parameters: int = _f(2_000_000_000, positive(10**12))
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    num_train_timesteps: int = _f(1000, positive(100_000))
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+
+
+@dataclass(frozen=True)
+class Train:
+    batch_size: int = _f(128, positive(65_536))  # images per optimiser step, over all processes and micro-batches
+    gradient_accumulation_steps: int = _f(1, positive(1024))  # micro-batches per step: a memory knob only
+    # one micro-batch's activations, estimated before anything is built (workflow.models.builders.check_size)
+    max_activation_gib: float = _f(256.0, positive(2**20))
+    max_steps: Optional[int] = _f(1200, positive(STEPS))
+    epochs: Optional[float] = _f(None, positive(100_000))  # alternative to max_steps
+    learning_rate: float = _f(2e-3, positive(1))
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = _f(50, non_negative(STEPS))
+    adam_beta1: float = _f(0.9, UNIT_OPEN)
+    adam_beta2: float = _f(0.999, UNIT_OPEN)
+    adam_weight_decay: float = _f(0.0, non_negative(1))
+    adam_epsilon: float = _f(1e-8, positive(1))
+    max_grad_norm: float = _f(1.0, positive(1e6))
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 where the GPU has it
+    allow_tf32: bool = True
+    compile: bool = False  # torch.compile; falls back to eager with a warning if compilation fails
+    min_snr_gamma: Optional[float] = _f(None, positive(1000))  # Min-SNR-gamma loss weighting
+    noise_offset: float = _f(0.0, non_negative(1))
+    random_flip: bool = False
+    ema: bool = True
+    ema_inv_gamma: float = _f(1.0, positive(1e6))
+    ema_power: float = _f(0.75, positive(10))
+    ema_max_decay: float = _f(0.9999, UNIT_CLOSED)
+    log_every: int = _f(25, positive(STEPS))
+    checkpoint_every: int = _f(300, positive(STEPS))
+    checkpoints_total_limit: int = _f(2, positive(100))
+    progress_grids: bool = True  # a small grid from the EMA weights at every checkpoint
+
+
+@dataclass(frozen=True)
+class Sample:
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
+    num_inference_steps: int = _f(50, positive(10_000))
+    eta: float = _f(0.0, UNIT_CLOSED)  # DDIM only: 0 = deterministic DDIM, 1 = DDPM-like noise
+    grid_size: int = _f(8, positive(16))
+    batch_size: int = _f(250, positive(4096))
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    compile: bool = False  # torch.compile the UNet; falls back to eager with a warning if it fails
+
+
+@dataclass(frozen=True)
+class Fid:
+    num_samples: int = _f(250, positive(100_000))  # the size of the sample set FID scores (made by the sample stage)
+    num_reference: Optional[int] = _f(250, positive(1_000_000))
+    weights: Optional[str] = None
+    weights_sha256: Optional[str] = _f(None, SHA256)
+    batch_size: int = _f(50, positive(4096))
+    steps_sweep: tuple[int, ...] = _tuple((), positive_items(10_000, 32))  # FID against sample.num_inference_steps
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = _f(0, non_negative(2**32 - 1))
+    paths: Paths = field(default_factory=Paths)
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    train: Train = field(default_factory=Train)
+    sample: Sample = field(default_factory=Sample)
+    fid: Fid = field(default_factory=Fid)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value):
+    """Tuples back to lists, so the dict round-trips through YAML and JSON."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def paths_of(raw: dict) -> Paths:
+    """The `paths` of a params dict another run wrote (an experiment's params.yaml, perhaps from an
+    older version of this code): absent keys take their defaults and unknown ones are ignored, as
+    only the paths are needed to find that run's artifacts."""
+    section = raw.get("paths") if isinstance(raw.get("paths"), dict) else {}
+    known = {f.name for f in dataclasses.fields(Paths)}
+    return Paths(**{k: str(v) for k, v in section.items() if k in known})
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    return params_from_dict(read_params_file(path), source=str(path))
+
+
+def read_params_file(path: str | Path):
+    """A params file's content as written, not yet validated ({} when empty)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (run from the project root, or pass the params file)") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: not UTF-8, or an impossible date (2024-13-01)
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return {} if raw is None else raw
+
+
+def load_preset(path: str | Path) -> dict:
+    """A preset (configs/*.yaml: only what a recipe changes), checked over the defaults; a mistake
+    names the key and `path`. Returns the preset's own keys, unmerged."""
+    raw = read_params_file(path)
+    params_from_dict(raw, source=str(path))
+    return raw
+
+
+def dotted_keys(tree: dict, prefix: str = "") -> dict:
+    """{"train.learning_rate": 0.002, ...}: every value a nested mapping sets (lists are values)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def params_from_dict(raw: dict, source: str = "params") -> Params:
+    params = _build(Params, raw, prefix="", source=source)
+    _check_cross_field(params, source)
+    return params
+
+
+def _build(cls, raw, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<top level>'}` must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(map(str, set(raw) - set(fields)))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key `{prefix}{unknown[0]}`; valid keys here: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        key = prefix + name
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, key + ".", source)
+            continue
+        value = _coerce(kind, value, key, source)
+        rule = fields[name].metadata
+        if rule and value is not None and not rule["check"](value):
+            raise ConfigError(f"{source}: `{key}` {rule['rule']}, got {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def _coerce(kind, value, key: str, source: str):
+    """Check `value` against the annotation `kind`; return it in its canonical Python type."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, source)
+    if origin is Literal:
+        if value is False and "no" in args:
+            # `dvc exp run -S` rewrites params.yaml as YAML 1.2, where a bare `no` is a string;
+            # PyYAML reads YAML 1.1, where it is False. Both mean mixed_precision "no".
+            value = "no"
+        if not any(value == a and type(value) is type(a) for a in args):  # 1.0 is not 1, True is not 1
+            raise ConfigError(f"{source}: `{key}` must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: `{key}` must be a list of {args[0].__name__}, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if kind is float:
+        return _finite(value, key, source)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: `{key}` must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _finite(value, key: str, source: str) -> float:
+    """An int, float or numeric string (YAML 1.1 reads `1e-4`, without a dot, as a string) as a finite float."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value) if abs(value) < 1e308 else math.inf
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None or not math.isfinite(number):
+        raise ConfigError(f"{source}: `{key}` must be a finite number, got {value!r}")
+    return number
+
+
+def _check_cross_field(p: Params, source: str) -> None:
+    levels = len(p.model.block_out_channels)
+    factor = 2 ** (levels - 1)
+    if p.data.resolution % factor:
+        raise ConfigError(f"{source}: `data.resolution` ({p.data.resolution}) must be divisible by 2^(levels-1) = "
+                          f"{factor} for {levels} levels in `model.block_out_channels`")
+    bad = [c for c in p.model.block_out_channels if c % p.model.norm_num_groups]
+    if bad:
+        raise ConfigError(f"{source}: `model.block_out_channels` {list(bad)} must be divisible by "
+                          f"`model.norm_num_groups` ({p.model.norm_num_groups})")
+    wrong = [lv for lv in p.model.attention_levels if not 0 <= lv < levels]
+    if wrong:
+        raise ConfigError(f"{source}: `model.attention_levels` {wrong} must be level indices in 0..{levels - 1} "
+                          f"(the {levels} levels of `model.block_out_channels`)")
+    if p.sample.grid_size ** 2 > p.fid.num_samples:
+        raise ConfigError(f"{source}: `sample.grid_size`^2 ({p.sample.grid_size ** 2}) must not exceed "
+                          f"`fid.num_samples` ({p.fid.num_samples}), the sample set the grid is taken from")
+    too_many = [n for n in (p.sample.num_inference_steps, *p.fid.steps_sweep) if n > p.scheduler.num_train_timesteps]
+    if too_many:
+        raise ConfigError(f"{source}: `sample.num_inference_steps` and `fid.steps_sweep` ({too_many}) must not exceed "
+                          f"`scheduler.num_train_timesteps` ({p.scheduler.num_train_timesteps})")
+    if p.sample.eta and p.sample.sampler != "ddim":
+        raise ConfigError(f"{source}: `sample.eta` ({p.sample.eta}) applies to the ddim sampler only; "
+                          f"set it to 0 for `sample.sampler` {p.sample.sampler!r}")
+    if (p.train.max_steps is None) == (p.train.epochs is None):
+        raise ConfigError(f"{source}: set exactly one of `train.max_steps` and `train.epochs` (the other null)")
+    if p.train.batch_size % p.train.gradient_accumulation_steps:
+        raise ConfigError(f"{source}: `train.batch_size` ({p.train.batch_size}) must be divisible by "
+                          f"`train.gradient_accumulation_steps` ({p.train.gradient_accumulation_steps})")
+    if p.fid.weights_sha256 and not p.fid.weights:
+        raise ConfigError(f"{source}: `fid.weights_sha256` is set but `fid.weights` is not")
+    if p.data.kind == "hf" and "/" not in p.data.location:
+        raise ConfigError(f"{source}: `data.source` {p.data.source!r} must name a repository as hf:<owner>/<name>")
+    if p.data.kind == "imagefolder" and os.path.normpath(p.data.location) != os.path.normpath(p.data.folder):
+        raise ConfigError(f"{source}: `data.source` {p.data.source!r} must read `data.folder` "
+                          f"({p.data.folder!r}), the folder dvc and Snakemake track: set `data.folder: "
+                          f"{p.data.location}` too")

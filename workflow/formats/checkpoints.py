@@ -1,0 +1,112 @@
+"""Training checkpoints: complete, verified-or-ignored folders of training state, keyed by the run's inputs.
+
+Layout: <paths.checkpoints>/<run key>/step-0000250/ holding what `accelerator.save_state` writes
+(model weights as safetensors; optimiser and RNG states, which accelerate loads with
+`torch.load(weights_only=True)`), training_state.pt (lr schedule and EMA: tensors and numbers only,
+loaded with `weights_only=True` as well; accelerate's own custom-object path unpickles with
+`weights_only=False`, so it is not used), manifest.json (size and sha256 of every file) and
+progress.json (step, time, loss history), written last. The folder is built as .step-0000250.tmp
+and renamed into place, so a save cut short is never mistaken for a checkpoint; one whose files no
+longer match its manifest (truncated, corrupted) is skipped with a warning in favour of the one
+before. The run key hashes everything that shapes the weights, so a run only ever resumes its own
+checkpoints: change the learning rate and training starts afresh, beside the old checkpoints.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from workflow.core.artifacts import disk_full_guard, manifest_damage, read_json, remove, write_json, write_manifest
+from workflow.core.config import Params
+from workflow.core.faults import maybe_fault
+
+PROGRESS = "progress.json"
+TRAINING_STATE = "training_state.pt"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def run_key(params: Params, images_sha256: str) -> str:
+    """Hash of the data, model, noise schedule, training recipe and seed (not logging cadence, grids, nor the
+    size caps, which only decide whether a run may start)."""
+    everything = params.to_dict()
+    train = everything["train"]
+    for cadence in ("log_every", "checkpoint_every", "checkpoints_total_limit", "progress_grids", "max_activation_gib"):
+        train.pop(cadence)
+    everything["model"].pop("max_parameters")
+    identity = {"images": images_sha256, "seed": params.seed, "model": everything["model"],
+                "scheduler": everything["scheduler"], "train": train}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the finished checkpoints, oldest first; temporary folders are ignored."""
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        match = _STEP_DIR.fullmatch(child.name)
+        if match and (child / PROGRESS).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest finished checkpoint whose files match its manifest; damaged ones are skipped, with a warning."""
+    for _, folder in reversed(complete_checkpoints(run_dir)):
+        problem = manifest_damage(folder)
+        if problem is None:
+            return folder
+        warnings.warn(f"checkpoint {folder} is damaged ({problem}): not resuming from it, trying the one before")
+    return None
+
+
+def save_checkpoint(accelerator, run_dir: Path, progress: dict, limit: int, states: dict) -> Path:
+    """Save on every process (accelerate needs it), publish by rename on the main one, prune to `limit`.
+
+    `states`: objects with state_dict/load_state_dict (lr schedule, EMA) saved beside accelerate's.
+    """
+    final = run_dir / f"step-{progress['step']:07d}"
+    tmp = run_dir / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        remove(tmp)
+    accelerator.wait_for_everyone()
+    try:
+        with disk_full_guard(final):
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                torch.save({name: obj.state_dict() for name, obj in states.items()}, tmp / TRAINING_STATE)
+                maybe_fault("train.checkpoint.mid_save", progress["step"])
+                write_manifest(tmp)
+                write_json(tmp / PROGRESS, progress)
+    except Exception:
+        if accelerator.is_main_process:
+            remove(tmp)  # a failed save must not hold the space it took
+        raise
+    if accelerator.is_main_process:
+        remove(final)
+        os.replace(tmp, final)
+        maybe_fault("train.checkpoint.saved", progress["step"])
+        for _, old in complete_checkpoints(run_dir)[:-limit]:
+            remove(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint: Path, states: dict) -> dict:
+    """Restore accelerate's state and `states` from `checkpoint`; return its progress record."""
+    accelerator.load_state(str(checkpoint))
+    saved = torch.load(checkpoint / TRAINING_STATE, map_location=accelerator.device, weights_only=True)
+    for name, obj in states.items():
+        obj.load_state_dict(saved[name])
+    return load_progress(checkpoint)
+
+
+def load_progress(checkpoint: Path) -> dict:
+    return read_json(checkpoint / PROGRESS)

@@ -1,0 +1,47 @@
+"""The reference statistics file (paths.fid_ref) from the consumer's side: load it, check it, score against it.
+
+    from workflow.formats.reference_stats import load_reference, check_weights, score
+    reference = load_reference("data/processed/fid_ref.npz")
+    check_weights(reference, info, "data/processed/fid_ref.npz")   # info from workflow.models.inception
+    score(sample_features, reference, seed)   # {fid, kid, fid_num_samples, fid_num_reference}
+
+No command of its own: `python -m workflow evaluate` and `python -m workflow fid_steps` use it;
+`python -m workflow fid_reference` writes the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from workflow.maths import fid
+from workflow.core.config import ConfigError
+
+REFERENCE_KEYS = ("mu", "sigma", "features", "num_images", "weights_sha256")
+
+
+def load_reference(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} (`paths.fid_ref`): no such file; the fid_reference stage makes it")
+    with np.load(path, allow_pickle=False) as npz:
+        missing = [k for k in REFERENCE_KEYS if k not in npz.files]
+        if missing:
+            raise ConfigError(f"{path}: missing arrays {missing}; re-run the fid_reference stage")
+        return {k: npz[k] for k in REFERENCE_KEYS}
+
+
+def check_weights(reference: dict, info: dict, ref_path: str) -> None:
+    """The reference must come from the Inception file now in use (`info` from workflow.models.inception)."""
+    ref_sha = str(reference["weights_sha256"])
+    if ref_sha != info["sha256"]:
+        raise ConfigError(f"{ref_path} was computed with Inception weights sha256 {ref_sha}, but the current "
+                          f"weights ({info['path']}) have sha256 {info['sha256']}; re-run the fid_reference stage")
+
+
+def score(sample_feats: np.ndarray, reference: dict, seed: int) -> dict:
+    """FID against the reference statistics and KID against its features."""
+    mu, sigma = fid.statistics(sample_feats)
+    return {"fid": fid.frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
+            "kid": fid.kernel_inception_distance(sample_feats, reference["features"], seed),
+            "fid_num_samples": len(sample_feats), "fid_num_reference": int(reference["num_images"])}

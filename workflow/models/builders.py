@@ -1,0 +1,104 @@
+"""Builds the networks and noise schedulers from params: the one place that maps params to diffusers.
+
+    check_size(params)          # first: refuses a UNet or a batch over the caps, allocating nothing
+    unet = build_unet(params.model, resolution=16, channels=1)
+    noise_scheduler = build_noise_scheduler(params.scheduler)
+    sampler = build_sampler("ddim", noise_scheduler.config)
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       UNet2DModel)
+
+from workflow.core.config import ConfigError, Model, Params, Scheduler
+
+GIB = 2**30
+
+SAMPLERS = {  # sample.sampler -> (scheduler class, settings on top of the training noise schedule)
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+
+def build_unet(model: Model, resolution: int, channels: int) -> UNet2DModel:
+    """The tutorial's UNet family: one down/up block per level, self-attention at `attention_levels`."""
+    levels = len(model.block_out_channels)
+    down = ["AttnDownBlock2D" if i in model.attention_levels else "DownBlock2D" for i in range(levels)]
+    # up blocks run from the lowest resolution back up, so level i is up block (levels - 1 - i)
+    up = ["AttnUpBlock2D" if levels - 1 - i in model.attention_levels else "UpBlock2D" for i in range(levels)]
+    return UNet2DModel(
+        sample_size=resolution,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=model.layers_per_block,
+        block_out_channels=tuple(model.block_out_channels),
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=model.norm_num_groups,
+    )
+
+
+def build_noise_scheduler(scheduler: Scheduler) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=scheduler.num_train_timesteps,
+        beta_schedule=scheduler.beta_schedule,
+        prediction_type=scheduler.prediction_type,
+    )
+
+
+def build_sampler(name: str, noise_scheduler_config):
+    """A sampling scheduler sharing the training noise schedule (betas, prediction type)."""
+    cls, settings = SAMPLERS[name]
+    return cls.from_config(noise_scheduler_config, **settings)
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def check_size(params: Params) -> dict:
+    """Refuse, before anything is allocated, a UNet over `model.max_parameters` or a training micro-batch
+    whose activations exceed `train.max_activation_gib`. Both are measured on the meta device (shapes,
+    no memory), where config's upper bounds keep even the largest allowed build quick.
+    Returns {"parameters": count, "activation_gib": estimate}."""
+    m, t, data = params.model, params.train, params.data
+    with torch.device("meta"):
+        unet = build_unet(m, resolution=data.resolution, channels=data.channels)
+    count = count_parameters(unet)
+    if count > m.max_parameters:
+        raise ConfigError(f"the UNet of `model.block_out_channels` {list(m.block_out_channels)}, "
+                          f"`model.layers_per_block` {m.layers_per_block} and `model.attention_levels` "
+                          f"{list(m.attention_levels)} has {count:,} parameters, over `model.max_parameters` "
+                          f"({m.max_parameters:,}): make it smaller, or raise the cap")
+    micro_batch = t.batch_size // t.gradient_accumulation_steps
+    gib = activation_bytes(unet, micro_batch) / GIB
+    if gib > t.max_activation_gib:
+        raise ConfigError(f"one training micro-batch of {micro_batch} images (`train.batch_size` / "
+                          f"`train.gradient_accumulation_steps`) at `data.resolution` {data.resolution} keeps about "
+                          f"{gib:,.0f} GiB of activations for the backward pass on this UNet (`model.*`), over "
+                          f"`train.max_activation_gib` ({t.max_activation_gib:,}): raise "
+                          f"`train.gradient_accumulation_steps`, lower `train.batch_size`, or raise the cap")
+    return {"parameters": count, "activation_gib": gib}
+
+
+def activation_bytes(unet: UNet2DModel, batch: int) -> int:
+    """Bytes of the tensors a float32 forward pass of `unet` saves for the backward pass over `batch`
+    images (each counted once, the weights not at all): what training holds at its peak. On the meta
+    device nothing is allocated. Attention counts as the math kernel saves it (its N x N weights), an
+    upper bound for the fused kernels of CPUs and GPUs; bf16 autocast saves less."""
+    weights = {id(w) for w in unet.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        base = tensor if tensor._base is None else tensor._base
+        if id(base) not in weights:
+            saved[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    size, channels, device = unet.config.sample_size, unet.config.in_channels, unet.device
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        noisy = torch.zeros(batch, channels, size, size, device=device)
+        unet(noisy, torch.zeros(batch, dtype=torch.long, device=device), return_dict=False)
+    return sum(saved.values())

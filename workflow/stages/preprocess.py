@@ -1,0 +1,147 @@
+"""Stage preprocess: raw image files -> one uint8 array N x C x H x W + meta.json.
+
+    python -m workflow preprocess [--params params.yaml]
+
+Reads `<paths.raw>/images/` and `<paths.raw>/SOURCE.json` (written by `download`); writes
+`paths.images` (a .npy file, memory-mappable with `numpy.load(..., mmap_mode="r")`) and `paths.meta`
+(count, resolution, channels, center_crop, skipped files with reasons, source summary, sha256 of the
+array). Each image is EXIF-rotated, converted to L or RGB, and either resized on its shorter side and
+centre-cropped (`data.center_crop: true`) or squashed to a square, with PIL's antialiasing bicubic.
+A file that cannot be decoded (corrupt, truncated, empty, not an image, or a decompression bomb:
+more pixels than PIL.Image.MAX_IMAGE_PIXELS) is skipped and listed with its reason; so are files the
+source ignored (no image extension). Fewer than `data.min_images` usable images is an error naming
+the count and the commonest reasons. `data.max_images` takes a subset of the files chosen with
+`seed`, before decoding, kept in file order.
+"""
+from __future__ import annotations
+
+import collections
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from workflow.core.artifacts import atomic_path, read_json, sha256_file, write_json
+from workflow.core.config import ConfigError, Params
+from workflow.core.faults import maybe_fault
+from workflow.sources.fetch import IMAGES_DIR, SOURCE_FILE, list_image_files
+
+MODES = {1: "L", 3: "RGB"}
+# What a broken or non-image file raises while PIL decodes it (UnidentifiedImageError is an OSError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+                 Image.DecompressionBombWarning)
+
+
+def load_image(path: str | Path, resolution: int, channels: int, center_crop: bool) -> np.ndarray:
+    """One file -> C x resolution x resolution uint8. Raises what PIL raises for a bad file."""
+    with warnings.catch_warnings():
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse those too, before decoding
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image.load()
+            image = to_8bit(ImageOps.exif_transpose(image)).convert(MODES[channels])
+    image = resize(image, resolution, center_crop)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale -> 8-bit by its top byte (PIL's own convert("L") would clip at 255)."""
+    if not image.mode.startswith("I;16"):
+        return image
+    return Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8))
+
+
+def resize(image: Image.Image, resolution: int, center_crop: bool) -> Image.Image:
+    """Shorter side to `resolution` then a centred square crop; or straight to a square."""
+    if not center_crop:
+        return image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def preprocess_images(files, resolution: int, channels: int, center_crop: bool) -> tuple[np.ndarray, list[dict]]:
+    """Decode `files` in order -> (N x C x H x W uint8 of those that decode, [{"file", "reason"}] of the rest)."""
+    if channels not in MODES:
+        raise ConfigError(f"`data.channels` must be one of {sorted(MODES)}, got {channels!r}")
+    out = np.empty((len(files), channels, resolution, resolution), dtype=np.uint8)
+    count, skipped = 0, []
+    for path in files:
+        try:
+            out[count] = load_image(path, resolution, channels, center_crop)
+        except DECODE_ERRORS as exc:
+            skipped.append({"file": str(path), "reason": f"{type(exc).__name__}: {exc}"})
+            continue
+        count += 1
+        maybe_fault("preprocess.after_image", count)
+    return out[:count].copy() if count < len(files) else out, skipped
+
+
+def select_subset(files: list, max_images: int | None, seed: int) -> list:
+    """A seeded random subset of `max_images` files, kept in file order; all files if not fewer."""
+    if max_images is None or max_images >= len(files):
+        return list(files)
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(files))[:max_images])
+    return [files[i] for i in chosen]
+
+
+def source_summary(record: dict) -> dict:
+    """SOURCE.json without its (possibly long) lists of files used and ignored."""
+    return {key: value for key, value in record.items() if key not in ("files", "ignored")}
+
+
+def read_raw(raw: str | Path) -> tuple[Path, dict]:
+    """The raw images folder and its SOURCE record; ConfigError if `download` has not produced them."""
+    raw = Path(raw)
+    images, source = raw / IMAGES_DIR, raw / SOURCE_FILE
+    if not images.is_dir() or not source.is_file():
+        raise ConfigError(f"`paths.raw` {str(raw)!r}: no {IMAGES_DIR}/ and {SOURCE_FILE} there "
+                          "(run `python -m workflow download` first)")
+    return images, read_json(source)
+
+
+def check_enough(count: int, minimum: int, skipped: list[dict], root: Path) -> None:
+    """ConfigError naming the count and the commonest skip reasons if fewer than `minimum` images decoded."""
+    if count >= minimum:
+        return
+    kinds = collections.Counter(item["reason"].split(":", 1)[0] for item in skipped)
+    reasons = "; ".join(f"{kind}: {n}" for kind, n in kinds.most_common(3)) or "none skipped"
+    raise ConfigError(f"`data.min_images` is {minimum} but only {count} usable images in {str(root)!r} "
+                      f"({len(skipped)} files skipped; commonest reasons: {reasons}). Fix or add images, "
+                      "or lower `data.min_images`")
+
+
+def write_images(path: str | Path, array: np.ndarray) -> str:
+    """Save `array` as .npy atomically; return its sha256."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    return sha256_file(path)
+
+
+def run(params: Params) -> dict:
+    """The whole stage: read paths.raw, write paths.images and paths.meta; return the meta record."""
+    data = params.data
+    root, record = read_raw(params.paths.raw)
+    files = select_subset(list_image_files(root), data.max_images, params.seed)
+    array, skipped = preprocess_images(files, data.resolution, data.channels, data.center_crop)
+    for item in skipped:
+        item["file"] = Path(item["file"]).relative_to(root).as_posix()
+    skipped = record.get("ignored", []) + record.get("skipped", []) + skipped  # the source's, then ours
+    check_enough(len(array), data.min_images, skipped, root)
+    meta = {"count": len(array), "resolution": data.resolution, "channels": data.channels,
+            "center_crop": data.center_crop, "max_images": data.max_images, "seed": params.seed,
+            "skipped": skipped, "source": source_summary(record),
+            "images_sha256": write_images(params.paths.images, array)}
+    write_json(params.paths.meta, meta)
+    return meta
+
+
+def headline(meta: dict, params: Params) -> str:
+    return (f"preprocess: {meta['count']} images, {meta['channels']} x {meta['resolution']} x "
+            f"{meta['resolution']}, {len(meta['skipped'])} skipped -> {params.paths.images}")

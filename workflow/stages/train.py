@@ -1,0 +1,370 @@
+"""Train stage: a diffusers UNet2DModel on the cached uint8 images, under HF accelerate.
+
+    python -m workflow train                     # one process (GPU if there is one, else CPU)
+    accelerate launch -m workflow train          # several GPUs; train.batch_size is the global batch
+    torchrun --nproc_per_node 2 -m workflow train    # several CPU processes (gloo)
+
+Reads params.paths.images; writes params.paths.trained (DDPMPipeline.save_pretrained, EMA weights,
+safetensors), params.paths.train_log (loss and lr per step and images/s per log interval, logged
+through dvclive in its layout, see workflow/formats/trainlog.py; summary.json; grids/step-XXXXXXX.png) and
+checkpoints under params.paths.checkpoints, from which a re-run resumes automatically. The main
+process logs during the run into <checkpoints>/<run key>/dvclive/, re-written from the checkpoint's
+history on resume, and the log is copied into train_log at the end, as the grids are.
+
+With train.progress_grids, every checkpoint also gets a 4x4 grid sampled from the EMA weights
+(DDIM, 25 steps) from the noise streams of the sample stage's first 16 images, so the same images
+are seen improving. The grids live beside the checkpoints (<checkpoints>/<run key>/grids/, never
+pruned, so they survive a resume) and are copied into train_log at the end. They use no global
+random state: switching them on or off leaves the weights bitwise unchanged.
+
+Every random draw of step s is a function of (seed, s), and the data order of (seed, epoch), so
+training k steps, stopping and resuming gives bitwise the weights of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from workflow.formats import checkpoints, trainlog
+from workflow.core.artifacts import atomic_dir, sha256_file, write_manifest
+from workflow.core.config import STEPS, ConfigError, Params, Sample
+from workflow.maths.diffusion import (apply_flip, batch_indices, diffusion_loss, min_snr_weights,
+                                step_noise, to_model_range, training_target)
+from workflow.core.faults import maybe_fault
+from workflow.core.environment import device_name, software_versions
+from workflow.models.builders import build_noise_scheduler, build_unet, check_size, count_parameters
+from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
+from workflow.models.sampling import sample_batches, write_grid
+
+LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+FINAL_LOSS_WINDOW = 50  # train_loss_final is the mean over the last steps, not one noisy value
+PROGRESS_SAMPLER = Sample(sampler="ddim", num_inference_steps=25, grid_size=4, batch_size=16)
+GRIDS = "grids"  # the progress grids' folder, beside the checkpoints and in train_log
+LIVE = "dvclive"  # the training log's folder while training, beside the checkpoints
+
+
+@dataclass
+class Run:
+    """Everything a training step touches."""
+    params: Params
+    accelerator: object
+    runtime: Runtime
+    model: torch.nn.Module  # what the step calls: the prepared model, or its torch.compile wrapper
+    eager_model: torch.nn.Module  # the prepared model itself, the fallback if compilation fails
+    noise_scheduler: object
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: object | None
+    images: torch.Tensor  # uint8 N x C x H x W, on the GPU when it fits, else in pinned host memory
+    total_steps: int
+    compile_pending: bool = False  # True until the first compiled step has run
+    live: object | None = None  # the dvclive logger, on the main process
+    progress: dict = field(default_factory=lambda: {"step": 0, "seconds": 0.0, "images": 0, "history": [],
+                                                    "throughput": []})
+
+
+def make_accelerator(params: Params, runtime: Runtime | None = None):
+    from accelerate import Accelerator
+
+    runtime = runtime or Runtime.detect()
+    # cpu=True where there is no GPU: only then does accelerate run torchrun's processes as gloo ranks
+    accelerator = Accelerator(mixed_precision=runtime.training_precision(params.train.mixed_precision),
+                              cpu=runtime.device.type == "cpu")
+    split = accelerator.num_processes * params.train.gradient_accumulation_steps
+    if params.train.batch_size % split:
+        raise ConfigError(f"`train.batch_size` ({params.train.batch_size}) must be divisible by processes x "
+                          f"`train.gradient_accumulation_steps` ({split})")
+    return accelerator
+
+
+def total_steps(params: Params, num_images: int) -> int:
+    """`train.max_steps`, or `train.epochs` passes over the data in optimiser steps."""
+    if params.train.max_steps is not None:
+        return params.train.max_steps
+    steps = math.ceil(params.train.epochs * num_images / params.train.batch_size)
+    if steps > STEPS:
+        raise ConfigError(f"`train.epochs` ({params.train.epochs}) over {num_images:,} images at `train.batch_size` "
+                          f"{params.train.batch_size} is {steps:,} steps, over the {STEPS:,} that "
+                          "`train.max_steps` allows")
+    return steps
+
+
+def setup(params: Params, images: np.ndarray, accelerator, runtime: Runtime | None = None) -> Run:
+    """The model, optimiser, schedules, EMA and dataset of a run, placed as `runtime` (default: detected) says."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    t, device = params.train, accelerator.device
+    runtime = dataclasses.replace(runtime, device=device) if runtime else Runtime.for_device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.allow_tf32
+    torch.manual_seed(params.seed)  # the initial weights
+    _, channels, resolution, _ = images.shape
+    model = runtime.layout(build_unet(params.model, resolution=resolution, channels=channels))
+    optimizer = runtime.adamw(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                              weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    steps = total_steps(params, len(images))
+    lr_scheduler = get_scheduler(LR_SCHEDULES[t.lr_schedule], optimizer, num_warmup_steps=t.warmup_steps,
+                                 num_training_steps=steps)
+    # The lr schedule is stepped by hand, once per optimiser step: accelerate's prepared scheduler
+    # would step once per process, and train.batch_size is already the global batch.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = None
+    if t.ema:
+        unwrapped = accelerator.unwrap_model(model)
+        ema = EMAModel(unwrapped.parameters(), decay=t.ema_max_decay, use_ema_warmup=True,
+                       inv_gamma=t.ema_inv_gamma, power=t.ema_power,
+                       model_cls=type(unwrapped), model_config=unwrapped.config)
+        ema.to(device)
+    dataset = runtime.place_dataset(torch.from_numpy(np.ascontiguousarray(images)))
+    return Run(params, accelerator, runtime, maybe_compile(model, t.compile), model,
+               build_noise_scheduler(params.scheduler), optimizer, lr_scheduler, ema, dataset, steps,
+               compile_pending=t.compile)
+
+
+def _process_slice(start: int, size: int, accelerator) -> slice:
+    """This process's share of the global batch positions [start, start + size)."""
+    share = size // accelerator.num_processes
+    first = start + accelerator.process_index * share
+    return slice(first, first + share)
+
+
+def _micro_loss(run: Run, index: torch.Tensor, noise, timesteps, flip) -> torch.Tensor:
+    p, device = run.params, noise.device
+    clean = to_model_range(run.images[index.to(run.images.device)].to(device, non_blocking=True))
+    if p.train.random_flip:
+        clean = apply_flip(clean, flip)
+    clean, noise = run.runtime.layout(clean), run.runtime.layout(noise)
+    noisy = run.noise_scheduler.add_noise(clean, noise, timesteps)
+    with run.accelerator.autocast():
+        prediction = run.model(noisy, timesteps, return_dict=False)[0]
+    weights = None
+    if p.train.min_snr_gamma is not None:
+        weights = min_snr_weights(run.noise_scheduler, timesteps, p.train.min_snr_gamma)
+    return diffusion_loss(prediction, training_target(run.noise_scheduler, clean, noise, timesteps), weights)
+
+
+def train_step(run: Run, step: int) -> torch.Tensor:
+    """One optimiser step over the global batch of `step`: this process's shard of each micro-batch,
+    gradients accumulated locally and synchronised once. Returns the detached mean loss."""
+    p, acc = run.params, run.accelerator
+    size, micro_batches = p.train.batch_size, p.train.gradient_accumulation_steps
+    index = torch.from_numpy(batch_indices(p.seed, step, size, run.images.shape[0]))
+    noise, timesteps, flip = step_noise(p.seed, step, (size, *run.images.shape[1:]),
+                                        p.scheduler.num_train_timesteps, acc.device, p.train.noise_offset)
+    micro, losses = size // micro_batches, []
+    for m in range(micro_batches):
+        part = _process_slice(m * micro, micro, acc)
+        sync = acc.no_sync(run.eager_model) if m < micro_batches - 1 else contextlib.nullcontext()
+        with sync:
+            loss = _micro_loss(run, index[part], noise[part], timesteps[part], flip[part])
+            acc.backward(loss / micro_batches)
+        losses.append(loss.detach())
+    acc.clip_grad_norm_(run.eager_model.parameters(), p.train.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.step(run.eager_model.parameters())
+    return torch.stack(losses).mean()
+
+
+def guarded_step(run: Run, step: int) -> torch.Tensor:
+    """train_step; the first compiled step falls back to eager mode if compilation fails."""
+    if not run.compile_pending:
+        return train_step(run, step)
+
+    def eager_step():
+        run.optimizer.zero_grad(set_to_none=True)  # whatever the failed attempt accumulated
+        run.model = run.eager_model
+        return train_step(run, step)
+
+    loss, _ = with_eager_fallback(lambda: train_step(run, step), eager_step, "training")
+    run.compile_pending = False
+    return loss
+
+
+def check_ranks_agree(run: Run) -> None:
+    """Invariant: data-parallel processes end with identical weights."""
+    acc = run.accelerator
+    if acc.num_processes == 1:
+        return
+    flat = torch.cat([w.detach().double().flatten() for w in acc.unwrap_model(run.model).parameters()])
+    fingerprint = torch.stack([flat.sum(), flat.square().sum(), flat.abs().max()])[None].to(acc.device)
+    gathered = acc.gather(fingerprint)
+    assert torch.equal(gathered, gathered[:1].expand_as(gathered)), f"ranks disagree: {gathered.tolist()}"
+
+
+def _flush_losses(run: Run, pending: list) -> None:
+    """Move the buffered per-step losses to the host in one transfer; stop on a non-finite loss."""
+    if not pending:
+        return
+    steps, losses, lrs = zip(*pending)
+    values = run.accelerator.reduce(torch.stack(losses), reduction="mean").float().cpu().tolist()
+    for step, loss, lr in zip(steps, values, lrs):
+        if not np.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss} at step {step}; lower train.learning_rate or use "
+                f"train.mixed_precision other than fp16. Earlier checkpoints are intact.")
+        run.progress["history"].append([step, loss, lr])
+    pending.clear()
+
+
+def train_loop(run: Run, checkpoint_dir: Path) -> None:
+    p, acc, last = run.params, run.accelerator, run.total_steps
+    start_step = run.progress["step"]
+    # a context manager: a failed step (non-finite loss) closes the bar where the error is reported
+    with tqdm(total=last, initial=start_step, desc="train", unit="step",
+              disable=not acc.is_local_main_process) as bar:
+        pending, started, images = [], time.perf_counter(), 0
+        logged_at, logged_images = started, 0
+        for step in range(start_step, last):
+            lr = run.lr_scheduler.get_last_lr()[0]
+            pending.append((step + 1, guarded_step(run, step), lr))
+            images += p.train.batch_size
+            done = step + 1
+            maybe_fault("train.after_step", done)
+            checkpoint = done % p.train.checkpoint_every == 0 or done == last
+            if done % p.train.log_every == 0 or checkpoint:
+                logged = len(run.progress["history"])
+                _flush_losses(run, pending)  # the one host synchronisation per log interval
+                now = time.perf_counter()
+                rate = (images - logged_images) / (now - logged_at)
+                run.progress["throughput"].append([done, rate])
+                if run.live is not None:
+                    trainlog.log(run.live, run.progress["history"][logged:], [[done, rate]])
+                logged_at, logged_images = now, images
+                bar.set_postfix(loss=f"{run.progress['history'][-1][1]:.4f}", img_s=f"{rate:.0f}")
+                bar.update(done - bar.n)
+            if checkpoint:
+                _record_time(run, done, started, images)
+                save_progress_grid(run, checkpoint_dir / GRIDS, done)  # first: every saved checkpoint has its grid
+                started, images, logged_at, logged_images = time.perf_counter(), 0, time.perf_counter(), 0
+                checkpoints.save_checkpoint(acc, checkpoint_dir, run.progress, p.train.checkpoints_total_limit,
+                                            training_states(run))
+
+
+@contextlib.contextmanager
+def ema_weights(run: Run, unet: torch.nn.Module):
+    """The EMA weights in `unet` for the duration (store -> copy_to -> restore, bitwise)."""
+    if run.ema is None:
+        yield unet
+        return
+    run.ema.store(unet.parameters())
+    run.ema.copy_to(unet.parameters())
+    try:
+        yield unet
+    finally:
+        run.ema.restore(unet.parameters())
+
+
+def save_progress_grid(run: Run, folder: Path, step: int) -> None:
+    """The progress grid of `step` from the EMA weights (main process; per-image generators only)."""
+    if not run.params.train.progress_grids or not run.accelerator.is_main_process:
+        return
+    unet = run.accelerator.unwrap_model(run.eager_model)
+    size, was_training = PROGRESS_SAMPLER.grid_size, unet.training
+    with ema_weights(run, unet):
+        batches = sample_batches(unet, run.noise_scheduler.config, PROGRESS_SAMPLER, run.params.seed,
+                                 size * size, run.accelerator.device, progress=False)
+        images = np.concatenate([b for _, b in batches])
+    unet.train(was_training)
+    write_grid(images, size, folder / f"step-{step:07d}.png")
+
+
+def _record_time(run: Run, step: int, started: float, images: int) -> None:
+    run.runtime.synchronize()
+    run.progress["step"] = step
+    run.progress["seconds"] += time.perf_counter() - started
+    run.progress["images"] += images
+
+
+def training_states(run: Run) -> dict:
+    """What a checkpoint holds beside accelerate's model, optimiser and RNG states."""
+    return {"lr_scheduler": run.lr_scheduler, **({"ema": run.ema} if run.ema is not None else {})}
+
+
+def resume(run: Run, checkpoint_dir: Path) -> Path | None:
+    latest = checkpoints.latest_checkpoint(checkpoint_dir)
+    if latest is not None:
+        run.progress = checkpoints.load_checkpoint(run.accelerator, latest, training_states(run))
+        run.progress.setdefault("throughput", [])
+    return latest
+
+
+def summary(run: Run, resumed_from: Path | None, key: str) -> dict:
+    history, prog = run.progress["history"], run.progress
+    tail = [loss for _, loss, _ in history[-FINAL_LOSS_WINDOW:]]
+    return {
+        "steps": prog["step"],
+        "loss_final": float(np.mean(tail)),
+        "seconds": prog["seconds"],
+        "images_per_second": prog["images"] / prog["seconds"] if prog["seconds"] else 0.0,
+        "num_parameters": count_parameters(run.accelerator.unwrap_model(run.model)),
+        "run_key": key,
+        "resumed_from_step": int(resumed_from.name.split("-")[1]) if resumed_from else 0,
+        "device": run.accelerator.device.type,
+        "device_name": device_name(run.accelerator.device),
+        "software": software_versions(),
+        "num_processes": run.accelerator.num_processes,
+        "mixed_precision": run.accelerator.mixed_precision,
+        "compiled": run.model is not run.eager_model,
+        "torch_threads": torch.get_num_threads(),  # CPU results are bitwise reproducible per thread count
+    }
+
+
+def save_outputs(run: Run, info: dict, checkpoint_dir: Path) -> None:
+    """The pipeline with the EMA weights, the training log and the progress grids; main process only."""
+    from diffusers import DDPMPipeline
+
+    paths = run.params.paths
+    unet = run.accelerator.unwrap_model(run.model)
+    with ema_weights(run, unet), atomic_dir(paths.trained) as out:
+        DDPMPipeline(unet=unet.to(memory_format=torch.contiguous_format), scheduler=run.noise_scheduler) \
+            .save_pretrained(out, safe_serialization=True)
+        write_manifest(out)  # sample refuses a pipeline whose files no longer match it
+    run.live.end()
+    with atomic_dir(paths.train_log) as out:
+        shutil.copytree(checkpoint_dir / LIVE, out, dirs_exist_ok=True)
+        if run.params.train.progress_grids and (checkpoint_dir / GRIDS).is_dir():
+            shutil.copytree(checkpoint_dir / GRIDS, out / GRIDS)
+        (out / "summary.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def run(params: Params) -> dict:
+    check_size(params)  # a UNet or a batch over the caps is refused before anything is allocated
+    images_path = Path(params.paths.images)
+    if not images_path.is_file():
+        raise ConfigError(f"{images_path} not found: run the preprocess stage first")
+    images = np.load(images_path)
+    key = checkpoints.run_key(params, sha256_file(images_path))
+    checkpoint_dir = Path(params.paths.checkpoints) / key
+    accelerator = make_accelerator(params)
+    run = setup(params, images, accelerator)
+    resumed_from = resume(run, checkpoint_dir)
+    if resumed_from is not None:
+        accelerator.print(f"resuming from {resumed_from} (step {run.progress['step']})")
+    if accelerator.is_main_process:
+        run.live = trainlog.start(checkpoint_dir / LIVE, run.progress["history"], run.progress["throughput"])
+    train_loop(run, checkpoint_dir)
+    check_ranks_agree(run)
+    info = summary(run, resumed_from, key)
+    if accelerator.is_main_process:
+        save_outputs(run, info, checkpoint_dir)
+    accelerator.wait_for_everyone()
+    return info
+
+
+def headline(info: dict, params: Params) -> str:
+    return (f"trained {info['steps']} steps: loss {info['loss_final']:.4f}, "
+            f"{info['images_per_second']:.1f} images/s over {info['seconds']:.1f} s")

@@ -1,0 +1,367 @@
+"""Experiment comparison: DVC experiments side by side on one self-contained page.
+
+    python -m workflow compare                    # every experiment of the current commit
+    python -m workflow compare lr-1e-3 steps-8    # only these: experiment names, revs or `workspace`
+    python -m workflow compare --output reports/experiments.html
+    make compare
+
+Reads `dvc exp show --json` (run from the project root), and for each experiment its sample grid
+and loss history as that experiment left them: DVC's file system at the experiment's rev, which
+reads them from the local DVC cache. Writes reports/experiments.html: one row per experiment with
+the params that differ among them, FID, KID, final loss and training images/s (sortable, the best
+FID marked), the grids side by side, and the loss and learning-rate curves overlaid in one plot.
+
+An output the local cache lacks (a fresh clone, or an experiment pulled without its data) is marked
+missing with the command that fetches it from the project's DVC remote: `dvc pull` for the workspace
+and the current commit, `dvc exp pull origin <name>` for an experiment. The metrics live in git, so
+they are shown all the same.
+
+Without names, the page shows the current commit's experiments, the commit itself if it holds
+results, and the workspace if its results are not already one of those. A tool like `bench`, not
+a pipeline stage: it reads what the pipeline made and changes nothing but its own page.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from workflow.pages import curves
+from workflow.formats import trainlog
+from workflow.core.artifacts import atomic_path
+from workflow.core.config import ConfigError, dotted_keys, paths_of
+from workflow.pages.htmlpage import (data_uri, esc, fmt_number, fmt_scalar, missing, page, pixel_image, png_size,
+                               section)
+
+DEFAULT_OUTPUT = "reports/experiments.html"
+THUMBNAIL_PX = 180
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf")  # matplotlib's tab10: the table, the thumbnails and the curves agree
+COLUMNS = (  # metrics.json key, column title, format spec
+    ("fid", "FID", ".2f"),
+    ("kid", "KID", ".4g"),
+    ("train_loss_final", "final loss", ".4g"),
+    ("train_images_per_second", "train images/s", ",.1f"),
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Experiment:
+    """One run as an experiment left it."""
+    name: str
+    rev: str  # a commit sha, or "workspace"
+    params: dict  # its params.yaml
+    metrics: dict  # its metrics.json ({} when it has none)
+    grid_png: bytes | None
+    history: dict | None  # trainlog.parse_history's arrays
+    problems: tuple = ()  # what could not be read, and why
+
+    @property
+    def fid(self) -> float:
+        """The FID, or infinity where there is none (it ranks last)."""
+        value = self.metrics.get("fid")
+        return float(value) if _finite(value) else math.inf
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------- what dvc knows
+
+def exp_show(root: Path) -> list:
+    """`dvc exp show --json` in `root`, parsed."""
+    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise ConfigError(f"`dvc exp show --json` failed in {root}: {done.stderr.strip()[-800:]}")
+    return json.loads(done.stdout)
+
+
+def listed_runs(shown: list) -> list:
+    """[{name, rev, data, kind}] for the workspace, the baseline commit and its experiments, in dvc's order."""
+    runs = []
+    for row in shown:
+        if row["rev"] == "workspace":
+            runs.append({"name": "workspace", "rev": "workspace", "data": row.get("data") or {}, "kind": "workspace"})
+            continue
+        runs.append({"name": row.get("name") or row["rev"][:7], "rev": row["rev"], "data": row.get("data") or {},
+                     "kind": "commit"})
+        for experiment in row.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                runs.append({"name": rev.get("name") or rev["rev"][:7], "rev": rev["rev"],
+                             "data": rev.get("data") or {}, "kind": "experiment"})
+    return runs
+
+
+def run_params(run: dict) -> dict:
+    return ((run["data"].get("params") or {}).get("params.yaml") or {}).get("data") or {}
+
+
+def run_metrics(run: dict) -> dict:
+    path = paths_of(run_params(run)).metrics
+    return ((run["data"].get("metrics") or {}).get(path) or {}).get("data") or {}
+
+
+def _same_results(a: dict, b: dict) -> bool:
+    return run_params(a) == run_params(b) and run_metrics(a) == run_metrics(b)
+
+
+def select(runs: list, wanted: list) -> list:
+    """The runs named in `wanted` (name, rev prefix or `workspace`), in that order; without names, the
+    experiments, the baseline commit if it has results, and the workspace if its results are new.
+    A run whose params and metrics equal an earlier one's (`make run` twice on one commit records the
+    same cached results twice) is shown once, under the name dvc lists first."""
+    if wanted:
+        return [_find(runs, name) for name in wanted]
+    chosen = []
+    for run in runs:
+        if run["kind"] == "experiment" or (run["kind"] == "commit" and run_metrics(run)):
+            if not any(_same_results(run, other) for other in chosen):
+                chosen.append(run)
+    workspace = [r for r in runs if r["kind"] == "workspace" and run_metrics(r)
+                 and not any(_same_results(r, other) for other in chosen)]
+    return workspace + chosen
+
+
+def _find(runs: list, wanted: str) -> dict:
+    for run in runs:
+        if wanted == run["name"] or (len(wanted) >= 4 and run["rev"].startswith(wanted)):
+            return run
+    names = ", ".join(r["name"] for r in runs)
+    raise ConfigError(f"no experiment {wanted!r} in `dvc exp show` of this commit; there are: {names}")
+
+
+# ---------------------------------------------------------------- each experiment's files
+
+def load_experiment(root: Path, run: dict) -> Experiment:
+    """The run's grid and loss history, read through DVC at its rev (the workspace as it is)."""
+    from dvc.api import DVCFileSystem
+
+    params, problems = run_params(run), []
+    paths = paths_of(params)
+    fs = DVCFileSystem(str(root), rev=None if run["rev"] == "workspace" else run["rev"])
+    fetch = fetch_command(run)
+    grid = _read(fs, paths.grid, problems, fetch)
+    history = _read_history(fs, paths.train_log, problems, fetch, run["name"])
+    if not run_metrics(run):
+        problems.append(f"{paths.metrics}: no metrics")
+    return Experiment(run["name"], run["rev"], params, run_metrics(run), grid, history, tuple(problems))
+
+
+def _read_history(fs, log: str, problems: list, fetch: str, name: str) -> dict | None:
+    """The loss and lr per step from the run's training log (the lr only when the loss is there)."""
+    loss = _read(fs, f"{log}/{trainlog.tsv(trainlog.LOSS)}", problems, fetch)
+    lr = None if loss is None else _read(fs, f"{log}/{trainlog.tsv(trainlog.LR)}", problems, fetch)
+    return None if lr is None else trainlog.parse_history(loss.decode(), lr.decode(), f"{name}:{log}")
+
+
+def fetch_command(run: dict) -> str:
+    """What fetches a run's outputs from the project's DVC remote into the local cache."""
+    return f"dvc exp pull origin {run['name']}" if run["kind"] == "experiment" else "dvc pull"
+
+
+def _read(fs, path: str, problems: list, fetch: str) -> bytes | None:
+    """The file at the run's rev, or None with the reason in `problems`: the run did not make it, or
+    made it but the local DVC cache lacks it (then: the command that fetches it)."""
+    from dvc_data.index import DataIndexDirError
+
+    try:
+        return fs.read_bytes(path)
+    except DataIndexDirError:  # inside an output folder whose listing the cache lacks
+        problems.append(f"{path}: not in the local DVC cache; fetch it with `{fetch}`")
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        recorded = fs.exists(path)  # an output DVC records, whose data the cache lacks
+        problems.append(f"{path}: not in the local DVC cache; fetch it with `{fetch}`" if recorded
+                        else f"{path}: {exc.strerror or exc}")
+    return None
+
+
+def collect(root: Path, wanted: list) -> list:
+    if not (root / ".dvc").is_dir():
+        raise ConfigError(f"{root}: not the root of a DVC project (no .dvc/); run `python -m workflow compare` there")
+    runs = select(listed_runs(exp_show(root)), wanted)
+    if not runs:
+        raise ConfigError("no experiments with results in `dvc exp show`: run `make run` or `dvc exp run` first")
+    return [load_experiment(root, run) for run in runs]
+
+
+# ---------------------------------------------------------------- the page
+
+def differing_params(experiments: list) -> list:
+    """The dotted keys whose values are not the same in every experiment, in params.yaml order."""
+    flats = [dotted_keys(e.params) for e in experiments]
+    keys = list(dict.fromkeys(k for flat in flats for k in flat))
+    return [k for k in keys if len({json.dumps(flat.get(k), sort_keys=True) for flat in flats}) > 1]
+
+
+def ranked(experiments: list) -> list:
+    """Best FID first; those without a FID last, in dvc's order."""
+    return sorted(experiments, key=lambda e: e.fid)
+
+
+def _sort_value(value) -> str:
+    return repr(float(value)) if _finite(value) else ""
+
+
+def _param_cell(value) -> str:
+    return f'<td data-sort="{esc(json.dumps(value))}"><code>{fmt_scalar(value)}</code></td>'
+
+
+def _metric_cell(value, spec: str, extra: str = "") -> str:
+    """A number, sortable (an empty sort key, for a missing value, sorts last either way)."""
+    return f'<td class="num" data-sort="{esc(_sort_value(value))}">{fmt_number(value, spec)}{extra}</td>'
+
+
+def _swatch(colour: str) -> str:
+    return f'<span class="swatch" style="background:{colour}"></span>'
+
+
+def table_section(experiments: list, colours: dict, keys: list, best: Experiment | None) -> str:
+    # a long param name may wrap after its dots, so several params fit the width without scrolling;
+    # the metrics' headings sit right, over their right-aligned numbers
+    heads = [("", h) for h in ("experiment", "rev", *keys)] + [(' class="num"', t) for _, t, _ in COLUMNS]
+    head = "".join(f'<th{cls}><button type="button">{esc(h).replace(".", ".<wbr>")}</button></th>'
+                   for cls, h in heads)
+    rows = []
+    for e in experiments:
+        flat = dotted_keys(e.params)
+        cells = [f'<td data-sort="{esc(e.name)}">{_swatch(colours[e.name])}<strong>{esc(e.name)}</strong></td>',
+                 f'<td data-sort="{esc(e.rev)}"><code>{esc(e.rev[:7])}</code></td>']
+        cells += [_param_cell(flat.get(k)) for k in keys]
+        cells += [_metric_cell(e.metrics.get(key), spec, ' <span class="badge">best</span>'
+                               if key == "fid" and e is best else "") for key, _, spec in COLUMNS]
+        rows.append(f'<tr{" class=best" if e is best else ""}>{"".join(cells)}</tr>')
+    note = ("the params that differ among them" if keys else "no param differs among them")
+    caption = (f'<p class="caption">{len(experiments)} experiment(s); columns: {note}, then the metrics. '
+               "Click a column to sort by it.</p>")
+    table = f'<div class="scroll"><table class="list sortable"><thead><tr>{head}</tr></thead>' \
+            f'<tbody>{"".join(rows)}</tbody></table></div>'
+    return section("Experiments", table + caption)
+
+
+def grids_section(experiments: list, colours: dict, best: Experiment | None) -> str:
+    cards = []
+    for e in experiments:
+        image = (pixel_image(e.grid_png, THUMBNAIL_PX, f"samples of {e.name}")[0] if e.grid_png
+                 else missing("sample grid", _why_missing(e, paths_of(e.params).grid)))
+        badge = ' <span class="badge">best FID</span>' if e is best else ""
+        cards.append(f'<figure class="thumb{" best" if e is best else ""}" style="border-top-color:{colours[e.name]}">'
+                     f"<figcaption>{_swatch(colours[e.name])}<strong>{esc(e.name)}</strong>{badge}<br>"
+                     f"FID {fmt_number(e.metrics.get('fid'), '.2f')}</figcaption>{image}</figure>")
+    return section("Samples", f'<div class="thumbs">{"".join(cards)}</div>')
+
+
+def curves_section(experiments: list, colours: dict) -> str:
+    runs = [(e.name, colours[e.name], e.history) for e in experiments if e.history is not None]
+    lacking = [e.name for e in experiments if e.history is None]
+    if not runs:
+        return section("Training curves", missing("loss histories", "no experiment's training log could be read"))
+    png = curves.overlay_plot_png(runs)
+    width, height = png_size(png)
+    img = (f'<img src="{data_uri(png)}" width="{width}" height="{height}" '
+           'alt="training loss and learning rate of each experiment">')
+    note = f" No history for: {esc(', '.join(lacking))}." if lacking else ""
+    caption = ("Loss on a log scale (each experiment's moving average; faint: per step) and the learning rate "
+               f"below, one colour per experiment.{note}")
+    return section("Training curves", f"<figure>{img}<figcaption>{caption}</figcaption></figure>")
+
+
+def _why_missing(e: Experiment, path: str) -> str:
+    """Why `path` could not be read, as recorded when the experiment was loaded."""
+    return next((p.partition(": ")[2] for p in e.problems if p.startswith(f"{path}: ")),
+                "not in this experiment's outputs or the local DVC cache")
+
+
+def problems_section(experiments: list) -> str:
+    items = "".join(f"<li><strong>{esc(e.name)}</strong>: {esc(p)}</li>" for e in experiments for p in e.problems)
+    if not items:
+        return ""
+    note = ""
+    if any("not in the local DVC cache" in p for e in experiments for p in e.problems):
+        note = ('<p class="caption">Outputs not in the local DVC cache are fetched from the project\'s DVC remote '
+                "(<code>dvc remote list</code>), where <code>dvc push</code> and <code>dvc exp push origin "
+                "&lt;name&gt;</code> put them: <code>dvc pull</code> for the workspace and the current commit, "
+                "<code>dvc exp pull origin &lt;name&gt;</code> for an experiment.</p>")
+    return section("Not available", f"<ul>{items}</ul>{note}")
+
+
+CSS = """
+.scroll { overflow-x: auto; }
+table.sortable th { padding: 0; border-bottom: 2px solid #d5d9e1; vertical-align: bottom; }
+table.sortable th.num, table.sortable th.num button { text-align: right; }
+table.sortable th button { font: inherit; font-weight: 600; color: #3b4252; background: none; border: 0;
+                           padding: 6px 14px 6px 0; cursor: pointer; text-align: left; }
+table.sortable th[aria-sort="ascending"] button::after { content: " \\25B2"; font-size: 0.75em; }
+table.sortable th[aria-sort="descending"] button::after { content: " \\25BC"; font-size: 0.75em; }
+table.sortable td { padding: 6px 14px 6px 0; white-space: nowrap; }
+tr.best td { background: #eefaf0; }
+.badge { display: inline-block; background: #1f7a3a; color: #fff; border-radius: 10px; padding: 0 8px;
+         font-size: 0.78em; font-weight: 600; vertical-align: 1px; }
+.swatch { display: inline-block; width: 11px; height: 11px; border-radius: 3px; margin-right: 7px; }
+.thumbs { display: flex; flex-wrap: wrap; gap: 14px; }
+.thumb { flex: 0 1 auto; max-width: 240px; border: 1px solid #e1e4ea; border-top: 4px solid; border-radius: 8px;
+         padding: 8px 10px 10px; background: #fafbfc; }
+.thumb.best { box-shadow: 0 0 0 2px #1f7a3a; }
+.thumb figcaption { margin: 0 0 6px; color: #1d2330; font-size: 0.92em; }
+.caption { color: #5a6272; font-size: 0.88em; margin: 6px 0 0; }
+"""
+
+# Sorting without any library: a click on a column header sorts the rows by that column's data-sort
+# values (numbers as numbers), ascending then descending; empty values stay last.
+SCRIPT = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  var body = table.tBodies[0];
+  table.querySelectorAll("thead th").forEach(function (th, column) {
+    th.querySelector("button").addEventListener("click", function () {
+      var ascending = th.getAttribute("aria-sort") !== "ascending";
+      table.querySelectorAll("thead th").forEach(function (other) { other.removeAttribute("aria-sort"); });
+      th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+      var rows = Array.prototype.slice.call(body.rows);
+      rows.sort(function (a, b) { return order(a.cells[column], b.cells[column], ascending); });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+});
+function order(a, b, ascending) {
+  var x = a.getAttribute("data-sort"), y = b.getAttribute("data-sort");
+  if (x === "" || y === "") { return (x === "") - (y === ""); }
+  var nx = Number(x), ny = Number(y);
+  var sign = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+  return ascending ? sign : -sign;
+}
+"""
+
+
+def render_comparison(experiments: list) -> str:
+    """The whole page: a pure function of the loaded experiments."""
+    shown = ranked(experiments)
+    colours = {e.name: PALETTE[i % len(PALETTE)] for i, e in enumerate(shown)}
+    best = shown[0] if shown and math.isfinite(shown[0].fid) else None
+    keys = differing_params(shown)
+    subtitle = (f"{len(shown)} experiment(s) from `dvc exp show`; best FID "
+                + (f"{best.fid:.2f}: {best.name}" if best else "n/a (no experiment has a FID)"))
+    body = (table_section(shown, colours, keys, best) + grids_section(shown, colours, best)
+            + curves_section(shown, colours) + problems_section(shown)
+            + "<footer>Written by <code>python -m workflow compare</code> from <code>dvc exp show --json</code> "
+              "and each experiment's outputs in the DVC cache.</footer>\n")
+    return page("Experiment comparison", subtitle, body, CSS, SCRIPT)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Compare DVC experiments on one self-contained page.")
+    parser.add_argument("experiments", nargs="*", help="names, revs or `workspace` (default: all of this commit)")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"the page (default: {DEFAULT_OUTPUT})")
+    args = parser.parse_args(argv)
+    experiments = collect(Path.cwd(), args.experiments)
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(render_comparison(experiments), encoding="utf-8")
+    print(f"compare: {len(experiments)} experiment(s) -> {args.output}")
+
+
+if __name__ == "__main__":
+    main()
