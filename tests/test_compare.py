@@ -1,4 +1,4 @@
-"""The experiment comparison's own logic: which runs it shows, which params differ, the best FID,
+"""The experiment comparison's own logic: which rows it shows, which params differ, the best FID,
 and the page (opened in Chromium, sorted by a click). The real `dvc exp show` and DVC cache are
 exercised end to end in tests/test_e2e.py."""
 import io
@@ -38,32 +38,32 @@ SHOWN = [
 ]
 
 
-def test_listed_runs_follow_dvcs_order():
-    runs = compare.listed_runs(SHOWN)
-    assert [(r["name"], r["kind"]) for r in runs] == [
+def test_exp_show_rows_follow_dvcs_order():
+    rows = compare.exp_show_rows(SHOWN)
+    assert [(r["name"], r["kind"]) for r in rows] == [
         ("workspace", "workspace"), ("main", "commit"), ("steps-8", "experiment"), ("lr-1e-3", "experiment")]
-    assert compare.run_metrics(runs[3]) == {"fid": 70.5, "kid": 0.1}
+    assert compare.row_metrics(rows[3]) == {"fid": 70.5, "kid": 0.1}
 
 
 def test_default_selection_skips_a_commit_without_results_and_a_workspace_seen_already():
-    names = [r["name"] for r in compare.select(compare.listed_runs(SHOWN), [])]
+    names = [r["name"] for r in compare.select(compare.exp_show_rows(SHOWN), [])]
     assert names == ["steps-8", "lr-1e-3"]
     shown = [dict(SHOWN[0], data=_data(_params(steps=4), {"fid": 120.0})), SHOWN[1]]
-    assert [r["name"] for r in compare.select(compare.listed_runs(shown), [])][0] == "workspace"
+    assert [r["name"] for r in compare.select(compare.exp_show_rows(shown), [])][0] == "workspace"
 
 
 def test_default_selection_shows_a_repeated_run_once():
     again = _rev("rerun", "d" * 40, _params(steps=8), {"fid": 90.0})  # `make run` twice: same params, same results
     shown = [SHOWN[0], dict(SHOWN[1], experiments=[*SHOWN[1]["experiments"], {"revs": [again]}])]
-    assert [r["name"] for r in compare.select(compare.listed_runs(shown), [])] == ["steps-8", "lr-1e-3"]
-    assert [r["name"] for r in compare.select(compare.listed_runs(shown), ["rerun"])] == ["rerun"]
+    assert [r["name"] for r in compare.select(compare.exp_show_rows(shown), [])] == ["steps-8", "lr-1e-3"]
+    assert [r["name"] for r in compare.select(compare.exp_show_rows(shown), ["rerun"])] == ["rerun"]
 
 
 def test_named_selection_by_name_or_rev_prefix():
-    runs = compare.listed_runs(SHOWN)
-    assert [r["name"] for r in compare.select(runs, ["cccc", "steps-8"])] == ["lr-1e-3", "steps-8"]
+    rows = compare.exp_show_rows(SHOWN)
+    assert [r["name"] for r in compare.select(rows, ["cccc", "steps-8"])] == ["lr-1e-3", "steps-8"]
     with pytest.raises(ConfigError, match=r"no experiment 'nope'.*there are: workspace, main, steps-8, lr-1e-3"):
-        compare.select(runs, ["nope"])
+        compare.select(rows, ["nope"])
 
 
 def _grid(seed: int, size: int = 22) -> bytes:
@@ -179,7 +179,7 @@ def test_a_clone_with_an_empty_cache_compares_and_says_what_to_fetch(tmp_path, m
     (origin / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"run": STAGE}}))
     git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
     for cmd in ([*git, "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"],
-                [*git, "add", "-A"], [*git, "commit", "-qm", "a run, its dvc.lock and metrics"],
+                [*git, "add", "-A"], [*git, "commit", "-qm", "a row, its dvc.lock and metrics"],
                 ["dvc", "exp", "run", "-q", "-n", "seed-1", "-S", "seed=1"]):
         _run(origin, *cmd)
     _run(tmp_path, "git", "clone", "-q", str(origin), str(clone))

@@ -336,7 +336,7 @@ def test_dvc_plots_diff_draws_each_experiments_training_log(exp_runs):
         for title, every in (("Training loss", 1), ("Learning rate", 1), ("Training throughput", 4)):
             rows = [row for row in values[title] if row["rev"] == rev]
             assert [int(row["step"]) for row in rows] == list(range(every, steps + 1, every)), (rev, title)
-    runs = compare.select(compare.listed_runs(compare.exp_show(repo)), ["baseline"])
+    runs = compare.select(compare.exp_show_rows(compare.exp_show(repo)), ["baseline"])
     drawn = compare.load_experiment(repo, runs[0]).history
     assert drawn["loss"].tolist() == [float(row["loss"]) for row in values["Training loss"] if row["rev"] == "baseline"]
 

@@ -12,7 +12,7 @@ from PIL import Image
 from workflow.maths import fid
 from workflow.models import inception
 from workflow.core.config import Fid
-from workflow.stages.evaluate import load_samples
+from workflow.formats.sample_set import load_samples
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,7 @@ def test_the_folder_is_the_trained_pipeline_with_the_evaluated_sampler(run):
     import torch
     from diffusers import DiffusionPipeline
 
-    from workflow.models.sampling import load_unet
+    from workflow.formats.pipeline import load_unet
 
     root, params = run
     published, trained = root / params.paths.pipeline, root / params.paths.trained

@@ -8,7 +8,7 @@ from PIL import Image
 
 from workflow.core.config import load_params
 from workflow.stages import download, preprocess
-from workflow.sources.fetch import list_image_files
+from workflow.formats.raw_dataset import list_image_files
 from workflow.core.artifacts import sha256_file
 from workflow.core.config import ConfigError
 

@@ -20,7 +20,8 @@ from workflow.pages import curves
 from workflow.stages import report
 from workflow.formats import trainlog
 from workflow.core.config import ConfigError, Params
-from workflow.pages.htmlpage import PNG_SIGNATURE, esc
+from workflow.formats.png import PNG_SIGNATURE
+from workflow.pages.htmlpage import esc
 
 FID = 37.4219
 EVIL_NAME = "<script>alert(1)</script>.png"

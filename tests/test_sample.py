@@ -11,8 +11,10 @@ from tests.conftest import write_images
 from workflow.core.config import ConfigError, Sample
 from workflow.models.builders import build_sampler
 from workflow.stages.sample import run as sample
-from workflow.stages.sample import write_sample_set
-from workflow.models.sampling import image_generators, load_unet, make_grid, sample_batches
+from workflow.formats.sample_set import write_sample_set
+from workflow.formats.pipeline import load_unet
+from workflow.formats.png import make_grid
+from workflow.models.sampling import image_generators, sample_batches
 from workflow.stages.train import run as train
 
 SAMPLERS = [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmsolver++", 0.0)]

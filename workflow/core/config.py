@@ -64,17 +64,19 @@ SOURCE = _rule(lambda v: re.fullmatch(r"(builtin|imagefolder|hf):.+", v) is not 
                "must be builtin:<name>, imagefolder:<path> or hf:<owner>/<name>")
 
 
-def _f(default, rule=None):
+def checked(default, rule=None):
+    """A params field with its default and the rule its value must meet (checked when loaded)."""
     return field(default=default, metadata=rule or {})
 
 
-def _tuple(default, rule=None):
+def checked_tuple(default, rule=None):
+    """A list-valued params field (a tuple, so Params stays hashable and frozen)."""
     return field(default=tuple(default), metadata=rule or {})
 
 
 def _path(default):
     """A path in params.yaml: any non-empty string."""
-    return _f(default, NON_EMPTY)
+    return checked(default, NON_EMPTY)
 
 
 @dataclass(frozen=True)
@@ -97,17 +99,17 @@ class Paths:
 
 @dataclass(frozen=True)
 class Data:
-    source: str = _f("builtin:mnist", SOURCE)
+    source: str = checked("builtin:mnist", SOURCE)
     folder: str = _path("data/images")  # the imagefolder: path; dvc and Snakemake track its content
     revision: Optional[str] = None
-    config: Optional[str] = _f(None, NON_EMPTY)  # hf only: a config the dataset card declares; None = its default
+    config: Optional[str] = checked(None, NON_EMPTY)  # hf only: a config the dataset card declares; None = its default
     split: str = "train"
     image_column: str = "image"
-    resolution: int = _f(16, positive(1024))
+    resolution: int = checked(16, positive(1024))
     channels: Literal[1, 3] = 1
     center_crop: bool = True
-    max_images: Optional[int] = _f(None, positive(IMAGES))
-    min_images: int = _f(16, positive(IMAGES))  # preprocess fails if fewer images decode
+    max_images: Optional[int] = checked(None, positive(IMAGES))
+    min_images: int = checked(16, positive(IMAGES))  # preprocess fails if fewer images decode
 
     @property
     def kind(self) -> str:
@@ -120,77 +122,77 @@ class Data:
 
 @dataclass(frozen=True)
 class Model:
-    block_out_channels: tuple[int, ...] = _tuple((32, 64, 64), positive_list(4096, 8))  # 8 levels at most
-    layers_per_block: int = _f(1, positive(16))
-    attention_levels: tuple[int, ...] = _tuple((2,))
-    norm_num_groups: int = _f(16, positive(1024))
+    block_out_channels: tuple[int, ...] = checked_tuple((32, 64, 64), positive_list(4096, 8))  # 8 levels at most
+    layers_per_block: int = checked(1, positive(16))
+    attention_levels: tuple[int, ...] = checked_tuple((2,))
+    norm_num_groups: int = checked(16, positive(1024))
     # the UNet is counted on the meta device before it is built (workflow.models.builders.check_size)
-    max_parameters: int = _f(2_000_000_000, positive(10**12))
+    max_parameters: int = checked(2_000_000_000, positive(10**12))
 
 
 @dataclass(frozen=True)
 class Scheduler:
-    num_train_timesteps: int = _f(1000, positive(100_000))
+    num_train_timesteps: int = checked(1000, positive(100_000))
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
 
 
 @dataclass(frozen=True)
 class Train:
-    batch_size: int = _f(128, positive(65_536))  # images per optimiser step, over all processes and micro-batches
-    gradient_accumulation_steps: int = _f(1, positive(1024))  # micro-batches per step: a memory knob only
+    batch_size: int = checked(128, positive(65_536))  # images per optimiser step, over all processes and micro-batches
+    gradient_accumulation_steps: int = checked(1, positive(1024))  # micro-batches per step: a memory knob only
     # one micro-batch's activations, estimated before anything is built (workflow.models.builders.check_size)
-    max_activation_gib: float = _f(256.0, positive(2**20))
-    max_steps: Optional[int] = _f(1200, positive(STEPS))
-    epochs: Optional[float] = _f(None, positive(100_000))  # alternative to max_steps
-    learning_rate: float = _f(2e-3, positive(1))
+    max_activation_gib: float = checked(256.0, positive(2**20))
+    max_steps: Optional[int] = checked(1200, positive(STEPS))
+    epochs: Optional[float] = checked(None, positive(100_000))  # alternative to max_steps
+    learning_rate: float = checked(2e-3, positive(1))
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = _f(50, non_negative(STEPS))
-    adam_beta1: float = _f(0.9, UNIT_OPEN)
-    adam_beta2: float = _f(0.999, UNIT_OPEN)
-    adam_weight_decay: float = _f(0.0, non_negative(1))
-    adam_epsilon: float = _f(1e-8, positive(1))
-    max_grad_norm: float = _f(1.0, positive(1e6))
+    warmup_steps: int = checked(50, non_negative(STEPS))
+    adam_beta1: float = checked(0.9, UNIT_OPEN)
+    adam_beta2: float = checked(0.999, UNIT_OPEN)
+    adam_weight_decay: float = checked(0.0, non_negative(1))
+    adam_epsilon: float = checked(1e-8, positive(1))
+    max_grad_norm: float = checked(1.0, positive(1e6))
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 where the GPU has it
     allow_tf32: bool = True
     compile: bool = False  # torch.compile; falls back to eager with a warning if compilation fails
-    min_snr_gamma: Optional[float] = _f(None, positive(1000))  # Min-SNR-gamma loss weighting
-    noise_offset: float = _f(0.0, non_negative(1))
+    min_snr_gamma: Optional[float] = checked(None, positive(1000))  # Min-SNR-gamma loss weighting
+    noise_offset: float = checked(0.0, non_negative(1))
     random_flip: bool = False
     ema: bool = True
-    ema_inv_gamma: float = _f(1.0, positive(1e6))
-    ema_power: float = _f(0.75, positive(10))
-    ema_max_decay: float = _f(0.9999, UNIT_CLOSED)
-    log_every: int = _f(25, positive(STEPS))
-    checkpoint_every: int = _f(300, positive(STEPS))
-    checkpoints_total_limit: int = _f(2, positive(100))
+    ema_inv_gamma: float = checked(1.0, positive(1e6))
+    ema_power: float = checked(0.75, positive(10))
+    ema_max_decay: float = checked(0.9999, UNIT_CLOSED)
+    log_every: int = checked(25, positive(STEPS))
+    checkpoint_every: int = checked(300, positive(STEPS))
+    checkpoints_total_limit: int = checked(2, positive(100))
     progress_grids: bool = True  # a small grid from the EMA weights at every checkpoint
 
 
 @dataclass(frozen=True)
 class Sample:
     sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
-    num_inference_steps: int = _f(50, positive(10_000))
-    eta: float = _f(0.0, UNIT_CLOSED)  # DDIM only: 0 = deterministic DDIM, 1 = DDPM-like noise
-    grid_size: int = _f(8, positive(16))
-    batch_size: int = _f(250, positive(4096))
+    num_inference_steps: int = checked(50, positive(10_000))
+    eta: float = checked(0.0, UNIT_CLOSED)  # DDIM only: 0 = deterministic DDIM, 1 = DDPM-like noise
+    grid_size: int = checked(8, positive(16))
+    batch_size: int = checked(250, positive(4096))
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     compile: bool = False  # torch.compile the UNet; falls back to eager with a warning if it fails
 
 
 @dataclass(frozen=True)
 class Fid:
-    num_samples: int = _f(250, positive(100_000))  # the size of the sample set FID scores (made by the sample stage)
-    num_reference: Optional[int] = _f(250, positive(1_000_000))
+    num_samples: int = checked(250, positive(100_000))  # the size of the sample set FID scores (made by the sample stage)
+    num_reference: Optional[int] = checked(250, positive(1_000_000))
     weights: Optional[str] = None
-    weights_sha256: Optional[str] = _f(None, SHA256)
-    batch_size: int = _f(50, positive(4096))
-    steps_sweep: tuple[int, ...] = _tuple((), positive_items(10_000, 32))  # FID against sample.num_inference_steps
+    weights_sha256: Optional[str] = checked(None, SHA256)
+    batch_size: int = checked(50, positive(4096))
+    steps_sweep: tuple[int, ...] = checked_tuple((), positive_items(10_000, 32))  # FID against sample.num_inference_steps
 
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = _f(0, non_negative(2**32 - 1))
+    seed: int = checked(0, non_negative(2**32 - 1))
     paths: Paths = field(default_factory=Paths)
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)

@@ -15,6 +15,8 @@ them: the tests do (tests/test_gpu_paths_on_cpu.py), so a dtype or layout mistak
 """
 from __future__ import annotations
 
+import os
+
 import dataclasses
 import warnings
 from typing import Callable, TypeVar
@@ -109,3 +111,9 @@ def with_eager_fallback(compiled_call: Callable[[], T], eager_call: Callable[[],
     except Exception as exc:
         warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); {what} eagerly")
         return eager_call(), False
+
+
+def feature_workers(device: torch.device) -> int:
+    """Workers resizing images for Inception features: none on CPU (the network already uses every core),
+    several beside a GPU."""
+    return 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) - 1))

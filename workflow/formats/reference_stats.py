@@ -1,4 +1,5 @@
-"""The reference statistics file (paths.fid_ref) from the consumer's side: load it, check it, score against it.
+"""The reference statistics file (`paths.fid_ref`, .npz): mu, sigma (float64), features (float32, for
+KID), num_images, and weights_sha256 (the Inception file that made them).
 
     from workflow.formats.reference_stats import load_reference, check_weights, score
     reference = load_reference("data/processed/fid_ref.npz")
@@ -14,10 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow.maths import fid
+from workflow.core.artifacts import atomic_path
 from workflow.core.config import ConfigError
 
 REFERENCE_KEYS = ("mu", "sigma", "features", "num_images", "weights_sha256")
+
+
+def save_reference(path: str | Path, stats: dict) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{k: stats[k] for k in REFERENCE_KEYS})  # a file object: np.savez adds no .npz suffix
 
 
 def load_reference(path: str | Path) -> dict:
@@ -37,11 +43,3 @@ def check_weights(reference: dict, info: dict, ref_path: str) -> None:
     if ref_sha != info["sha256"]:
         raise ConfigError(f"{ref_path} was computed with Inception weights sha256 {ref_sha}, but the current "
                           f"weights ({info['path']}) have sha256 {info['sha256']}; re-run the fid_reference stage")
-
-
-def score(sample_feats: np.ndarray, reference: dict, seed: int) -> dict:
-    """FID against the reference statistics and KID against its features."""
-    mu, sigma = fid.statistics(sample_feats)
-    return {"fid": fid.frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
-            "kid": fid.kernel_inception_distance(sample_feats, reference["features"], seed),
-            "fid_num_samples": len(sample_feats), "fid_num_reference": int(reference["num_images"])}

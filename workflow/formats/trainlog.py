@@ -6,10 +6,14 @@ through dvclive in its own layout, so DVC shows them natively (`dvc plots show`,
     <log>/plots/metrics/train/lr.tsv                 step, lr              every optimiser step
     <log>/plots/metrics/train/images_per_second.tsv  step, images_per_second   every log interval
     <log>/metrics.json                               the latest value of each, and the last step
+    <log>/summary.json                               the run's figures, device and software (train)
+    <log>/grids/step-0000250.png                     a progress grid at each checkpoint (optional)
 
     live = trainlog.start(folder, history, throughput)   # train, main process: afresh, replaying a resumed run
     trainlog.log(live, [[step, loss, lr], ...], [[step, images_per_second]])
     history = trainlog.parse_history(loss_tsv_text, lr_tsv_text, "reports/train")   # report, compare
+    trainlog.write_summary(folder, info); trainlog.read_summary("reports/train", keys)   # train; evaluate, package
+    trainlog.progress_grid(folder, step); trainlog.progress_grids("reports/train")     # train; report
 
 The history of a run lives in its checkpoints (progress.json); dvclive's files are re-written from it
 whenever training starts, so a resumed run's log holds exactly the uninterrupted run's steps (dvclive's
@@ -23,14 +27,39 @@ import csv
 import functools
 import io
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 
-from workflow.core.artifacts import remove
+from workflow.core.artifacts import remove, write_json
 from workflow.core.config import ConfigError
+from workflow.formats.records import read_record
 
 LOSS, LR, THROUGHPUT = "train/loss", "train/lr", "train/images_per_second"  # dvclive metric names
+SUMMARY_FILE = "summary.json"
+GRIDS_DIR = "grids"
+_GRID_NAME = re.compile(r"step-(\d{7})\.png")
+
+
+def write_summary(folder: str | Path, info: dict) -> None:
+    write_json(Path(folder) / SUMMARY_FILE, info)
+
+
+def read_summary(log: str | Path, keys=()) -> dict:
+    return read_record(Path(log) / SUMMARY_FILE, "train", keys)
+
+
+def progress_grid(grids: str | Path, step: int) -> Path:
+    """Where the progress grid of optimiser step `step` goes in a grids folder."""
+    return Path(grids) / f"step-{step:07d}.png"
+
+
+def progress_grids(log: str | Path) -> list[tuple[int, Path]]:
+    """(step, file) of the progress grids in a training log folder, oldest first."""
+    folder = Path(log) / GRIDS_DIR
+    found = folder.iterdir() if folder.is_dir() else ()
+    return sorted((int(m.group(1)), p) for p in found if (m := _GRID_NAME.fullmatch(p.name)))
 
 
 def tsv(metric: str) -> str:

@@ -15,8 +15,6 @@ clean-fid's formula by a faster, equal route (frechet_distance).
 from __future__ import annotations
 
 import functools
-import os
-
 import numpy as np
 import torch
 from cleanfid import fid as cleanfid_fid
@@ -66,11 +64,6 @@ def features(images: np.ndarray, extractor: torch.nn.Module, batch_size: int,
     return np.concatenate(out)
 
 
-def default_num_workers(device: torch.device) -> int:
-    """Resize workers: none on CPU (the network already uses every core), several beside a GPU."""
-    return 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 1) - 1))
-
-
 def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (float64) of (N, D) features, N >= 2."""
     if feats.ndim != 2 or len(feats) < 2:
@@ -115,3 +108,11 @@ def kernel_inception_distance(feats1: np.ndarray, feats2: np.ndarray, seed: int,
                                                   num_subsets=num_subsets, max_subset_size=max_subset_size))
     finally:
         np.random.set_state(state)
+
+
+def score(sample_feats: np.ndarray, reference: dict, seed: int) -> dict:
+    """FID against the reference statistics and KID against its features."""
+    mu, sigma = statistics(sample_feats)
+    return {"fid": frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
+            "kid": kernel_inception_distance(sample_feats, reference["features"], seed),
+            "fid_num_samples": len(sample_feats), "fid_num_reference": int(reference["num_images"])}

@@ -1,6 +1,7 @@
 """Sampling from a trained UNet: the one loop the sample, fid_steps and train stages share.
 
-    from workflow.models.sampling import load_unet, sample_batches
+    from workflow.formats.pipeline import load_unet
+    from workflow.models.sampling import sample_batches
     unet, scheduler_config = load_unet("models/trained", device)
     for first, images in sample_batches(unet, scheduler_config, params.sample, seed=0, count=250, device=device):
         ...   # images: uint8 (B, H, W, C), samples first .. first + B - 1
@@ -19,44 +20,15 @@ and falls back to eager mode with a warning if compiling fails.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
-from workflow.core.artifacts import atomic_path, manifest_damage
-from workflow.core.config import ConfigError, Sample
+from workflow.core.config import Sample
 from workflow.maths.diffusion import stream_seed
 from workflow.models.builders import build_sampler
 from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
-
-GRID_PADDING = 2
-
-
-def check_pipeline(path: str | Path) -> None:
-    """Refuse a missing pipeline, or one whose files no longer match the manifest train wrote (naming the file)."""
-    if not (Path(path) / "model_index.json").is_file():
-        raise ConfigError(f"{path} holds no trained pipeline: run the train stage first")
-    problem = manifest_damage(path)
-    if problem is not None:
-        raise ConfigError(f"{path} is damaged ({problem}): re-run the train stage (`dvc repro --force train`)")
-
-
-def load_unet(path: str | Path, device: torch.device):
-    """(UNet with the saved EMA weights, the training noise schedule's config) from a saved DDPMPipeline,
-    checked first (check_pipeline)."""
-    from diffusers import DDPMPipeline
-
-    check_pipeline(path)
-    try:
-        pipeline = DDPMPipeline.from_pretrained(str(path), use_safetensors=True)  # never unpickles weights
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not a loadable pipeline with safetensors weights ({type(exc).__name__}: "
-                          f"{str(exc)[:300]}); re-run the train stage") from None
-    return pipeline.unet.to(device), pipeline.scheduler.config
-
 
 class Denoiser:
     """The UNet as the sampling loop calls it: inference mode, autocast, memory layout, optional compile."""
@@ -129,23 +101,3 @@ def sample_batches(unet: torch.nn.Module, scheduler_config, settings: Sample, se
                 images = to_uint8(denoise(denoiser, scheduler_config, settings, image_generators(seed, indices)))
             bar.update(len(indices))
             yield first, images
-
-
-def make_grid(images: np.ndarray, size: int, padding: int = GRID_PADDING) -> np.ndarray:
-    """The first size x size images (N x H x W x C) tiled row by row on a white background."""
-    _, h, w, c = images.shape
-    grid = np.full((size * (h + padding) + padding, size * (w + padding) + padding, c), 255, np.uint8)
-    for i, image in enumerate(images[: size * size]):
-        row, col = divmod(i, size)
-        top, left = padding + row * (h + padding), padding + col * (w + padding)
-        grid[top:top + h, left:left + w] = image
-    return grid
-
-
-def to_pil(image: np.ndarray) -> Image.Image:
-    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-
-
-def write_grid(images: np.ndarray, size: int, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        to_pil(make_grid(images, size)).save(tmp, format="PNG")

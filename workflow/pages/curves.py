@@ -15,7 +15,7 @@ import io
 
 import numpy as np
 
-COLUMNS = ("step", "loss", "lr")
+HISTORY_COLUMNS = ("step", "loss", "lr")
 SMOOTHING_POINTS = 20  # the moving average spans 1/20 of the logged steps
 
 

@@ -13,8 +13,11 @@ import base64
 import html
 import math
 import struct
+from dataclasses import dataclass
+from pathlib import Path
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from workflow.core.artifacts import atomic_path
+from workflow.formats.png import PNG_SIGNATURE
 
 
 def esc(value) -> str:
@@ -105,9 +108,16 @@ def pixel_image(png: bytes, target_px: int, alt: str, css_class: str = "") -> tu
     return tag, scale
 
 
-def missing(what: str, why: str) -> str:
-    """The placeholder for an artifact a run does not have (yet)."""
-    return f'<div class="missing"><strong>missing:</strong> {esc(what)} <span>({esc(why)})</span></div>'
+@dataclass(frozen=True)
+class Missing:
+    """An input a page does not have (a partial run, an older one, an output not fetched): what it is
+    (a path or a name) and why it is missing; it shows as a placeholder saying so."""
+
+    what: str
+    why: str
+
+    def html(self) -> str:
+        return f'<div class="missing"><strong>missing:</strong> {esc(self.what)} <span>({esc(self.why)})</span></div>'
 
 
 def section(title: str, body: str, css_class: str = "") -> str:
@@ -139,6 +149,12 @@ details { margin-top: 10px; } summary { cursor: pointer; color: #3451a3; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
 footer { color: #5a6272; font-size: 0.85em; padding: 4px 0 16px; }
 """
+
+
+def write_page(path: str | Path, html: str) -> None:
+    """The page, published whole: a reader never sees half of it."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(html, encoding="utf-8")
 
 
 def page(title: str, subtitle: str, body: str, css: str = "", script: str = "") -> str:

@@ -31,11 +31,7 @@ from PIL import Image
 
 from workflow.core.artifacts import atomic_dir, sha256_file, write_json
 from workflow.core.config import ConfigError, Data, Params
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tiff", ".tif")
-SOURCE_FILE = "SOURCE.json"
-IMAGES_DIR = "images"
-
+from workflow.formats.raw_dataset import IMAGE_EXTENSIONS, IMAGES_DIR, SOURCE_FILE, list_image_files
 
 def fetch(params: Params) -> dict:
     """Fetch `params.data.source` into `params.paths.raw`; return the SOURCE record."""
@@ -50,13 +46,6 @@ def fetch(params: Params) -> dict:
         record = fetchers[data.kind](data, images)
         write_json(work / SOURCE_FILE, record)
     return record
-
-
-def list_image_files(root: str | Path) -> list[Path]:
-    """Image files under `root` (recursive, extension case-insensitive), sorted by relative path."""
-    root = Path(root)
-    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 def file_entry(path: Path, root: Path) -> dict:

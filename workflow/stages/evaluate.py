@@ -12,17 +12,16 @@ with other weights is refused.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
 from workflow.maths import fid
-from workflow.core.artifacts import read_json, write_json
-from workflow.core.config import ConfigError, Params
+from workflow.core.artifacts import write_json
+from workflow.core.config import Params
 from workflow.models.inception import load_extractor
-from workflow.formats.reference_stats import check_weights, load_reference, score
-from workflow.core.runtime import default_device
+from workflow.formats import trainlog
+from workflow.formats.reference_stats import check_weights, load_reference
+from workflow.formats.sample_set import load_samples, read_sample_record
+from workflow.core.runtime import default_device, feature_workers
 
 TRAIN_KEYS = {"loss_final": "train_loss_final", "images_per_second": "train_images_per_second",
               "seconds": "train_seconds", "steps": "train_steps", "num_parameters": "num_parameters"}
@@ -30,29 +29,6 @@ SAMPLE_KEYS = {"seconds": "sample_seconds", "images_per_second": "sample_images_
 METRIC_KEYS = ("fid", "kid", "fid_num_samples", "fid_num_reference", "fid_weights_sha256",
                "fid_weights_origin", *TRAIN_KEYS.values(), *SAMPLE_KEYS.values(), "evaluate_seconds")
 INTEGER_METRICS = {"fid_num_samples", "fid_num_reference", "train_steps", "num_parameters"}
-
-
-def load_samples(folder: str | Path) -> np.ndarray:
-    """uint8 (N, 3, H, W) from the *.png files in `folder`, sorted by name (L is replicated to RGB)."""
-    files = sorted(Path(folder).glob("*.png"))
-    if not files:
-        raise ConfigError(f"{folder} (`paths.samples`): no *.png samples; the sample stage makes them")
-    arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    sizes = {a.shape for a in arrays}
-    if len(sizes) > 1:
-        raise ConfigError(f"{folder}: samples differ in size {sorted(sizes)}; re-run the sample stage")
-    return np.stack(arrays).transpose(0, 3, 1, 2)
-
-
-def read_summary(path: Path, keys, stage: str) -> dict:
-    """The `keys` of a JSON summary another stage wrote; a missing file or key names that stage."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file; the {stage} stage makes it")
-    data = read_json(path)
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise ConfigError(f"{path}: missing keys {missing}; re-run the {stage} stage")
-    return {k: data[k] for k in keys}
 
 
 def flat_metrics(scores: dict, info: dict, train: dict, sample: dict, seconds: float) -> dict:
@@ -73,14 +49,14 @@ def run(params: Params) -> dict:
     started = time.perf_counter()
     paths = params.paths
     reference = load_reference(paths.fid_ref)
-    train = read_summary(Path(paths.train_log) / "summary.json", TRAIN_KEYS, "train")
-    sample = read_summary(Path(paths.samples) / "samples.json", SAMPLE_KEYS, "sample")
+    train = trainlog.read_summary(paths.train_log, TRAIN_KEYS)
+    sample = read_sample_record(paths.samples, SAMPLE_KEYS)
     images = load_samples(paths.samples)
     extractor, info = load_extractor(params.fid)
     check_weights(reference, info, paths.fid_ref)
     device = default_device()
-    feats = fid.features(images, extractor, params.fid.batch_size, device, fid.default_num_workers(device))
-    scores = score(feats, reference, params.seed)
+    feats = fid.features(images, extractor, params.fid.batch_size, device, feature_workers(device))
+    scores = fid.score(feats, reference, params.seed)
     metrics = flat_metrics(scores, info, train, sample, time.perf_counter() - started)
     write_json(paths.metrics, metrics)
     return metrics

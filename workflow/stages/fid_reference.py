@@ -9,16 +9,15 @@ evaluate refuses a reference computed with other weights).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from workflow.maths import fid
-from workflow.core.artifacts import atomic_path
 from workflow.core.config import ConfigError, Params
+from workflow.formats.reference_stats import save_reference
+from workflow.formats.training_images import load_images
 from workflow.models.inception import load_extractor
-from workflow.core.runtime import default_device
+from workflow.core.runtime import default_device, feature_workers
 
 
 def choose_reference(num_images: int, num_reference: int | None, seed: int) -> np.ndarray:
@@ -34,17 +33,10 @@ def choose_reference(num_images: int, num_reference: int | None, seed: int) -> n
 def reference_statistics(images: np.ndarray, extractor: torch.nn.Module, batch_size: int,
                          device: torch.device) -> dict:
     """The arrays of fid_ref.npz (without weights_sha256) for uint8 (N, C, H, W) images."""
-    feats = fid.features(images, extractor, batch_size, device, fid.default_num_workers(device))
+    feats = fid.features(images, extractor, batch_size, device, feature_workers(device))
     mu, sigma = fid.statistics(feats)
     return {"mu": mu, "sigma": sigma, "features": feats.astype(np.float32),
             "num_images": np.int64(len(feats))}
-
-
-def load_images(path: str | Path) -> np.ndarray:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} (`paths.images`): no such file; the preprocess stage makes it")
-    return np.load(path, mmap_mode="r")
 
 
 def run(params: Params) -> dict:
@@ -56,8 +48,7 @@ def run(params: Params) -> dict:
     device = default_device()
     stats = reference_statistics(np.asarray(images[index]), extractor, params.fid.batch_size, device)
     stats["weights_sha256"] = np.array(info["sha256"])
-    with atomic_path(params.paths.fid_ref) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **stats)  # a file object: np.savez adds no .npz suffix of its own
+    save_reference(params.paths.fid_ref, stats)
     return stats
 
 

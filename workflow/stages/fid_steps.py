@@ -25,9 +25,10 @@ from workflow.maths import fid
 from workflow.core.artifacts import atomic_path
 from workflow.core.config import Params
 from workflow.models.inception import load_extractor
-from workflow.formats.reference_stats import check_weights, load_reference, score
-from workflow.core.runtime import default_device
-from workflow.models.sampling import load_unet, sample_batches
+from workflow.formats.reference_stats import check_weights, load_reference
+from workflow.core.runtime import default_device, feature_workers
+from workflow.formats.pipeline import load_unet
+from workflow.models.sampling import sample_batches
 
 CSV_COLUMNS = ("num_inference_steps", "fid", "kid", "seconds")
 
@@ -36,12 +37,12 @@ def sweep_point(params: Params, steps: int, unet, scheduler_config, extractor, r
                 device: torch.device) -> dict:
     """FID/KID of the sample set made in `steps` steps; the features are taken batch by batch."""
     settings = dataclasses.replace(params.sample, num_inference_steps=steps)
-    workers = fid.default_num_workers(device)
+    workers = feature_workers(device)
     started, feats = time.perf_counter(), []
     for _, images in sample_batches(unet, scheduler_config, settings, params.seed, params.fid.num_samples, device):
         chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
         feats.append(fid.features(chw, extractor, params.fid.batch_size, device, workers))
-    scores = score(np.concatenate(feats), reference, params.seed)
+    scores = fid.score(np.concatenate(feats), reference, params.seed)
     return {"num_inference_steps": steps, "fid": scores["fid"], "kid": scores["kid"],
             "seconds": time.perf_counter() - started}
 

@@ -23,21 +23,17 @@ import yaml
 from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
 from huggingface_hub import EvalResult, ModelCardData
 
-from workflow.core.artifacts import atomic_dir, read_json, write_manifest
+from workflow.core.artifacts import atomic_dir, write_manifest
 from workflow.core.config import ConfigError, Params
 from workflow.models.builders import build_sampler
-from workflow.models.sampling import check_pipeline
+from workflow.formats import trainlog
+from workflow.formats.pipeline import check_pipeline
+from workflow.formats.raw_dataset import SOURCE_FILE
+from workflow.formats.records import read_record
 
 CARD, GRID = "README.md", "samples.png"
 PIPELINES = {"ddpm": DDPMPipeline, "ddim": DDIMPipeline, "dpmsolver++": DDPMPipeline}  # DDIM's takes eta
 TASK = "unconditional-image-generation"
-
-
-def read_artifact(path: str | Path, stage: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file; the {stage} stage makes it")
-    return read_json(path)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -153,10 +149,10 @@ def model_card(params: Params, source: dict, meta: dict, metrics: dict, summary:
 def run(params: Params) -> dict:
     p = params.paths
     check_pipeline(p.trained)
-    source = read_artifact(Path(p.raw) / "SOURCE.json", "download")
-    meta = read_artifact(p.meta, "preprocess")
-    metrics = read_artifact(p.metrics, "evaluate")
-    summary = read_artifact(Path(p.train_log) / "summary.json", "train")
+    source = read_record(Path(p.raw) / SOURCE_FILE, "download")
+    meta = read_record(p.meta, "preprocess")
+    metrics = read_record(p.metrics, "evaluate")
+    summary = trainlog.read_summary(p.train_log)
     if not Path(p.grid).is_file():
         raise ConfigError(f"{p.grid}: no such file; the sample stage makes it")
     with atomic_dir(p.pipeline) as out:

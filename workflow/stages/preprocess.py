@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from workflow.core.artifacts import atomic_path, read_json, sha256_file, write_json
+from workflow.core.artifacts import write_json
 from workflow.core.config import ConfigError, Params
 from workflow.core.faults import maybe_fault
-from workflow.sources.fetch import IMAGES_DIR, SOURCE_FILE, list_image_files
+from workflow.formats.raw_dataset import list_image_files, read_raw
+from workflow.formats.training_images import write_images
 
 MODES = {1: "L", 3: "RGB"}
 # What a broken or non-image file raises while PIL decodes it (UnidentifiedImageError is an OSError).
@@ -95,16 +96,6 @@ def source_summary(record: dict) -> dict:
     return {key: value for key, value in record.items() if key not in ("files", "ignored")}
 
 
-def read_raw(raw: str | Path) -> tuple[Path, dict]:
-    """The raw images folder and its SOURCE record; ConfigError if `download` has not produced them."""
-    raw = Path(raw)
-    images, source = raw / IMAGES_DIR, raw / SOURCE_FILE
-    if not images.is_dir() or not source.is_file():
-        raise ConfigError(f"`paths.raw` {str(raw)!r}: no {IMAGES_DIR}/ and {SOURCE_FILE} there "
-                          "(run `python -m workflow download` first)")
-    return images, read_json(source)
-
-
 def check_enough(count: int, minimum: int, skipped: list[dict], root: Path) -> None:
     """ConfigError naming the count and the commonest skip reasons if fewer than `minimum` images decoded."""
     if count >= minimum:
@@ -114,14 +105,6 @@ def check_enough(count: int, minimum: int, skipped: list[dict], root: Path) -> N
     raise ConfigError(f"`data.min_images` is {minimum} but only {count} usable images in {str(root)!r} "
                       f"({len(skipped)} files skipped; commonest reasons: {reasons}). Fix or add images, "
                       "or lower `data.min_images`")
-
-
-def write_images(path: str | Path, array: np.ndarray) -> str:
-    """Save `array` as .npy atomically; return its sha256."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-    return sha256_file(path)
 
 
 def run(params: Params) -> dict:

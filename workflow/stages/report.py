@@ -17,7 +17,6 @@ give a byte-identical page.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -27,28 +26,18 @@ import numpy as np
 from workflow import STAGES
 from workflow.pages import curves
 from workflow.formats import trainlog
-from workflow.core.artifacts import atomic_path, write_bytes
-from workflow.core.config import ConfigError, Params
-from workflow.pages.htmlpage import (PNG_SIGNATURE, data_uri, esc, fmt_bytes, fmt_number, fmt_scalar, fmt_seconds,
-                               kv_table, missing, nested, page, pixel_image, png_size, section)
+from workflow.formats.png import read_png
+from workflow.formats.raw_dataset import SOURCE_FILE
+from workflow.formats.records import read_record
+from workflow.core.artifacts import write_bytes
+from workflow.core.config import Params
+from workflow.pages.htmlpage import (data_uri, esc, fmt_bytes, fmt_number, fmt_scalar, fmt_seconds,
+                               kv_table, Missing, nested, page, pixel_image, png_size, section, write_page)
 
 GRID_DISPLAY_PX = 480  # the final grid is scaled up by a whole factor to at most this width
 MAX_PROGRESS_SHOWN = 8
 MAX_SKIPPED_SHOWN = 100
 MAX_FILES_SHOWN = 5
-PROGRESS_NAME = re.compile(r"step-(\d{7})\.png")
-
-
-@dataclass(frozen=True)
-class Missing:
-    """An input the run does not have: where it would be and what writes it."""
-    path: str
-    why: str
-
-    def html(self) -> str:
-        return missing(self.path, self.why)
-
-
 @dataclass(frozen=True, eq=False)
 class ReportInputs:
     """Everything the page shows, already loaded: render_report does no I/O. Any field but params
@@ -69,23 +58,6 @@ def _written_by(stage: str) -> str:
     return f"written by the `{stage}` stage: `python -m workflow {stage}` or `dvc repro`"
 
 
-def _load_json_object(path: Path, stage: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc}); re-run the `{stage}` stage") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _load_png(path: Path, stage: str) -> bytes:
-    data = path.read_bytes()
-    if not data.startswith(PNG_SIGNATURE) or len(data) < 24:
-        raise ConfigError(f"{path}: not a PNG image; re-run the `{stage}` stage")
-    return data
-
-
 def load_history(log: Path) -> dict | Missing:
     """The loss and lr per step from the training log folder `log`."""
     files = [log / trainlog.tsv(metric) for metric in (trainlog.LOSS, trainlog.LR)]
@@ -100,14 +72,13 @@ def _optional(load, path: str | Path, stage: str):
     return load(path, stage) if path.is_file() else Missing(str(path), _written_by(stage))
 
 
-def load_progress(folder: Path) -> list | Missing:
-    """The progress grids <train_log>/grids/step-XXXXXXX.png as [(step, png)], oldest first."""
-    found = sorted((int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else ())
-                   if (m := PROGRESS_NAME.fullmatch(p.name)))
+def load_progress_grids(log: Path) -> list | Missing:
+    """The training log's progress grids as [(step, png)], oldest first."""
+    found = trainlog.progress_grids(log)
     if not found:
-        return Missing(f"{folder}/step-*.png", "written by the `train` stage at each checkpoint, "
-                                               "when the run makes progress grids")
-    return [(step, _load_png(path, "train")) for step, path in found]
+        return Missing(f"{log / trainlog.GRIDS_DIR}/step-*.png", "written by the `train` stage at each checkpoint, "
+                                                                  "when the run makes progress grids")
+    return [(step, read_png(path, "train")) for step, path in found]
 
 
 def load_inputs(params: Params) -> ReportInputs:
@@ -115,13 +86,13 @@ def load_inputs(params: Params) -> ReportInputs:
     log = Path(p.train_log)
     return with_fetch_hints(ReportInputs(
         params=params.to_dict(),
-        metrics=_optional(_load_json_object, p.metrics, "evaluate"),
-        summary=_optional(_load_json_object, log / "summary.json", "train"),
+        metrics=_optional(read_record, p.metrics, "evaluate"),
+        summary=_optional(read_record, log / trainlog.SUMMARY_FILE, "train"),
         history=load_history(log),
-        meta=_optional(_load_json_object, p.meta, "preprocess"),
-        source=_optional(_load_json_object, Path(p.raw) / "SOURCE.json", "download"),
-        grid_png=_optional(_load_png, p.grid, "sample"),
-        progress=load_progress(log / "grids"),
+        meta=_optional(read_record, p.meta, "preprocess"),
+        source=_optional(read_record, Path(p.raw) / SOURCE_FILE, "download"),
+        grid_png=_optional(read_png, p.grid, "sample"),
+        progress=load_progress_grids(log),
     ))
 
 
@@ -134,8 +105,8 @@ def with_fetch_hints(inputs: ReportInputs) -> ReportInputs:
     if not absent:
         return inputs  # the usual case: DVC is not consulted
     lacking = absent_outputs()
-    hinted = {name: Missing(m.path, FETCH) for name, m in absent.items()
-              if any(o == Path(m.path) or o in Path(m.path).parents for o in lacking)}
+    hinted = {name: Missing(m.what, FETCH) for name, m in absent.items()
+              if any(o == Path(m.what) or o in Path(m.what).parents for o in lacking)}
     return replace(inputs, **hinted)
 
 
@@ -156,7 +127,7 @@ def loss_plot(inputs: ReportInputs) -> bytes:
     """The loss/lr figure (paths.loss_plot); without a history, an empty figure that says so."""
     history = inputs.history
     if isinstance(history, Missing):
-        history = {c: np.array([]) for c in curves.COLUMNS}
+        history = {c: np.array([]) for c in curves.HISTORY_COLUMNS}
     return curves.loss_plot_png(history)
 
 
@@ -270,7 +241,7 @@ def timings_section(metrics: dict | Missing) -> str:
         return section(title, metrics.html())
     rows = stage_timings(metrics)
     if not rows:
-        return section(title, missing("stage timings", "metrics.json records no `<stage>_seconds`"))
+        return section(title, Missing("stage timings", "metrics.json records no `<stage>_seconds`").html())
     body = "".join(f"<tr><th>{esc(stage)}</th><td class=\"num\">{fmt_seconds(sec)}</td>"
                    f"<td class=\"num\">{fmt_number(rate, ',.1f', ' images/s')}</td></tr>" for stage, sec, rate in rows)
     total = sum(sec for _, sec, _ in rows if sec is not None)
@@ -440,8 +411,7 @@ def run(params: Params) -> dict:
     inputs = load_inputs(params)
     loss_png = loss_plot(inputs)
     write_bytes(params.paths.loss_plot, loss_png)
-    with atomic_path(params.paths.report) as tmp:
-        tmp.write_text(render_report(inputs, loss_png), encoding="utf-8")
+    write_page(params.paths.report, render_report(inputs, loss_png))
     return {"report": params.paths.report, "loss_plot": params.paths.loss_plot}
 
 

@@ -15,35 +15,14 @@ wrote (truncated, altered) is refused, naming the file; weights are read from sa
 """
 from __future__ import annotations
 
-import json
-import time
 
-import numpy as np
 
-from workflow.core.artifacts import atomic_dir
 from workflow.core.config import Params
-from workflow.core.faults import maybe_fault
 from workflow.core.runtime import Runtime
-from workflow.models.sampling import load_unet, sample_batches, to_pil, write_grid
-
-
-def write_sample_set(batches, folder: str, keep: int, settings: dict) -> tuple[np.ndarray, dict]:
-    """Stream (first index, uint8 B x H x W x C) batches into `folder` as 000000.png ...; return the
-    first `keep` images and the record of samples.json: `settings` plus count, seconds and
-    images_per_second (sampling and writing, timed together)."""
-    kept, count = [], 0
-    started = time.perf_counter()
-    with atomic_dir(folder) as out:
-        for first, images in batches:
-            for k, image in enumerate(images):
-                to_pil(image).save(out / f"{first + k:06d}.png")
-                maybe_fault("sample.after_image", first + k + 1)
-            kept.extend(images[: max(0, keep - len(kept))])
-            count += len(images)
-        seconds = time.perf_counter() - started
-        record = {**settings, "count": count, "seconds": seconds, "images_per_second": count / seconds}
-        (out / "samples.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return np.array(kept, dtype=np.uint8), record
+from workflow.formats.pipeline import load_unet
+from workflow.formats.png import write_grid
+from workflow.formats.sample_set import write_sample_set
+from workflow.models.sampling import sample_batches
 
 
 def run(params: Params) -> dict:

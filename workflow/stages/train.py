@@ -18,13 +18,12 @@ pruned, so they survive a resume) and are copied into train_log at the end. They
 random state: switching them on or off leaves the weights bitwise unchanged.
 
 Every random draw of step s is a function of (seed, s), and the data order of (seed, epoch), so
-training k steps, stopping and resuming gives bitwise the weights of an uninterrupted run.
+training k steps, stopping and resuming gives bitwise the weights of an uninterrupted training.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -36,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workflow.formats import checkpoints, trainlog
-from workflow.core.artifacts import atomic_dir, sha256_file, write_manifest
+from workflow.core.artifacts import atomic_dir, sha256_file
 from workflow.core.config import STEPS, ConfigError, Params, Sample
 from workflow.maths.diffusion import (apply_flip, batch_indices, diffusion_loss, min_snr_weights,
                                 step_noise, to_model_range, training_target)
@@ -44,17 +43,20 @@ from workflow.core.faults import maybe_fault
 from workflow.core.environment import device_name, software_versions
 from workflow.models.builders import build_noise_scheduler, build_unet, check_size, count_parameters
 from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
-from workflow.models.sampling import sample_batches, write_grid
+from workflow.models.sampling import sample_batches
+from workflow.formats.pipeline import save_pipeline
+from workflow.formats.png import write_grid
+from workflow.formats.training_images import load_images
 
 LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 FINAL_LOSS_WINDOW = 50  # train_loss_final is the mean over the last steps, not one noisy value
 PROGRESS_SAMPLER = Sample(sampler="ddim", num_inference_steps=25, grid_size=4, batch_size=16)
-GRIDS = "grids"  # the progress grids' folder, beside the checkpoints and in train_log
+GRIDS = trainlog.GRIDS_DIR  # the progress grids' folder, beside the checkpoints and in train_log
 LIVE = "dvclive"  # the training log's folder while training, beside the checkpoints
 
 
 @dataclass
-class Run:
+class Training:
     """Everything a training step touches."""
     params: Params
     accelerator: object
@@ -99,8 +101,8 @@ def total_steps(params: Params, num_images: int) -> int:
     return steps
 
 
-def setup(params: Params, images: np.ndarray, accelerator, runtime: Runtime | None = None) -> Run:
-    """The model, optimiser, schedules, EMA and dataset of a run, placed as `runtime` (default: detected) says."""
+def setup(params: Params, images: np.ndarray, accelerator, runtime: Runtime | None = None) -> Training:
+    """The model, optimiser, schedules, EMA and dataset of a training, placed as `runtime` (default: detected) says."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -127,7 +129,7 @@ def setup(params: Params, images: np.ndarray, accelerator, runtime: Runtime | No
                        model_cls=type(unwrapped), model_config=unwrapped.config)
         ema.to(device)
     dataset = runtime.place_dataset(torch.from_numpy(np.ascontiguousarray(images)))
-    return Run(params, accelerator, runtime, maybe_compile(model, t.compile), model,
+    return Training(params, accelerator, runtime, maybe_compile(model, t.compile), model,
                build_noise_scheduler(params.scheduler), optimizer, lr_scheduler, ema, dataset, steps,
                compile_pending=t.compile)
 
@@ -139,228 +141,221 @@ def _process_slice(start: int, size: int, accelerator) -> slice:
     return slice(first, first + share)
 
 
-def _micro_loss(run: Run, index: torch.Tensor, noise, timesteps, flip) -> torch.Tensor:
-    p, device = run.params, noise.device
-    clean = to_model_range(run.images[index.to(run.images.device)].to(device, non_blocking=True))
+def _micro_loss(training: Training, index: torch.Tensor, noise, timesteps, flip) -> torch.Tensor:
+    p, device = training.params, noise.device
+    clean = to_model_range(training.images[index.to(training.images.device)].to(device, non_blocking=True))
     if p.train.random_flip:
         clean = apply_flip(clean, flip)
-    clean, noise = run.runtime.layout(clean), run.runtime.layout(noise)
-    noisy = run.noise_scheduler.add_noise(clean, noise, timesteps)
-    with run.accelerator.autocast():
-        prediction = run.model(noisy, timesteps, return_dict=False)[0]
+    clean, noise = training.runtime.layout(clean), training.runtime.layout(noise)
+    noisy = training.noise_scheduler.add_noise(clean, noise, timesteps)
+    with training.accelerator.autocast():
+        prediction = training.model(noisy, timesteps, return_dict=False)[0]
     weights = None
     if p.train.min_snr_gamma is not None:
-        weights = min_snr_weights(run.noise_scheduler, timesteps, p.train.min_snr_gamma)
-    return diffusion_loss(prediction, training_target(run.noise_scheduler, clean, noise, timesteps), weights)
+        weights = min_snr_weights(training.noise_scheduler, timesteps, p.train.min_snr_gamma)
+    return diffusion_loss(prediction, training_target(training.noise_scheduler, clean, noise, timesteps), weights)
 
 
-def train_step(run: Run, step: int) -> torch.Tensor:
+def train_step(training: Training, step: int) -> torch.Tensor:
     """One optimiser step over the global batch of `step`: this process's shard of each micro-batch,
     gradients accumulated locally and synchronised once. Returns the detached mean loss."""
-    p, acc = run.params, run.accelerator
+    p, acc = training.params, training.accelerator
     size, micro_batches = p.train.batch_size, p.train.gradient_accumulation_steps
-    index = torch.from_numpy(batch_indices(p.seed, step, size, run.images.shape[0]))
-    noise, timesteps, flip = step_noise(p.seed, step, (size, *run.images.shape[1:]),
+    index = torch.from_numpy(batch_indices(p.seed, step, size, training.images.shape[0]))
+    noise, timesteps, flip = step_noise(p.seed, step, (size, *training.images.shape[1:]),
                                         p.scheduler.num_train_timesteps, acc.device, p.train.noise_offset)
     micro, losses = size // micro_batches, []
     for m in range(micro_batches):
         part = _process_slice(m * micro, micro, acc)
-        sync = acc.no_sync(run.eager_model) if m < micro_batches - 1 else contextlib.nullcontext()
+        sync = acc.no_sync(training.eager_model) if m < micro_batches - 1 else contextlib.nullcontext()
         with sync:
-            loss = _micro_loss(run, index[part], noise[part], timesteps[part], flip[part])
+            loss = _micro_loss(training, index[part], noise[part], timesteps[part], flip[part])
             acc.backward(loss / micro_batches)
         losses.append(loss.detach())
-    acc.clip_grad_norm_(run.eager_model.parameters(), p.train.max_grad_norm)
-    run.optimizer.step()
-    run.lr_scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
-        run.ema.step(run.eager_model.parameters())
+    acc.clip_grad_norm_(training.eager_model.parameters(), p.train.max_grad_norm)
+    training.optimizer.step()
+    training.lr_scheduler.step()
+    training.optimizer.zero_grad(set_to_none=True)
+    if training.ema is not None:
+        training.ema.step(training.eager_model.parameters())
     return torch.stack(losses).mean()
 
 
-def guarded_step(run: Run, step: int) -> torch.Tensor:
+def guarded_step(training: Training, step: int) -> torch.Tensor:
     """train_step; the first compiled step falls back to eager mode if compilation fails."""
-    if not run.compile_pending:
-        return train_step(run, step)
+    if not training.compile_pending:
+        return train_step(training, step)
 
     def eager_step():
-        run.optimizer.zero_grad(set_to_none=True)  # whatever the failed attempt accumulated
-        run.model = run.eager_model
-        return train_step(run, step)
+        training.optimizer.zero_grad(set_to_none=True)  # whatever the failed attempt accumulated
+        training.model = training.eager_model
+        return train_step(training, step)
 
-    loss, _ = with_eager_fallback(lambda: train_step(run, step), eager_step, "training")
-    run.compile_pending = False
+    loss, _ = with_eager_fallback(lambda: train_step(training, step), eager_step, "training")
+    training.compile_pending = False
     return loss
 
 
-def check_ranks_agree(run: Run) -> None:
+def check_ranks_agree(training: Training) -> None:
     """Invariant: data-parallel processes end with identical weights."""
-    acc = run.accelerator
+    acc = training.accelerator
     if acc.num_processes == 1:
         return
-    flat = torch.cat([w.detach().double().flatten() for w in acc.unwrap_model(run.model).parameters()])
+    flat = torch.cat([w.detach().double().flatten() for w in acc.unwrap_model(training.model).parameters()])
     fingerprint = torch.stack([flat.sum(), flat.square().sum(), flat.abs().max()])[None].to(acc.device)
     gathered = acc.gather(fingerprint)
     assert torch.equal(gathered, gathered[:1].expand_as(gathered)), f"ranks disagree: {gathered.tolist()}"
 
 
-def _flush_losses(run: Run, pending: list) -> None:
+def _flush_losses(training: Training, pending: list) -> None:
     """Move the buffered per-step losses to the host in one transfer; stop on a non-finite loss."""
     if not pending:
         return
     steps, losses, lrs = zip(*pending)
-    values = run.accelerator.reduce(torch.stack(losses), reduction="mean").float().cpu().tolist()
+    values = training.accelerator.reduce(torch.stack(losses), reduction="mean").float().cpu().tolist()
     for step, loss, lr in zip(steps, values, lrs):
         if not np.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss} at step {step}; lower train.learning_rate or use "
                 f"train.mixed_precision other than fp16. Earlier checkpoints are intact.")
-        run.progress["history"].append([step, loss, lr])
+        training.progress["history"].append([step, loss, lr])
     pending.clear()
 
 
-def train_loop(run: Run, checkpoint_dir: Path) -> None:
-    p, acc, last = run.params, run.accelerator, run.total_steps
-    start_step = run.progress["step"]
+def train_loop(training: Training, checkpoint_dir: Path) -> None:
+    p, acc, last = training.params, training.accelerator, training.total_steps
+    start_step = training.progress["step"]
     # a context manager: a failed step (non-finite loss) closes the bar where the error is reported
     with tqdm(total=last, initial=start_step, desc="train", unit="step",
               disable=not acc.is_local_main_process) as bar:
         pending, started, images = [], time.perf_counter(), 0
         logged_at, logged_images = started, 0
         for step in range(start_step, last):
-            lr = run.lr_scheduler.get_last_lr()[0]
-            pending.append((step + 1, guarded_step(run, step), lr))
+            lr = training.lr_scheduler.get_last_lr()[0]
+            pending.append((step + 1, guarded_step(training, step), lr))
             images += p.train.batch_size
             done = step + 1
             maybe_fault("train.after_step", done)
             checkpoint = done % p.train.checkpoint_every == 0 or done == last
             if done % p.train.log_every == 0 or checkpoint:
-                logged = len(run.progress["history"])
-                _flush_losses(run, pending)  # the one host synchronisation per log interval
+                logged = len(training.progress["history"])
+                _flush_losses(training, pending)  # the one host synchronisation per log interval
                 now = time.perf_counter()
                 rate = (images - logged_images) / (now - logged_at)
-                run.progress["throughput"].append([done, rate])
-                if run.live is not None:
-                    trainlog.log(run.live, run.progress["history"][logged:], [[done, rate]])
+                training.progress["throughput"].append([done, rate])
+                if training.live is not None:
+                    trainlog.log(training.live, training.progress["history"][logged:], [[done, rate]])
                 logged_at, logged_images = now, images
-                bar.set_postfix(loss=f"{run.progress['history'][-1][1]:.4f}", img_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{training.progress['history'][-1][1]:.4f}", img_s=f"{rate:.0f}")
                 bar.update(done - bar.n)
             if checkpoint:
-                _record_time(run, done, started, images)
-                save_progress_grid(run, checkpoint_dir / GRIDS, done)  # first: every saved checkpoint has its grid
+                _record_time(training, done, started, images)
+                save_progress_grid(training, checkpoint_dir / GRIDS, done)  # first: every saved checkpoint has its grid
                 started, images, logged_at, logged_images = time.perf_counter(), 0, time.perf_counter(), 0
-                checkpoints.save_checkpoint(acc, checkpoint_dir, run.progress, p.train.checkpoints_total_limit,
-                                            training_states(run))
+                checkpoints.save_checkpoint(acc, checkpoint_dir, training.progress, p.train.checkpoints_total_limit,
+                                            training_states(training))
 
 
 @contextlib.contextmanager
-def ema_weights(run: Run, unet: torch.nn.Module):
+def ema_weights(training: Training, unet: torch.nn.Module):
     """The EMA weights in `unet` for the duration (store -> copy_to -> restore, bitwise)."""
-    if run.ema is None:
+    if training.ema is None:
         yield unet
         return
-    run.ema.store(unet.parameters())
-    run.ema.copy_to(unet.parameters())
+    training.ema.store(unet.parameters())
+    training.ema.copy_to(unet.parameters())
     try:
         yield unet
     finally:
-        run.ema.restore(unet.parameters())
+        training.ema.restore(unet.parameters())
 
 
-def save_progress_grid(run: Run, folder: Path, step: int) -> None:
+def save_progress_grid(training: Training, folder: Path, step: int) -> None:
     """The progress grid of `step` from the EMA weights (main process; per-image generators only)."""
-    if not run.params.train.progress_grids or not run.accelerator.is_main_process:
+    if not training.params.train.progress_grids or not training.accelerator.is_main_process:
         return
-    unet = run.accelerator.unwrap_model(run.eager_model)
+    unet = training.accelerator.unwrap_model(training.eager_model)
     size, was_training = PROGRESS_SAMPLER.grid_size, unet.training
-    with ema_weights(run, unet):
-        batches = sample_batches(unet, run.noise_scheduler.config, PROGRESS_SAMPLER, run.params.seed,
-                                 size * size, run.accelerator.device, progress=False)
+    with ema_weights(training, unet):
+        batches = sample_batches(unet, training.noise_scheduler.config, PROGRESS_SAMPLER, training.params.seed,
+                                 size * size, training.accelerator.device, progress=False)
         images = np.concatenate([b for _, b in batches])
     unet.train(was_training)
-    write_grid(images, size, folder / f"step-{step:07d}.png")
+    write_grid(images, size, trainlog.progress_grid(folder, step))
 
 
-def _record_time(run: Run, step: int, started: float, images: int) -> None:
-    run.runtime.synchronize()
-    run.progress["step"] = step
-    run.progress["seconds"] += time.perf_counter() - started
-    run.progress["images"] += images
+def _record_time(training: Training, step: int, started: float, images: int) -> None:
+    training.runtime.synchronize()
+    training.progress["step"] = step
+    training.progress["seconds"] += time.perf_counter() - started
+    training.progress["images"] += images
 
 
-def training_states(run: Run) -> dict:
+def training_states(training: Training) -> dict:
     """What a checkpoint holds beside accelerate's model, optimiser and RNG states."""
-    return {"lr_scheduler": run.lr_scheduler, **({"ema": run.ema} if run.ema is not None else {})}
+    return {"lr_scheduler": training.lr_scheduler, **({"ema": training.ema} if training.ema is not None else {})}
 
 
-def resume(run: Run, checkpoint_dir: Path) -> Path | None:
+def resume(training: Training, checkpoint_dir: Path) -> Path | None:
     latest = checkpoints.latest_checkpoint(checkpoint_dir)
     if latest is not None:
-        run.progress = checkpoints.load_checkpoint(run.accelerator, latest, training_states(run))
-        run.progress.setdefault("throughput", [])
+        training.progress = checkpoints.load_checkpoint(training.accelerator, latest, training_states(training))
+        training.progress.setdefault("throughput", [])
     return latest
 
 
-def summary(run: Run, resumed_from: Path | None, key: str) -> dict:
-    history, prog = run.progress["history"], run.progress
+def summary(training: Training, resumed_from: Path | None, key: str) -> dict:
+    history, prog = training.progress["history"], training.progress
     tail = [loss for _, loss, _ in history[-FINAL_LOSS_WINDOW:]]
     return {
         "steps": prog["step"],
         "loss_final": float(np.mean(tail)),
         "seconds": prog["seconds"],
         "images_per_second": prog["images"] / prog["seconds"] if prog["seconds"] else 0.0,
-        "num_parameters": count_parameters(run.accelerator.unwrap_model(run.model)),
+        "num_parameters": count_parameters(training.accelerator.unwrap_model(training.model)),
         "run_key": key,
         "resumed_from_step": int(resumed_from.name.split("-")[1]) if resumed_from else 0,
-        "device": run.accelerator.device.type,
-        "device_name": device_name(run.accelerator.device),
+        "device": training.accelerator.device.type,
+        "device_name": device_name(training.accelerator.device),
         "software": software_versions(),
-        "num_processes": run.accelerator.num_processes,
-        "mixed_precision": run.accelerator.mixed_precision,
-        "compiled": run.model is not run.eager_model,
+        "num_processes": training.accelerator.num_processes,
+        "mixed_precision": training.accelerator.mixed_precision,
+        "compiled": training.model is not training.eager_model,
         "torch_threads": torch.get_num_threads(),  # CPU results are bitwise reproducible per thread count
     }
 
 
-def save_outputs(run: Run, info: dict, checkpoint_dir: Path) -> None:
+def save_outputs(training: Training, info: dict, checkpoint_dir: Path) -> None:
     """The pipeline with the EMA weights, the training log and the progress grids; main process only."""
-    from diffusers import DDPMPipeline
-
-    paths = run.params.paths
-    unet = run.accelerator.unwrap_model(run.model)
-    with ema_weights(run, unet), atomic_dir(paths.trained) as out:
-        DDPMPipeline(unet=unet.to(memory_format=torch.contiguous_format), scheduler=run.noise_scheduler) \
-            .save_pretrained(out, safe_serialization=True)
-        write_manifest(out)  # sample refuses a pipeline whose files no longer match it
-    run.live.end()
+    paths = training.params.paths
+    unet = training.accelerator.unwrap_model(training.model)
+    with ema_weights(training, unet):
+        save_pipeline(unet, training.noise_scheduler, paths.trained)
+    training.live.end()
     with atomic_dir(paths.train_log) as out:
         shutil.copytree(checkpoint_dir / LIVE, out, dirs_exist_ok=True)
-        if run.params.train.progress_grids and (checkpoint_dir / GRIDS).is_dir():
+        if training.params.train.progress_grids and (checkpoint_dir / GRIDS).is_dir():
             shutil.copytree(checkpoint_dir / GRIDS, out / GRIDS)
-        (out / "summary.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        trainlog.write_summary(out, info)
 
 
 def run(params: Params) -> dict:
     check_size(params)  # a UNet or a batch over the caps is refused before anything is allocated
-    images_path = Path(params.paths.images)
-    if not images_path.is_file():
-        raise ConfigError(f"{images_path} not found: run the preprocess stage first")
-    images = np.load(images_path)
-    key = checkpoints.run_key(params, sha256_file(images_path))
+    images = load_images(params.paths.images, in_memory=True)
+    key = checkpoints.run_key(params, sha256_file(params.paths.images))
     checkpoint_dir = Path(params.paths.checkpoints) / key
     accelerator = make_accelerator(params)
-    run = setup(params, images, accelerator)
-    resumed_from = resume(run, checkpoint_dir)
+    training = setup(params, images, accelerator)
+    resumed_from = resume(training, checkpoint_dir)
     if resumed_from is not None:
-        accelerator.print(f"resuming from {resumed_from} (step {run.progress['step']})")
+        accelerator.print(f"resuming from {resumed_from} (step {training.progress['step']})")
     if accelerator.is_main_process:
-        run.live = trainlog.start(checkpoint_dir / LIVE, run.progress["history"], run.progress["throughput"])
-    train_loop(run, checkpoint_dir)
-    check_ranks_agree(run)
-    info = summary(run, resumed_from, key)
+        training.live = trainlog.start(checkpoint_dir / LIVE, training.progress["history"], training.progress["throughput"])
+    train_loop(training, checkpoint_dir)
+    check_ranks_agree(training)
+    info = summary(training, resumed_from, key)
     if accelerator.is_main_process:
-        save_outputs(run, info, checkpoint_dir)
+        save_outputs(training, info, checkpoint_dir)
     accelerator.wait_for_everyone()
     return info
 

@@ -1,0 +1,3 @@
+"""Commands beside the DAG: the benchmark harness, the experiment comparison, presets.
+
+The layer map: docs/ARCHITECTURE.md."""

@@ -36,7 +36,7 @@ import torch
 from workflow.maths import fid
 from workflow.core.config import DEFAULT_PARAMS, Params, load_params
 from workflow.models.builders import build_noise_scheduler, build_unet, count_parameters
-from workflow.core.runtime import Runtime, default_device
+from workflow.core.runtime import Runtime, default_device, feature_workers
 from workflow.models.sampling import sample_batches
 from workflow.tools.bench_common import SEED_CHANNELS, bench_params, device_label, publish, synchronize, synthetic_images
 
@@ -97,15 +97,13 @@ def bench_sample(base: Params, resolution: int, channels: tuple, steps: int, bat
 
 def bench_fid(base: Params, resolution: int, channels: tuple, steps: int, batch_size: int, num_images: int,
               reference_images: int) -> dict:
-    from workflow.stages.evaluate import load_samples
+    from workflow.formats.sample_set import load_samples, write_sample_set
     from workflow.models.inception import load_extractor
-    from workflow.formats.reference_stats import score
-    from workflow.stages.sample import write_sample_set
 
     device = default_device()
     params, unet = bench_model(base, resolution, channels, device)
     extractor, _ = load_extractor(params.fid)
-    workers = fid.default_num_workers(device)
+    workers = feature_workers(device)
     ref_feats = fid.features(synthetic_images(reference_images, resolution, seed=1), extractor,
                              params.fid.batch_size, device, workers)
     reference = {"mu": ref_feats.mean(0), "sigma": np.cov(ref_feats, rowvar=False), "features": ref_feats,
@@ -118,7 +116,7 @@ def bench_fid(base: Params, resolution: int, channels: tuple, steps: int, batch_
         write_sample_set(batches, f"{tmp}/samples", 0, {})
         sampled = time.perf_counter()
         feats = fid.features(load_samples(f"{tmp}/samples"), extractor, params.fid.batch_size, device, workers)
-        scores = score(feats, reference, params.seed)
+        scores = fid.score(feats, reference, params.seed)
         done = time.perf_counter()
     return {**describe(params, unet, device, resolution, channels, steps), "batch_size": batch_size,
             "num_images": num_images, "reference_images": reference_images, "fid_batch_size": params.fid.batch_size,

@@ -82,14 +82,14 @@ def our_images_per_second(params: Params, images: np.ndarray, steps: int, warmup
     from workflow.stages.train import guarded_step, make_accelerator, setup
 
     fresh_accelerator_state()
-    run = setup(params, images, make_accelerator(params))
-    device = run.accelerator.device
+    training = setup(params, images, make_accelerator(params))
+    device = training.accelerator.device
     for step in range(warmup):
-        guarded_step(run, step)
+        guarded_step(training, step)
     synchronize(device)
     start = time.perf_counter()
     for step in range(warmup, warmup + steps):
-        loss = guarded_step(run, step)
+        loss = guarded_step(training, step)
     synchronize(device)
     seconds = time.perf_counter() - start
     if not torch.isfinite(loss):

@@ -5,7 +5,7 @@
     python -m workflow compare --output reports/experiments.html
     make compare
 
-Reads `dvc exp show --json` (run from the project root), and for each experiment its sample grid
+Reads `dvc exp show --json` (row from the project root), and for each experiment its sample grid
 and loss history as that experiment left them: DVC's file system at the experiment's rev, which
 reads them from the local DVC cache. Writes reports/experiments.html: one row per experiment with
 the params that differ among them, FID, KID, final loss and training images/s (sortable, the best
@@ -32,16 +32,15 @@ from pathlib import Path
 
 from workflow.pages import curves
 from workflow.formats import trainlog
-from workflow.core.artifacts import atomic_path
 from workflow.core.config import ConfigError, dotted_keys, paths_of
-from workflow.pages.htmlpage import (data_uri, esc, fmt_number, fmt_scalar, missing, page, pixel_image, png_size,
-                               section)
+from workflow.pages.htmlpage import (data_uri, esc, fmt_number, fmt_scalar, Missing, page, pixel_image, png_size,
+                               section, write_page)
 
 DEFAULT_OUTPUT = "reports/experiments.html"
 THUMBNAIL_PX = 180
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")  # matplotlib's tab10: the table, the thumbnails and the curves agree
-COLUMNS = (  # metrics.json key, column title, format spec
+METRIC_COLUMNS = (  # metrics.json key, column title, format spec
     ("fid", "FID", ".2f"),
     ("kid", "KID", ".4g"),
     ("train_loss_final", "final loss", ".4g"),
@@ -51,7 +50,7 @@ COLUMNS = (  # metrics.json key, column title, format spec
 
 @dataclass(frozen=True, eq=False)
 class Experiment:
-    """One run as an experiment left it."""
+    """One row of `dvc exp show` (an experiment, a commit or the workspace) as it left its outputs."""
     name: str
     rev: str  # a commit sha, or "workspace"
     params: dict  # its params.yaml
@@ -82,75 +81,75 @@ def exp_show(root: Path) -> list:
     return json.loads(done.stdout)
 
 
-def listed_runs(shown: list) -> list:
+def exp_show_rows(shown: list) -> list:
     """[{name, rev, data, kind}] for the workspace, the baseline commit and its experiments, in dvc's order."""
-    runs = []
-    for row in shown:
-        if row["rev"] == "workspace":
-            runs.append({"name": "workspace", "rev": "workspace", "data": row.get("data") or {}, "kind": "workspace"})
+    rows = []
+    for entry in shown:
+        if entry["rev"] == "workspace":
+            rows.append({"name": "workspace", "rev": "workspace", "data": entry.get("data") or {}, "kind": "workspace"})
             continue
-        runs.append({"name": row.get("name") or row["rev"][:7], "rev": row["rev"], "data": row.get("data") or {},
+        rows.append({"name": entry.get("name") or entry["rev"][:7], "rev": entry["rev"], "data": entry.get("data") or {},
                      "kind": "commit"})
-        for experiment in row.get("experiments") or []:
+        for experiment in entry.get("experiments") or []:
             for rev in experiment.get("revs") or []:
-                runs.append({"name": rev.get("name") or rev["rev"][:7], "rev": rev["rev"],
+                rows.append({"name": rev.get("name") or rev["rev"][:7], "rev": rev["rev"],
                              "data": rev.get("data") or {}, "kind": "experiment"})
-    return runs
+    return rows
 
 
-def run_params(run: dict) -> dict:
-    return ((run["data"].get("params") or {}).get("params.yaml") or {}).get("data") or {}
+def row_params(row: dict) -> dict:
+    return ((row["data"].get("params") or {}).get("params.yaml") or {}).get("data") or {}
 
 
-def run_metrics(run: dict) -> dict:
-    path = paths_of(run_params(run)).metrics
-    return ((run["data"].get("metrics") or {}).get(path) or {}).get("data") or {}
+def row_metrics(row: dict) -> dict:
+    path = paths_of(row_params(row)).metrics
+    return ((row["data"].get("metrics") or {}).get(path) or {}).get("data") or {}
 
 
 def _same_results(a: dict, b: dict) -> bool:
-    return run_params(a) == run_params(b) and run_metrics(a) == run_metrics(b)
+    return row_params(a) == row_params(b) and row_metrics(a) == row_metrics(b)
 
 
-def select(runs: list, wanted: list) -> list:
-    """The runs named in `wanted` (name, rev prefix or `workspace`), in that order; without names, the
+def select(rows: list, wanted: list) -> list:
+    """The rows named in `wanted` (name, rev prefix or `workspace`), in that order; without names, the
     experiments, the baseline commit if it has results, and the workspace if its results are new.
     A run whose params and metrics equal an earlier one's (`make run` twice on one commit records the
     same cached results twice) is shown once, under the name dvc lists first."""
     if wanted:
-        return [_find(runs, name) for name in wanted]
+        return [_find(rows, name) for name in wanted]
     chosen = []
-    for run in runs:
-        if run["kind"] == "experiment" or (run["kind"] == "commit" and run_metrics(run)):
-            if not any(_same_results(run, other) for other in chosen):
-                chosen.append(run)
-    workspace = [r for r in runs if r["kind"] == "workspace" and run_metrics(r)
+    for row in rows:
+        if row["kind"] == "experiment" or (row["kind"] == "commit" and row_metrics(row)):
+            if not any(_same_results(row, other) for other in chosen):
+                chosen.append(row)
+    workspace = [r for r in rows if r["kind"] == "workspace" and row_metrics(r)
                  and not any(_same_results(r, other) for other in chosen)]
     return workspace + chosen
 
 
-def _find(runs: list, wanted: str) -> dict:
-    for run in runs:
-        if wanted == run["name"] or (len(wanted) >= 4 and run["rev"].startswith(wanted)):
-            return run
-    names = ", ".join(r["name"] for r in runs)
+def _find(rows: list, wanted: str) -> dict:
+    for row in rows:
+        if wanted == row["name"] or (len(wanted) >= 4 and row["rev"].startswith(wanted)):
+            return row
+    names = ", ".join(r["name"] for r in rows)
     raise ConfigError(f"no experiment {wanted!r} in `dvc exp show` of this commit; there are: {names}")
 
 
 # ---------------------------------------------------------------- each experiment's files
 
-def load_experiment(root: Path, run: dict) -> Experiment:
-    """The run's grid and loss history, read through DVC at its rev (the workspace as it is)."""
+def load_experiment(root: Path, row: dict) -> Experiment:
+    """The row's grid and loss history, read through DVC at its rev (the workspace as it is)."""
     from dvc.api import DVCFileSystem
 
-    params, problems = run_params(run), []
+    params, problems = row_params(row), []
     paths = paths_of(params)
-    fs = DVCFileSystem(str(root), rev=None if run["rev"] == "workspace" else run["rev"])
-    fetch = fetch_command(run)
+    fs = DVCFileSystem(str(root), rev=None if row["rev"] == "workspace" else row["rev"])
+    fetch = fetch_command(row)
     grid = _read(fs, paths.grid, problems, fetch)
-    history = _read_history(fs, paths.train_log, problems, fetch, run["name"])
-    if not run_metrics(run):
+    history = _read_history(fs, paths.train_log, problems, fetch, row["name"])
+    if not row_metrics(row):
         problems.append(f"{paths.metrics}: no metrics")
-    return Experiment(run["name"], run["rev"], params, run_metrics(run), grid, history, tuple(problems))
+    return Experiment(row["name"], row["rev"], params, row_metrics(row), grid, history, tuple(problems))
 
 
 def _read_history(fs, log: str, problems: list, fetch: str, name: str) -> dict | None:
@@ -160,13 +159,13 @@ def _read_history(fs, log: str, problems: list, fetch: str, name: str) -> dict |
     return None if lr is None else trainlog.parse_history(loss.decode(), lr.decode(), f"{name}:{log}")
 
 
-def fetch_command(run: dict) -> str:
-    """What fetches a run's outputs from the project's DVC remote into the local cache."""
-    return f"dvc exp pull origin {run['name']}" if run["kind"] == "experiment" else "dvc pull"
+def fetch_command(row: dict) -> str:
+    """What fetches a row's outputs from the project's DVC remote into the local cache."""
+    return f"dvc exp pull origin {row['name']}" if row["kind"] == "experiment" else "dvc pull"
 
 
 def _read(fs, path: str, problems: list, fetch: str) -> bytes | None:
-    """The file at the run's rev, or None with the reason in `problems`: the run did not make it, or
+    """The file at the row's rev, or None with the reason in `problems`: the run did not make it, or
     made it but the local DVC cache lacks it (then: the command that fetches it)."""
     from dvc_data.index import DataIndexDirError
 
@@ -184,10 +183,10 @@ def _read(fs, path: str, problems: list, fetch: str) -> bytes | None:
 def collect(root: Path, wanted: list) -> list:
     if not (root / ".dvc").is_dir():
         raise ConfigError(f"{root}: not the root of a DVC project (no .dvc/); run `python -m workflow compare` there")
-    runs = select(listed_runs(exp_show(root)), wanted)
-    if not runs:
+    rows = select(exp_show_rows(exp_show(root)), wanted)
+    if not rows:
         raise ConfigError("no experiments with results in `dvc exp show`: run `make run` or `dvc exp run` first")
-    return [load_experiment(root, run) for run in runs]
+    return [load_experiment(root, row) for row in rows]
 
 
 # ---------------------------------------------------------------- the page
@@ -224,7 +223,7 @@ def _swatch(colour: str) -> str:
 def table_section(experiments: list, colours: dict, keys: list, best: Experiment | None) -> str:
     # a long param name may wrap after its dots, so several params fit the width without scrolling;
     # the metrics' headings sit right, over their right-aligned numbers
-    heads = [("", h) for h in ("experiment", "rev", *keys)] + [(' class="num"', t) for _, t, _ in COLUMNS]
+    heads = [("", h) for h in ("experiment", "rev", *keys)] + [(' class="num"', t) for _, t, _ in METRIC_COLUMNS]
     head = "".join(f'<th{cls}><button type="button">{esc(h).replace(".", ".<wbr>")}</button></th>'
                    for cls, h in heads)
     rows = []
@@ -234,7 +233,7 @@ def table_section(experiments: list, colours: dict, keys: list, best: Experiment
                  f'<td data-sort="{esc(e.rev)}"><code>{esc(e.rev[:7])}</code></td>']
         cells += [_param_cell(flat.get(k)) for k in keys]
         cells += [_metric_cell(e.metrics.get(key), spec, ' <span class="badge">best</span>'
-                               if key == "fid" and e is best else "") for key, _, spec in COLUMNS]
+                               if key == "fid" and e is best else "") for key, _, spec in METRIC_COLUMNS]
         rows.append(f'<tr{" class=best" if e is best else ""}>{"".join(cells)}</tr>')
     note = ("the params that differ among them" if keys else "no param differs among them")
     caption = (f'<p class="caption">{len(experiments)} experiment(s); columns: {note}, then the metrics. '
@@ -248,7 +247,7 @@ def grids_section(experiments: list, colours: dict, best: Experiment | None) -> 
     cards = []
     for e in experiments:
         image = (pixel_image(e.grid_png, THUMBNAIL_PX, f"samples of {e.name}")[0] if e.grid_png
-                 else missing("sample grid", _why_missing(e, paths_of(e.params).grid)))
+                 else Missing("sample grid", _why_missing(e, paths_of(e.params).grid)).html())
         badge = ' <span class="badge">best FID</span>' if e is best else ""
         cards.append(f'<figure class="thumb{" best" if e is best else ""}" style="border-top-color:{colours[e.name]}">'
                      f"<figcaption>{_swatch(colours[e.name])}<strong>{esc(e.name)}</strong>{badge}<br>"
@@ -257,11 +256,11 @@ def grids_section(experiments: list, colours: dict, best: Experiment | None) -> 
 
 
 def curves_section(experiments: list, colours: dict) -> str:
-    runs = [(e.name, colours[e.name], e.history) for e in experiments if e.history is not None]
+    rows = [(e.name, colours[e.name], e.history) for e in experiments if e.history is not None]
     lacking = [e.name for e in experiments if e.history is None]
-    if not runs:
-        return section("Training curves", missing("loss histories", "no experiment's training log could be read"))
-    png = curves.overlay_plot_png(runs)
+    if not rows:
+        return section("Training curves", Missing("loss histories", "no experiment's training log could be read").html())
+    png = curves.overlay_plot_png(rows)
     width, height = png_size(png)
     img = (f'<img src="{data_uri(png)}" width="{width}" height="{height}" '
            'alt="training loss and learning rate of each experiment">')
@@ -358,10 +357,6 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"the page (default: {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
     experiments = collect(Path.cwd(), args.experiments)
-    with atomic_path(args.output) as tmp:
-        tmp.write_text(render_comparison(experiments), encoding="utf-8")
+    write_page(args.output, render_comparison(experiments))
     print(f"compare: {len(experiments)} experiment(s) -> {args.output}")
 
-
-if __name__ == "__main__":
-    main()

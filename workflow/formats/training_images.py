@@ -1,0 +1,33 @@
+"""The training images (`paths.images`): one uint8 array N x C x H x W in a .npy file, memory-mappable;
+written by preprocess (with `paths.meta`, a JSON record), read by fid_reference and train.
+
+    sha256 = write_images("data/processed/images.npy", array)
+    images = load_images("data/processed/images.npy")          # memory-mapped, read-only
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from workflow.core.artifacts import atomic_path, sha256_file
+from workflow.core.config import ConfigError
+
+
+def write_images(path: str | Path, array: np.ndarray) -> str:
+    """Save `array` as .npy atomically; return its sha256."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    return sha256_file(path)
+
+
+def load_images(path: str | Path, in_memory: bool = False) -> np.ndarray:
+    """The array, memory-mapped read-only (`in_memory`: read whole, writable)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} (`paths.images`): no such file; the preprocess stage makes it")
+    return np.load(path, mmap_mode=None if in_memory else "r", allow_pickle=False)
+
+
