@@ -19,8 +19,11 @@ from workflow.core.config import DEFAULT_PARAMS, ConfigError, load_params
 def run_stage(name: str, argv: list[str]) -> None:
     """Every stage the same way: read the params, `run(params)` -> summary, print its headline."""
     stage = importlib.import_module(f"workflow.stages.{name}")
-    parser = argparse.ArgumentParser(prog=f"python -m workflow {name}", description=stage.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m workflow {name}",
+        description=stage.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
     params = load_params(parser.parse_args(argv).params)
     print(stage.headline(stage.run(params), params))

@@ -5,6 +5,7 @@ interrupted stage never leaves a half-written file or folder that looks complete
 killed process left behind are removed by the next write of the same artifact. A write that runs
 out of space raises DiskFullError naming the artifact, and leaves the previous version in place.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,16 +17,18 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from workflow.core.faults import maybe_fault
 
 FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 # How libraries that do their own I/O word the same errors: safetensors (Rust), torch's zip writer, and
 # numpy's tofile, which reports a short write (on a regular file: out of space) with no errno.
-FULL_WORDS = re.compile(r"No space left|File too large|Disk quota|StorageFull|FileTooLarge|file write failed|"
-                        r"\d+ requested and \d+ written")
+FULL_WORDS = re.compile(
+    r"No space left|File too large|Disk quota|StorageFull|FileTooLarge|file write failed|"
+    r"\d+ requested and \d+ written"
+)
 
 
 class DiskFullError(OSError):
@@ -62,10 +65,12 @@ def disk_full_guard(final: str | Path) -> Iterator[None]:
     except Exception as exc:
         if not out_of_space(exc):
             raise
-        raise DiskFullError(_errno(exc),
-                            f"out of disk space (or over the file-size limit) while writing {final}: "
-                            f"{type(exc).__name__}: {str(exc)[:200]}. Earlier artifacts are intact; "
-                            "free some space (e.g. lower train.checkpoints_total_limit) and re-run") from exc
+        raise DiskFullError(
+            _errno(exc),
+            f"out of disk space (or over the file-size limit) while writing {final}: "
+            f"{type(exc).__name__}: {str(exc)[:200]}. Earlier artifacts are intact; "
+            "free some space (e.g. lower train.checkpoints_total_limit) and re-run",
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -132,8 +137,10 @@ def write_manifest(folder: str | Path) -> None:
     """Record the size and sha256 of every file in `folder` in `folder/manifest.json`."""
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    write_json(folder / MANIFEST, {p.relative_to(folder).as_posix(): {"size": p.stat().st_size,
-                                                                       "sha256": sha256_file(p)} for p in files})
+    write_json(
+        folder / MANIFEST,
+        {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
+    )
 
 
 def manifest_damage(folder: str | Path) -> str | None:

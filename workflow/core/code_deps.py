@@ -39,7 +39,7 @@ def direct_imports(module: str) -> frozenset[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "workflow":
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names if is_module(f"{node.module}.{a.name}")}
-    return frozenset(m for m in found if is_module(m) and not module_path(m).name == "__init__.py")
+    return frozenset(m for m in found if is_module(m) and module_path(m).name != "__init__.py")
 
 
 def closure(module: str) -> set[str]:

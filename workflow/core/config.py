@@ -6,6 +6,7 @@
 
 Unknown keys, wrong types and out-of-range values raise ConfigError naming the key and the rule.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,13 +46,17 @@ def non_negative(limit):
 
 def positive_items(limit, count):
     """A list of at most `count` numbers, each in (0, limit] (may be empty)."""
-    return _rule(lambda v: len(v) <= count and all(0 < n <= limit for n in v),
-                 f"must hold at most {count} values, each > 0 and <= {limit:,}") | {"max": limit}
+    return _rule(
+        lambda v: len(v) <= count and all(0 < n <= limit for n in v),
+        f"must hold at most {count} values, each > 0 and <= {limit:,}",
+    ) | {"max": limit}
 
 
 def positive_list(limit, count):
-    return _rule(lambda v: 0 < len(v) <= count and all(0 < x <= limit for x in v),
-                 f"must be a list of 1 to {count} numbers, each > 0 and <= {limit:,}") | {"max": limit}
+    return _rule(
+        lambda v: 0 < len(v) <= count and all(0 < x <= limit for x in v),
+        f"must be a list of 1 to {count} numbers, each > 0 and <= {limit:,}",
+    ) | {"max": limit}
 
 
 UNIT_OPEN = _rule(lambda v: 0 < v < 1, "must be in (0, 1)")
@@ -60,8 +65,10 @@ NON_EMPTY = _rule(lambda v: len(v) > 0, "must not be empty")
 STEPS = 10_000_000  # optimiser steps, and every count of them (warm-up, logging, checkpoint cadence)
 IMAGES = 100_000_000  # images in a dataset
 SHA256 = _rule(lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None, "must be 64 lowercase hex digits")
-SOURCE = _rule(lambda v: re.fullmatch(r"(builtin|imagefolder|hf):.+", v) is not None,
-               "must be builtin:<name>, imagefolder:<path> or hf:<owner>/<name>")
+SOURCE = _rule(
+    lambda v: re.fullmatch(r"(builtin|imagefolder|hf):.+", v) is not None,
+    "must be builtin:<name>, imagefolder:<path> or hf:<owner>/<name>",
+)
 
 
 def checked(default, rule=None):
@@ -182,12 +189,16 @@ class Sample:
 
 @dataclass(frozen=True)
 class Fid:
-    num_samples: int = checked(250, positive(100_000))  # the size of the sample set FID scores (made by the sample stage)
+    num_samples: int = checked(
+        250, positive(100_000)
+    )  # the size of the sample set FID scores (made by the sample stage)
     num_reference: Optional[int] = checked(250, positive(1_000_000))
     weights: Optional[str] = None
     weights_sha256: Optional[str] = checked(None, SHA256)
     batch_size: int = checked(50, positive(4096))
-    steps_sweep: tuple[int, ...] = checked_tuple((), positive_items(10_000, 32))  # FID against sample.num_inference_steps
+    steps_sweep: tuple[int, ...] = checked_tuple(
+        (), positive_items(10_000, 32)
+    )  # FID against sample.num_inference_steps
 
 
 @dataclass(frozen=True)
@@ -331,36 +342,52 @@ def _check_cross_field(p: Params, source: str) -> None:
     levels = len(p.model.block_out_channels)
     factor = 2 ** (levels - 1)
     if p.data.resolution % factor:
-        raise ConfigError(f"{source}: `data.resolution` ({p.data.resolution}) must be divisible by 2^(levels-1) = "
-                          f"{factor} for {levels} levels in `model.block_out_channels`")
+        raise ConfigError(
+            f"{source}: `data.resolution` ({p.data.resolution}) must be divisible by 2^(levels-1) = "
+            f"{factor} for {levels} levels in `model.block_out_channels`"
+        )
     bad = [c for c in p.model.block_out_channels if c % p.model.norm_num_groups]
     if bad:
-        raise ConfigError(f"{source}: `model.block_out_channels` {list(bad)} must be divisible by "
-                          f"`model.norm_num_groups` ({p.model.norm_num_groups})")
+        raise ConfigError(
+            f"{source}: `model.block_out_channels` {list(bad)} must be divisible by "
+            f"`model.norm_num_groups` ({p.model.norm_num_groups})"
+        )
     wrong = [lv for lv in p.model.attention_levels if not 0 <= lv < levels]
     if wrong:
-        raise ConfigError(f"{source}: `model.attention_levels` {wrong} must be level indices in 0..{levels - 1} "
-                          f"(the {levels} levels of `model.block_out_channels`)")
-    if p.sample.grid_size ** 2 > p.fid.num_samples:
-        raise ConfigError(f"{source}: `sample.grid_size`^2 ({p.sample.grid_size ** 2}) must not exceed "
-                          f"`fid.num_samples` ({p.fid.num_samples}), the sample set the grid is taken from")
+        raise ConfigError(
+            f"{source}: `model.attention_levels` {wrong} must be level indices in 0..{levels - 1} "
+            f"(the {levels} levels of `model.block_out_channels`)"
+        )
+    if p.sample.grid_size**2 > p.fid.num_samples:
+        raise ConfigError(
+            f"{source}: `sample.grid_size`^2 ({p.sample.grid_size**2}) must not exceed "
+            f"`fid.num_samples` ({p.fid.num_samples}), the sample set the grid is taken from"
+        )
     too_many = [n for n in (p.sample.num_inference_steps, *p.fid.steps_sweep) if n > p.scheduler.num_train_timesteps]
     if too_many:
-        raise ConfigError(f"{source}: `sample.num_inference_steps` and `fid.steps_sweep` ({too_many}) must not exceed "
-                          f"`scheduler.num_train_timesteps` ({p.scheduler.num_train_timesteps})")
+        raise ConfigError(
+            f"{source}: `sample.num_inference_steps` and `fid.steps_sweep` ({too_many}) must not exceed "
+            f"`scheduler.num_train_timesteps` ({p.scheduler.num_train_timesteps})"
+        )
     if p.sample.eta and p.sample.sampler != "ddim":
-        raise ConfigError(f"{source}: `sample.eta` ({p.sample.eta}) applies to the ddim sampler only; "
-                          f"set it to 0 for `sample.sampler` {p.sample.sampler!r}")
+        raise ConfigError(
+            f"{source}: `sample.eta` ({p.sample.eta}) applies to the ddim sampler only; "
+            f"set it to 0 for `sample.sampler` {p.sample.sampler!r}"
+        )
     if (p.train.max_steps is None) == (p.train.epochs is None):
         raise ConfigError(f"{source}: set exactly one of `train.max_steps` and `train.epochs` (the other null)")
     if p.train.batch_size % p.train.gradient_accumulation_steps:
-        raise ConfigError(f"{source}: `train.batch_size` ({p.train.batch_size}) must be divisible by "
-                          f"`train.gradient_accumulation_steps` ({p.train.gradient_accumulation_steps})")
+        raise ConfigError(
+            f"{source}: `train.batch_size` ({p.train.batch_size}) must be divisible by "
+            f"`train.gradient_accumulation_steps` ({p.train.gradient_accumulation_steps})"
+        )
     if p.fid.weights_sha256 and not p.fid.weights:
         raise ConfigError(f"{source}: `fid.weights_sha256` is set but `fid.weights` is not")
     if p.data.kind == "hf" and "/" not in p.data.location:
         raise ConfigError(f"{source}: `data.source` {p.data.source!r} must name a repository as hf:<owner>/<name>")
     if p.data.kind == "imagefolder" and os.path.normpath(p.data.location) != os.path.normpath(p.data.folder):
-        raise ConfigError(f"{source}: `data.source` {p.data.source!r} must read `data.folder` "
-                          f"({p.data.folder!r}), the folder dvc and Snakemake track: set `data.folder: "
-                          f"{p.data.location}` too")
+        raise ConfigError(
+            f"{source}: `data.source` {p.data.source!r} must read `data.folder` "
+            f"({p.data.folder!r}), the folder dvc and Snakemake track: set `data.folder: "
+            f"{p.data.location}` too"
+        )

@@ -6,6 +6,7 @@
 
 The train stage records both in its summary.json (the report shows them); the benchmark prints them.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -17,6 +17,7 @@ yet pruned), preprocess.after_image=<n decoded>, sample.after_image=<n written>,
 artifact.before_rename=<file or folder name> (every atomic write: complete, not yet in place).
 tests/test_faults.py kills each stage this way and checks that a re-run loses nothing.
 """
+
 from __future__ import annotations
 
 import os

@@ -13,13 +13,14 @@ A GPU's choices are bf16, channels_last, fused AdamW and the dataset kept on the
 also a plain torch path on CPU, so `Runtime.gpu_paths_on(torch.device("cpu"))` makes a CPU run take
 them: the tests do (tests/test_gpu_paths_on_cpu.py), so a dtype or layout mistake shows without a GPU.
 """
+
 from __future__ import annotations
 
-import os
-
 import dataclasses
+import os
 import warnings
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -109,7 +110,7 @@ def with_eager_fallback(compiled_call: Callable[[], T], eager_call: Callable[[],
     try:
         return compiled_call(), True
     except Exception as exc:
-        warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); {what} eagerly")
+        warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); {what} eagerly", stacklevel=2)
         return eager_call(), False
 
 

@@ -11,6 +11,7 @@ longer match its manifest (truncated, corrupted) is skipped with a warning in fa
 before. The run key hashes everything that shapes the weights, so a run only ever resumes its own
 checkpoints: change the learning rate and training starts afresh, beside the old checkpoints.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,13 @@ def run_key(params: Params, images_sha256: str) -> str:
     for cadence in ("log_every", "checkpoint_every", "checkpoints_total_limit", "progress_grids", "max_activation_gib"):
         train.pop(cadence)
     everything["model"].pop("max_parameters")
-    identity = {"images": images_sha256, "seed": params.seed, "model": everything["model"],
-                "scheduler": everything["scheduler"], "train": train}
+    identity = {
+        "images": images_sha256,
+        "seed": params.seed,
+        "model": everything["model"],
+        "scheduler": everything["scheduler"],
+        "train": train,
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -62,7 +68,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         problem = manifest_damage(folder)
         if problem is None:
             return folder
-        warnings.warn(f"checkpoint {folder} is damaged ({problem}): not resuming from it, trying the one before")
+        warnings.warn(
+            f"checkpoint {folder} is damaged ({problem}): not resuming from it, trying the one before", stacklevel=2
+        )
     return None
 
 

@@ -44,6 +44,8 @@ def load_unet(path: str | Path, device: torch.device):
     try:
         pipeline = DDPMPipeline.from_pretrained(str(path), use_safetensors=True)  # never unpickles weights
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not a loadable pipeline with safetensors weights ({type(exc).__name__}: "
-                          f"{str(exc)[:300]}); re-run the train stage") from None
+        raise ConfigError(
+            f"{path}: not a loadable pipeline with safetensors weights ({type(exc).__name__}: "
+            f"{str(exc)[:300]}); re-run the train stage"
+        ) from None
     return pipeline.unet.to(device), pipeline.scheduler.config

@@ -29,8 +29,8 @@ def read_raw(raw: str | Path) -> tuple[Path, dict]:
     raw = Path(raw)
     images, source = raw / IMAGES_DIR, raw / SOURCE_FILE
     if not images.is_dir() or not source.is_file():
-        raise ConfigError(f"`paths.raw` {str(raw)!r}: no {IMAGES_DIR}/ and {SOURCE_FILE} there "
-                          "(run `python -m workflow download` first)")
+        raise ConfigError(
+            f"`paths.raw` {str(raw)!r}: no {IMAGES_DIR}/ and {SOURCE_FILE} there "
+            "(run `python -m workflow download` first)"
+        )
     return images, read_record(source, "download")
-
-

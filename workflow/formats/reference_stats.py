@@ -9,6 +9,7 @@ KID), num_images, and weights_sha256 (the Inception file that made them).
 No command of its own: `python -m workflow evaluate` and `python -m workflow fid_steps` use it;
 `python -m workflow fid_reference` writes the file.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,5 +42,7 @@ def check_weights(reference: dict, info: dict, ref_path: str) -> None:
     """The reference must come from the Inception file now in use (`info` from workflow.models.inception)."""
     ref_sha = str(reference["weights_sha256"])
     if ref_sha != info["sha256"]:
-        raise ConfigError(f"{ref_path} was computed with Inception weights sha256 {ref_sha}, but the current "
-                          f"weights ({info['path']}) have sha256 {info['sha256']}; re-run the fid_reference stage")
+        raise ConfigError(
+            f"{ref_path} was computed with Inception weights sha256 {ref_sha}, but the current "
+            f"weights ({info['path']}) have sha256 {info['sha256']}; re-run the fid_reference stage"
+        )

@@ -55,6 +55,5 @@ def load_samples(folder: str | Path) -> np.ndarray:
     return np.stack(arrays).transpose(0, 3, 1, 2)
 
 
-
 def read_sample_record(folder: str | Path, keys=()) -> dict:
     return read_record(Path(folder) / RECORD, "sample", keys)

@@ -17,9 +17,8 @@ from workflow.core.config import ConfigError
 
 def write_images(path: str | Path, array: np.ndarray) -> str:
     """Save `array` as .npy atomically; return its sha256."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
     return sha256_file(path)
 
 
@@ -29,5 +28,3 @@ def load_images(path: str | Path, in_memory: bool = False) -> np.ndarray:
     if not path.is_file():
         raise ConfigError(f"{path} (`paths.images`): no such file; the preprocess stage makes it")
     return np.load(path, mmap_mode=None if in_memory else "r", allow_pickle=False)
-
-

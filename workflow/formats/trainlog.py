@@ -21,6 +21,7 @@ own `resume=True` would continue after steps logged past the last checkpoint). N
 written, dvclive writes no dvc.yaml (ours declares the plots) and saves no experiment (`dvc exp run`
 records the run), and it is kept from the repository around it (see `_writer`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -131,5 +132,5 @@ def parse_history(loss_text: str, lr_text: str, origin: str) -> dict:
     the lr file lacks is NaN); `origin` names the log folder in errors."""
     steps, loss = parse_metric(loss_text, LOSS.rsplit("/", 1)[1], f"{origin}/{tsv(LOSS)}")
     lr_steps, lr = parse_metric(lr_text, LR.rsplit("/", 1)[1], f"{origin}/{tsv(LR)}")
-    lr_at = dict(zip(lr_steps.tolist(), lr.tolist()))
+    lr_at = dict(zip(lr_steps.tolist(), lr.tolist(), strict=True))
     return {"step": steps, "loss": loss, "lr": np.array([lr_at.get(s, math.nan) for s in steps.tolist()])}

@@ -3,6 +3,7 @@
 Also the run's random streams: everything random in a training step is a function of
 (seed, step), so a resumed run replays exactly what an uninterrupted one would have done.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,7 +27,9 @@ def batch_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
     """Dataset indices of the global batch at `step`: epochs are seeded permutations laid end to end."""
     positions = np.arange(step * batch_size, (step + 1) * batch_size)
     epochs, offsets = np.divmod(positions, n)
-    return np.array([_epoch_permutation(seed, int(e), n)[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+    return np.array(
+        [_epoch_permutation(seed, int(e), n)[o] for e, o in zip(epochs, offsets, strict=True)], dtype=np.int64
+    )
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -34,8 +37,9 @@ def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float().div_(127.5).sub_(1.0)
 
 
-def step_noise(seed: int, step: int, shape: tuple, num_train_timesteps: int, device,
-               noise_offset: float = 0.0) -> tuple:
+def step_noise(
+    seed: int, step: int, shape: tuple, num_train_timesteps: int, device, noise_offset: float = 0.0
+) -> tuple:
     """(noise, timesteps, flip mask) for the whole global batch of `step`, from the (seed, step) stream.
 
     Drawn for the global batch on every process, so each process's shard equals the matching

@@ -12,9 +12,11 @@ convert("RGB") does) -> clean-fid's "clean" resizer (per-channel float PIL bicub
 float 0..255 -> the extractor (workflow.models.inception). KID is clean-fid's kernel_distance; FID is
 clean-fid's formula by a faster, equal route (frechet_distance).
 """
+
 from __future__ import annotations
 
 import functools
+
 import numpy as np
 import torch
 from cleanfid import fid as cleanfid_fid
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 FEATURE_DIM = 2048
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _clean_resizer():
     return build_resizer("clean")
 
@@ -49,8 +51,9 @@ class _Resized(Dataset):
         return clean_resize(self.images[i])
 
 
-def features(images: np.ndarray, extractor: torch.nn.Module, batch_size: int,
-             device: torch.device | str, num_workers: int = 0) -> np.ndarray:
+def features(
+    images: np.ndarray, extractor: torch.nn.Module, batch_size: int, device: torch.device | str, num_workers: int = 0
+) -> np.ndarray:
     """uint8 (N, C, H, W) images (C = 1 or 3) -> float64 (N, 2048) Inception features."""
     if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected uint8 (N, C, H, W) with C = 1 or 3, got {images.dtype} {images.shape}")
@@ -93,8 +96,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
-def kernel_inception_distance(feats1: np.ndarray, feats2: np.ndarray, seed: int,
-                              num_subsets: int = 100, max_subset_size: int = 1000) -> float:
+def kernel_inception_distance(
+    feats1: np.ndarray, feats2: np.ndarray, seed: int, num_subsets: int = 100, max_subset_size: int = 1000
+) -> float:
     """KID by clean-fid's kernel_distance, its subsets drawn from np.random seeded with `seed`.
 
     The global NumPy random state is saved and restored, so callers see no side effect.
@@ -104,8 +108,14 @@ def kernel_inception_distance(feats1: np.ndarray, feats2: np.ndarray, seed: int,
     state = np.random.get_state()
     np.random.seed(seed)
     try:
-        return float(cleanfid_fid.kernel_distance(np.asarray(feats1, np.float64), np.asarray(feats2, np.float64),
-                                                  num_subsets=num_subsets, max_subset_size=max_subset_size))
+        return float(
+            cleanfid_fid.kernel_distance(
+                np.asarray(feats1, np.float64),
+                np.asarray(feats2, np.float64),
+                num_subsets=num_subsets,
+                max_subset_size=max_subset_size,
+            )
+        )
     finally:
         np.random.set_state(state)
 
@@ -113,6 +123,9 @@ def kernel_inception_distance(feats1: np.ndarray, feats2: np.ndarray, seed: int,
 def score(sample_feats: np.ndarray, reference: dict, seed: int) -> dict:
     """FID against the reference statistics and KID against its features."""
     mu, sigma = statistics(sample_feats)
-    return {"fid": frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
-            "kid": kernel_inception_distance(sample_feats, reference["features"], seed),
-            "fid_num_samples": len(sample_feats), "fid_num_reference": int(reference["num_images"])}
+    return {
+        "fid": frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
+        "kid": kernel_inception_distance(sample_feats, reference["features"], seed),
+        "fid_num_samples": len(sample_feats),
+        "fid_num_reference": int(reference["num_images"]),
+    }

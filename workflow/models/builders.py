@@ -1,15 +1,15 @@
 """Builds the networks and noise schedulers from params: the one place that maps params to diffusers.
 
-    check_size(params)          # first: refuses a UNet or a batch over the caps, allocating nothing
-    unet = build_unet(params.model, resolution=16, channels=1)
-    noise_scheduler = build_noise_scheduler(params.scheduler)
-    sampler = build_sampler("ddim", noise_scheduler.config)
+check_size(params)          # first: refuses a UNet or a batch over the caps, allocating nothing
+unet = build_unet(params.model, resolution=16, channels=1)
+noise_scheduler = build_noise_scheduler(params.scheduler)
+sampler = build_sampler("ddim", noise_scheduler.config)
 """
+
 from __future__ import annotations
 
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       UNet2DModel)
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 
 from workflow.core.config import ConfigError, Model, Params, Scheduler
 
@@ -68,18 +68,22 @@ def check_size(params: Params) -> dict:
         unet = build_unet(m, resolution=data.resolution, channels=data.channels)
     count = count_parameters(unet)
     if count > m.max_parameters:
-        raise ConfigError(f"the UNet of `model.block_out_channels` {list(m.block_out_channels)}, "
-                          f"`model.layers_per_block` {m.layers_per_block} and `model.attention_levels` "
-                          f"{list(m.attention_levels)} has {count:,} parameters, over `model.max_parameters` "
-                          f"({m.max_parameters:,}): make it smaller, or raise the cap")
+        raise ConfigError(
+            f"the UNet of `model.block_out_channels` {list(m.block_out_channels)}, "
+            f"`model.layers_per_block` {m.layers_per_block} and `model.attention_levels` "
+            f"{list(m.attention_levels)} has {count:,} parameters, over `model.max_parameters` "
+            f"({m.max_parameters:,}): make it smaller, or raise the cap"
+        )
     micro_batch = t.batch_size // t.gradient_accumulation_steps
     gib = activation_bytes(unet, micro_batch) / GIB
     if gib > t.max_activation_gib:
-        raise ConfigError(f"one training micro-batch of {micro_batch} images (`train.batch_size` / "
-                          f"`train.gradient_accumulation_steps`) at `data.resolution` {data.resolution} keeps about "
-                          f"{gib:,.0f} GiB of activations for the backward pass on this UNet (`model.*`), over "
-                          f"`train.max_activation_gib` ({t.max_activation_gib:,}): raise "
-                          f"`train.gradient_accumulation_steps`, lower `train.batch_size`, or raise the cap")
+        raise ConfigError(
+            f"one training micro-batch of {micro_batch} images (`train.batch_size` / "
+            f"`train.gradient_accumulation_steps`) at `data.resolution` {data.resolution} keeps about "
+            f"{gib:,.0f} GiB of activations for the backward pass on this UNet (`model.*`), over "
+            f"`train.max_activation_gib` ({t.max_activation_gib:,}): raise "
+            f"`train.gradient_accumulation_steps`, lower `train.batch_size`, or raise the cap"
+        )
     return {"parameters": count, "activation_gib": gib}
 
 

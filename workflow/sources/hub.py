@@ -23,6 +23,7 @@ there. This module adds what users need around it: the revision resolved to a co
 with backoff on network errors, the cache when the mirror is unreachable (saying so), and one clear
 ConfigError for each way it can fail.
 """
+
 from __future__ import annotations
 
 import glob
@@ -30,21 +31,28 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx2  # huggingface_hub's HTTP client: its network errors
 from huggingface_hub import HfApi, constants, get_cached_repo_tree, snapshot_download
-from huggingface_hub.errors import (CachedRepoTreeNotFoundError, GatedRepoError, HfHubHTTPError,
-                                    LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.errors import (
+    CachedRepoTreeNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import get_token_to_send
 
 from workflow.core.config import ConfigError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-ATTEMPTS = 3          # tries of the network part before falling back to the cache
+ATTEMPTS = 3  # tries of the network part before falling back to the cache
 BACKOFF_SECONDS = 1.0  # wait before the second try, doubled before each further one
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 TRUE = {"1", "ON", "YES", "TRUE"}
@@ -62,13 +70,16 @@ class HubEnv:
     token: str | None = field(default=None, repr=False)  # never in a repr, a message or a record
 
     @classmethod
-    def from_environ(cls, environ=os.environ) -> "HubEnv":
+    def from_environ(cls, environ=os.environ) -> HubEnv:
         """Endpoint and offline flag from `environ`; the token huggingface_hub will send (HF_TOKEN, else
         the file `hf auth login` wrote under HF_HOME), kept only to say whether one is set and to keep
         it out of messages."""
         offline = environ.get("HF_HUB_OFFLINE") or environ.get("TRANSFORMERS_OFFLINE") or ""
-        return cls(endpoint=(environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
-                   offline=offline.upper() in TRUE, token=get_token_to_send(None))
+        return cls(
+            endpoint=(environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
+            offline=offline.upper() in TRUE,
+            token=get_token_to_send(None),
+        )
 
     @property
     def host(self) -> str:
@@ -111,23 +122,27 @@ def snapshot(repo_id: str, revision: str, env: HubEnv, select: Select, source: s
     if cached is None:
         raise ConfigError(not_available(source, revision, tried, env))
     if not env.offline:
-        print(f"download: {tried}; using the cached snapshot {cached[0]} of {source} at revision "
-              f"{revision!r}", file=sys.stderr)
+        print(
+            f"download: {tried}; using the cached snapshot {cached[0]} of {source} at revision {revision!r}",
+            file=sys.stderr,
+        )
     return cached
 
 
 def fetch(repo_id: str, revision: str, select: Select, env: HubEnv | None) -> tuple[str, Path, Any]:
     """The card and the commit's listing, then `select`'s files: from `env.endpoint`, or with env None
     from the cache alone (huggingface_hub's `local_files_only`, which checks the cached listing)."""
-    where = ({"endpoint": env.endpoint} if env else {"local_files_only": True})
-    folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=CARD_FILES,
-                                    **where))
+    where = {"endpoint": env.endpoint} if env else {"local_files_only": True}
+    folder = Path(
+        snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=CARD_FILES, **where)
+    )
     sha = folder.name
     listing = {f.path: f.size for f in get_cached_repo_tree(repo_id, repo_type="dataset", revision=sha)}
     chosen = select(folder, listing)
     # exact paths, not patterns: a `[` or `*` in a file name matches only itself
-    snapshot_download(repo_id, repo_type="dataset", revision=sha,
-                      allow_patterns=[glob.escape(name) for name in chosen.files], **where)
+    snapshot_download(
+        repo_id, repo_type="dataset", revision=sha, allow_patterns=[glob.escape(name) for name in chosen.files], **where
+    )
     return sha, folder, chosen
 
 
@@ -146,8 +161,7 @@ def download(repo_id: str, revision: str, env: HubEnv, select: Select, source: s
     for attempt in range(ATTEMPTS):
         if attempt:
             wait = BACKOFF_SECONDS * 2 ** (attempt - 1)
-            print(f"download: {env.shown}: {last}; retrying in {wait:g} s ({attempt + 1}/{ATTEMPTS})",
-                  file=sys.stderr)
+            print(f"download: {env.shown}: {last}; retrying in {wait:g} s ({attempt + 1}/{ATTEMPTS})", file=sys.stderr)
             time.sleep(wait)
         try:
             # first: snapshot_download itself would fall back to the cache without a word
@@ -222,29 +236,40 @@ LOGIN = "set HF_TOKEN in the environment or log in once with `hf auth login`"
 
 
 def repo_not_found(source: str, env: HubEnv) -> str:
-    token = ("a token is set (HF_TOKEN or `hf auth login`): check that it grants access to it" if env.token else
-             f"a private or gated dataset needs a token: {LOGIN}")
-    return (f"`data.source` {source!r}: dataset not found at {env.shown} (HF_ENDPOINT). Check the name; "
-            f"{token}; a mirror may not carry every dataset.")
+    token = (
+        "a token is set (HF_TOKEN or `hf auth login`): check that it grants access to it"
+        if env.token
+        else f"a private or gated dataset needs a token: {LOGIN}"
+    )
+    return (
+        f"`data.source` {source!r}: dataset not found at {env.shown} (HF_ENDPOINT). Check the name; "
+        f"{token}; a mirror may not carry every dataset."
+    )
 
 
 def gated(source: str, env: HubEnv) -> str:
     token = "the token set (HF_TOKEN or `hf auth login`)" if env.token else "no token set"
-    return (f"`data.source` {source!r} at {env.shown} (HF_ENDPOINT) is gated and {token} grants access: "
-            f"accept its conditions on its Hub page, then {LOGIN} with a token of that account.")
+    return (
+        f"`data.source` {source!r} at {env.shown} (HF_ENDPOINT) is gated and {token} grants access: "
+        f"accept its conditions on its Hub page, then {LOGIN} with a token of that account."
+    )
 
 
 def revision_not_found(source: str, revision: str, env: HubEnv) -> str:
-    return (f"`data.revision` {revision!r}: no such branch, tag or commit in {source!r} at {env.shown} "
-            "(HF_ENDPOINT); set it to an existing one, or to null for `main`.")
+    return (
+        f"`data.revision` {revision!r}: no such branch, tag or commit in {source!r} at {env.shown} "
+        "(HF_ENDPOINT); set it to an existing one, or to null for `main`."
+    )
 
 
 def not_available(source: str, revision: str, tried: str, env: HubEnv) -> str:
-    return (f"`data.source` {source!r} at revision {revision!r} is not available: {tried}, and the local "
-            f"Hugging Face cache ({constants.HF_HUB_CACHE}) holds no complete snapshot of the files it needs. "
-            f"To download it, set HF_ENDPOINT to a Hub or mirror you can reach (now {env.shown}; "
-            f"e.g. https://hf-mirror.com), unset HF_HUB_OFFLINE (now {'set' if env.offline else 'unset'}), "
-            f"and set HF_TOKEN for a private or gated dataset (now {'set' if env.token else 'unset'}) or log "
-            "in once with `hf auth login`. "
-            "To work offline later: download once, pin `data.revision` to the commit sha in SOURCE.json, "
-            "then HF_HUB_OFFLINE=1 uses the cache.")
+    return (
+        f"`data.source` {source!r} at revision {revision!r} is not available: {tried}, and the local "
+        f"Hugging Face cache ({constants.HF_HUB_CACHE}) holds no complete snapshot of the files it needs. "
+        f"To download it, set HF_ENDPOINT to a Hub or mirror you can reach (now {env.shown}; "
+        f"e.g. https://hf-mirror.com), unset HF_HUB_OFFLINE (now {'set' if env.offline else 'unset'}), "
+        f"and set HF_TOKEN for a private or gated dataset (now {'set' if env.token else 'unset'}) or log "
+        "in once with `hf auth login`. "
+        "To work offline later: download once, pin `data.revision` to the commit sha in SOURCE.json, "
+        "then HF_HUB_OFFLINE=1 uses the cache."
+    )

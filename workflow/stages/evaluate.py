@@ -9,33 +9,52 @@ this stage's own wall time, loading the samples included; see METRIC_KEYS).
 FID uses the same features function and Inception file as the reference; a reference computed
 with other weights is refused.
 """
+
 from __future__ import annotations
 
 import time
 
-
-from workflow.maths import fid
 from workflow.core.artifacts import write_json
 from workflow.core.config import Params
-from workflow.models.inception import load_extractor
+from workflow.core.runtime import default_device, feature_workers
 from workflow.formats import trainlog
 from workflow.formats.reference_stats import check_weights, load_reference
 from workflow.formats.sample_set import load_samples, read_sample_record
-from workflow.core.runtime import default_device, feature_workers
+from workflow.maths import fid
+from workflow.models.inception import load_extractor
 
-TRAIN_KEYS = {"loss_final": "train_loss_final", "images_per_second": "train_images_per_second",
-              "seconds": "train_seconds", "steps": "train_steps", "num_parameters": "num_parameters"}
+TRAIN_KEYS = {
+    "loss_final": "train_loss_final",
+    "images_per_second": "train_images_per_second",
+    "seconds": "train_seconds",
+    "steps": "train_steps",
+    "num_parameters": "num_parameters",
+}
 SAMPLE_KEYS = {"seconds": "sample_seconds", "images_per_second": "sample_images_per_second"}
-METRIC_KEYS = ("fid", "kid", "fid_num_samples", "fid_num_reference", "fid_weights_sha256",
-               "fid_weights_origin", *TRAIN_KEYS.values(), *SAMPLE_KEYS.values(), "evaluate_seconds")
+METRIC_KEYS = (
+    "fid",
+    "kid",
+    "fid_num_samples",
+    "fid_num_reference",
+    "fid_weights_sha256",
+    "fid_weights_origin",
+    *TRAIN_KEYS.values(),
+    *SAMPLE_KEYS.values(),
+    "evaluate_seconds",
+)
 INTEGER_METRICS = {"fid_num_samples", "fid_num_reference", "train_steps", "num_parameters"}
 
 
 def flat_metrics(scores: dict, info: dict, train: dict, sample: dict, seconds: float) -> dict:
     """One flat dict of JSON-native values, keyed as METRIC_KEYS."""
-    merged = {**scores, "fid_weights_sha256": info["sha256"], "fid_weights_origin": info["origin"],
-              **{TRAIN_KEYS[k]: v for k, v in train.items()}, **{SAMPLE_KEYS[k]: v for k, v in sample.items()},
-              "evaluate_seconds": seconds}
+    merged = {
+        **scores,
+        "fid_weights_sha256": info["sha256"],
+        "fid_weights_origin": info["origin"],
+        **{TRAIN_KEYS[k]: v for k, v in train.items()},
+        **{SAMPLE_KEYS[k]: v for k, v in sample.items()},
+        "evaluate_seconds": seconds,
+    }
     return {k: _native(k, merged[k]) for k in METRIC_KEYS}
 
 
@@ -63,5 +82,7 @@ def run(params: Params) -> dict:
 
 
 def headline(metrics: dict, params: Params) -> str:
-    return (f"evaluate: FID {metrics['fid']:.4f}, KID {metrics['kid']:.6f} over "
-            f"{metrics['fid_num_samples']} samples -> {params.paths.metrics}")
+    return (
+        f"evaluate: FID {metrics['fid']:.4f}, KID {metrics['kid']:.6f} over "
+        f"{metrics['fid_num_samples']} samples -> {params.paths.metrics}"
+    )

@@ -7,17 +7,18 @@ chosen by a permutation seeded with `seed`. Writes `paths.fid_ref`, an .npz with
 (float64), features (float32, for KID), num_images, and weights_sha256 (the Inception file used;
 evaluate refuses a reference computed with other weights).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from workflow.maths import fid
 from workflow.core.config import ConfigError, Params
+from workflow.core.runtime import default_device, feature_workers
 from workflow.formats.reference_stats import save_reference
 from workflow.formats.training_images import load_images
+from workflow.maths import fid
 from workflow.models.inception import load_extractor
-from workflow.core.runtime import default_device, feature_workers
 
 
 def choose_reference(num_images: int, num_reference: int | None, seed: int) -> np.ndarray:
@@ -25,18 +26,18 @@ def choose_reference(num_images: int, num_reference: int | None, seed: int) -> n
     if num_reference is None:
         return np.arange(num_images)
     if num_reference > num_images:
-        raise ConfigError(f"`fid.num_reference` ({num_reference}) exceeds the {num_images} preprocessed "
-                          "images; lower it, or set it to null to use them all")
+        raise ConfigError(
+            f"`fid.num_reference` ({num_reference}) exceeds the {num_images} preprocessed "
+            "images; lower it, or set it to null to use them all"
+        )
     return np.sort(np.random.default_rng(seed).permutation(num_images)[:num_reference])
 
 
-def reference_statistics(images: np.ndarray, extractor: torch.nn.Module, batch_size: int,
-                         device: torch.device) -> dict:
+def reference_statistics(images: np.ndarray, extractor: torch.nn.Module, batch_size: int, device: torch.device) -> dict:
     """The arrays of fid_ref.npz (without weights_sha256) for uint8 (N, C, H, W) images."""
     feats = fid.features(images, extractor, batch_size, device, feature_workers(device))
     mu, sigma = fid.statistics(feats)
-    return {"mu": mu, "sigma": sigma, "features": feats.astype(np.float32),
-            "num_images": np.int64(len(feats))}
+    return {"mu": mu, "sigma": sigma, "features": feats.astype(np.float32), "num_images": np.int64(len(feats))}
 
 
 def run(params: Params) -> dict:

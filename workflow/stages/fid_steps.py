@@ -13,6 +13,7 @@ num_inference_steps, fid, kid, seconds (sampling and scoring of that point).
 Off by default: with fid.steps_sweep empty the stage writes the header alone and loads nothing, so
 the CPU default run pays nothing for it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,20 +22,21 @@ import time
 import numpy as np
 import torch
 
-from workflow.maths import fid
 from workflow.core.artifacts import atomic_path
 from workflow.core.config import Params
-from workflow.models.inception import load_extractor
-from workflow.formats.reference_stats import check_weights, load_reference
 from workflow.core.runtime import default_device, feature_workers
 from workflow.formats.pipeline import load_unet
+from workflow.formats.reference_stats import check_weights, load_reference
+from workflow.maths import fid
+from workflow.models.inception import load_extractor
 from workflow.models.sampling import sample_batches
 
 CSV_COLUMNS = ("num_inference_steps", "fid", "kid", "seconds")
 
 
-def sweep_point(params: Params, steps: int, unet, scheduler_config, extractor, reference: dict,
-                device: torch.device) -> dict:
+def sweep_point(
+    params: Params, steps: int, unet, scheduler_config, extractor, reference: dict, device: torch.device
+) -> dict:
     """FID/KID of the sample set made in `steps` steps; the features are taken batch by batch."""
     settings = dataclasses.replace(params.sample, num_inference_steps=steps)
     workers = feature_workers(device)
@@ -43,8 +45,12 @@ def sweep_point(params: Params, steps: int, unet, scheduler_config, extractor, r
         chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
         feats.append(fid.features(chw, extractor, params.fid.batch_size, device, workers))
     scores = fid.score(np.concatenate(feats), reference, params.seed)
-    return {"num_inference_steps": steps, "fid": scores["fid"], "kid": scores["kid"],
-            "seconds": time.perf_counter() - started}
+    return {
+        "num_inference_steps": steps,
+        "fid": scores["fid"],
+        "kid": scores["kid"],
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def sweep(params: Params) -> list[dict]:
@@ -56,8 +62,9 @@ def sweep(params: Params) -> list[dict]:
     check_weights(reference, info, params.paths.fid_ref)
     device = default_device()
     unet, scheduler_config = load_unet(params.paths.trained, device)
-    return [sweep_point(params, n, unet, scheduler_config, extractor, reference, device)
-            for n in params.fid.steps_sweep]
+    return [
+        sweep_point(params, n, unet, scheduler_config, extractor, reference, device) for n in params.fid.steps_sweep
+    ]
 
 
 def sweep_csv(rows: list[dict]) -> str:

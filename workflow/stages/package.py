@@ -12,6 +12,7 @@ README.md (the model card: Hub metadata with the FID and KID and their sample co
 lines that load and sample it, the training params, the hardware) and manifest.json.
 Everything in the card comes from those artifacts and params; nothing is typed in by hand.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,11 +26,11 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from workflow.core.artifacts import atomic_dir, write_manifest
 from workflow.core.config import ConfigError, Params
-from workflow.models.builders import build_sampler
 from workflow.formats import trainlog
 from workflow.formats.pipeline import check_pipeline
 from workflow.formats.raw_dataset import SOURCE_FILE
 from workflow.formats.records import read_record
+from workflow.models.builders import build_sampler
 
 CARD, GRID = "README.md", "samples.png"
 PIPELINES = {"ddpm": DDPMPipeline, "ddim": DDIMPipeline, "dpmsolver++": DDPMPipeline}  # DDIM's takes eta
@@ -69,81 +70,126 @@ def model_name(params: Params) -> str:
 def card_metadata(params: Params, source: dict, metrics: dict) -> ModelCardData:
     """The YAML front matter the Hub reads: library, tags, dataset (with its pinned commit), FID and KID."""
     hf = source["kind"] == "hf"
-    names = {"hf": lambda: source["repo_id"], "imagefolder": lambda: source["path"],
-             "builtin": lambda: f"{source['name']} ({source['package']} {source['package_version']})"}
-    dataset = {"dataset_type": source["repo_id"] if hf else params.data.source, "dataset_name": names[source["kind"]](),
-               **({"dataset_config": source.get("config"), "dataset_split": source["split"],
-                   "dataset_revision": source["sha"]} if hf else {})}  # config: recorded by newer downloads
+    names = {
+        "hf": lambda: source["repo_id"],
+        "imagefolder": lambda: source["path"],
+        "builtin": lambda: f"{source['name']} ({source['package']} {source['package_version']})",
+    }
+    dataset = {
+        "dataset_type": source["repo_id"] if hf else params.data.source,
+        "dataset_name": names[source["kind"]](),
+        **(
+            {
+                "dataset_config": source.get("config"),
+                "dataset_split": source["split"],
+                "dataset_revision": source["sha"],
+            }
+            if hf
+            else {}
+        ),
+    }  # config: recorded by newer downloads
     s = params.sample
-    args = {"num_samples": metrics["fid_num_samples"], "num_reference": metrics["fid_num_reference"],
-            "sampler": s.sampler, "num_inference_steps": s.num_inference_steps, "eta": s.eta,
-            "inception_sha256": metrics["fid_weights_sha256"]}
+    args = {
+        "num_samples": metrics["fid_num_samples"],
+        "num_reference": metrics["fid_num_reference"],
+        "sampler": s.sampler,
+        "num_inference_steps": s.num_inference_steps,
+        "eta": s.eta,
+        "inception_sha256": metrics["fid_weights_sha256"],
+    }
     counts = f"{metrics['fid_num_samples']} samples vs {metrics['fid_num_reference']} training images"
-    results = [EvalResult(task_type=TASK, task_name="Unconditional image generation", **dataset,
-                          metric_type=kind, metric_value=metrics[kind], metric_args=args,
-                          metric_name=f"{kind.upper()} (clean-fid, {counts})") for kind in ("fid", "kid")]
-    return ModelCardData(library_name="diffusers", pipeline_tag=TASK, tags=["diffusers", TASK, "ddpm"],
-                         datasets=[source["repo_id"]] if hf else None, model_name=model_name(params),
-                         eval_results=results)
+    results = [
+        EvalResult(
+            task_type=TASK,
+            task_name="Unconditional image generation",
+            **dataset,
+            metric_type=kind,
+            metric_value=metrics[kind],
+            metric_args=args,
+            metric_name=f"{kind.upper()} (clean-fid, {counts})",
+        )
+        for kind in ("fid", "kid")
+    ]
+    return ModelCardData(
+        library_name="diffusers",
+        pipeline_tag=TASK,
+        tags=["diffusers", TASK, "ddpm"],
+        datasets=[source["repo_id"]] if hf else None,
+        model_name=model_name(params),
+        eval_results=results,
+    )
 
 
 def dataset_line(source: dict) -> str:
     if source["kind"] == "hf":
-        return (f"[`{source['repo_id']}`](https://huggingface.co/datasets/{source['repo_id']}) at commit "
-                f"`{source['sha']}` (requested `{source['revision']}`, split `{source['split']}`, "
-                f"fetched from {source['endpoint']})")
+        return (
+            f"[`{source['repo_id']}`](https://huggingface.co/datasets/{source['repo_id']}) at commit "
+            f"`{source['sha']}` (requested `{source['revision']}`, split `{source['split']}`, "
+            f"fetched from {source['endpoint']})"
+        )
     if source["kind"] == "builtin":
-        return (f"`builtin:{source['name']}`, the {source['count']:,} images inside the PyPI package "
-                f"{source['package']} {source['package_version']} (`{source['data_file']}`, sha256 "
-                f"`{source['data_file_sha256']}`)")
+        return (
+            f"`builtin:{source['name']}`, the {source['count']:,} images inside the PyPI package "
+            f"{source['package']} {source['package_version']} (`{source['data_file']}`, sha256 "
+            f"`{source['data_file_sha256']}`)"
+        )
     return f"the image folder `{source['path']}`"
 
 
 def usage(params: Params, pipeline_class: type) -> str:
     """Three lines that load and sample the published folder (tests execute them from this card)."""
     s, data = params.sample, params.data
-    n, name = s.grid_size ** 2, pipeline_class.__name__
+    n, name = s.grid_size**2, pipeline_class.__name__
     eta = f", eta={s.eta}" if pipeline_class is DDIMPipeline else ""
-    return (f"```python\nfrom diffusers import {name}\n"
-            f"pipeline = {name}.from_pretrained(\"{params.paths.pipeline}\")  # or \"<user>/<repo>\" once uploaded\n"
-            f"images = pipeline(batch_size={n}, num_inference_steps={s.num_inference_steps}{eta}).images"
-            f"  # {n} PIL images, {data.resolution}x{data.resolution}\n```\n")
+    return (
+        f"```python\nfrom diffusers import {name}\n"
+        f'pipeline = {name}.from_pretrained("{params.paths.pipeline}")  # or "<user>/<repo>" once uploaded\n'
+        f"images = pipeline(batch_size={n}, num_inference_steps={s.num_inference_steps}{eta}).images"
+        f"  # {n} PIL images, {data.resolution}x{data.resolution}\n```\n"
+    )
 
 
-def model_card(params: Params, source: dict, meta: dict, metrics: dict, summary: dict,
-               pipeline_class: type, sampler: str) -> str:
+def model_card(
+    params: Params, source: dict, meta: dict, metrics: dict, summary: dict, pipeline_class: type, sampler: str
+) -> str:
     """README.md: the Hub's YAML front matter, then the grid, usage, evaluation, training and hardware."""
     s, d = params.sample, params.data
     recipe = {"seed": params.seed, **{k: params.to_dict()[k] for k in ("data", "model", "scheduler", "train")}}
     software = ", ".join(f"{k} {v}" for k, v in sorted(summary["software"].items()))
-    return "\n".join([
-        f"---\n{card_metadata(params, source, metrics).to_yaml()}\n---\n",
-        f"# {model_name(params)}\n",
-        f"An unconditional image diffusion model: a diffusers `UNet2DModel` ({summary['num_parameters']:,} "
-        f"parameters) trained as a DDPM on {meta['count']:,} images of {dataset_line(source)}, at "
-        f"{d.resolution}x{d.resolution} px with {d.channels} channel(s).\n",
-        f"![The first {s.grid_size ** 2} images of the evaluated sample set]({GRID})\n",
-        "## Use\n", usage(params, pipeline_class),
-        f"The scheduler saved here is the sampler the evaluation used: `{sampler}` on the training noise "
-        f"schedule ({params.scheduler.beta_schedule} betas, {params.scheduler.num_train_timesteps} steps, "
-        f"{params.scheduler.prediction_type} prediction). Upload this folder as it is with "
-        f"`hf upload <user>/<repo> {params.paths.pipeline}`.\n",
-        "## Evaluation\n",
-        "| metric | value | samples | training images | sampler |\n|---|---|---|---|---|",
-        *(f"| {kind.upper()} | {metrics[kind]:.6g} | {metrics['fid_num_samples']:,} | "
-          f"{metrics['fid_num_reference']:,} | {s.sampler}, {s.num_inference_steps} steps, eta {s.eta} |"
-          for kind in ("fid", "kid")),
-        f"\nclean-fid \"clean\" mode; Inception weights {metrics['fid_weights_origin']} (sha256 "
-        f"`{metrics['fid_weights_sha256']}`). Few samples bias FID upwards: compare runs scored alike.\n",
-        "## Training\n",
-        f"{summary['steps']:,} steps in {summary['seconds']:,.0f} s ({summary['images_per_second']:,.1f} images/s); "
-        f"final loss {summary['loss_final']:.4g} (mean of the last steps); EMA weights. The params:\n",
-        f"```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n",
-        "## Hardware\n",
-        f"{summary['device_name']} ({summary['device']}), {summary['num_processes']} process(es), mixed "
-        f"precision {summary['mixed_precision']}, torch.compile {'on' if summary['compiled'] else 'off'}, "
-        f"{summary['torch_threads']} torch threads; {software}.\n",
-    ])
+    return "\n".join(
+        [
+            f"---\n{card_metadata(params, source, metrics).to_yaml()}\n---\n",
+            f"# {model_name(params)}\n",
+            f"An unconditional image diffusion model: a diffusers `UNet2DModel` ({summary['num_parameters']:,} "
+            f"parameters) trained as a DDPM on {meta['count']:,} images of {dataset_line(source)}, at "
+            f"{d.resolution}x{d.resolution} px with {d.channels} channel(s).\n",
+            f"![The first {s.grid_size**2} images of the evaluated sample set]({GRID})\n",
+            "## Use\n",
+            usage(params, pipeline_class),
+            f"The scheduler saved here is the sampler the evaluation used: `{sampler}` on the training noise "
+            f"schedule ({params.scheduler.beta_schedule} betas, {params.scheduler.num_train_timesteps} steps, "
+            f"{params.scheduler.prediction_type} prediction). Upload this folder as it is with "
+            f"`hf upload <user>/<repo> {params.paths.pipeline}`.\n",
+            "## Evaluation\n",
+            "| metric | value | samples | training images | sampler |\n|---|---|---|---|---|",
+            *(
+                f"| {kind.upper()} | {metrics[kind]:.6g} | {metrics['fid_num_samples']:,} | "
+                f"{metrics['fid_num_reference']:,} | {s.sampler}, {s.num_inference_steps} steps, eta {s.eta} |"
+                for kind in ("fid", "kid")
+            ),
+            f'\nclean-fid "clean" mode; Inception weights {metrics["fid_weights_origin"]} (sha256 '
+            f"`{metrics['fid_weights_sha256']}`). Few samples bias FID upwards: compare runs scored alike.\n",
+            "## Training\n",
+            f"{summary['steps']:,} steps in {summary['seconds']:,.0f} s "
+            f"({summary['images_per_second']:,.1f} images/s); "
+            f"final loss {summary['loss_final']:.4g} (mean of the last steps); EMA weights. The params:\n",
+            f"```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n",
+            "## Hardware\n",
+            f"{summary['device_name']} ({summary['device']}), {summary['num_processes']} process(es), mixed "
+            f"precision {summary['mixed_precision']}, torch.compile {'on' if summary['compiled'] else 'off'}, "
+            f"{summary['torch_threads']} torch threads; {software}.\n",
+        ]
+    )
 
 
 def run(params: Params) -> dict:

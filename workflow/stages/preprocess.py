@@ -13,6 +13,7 @@ source ignored (no image extension). Fewer than `data.min_images` usable images 
 the count and the commonest reasons. `data.max_images` takes a subset of the files chosen with
 `seed`, before decoding, kept in file order.
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,8 +31,14 @@ from workflow.formats.training_images import write_images
 
 MODES = {1: "L", 3: "RGB"}
 # What a broken or non-image file raises while PIL decodes it (UnidentifiedImageError is an OSError).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
-                 Image.DecompressionBombWarning)
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 
 
 def load_image(path: str | Path, resolution: int, channels: int, center_crop: bool) -> np.ndarray:
@@ -102,9 +109,11 @@ def check_enough(count: int, minimum: int, skipped: list[dict], root: Path) -> N
         return
     kinds = collections.Counter(item["reason"].split(":", 1)[0] for item in skipped)
     reasons = "; ".join(f"{kind}: {n}" for kind, n in kinds.most_common(3)) or "none skipped"
-    raise ConfigError(f"`data.min_images` is {minimum} but only {count} usable images in {str(root)!r} "
-                      f"({len(skipped)} files skipped; commonest reasons: {reasons}). Fix or add images, "
-                      "or lower `data.min_images`")
+    raise ConfigError(
+        f"`data.min_images` is {minimum} but only {count} usable images in {str(root)!r} "
+        f"({len(skipped)} files skipped; commonest reasons: {reasons}). Fix or add images, "
+        "or lower `data.min_images`"
+    )
 
 
 def run(params: Params) -> dict:
@@ -117,14 +126,23 @@ def run(params: Params) -> dict:
         item["file"] = Path(item["file"]).relative_to(root).as_posix()
     skipped = record.get("ignored", []) + record.get("skipped", []) + skipped  # the source's, then ours
     check_enough(len(array), data.min_images, skipped, root)
-    meta = {"count": len(array), "resolution": data.resolution, "channels": data.channels,
-            "center_crop": data.center_crop, "max_images": data.max_images, "seed": params.seed,
-            "skipped": skipped, "source": source_summary(record),
-            "images_sha256": write_images(params.paths.images, array)}
+    meta = {
+        "count": len(array),
+        "resolution": data.resolution,
+        "channels": data.channels,
+        "center_crop": data.center_crop,
+        "max_images": data.max_images,
+        "seed": params.seed,
+        "skipped": skipped,
+        "source": source_summary(record),
+        "images_sha256": write_images(params.paths.images, array),
+    }
     write_json(params.paths.meta, meta)
     return meta
 
 
 def headline(meta: dict, params: Params) -> str:
-    return (f"preprocess: {meta['count']} images, {meta['channels']} x {meta['resolution']} x "
-            f"{meta['resolution']}, {len(meta['skipped'])} skipped -> {params.paths.images}")
+    return (
+        f"preprocess: {meta['count']} images, {meta['channels']} x {meta['resolution']} x "
+        f"{meta['resolution']}, {len(meta['skipped'])} skipped -> {params.paths.images}"
+    )

@@ -15,6 +15,7 @@ which fetches it from the project's DVC remote; a damaged one is an error naming
 holds no timestamps and no absolute paths that the inputs don't already hold, so identical inputs
 give a byte-identical page.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,24 +25,41 @@ from pathlib import Path
 import numpy as np
 
 from workflow import STAGES
-from workflow.pages import curves
+from workflow.core.artifacts import write_bytes
+from workflow.core.config import Params
 from workflow.formats import trainlog
 from workflow.formats.png import read_png
 from workflow.formats.raw_dataset import SOURCE_FILE
 from workflow.formats.records import read_record
-from workflow.core.artifacts import write_bytes
-from workflow.core.config import Params
-from workflow.pages.htmlpage import (data_uri, esc, fmt_bytes, fmt_number, fmt_scalar, fmt_seconds,
-                               kv_table, Missing, nested, page, pixel_image, png_size, section, write_page)
+from workflow.pages import curves
+from workflow.pages.htmlpage import (
+    Missing,
+    data_uri,
+    esc,
+    fmt_bytes,
+    fmt_number,
+    fmt_scalar,
+    fmt_seconds,
+    kv_table,
+    nested,
+    page,
+    pixel_image,
+    png_size,
+    section,
+    write_page,
+)
 
 GRID_DISPLAY_PX = 480  # the final grid is scaled up by a whole factor to at most this width
 MAX_PROGRESS_SHOWN = 8
 MAX_SKIPPED_SHOWN = 100
 MAX_FILES_SHOWN = 5
+
+
 @dataclass(frozen=True, eq=False)
 class ReportInputs:
     """Everything the page shows, already loaded: render_report does no I/O. Any field but params
     may be Missing."""
+
     params: dict
     metrics: dict | Missing
     summary: dict | Missing
@@ -53,6 +71,7 @@ class ReportInputs:
 
 
 # ---------------------------------------------------------------- loading (the only I/O)
+
 
 def _written_by(stage: str) -> str:
     return f"written by the `{stage}` stage: `python -m workflow {stage}` or `dvc repro`"
@@ -76,24 +95,28 @@ def load_progress_grids(log: Path) -> list | Missing:
     """The training log's progress grids as [(step, png)], oldest first."""
     found = trainlog.progress_grids(log)
     if not found:
-        return Missing(f"{log / trainlog.GRIDS_DIR}/step-*.png", "written by the `train` stage at each checkpoint, "
-                                                                  "when the run makes progress grids")
+        return Missing(
+            f"{log / trainlog.GRIDS_DIR}/step-*.png",
+            "written by the `train` stage at each checkpoint, when the run makes progress grids",
+        )
     return [(step, read_png(path, "train")) for step, path in found]
 
 
 def load_inputs(params: Params) -> ReportInputs:
     p = params.paths
     log = Path(p.train_log)
-    return with_fetch_hints(ReportInputs(
-        params=params.to_dict(),
-        metrics=_optional(read_record, p.metrics, "evaluate"),
-        summary=_optional(read_record, log / trainlog.SUMMARY_FILE, "train"),
-        history=load_history(log),
-        meta=_optional(read_record, p.meta, "preprocess"),
-        source=_optional(read_record, Path(p.raw) / SOURCE_FILE, "download"),
-        grid_png=_optional(read_png, p.grid, "sample"),
-        progress=load_progress_grids(log),
-    ))
+    return with_fetch_hints(
+        ReportInputs(
+            params=params.to_dict(),
+            metrics=_optional(read_record, p.metrics, "evaluate"),
+            summary=_optional(read_record, log / trainlog.SUMMARY_FILE, "train"),
+            history=load_history(log),
+            meta=_optional(read_record, p.meta, "preprocess"),
+            source=_optional(read_record, Path(p.raw) / SOURCE_FILE, "download"),
+            grid_png=_optional(read_png, p.grid, "sample"),
+            progress=load_progress_grids(log),
+        )
+    )
 
 
 FETCH = "recorded by DVC (dvc.lock) but not in this workspace: `dvc pull` fetches it from the project's DVC remote"
@@ -105,8 +128,11 @@ def with_fetch_hints(inputs: ReportInputs) -> ReportInputs:
     if not absent:
         return inputs  # the usual case: DVC is not consulted
     lacking = absent_outputs()
-    hinted = {name: Missing(m.what, FETCH) for name, m in absent.items()
-              if any(o == Path(m.what) or o in Path(m.what).parents for o in lacking)}
+    hinted = {
+        name: Missing(m.what, FETCH)
+        for name, m in absent.items()
+        if any(o == Path(m.what) or o in Path(m.what).parents for o in lacking)
+    }
     return replace(inputs, **hinted)
 
 
@@ -133,6 +159,7 @@ def loss_plot(inputs: ReportInputs) -> bytes:
 
 # ---------------------------------------------------------------- the top: final grid and key figures
 
+
 def _known(value) -> dict:
     return {} if isinstance(value, Missing) else value
 
@@ -144,8 +171,10 @@ def hero_section(inputs: ReportInputs) -> str:
     else:
         img, scale = pixel_image(grid_png, GRID_DISPLAY_PX, "grid of generated samples")
         width, height = png_size(grid_png)
-        grid = (f'<figure class="final">{img}<figcaption>Final samples (EMA weights): {width}&times;{height} px, '
-                f"shown at {scale}&times;</figcaption></figure>")
+        grid = (
+            f'<figure class="final">{img}<figcaption>Final samples (EMA weights): {width}&times;{height} px, '
+            f"shown at {scale}&times;</figcaption></figure>"
+        )
     return f'<section class="hero">{grid}<div class="keyfigs">{key_figures(inputs)}</div></section>\n'
 
 
@@ -155,19 +184,28 @@ def key_figures(inputs: ReportInputs) -> str:
     if isinstance(metrics, Missing):
         return "<h2>Metrics</h2>" + metrics.html() + kv_table(run_rows(inputs))
     fid, kid = metrics.get("fid"), metrics.get("kid")
-    basis = (f"over {fmt_number(metrics.get('fid_num_samples'))} samples against "
-             f"{fmt_number(metrics.get('fid_num_reference'))} reference images")
-    card = (f'<div class="fid"><div class="fid-label">FID</div><div class="fid-value">{fmt_number(fid, ".2f")}</div>'
-            f'<div class="fid-basis">KID {fmt_number(kid, ".4g")} &middot; {basis}</div></div>')
+    basis = (
+        f"over {fmt_number(metrics.get('fid_num_samples'))} samples against "
+        f"{fmt_number(metrics.get('fid_num_reference'))} reference images"
+    )
+    card = (
+        f'<div class="fid"><div class="fid-label">FID</div><div class="fid-value">{fmt_number(fid, ".2f")}</div>'
+        f'<div class="fid-basis">KID {fmt_number(kid, ".4g")} &middot; {basis}</div></div>'
+    )
     seconds = [v for k, v in metrics.items() if k.endswith("_seconds") and isinstance(v, (int, float))]
-    rows = [("final training loss", fmt_number(metrics.get("train_loss_final"), ".4g")),
-            ("training steps", fmt_number(metrics.get("train_steps"))),
-            ("model parameters", fmt_number(metrics.get("num_parameters"))),
-            ("training throughput", fmt_number(metrics.get("train_images_per_second"), ",.1f", " images/s")),
-            ("wall time, all timed stages", fmt_seconds(sum(seconds) if seconds else None))]
+    rows = [
+        ("final training loss", fmt_number(metrics.get("train_loss_final"), ".4g")),
+        ("training steps", fmt_number(metrics.get("train_steps"))),
+        ("model parameters", fmt_number(metrics.get("num_parameters"))),
+        ("training throughput", fmt_number(metrics.get("train_images_per_second"), ",.1f", " images/s")),
+        ("wall time, all timed stages", fmt_seconds(sum(seconds) if seconds else None)),
+    ]
     everything = kv_table((key, nested(value)) for key, value in metrics.items())
-    return (card + kv_table(rows + run_rows(inputs))
-            + f"<details><summary>all of metrics.json</summary>{everything}</details>")
+    return (
+        card
+        + kv_table(rows + run_rows(inputs))
+        + f"<details><summary>all of metrics.json</summary>{everything}</details>"
+    )
 
 
 def run_rows(inputs: ReportInputs) -> list:
@@ -178,11 +216,15 @@ def run_rows(inputs: ReportInputs) -> list:
     data = fmt_scalar(inputs.params.get("data", {}).get("source"))
     if isinstance(source.get("sha"), str):
         data += f" @ {esc(source['sha'][:12])}"
-    return [("device", esc(device) if device else "&mdash;"), ("sampling", f"<code>{sampling}</code>"),
-            ("data", f"<code>{data}</code>")]
+    return [
+        ("device", esc(device) if device else "&mdash;"),
+        ("sampling", f"<code>{sampling}</code>"),
+        ("data", f"<code>{data}</code>"),
+    ]
 
 
 # ---------------------------------------------------------------- progress, curves, timings, environment
+
 
 def shown_progress(progress: list) -> list:
     """At most MAX_PROGRESS_SHOWN grids, evenly spaced, always the first and the last."""
@@ -198,12 +240,18 @@ def progress_section(progress: list | Missing) -> str:
         return section(title, progress.html())
     shown = shown_progress(progress)
     # The strip fills the width (CSS scales each grid up, pixels kept sharp), never below 1:1.
-    figures = "".join(f'<figure style="min-width: {png_size(png)[0]}px">'
-                      f"{pixel_image(png, 0, f'samples at step {step}')[0]}"
-                      f"<figcaption>step {step:,}</figcaption></figure>" for step, png in shown)
-    note = f"{len(shown)} of {len(progress)} checkpoints" if len(shown) < len(progress) else \
-        f"{len(progress)} checkpoint(s)"
-    caption = f"<p class=\"caption\">Samples from the EMA weights at each checkpoint, from the same noise: {note}.</p>"
+    figures = "".join(
+        f'<figure style="min-width: {png_size(png)[0]}px">'
+        f"{pixel_image(png, 0, f'samples at step {step}')[0]}"
+        f"<figcaption>step {step:,}</figcaption></figure>"
+        for step, png in shown
+    )
+    note = (
+        f"{len(shown)} of {len(progress)} checkpoints"
+        if len(shown) < len(progress)
+        else f"{len(progress)} checkpoint(s)"
+    )
+    caption = f'<p class="caption">Samples from the EMA weights at each checkpoint, from the same noise: {note}.</p>'
     return section(title, f'<div class="strip">{figures}</div>{caption}')
 
 
@@ -215,10 +263,15 @@ def training_section(history: dict | Missing, summary: dict | Missing, loss_png:
     note = f'<p class="warn">{bad} step(s) had a non-finite loss.</p>' if bad else ""
     width, height = png_size(loss_png)
     img = f'<img src="{data_uri(loss_png)}" alt="training loss and learning rate" width="{width}" height="{height}">'
-    caption = (f"{len(history['loss']):,} logged steps; the loss on a log scale, faint per step and "
-               "smoothed by a moving average; the learning rate below")
-    details = ("" if isinstance(summary, Missing) else
-               f"<details><summary>training summary (summary.json)</summary>{nested(summary)}</details>")
+    caption = (
+        f"{len(history['loss']):,} logged steps; the loss on a log scale, faint per step and "
+        "smoothed by a moving average; the learning rate below"
+    )
+    details = (
+        ""
+        if isinstance(summary, Missing)
+        else f"<details><summary>training summary (summary.json)</summary>{nested(summary)}</details>"
+    )
     return section(title, f"<figure>{img}<figcaption>{caption}</figcaption></figure>{note}{details}")
 
 
@@ -242,13 +295,18 @@ def timings_section(metrics: dict | Missing) -> str:
     rows = stage_timings(metrics)
     if not rows:
         return section(title, Missing("stage timings", "metrics.json records no `<stage>_seconds`").html())
-    body = "".join(f"<tr><th>{esc(stage)}</th><td class=\"num\">{fmt_seconds(sec)}</td>"
-                   f"<td class=\"num\">{fmt_number(rate, ',.1f', ' images/s')}</td></tr>" for stage, sec, rate in rows)
+    body = "".join(
+        f'<tr><th>{esc(stage)}</th><td class="num">{fmt_seconds(sec)}</td>'
+        f'<td class="num">{fmt_number(rate, ",.1f", " images/s")}</td></tr>'
+        for stage, sec, rate in rows
+    )
     total = sum(sec for _, sec, _ in rows if sec is not None)
-    table = (f'<table class="list timings"><tr><th>stage</th><th class="num">wall time</th>'
-             f'<th class="num">throughput</th></tr>{body}<tr class="total"><th>total</th>'
-             f'<td class="num">{fmt_seconds(total)}</td><td></td></tr></table>')
-    note = "<p class=\"caption\">Each stage's own work as it timed it (process start-up and imports aside).</p>"
+    table = (
+        f'<table class="list timings"><tr><th>stage</th><th class="num">wall time</th>'
+        f'<th class="num">throughput</th></tr>{body}<tr class="total"><th>total</th>'
+        f'<td class="num">{fmt_seconds(total)}</td><td></td></tr></table>'
+    )
+    note = '<p class="caption">Each stage\'s own work as it timed it (process start-up and imports aside).</p>'
     return section(title, table + note)
 
 
@@ -257,16 +315,20 @@ def environment_section(summary: dict | Missing) -> str:
     if isinstance(summary, Missing):
         return section(title, summary.html())
     software = summary.get("software")
-    rows = [("device", esc(summary.get("device_name") or "not recorded")),
-            ("kind", f"<code>{fmt_scalar(summary.get('device'))}</code>"),
-            ("processes", fmt_number(summary.get("num_processes"))),
-            ("mixed precision", f"<code>{fmt_scalar(summary.get('mixed_precision'))}</code>"),
-            ("torch.compile", "on" if summary.get("compiled") else "off"),
-            ("torch threads", fmt_number(summary.get("torch_threads")))]
+    rows = [
+        ("device", esc(summary.get("device_name") or "not recorded")),
+        ("kind", f"<code>{fmt_scalar(summary.get('device'))}</code>"),
+        ("processes", fmt_number(summary.get("num_processes"))),
+        ("mixed precision", f"<code>{fmt_scalar(summary.get('mixed_precision'))}</code>"),
+        ("torch.compile", "on" if summary.get("compiled") else "off"),
+        ("torch threads", fmt_number(summary.get("torch_threads"))),
+    ]
     if isinstance(software, dict):
         order = {name: i for i, name in enumerate(("python", "torch", "diffusers", "accelerate"))}
-        rows += [(name, f"<code>{fmt_scalar(software[name])}</code>")
-                 for name in sorted(software, key=lambda n: (order.get(n, len(order)), n))]
+        rows += [
+            (name, f"<code>{fmt_scalar(software[name])}</code>")
+            for name in sorted(software, key=lambda n: (order.get(n, len(order)), n))
+        ]
     else:
         rows.append(("software", "not recorded by this run (re-run the <code>train</code> stage to record it)"))
     return section(title, kv_table(rows))
@@ -274,13 +336,27 @@ def environment_section(summary: dict | Missing) -> str:
 
 # ---------------------------------------------------------------- dataset provenance
 
-IDENTITY_KEYS = ("kind", "repo_id", "name", "path", "package", "package_version", "endpoint", "split",
-                 "revision", "sha", "data_file_sha256")
+IDENTITY_KEYS = (
+    "kind",
+    "repo_id",
+    "name",
+    "path",
+    "package",
+    "package_version",
+    "endpoint",
+    "split",
+    "revision",
+    "sha",
+    "data_file_sha256",
+)
 
 
 def _identity_rows(record: dict) -> list:
-    return [(key, f"<code>{fmt_scalar(record[key])}</code>") for key in IDENTITY_KEYS
-            if key in record and not isinstance(record[key], (dict, list))]
+    return [
+        (key, f"<code>{fmt_scalar(record[key])}</code>")
+        for key in IDENTITY_KEYS
+        if key in record and not isinstance(record[key], (dict, list))
+    ]
 
 
 def _file_entry(entry) -> tuple[str, float | None]:
@@ -298,8 +374,10 @@ def files_summary(files) -> str:
     entries = [_file_entry(f) for f in files]
     sizes = [size for _, size in entries if size is not None]
     total = f", {fmt_bytes(sum(sizes))} in total" if sizes else ""
-    shown = "".join(f"<li><code>{esc(name)}</code>" + (f" ({esc(fmt_bytes(size))})" if size is not None else "")
-                    + "</li>" for name, size in entries[:MAX_FILES_SHOWN])
+    shown = "".join(
+        f"<li><code>{esc(name)}</code>" + (f" ({esc(fmt_bytes(size))})" if size is not None else "") + "</li>"
+        for name, size in entries[:MAX_FILES_SHOWN]
+    )
     more = f"<li>&hellip; and {len(entries) - MAX_FILES_SHOWN:,} more</li>" if len(entries) > MAX_FILES_SHOWN else ""
     return f"{len(entries):,} file(s){esc(total)}<ul>{shown}{more}</ul>"
 
@@ -309,13 +387,20 @@ def skipped_table(skipped) -> str:
         return "<p>No input files were skipped.</p>"
     if not isinstance(skipped, list):
         return nested(skipped)
-    rows = "".join(f"<tr><td><code>{esc(s.get('file', '?') if isinstance(s, dict) else s)}</code></td>"
-                   f"<td>{esc(s.get('reason', '') if isinstance(s, dict) else '')}</td></tr>"
-                   for s in skipped[:MAX_SKIPPED_SHOWN])
-    more = (f"<p>&hellip; and {len(skipped) - MAX_SKIPPED_SHOWN:,} more (see meta.json)</p>"
-            if len(skipped) > MAX_SKIPPED_SHOWN else "")
-    return (f"<p>{len(skipped):,} input file(s) skipped:</p><table class=\"list\">"
-            f"<tr><th>file</th><th>reason</th></tr>{rows}</table>{more}")
+    rows = "".join(
+        f"<tr><td><code>{esc(s.get('file', '?') if isinstance(s, dict) else s)}</code></td>"
+        f"<td>{esc(s.get('reason', '') if isinstance(s, dict) else '')}</td></tr>"
+        for s in skipped[:MAX_SKIPPED_SHOWN]
+    )
+    more = (
+        f"<p>&hellip; and {len(skipped) - MAX_SKIPPED_SHOWN:,} more (see meta.json)</p>"
+        if len(skipped) > MAX_SKIPPED_SHOWN
+        else ""
+    )
+    return (
+        f'<p>{len(skipped):,} input file(s) skipped:</p><table class="list">'
+        f"<tr><th>file</th><th>reason</th></tr>{rows}</table>{more}"
+    )
 
 
 def record_table(record: dict) -> str:
@@ -330,9 +415,11 @@ def dataset_section(meta: dict | Missing, source: dict | Missing) -> str:
     meta_d, source_d = _known(meta), _known(source)
     meta_source = meta_d.get("source") if isinstance(meta_d.get("source"), dict) else {}
     rows = _identity_rows(source_d) or _identity_rows(meta_source)
-    rows += [("images", fmt_number(meta_d.get("count"))),
-             ("resolution", f"{fmt_number(meta_d.get('resolution'))} px"),
-             ("channels", fmt_number(meta_d.get("channels")))]
+    rows += [
+        ("images", fmt_number(meta_d.get("count"))),
+        ("resolution", f"{fmt_number(meta_d.get('resolution'))} px"),
+        ("channels", fmt_number(meta_d.get("channels"))),
+    ]
     if "files" in source_d:
         rows.append(("downloaded files", files_summary(source_d["files"])))
     body = kv_table(rows)
@@ -340,9 +427,12 @@ def dataset_section(meta: dict | Missing, source: dict | Missing) -> str:
         body += meta.html()
     else:
         preprocessing = {k: v for k, v in meta.items() if k not in ("skipped", "source")}
-        body += ("<h3>Skipped files</h3>" + skipped_table(meta.get("skipped"))
-                 + f"<details><summary>preprocessing record (meta.json)</summary>{record_table(preprocessing)}"
-                 "</details>")
+        body += (
+            "<h3>Skipped files</h3>"
+            + skipped_table(meta.get("skipped"))
+            + f"<details><summary>preprocessing record (meta.json)</summary>{record_table(preprocessing)}"
+            "</details>"
+        )
     if isinstance(source, Missing):
         body += source.html()
     else:
@@ -388,8 +478,10 @@ def _title(params: dict, meta: dict | Missing) -> tuple[str, str]:
     meta = _known(meta)
     count = meta.get("count", "?")
     count = f"{count:,}" if isinstance(count, int) else count
-    subtitle = (f"{count} images at {meta.get('resolution', '?')} px, "
-                f"{meta.get('channels', '?')} channel(s); seed {params.get('seed', '?')}")
+    subtitle = (
+        f"{count} images at {meta.get('resolution', '?')} px, "
+        f"{meta.get('channels', '?')} channel(s); seed {params.get('seed', '?')}"
+    )
     steps = params.get("train", {}).get("max_steps")
     return title, subtitle + (f"; {steps:,} training steps" if isinstance(steps, int) else "")
 
@@ -397,13 +489,19 @@ def _title(params: dict, meta: dict | Missing) -> tuple[str, str]:
 def render_report(inputs: ReportInputs, loss_png: bytes) -> str:
     """The whole page as a string: a pure function of `inputs` and the loss figure."""
     title, subtitle = _title(inputs.params, inputs.meta)
-    body = (hero_section(inputs)
-            + progress_section(inputs.progress)
-            + training_section(inputs.history, inputs.summary, loss_png)
-            + '<div class="row2">' + timings_section(inputs.metrics) + environment_section(inputs.summary)
-            + "</div>\n" + dataset_section(inputs.meta, inputs.source) + params_section(inputs.params)
-            + "<footer>Written by <code>python -m workflow report</code> from params.yaml and the pipeline's "
-              "artifacts.</footer>\n")
+    body = (
+        hero_section(inputs)
+        + progress_section(inputs.progress)
+        + training_section(inputs.history, inputs.summary, loss_png)
+        + '<div class="row2">'
+        + timings_section(inputs.metrics)
+        + environment_section(inputs.summary)
+        + "</div>\n"
+        + dataset_section(inputs.meta, inputs.source)
+        + params_section(inputs.params)
+        + "<footer>Written by <code>python -m workflow report</code> from params.yaml and the pipeline's "
+        "artifacts.</footer>\n"
+    )
     return page(title, subtitle, body, CSS)
 
 

@@ -13,9 +13,8 @@ set is the start of a larger one, and the grid is the start of the sample set.
 The set is published whole, and a pipeline whose files no longer match the manifest train
 wrote (truncated, altered) is refused, naming the file; weights are read from safetensors only.
 """
+
 from __future__ import annotations
-
-
 
 from workflow.core.config import Params
 from workflow.core.runtime import Runtime
@@ -31,14 +30,21 @@ def run(params: Params) -> dict:
     device = runtime.device
     unet, scheduler_config = load_unet(params.paths.trained, device)
     batches = sample_batches(unet, scheduler_config, s, params.seed, params.fid.num_samples, device)
-    settings = {"sampler": s.sampler, "num_inference_steps": s.num_inference_steps, "eta": s.eta,
-                "device": device.type, "dtype": str(runtime.sampling_dtype(s.mixed_precision)).removeprefix("torch."),
-                "compile": s.compile}
-    grid_images, record = write_sample_set(batches, params.paths.samples, s.grid_size ** 2, settings)
+    settings = {
+        "sampler": s.sampler,
+        "num_inference_steps": s.num_inference_steps,
+        "eta": s.eta,
+        "device": device.type,
+        "dtype": str(runtime.sampling_dtype(s.mixed_precision)).removeprefix("torch."),
+        "compile": s.compile,
+    }
+    grid_images, record = write_sample_set(batches, params.paths.samples, s.grid_size**2, settings)
     write_grid(grid_images, s.grid_size, params.paths.grid)
     return record
 
 
 def headline(record: dict, params: Params) -> str:
-    return (f"sampled {record['count']} images with {record['sampler']}-{record['num_inference_steps']} "
-            f"in {record['seconds']:.1f} s ({record['images_per_second']:.1f} images/s)")
+    return (
+        f"sampled {record['count']} images with {record['sampler']}-{record['num_inference_steps']} "
+        f"in {record['seconds']:.1f} s ({record['images_per_second']:.1f} images/s)"
+    )

@@ -20,6 +20,7 @@ random state: switching them on or off leaves the weights bitwise unchanged.
 Every random draw of step s is a function of (seed, s), and the data order of (seed, epoch), so
 training k steps, stopping and resuming gives bitwise the weights of an uninterrupted training.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,19 +35,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from workflow.formats import checkpoints, trainlog
 from workflow.core.artifacts import atomic_dir, sha256_file
 from workflow.core.config import STEPS, ConfigError, Params, Sample
-from workflow.maths.diffusion import (apply_flip, batch_indices, diffusion_loss, min_snr_weights,
-                                step_noise, to_model_range, training_target)
-from workflow.core.faults import maybe_fault
 from workflow.core.environment import device_name, software_versions
-from workflow.models.builders import build_noise_scheduler, build_unet, check_size, count_parameters
+from workflow.core.faults import maybe_fault
 from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
-from workflow.models.sampling import sample_batches
+from workflow.formats import checkpoints, trainlog
 from workflow.formats.pipeline import save_pipeline
 from workflow.formats.png import write_grid
 from workflow.formats.training_images import load_images
+from workflow.maths.diffusion import (
+    apply_flip,
+    batch_indices,
+    diffusion_loss,
+    min_snr_weights,
+    step_noise,
+    to_model_range,
+    training_target,
+)
+from workflow.models.builders import build_noise_scheduler, build_unet, check_size, count_parameters
+from workflow.models.sampling import sample_batches
 
 LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 FINAL_LOSS_WINDOW = 50  # train_loss_final is the mean over the last steps, not one noisy value
@@ -58,6 +66,7 @@ LIVE = "dvclive"  # the training log's folder while training, beside the checkpo
 @dataclass
 class Training:
     """Everything a training step touches."""
+
     params: Params
     accelerator: object
     runtime: Runtime
@@ -71,8 +80,9 @@ class Training:
     total_steps: int
     compile_pending: bool = False  # True until the first compiled step has run
     live: object | None = None  # the dvclive logger, on the main process
-    progress: dict = field(default_factory=lambda: {"step": 0, "seconds": 0.0, "images": 0, "history": [],
-                                                    "throughput": []})
+    progress: dict = field(
+        default_factory=lambda: {"step": 0, "seconds": 0.0, "images": 0, "history": [], "throughput": []}
+    )
 
 
 def make_accelerator(params: Params, runtime: Runtime | None = None):
@@ -80,12 +90,15 @@ def make_accelerator(params: Params, runtime: Runtime | None = None):
 
     runtime = runtime or Runtime.detect()
     # cpu=True where there is no GPU: only then does accelerate run torchrun's processes as gloo ranks
-    accelerator = Accelerator(mixed_precision=runtime.training_precision(params.train.mixed_precision),
-                              cpu=runtime.device.type == "cpu")
+    accelerator = Accelerator(
+        mixed_precision=runtime.training_precision(params.train.mixed_precision), cpu=runtime.device.type == "cpu"
+    )
     split = accelerator.num_processes * params.train.gradient_accumulation_steps
     if params.train.batch_size % split:
-        raise ConfigError(f"`train.batch_size` ({params.train.batch_size}) must be divisible by processes x "
-                          f"`train.gradient_accumulation_steps` ({split})")
+        raise ConfigError(
+            f"`train.batch_size` ({params.train.batch_size}) must be divisible by processes x "
+            f"`train.gradient_accumulation_steps` ({split})"
+        )
     return accelerator
 
 
@@ -95,9 +108,11 @@ def total_steps(params: Params, num_images: int) -> int:
         return params.train.max_steps
     steps = math.ceil(params.train.epochs * num_images / params.train.batch_size)
     if steps > STEPS:
-        raise ConfigError(f"`train.epochs` ({params.train.epochs}) over {num_images:,} images at `train.batch_size` "
-                          f"{params.train.batch_size} is {steps:,} steps, over the {STEPS:,} that "
-                          "`train.max_steps` allows")
+        raise ConfigError(
+            f"`train.epochs` ({params.train.epochs}) over {num_images:,} images at `train.batch_size` "
+            f"{params.train.batch_size} is {steps:,} steps, over the {STEPS:,} that "
+            "`train.max_steps` allows"
+        )
     return steps
 
 
@@ -113,25 +128,48 @@ def setup(params: Params, images: np.ndarray, accelerator, runtime: Runtime | No
     torch.manual_seed(params.seed)  # the initial weights
     _, channels, resolution, _ = images.shape
     model = runtime.layout(build_unet(params.model, resolution=resolution, channels=channels))
-    optimizer = runtime.adamw(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                              weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    optimizer = runtime.adamw(
+        model.parameters(),
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.adam_weight_decay,
+        eps=t.adam_epsilon,
+    )
     steps = total_steps(params, len(images))
-    lr_scheduler = get_scheduler(LR_SCHEDULES[t.lr_schedule], optimizer, num_warmup_steps=t.warmup_steps,
-                                 num_training_steps=steps)
+    lr_scheduler = get_scheduler(
+        LR_SCHEDULES[t.lr_schedule], optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=steps
+    )
     # The lr schedule is stepped by hand, once per optimiser step: accelerate's prepared scheduler
     # would step once per process, and train.batch_size is already the global batch.
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = None
     if t.ema:
         unwrapped = accelerator.unwrap_model(model)
-        ema = EMAModel(unwrapped.parameters(), decay=t.ema_max_decay, use_ema_warmup=True,
-                       inv_gamma=t.ema_inv_gamma, power=t.ema_power,
-                       model_cls=type(unwrapped), model_config=unwrapped.config)
+        ema = EMAModel(
+            unwrapped.parameters(),
+            decay=t.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=t.ema_inv_gamma,
+            power=t.ema_power,
+            model_cls=type(unwrapped),
+            model_config=unwrapped.config,
+        )
         ema.to(device)
     dataset = runtime.place_dataset(torch.from_numpy(np.ascontiguousarray(images)))
-    return Training(params, accelerator, runtime, maybe_compile(model, t.compile), model,
-               build_noise_scheduler(params.scheduler), optimizer, lr_scheduler, ema, dataset, steps,
-               compile_pending=t.compile)
+    return Training(
+        params,
+        accelerator,
+        runtime,
+        maybe_compile(model, t.compile),
+        model,
+        build_noise_scheduler(params.scheduler),
+        optimizer,
+        lr_scheduler,
+        ema,
+        dataset,
+        steps,
+        compile_pending=t.compile,
+    )
 
 
 def _process_slice(start: int, size: int, accelerator) -> slice:
@@ -162,8 +200,14 @@ def train_step(training: Training, step: int) -> torch.Tensor:
     p, acc = training.params, training.accelerator
     size, micro_batches = p.train.batch_size, p.train.gradient_accumulation_steps
     index = torch.from_numpy(batch_indices(p.seed, step, size, training.images.shape[0]))
-    noise, timesteps, flip = step_noise(p.seed, step, (size, *training.images.shape[1:]),
-                                        p.scheduler.num_train_timesteps, acc.device, p.train.noise_offset)
+    noise, timesteps, flip = step_noise(
+        p.seed,
+        step,
+        (size, *training.images.shape[1:]),
+        p.scheduler.num_train_timesteps,
+        acc.device,
+        p.train.noise_offset,
+    )
     micro, losses = size // micro_batches, []
     for m in range(micro_batches):
         part = _process_slice(m * micro, micro, acc)
@@ -211,13 +255,14 @@ def _flush_losses(training: Training, pending: list) -> None:
     """Move the buffered per-step losses to the host in one transfer; stop on a non-finite loss."""
     if not pending:
         return
-    steps, losses, lrs = zip(*pending)
+    steps, losses, lrs = zip(*pending, strict=True)
     values = training.accelerator.reduce(torch.stack(losses), reduction="mean").float().cpu().tolist()
-    for step, loss, lr in zip(steps, values, lrs):
+    for step, loss, lr in zip(steps, values, lrs, strict=True):
         if not np.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss} at step {step}; lower train.learning_rate or use "
-                f"train.mixed_precision other than fp16. Earlier checkpoints are intact.")
+                f"train.mixed_precision other than fp16. Earlier checkpoints are intact."
+            )
         training.progress["history"].append([step, loss, lr])
     pending.clear()
 
@@ -226,8 +271,7 @@ def train_loop(training: Training, checkpoint_dir: Path) -> None:
     p, acc, last = training.params, training.accelerator, training.total_steps
     start_step = training.progress["step"]
     # a context manager: a failed step (non-finite loss) closes the bar where the error is reported
-    with tqdm(total=last, initial=start_step, desc="train", unit="step",
-              disable=not acc.is_local_main_process) as bar:
+    with tqdm(total=last, initial=start_step, desc="train", unit="step", disable=not acc.is_local_main_process) as bar:
         pending, started, images = [], time.perf_counter(), 0
         logged_at, logged_images = started, 0
         for step in range(start_step, last):
@@ -252,8 +296,9 @@ def train_loop(training: Training, checkpoint_dir: Path) -> None:
                 _record_time(training, done, started, images)
                 save_progress_grid(training, checkpoint_dir / GRIDS, done)  # first: every saved checkpoint has its grid
                 started, images, logged_at, logged_images = time.perf_counter(), 0, time.perf_counter(), 0
-                checkpoints.save_checkpoint(acc, checkpoint_dir, training.progress, p.train.checkpoints_total_limit,
-                                            training_states(training))
+                checkpoints.save_checkpoint(
+                    acc, checkpoint_dir, training.progress, p.train.checkpoints_total_limit, training_states(training)
+                )
 
 
 @contextlib.contextmanager
@@ -277,8 +322,15 @@ def save_progress_grid(training: Training, folder: Path, step: int) -> None:
     unet = training.accelerator.unwrap_model(training.eager_model)
     size, was_training = PROGRESS_SAMPLER.grid_size, unet.training
     with ema_weights(training, unet):
-        batches = sample_batches(unet, training.noise_scheduler.config, PROGRESS_SAMPLER, training.params.seed,
-                                 size * size, training.accelerator.device, progress=False)
+        batches = sample_batches(
+            unet,
+            training.noise_scheduler.config,
+            PROGRESS_SAMPLER,
+            training.params.seed,
+            size * size,
+            training.accelerator.device,
+            progress=False,
+        )
         images = np.concatenate([b for _, b in batches])
     unet.train(was_training)
     write_grid(images, size, trainlog.progress_grid(folder, step))
@@ -350,7 +402,9 @@ def run(params: Params) -> dict:
     if resumed_from is not None:
         accelerator.print(f"resuming from {resumed_from} (step {training.progress['step']})")
     if accelerator.is_main_process:
-        training.live = trainlog.start(checkpoint_dir / LIVE, training.progress["history"], training.progress["throughput"])
+        training.live = trainlog.start(
+            checkpoint_dir / LIVE, training.progress["history"], training.progress["throughput"]
+        )
     train_loop(training, checkpoint_dir)
     check_ranks_agree(training)
     info = summary(training, resumed_from, key)
@@ -361,5 +415,7 @@ def run(params: Params) -> dict:
 
 
 def headline(info: dict, params: Params) -> str:
-    return (f"trained {info['steps']} steps: loss {info['loss_final']:.4f}, "
-            f"{info['images_per_second']:.1f} images/s over {info['seconds']:.1f} s")
+    return (
+        f"trained {info['steps']} steps: loss {info['loss_final']:.4f}, "
+        f"{info['images_per_second']:.1f} images/s over {info['seconds']:.1f} s"
+    )

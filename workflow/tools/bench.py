@@ -8,6 +8,7 @@ What each measures and how: workflow/tools/bench_train.py (train) and workflow/t
 (sample, fid); `python -m workflow bench <what> --help` lists the knobs. A measurement tool, not a
 pipeline stage, so it takes its knobs on the command line.
 """
+
 from __future__ import annotations
 
 import argparse

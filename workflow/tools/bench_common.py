@@ -1,5 +1,6 @@
 """What the benchmarks share: the tutorial's UNet as params, synthetic images, the device's name,
 and printing a result (Markdown, optionally JSON). `python -m workflow bench` is the command."""
+
 from __future__ import annotations
 
 import json
@@ -15,17 +16,29 @@ from workflow.core.environment import device_name
 
 SEED_CHANNELS = (128, 128, 256, 256, 512, 512)
 PEER_NORM_GROUPS = 32  # diffusers' UNet2DModel default, which the tutorial's UNet keeps
-def bench_params(base: Params, resolution: int, batch_size: int, channels: tuple, total_steps: int,
-                 device_type: str) -> Params:
+
+
+def bench_params(
+    base: Params, resolution: int, batch_size: int, channels: tuple, total_steps: int, device_type: str
+) -> Params:
     """params.yaml with the tutorial's model at `channels`, RGB at `resolution`, and the bench's batch."""
     raw = base.to_dict()
     levels = len(channels)
     raw["data"].update(resolution=resolution, channels=3)
-    raw["model"] = {"block_out_channels": list(channels), "layers_per_block": 2,
-                    "attention_levels": [levels - 2] if levels >= 2 else [],
-                    "norm_num_groups": math.gcd(PEER_NORM_GROUPS, *channels)}
-    raw["train"].update(batch_size=batch_size, max_steps=total_steps, epochs=None, random_flip=True,
-                        gradient_accumulation_steps=1, mixed_precision="bf16" if device_type == "cuda" else "no")
+    raw["model"] = {
+        "block_out_channels": list(channels),
+        "layers_per_block": 2,
+        "attention_levels": [levels - 2] if levels >= 2 else [],
+        "norm_num_groups": math.gcd(PEER_NORM_GROUPS, *channels),
+    }
+    raw["train"].update(
+        batch_size=batch_size,
+        max_steps=total_steps,
+        epochs=None,
+        random_flip=True,
+        gradient_accumulation_steps=1,
+        mixed_precision="bf16" if device_type == "cuda" else "no",
+    )
     return params_from_dict(raw, source="bench")
 
 
@@ -33,8 +46,9 @@ def synthetic_images(n: int, resolution: int, seed: int = 0) -> np.ndarray:
     """uint8 N x 3 x R x R: smooth random colour fields plus grain, so PNGs compress like photos."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(n, 3, 4, 4, generator=g)
-    smooth = torch.nn.functional.interpolate(coarse, size=(resolution, resolution), mode="bilinear",
-                                             align_corners=False)
+    smooth = torch.nn.functional.interpolate(
+        coarse, size=(resolution, resolution), mode="bilinear", align_corners=False
+    )
     grain = 0.05 * torch.randn(n, 3, resolution, resolution, generator=g)
     return (smooth + grain).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
 
@@ -55,8 +69,6 @@ def publish(result: dict, render, argv: list, json_path: str | None) -> None:
     print(render(result, command))
     if json_path:
         Path(json_path).write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
-
-
 
 
 def check_minimums(args, minimum: dict) -> None:

@@ -23,6 +23,7 @@ at `--channels` and `--resolution`, with random weights: speed does not depend o
   Inception features and FID/KID against a reference of `--reference-images` synthetic images
   (computed first, untimed: fid_reference is cached between experiments).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,12 +34,19 @@ from importlib.metadata import version
 import numpy as np
 import torch
 
-from workflow.maths import fid
 from workflow.core.config import DEFAULT_PARAMS, Params, load_params
-from workflow.models.builders import build_noise_scheduler, build_unet, count_parameters
 from workflow.core.runtime import Runtime, default_device, feature_workers
+from workflow.maths import fid
+from workflow.models.builders import build_noise_scheduler, build_unet, count_parameters
 from workflow.models.sampling import sample_batches
-from workflow.tools.bench_common import SEED_CHANNELS, bench_params, device_label, publish, synchronize, synthetic_images
+from workflow.tools.bench_common import (
+    SEED_CHANNELS,
+    bench_params,
+    device_label,
+    publish,
+    synchronize,
+    synthetic_images,
+)
 
 TUTORIAL_GRID = 16  # the tutorial's eval_batch_size: one 4 x 4 grid per call
 
@@ -67,11 +75,17 @@ def tutorial_sampling(params: Params, unet, device, steps: int, count: int) -> f
     """Images/s of the tutorial's DDPMPipeline call (float32, batch 16, PIL output), `count` images."""
     from diffusers import DDPMPipeline
 
-    pipeline = DDPMPipeline(unet=unet.float().to(memory_format=torch.contiguous_format),
-                            scheduler=build_noise_scheduler(params.scheduler)).to(device)
+    pipeline = DDPMPipeline(
+        unet=unet.float().to(memory_format=torch.contiguous_format), scheduler=build_noise_scheduler(params.scheduler)
+    ).to(device)
     pipeline.set_progress_bar_config(disable=True)
-    call = lambda n: pipeline(batch_size=TUTORIAL_GRID, num_inference_steps=n,  # noqa: E731
-                              generator=torch.Generator(device="cpu").manual_seed(params.seed)).images
+    call = lambda n: (
+        pipeline(
+            batch_size=TUTORIAL_GRID,
+            num_inference_steps=n,  # noqa: E731
+            generator=torch.Generator(device="cpu").manual_seed(params.seed),
+        ).images
+    )
     call(1)
     synchronize(device)
     started, made = time.perf_counter(), 0
@@ -80,8 +94,16 @@ def tutorial_sampling(params: Params, unet, device, steps: int, count: int) -> f
     return made / (time.perf_counter() - started)
 
 
-def bench_sample(base: Params, resolution: int, channels: tuple, steps: int, batch_size: int, num_images: int,
-                 peer_images: int, repeats: int) -> dict:
+def bench_sample(
+    base: Params,
+    resolution: int,
+    channels: tuple,
+    steps: int,
+    batch_size: int,
+    num_images: int,
+    peer_images: int,
+    repeats: int,
+) -> dict:
     device = default_device()
     params, unet = bench_model(base, resolution, channels, device)
     trials = {"ours": [], "tutorial": []}
@@ -89,14 +111,23 @@ def bench_sample(base: Params, resolution: int, channels: tuple, steps: int, bat
         trials["ours"].append(our_sampling(params, unet, device, steps, batch_size, num_images))
         trials["tutorial"].append(tutorial_sampling(params, unet, device, steps, peer_images))
     ours, theirs = max(trials["ours"]), max(trials["tutorial"])
-    return {**describe(params, unet, device, resolution, channels, steps), "batch_size": batch_size,
-            "num_images": num_images, "peer_images": peer_images, "repeats": repeats,
-            "ours_images_per_second": ours, "tutorial_images_per_second": theirs, "ratio": ours / theirs,
-            "ours_trials": trials["ours"], "tutorial_trials": trials["tutorial"]}
+    return {
+        **describe(params, unet, device, resolution, channels, steps),
+        "batch_size": batch_size,
+        "num_images": num_images,
+        "peer_images": peer_images,
+        "repeats": repeats,
+        "ours_images_per_second": ours,
+        "tutorial_images_per_second": theirs,
+        "ratio": ours / theirs,
+        "ours_trials": trials["ours"],
+        "tutorial_trials": trials["tutorial"],
+    }
 
 
-def bench_fid(base: Params, resolution: int, channels: tuple, steps: int, batch_size: int, num_images: int,
-              reference_images: int) -> dict:
+def bench_fid(
+    base: Params, resolution: int, channels: tuple, steps: int, batch_size: int, num_images: int, reference_images: int
+) -> dict:
     from workflow.formats.sample_set import load_samples, write_sample_set
     from workflow.models.inception import load_extractor
 
@@ -104,10 +135,15 @@ def bench_fid(base: Params, resolution: int, channels: tuple, steps: int, batch_
     params, unet = bench_model(base, resolution, channels, device)
     extractor, _ = load_extractor(params.fid)
     workers = feature_workers(device)
-    ref_feats = fid.features(synthetic_images(reference_images, resolution, seed=1), extractor,
-                             params.fid.batch_size, device, workers)
-    reference = {"mu": ref_feats.mean(0), "sigma": np.cov(ref_feats, rowvar=False), "features": ref_feats,
-                 "num_images": reference_images}
+    ref_feats = fid.features(
+        synthetic_images(reference_images, resolution, seed=1), extractor, params.fid.batch_size, device, workers
+    )
+    reference = {
+        "mu": ref_feats.mean(0),
+        "sigma": np.cov(ref_feats, rowvar=False),
+        "features": ref_feats,
+        "num_images": reference_images,
+    }
     settings = dataclasses.replace(params.sample, num_inference_steps=steps, batch_size=batch_size)
     config = build_noise_scheduler(params.scheduler).config
     with tempfile.TemporaryDirectory(prefix="bench-fid-") as tmp:
@@ -118,25 +154,46 @@ def bench_fid(base: Params, resolution: int, channels: tuple, steps: int, batch_
         feats = fid.features(load_samples(f"{tmp}/samples"), extractor, params.fid.batch_size, device, workers)
         scores = fid.score(feats, reference, params.seed)
         done = time.perf_counter()
-    return {**describe(params, unet, device, resolution, channels, steps), "batch_size": batch_size,
-            "num_images": num_images, "reference_images": reference_images, "fid_batch_size": params.fid.batch_size,
-            "sample_seconds": sampled - started, "fid_seconds": done - sampled, "total_seconds": done - started,
-            "fid": scores["fid"], "kid": scores["kid"]}
+    return {
+        **describe(params, unet, device, resolution, channels, steps),
+        "batch_size": batch_size,
+        "num_images": num_images,
+        "reference_images": reference_images,
+        "fid_batch_size": params.fid.batch_size,
+        "sample_seconds": sampled - started,
+        "fid_seconds": done - sampled,
+        "total_seconds": done - started,
+        "fid": scores["fid"],
+        "kid": scores["kid"],
+    }
 
 
 def describe(params: Params, unet, device, resolution: int, channels: tuple, steps: int) -> dict:
     s = params.sample
-    return {"device": device.type, "device_name": device_label(device), "torch": torch.__version__,
-            "diffusers": version("diffusers"), "resolution": resolution, "channels": list(channels),
-            "num_parameters": count_parameters(unet), "sampler": s.sampler, "eta": s.eta, "steps": steps,
-            "dtype": str(Runtime.for_device(device).sampling_dtype(s.mixed_precision)).removeprefix("torch."), "compile": s.compile}
+    return {
+        "device": device.type,
+        "device_name": device_label(device),
+        "torch": torch.__version__,
+        "diffusers": version("diffusers"),
+        "resolution": resolution,
+        "channels": list(channels),
+        "num_parameters": count_parameters(unet),
+        "sampler": s.sampler,
+        "eta": s.eta,
+        "steps": steps,
+        "dtype": str(Runtime.for_device(device).sampling_dtype(s.mixed_precision)).removeprefix("torch."),
+        "compile": s.compile,
+    }
 
 
 def _header(r: dict, command: str) -> list[str]:
-    return [f"command: `{command}`",
-            f"device: {r['device']} ({r['device_name']}); torch {r['torch']}, diffusers {r['diffusers']}",
-            f"model: tutorial UNet, channels {tuple(r['channels'])}, {r['num_parameters']:,} parameters, "
-            f"{r['resolution']} px RGB, random weights", ""]
+    return [
+        f"command: `{command}`",
+        f"device: {r['device']} ({r['device_name']}); torch {r['torch']}, diffusers {r['diffusers']}",
+        f"model: tutorial UNet, channels {tuple(r['channels'])}, {r['num_parameters']:,} parameters, "
+        f"{r['resolution']} px RGB, random weights",
+        "",
+    ]
 
 
 def _best(best: float, trials: list) -> str:
@@ -151,30 +208,42 @@ def _sampler_label(r: dict, with_steps: bool = False) -> str:
 
 
 def format_sample(r: dict, command: str) -> str:
-    return "\n".join(_header(r, command) + [
-        "| sampler | steps | precision | batch | images | img/s |",
-        "|---|---:|---|---:|---:|---:|",
-        f"| ours: {_sampler_label(r)} | {r['steps']} | {r['dtype']} | {r['batch_size']} | {r['num_images']} "
-        f"| {_best(r['ours_images_per_second'], r['ours_trials'])} |",
-        f"| tutorial: DDPMPipeline (ddpm) | {r['steps']} | float32 | {TUTORIAL_GRID} | {r['peer_images']} "
-        f"| {_best(r['tutorial_images_per_second'], r['tutorial_trials'])} |",
-        "", f"ours / tutorial: {r['ratio']:.2f}x ({r['repeats']} alternating repeat(s), best of each)"])
+    return "\n".join(
+        _header(r, command)
+        + [
+            "| sampler | steps | precision | batch | images | img/s |",
+            "|---|---:|---|---:|---:|---:|",
+            f"| ours: {_sampler_label(r)} | {r['steps']} | {r['dtype']} | {r['batch_size']} | {r['num_images']} "
+            f"| {_best(r['ours_images_per_second'], r['ours_trials'])} |",
+            f"| tutorial: DDPMPipeline (ddpm) | {r['steps']} | float32 | {TUTORIAL_GRID} | {r['peer_images']} "
+            f"| {_best(r['tutorial_images_per_second'], r['tutorial_trials'])} |",
+            "",
+            f"ours / tutorial: {r['ratio']:.2f}x ({r['repeats']} alternating repeat(s), best of each)",
+        ]
+    )
 
 
 def format_fid(r: dict, command: str) -> str:
-    return "\n".join(_header(r, command) + [
-        f"| {r['num_images']:,} samples, {_sampler_label(r, with_steps=True)}, {r['dtype']}, batch {r['batch_size']} "
-        "| seconds |",
-        "|---|---:|",
-        f"| sampling + writing PNGs (sample stage) | {r['sample_seconds']:.1f} |",
-        f"| loading + Inception features + FID/KID (evaluate stage; vs {r['reference_images']:,} reference images) "
-        f"| {r['fid_seconds']:.1f} |",
-        f"| **total** | **{r['total_seconds']:.1f}** |"])
+    return "\n".join(
+        _header(r, command)
+        + [
+            f"| {r['num_images']:,} samples, {_sampler_label(r, with_steps=True)}, {r['dtype']}, "
+            f"batch {r['batch_size']} "
+            "| seconds |",
+            "|---|---:|",
+            f"| sampling + writing PNGs (sample stage) | {r['sample_seconds']:.1f} |",
+            f"| loading + Inception features + FID/KID (evaluate stage; vs {r['reference_images']:,} reference images) "
+            f"| {r['fid_seconds']:.1f} |",
+            f"| **total** | **{r['total_seconds']:.1f}** |",
+        ]
+    )
 
 
 def add_parsers(sub) -> None:
-    for name, text in (("sample", "our sampler vs the tutorial's DDPMPipeline call"),
-                       ("fid", "seconds for sampling N images + FID, end to end")):
+    for name, text in (
+        ("sample", "our sampler vs the tutorial's DDPMPipeline call"),
+        ("fid", "seconds for sampling N images + FID, end to end"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--resolution", type=int, default=64)
         p.add_argument("--channels", type=int, nargs="+", default=list(SEED_CHANNELS))
@@ -191,8 +260,16 @@ def add_parsers(sub) -> None:
             p.add_argument("--reference-images", type=int, default=1000)
 
 
-MINIMUMS = {"resolution": 1, "steps": 1, "batch_size": 1, "num_images": 2, "threads": 1, "peer_images": 1,
-            "repeats": 1, "reference_images": 2}  # FID needs 2 images for a covariance
+MINIMUMS = {
+    "resolution": 1,
+    "steps": 1,
+    "batch_size": 1,
+    "num_images": 2,
+    "threads": 1,
+    "peer_images": 1,
+    "repeats": 1,
+    "reference_images": 2,
+}  # FID needs 2 images for a covariance
 
 
 def run(args, argv: list) -> None:

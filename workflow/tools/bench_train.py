@@ -27,6 +27,7 @@ at `--channels` and `--resolution`.
 - the limit: a timed large matmul (bf16 on cuda; float32 on cpu, where training runs in float32)
   gives FLOP/s; limit images/s = FLOP/s / FLOP per image, and each loop's share of it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,11 +45,28 @@ import torch
 from workflow.core.config import DEFAULT_PARAMS, ConfigError, Params, load_params
 from workflow.core.runtime import default_device
 from workflow.models.builders import build_unet, count_parameters
-from workflow.tools.bench_common import (PEER_NORM_GROUPS, SEED_CHANNELS, bench_params, device_label, publish, synchronize,
-                                         synthetic_images)
+from workflow.tools.bench_common import (
+    PEER_NORM_GROUPS,
+    SEED_CHANNELS,
+    bench_params,
+    device_label,
+    publish,
+    synchronize,
+    synthetic_images,
+)
 
-MODEL_KEYS = ("in_channels", "out_channels", "layers_per_block", "block_out_channels", "down_block_types",
-              "up_block_types", "norm_num_groups", "sample_size", "attention_head_dim", "act_fn")
+MODEL_KEYS = (
+    "in_channels",
+    "out_channels",
+    "layers_per_block",
+    "block_out_channels",
+    "down_block_types",
+    "up_block_types",
+    "norm_num_groups",
+    "sample_size",
+    "attention_head_dim",
+    "act_fn",
+)
 
 
 def write_image_folder(images: np.ndarray, folder: Path) -> Path:
@@ -114,13 +132,17 @@ def check_same_model(peer, params: Params) -> None:
     try:
         theirs = peer.tutorial_unet(resolution, tuple(params.model.block_out_channels)).config
     except ValueError as exc:
-        raise ConfigError(f"the peer cannot build its UNet at --channels {list(params.model.block_out_channels)}: "
-                          f"{exc} (it uses norm groups {PEER_NORM_GROUPS}: give multiples of it)") from None
+        raise ConfigError(
+            f"the peer cannot build its UNet at --channels {list(params.model.block_out_channels)}: "
+            f"{exc} (it uses norm groups {PEER_NORM_GROUPS}: give multiples of it)"
+        ) from None
     ours = build_unet(params.model, resolution=resolution, channels=3).config
     differ = [k for k in MODEL_KEYS if _plain(ours[k]) != _plain(theirs[k])]
     if differ:
-        raise ConfigError(f"our UNet differs from the peer's in {', '.join(differ)}: "
-                          + "; ".join(f"{k}: {ours[k]!r} vs {theirs[k]!r}" for k in differ))
+        raise ConfigError(
+            f"our UNet differs from the peer's in {', '.join(differ)}: "
+            + "; ".join(f"{k}: {ours[k]!r} vs {theirs[k]!r}" for k in differ)
+        )
 
 
 def _plain(value):
@@ -140,16 +162,23 @@ def datasets_cache(folder: Path):
         datasets.config.HF_DATASETS_CACHE = previous
 
 
-def peer_images_per_second(peer, images: np.ndarray, batch_size: int, steps: int, warmup: int,
-                           channels: tuple) -> float:
+def peer_images_per_second(
+    peer, images: np.ndarray, batch_size: int, steps: int, warmup: int, channels: tuple
+) -> float:
     """The tutorial's loop on `images` written as PNG files, as its users would feed it a folder."""
     fresh_accelerator_state()
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
         folder = write_image_folder(images, Path(tmp) / "images")
         with datasets_cache(Path(tmp) / "hf-datasets-cache"):
-            return peer.tutorial_images_per_second(str(folder), resolution=images.shape[-1], batch_size=batch_size,
-                                                   steps=steps, warmup=warmup, num_workers=0,
-                                                   channels=tuple(channels))
+            return peer.tutorial_images_per_second(
+                str(folder),
+                resolution=images.shape[-1],
+                batch_size=batch_size,
+                steps=steps,
+                warmup=warmup,
+                num_workers=0,
+                channels=tuple(channels),
+            )
 
 
 def flop_per_image(params: Params, batch_size: int) -> float:
@@ -171,8 +200,9 @@ def flop_per_image(params: Params, batch_size: int) -> float:
     return counter.get_total_flops() / batch_size
 
 
-def matmul_rate(device: torch.device, size: int | None = None, repeats: int | None = None,
-                trials: int = 5) -> tuple[float, str]:
+def matmul_rate(
+    device: torch.device, size: int | None = None, repeats: int | None = None, trials: int = 5
+) -> tuple[float, str]:
     """FLOP/s of a large square matmul, the best of `trials` timed blocks: bf16 on cuda, float32 on cpu.
 
     Returns (rate, dtype name). The best, not the mean: it estimates what the device can do, and
@@ -192,24 +222,35 @@ def matmul_rate(device: torch.device, size: int | None = None, repeats: int | No
             a @ b
         synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 * repeats / best, str(dtype).removeprefix("torch.")
+    return 2 * size**3 * repeats / best, str(dtype).removeprefix("torch.")
 
 
-def measure_loops(params: Params, peer, images: np.ndarray, steps: int, warmup: int, peer_batch_size: int,
-                  repeats: int) -> dict:
+def measure_loops(
+    params: Params, peer, images: np.ndarray, steps: int, warmup: int, peer_batch_size: int, repeats: int
+) -> dict:
     """images/s of each loop, `repeats` times, alternating ours and the peer's so both see the same machine."""
     trials = {"ours": [], "peer": []}
     for _ in range(repeats):
         trials["ours"].append(our_images_per_second(params, images, steps, warmup))
         if peer is not None:
-            trials["peer"].append(peer_images_per_second(peer, images, peer_batch_size, steps, warmup,
-                                                         params.model.block_out_channels))
+            trials["peer"].append(
+                peer_images_per_second(peer, images, peer_batch_size, steps, warmup, params.model.block_out_channels)
+            )
     return trials
 
 
-def bench_train(base: Params, resolution: int = 128, batch_size: int = 16, steps: int = 40, warmup: int = 10,
-                channels: tuple = SEED_CHANNELS, peer_path: str | Path | None = None,
-                peer_batch_size: int | None = None, repeats: int = 1, matmul_size: int | None = None) -> dict:
+def bench_train(
+    base: Params,
+    resolution: int = 128,
+    batch_size: int = 16,
+    steps: int = 40,
+    warmup: int = 10,
+    channels: tuple = SEED_CHANNELS,
+    peer_path: str | Path | None = None,
+    peer_batch_size: int | None = None,
+    repeats: int = 1,
+    matmul_size: int | None = None,
+) -> dict:
     """Measure both loops (best of `repeats`), the FLOP per image and the matmul limit; return a dict."""
     device = default_device()
     peer_batch_size = peer_batch_size or batch_size
@@ -224,17 +265,32 @@ def bench_train(base: Params, resolution: int = 128, batch_size: int = 16, steps
     rate, dtype = matmul_rate(device, matmul_size)
     limit = rate / flop
     return {
-        "device": device.type, "device_name": device_label(device), "torch": torch.__version__,
-        "diffusers": version("diffusers"), "resolution": resolution, "channels": list(channels),
-        "batch_size": batch_size, "peer_batch_size": peer_batch_size if peer else None, "steps": steps,
-        "warmup": warmup, "repeats": repeats, "mixed_precision": params.train.mixed_precision,
-        "ema": params.train.ema, "compile": params.train.compile,
+        "device": device.type,
+        "device_name": device_label(device),
+        "torch": torch.__version__,
+        "diffusers": version("diffusers"),
+        "resolution": resolution,
+        "channels": list(channels),
+        "batch_size": batch_size,
+        "peer_batch_size": peer_batch_size if peer else None,
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "mixed_precision": params.train.mixed_precision,
+        "ema": params.train.ema,
+        "compile": params.train.compile,
         "num_parameters": count_parameters(build_unet(params.model, resolution=resolution, channels=3)),
-        "ours_images_per_second": ours, "peer_images_per_second": theirs,
-        "ours_trials": trials["ours"], "peer_trials": trials["peer"] if peer else None,
-        "ratio": ours / theirs if theirs else None, "flop_per_image": flop,
-        "matmul_flop_per_second": rate, "matmul_dtype": dtype, "limit_images_per_second": limit,
-        "ours_share_of_limit": ours / limit, "peer_share_of_limit": theirs / limit if theirs else None,
+        "ours_images_per_second": ours,
+        "peer_images_per_second": theirs,
+        "ours_trials": trials["ours"],
+        "peer_trials": trials["peer"] if peer else None,
+        "ratio": ours / theirs if theirs else None,
+        "flop_per_image": flop,
+        "matmul_flop_per_second": rate,
+        "matmul_dtype": dtype,
+        "limit_images_per_second": limit,
+        "ours_share_of_limit": ours / limit,
+        "peer_share_of_limit": theirs / limit if theirs else None,
     }
 
 
@@ -244,6 +300,7 @@ def _on(flag: bool) -> str:
 
 def format_table(r: dict, command: str) -> str:
     """The result as Markdown: a header naming the run, then one row per loop and the limit."""
+
     def share(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -263,7 +320,8 @@ def format_table(r: dict, command: str) -> str:
         "",
         "| loop | batch | img/s | share of the matmul limit |",
         "|---|---:|---:|---:|",
-        f"| ours (workflow.stages.train.train_step) | {r['batch_size']} | {ips(r['ours_images_per_second'], r['ours_trials'])} "
+        f"| ours (workflow.stages.train.train_step) | {r['batch_size']} "
+        f"| {ips(r['ours_images_per_second'], r['ours_trials'])} "
         f"| {share(r['ours_share_of_limit'])} |",
         f"| tutorial loop (peer) | {r['peer_batch_size'] or r['batch_size']} "
         f"| {ips(r['peer_images_per_second'], r['peer_trials'])} | {share(r['peer_share_of_limit'])} |",
@@ -273,8 +331,10 @@ def format_table(r: dict, command: str) -> str:
         f"ours / tutorial: {ratio}",
     ]
     if r["device"] == "cpu":
-        rows.append("(cpu: the limit uses the float32 matmul rate, as training on cpu runs in float32; "
-                    "bf16 is measured on cuda)")
+        rows.append(
+            "(cpu: the limit uses the float32 matmul rate, as training on cpu runs in float32; "
+            "bf16 is measured on cuda)"
+        )
     return "\n".join(rows)
 
 
@@ -288,18 +348,26 @@ def add_parser(sub) -> None:
     train.add_argument("--warmup", type=int, default=10, help="untimed steps before timing")
     train.add_argument("--channels", type=int, nargs="+", default=list(SEED_CHANNELS))
     train.add_argument("--params", default=str(DEFAULT_PARAMS), help="the base params file (default: params.yaml)")
-    train.add_argument("--repeats", type=int, default=1, help="measure each loop this many times, alternating; "
-                       "report the best")
+    train.add_argument(
+        "--repeats", type=int, default=1, help="measure each loop this many times, alternating; report the best"
+    )
     train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     train.add_argument("--json", help="also write the numbers to this JSON file")
 
 
-MINIMUMS = {"resolution": 1, "batch_size": 1, "peer_batch_size": 1, "steps": 1, "warmup": 0, "repeats": 1,
-            "threads": 1}
+MINIMUMS = {"resolution": 1, "batch_size": 1, "peer_batch_size": 1, "steps": 1, "warmup": 0, "repeats": 1, "threads": 1}
 
 
 def run(args, argv: list) -> None:
-    result = bench_train(load_params(args.params), resolution=args.resolution, batch_size=args.batch_size,
-                         steps=args.steps, warmup=args.warmup, channels=tuple(args.channels),
-                         peer_path=args.peer, peer_batch_size=args.peer_batch_size, repeats=args.repeats)
+    result = bench_train(
+        load_params(args.params),
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        channels=tuple(args.channels),
+        peer_path=args.peer,
+        peer_batch_size=args.peer_batch_size,
+        repeats=args.repeats,
+    )
     publish(result, format_table, argv, args.json)

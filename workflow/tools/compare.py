@@ -20,6 +20,7 @@ Without names, the page shows the current commit's experiments, the commit itsel
 results, and the workspace if its results are not already one of those. A tool like `bench`, not
 a pipeline stage: it reads what the pipeline made and changes nothing but its own page.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,16 +31,36 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflow.pages import curves
-from workflow.formats import trainlog
 from workflow.core.config import ConfigError, dotted_keys, paths_of
-from workflow.pages.htmlpage import (data_uri, esc, fmt_number, fmt_scalar, Missing, page, pixel_image, png_size,
-                               section, write_page)
+from workflow.formats import trainlog
+from workflow.pages import curves
+from workflow.pages.htmlpage import (
+    Missing,
+    data_uri,
+    esc,
+    fmt_number,
+    fmt_scalar,
+    page,
+    pixel_image,
+    png_size,
+    section,
+    write_page,
+)
 
 DEFAULT_OUTPUT = "reports/experiments.html"
 THUMBNAIL_PX = 180
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf")  # matplotlib's tab10: the table, the thumbnails and the curves agree
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)  # matplotlib's tab10: the table, the thumbnails and the curves agree
 METRIC_COLUMNS = (  # metrics.json key, column title, format spec
     ("fid", "FID", ".2f"),
     ("kid", "KID", ".4g"),
@@ -51,6 +72,7 @@ METRIC_COLUMNS = (  # metrics.json key, column title, format spec
 @dataclass(frozen=True, eq=False)
 class Experiment:
     """One row of `dvc exp show` (an experiment, a commit or the workspace) as it left its outputs."""
+
     name: str
     rev: str  # a commit sha, or "workspace"
     params: dict  # its params.yaml
@@ -72,10 +94,12 @@ def _finite(value) -> bool:
 
 # ---------------------------------------------------------------- what dvc knows
 
+
 def exp_show(root: Path) -> list:
     """`dvc exp show --json` in `root`, parsed."""
-    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root, capture_output=True, text=True
+    )
     if done.returncode:
         raise ConfigError(f"`dvc exp show --json` failed in {root}: {done.stderr.strip()[-800:]}")
     return json.loads(done.stdout)
@@ -88,12 +112,24 @@ def exp_show_rows(shown: list) -> list:
         if entry["rev"] == "workspace":
             rows.append({"name": "workspace", "rev": "workspace", "data": entry.get("data") or {}, "kind": "workspace"})
             continue
-        rows.append({"name": entry.get("name") or entry["rev"][:7], "rev": entry["rev"], "data": entry.get("data") or {},
-                     "kind": "commit"})
+        rows.append(
+            {
+                "name": entry.get("name") or entry["rev"][:7],
+                "rev": entry["rev"],
+                "data": entry.get("data") or {},
+                "kind": "commit",
+            }
+        )
         for experiment in entry.get("experiments") or []:
             for rev in experiment.get("revs") or []:
-                rows.append({"name": rev.get("name") or rev["rev"][:7], "rev": rev["rev"],
-                             "data": rev.get("data") or {}, "kind": "experiment"})
+                rows.append(
+                    {
+                        "name": rev.get("name") or rev["rev"][:7],
+                        "rev": rev["rev"],
+                        "data": rev.get("data") or {},
+                        "kind": "experiment",
+                    }
+                )
     return rows
 
 
@@ -119,11 +155,14 @@ def select(rows: list, wanted: list) -> list:
         return [_find(rows, name) for name in wanted]
     chosen = []
     for row in rows:
-        if row["kind"] == "experiment" or (row["kind"] == "commit" and row_metrics(row)):
-            if not any(_same_results(row, other) for other in chosen):
-                chosen.append(row)
-    workspace = [r for r in rows if r["kind"] == "workspace" and row_metrics(r)
-                 and not any(_same_results(r, other) for other in chosen)]
+        recorded = row["kind"] == "experiment" or (row["kind"] == "commit" and row_metrics(row))
+        if recorded and not any(_same_results(row, other) for other in chosen):
+            chosen.append(row)
+    workspace = [
+        r
+        for r in rows
+        if r["kind"] == "workspace" and row_metrics(r) and not any(_same_results(r, other) for other in chosen)
+    ]
     return workspace + chosen
 
 
@@ -136,6 +175,7 @@ def _find(rows: list, wanted: str) -> dict:
 
 
 # ---------------------------------------------------------------- each experiment's files
+
 
 def load_experiment(root: Path, row: dict) -> Experiment:
     """The row's grid and loss history, read through DVC at its rev (the workspace as it is)."""
@@ -175,8 +215,11 @@ def _read(fs, path: str, problems: list, fetch: str) -> bytes | None:
         problems.append(f"{path}: not in the local DVC cache; fetch it with `{fetch}`")
     except (FileNotFoundError, IsADirectoryError) as exc:
         recorded = fs.exists(path)  # an output DVC records, whose data the cache lacks
-        problems.append(f"{path}: not in the local DVC cache; fetch it with `{fetch}`" if recorded
-                        else f"{path}: {exc.strerror or exc}")
+        problems.append(
+            f"{path}: not in the local DVC cache; fetch it with `{fetch}`"
+            if recorded
+            else f"{path}: {exc.strerror or exc}"
+        )
     return None
 
 
@@ -190,6 +233,7 @@ def collect(root: Path, wanted: list) -> list:
 
 
 # ---------------------------------------------------------------- the page
+
 
 def differing_params(experiments: list) -> list:
     """The dotted keys whose values are not the same in every experiment, in params.yaml order."""
@@ -224,34 +268,48 @@ def table_section(experiments: list, colours: dict, keys: list, best: Experiment
     # a long param name may wrap after its dots, so several params fit the width without scrolling;
     # the metrics' headings sit right, over their right-aligned numbers
     heads = [("", h) for h in ("experiment", "rev", *keys)] + [(' class="num"', t) for _, t, _ in METRIC_COLUMNS]
-    head = "".join(f'<th{cls}><button type="button">{esc(h).replace(".", ".<wbr>")}</button></th>'
-                   for cls, h in heads)
+    head = "".join(f'<th{cls}><button type="button">{esc(h).replace(".", ".<wbr>")}</button></th>' for cls, h in heads)
     rows = []
     for e in experiments:
         flat = dotted_keys(e.params)
-        cells = [f'<td data-sort="{esc(e.name)}">{_swatch(colours[e.name])}<strong>{esc(e.name)}</strong></td>',
-                 f'<td data-sort="{esc(e.rev)}"><code>{esc(e.rev[:7])}</code></td>']
+        cells = [
+            f'<td data-sort="{esc(e.name)}">{_swatch(colours[e.name])}<strong>{esc(e.name)}</strong></td>',
+            f'<td data-sort="{esc(e.rev)}"><code>{esc(e.rev[:7])}</code></td>',
+        ]
         cells += [_param_cell(flat.get(k)) for k in keys]
-        cells += [_metric_cell(e.metrics.get(key), spec, ' <span class="badge">best</span>'
-                               if key == "fid" and e is best else "") for key, _, spec in METRIC_COLUMNS]
-        rows.append(f'<tr{" class=best" if e is best else ""}>{"".join(cells)}</tr>')
-    note = ("the params that differ among them" if keys else "no param differs among them")
-    caption = (f'<p class="caption">{len(experiments)} experiment(s); columns: {note}, then the metrics. '
-               "Click a column to sort by it.</p>")
-    table = f'<div class="scroll"><table class="list sortable"><thead><tr>{head}</tr></thead>' \
-            f'<tbody>{"".join(rows)}</tbody></table></div>'
+        cells += [
+            _metric_cell(
+                e.metrics.get(key), spec, ' <span class="badge">best</span>' if key == "fid" and e is best else ""
+            )
+            for key, _, spec in METRIC_COLUMNS
+        ]
+        rows.append(f"<tr{' class=best' if e is best else ''}>{''.join(cells)}</tr>")
+    note = "the params that differ among them" if keys else "no param differs among them"
+    caption = (
+        f'<p class="caption">{len(experiments)} experiment(s); columns: {note}, then the metrics. '
+        "Click a column to sort by it.</p>"
+    )
+    table = (
+        f'<div class="scroll"><table class="list sortable"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
     return section("Experiments", table + caption)
 
 
 def grids_section(experiments: list, colours: dict, best: Experiment | None) -> str:
     cards = []
     for e in experiments:
-        image = (pixel_image(e.grid_png, THUMBNAIL_PX, f"samples of {e.name}")[0] if e.grid_png
-                 else Missing("sample grid", _why_missing(e, paths_of(e.params).grid)).html())
+        image = (
+            pixel_image(e.grid_png, THUMBNAIL_PX, f"samples of {e.name}")[0]
+            if e.grid_png
+            else Missing("sample grid", _why_missing(e, paths_of(e.params).grid)).html()
+        )
         badge = ' <span class="badge">best FID</span>' if e is best else ""
-        cards.append(f'<figure class="thumb{" best" if e is best else ""}" style="border-top-color:{colours[e.name]}">'
-                     f"<figcaption>{_swatch(colours[e.name])}<strong>{esc(e.name)}</strong>{badge}<br>"
-                     f"FID {fmt_number(e.metrics.get('fid'), '.2f')}</figcaption>{image}</figure>")
+        cards.append(
+            f'<figure class="thumb{" best" if e is best else ""}" style="border-top-color:{colours[e.name]}">'
+            f"<figcaption>{_swatch(colours[e.name])}<strong>{esc(e.name)}</strong>{badge}<br>"
+            f"FID {fmt_number(e.metrics.get('fid'), '.2f')}</figcaption>{image}</figure>"
+        )
     return section("Samples", f'<div class="thumbs">{"".join(cards)}</div>')
 
 
@@ -259,21 +317,29 @@ def curves_section(experiments: list, colours: dict) -> str:
     rows = [(e.name, colours[e.name], e.history) for e in experiments if e.history is not None]
     lacking = [e.name for e in experiments if e.history is None]
     if not rows:
-        return section("Training curves", Missing("loss histories", "no experiment's training log could be read").html())
+        return section(
+            "Training curves", Missing("loss histories", "no experiment's training log could be read").html()
+        )
     png = curves.overlay_plot_png(rows)
     width, height = png_size(png)
-    img = (f'<img src="{data_uri(png)}" width="{width}" height="{height}" '
-           'alt="training loss and learning rate of each experiment">')
+    img = (
+        f'<img src="{data_uri(png)}" width="{width}" height="{height}" '
+        'alt="training loss and learning rate of each experiment">'
+    )
     note = f" No history for: {esc(', '.join(lacking))}." if lacking else ""
-    caption = ("Loss on a log scale (each experiment's moving average; faint: per step) and the learning rate "
-               f"below, one colour per experiment.{note}")
+    caption = (
+        "Loss on a log scale (each experiment's moving average; faint: per step) and the learning rate "
+        f"below, one colour per experiment.{note}"
+    )
     return section("Training curves", f"<figure>{img}<figcaption>{caption}</figcaption></figure>")
 
 
 def _why_missing(e: Experiment, path: str) -> str:
     """Why `path` could not be read, as recorded when the experiment was loaded."""
-    return next((p.partition(": ")[2] for p in e.problems if p.startswith(f"{path}: ")),
-                "not in this experiment's outputs or the local DVC cache")
+    return next(
+        (p.partition(": ")[2] for p in e.problems if p.startswith(f"{path}: ")),
+        "not in this experiment's outputs or the local DVC cache",
+    )
 
 
 def problems_section(experiments: list) -> str:
@@ -282,10 +348,12 @@ def problems_section(experiments: list) -> str:
         return ""
     note = ""
     if any("not in the local DVC cache" in p for e in experiments for p in e.problems):
-        note = ('<p class="caption">Outputs not in the local DVC cache are fetched from the project\'s DVC remote '
-                "(<code>dvc remote list</code>), where <code>dvc push</code> and <code>dvc exp push origin "
-                "&lt;name&gt;</code> put them: <code>dvc pull</code> for the workspace and the current commit, "
-                "<code>dvc exp pull origin &lt;name&gt;</code> for an experiment.</p>")
+        note = (
+            '<p class="caption">Outputs not in the local DVC cache are fetched from the project\'s DVC remote '
+            "(<code>dvc remote list</code>), where <code>dvc push</code> and <code>dvc exp push origin "
+            "&lt;name&gt;</code> put them: <code>dvc pull</code> for the workspace and the current commit, "
+            "<code>dvc exp pull origin &lt;name&gt;</code> for an experiment.</p>"
+        )
     return section("Not available", f"<ul>{items}</ul>{note}")
 
 
@@ -342,12 +410,17 @@ def render_comparison(experiments: list) -> str:
     colours = {e.name: PALETTE[i % len(PALETTE)] for i, e in enumerate(shown)}
     best = shown[0] if shown and math.isfinite(shown[0].fid) else None
     keys = differing_params(shown)
-    subtitle = (f"{len(shown)} experiment(s) from `dvc exp show`; best FID "
-                + (f"{best.fid:.2f}: {best.name}" if best else "n/a (no experiment has a FID)"))
-    body = (table_section(shown, colours, keys, best) + grids_section(shown, colours, best)
-            + curves_section(shown, colours) + problems_section(shown)
-            + "<footer>Written by <code>python -m workflow compare</code> from <code>dvc exp show --json</code> "
-              "and each experiment's outputs in the DVC cache.</footer>\n")
+    subtitle = f"{len(shown)} experiment(s) from `dvc exp show`; best FID " + (
+        f"{best.fid:.2f}: {best.name}" if best else "n/a (no experiment has a FID)"
+    )
+    body = (
+        table_section(shown, colours, keys, best)
+        + grids_section(shown, colours, best)
+        + curves_section(shown, colours)
+        + problems_section(shown)
+        + "<footer>Written by <code>python -m workflow compare</code> from <code>dvc exp show --json</code> "
+        "and each experiment's outputs in the DVC cache.</footer>\n"
+    )
     return page("Experiment comparison", subtitle, body, CSS, SCRIPT)
 
 
@@ -359,4 +432,3 @@ def main(argv=None) -> None:
     experiments = collect(Path.cwd(), args.experiments)
     write_page(args.output, render_comparison(experiments))
     print(f"compare: {len(experiments)} experiment(s) -> {args.output}")
-

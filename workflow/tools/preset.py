@@ -12,6 +12,7 @@ Read as a params file on its own (`--params configs/x.yaml`, as the bench comman
 itself over the defaults.
 A tool beside the stages: it reads the preset and prints, nothing else.
 """
+
 from __future__ import annotations
 
 import argparse
