@@ -3,7 +3,7 @@
 #               as a DVC experiment (`dvc exp run`; plain `dvc repro` outside a git checkout)
 # make run CONFIG=configs/<preset>.yaml   a preset, as a DVC experiment run beside the workspace
 # make compare  reports/experiments.html: this commit's experiments side by side
-# make test     setup + the test dependencies (requirements-test.txt) + Chromium + the whole test suite
+# make test     setup + the test dependencies (requirements-test.txt) + Chromium + ruff (lint, format) + the whole test suite
 # make smk      setup + the same pipeline through Snakemake (CONFIG=... as `--configfile`)
 
 PYTHON ?= python3
@@ -45,7 +45,10 @@ $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -r requirements-test.txt
 	touch $@
 
+# ruff first: a lint or formatting slip fails in seconds, before the 15-minute suite.
 test: $(VENV)/.installed-test browser
+	ruff check .
+	ruff format --check .
 	python -m pytest
 
 # The page tests open the reports in Debian's headless Chromium through its chromedriver.

@@ -189,16 +189,12 @@ class Sample:
 
 @dataclass(frozen=True)
 class Fid:
-    num_samples: int = checked(
-        250, positive(100_000)
-    )  # the size of the sample set FID scores (made by the sample stage)
+    num_samples: int = checked(250, positive(100_000))  # the size of the sample set FID scores (sample makes it)
     num_reference: Optional[int] = checked(250, positive(1_000_000))
     weights: Optional[str] = None
     weights_sha256: Optional[str] = checked(None, SHA256)
     batch_size: int = checked(50, positive(4096))
-    steps_sweep: tuple[int, ...] = checked_tuple(
-        (), positive_items(10_000, 32)
-    )  # FID against sample.num_inference_steps
+    steps_sweep: tuple[int, ...] = checked_tuple((), positive_items(10_000, 32))  # FID against the sampling steps
 
 
 @dataclass(frozen=True)

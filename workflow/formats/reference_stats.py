@@ -1,13 +1,10 @@
 """The reference statistics file (`paths.fid_ref`, .npz): mu, sigma (float64), features (float32, for
 KID), num_images, and weights_sha256 (the Inception file that made them).
 
-    from workflow.formats.reference_stats import load_reference, check_weights, score
-    reference = load_reference("data/processed/fid_ref.npz")
-    check_weights(reference, info, "data/processed/fid_ref.npz")   # info from workflow.models.inception
-    score(sample_features, reference, seed)   # {fid, kid, fid_num_samples, fid_num_reference}
-
-No command of its own: `python -m workflow evaluate` and `python -m workflow fid_steps` use it;
-`python -m workflow fid_reference` writes the file.
+    save_reference("data/processed/fid_ref.npz", stats)             # fid_reference
+    reference = load_reference("data/processed/fid_ref.npz")        # evaluate, fid_steps
+    check_weights(reference, info, "data/processed/fid_ref.npz")    # info from workflow.models.inception
+    fid.score(sample_features, reference, seed)   # workflow.maths.fid: {fid, kid, fid_num_samples, ...}
 """
 
 from __future__ import annotations

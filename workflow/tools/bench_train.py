@@ -5,7 +5,7 @@
         --resolution 32 --batch-size 16 --channels 32 64 64 --steps 20     # the CPU table
     python -m workflow bench train --peer ../shared/peers/tutorial_loop.py \\
         --resolution 128 --batch-size 128 --peer-batch-size 16             # GPU, seed UNet
-    python -m workflow.tools.bench train ... --json bench.json             # the numbers as JSON too
+    python -m workflow bench train ... --json bench.json                   # the numbers as JSON too
     python -m workflow bench train ... --repeats 3 --threads 1       # best of 3, alternating; 1 thread
 
 A measurement tool, not a pipeline stage, so this is the one command that takes knobs on the
