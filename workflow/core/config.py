@@ -52,6 +52,14 @@ def positive_items(limit, count):
     ) | {"max": limit}
 
 
+def non_negative_items(limit, count):
+    """A list of at most `count` numbers, each in [0, limit] (may be empty)."""
+    return _rule(
+        lambda v: len(v) <= count and all(0 <= n <= limit for n in v),
+        f"must hold at most {count} values, each >= 0 and <= {limit:,}",
+    ) | {"max": limit}
+
+
 def positive_list(limit, count):
     return _rule(
         lambda v: 0 < len(v) <= count and all(0 < x <= limit for x in v),
@@ -64,6 +72,8 @@ UNIT_CLOSED = _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
 NON_EMPTY = _rule(lambda v: len(v) > 0, "must not be empty")
 STEPS = 10_000_000  # optimiser steps, and every count of them (warm-up, logging, checkpoint cadence)
 IMAGES = 100_000_000  # images in a dataset
+CLASSES = 100_000  # classes of a labelled dataset (one embedding row each)
+GUIDANCE = 100.0  # classifier-free guidance scales
 SHA256 = _rule(lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None, "must be 64 lowercase hex digits")
 SOURCE = _rule(
     lambda v: re.fullmatch(r"(builtin|imagefolder|hf):.+", v) is not None,
@@ -91,6 +101,7 @@ class Paths:
     raw: str = _path("data/raw")
     images: str = _path("data/processed/images.npy")
     meta: str = _path("data/processed/meta.json")
+    labels: str = _path("data/processed/labels.json")  # class names and each image's class (empty: none)
     fid_ref: str = _path("data/processed/fid_ref.npz")
     checkpoints: str = _path("models/checkpoints")
     trained: str = _path("models/trained")  # train's pipeline, read by sample and fid_steps
@@ -100,6 +111,7 @@ class Paths:
     samples: str = _path("data/samples")
     metrics: str = _path("reports/metrics.json")
     fid_steps: str = _path("reports/fid_steps.csv")
+    fid_guidance: str = _path("reports/fid_guidance.csv")
     report: str = _path("reports/index.html")
     loss_plot: str = _path("reports/loss.png")
 
@@ -112,6 +124,7 @@ class Data:
     config: Optional[str] = checked(None, NON_EMPTY)  # hf only: a config the dataset card declares; None = its default
     split: str = "train"
     image_column: str = "image"
+    label_column: Optional[str] = checked(None, NON_EMPTY)  # hf only: a ClassLabel column; null = no labels
     resolution: int = checked(16, positive(1024))
     channels: Literal[1, 3] = 1
     center_crop: bool = True
@@ -133,6 +146,7 @@ class Model:
     layers_per_block: int = checked(1, positive(16))
     attention_levels: tuple[int, ...] = checked_tuple((2,))
     norm_num_groups: int = checked(16, positive(1024))
+    class_conditional: bool = False  # a class embedding (one row per class + "no class"), for guidance
     # the UNet is counted on the meta device before it is built (workflow.models.builders.check_size)
     max_parameters: int = checked(2_000_000_000, positive(10**12))
 
@@ -174,6 +188,7 @@ class Train:
     checkpoint_every: int = checked(300, positive(STEPS))
     checkpoints_total_limit: int = checked(2, positive(100))
     progress_grids: bool = True  # a small grid from the EMA weights at every checkpoint
+    label_dropout: float = checked(0.1, UNIT_CLOSED)  # class-conditional: share of labels replaced by "no class"
 
 
 @dataclass(frozen=True)
@@ -185,6 +200,9 @@ class Sample:
     batch_size: int = checked(250, positive(4096))
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     compile: bool = False  # torch.compile the UNet; falls back to eager with a warning if it fails
+    # class-conditional only: eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional, 0 = unconditional
+    guidance_scale: float = checked(1.0, non_negative(GUIDANCE))
+    classes: tuple[int, ...] = checked_tuple((), non_negative_items(CLASSES - 1, 1024))  # class indices; () = all
 
 
 @dataclass(frozen=True)
@@ -195,6 +213,7 @@ class Fid:
     weights_sha256: Optional[str] = checked(None, SHA256)
     batch_size: int = checked(50, positive(4096))
     steps_sweep: tuple[int, ...] = checked_tuple((), positive_items(10_000, 32))  # FID against the sampling steps
+    guidance_sweep: tuple[float, ...] = checked_tuple((), non_negative_items(GUIDANCE, 32))  # FID against w
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ TRAINING_STATE = "training_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
-def run_key(params: Params, images_sha256: str) -> str:
+def run_key(params: Params, images_sha256: str, labels_sha256: str | None = None) -> str:
     """Hash of the data, model, noise schedule, training recipe and seed (not logging cadence, grids, nor the
     size caps, which only decide whether a run may start)."""
     everything = params.to_dict()
@@ -40,6 +40,8 @@ def run_key(params: Params, images_sha256: str) -> str:
     for cadence in ("log_every", "checkpoint_every", "checkpoints_total_limit", "progress_grids", "max_activation_gib"):
         train.pop(cadence)
     everything["model"].pop("max_parameters")
+    if not params.model.class_conditional:
+        train.pop("label_dropout")  # no labels to drop: it does not shape the weights
     identity = {
         "images": images_sha256,
         "seed": params.seed,
@@ -47,6 +49,8 @@ def run_key(params: Params, images_sha256: str) -> str:
         "scheduler": everything["scheduler"],
         "train": train,
     }
+    if labels_sha256 is not None:  # class-conditional: the labels shape the weights too
+        identity["labels"] = labels_sha256
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 

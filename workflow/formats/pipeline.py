@@ -1,9 +1,12 @@
 """The trained pipeline (`paths.trained`): a diffusers DDPMPipeline folder, EMA weights as safetensors,
-with a manifest (size and sha256 of every file) so that a damaged copy is refused, naming the file.
+with a manifest (size and sha256 of every file) so that a damaged copy is refused, naming the file. A
+class-conditional UNet (its config's num_class_embeds) comes with class_names.json: the name of each
+class index (the last embedding row, "no class", has none).
 
-    save_pipeline(unet, noise_scheduler, "models/trained")     # train
-    unet, scheduler_config = load_unet("models/trained", device)   # sample, fid_steps
-    check_pipeline("models/trained")                           # package
+    save_pipeline(unet, noise_scheduler, "models/trained", class_names)   # train
+    unet, scheduler_config = load_unet("models/trained", device)         # sample, fid_steps
+    load_class_names("models/trained")                                   # [] for an unconditional UNet
+    check_pipeline("models/trained")                                     # package
 """
 
 from __future__ import annotations
@@ -12,17 +15,22 @@ from pathlib import Path
 
 import torch
 
-from workflow.core.artifacts import atomic_dir, manifest_damage, write_manifest
+from workflow.core.artifacts import atomic_dir, manifest_damage, write_json, write_manifest
 from workflow.core.config import ConfigError
+from workflow.formats.records import read_record
+
+CLASS_NAMES_FILE = "class_names.json"
 
 
-def save_pipeline(unet: torch.nn.Module, noise_scheduler, path: str | Path) -> None:
+def save_pipeline(unet: torch.nn.Module, noise_scheduler, path: str | Path, class_names=()) -> None:
     """The pipeline, published whole (built under a temporary name), weights in safetensors."""
     from diffusers import DDPMPipeline
 
     with atomic_dir(path) as out:
         pipeline = DDPMPipeline(unet=unet.to(memory_format=torch.contiguous_format), scheduler=noise_scheduler)
         pipeline.save_pretrained(out, safe_serialization=True)
+        if class_names:
+            write_json(out / CLASS_NAMES_FILE, {"classes": list(class_names)})
         write_manifest(out)
 
 
@@ -49,3 +57,9 @@ def load_unet(path: str | Path, device: torch.device):
             f"{str(exc)[:300]}); re-run the train stage"
         ) from None
     return pipeline.unet.to(device), pipeline.scheduler.config
+
+
+def load_class_names(path: str | Path) -> list[str]:
+    """The class names of a class-conditional pipeline; [] for an unconditional one."""
+    file = Path(path) / CLASS_NAMES_FILE
+    return list(read_record(file, "train", ("classes",))["classes"]) if file.is_file() else []

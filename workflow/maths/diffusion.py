@@ -91,3 +91,28 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torc
         return F.mse_loss(prediction.float(), target.float())
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_image * weights).mean()
+
+
+# --- class conditioning and classifier-free guidance (Ho & Salimans 2022) --------------------------
+
+
+def label_dropout_mask(seed: int, step: int, batch_size: int, rate: float, device) -> torch.Tensor:
+    """Which labels of the global batch of `step` become "no class": its own (seed, step, 1) stream,
+    so conditioning leaves every other draw of the step unchanged."""
+    g = torch.Generator(device=device).manual_seed(stream_seed(seed, step, 1))
+    return torch.rand(batch_size, generator=g, device=device) < rate
+
+
+def drop_labels(labels: torch.Tensor, drop: torch.Tensor, null_class: int) -> torch.Tensor:
+    """`labels` with the entries `drop` marks replaced by the "no class" index."""
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def guided(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: eps_uncond + w (eps_cond - eps_uncond); w = 1 conditional, 0 unconditional."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def balanced_classes(classes: list[int], count: int) -> np.ndarray:
+    """The class of samples 0..count-1: `classes` in turn, so every class gets its share (within one)."""
+    return np.asarray(classes, dtype=np.int64)[np.arange(count) % len(classes)]

@@ -22,8 +22,9 @@ SAMPLERS = {  # sample.sampler -> (scheduler class, settings on top of the train
 }
 
 
-def build_unet(model: Model, resolution: int, channels: int) -> UNet2DModel:
-    """The tutorial's UNet family: one down/up block per level, self-attention at `attention_levels`."""
+def build_unet(model: Model, resolution: int, channels: int, num_classes: int = 0) -> UNet2DModel:
+    """The tutorial's UNet family: one down/up block per level, self-attention at `attention_levels`.
+    With `num_classes`, a class embedding of num_classes + 1 rows: the last is "no class" (guidance)."""
     levels = len(model.block_out_channels)
     down = ["AttnDownBlock2D" if i in model.attention_levels else "DownBlock2D" for i in range(levels)]
     # up blocks run from the lowest resolution back up, so level i is up block (levels - 1 - i)
@@ -37,7 +38,14 @@ def build_unet(model: Model, resolution: int, channels: int) -> UNet2DModel:
         down_block_types=tuple(down),
         up_block_types=tuple(up),
         norm_num_groups=model.norm_num_groups,
+        num_class_embeds=num_classes + 1 if num_classes else None,
     )
+
+
+def null_class(unet) -> int | None:
+    """The "no class" index of a class-conditional UNet (its last embedding row); None if unconditional."""
+    embeds = unet.config.num_class_embeds
+    return embeds - 1 if embeds else None
 
 
 def build_noise_scheduler(scheduler: Scheduler) -> DDPMScheduler:
@@ -58,14 +66,14 @@ def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def check_size(params: Params) -> dict:
+def check_size(params: Params, num_classes: int = 0) -> dict:
     """Refuse, before anything is allocated, a UNet over `model.max_parameters` or a training micro-batch
     whose activations exceed `train.max_activation_gib`. Both are measured on the meta device (shapes,
     no memory), where config's upper bounds keep even the largest allowed build quick.
     Returns {"parameters": count, "activation_gib": estimate}."""
     m, t, data = params.model, params.train, params.data
     with torch.device("meta"):
-        unet = build_unet(m, resolution=data.resolution, channels=data.channels)
+        unet = build_unet(m, resolution=data.resolution, channels=data.channels, num_classes=num_classes)
     count = count_parameters(unet)
     if count > m.max_parameters:
         raise ConfigError(
@@ -104,5 +112,7 @@ def activation_bytes(unet: UNet2DModel, batch: int) -> int:
     size, channels, device = unet.config.sample_size, unet.config.in_channels, unet.device
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         noisy = torch.zeros(batch, channels, size, size, device=device)
-        unet(noisy, torch.zeros(batch, dtype=torch.long, device=device), return_dict=False)
+        steps = torch.zeros(batch, dtype=torch.long, device=device)
+        labels = steps if unet.config.num_class_embeds else None
+        unet(noisy, steps, class_labels=labels, return_dict=False)
     return sum(saved.values())

