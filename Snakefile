@@ -30,6 +30,6 @@ rule all:
     input:
         rules.report.output.report,
         rules.evaluate.output.metrics,
-        rules.fid_steps.output.fid_steps,
+        rules.fid_sweep.output.fid_steps,
         rules.package.output.pipeline,
     default_target: True

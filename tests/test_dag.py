@@ -117,7 +117,7 @@ def test_gpu_stages_are_capped_by_the_default_profile(both):
     import yaml
 
     _, smk = both
-    assert {n for n, r in smk.items() if r["gpu"]} == {"fid_reference", "train", "sample", "evaluate", "fid_steps"}
+    assert {n for n, r in smk.items() if r["gpu"]} == {"fid_reference", "train", "sample", "evaluate", "fid_sweep"}
     profile = yaml.safe_load((ROOT / "profiles/default/config.yaml").read_text())
     assert profile["resources"] == {"gpu": 1}
 

@@ -177,7 +177,7 @@ def test_editing_a_param_reruns_only_what_it_affects(dvc_repo):
         params["fid"]["num_samples"] = 4
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         # the reference statistics are cached: sampling and FID-size params never re-run fid_reference
-        assert set(json.loads(sh(repo, "dvc", "status", "--json"))) == {"sample", "fid_steps", "report", "package"}
+        assert set(json.loads(sh(repo, "dvc", "status", "--json"))) == {"sample", "fid_sweep", "report", "package"}
         params["sample"]["sampler"] = "ddim"
         params["fid"]["num_samples"] = 8
         params["train"]["learning_rate"] = 1e-3

@@ -1,10 +1,10 @@
 """Reproducible image diffusion: download -> preprocess -> fid_reference -> train -> sample -> evaluate
-(+ fid_steps) -> report, and package (the trained pipeline with its model card).
+(+ fid_sweep) -> report, and package (the trained pipeline with its model card).
 
 Run one stage with `python -m workflow <stage>`; the whole DAG with `dvc repro` or `snakemake --cores all`.
 The layers of this package, what each may import and where new code goes: docs/ARCHITECTURE.md
 (tests/test_layers.py enforces it).
 """
 
-STAGES = ("download", "preprocess", "fid_reference", "train", "sample", "evaluate", "fid_steps", "report", "package")
+STAGES = ("download", "preprocess", "fid_reference", "train", "sample", "evaluate", "fid_sweep", "report", "package")
 TOOLS = ("bench", "compare", "preset")

@@ -1,7 +1,7 @@
 """python -m workflow <command> [options]  -- the one command line of the pipeline.
 
 Stages (each reads params.yaml, or the file given with --params):
-  download, preprocess, fid_reference, train, sample, evaluate, fid_steps, report, package.
+  download, preprocess, fid_reference, train, sample, evaluate, fid_sweep, report, package.
 Tools beside them: bench (train | sample | fid throughput), compare (DVC experiments on one page),
 preset (a configs/*.yaml preset checked and printed as `dvc exp run -S` arguments).
 Training on several GPUs: accelerate launch -m workflow train

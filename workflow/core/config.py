@@ -104,7 +104,7 @@ class Paths:
     labels: str = _path("data/processed/labels.json")  # class names and each image's class (empty: none)
     fid_ref: str = _path("data/processed/fid_ref.npz")
     checkpoints: str = _path("models/checkpoints")
-    trained: str = _path("models/trained")  # train's pipeline, read by sample and fid_steps
+    trained: str = _path("models/trained")  # train's pipeline, read by sample and fid_sweep
     pipeline: str = _path("models/pipeline")  # the package stage's: the trained pipeline + its model card
     train_log: str = _path("reports/train")
     grid: str = _path("reports/samples/grid.png")
@@ -389,6 +389,18 @@ def _check_cross_field(p: Params, source: str) -> None:
             f"{source}: `sample.eta` ({p.sample.eta}) applies to the ddim sampler only; "
             f"set it to 0 for `sample.sampler` {p.sample.sampler!r}"
         )
+    if not p.model.class_conditional:
+        conditional_only = {
+            "sample.guidance_scale": p.sample.guidance_scale != 1.0,
+            "sample.classes": bool(p.sample.classes),
+            "fid.guidance_sweep": bool(p.fid.guidance_sweep),
+        }
+        for key, is_set in conditional_only.items():
+            if is_set:
+                raise ConfigError(
+                    f"{source}: `{key}` applies to class-conditional models: set `model.class_conditional: true` "
+                    "(a labelled dataset), or leave it at its default"
+                )
     if (p.train.max_steps is None) == (p.train.epochs is None):
         raise ConfigError(f"{source}: set exactly one of `train.max_steps` and `train.epochs` (the other null)")
     if p.train.batch_size % p.train.gradient_accumulation_steps:

@@ -4,7 +4,7 @@ class-conditional UNet (its config's num_class_embeds) comes with class_names.js
 class index (the last embedding row, "no class", has none).
 
     save_pipeline(unet, noise_scheduler, "models/trained", class_names)   # train
-    unet, scheduler_config = load_unet("models/trained", device)         # sample, fid_steps
+    unet, scheduler_config = load_unet("models/trained", device)         # sample, fid_sweep
     load_class_names("models/trained")                                   # [] for an unconditional UNet
     check_pipeline("models/trained")                                     # package
 """

@@ -24,20 +24,47 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
-def make_grid(images: np.ndarray, size: int, padding: int = GRID_PADDING) -> np.ndarray:
-    """The first size x size images (N x H x W x C) tiled row by row on a white background."""
+def make_grid(images: np.ndarray, size: int, padding: int = GRID_PADDING, rows: int | None = None) -> np.ndarray:
+    """The first `rows` x `size` images (N x H x W x C; rows defaults to size) tiled row by row on a white
+    background, `size` to a row."""
     _, h, w, c = images.shape
-    grid = np.full((size * (h + padding) + padding, size * (w + padding) + padding, c), 255, np.uint8)
-    for i, image in enumerate(images[: size * size]):
+    rows = size if rows is None else rows
+    grid = np.full((rows * (h + padding) + padding, size * (w + padding) + padding, c), 255, np.uint8)
+    for i, image in enumerate(images[: rows * size]):
         row, col = divmod(i, size)
         top, left = padding + row * (h + padding), padding + col * (w + padding)
         grid[top : top + h, left : left + w] = image
     return grid
 
 
-def write_grid(images: np.ndarray, size: int, path: str | Path) -> None:
+def write_grid(images: np.ndarray, size: int, path: str | Path, row_labels: list[str] | None = None) -> None:
+    """A size x size grid; with `row_labels`, one row per label (`size` images each), the label written
+    at the left of its row."""
+    rows = None if row_labels is None else len(row_labels)
+    grid = to_pil(make_grid(images, size, rows=rows))
+    if row_labels is not None:
+        grid = with_row_labels(grid, row_labels, images.shape[1] + GRID_PADDING)
     with atomic_path(path) as tmp:
-        to_pil(make_grid(images, size)).save(tmp, format="PNG")
+        grid.save(tmp, format="PNG")
+
+
+def with_row_labels(grid: Image.Image, labels: list[str], row_height: int) -> Image.Image:
+    """`grid` with a white margin on its left holding each row's label, centred on the row (PIL's
+    built-in bitmap font: no font file, the same pixels everywhere)."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default_imagefont()
+    labels = [label.encode("latin-1", "replace").decode("latin-1") for label in labels]  # the font's charset
+    draw = ImageDraw.Draw(grid)
+    margin = 6 + max(int(draw.textlength(label, font=font)) for label in labels)
+    labelled = Image.new(grid.mode, (grid.width + margin, grid.height), "white")
+    labelled.paste(grid, (margin, 0))
+    draw, ink = ImageDraw.Draw(labelled), "black"
+    for row, label in enumerate(labels):
+        top, bottom = draw.textbbox((0, 0), label, font=font)[1::2]
+        y = GRID_PADDING + row * row_height + (row_height - GRID_PADDING - (bottom - top)) // 2 - top
+        draw.text((3, y), label, fill=ink, font=font)
+    return labelled
 
 
 def read_png(path: str | Path, stage: str) -> bytes:

@@ -2,7 +2,7 @@
 KID), num_images, and weights_sha256 (the Inception file that made them).
 
     save_reference("data/processed/fid_ref.npz", stats)             # fid_reference
-    reference = load_reference("data/processed/fid_ref.npz")        # evaluate, fid_steps
+    reference = load_reference("data/processed/fid_ref.npz")        # evaluate, fid_sweep
     check_weights(reference, info, "data/processed/fid_ref.npz")    # info from workflow.models.inception
     fid.score(sample_features, reference, seed)   # workflow.maths.fid: {fid, kid, fid_num_samples, ...}
 """

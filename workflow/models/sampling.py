@@ -1,4 +1,4 @@
-"""Sampling from a trained UNet: the one loop the sample, fid_steps and train stages share.
+"""Sampling from a trained UNet: the one loop the sample, fid_sweep and train stages share.
 
     from workflow.formats.pipeline import load_unet
     from workflow.models.sampling import sample_batches
@@ -26,9 +26,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from workflow.core.config import Sample
+from workflow.core.config import ConfigError, Params, Sample
 from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
-from workflow.maths.diffusion import guided, stream_seed
+from workflow.maths.diffusion import balanced_classes, guided, stream_seed
 from workflow.models.builders import build_sampler, null_class
 
 
@@ -135,3 +135,26 @@ def sample_batches(
                 images = to_uint8(denoise(denoiser, scheduler_config, settings, generators, batch_labels))
             bar.update(len(indices))
             yield first, images
+
+
+def sampled_classes(params: Params, class_names: list[str]) -> list[int]:
+    """The class indices the sample set cycles through: `sample.classes`, or every class."""
+    wrong = [c for c in params.sample.classes if c >= len(class_names)]
+    if wrong:
+        raise ConfigError(
+            f"`sample.classes` {wrong}: the model has {len(class_names)} classes (0..{len(class_names) - 1})"
+        )
+    chosen = list(params.sample.classes) or list(range(len(class_names)))
+    if len(chosen) > params.fid.num_samples:
+        raise ConfigError(
+            f"`fid.num_samples` ({params.fid.num_samples}) is below the {len(chosen)} classes sampled: every "
+            "class needs a sample (raise it, or choose fewer `sample.classes`)"
+        )
+    return chosen
+
+
+def sample_labels(params: Params, class_names: list[str]) -> np.ndarray | None:
+    """The class of each sample of the sample set (`sampled_classes` in turn); None for an unconditional model."""
+    if not class_names:
+        return None
+    return balanced_classes(sampled_classes(params, class_names), params.fid.num_samples)

@@ -112,6 +112,22 @@ def overlay_plot_png(runs: list, size: tuple[float, float] = (11.5, 4.8)) -> byt
         return _png(fig)
 
 
+SWEEP_LABELS = {"num_inference_steps": "sampling steps", "guidance_scale": "classifier-free guidance scale w"}
+
+
+def sweep_plot_png(setting: str, values: np.ndarray, fid: np.ndarray, size: tuple[float, float] = (5.6, 3.4)) -> bytes:
+    """FID against one swept sample setting (a point per value, joined in value order)."""
+    with _style():
+        fig = _figure(size)
+        ax = fig.subplots()
+        order = np.argsort(values, kind="stable")
+        ax.plot(values[order], fid[order], color="tab:green", marker="o", linewidth=1.6)
+        ax.set_xlabel(SWEEP_LABELS.get(setting, setting))
+        ax.set_ylabel("FID (lower is better)")
+        ax.grid(True, alpha=0.25)
+        return _png(fig)
+
+
 def _loss_axes(ax) -> None:
     ax.set_ylabel("loss")
     ax.set_yscale("log")

@@ -5,7 +5,8 @@ rule download:
     output:
         raw=directory(PATHS["raw"]),
     params:
-        values=params_of("data.source", "data.revision", "data.config", "data.split", "data.image_column"),
+        values=params_of("data.source", "data.revision", "data.config", "data.split", "data.image_column",
+                         "data.label_column"),
         config=PARAMS_FILE,
     log:
         "logs/download.log",
@@ -20,6 +21,7 @@ rule preprocess:
     output:
         images=PATHS["images"],
         meta=PATHS["meta"],
+        labels=PATHS["labels"],
     params:
         values=params_of("seed", "data.resolution", "data.channels", "data.center_crop", "data.max_images",
                          "data.min_images"),

@@ -36,25 +36,27 @@ rule evaluate:
         stage("evaluate")
 
 
-rule fid_steps:  # off unless fid.steps_sweep lists step counts; then one FID per count, for `dvc plots`
+rule fid_sweep:  # off unless fid.steps_sweep or fid.guidance_sweep lists values; then one FID per value, for `dvc plots`
     input:
         pipeline=rules.train.output.pipeline,
         fid_ref=rules.fid_reference.output.fid_ref,
-        code=stage_code("fid_steps"),
+        code=stage_code("fid_sweep"),
     output:
         fid_steps=PATHS["fid_steps"],
+        fid_guidance=PATHS["fid_guidance"],
     params:
         values=params_of("seed", "sample.sampler", "sample.eta", "sample.batch_size", "sample.mixed_precision",
-                         "sample.compile", "fid.num_samples", "fid.steps_sweep", "fid.weights",
-                         "fid.weights_sha256", "fid.batch_size"),
+                         "sample.compile", "sample.guidance_scale", "sample.classes", "fid.num_samples",
+                         "fid.steps_sweep", "fid.guidance_sweep", "fid.weights", "fid.weights_sha256",
+                         "fid.batch_size"),
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
         gpu=1,
     log:
-        "logs/fid_steps.log",
+        "logs/fid_sweep.log",
     shell:
-        stage("fid_steps")
+        stage("fid_sweep")
 
 
 rule report:
@@ -64,6 +66,8 @@ rule report:
         train_log=rules.train.output.train_log,
         grid=rules.sample.output.grid,
         metrics=rules.evaluate.output.metrics,
+        fid_steps=rules.fid_sweep.output.fid_steps,
+        fid_guidance=rules.fid_sweep.output.fid_guidance,
         code=stage_code("report"),
     output:
         report=report(PATHS["report"], caption="../pages/captions/run_report.rst", category="Run report"),

@@ -5,6 +5,7 @@
 rule train:
     input:
         images=rules.preprocess.output.images,
+        labels=rules.preprocess.output.labels,
         code=stage_code("train"),
     output:
         pipeline=directory(PATHS["trained"]),

@@ -19,7 +19,7 @@ give a byte-identical page.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from workflow import STAGES
 from workflow.core.artifacts import write_bytes
 from workflow.core.config import Params
 from workflow.formats import trainlog
+from workflow.formats.fid_sweeps import read_sweep
 from workflow.formats.png import read_png
 from workflow.formats.raw_dataset import SOURCE_FILE
 from workflow.formats.records import read_record
@@ -68,6 +69,7 @@ class ReportInputs:
     source: dict | Missing
     grid_png: bytes | Missing
     progress: list | Missing  # [(optimiser step, PNG bytes)], oldest first
+    sweeps: list = field(default_factory=list)  # the FID sweeps with points (fid_sweep), each a Sweep
 
 
 # ---------------------------------------------------------------- loading (the only I/O)
@@ -102,6 +104,13 @@ def load_progress_grids(log: Path) -> list | Missing:
     return [(step, read_png(path, "train")) for step, path in found]
 
 
+def load_sweeps(params: Params) -> list:
+    """The FID sweeps that have points; none when the fid_sweep stage was off (or has not run)."""
+    files = [Path(params.paths.fid_steps), Path(params.paths.fid_guidance)]
+    sweeps = [read_sweep(f) for f in files if f.is_file()]
+    return [s for s in sweeps if len(s.values)]
+
+
 def load_inputs(params: Params) -> ReportInputs:
     p = params.paths
     log = Path(p.train_log)
@@ -115,6 +124,7 @@ def load_inputs(params: Params) -> ReportInputs:
             source=_optional(read_record, Path(p.raw) / SOURCE_FILE, "download"),
             grid_png=_optional(read_png, p.grid, "sample"),
             progress=load_progress_grids(log),
+            sweeps=load_sweeps(params),
         )
     )
 
@@ -486,6 +496,24 @@ def _title(params: dict, meta: dict | Missing) -> tuple[str, str]:
     return title, subtitle + (f"; {steps:,} training steps" if isinstance(steps, int) else "")
 
 
+def sweeps_section(sweeps: list) -> str:
+    """FID against the sampling steps and the guidance scale, when fid_sweep measured them."""
+    if not sweeps:
+        return ""
+    figures = []
+    for sweep in sweeps:
+        png = curves.sweep_plot_png(sweep.setting, sweep.values, sweep.fid)
+        width, height = png_size(png)
+        what = curves.SWEEP_LABELS.get(sweep.setting, sweep.setting)
+        best = sweep.values[int(np.nanargmin(sweep.fid))] if np.isfinite(sweep.fid).any() else None
+        note = f"lowest FID at {best:g}" if best is not None else "no finite FID"
+        figures.append(
+            f'<figure><img src="{data_uri(png)}" width="{width}" height="{height}" alt="FID against {esc(what)}">'
+            f"<figcaption>FID against the {esc(what)} ({len(sweep.values)} points; {note}).</figcaption></figure>"
+        )
+    return section("FID sweeps", '<div class="row2">' + "".join(figures) + "</div>")
+
+
 def render_report(inputs: ReportInputs, loss_png: bytes) -> str:
     """The whole page as a string: a pure function of `inputs` and the loss figure."""
     title, subtitle = _title(inputs.params, inputs.meta)
@@ -493,6 +521,7 @@ def render_report(inputs: ReportInputs, loss_png: bytes) -> str:
         hero_section(inputs)
         + progress_section(inputs.progress)
         + training_section(inputs.history, inputs.summary, loss_png)
+        + sweeps_section(inputs.sweeps)
         + '<div class="row2">'
         + timings_section(inputs.metrics)
         + environment_section(inputs.summary)

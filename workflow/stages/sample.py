@@ -12,16 +12,30 @@ Image i is a function of (seed, i): the samples do not depend on sample.batch_si
 set is the start of a larger one, and the grid is the start of the sample set.
 The set is published whole, and a pipeline whose files no longer match the manifest train
 wrote (truncated, altered) is refused, naming the file; weights are read from safetensors only.
+
+A class-conditional pipeline samples the classes of `sample.classes` (all by default) in turn, sample i
+of class i mod K, guided by `sample.guidance_scale`; samples.json records each sample's class. Its grid
+has one row per class (the first MAX_GRID_ROWS), labelled with the class name, grid_size samples each.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from workflow.core.config import Params
 from workflow.core.runtime import Runtime
-from workflow.formats.pipeline import load_unet
+from workflow.formats.pipeline import load_class_names, load_unet
 from workflow.formats.png import write_grid
 from workflow.formats.sample_set import write_sample_set
-from workflow.models.sampling import sample_batches
+from workflow.models.sampling import sample_batches, sample_labels, sampled_classes
+
+MAX_GRID_ROWS = 32
+
+
+def class_grid(images: np.ndarray, classes: int, columns: int) -> np.ndarray:
+    """From the first classes x columns samples (sample i of class i mod `classes`), one row per class."""
+    rows = min(classes, MAX_GRID_ROWS)
+    return np.stack([images[r + classes * c] for r in range(rows) for c in range(columns)])
 
 
 def run(params: Params) -> dict:
@@ -29,7 +43,15 @@ def run(params: Params) -> dict:
     runtime = Runtime.detect()
     device = runtime.device
     unet, scheduler_config = load_unet(params.paths.trained, device)
-    batches = sample_batches(unet, scheduler_config, s, params.seed, params.fid.num_samples, device)
+    class_names = load_class_names(params.paths.trained)
+    labels, columns, keep, extra = None, s.grid_size, s.grid_size**2, {}
+    if class_names:
+        chosen = sampled_classes(params, class_names)
+        labels = sample_labels(params, class_names)
+        columns = min(s.grid_size, params.fid.num_samples // len(chosen))
+        keep = len(chosen) * columns
+        extra = {"guidance_scale": s.guidance_scale, "class_names": class_names, "labels": labels.tolist()}
+    batches = sample_batches(unet, scheduler_config, s, params.seed, params.fid.num_samples, device, labels=labels)
     settings = {
         "sampler": s.sampler,
         "num_inference_steps": s.num_inference_steps,
@@ -37,9 +59,14 @@ def run(params: Params) -> dict:
         "device": device.type,
         "dtype": str(runtime.sampling_dtype(s.mixed_precision)).removeprefix("torch."),
         "compile": s.compile,
+        **extra,
     }
-    grid_images, record = write_sample_set(batches, params.paths.samples, s.grid_size**2, settings)
-    write_grid(grid_images, s.grid_size, params.paths.grid)
+    kept, record = write_sample_set(batches, params.paths.samples, keep, settings)
+    if class_names:
+        rows = [class_names[c] for c in chosen[:MAX_GRID_ROWS]]
+        write_grid(class_grid(kept, len(chosen), columns), columns, params.paths.grid, row_labels=rows)
+    else:
+        write_grid(kept, s.grid_size, params.paths.grid)
     return record
 
 

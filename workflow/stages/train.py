@@ -346,6 +346,9 @@ def save_progress_grid(training: Training, folder: Path, step: int) -> None:
         return
     unet = training.accelerator.unwrap_model(training.eager_model)
     size, was_training = PROGRESS_SAMPLER.grid_size, unet.training
+    names, labels = training.class_names, None
+    if names:  # one row per class, the first `size` classes
+        labels = np.arange(size * size) // size % len(names)
     with ema_weights(training, unet):
         batches = sample_batches(
             unet,
@@ -355,10 +358,12 @@ def save_progress_grid(training: Training, folder: Path, step: int) -> None:
             size * size,
             training.accelerator.device,
             progress=False,
+            labels=labels,
         )
         images = np.concatenate([b for _, b in batches])
     unet.train(was_training)
-    write_grid(images, size, trainlog.progress_grid(folder, step))
+    rows = [names[c] for c in labels[::size]] if names else None
+    write_grid(images, size, trainlog.progress_grid(folder, step), row_labels=rows)
 
 
 def _record_time(training: Training, step: int, started: float, images: int) -> None:

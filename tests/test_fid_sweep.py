@@ -1,4 +1,4 @@
-"""Stage fid_steps: off by default (a header, nothing loaded); on, one row per step count, and the row at
+"""Stage fid_sweep: off by default (a header, nothing loaded); on, one row per step count, and the row at
 the sample stage's step count is evaluate's FID of the sample stage's images."""
 import csv
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import write_images
 from workflow.core.config import load_params
-from workflow.stages import evaluate, fid_reference, fid_steps
+from workflow.stages import evaluate, fid_reference, fid_sweep
 from workflow.stages.sample import run as sample
 from workflow.stages.train import run as train
 
@@ -20,7 +20,7 @@ def rows(path):
 
 def test_empty_sweep_writes_the_header_and_needs_nothing(tiny_params):
     params = tiny_params()  # no pipeline, no reference: none is loaded
-    fid_steps.run(load_params("params.yaml"))
+    fid_sweep.run(load_params("params.yaml"))
     assert Path(params.paths.fid_steps).read_text() == "num_inference_steps,fid,kid,seconds\n"
 
 
@@ -31,7 +31,7 @@ def test_sweep_rows_and_the_point_evaluate_scored(tiny_params):
     fid_reference.run(load_params("params.yaml"))
     sample(params)
     evaluate.run(load_params("params.yaml"))
-    fid_steps.run(load_params("params.yaml"))
+    fid_sweep.run(load_params("params.yaml"))
     table = rows(params.paths.fid_steps)
     assert [int(r["num_inference_steps"]) for r in table] == [2, 4]
     assert all(float(r["fid"]) > 0 and float(r["seconds"]) > 0 for r in table)

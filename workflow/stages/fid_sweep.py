@@ -1,0 +1,98 @@
+"""Stage fid_sweep: FID and KID against the number of sampling steps and against the guidance scale,
+two DVC plots that the report shows too.
+
+    python -m workflow fid_sweep [--params params.yaml]
+    dvc exp run -S 'fid.steps_sweep=[10,25,50]' && dvc plots show     # "FID against sampling steps"
+    dvc exp run -S 'fid.guidance_sweep=[1,2,4]'                        # class-conditional: FID against w
+
+For each n in fid.steps_sweep: samples fid.num_samples images from params.paths.trained with
+sample.sampler (and sample.eta, batch size, precision, compile, guidance) in n steps, which are exactly
+the images the sample stage makes with sample.num_inference_steps = n, and scores them against
+params.paths.fid_ref as evaluate does. For each w in fid.guidance_sweep, the same with
+sample.guidance_scale = w. The images stay in memory, batch by batch: PNG is lossless, so their
+features equal those of the written samples. Writes params.paths.fid_steps and params.paths.fid_guidance,
+CSVs of the swept value, fid, kid, seconds (sampling and scoring of that point).
+
+Off by default: with both sweeps empty the stage writes the headers alone and loads nothing, so the
+CPU default run pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from workflow.core.config import Params
+from workflow.core.runtime import default_device, feature_workers
+from workflow.formats.fid_sweeps import write_sweep
+from workflow.formats.pipeline import load_class_names, load_unet
+from workflow.formats.reference_stats import check_weights, load_reference
+from workflow.maths import fid
+from workflow.models.inception import load_extractor
+from workflow.models.sampling import sample_batches, sample_labels
+
+SWEEPS = {  # params.fid key -> (the sample.* setting it varies, the paths key of its CSV)
+    "steps_sweep": ("num_inference_steps", "fid_steps"),
+    "guidance_sweep": ("guidance_scale", "fid_guidance"),
+}
+
+
+@dataclasses.dataclass
+class Scorer:
+    """What every point of a sweep shares: the trained UNet, the sample labels, Inception, the reference."""
+
+    params: Params
+    unet: object
+    scheduler_config: object
+    labels: np.ndarray | None
+    extractor: object
+    reference: dict
+
+    @classmethod
+    def load(cls, params: Params) -> Scorer:
+        reference = load_reference(params.paths.fid_ref)
+        extractor, info = load_extractor(params.fid)
+        check_weights(reference, info, params.paths.fid_ref)
+        unet, scheduler_config = load_unet(params.paths.trained, default_device())
+        labels = sample_labels(params, load_class_names(params.paths.trained))
+        return cls(params, unet, scheduler_config, labels, extractor, reference)
+
+    def point(self, setting: str, value) -> dict:
+        """FID/KID of the sample set made with sample.<setting> = value; features taken batch by batch."""
+        p, device = self.params, self.unet.device
+        settings = dataclasses.replace(p.sample, **{setting: value})
+        started, feats = time.perf_counter(), []
+        batches = sample_batches(
+            self.unet, self.scheduler_config, settings, p.seed, p.fid.num_samples, device, labels=self.labels
+        )
+        for _, images in batches:
+            chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+            feats.append(fid.features(chw, self.extractor, p.fid.batch_size, device, feature_workers(device)))
+        scores = fid.score(np.concatenate(feats), self.reference, p.seed)
+        return {setting: value, "fid": scores["fid"], "kid": scores["kid"], "seconds": time.perf_counter() - started}
+
+
+def run(params: Params) -> dict:
+    """Both sweeps, in their params' order; nothing is loaded when both are empty."""
+    wanted = {key: getattr(params.fid, key) for key in SWEEPS}
+    scorer = Scorer.load(params) if any(wanted.values()) else None
+    summary = {}
+    for key, values in wanted.items():
+        setting, path_key = SWEEPS[key]
+        rows = [scorer.point(setting, value) for value in values]
+        write_sweep(getattr(params.paths, path_key), setting, rows)
+        summary[key] = rows
+    return summary
+
+
+def headline(summary: dict, params: Params) -> str:
+    parts = []
+    for key, rows in summary.items():
+        setting = SWEEPS[key][0]
+        points = ", ".join(f"{setting} {r[setting]:g}: {r['fid']:.2f}" for r in rows)
+        parts.append(points or f"none (fid.{key} is empty)")
+    return f"fid_sweep ({params.sample.sampler}): FID {'; '.join(parts)} -> {params.paths.fid_steps}, " + (
+        f"{params.paths.fid_guidance}"
+    )
