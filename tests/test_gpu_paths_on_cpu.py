@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.helpers import tiny_dict, write_images
-from workflow.tools.bench import fresh_accelerator_state
+from workflow.tools.bench_train import fresh_accelerator_state
 from workflow.models.builders import build_noise_scheduler, build_unet
 from workflow.core.runtime import Runtime, fits_on_device
 from workflow.models.sampling import Denoiser, sample_batches
