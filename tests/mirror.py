@@ -36,7 +36,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 OLAH = Path(sys.executable).parent / "olah-cli"
 ACCESS = re.compile(r'"(GET|HEAD|POST) (\S+) HTTP/[\d.]+" (\d{3})')
 # A token-shaped secret, new each session (so no source file holds it): the tests check it never

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from workflow.tools import bench, bench_common, bench_train
 from workflow.core.config import ConfigError, params_from_dict
 from workflow.models.builders import build_unet

@@ -3,7 +3,7 @@ import re
 import pytest
 import yaml
 
-from tests.conftest import ROOT, tiny_dict
+from tests.helpers import ROOT, tiny_dict
 from workflow.core.config import ConfigError, Params, Paths, load_params, params_from_dict, paths_of
 
 

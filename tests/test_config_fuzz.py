@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import tiny_dict
+from tests.helpers import tiny_dict
 from workflow.core.config import ConfigError, Params, load_params, params_from_dict
 from workflow.models.builders import build_unet, check_size
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from workflow import STAGES
 from workflow.core.code_deps import stage_code
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import write_images
+from tests.helpers import write_images
 from workflow.formats import checkpoints
 from workflow.core.config import ConfigError
 from workflow.stages.sample import run as sample

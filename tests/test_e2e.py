@@ -3,11 +3,9 @@ a temporary git repository holding a copy of the project. Checks the artifacts' 
 independent runs give bitwise-identical weights, samples and quality metrics on CPU."""
 import base64
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,62 +14,9 @@ import yaml
 from PIL import Image
 
 from tests.browser import CHROMEDRIVER, CHROMIUM, browser, render
-from tests.conftest import ROOT
+from tests.helpers import PACKAGED_WEIGHTS, ROOT, check_card, make_repo, run, sh, snapshot
 
 pytestmark = pytest.mark.e2e
-
-TINY = {
-    "data": {"source": "builtin:mnist", "resolution": 8, "channels": 1, "max_images": 64, "min_images": 2},
-    "model": {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_levels": [1],
-              "norm_num_groups": 8},
-    "train": {"batch_size": 16, "max_steps": 16, "warmup_steps": 2, "log_every": 4, "checkpoint_every": 8},
-    "sample": {"num_inference_steps": 4, "grid_size": 2, "batch_size": 8},
-    "fid": {"num_samples": 8, "num_reference": 8, "batch_size": 8},
-}
-WEIGHTS = "models/pipeline/unet/diffusion_pytorch_model.safetensors"
-QUALITY = ("fid", "kid", "train_loss_final", "num_parameters", "fid_num_samples", "fid_num_reference")
-
-
-def run(repo: Path, *cmd: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` = this venv
-    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def sh(repo: Path, *cmd: str, timeout: int = 600) -> str:
-    done = run(repo, *cmd, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return done.stdout
-
-
-# What a run records about itself: never copied, so a test repository starts with no run, whatever
-# the checkout holds (after `make run` its dvc.lock names outputs only the checkout's cache has).
-RUN_RECORDS = {"dvc.lock"}
-
-
-def project_files(source: Path = ROOT) -> list:
-    """The files git tracks in `source` (as they are in its working tree), less the run records:
-    untracked files and results a run leaves behind are not part of the project (`git add` a new
-    file for the end-to-end tests to see it)."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached"], cwd=source, capture_output=True, text=True,
-                           check=True).stdout.split("\0")
-    return [name for name in files if name and name not in RUN_RECORDS and (source / name).is_file()]
-
-
-def make_repo(path: Path, source: Path = ROOT) -> Path:
-    """A git repository with the project's files (as a fresh clone has them) and the tiny params."""
-    for name in project_files(source):
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / name, path / name)
-    params = yaml.safe_load((source / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
-        subprocess.run(cmd, cwd=path, check=True)
-    return path
-
 
 def test_a_test_repository_has_the_projects_files_and_no_run(tmp_path):
     """A checkout after `make run` (its dvc.lock names outputs only its own cache holds; some users
@@ -95,15 +40,6 @@ def test_a_test_repository_has_the_projects_files_and_no_run(tmp_path):
                           check=True).stdout.split() == ["dvc.yaml", "params.yaml"]
     assert (repo / "dvc.yaml").read_text() == (source / "dvc.yaml").read_text()
     assert not (repo / "dvc.lock").exists() and not (repo / "scratch.py").exists()
-
-
-def snapshot(repo: Path) -> dict:
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
-    return {"weights": (repo / WEIGHTS).read_bytes(),
-            "samples": [p.read_bytes() for p in sorted((repo / "data/samples").glob("*.png"))],
-            "images": (repo / "data/processed/images.npy").read_bytes(),
-            "grids": [p.read_bytes() for p in sorted((repo / "reports/train/grids").glob("*.png"))],
-            "quality": {k: metrics[k] for k in QUALITY}}
 
 
 # Two experiments on top of the baseline; each `-S` list is complete, because a workspace run keeps
@@ -155,7 +91,6 @@ def test_dvc_repro_artifacts(dvc_repo):
 
 def test_dvc_run_publishes_the_model_card(dvc_repo):
     """models/pipeline, as `hf upload` takes it: the card is this run's own and its snippet runs (issue 18)."""
-    from tests.test_package import check_card
     from workflow.core.config import load_params
 
     repo, _ = dvc_repo
@@ -271,7 +206,7 @@ def test_make_run_config_records_the_preset_as_an_experiment_and_keeps_params_ya
         assert params["sample"]["num_inference_steps"] == 5  # the user's edit ran with the preset
         assert after[name]["metrics"]["reports/metrics.json"]["data"]["train_steps"] == 8
         assert json.loads((repo / "reports/metrics.json").read_text())["train_steps"] == 16  # the workspace's
-        assert (repo / WEIGHTS).read_bytes() == first["weights"]
+        assert (repo / PACKAGED_WEIGHTS).read_bytes() == first["weights"]
     finally:
         (repo / "params.yaml").write_text(original)
         for name in ("steps-8.yaml", "typo.yaml"):

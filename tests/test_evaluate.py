@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_images
+from tests.helpers import write_images
 from workflow.core.config import load_params
 from workflow.stages import evaluate, fid_reference
 from workflow.core.config import ConfigError

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, tiny_dict, write_images
+from tests.helpers import ROOT, make_repo, repo_env, sh, snapshot, tiny_dict, write_images
 from workflow.core import faults
 from workflow.formats import trainlog
 from workflow.stages.train import GRIDS, LIVE
@@ -102,15 +102,10 @@ def test_train_killed_resumes_to_the_uninterrupted_weights(train_dir, tmp_path, 
 
 
 def dvc(repo: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    from tests.test_e2e import sh
-
     if fault is None:
         sh(repo, "dvc", "repro")
         return None
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env[faults.VARIABLE] = fault
-    return subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(["dvc", "repro"], cwd=repo, env=repo_env(**{faults.VARIABLE: fault}), capture_output=True, text=True, timeout=600)
 
 
 def killed_by_sigkill(dvc_stderr: str) -> bool:
@@ -123,8 +118,6 @@ def killed_by_sigkill(dvc_stderr: str) -> bool:
 def test_dvc_repro_after_kills_in_every_stage_equals_the_uninterrupted_run(dvc_repo, tmp_path):
     """One pipeline, killed in preprocess, train (inside its last checkpoint save), sample (mid-stream)
     and evaluate (metrics written, not yet in place), re-run each time with `dvc repro`."""
-    from tests.test_e2e import make_repo, snapshot
-
     _, uninterrupted = dvc_repo
     repo = make_repo(tmp_path)
     gone = {"preprocess.after_image=10": ["data/processed/images.npy", "data/processed/meta.json"],
@@ -141,13 +134,9 @@ def test_dvc_repro_after_kills_in_every_stage_equals_the_uninterrupted_run(dvc_r
 
 @pytest.mark.e2e
 def test_snakemake_rerun_incomplete_after_a_kill_in_train(dvc_repo, tmp_path):
-    from tests.test_e2e import make_repo, sh
-
     _, uninterrupted = dvc_repo
     repo = make_repo(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env[faults.VARIABLE] = "train.after_step=12"
+    env = repo_env(**{faults.VARIABLE: "train.after_step=12"})
     done = subprocess.run(["snakemake", "--cores", "2", "train"], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode != 0 and not (repo / "models/trained").exists()

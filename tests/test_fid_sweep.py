@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_images
+from tests.helpers import write_images
 from workflow.core.config import load_params
 from workflow.stages import evaluate, fid_reference, fid_sweep
 from workflow.stages.sample import run as sample

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import write_images
+from tests.helpers import tiny_dict, write_images
 from workflow.tools.bench_train import fresh_accelerator_state
 from workflow.models.builders import build_noise_scheduler, build_unet
 from workflow.core.runtime import Runtime, fits_on_device
@@ -86,7 +86,6 @@ def tiny_unet():
 
 def _tiny_model():
     from workflow.core.config import params_from_dict
-    from tests.conftest import tiny_dict
 
     return (params_from_dict(tiny_dict()).model,)
 
@@ -100,7 +99,6 @@ def sample(settings, runtime, unet=None):
 
 def params_sample():
     from workflow.core.config import params_from_dict
-    from tests.conftest import tiny_dict
 
     return params_from_dict(tiny_dict(sample={"num_inference_steps": 3, "batch_size": 4}))
 

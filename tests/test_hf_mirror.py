@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.mirror import (ROOT, SECRET_TOKEN, Dataset, Mirror, StallingProxy, clean_env, hf_env, image_files,  # noqa: F401
+from tests.helpers import ROOT, check_card, make_repo
+from tests.mirror import (SECRET_TOKEN, Dataset, Mirror, StallingProxy, clean_env, hf_env, image_files,  # noqa: F401
                           mirror, parquet_files, png, run_stage)
-from tests.test_package import check_card
 from workflow.core.artifacts import sha256_file
 from workflow.core.config import load_params
 
@@ -472,20 +472,10 @@ def dvc(repo: Path, env: dict, *args: str) -> str:
     return done.stdout
 
 
-def tiny_repo(path: Path, data: dict) -> Path:
-    from tests.test_e2e import make_repo
-
-    repo = make_repo(path)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update(data)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return repo
-
-
 @pytest.mark.e2e
 def test_dvc_repro_through_the_mirror(mirror, tmp_path):
     dataset = Dataset.create(mirror, "org/e2e-pets", parquet_files(16))
-    repo = tiny_repo(tmp_path / "repo", {"source": "hf:org/e2e-pets", "channels": 3, "max_images": None})
+    repo = make_repo(tmp_path / "repo", data={"source": "hf:org/e2e-pets", "channels": 3, "max_images": None})
     hf_home = tmp_path / "hf"
     env = hf_env(mirror, hf_home, HF_TOKEN=SECRET_TOKEN)
     env.pop("PYTHONPATH")  # the stages run from the copy, as dvc runs them
@@ -509,8 +499,8 @@ def test_dvc_repro_through_the_mirror(mirror, tmp_path):
 @pytest.mark.parametrize("where", ["inside", "outside"])
 def test_editing_the_imagefolder_reruns_download_and_preprocess(tmp_path, where):
     folder = Path("data/images") if where == "inside" else tmp_path / "photos"
-    repo = tiny_repo(tmp_path / "repo", {"source": f"imagefolder:{folder}", "folder": str(folder),
-                                         "channels": 3, "max_images": None})
+    repo = make_repo(tmp_path / "repo", data={"source": f"imagefolder:{folder}", "folder": str(folder),
+                                              "channels": 3, "max_images": None})
     images = repo / folder if where == "inside" else folder
     images.mkdir(parents=True, exist_ok=True)
     for i in range(3):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, tiny_dict
+from tests.helpers import ROOT, tiny_dict
 from workflow.formats import checkpoints
 from workflow.core.config import ConfigError, load_params, params_from_dict
 from workflow.models.builders import activation_bytes, build_unet, check_size, count_parameters

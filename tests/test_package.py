@@ -5,87 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import tiny_dict
-from workflow.core.artifacts import manifest_damage
-from workflow.core.config import ConfigError, Params, load_params
+from tests.helpers import check_card, tiny_dict
+from workflow.core.config import ConfigError, load_params
 
 STAGES = ("download", "preprocess", "fid_reference", "train", "sample", "evaluate", "package")
-
-
-def card_parts(card: str) -> tuple[dict, str]:
-    """(the YAML front matter, parsed; the Markdown body) of a model card."""
-    assert card.startswith("---\n")
-    header, body = card[4:].split("\n---\n", 1)
-    return yaml.safe_load(header), body
-
-
-def card_snippet(body: str) -> str:
-    (code,) = re.findall(r"```python\n(.*?)```", body, flags=re.S)
-    return code
-
-
-def check_card(root: Path, params: Params) -> None:
-    """The card in `root`/paths.pipeline against the artifacts of the run in `root`, value for value;
-    its three usage lines run as written, from `root`."""
-    from huggingface_hub import ModelCard
-
-    paths = params.paths
-    folder = root / paths.pipeline
-    meta, body = card_parts((folder / "README.md").read_text())
-    metrics = json.loads((root / paths.metrics).read_text())
-    source = json.loads((root / paths.raw / "SOURCE.json").read_text())
-    summary = json.loads((root / paths.train_log / "summary.json").read_text())
-
-    assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "unconditional-image-generation"
-    assert {"diffusers", "unconditional-image-generation"} <= set(meta["tags"])
-    (index,) = meta["model-index"]
-    (result,) = index["results"]
-    assert result["task"]["type"] == "unconditional-image-generation"
-    if source["kind"] == "hf":
-        assert meta["datasets"] == [source["repo_id"]] == [result["dataset"]["type"]]
-        assert result["dataset"]["revision"] == source["sha"] and result["dataset"]["split"] == source["split"]
-        assert result["dataset"].get("config") == source.get("config")
-    else:
-        assert "datasets" not in meta and result["dataset"]["type"] == params.data.source
-    scores = {m["type"]: m for m in result["metrics"]}
-    assert set(scores) == {"fid", "kid"}
-    for kind, score in scores.items():
-        assert score["value"] == metrics[kind]
-        assert score["args"]["num_samples"] == metrics["fid_num_samples"] == params.fid.num_samples
-        assert score["args"]["num_reference"] == metrics["fid_num_reference"]
-        assert score["args"]["sampler"] == params.sample.sampler
-        assert score["args"]["num_inference_steps"] == params.sample.num_inference_steps
-    parsed = ModelCard.load(folder / "README.md").data  # the Hub's own parser
-    assert parsed.library_name == "diffusers" and {r.metric_type for r in parsed.eval_results} == {"fid", "kid"}
-
-    assert "](samples.png)" in body
-    assert (folder / "samples.png").read_bytes() == (root / paths.grid).read_bytes()
-    (recipe,) = re.findall(r"```yaml\n(.*?)```", body, flags=re.S)
-    assert yaml.safe_load(recipe) == {"seed": params.seed, **{k: params.to_dict()[k]
-                                                             for k in ("data", "model", "scheduler", "train")}}
-    assert f"{summary['steps']:,} steps" in body and summary["device_name"] in body
-    assert all(f"{name} {version}" in body for name, version in summary["software"].items())
-    assert manifest_damage(folder) is None
-
-    code = card_snippet(body)
-    assert len(code.splitlines()) == 3 and f'from_pretrained("{paths.pipeline}")' in code
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        namespace = {}
-        exec(code, namespace)  # noqa: S102 -- the card's own text, as a reader would paste it
-    finally:
-        os.chdir(here)
-    images = namespace["images"]
-    size = params.data.resolution
-    assert len(images) == params.sample.grid_size ** 2 and all(im.size == (size, size) for im in images)
-    assert len({im.tobytes() for im in images}) == len(images)  # distinct samples, not a constant
 
 
 @pytest.fixture(scope="module")

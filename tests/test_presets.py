@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from workflow.core.config import ConfigError, Params, load_params, params_from_dict
 from workflow.core.config import dotted_keys, load_preset
 from workflow.tools.preset import dvc_set_args

@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from tests.browser import browser, needs_chromium, render
+from tests.helpers import ROOT
 from workflow.core.config import load_params
 from workflow.pages import curves
 from workflow.stages import report
@@ -25,7 +26,6 @@ from workflow.pages.htmlpage import esc
 
 FID = 37.4219
 EVIL_NAME = "<script>alert(1)</script>.png"
-REPO = Path(__file__).resolve().parents[1]
 PROGRESS_STEPS = (25, 50, 75, 100)
 CPU_NAME = "Example CPU @ 2.00GHz"
 SOFTWARE = {"python": "3.11.7", "torch": "2.14.1", "diffusers": "0.42.1", "accelerate": "1.15.0"}
@@ -162,7 +162,7 @@ def test_two_runs_give_identical_bytes(run_dir):
     path = run_dir / Params().paths.report
     _render(run_dir)
     first = path.read_bytes()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "workflow", "report", "--params", "params.yaml"],
                    check=True, env=env, capture_output=True)
     assert path.read_bytes() == first

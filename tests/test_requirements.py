@@ -9,7 +9,7 @@ import subprocess
 import sys
 from importlib.metadata import packages_distributions
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 RUNTIME, TEST = ROOT / "requirements.txt", ROOT / "requirements-test.txt"
 NEEDED_WITHOUT_IMPORT = {

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import write_images
+from tests.helpers import write_images
 from workflow.core.config import ConfigError, Sample
 from workflow.models.builders import build_sampler
 from workflow.stages.sample import run as sample

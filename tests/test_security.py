@@ -6,7 +6,7 @@ import ast
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 MODULES = sorted((ROOT / "workflow").glob("*.py"))
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from tests.conftest import write_images
+from tests.helpers import train_history, write_images
 from workflow.formats import checkpoints, trainlog
 from workflow.core.config import ConfigError
 from workflow.stages.train import run as train
@@ -23,12 +23,6 @@ def log_files(params) -> dict:
     log = Path(params.paths.train_log)
     return {p.relative_to(log).as_posix(): p.read_bytes() for p in sorted(log.rglob("*"))
             if p.is_file() and p.parts[len(log.parts)] not in ("grids", "summary.json")}
-
-
-def history(params) -> dict:
-    log = Path(params.paths.train_log)
-    texts = [(log / trainlog.tsv(metric)).read_text() for metric in (trainlog.LOSS, trainlog.LR)]
-    return trainlog.parse_history(*texts, str(log))
 
 
 def weights(path=WEIGHTS):
@@ -47,7 +41,7 @@ def test_train_writes_a_loadable_pipeline_and_history(tiny_params):
 
     pipeline = DiffusionPipeline.from_pretrained(params.paths.trained)
     assert type(pipeline).__name__ == "DDPMPipeline" and pipeline.unet.config.sample_size == 8
-    rows = history(params)
+    rows = train_history(params)
     assert rows["step"].tolist() == list(range(1, 13))
     assert rows["lr"][0] == 0.0 and rows["lr"][2] == pytest.approx(2e-3)  # warm-up, then peak
     summary = json.loads((Path(params.paths.train_log) / "summary.json").read_text())
@@ -92,7 +86,7 @@ def test_resume_gives_the_uninterrupted_weights(tiny_params):
     info = train(params)
     assert info["resumed_from_step"] == 8
     assert same_weights(straight, weights())
-    assert history(params)["step"].tolist() == list(range(1, 13))  # the history survives the resume
+    assert train_history(params)["step"].tolist() == list(range(1, 13))  # the history survives the resume
 
 
 def test_the_log_is_dvclives_and_a_resume_rewrites_it_bitwise(tiny_params):
@@ -110,7 +104,7 @@ def test_the_log_is_dvclives_and_a_resume_rewrites_it_bitwise(tiny_params):
     assert rates[0] == "step\timages_per_second" and [r.split("\t")[0] for r in rates[1:]] == ["4", "8", "12"]
     summary = json.loads(straight["metrics.json"])
     assert summary["step"] == 12 and set(summary["train"]) == {"loss", "lr", "images_per_second"}
-    assert summary["train"]["loss"] == history(params)["loss"][-1]
+    assert summary["train"]["loss"] == train_history(params)["loss"][-1]
     run_dir = next(Path(params.paths.checkpoints).iterdir())
     shutil.rmtree(run_dir / "step-0000012")  # as if killed after logging step 12, before its checkpoint
     shutil.rmtree(params.paths.trained)
@@ -128,7 +122,7 @@ def test_the_log_leaves_the_repository_around_it_alone(tiny_params, tmp_path):
     params = tiny_params(train={"max_steps": 4})
     write_images(params.paths.images)
     train(params)
-    assert history(params)["step"].tolist() == [1, 2, 3, 4]
+    assert train_history(params)["step"].tolist() == [1, 2, 3, 4]
     assert not (tmp_path / ".dvc").exists()
 
 

@@ -13,8 +13,7 @@ import torch
 import yaml
 from safetensors.numpy import load_file
 
-from tests.conftest import ROOT, write_images
-from tests.test_train import history
+from tests.helpers import ROOT, train_history, write_images
 from workflow.formats import checkpoints
 from workflow.core.config import Scheduler
 from workflow.maths.diffusion import min_snr_weights, step_noise
@@ -64,7 +63,7 @@ def test_epochs_count_optimiser_steps(tiny_params):
     assert total_steps(params, 24) == 6
     info = train(params)
     assert info["steps"] == 6
-    assert history(params)["step"].tolist() == list(range(1, 7))
+    assert train_history(params)["step"].tolist() == list(range(1, 7))
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
@@ -163,4 +162,4 @@ def test_resume_with_accumulation_is_bitwise_and_counts_optimiser_steps(tiny_par
     assert info["resumed_from_step"] == 4 and info["steps"] == 8
     resumed = load_file(WEIGHTS)
     assert all(np.array_equal(straight[k], resumed[k]) for k in straight)
-    assert history(params)["step"].tolist() == list(range(1, 9))
+    assert train_history(params)["step"].tolist() == list(range(1, 9))
