@@ -8,6 +8,7 @@ chromedriver (the two ship at the same version; nothing is downloaded).
 `make test` installs chromium and chromium-driver when they are absent. Set SCREENSHOT_DIR to keep
 every screenshot the tests take, to look at them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,10 +24,20 @@ from PIL import Image
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
-needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                    reason="chromium and chromedriver are not installed (`make test` installs them)")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--hide-scrollbars", "--force-device-scale-factor=1")
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromedriver are not installed (`make test` installs them)"
+)
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+)
 LAPTOP = (1440, 900)
 
 # Every <img>: where it is on the page, whether it decoded, and its natural size.
@@ -70,15 +81,21 @@ class Shot:
         """The image loaded, and its box on the screenshot is not blank."""
         if not image["complete"] or image["natural_width"] == 0 or image["width"] < 2:
             return False
-        box = (round(image["x"]), round(image["y"]), round(image["x"] + image["width"]),
-               round(image["y"] + image["height"]))
+        box = (
+            round(image["x"]),
+            round(image["y"]),
+            round(image["x"] + image["width"]),
+            round(image["y"] + image["height"]),
+        )
         pixels = np.asarray(self.full_page.crop(box).convert("L"), dtype=float)
         return pixels.size > 0 and pixels.std() > 5.0
 
 
 def _viewport(driver, width: int, height: int) -> None:
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+    )
 
 
 def _screenshot(driver, path: Path) -> Image.Image:

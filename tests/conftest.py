@@ -1,4 +1,5 @@
 """Shared fixtures and pytest settings (helpers that test modules import: tests/helpers.py)."""
+
 from __future__ import annotations
 
 import os
@@ -10,6 +11,9 @@ from hypothesis import settings
 
 from tests.helpers import make_repo, sh, snapshot, tiny_dict
 from workflow.core.config import params_from_dict
+
+# The Hugging Face mirror server (olah) as a session fixture, `mirror`, for every test module that asks.
+pytest_plugins = ["tests.mirror"]
 
 # Property tests run the same examples on every run and machine (CI included): derandomized, no example
 # database carried between runs, and a deadline per example, so a value that makes the code slow fails

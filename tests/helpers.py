@@ -4,6 +4,7 @@ What belongs here: anything a test module needs from elsewhere in tests/ (fixtur
 go in conftest.py; the Hub mirror in mirror.py, the headless browser in browser.py); test modules and
 conftest.py import helpers from here, never from conftest.py or from another test module.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,10 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "seed": 0,
     "data": {"source": "builtin:mnist", "resolution": 8, "channels": 1, "max_images": 32},
-    "model": {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_levels": [1],
-              "norm_num_groups": 8},
-    "train": {"batch_size": 8, "max_steps": 12, "warmup_steps": 2, "log_every": 4,
-              "checkpoint_every": 4, "checkpoints_total_limit": 2},
+    "model": {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_levels": [1], "norm_num_groups": 8},
+    "train": {
+        "batch_size": 8,
+        "max_steps": 12,
+        "warmup_steps": 2,
+        "log_every": 4,
+        "checkpoint_every": 4,
+        "checkpoints_total_limit": 2,
+    },
     "sample": {"sampler": "ddim", "num_inference_steps": 4, "grid_size": 2, "batch_size": 6},
     "fid": {"num_samples": 6, "num_reference": 6, "batch_size": 6},
 }
@@ -56,9 +62,12 @@ def tiny_dict(**overrides) -> dict:
 
 # The tiny params of a whole pipeline run in a test repository (make_repo): 64 images, 16 steps, a
 # checkpoint (and a progress grid) at steps 8 and 16; every other value as in params.yaml.
-TINY_REPO = tiny_dict(data={"max_images": 64, "min_images": 2},
-                      train={"batch_size": 16, "max_steps": 16, "checkpoint_every": 8},
-                      sample={"batch_size": 8}, fid={"num_samples": 8, "num_reference": 8, "batch_size": 8})
+TINY_REPO = tiny_dict(
+    data={"max_images": 64, "min_images": 2},
+    train={"batch_size": 16, "max_steps": 16, "checkpoint_every": 8},
+    sample={"batch_size": 8},
+    fid={"num_samples": 8, "num_reference": 8, "batch_size": 8},
+)
 PACKAGED_WEIGHTS = "models/pipeline/unet/diffusion_pytorch_model.safetensors"
 QUALITY = ("fid", "kid", "train_loss_final", "num_parameters", "fid_num_samples", "fid_num_reference")
 
@@ -79,6 +88,7 @@ def train_history(params: Params) -> dict:
 
 
 # --- test repositories: a copy of the project, run with the real dvc and snakemake ----------------------
+
 
 def repo_env(**extra: str) -> dict:
     """This process's environment as a test repository's commands get it: no PYTHONPATH (they run the
@@ -110,8 +120,9 @@ def project_files(source: Path = ROOT) -> list:
     """The files git tracks in `source` (as they are in its working tree), less the run records:
     untracked files and results a run leaves behind are not part of the project (`git add` a new
     file for the end-to-end tests to see it)."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached"], cwd=source, capture_output=True, text=True,
-                           check=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached"], cwd=source, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
     return [name for name in files if name and name not in RUN_RECORDS and (source / name).is_file()]
 
 
@@ -123,8 +134,11 @@ def make_repo(path: Path, source: Path = ROOT, **overrides) -> Path:
         shutil.copy2(source / name, path / name)
     params = merged(merged(yaml.safe_load((source / "params.yaml").read_text()), **TINY_REPO), **overrides)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"],
+    ):
         subprocess.run(cmd, cwd=path, check=True)
     return path
 
@@ -132,14 +146,17 @@ def make_repo(path: Path, source: Path = ROOT, **overrides) -> Path:
 def snapshot(repo: Path) -> dict:
     """What two runs of the pipeline in `repo` must agree on, bit for bit."""
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    return {"weights": (repo / PACKAGED_WEIGHTS).read_bytes(),
-            "samples": [p.read_bytes() for p in sorted((repo / "data/samples").glob("*.png"))],
-            "images": (repo / "data/processed/images.npy").read_bytes(),
-            "grids": [p.read_bytes() for p in sorted((repo / "reports/train/grids").glob("*.png"))],
-            "quality": {k: metrics[k] for k in QUALITY}}
+    return {
+        "weights": (repo / PACKAGED_WEIGHTS).read_bytes(),
+        "samples": [p.read_bytes() for p in sorted((repo / "data/samples").glob("*.png"))],
+        "images": (repo / "data/processed/images.npy").read_bytes(),
+        "grids": [p.read_bytes() for p in sorted((repo / "reports/train/grids").glob("*.png"))],
+        "quality": {k: metrics[k] for k in QUALITY},
+    }
 
 
 # --- the model card (the package stage) ------------------------------------------------------------------
+
 
 def card_parts(card: str) -> tuple[dict, str]:
     """(the YAML front matter, parsed; the Markdown body) of a model card."""
@@ -190,8 +207,10 @@ def check_card(root: Path, params: Params) -> None:
     assert "](samples.png)" in body
     assert (folder / "samples.png").read_bytes() == (root / paths.grid).read_bytes()
     (recipe,) = re.findall(r"```yaml\n(.*?)```", body, flags=re.S)
-    assert yaml.safe_load(recipe) == {"seed": params.seed, **{k: params.to_dict()[k]
-                                                             for k in ("data", "model", "scheduler", "train")}}
+    assert yaml.safe_load(recipe) == {
+        "seed": params.seed,
+        **{k: params.to_dict()[k] for k in ("data", "model", "scheduler", "train")},
+    }
     assert f"{summary['steps']:,} steps" in body and summary["device_name"] in body
     assert all(f"{name} {version}" in body for name, version in summary["software"].items())
     assert manifest_damage(folder) is None
@@ -207,5 +226,5 @@ def check_card(root: Path, params: Params) -> None:
         os.chdir(here)
     images = namespace["images"]
     size = params.data.resolution
-    assert len(images) == params.sample.grid_size ** 2 and all(im.size == (size, size) for im in images)
+    assert len(images) == params.sample.grid_size**2 and all(im.size == (size, size) for im in images)
     assert len({im.tobytes() for im in images}) == len(images)  # distinct samples, not a constant

@@ -12,6 +12,7 @@ olah (PyPI, a test dependency only: requirements-test.txt) serves a local git re
 real protocol. The repositories hold plain git blobs (no LFS). The pytest fixture `mirror` (one
 server for the session) is at the bottom: import it into a test module to use it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,11 +53,13 @@ def free_port() -> int:
 
 
 def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 # --- the server ------------------------------------------------------------------------------------
+
 
 @dataclass
 class Mirror:
@@ -88,15 +91,17 @@ class Mirror:
 
     def launch(self) -> None:
         if not OLAH.is_file():
-            pytest.fail(f"{OLAH} missing: the mirror tests need the test dependencies "
-                        "(pip install -r requirements-test.txt, or `make test`)")
+            pytest.fail(
+                f"{OLAH} missing: the mirror tests need the test dependencies "
+                "(pip install -r requirements-test.txt, or `make test`)"
+            )
         (self.root / "repos").mkdir(parents=True, exist_ok=True)
         self.mirrors.mkdir(parents=True, exist_ok=True)
         netloc = f"127.0.0.1:{self.port}"
         (self.root / "olah.toml").write_text(f"""[basic]
 host = "127.0.0.1"
 port = {self.port}
-repos-path = "{self.root / 'repos'}"
+repos-path = "{self.root / "repos"}"
 mirrors-path = ["{self.mirrors}"]
 mirror-scheme = "http"
 mirror-netloc = "{netloc}"
@@ -110,8 +115,14 @@ offline = true
 """)
         env = {**clean_env(), "PYTHONUNBUFFERED": "1"}
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([str(OLAH), "-c", "olah.toml"], cwd=self.root, env=env,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                [str(OLAH), "-c", "olah.toml"],
+                cwd=self.root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -153,11 +164,15 @@ offline = true
     def file_gets(self, since: int, repo: str) -> list[str]:
         """Paths of the files of `repo` fetched (GET .../resolve/<rev>/<path>) since the mark."""
         prefix = f"/datasets/{repo}/resolve/"
-        return sorted(path[len(prefix):].split("/", 1)[1] for method, path, _ in self.requests(since)
-                      if method == "GET" and path.startswith(prefix))
+        return sorted(
+            path[len(prefix) :].split("/", 1)[1]
+            for method, path, _ in self.requests(since)
+            if method == "GET" and path.startswith(prefix)
+        )
 
 
 # --- dataset repositories --------------------------------------------------------------------------
+
 
 def png(seed: int, size: tuple[int, int] = (12, 10)) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
@@ -169,11 +184,12 @@ def png(seed: int, size: tuple[int, int] = (12, 10)) -> bytes:
 @dataclass
 class Dataset:
     """A dataset git repository under the mirror: `commit()` adds files and moves `main`."""
+
     path: Path
     repo_id: str
 
     @classmethod
-    def create(cls, mirror: Mirror, repo_id: str, files: dict[str, bytes]) -> "Dataset":
+    def create(cls, mirror: Mirror, repo_id: str, files: dict[str, bytes]) -> Dataset:
         path = mirror.mirrors / "datasets" / repo_id
         path.mkdir(parents=True)
         git(path, "init", "-q", "-b", "main")
@@ -195,8 +211,7 @@ class Dataset:
         return git(self.path, "rev-parse", "HEAD")
 
     def blob(self, name: str, rev: str = "HEAD") -> bytes:
-        return subprocess.run(["git", "show", f"{rev}:{name}"], cwd=self.path, check=True,
-                              capture_output=True).stdout
+        return subprocess.run(["git", "show", f"{rev}:{name}"], cwd=self.path, check=True, capture_output=True).stdout
 
 
 def parquet_shard(images: list[bytes], column: str = "image", start: int = 0) -> bytes:
@@ -214,9 +229,10 @@ def parquet_files(n: int, shards: int = 1, split: str = "train", column: str = "
     """`data/<split>-0000k-of-0000n.parquet` shards holding `n` PNGs in all."""
     images = [png(seed + i) for i in range(n)]
     per = -(-n // shards)
-    return {f"data/{split}-{k:05d}-of-{shards:05d}.parquet": parquet_shard(images[k * per:(k + 1) * per], column,
-                                                                          k * per)
-            for k in range(shards)}
+    return {
+        f"data/{split}-{k:05d}-of-{shards:05d}.parquet": parquet_shard(images[k * per : (k + 1) * per], column, k * per)
+        for k in range(shards)
+    }
 
 
 def image_files(counts: dict[str, int], seed: int = 100) -> dict:
@@ -231,10 +247,14 @@ def image_files(counts: dict[str, int], seed: int = 100) -> dict:
 
 # --- running the download stage as users do: a fresh process, the environment set before it starts ---
 
+
 def clean_env(**extra: str) -> dict:
     """This process's environment without anything Hugging Face reads (tests choose it), plus `extra`."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_")) and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_")) and k not in ("PYTHONPATH", "VIRTUAL_ENV")
+    }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
@@ -242,16 +262,19 @@ def clean_env(**extra: str) -> dict:
 
 def hf_env(mirror_or_endpoint, hf_home: Path, **extra: str) -> dict:
     endpoint = getattr(mirror_or_endpoint, "endpoint", mirror_or_endpoint)
-    return clean_env(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), PYTHONPATH=str(ROOT),
-                     HF_HUB_DISABLE_PROGRESS_BARS="1", **extra)
+    return clean_env(
+        HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), PYTHONPATH=str(ROOT), HF_HUB_DISABLE_PROGRESS_BARS="1", **extra
+    )
 
 
 def run_stage(workdir: Path, env: dict, stage: str = "download", timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "workflow", stage], cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "workflow", stage], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 # --- a loopback proxy that can stall one file mid-body, to interrupt a download for real ------------
+
 
 class StallingProxy:
     """Forwards to the mirror; a GET whose path ends with `stall` gets its headers and half its body,
@@ -346,6 +369,7 @@ class StallingProxy:
 
 
 # --- pytest fixtures ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def mirror(tmp_path_factory):

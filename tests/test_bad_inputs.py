@@ -1,6 +1,7 @@
 """Bad datasets: every kind of broken, odd or hostile file is either used correctly or skipped with its
 reason in meta.json; too few usable images is one clear error; dataset file names never choose where
 we write (path traversal)."""
+
 import io
 import json
 import struct
@@ -14,18 +15,19 @@ import pytest
 import yaml
 from PIL import Image
 
-from workflow.core.config import load_params
-from workflow.stages import download, preprocess
+from workflow.core.config import ConfigError, load_params
 from workflow.sources import fetch
-from workflow.core.config import ConfigError
+from workflow.stages import download, preprocess
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
 
 def header_only_png(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height pixels, with no pixel data: a decompression bomb's shape."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
@@ -75,6 +77,7 @@ def bad_folder(tmp_path, monkeypatch):
     def params(**data):
         values = {"source": f"imagefolder:{src}", "folder": str(src), "channels": 3, "resolution": 8, **data}
         (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": values}))
+
     return params
 
 
@@ -86,7 +89,7 @@ def test_each_bad_file_is_used_correctly_or_skipped_with_its_reason(bad_folder):
     order = sorted(used, key=lambda n: n)  # files are decoded in relative-path order
     array = np.load("data/processed/images.npy")
     assert meta["count"] == len(used) == len(array)
-    for name, image in zip(order, array):
+    for name, image in zip(order, array, strict=True):
         expected = np.array(CASES[name][1])[:, None, None]
         assert np.abs(image.astype(int) - expected).max() <= 6, name  # JPEG and CMYK round trips: near
     reasons = {item["file"]: item["reason"] for item in meta["skipped"]}
@@ -118,8 +121,10 @@ def test_parquet_path_column_cannot_choose_where_images_go(tmp_path):
     count, skipped = fetch.export_parquet([shard], snapshot, "image", out)
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
     assert count == 2 and skipped == []
-    assert written == ["raw/images/data/train-00000-of-00001/000000.png",
-                       "raw/images/data/train-00000-of-00001/000001.png"]
+    assert written == [
+        "raw/images/data/train-00000-of-00001/000000.png",
+        "raw/images/data/train-00000-of-00001/000001.png",
+    ]
 
 
 @pytest.mark.parametrize("name", ["../../evil.png", "sub/../../evil.png", "/tmp/evil.png"])

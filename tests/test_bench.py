@@ -1,19 +1,21 @@
 """The benchmark harness on a tiny model: the numbers it reports hang together. Timings are never bounds."""
+
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.helpers import ROOT
-from workflow.tools import bench, bench_common, bench_train
 from workflow.core.config import ConfigError, params_from_dict
 from workflow.models.builders import build_unet
+from workflow.tools import bench, bench_common, bench_train
 
 PEER = ROOT.parent / "shared" / "peers" / "tutorial_loop.py"
 needs_peer = pytest.mark.skipif(not PEER.is_file(), reason=f"the tutorial loop {PEER} is not beside this clone")
-TINY_RUN = dict(resolution=8, batch_size=4, steps=2, warmup=1, matmul_size=256)
+TINY_RUN = {"resolution": 8, "batch_size": 4, "steps": 2, "warmup": 1, "matmul_size": 256}
 
 
 @pytest.fixture(autouse=True)
@@ -40,9 +42,27 @@ def test_bench_params_are_the_tutorials_model():
 
 def test_our_loop_alone_through_main(tiny_params, capsys):
     tiny_params()  # params.yaml in the working directory
-    bench.main(["train", "--resolution", "8", "--batch-size", "4", "--channels", "16", "32", "--steps", "2",
-                "--warmup", "1", "--repeats", "2", "--json", "bench.json"])
-    r = json.load(open("bench.json"))
+    bench.main(
+        [
+            "train",
+            "--resolution",
+            "8",
+            "--batch-size",
+            "4",
+            "--channels",
+            "16",
+            "32",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--json",
+            "bench.json",
+        ]
+    )
+    r = json.loads(Path("bench.json").read_text())
     assert finite_positive(r["ours_images_per_second"]) and r["device"] == "cpu"
     assert len(r["ours_trials"]) == 2 and r["ours_images_per_second"] == max(r["ours_trials"])
     assert r["peer_images_per_second"] is None and r["ratio"] is None and r["peer_share_of_limit"] is None
@@ -111,9 +131,29 @@ def test_missing_peer_file_is_a_clear_error(tmp_path):
 
 def test_bench_sample_ours_and_the_tutorial_call(tiny_params, capsys):
     tiny_params(sample={"sampler": "dpmsolver++"})  # params.yaml in the working directory: ours uses its sampler
-    bench.main(["sample", "--resolution", "8", "--channels", "32", "64", "--steps", "2", "--batch-size", "4",
-                "--num-images", "6", "--peer-images", "4", "--repeats", "2", "--json", "sample.json"])
-    r = json.load(open("sample.json"))
+    bench.main(
+        [
+            "sample",
+            "--resolution",
+            "8",
+            "--channels",
+            "32",
+            "64",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--num-images",
+            "6",
+            "--peer-images",
+            "4",
+            "--repeats",
+            "2",
+            "--json",
+            "sample.json",
+        ]
+    )
+    r = json.loads(Path("sample.json").read_text())
     assert r["sampler"] == "dpmsolver++" and r["steps"] == 2 and r["dtype"] == "float32"
     assert len(r["ours_trials"]) == len(r["tutorial_trials"]) == 2
     assert r["ours_images_per_second"] == max(r["ours_trials"]) and finite_positive(r["tutorial_images_per_second"])
@@ -124,9 +164,27 @@ def test_bench_sample_ours_and_the_tutorial_call(tiny_params, capsys):
 
 def test_bench_fid_end_to_end(tiny_params, capsys):
     tiny_params()
-    bench.main(["fid", "--resolution", "8", "--channels", "32", "64", "--steps", "2", "--batch-size", "2",
-                "--num-images", "3", "--reference-images", "2", "--json", "fid.json"])
-    r = json.load(open("fid.json"))
+    bench.main(
+        [
+            "fid",
+            "--resolution",
+            "8",
+            "--channels",
+            "32",
+            "64",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--num-images",
+            "3",
+            "--reference-images",
+            "2",
+            "--json",
+            "fid.json",
+        ]
+    )
+    r = json.loads(Path("fid.json").read_text())
     assert r["num_images"] == 3 and r["sampler"] == "ddim" and math.isfinite(r["fid"]) and r["fid"] > 0
     assert r["total_seconds"] == pytest.approx(r["sample_seconds"] + r["fid_seconds"])
     assert "| 3 samples, ddim-2, float32, batch 2 | seconds |" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """The experiment comparison's own logic: which rows it shows, which params differ, the best FID,
 and the page (opened in Chromium, sorted by a click). The real `dvc exp show` and DVC cache are
 exercised end to end in tests/test_e2e.py."""
+
 import io
 import math
 import re
@@ -10,18 +11,24 @@ import pytest
 from PIL import Image
 
 from tests.browser import browser, needs_chromium, render
-from workflow.tools import compare
 from workflow.core.config import ConfigError
+from workflow.tools import compare
 
 
 def _params(lr=0.002, steps=16, metrics="reports/metrics.json"):
-    return {"seed": 0, "paths": {"metrics": metrics}, "model": {"block_out_channels": [16, 32]},
-            "train": {"learning_rate": lr, "max_steps": steps}}
+    return {
+        "seed": 0,
+        "paths": {"metrics": metrics},
+        "model": {"block_out_channels": [16, 32]},
+        "train": {"learning_rate": lr, "max_steps": steps},
+    }
 
 
 def _data(params, metrics):
-    return {"params": {"params.yaml": {"data": params}},
-            "metrics": {params["paths"]["metrics"]: {"data": metrics}} if metrics is not None else {}}
+    return {
+        "params": {"params.yaml": {"data": params}},
+        "metrics": {params["paths"]["metrics"]: {"data": metrics}} if metrics is not None else {},
+    }
 
 
 def _rev(name, sha, params, metrics):
@@ -31,17 +38,26 @@ def _rev(name, sha, params, metrics):
 # The shape of `dvc exp show --json` (dvc 3): the workspace, then the baseline commit with its experiments.
 SHOWN = [
     {"rev": "workspace", "name": None, "data": _data(_params(steps=8), {"fid": 90.0})},
-    {"rev": "a" * 40, "name": "main", "data": _data(_params(), None), "experiments": [
-        {"revs": [_rev("steps-8", "b" * 40, _params(steps=8), {"fid": 90.0})]},
-        {"revs": [_rev("lr-1e-3", "c" * 40, _params(lr=0.001), {"fid": 70.5, "kid": 0.1})]},
-    ]},
+    {
+        "rev": "a" * 40,
+        "name": "main",
+        "data": _data(_params(), None),
+        "experiments": [
+            {"revs": [_rev("steps-8", "b" * 40, _params(steps=8), {"fid": 90.0})]},
+            {"revs": [_rev("lr-1e-3", "c" * 40, _params(lr=0.001), {"fid": 70.5, "kid": 0.1})]},
+        ],
+    },
 ]
 
 
 def test_exp_show_rows_follow_dvcs_order():
     rows = compare.exp_show_rows(SHOWN)
     assert [(r["name"], r["kind"]) for r in rows] == [
-        ("workspace", "workspace"), ("main", "commit"), ("steps-8", "experiment"), ("lr-1e-3", "experiment")]
+        ("workspace", "workspace"),
+        ("main", "commit"),
+        ("steps-8", "experiment"),
+        ("lr-1e-3", "experiment"),
+    ]
     assert compare.row_metrics(rows[3]) == {"fid": 70.5, "kid": 0.1}
 
 
@@ -79,15 +95,28 @@ def _history(scale: float, steps: int = 40) -> dict:
 
 
 def _experiment(name, fid, lr=0.002, steps=16, grid=True, history=True):
-    metrics = {} if fid is None else {"fid": fid, "kid": fid / 1000, "train_loss_final": 0.05,
-                                      "train_images_per_second": 500.0}
-    return compare.Experiment(name, name[0] * 40, _params(lr, steps), metrics,
-                              _grid(len(name)) if grid else None, _history(fid or 1.0) if history else None,
-                              () if grid else ("reports/samples/grid.png: not in the cache",))
+    metrics = (
+        {}
+        if fid is None
+        else {"fid": fid, "kid": fid / 1000, "train_loss_final": 0.05, "train_images_per_second": 500.0}
+    )
+    return compare.Experiment(
+        name,
+        name[0] * 40,
+        _params(lr, steps),
+        metrics,
+        _grid(len(name)) if grid else None,
+        _history(fid or 1.0) if history else None,
+        () if grid else ("reports/samples/grid.png: not in the cache",),
+    )
 
 
-EXPERIMENTS = [_experiment("baseline", 51.5), _experiment("lr-1e-3", 48.25, lr=0.001),
-               _experiment("steps-8", 80.0, steps=8), _experiment("failed", None, grid=False, history=False)]
+EXPERIMENTS = [
+    _experiment("baseline", 51.5),
+    _experiment("lr-1e-3", 48.25, lr=0.001),
+    _experiment("steps-8", 80.0, steps=8),
+    _experiment("failed", None, grid=False, history=False),
+]
 
 
 def test_differing_params_and_ranking():
@@ -101,10 +130,10 @@ def test_page_marks_the_best_fid_and_shows_every_experiment():
     page = compare.render_comparison(EXPERIMENTS)
     rows = re.findall(r"<tr( class=best)?><td data-sort=\"([^\"]+)\">", page)
     assert rows == [(" class=best", "lr-1e-3"), ("", "baseline"), ("", "steps-8"), ("", "failed")]
-    assert "48.25 <span class=\"badge\">best</span>" in page and "best FID 48.25: lr-1e-3" in page
+    assert '48.25 <span class="badge">best</span>' in page and "best FID 48.25: lr-1e-3" in page
     assert page.count('<figure class="thumb') == 4 and page.count("<strong>missing:</strong> sample grid") == 1
-    assert "<button type=\"button\">train.<wbr>learning_rate</button>" in page  # may wrap after the dot
-    assert "<button type=\"button\">seed</button>" not in page  # the same everywhere
+    assert '<button type="button">train.<wbr>learning_rate</button>' in page  # may wrap after the dot
+    assert '<button type="button">seed</button>' not in page  # the same everywhere
     assert "failed</strong>: reports/samples/grid.png: not in the cache" in page
     assert not re.search(r"(?:src|href)=\"(?!data:)", page) and "http" not in page
 
@@ -132,7 +161,7 @@ def test_page_in_chromium_decodes_every_image_and_sorts(tmp_path):
 
 # A stand-in for the pipeline (the real one is exercised in tests/test_e2e.py): one DVC stage that
 # writes, from params.yaml's seed, the files compare reads.
-STAND_IN = '''
+STAND_IN = """
 import json
 from pathlib import Path
 
@@ -148,10 +177,14 @@ log.mkdir(parents=True, exist_ok=True)
 (log / "loss.tsv").write_text("step\\tloss\\n" + "".join(f"{s}\\t{1 / s}\\n" for s in range(1, 9)))
 (log / "lr.tsv").write_text("step\\tlr\\n" + "".join(f"{s}\\t0.001\\n" for s in range(1, 9)))
 Path("reports/metrics.json").write_text(json.dumps({"fid": 50.0 + seed, "train_loss_final": 0.125}))
-'''
-STAGE = {"cmd": "python stand_in.py", "deps": ["stand_in.py"], "params": ["seed"],
-         "outs": ["reports/samples/grid.png", "reports/train"],
-         "metrics": [{"reports/metrics.json": {"cache": False}}]}
+"""
+STAGE = {
+    "cmd": "python stand_in.py",
+    "deps": ["stand_in.py"],
+    "params": ["seed"],
+    "outs": ["reports/samples/grid.png", "reports/train"],
+    "metrics": [{"reports/metrics.json": {"cache": False}}],
+}
 
 
 def _run(cwd, *cmd):
@@ -178,9 +211,14 @@ def test_a_clone_with_an_empty_cache_compares_and_says_what_to_fetch(tmp_path, m
     (origin / "params.yaml").write_text("seed: 0\n")
     (origin / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"run": STAGE}}))
     git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
-    for cmd in ([*git, "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"],
-                [*git, "add", "-A"], [*git, "commit", "-qm", "a row, its dvc.lock and metrics"],
-                ["dvc", "exp", "run", "-q", "-n", "seed-1", "-S", "seed=1"]):
+    for cmd in (
+        [*git, "init", "-q", "-b", "main"],
+        ["dvc", "init", "-q"],
+        ["dvc", "repro", "-q"],
+        [*git, "add", "-A"],
+        [*git, "commit", "-qm", "a row, its dvc.lock and metrics"],
+        ["dvc", "exp", "run", "-q", "-n", "seed-1", "-S", "seed=1"],
+    ):
         _run(origin, *cmd)
     _run(tmp_path, "git", "clone", "-q", str(origin), str(clone))
     _run(clone, "dvc", "exp", "pull", "--no-cache", "origin", "seed-1")
@@ -193,5 +231,6 @@ def test_a_clone_with_an_empty_cache_compares_and_says_what_to_fetch(tmp_path, m
     assert "<strong>missing:</strong> loss histories" in page
     for name, fetch in (("main", "dvc pull"), ("seed-1", "dvc exp pull origin seed-1")):
         for path in ("reports/samples/grid.png", "reports/train/plots/metrics/train/loss.tsv"):
-            assert (f"<li><strong>{name}</strong>: {path}: not in the local DVC cache; "
-                    f"fetch it with `{fetch}`</li>") in page, (name, path)
+            assert (
+                f"<li><strong>{name}</strong>: {path}: not in the local DVC cache; fetch it with `{fetch}`</li>"
+            ) in page, (name, path)

@@ -26,28 +26,31 @@ def test_values_are_typed():
     assert p.train.learning_rate == 1e-4 and isinstance(p.model.block_out_channels, tuple)
 
 
-@pytest.mark.parametrize("raw, words", [
-    ({"trian": {}}, ["unknown key `trian`", "train"]),
-    ({"train": {"lr": 1}}, ["unknown key `train.lr`", "learning_rate"]),
-    ({"train": {"batch_size": 0}}, ["`train.batch_size`", "> 0"]),
-    ({"train": {"batch_size": 2.5}}, ["`train.batch_size`", "int"]),
-    ({"train": {"ema": "yes"}}, ["`train.ema`", "bool"]),
-    ({"train": {"mixed_precision": "fp8"}}, ["`train.mixed_precision`", "'bf16'"]),
-    ({"data": {"channels": 2}}, ["`data.channels`", "1, 3"]),
-    ({"data": {"source": "s3://bucket"}}, ["`data.source`", "imagefolder:<path>"]),
-    ({"data": {"source": "hf:butterflies"}}, ["hf:<owner>/<name>"]),
-    ({"data": {"resolution": 9}}, ["`data.resolution`", "divisible"]),
-    ({"model": {"attention_levels": [5]}}, ["`model.attention_levels`"]),
-    ({"model": {"block_out_channels": [12, 32]}}, ["norm_num_groups"]),
-    ({"sample": {"grid_size": 3}}, ["`sample.grid_size`", "`fid.num_samples`"]),
-    ({"sample": {"sampler": "dpm"}}, ["`sample.sampler`", "'dpmsolver++'"]),
-    ({"sample": {"sampler": "ddpm", "eta": 1.0}}, ["`sample.eta`", "ddim"]),
-    ({"sample": {"eta": 1.5}}, ["`sample.eta`", "[0, 1]"]),
-    ({"fid": {"steps_sweep": [10, 0]}}, ["`fid.steps_sweep`", "> 0"]),
-    ({"fid": {"weights_sha256": "abc"}}, ["`fid.weights_sha256`", "hex"]),
-    ({"model": {"block_out_channels": "32"}}, ["`model.block_out_channels`", "list"]),
-    ({"train": [1, 2]}, ["`train` must be a mapping"]),
-])
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        ({"trian": {}}, ["unknown key `trian`", "train"]),
+        ({"train": {"lr": 1}}, ["unknown key `train.lr`", "learning_rate"]),
+        ({"train": {"batch_size": 0}}, ["`train.batch_size`", "> 0"]),
+        ({"train": {"batch_size": 2.5}}, ["`train.batch_size`", "int"]),
+        ({"train": {"ema": "yes"}}, ["`train.ema`", "bool"]),
+        ({"train": {"mixed_precision": "fp8"}}, ["`train.mixed_precision`", "'bf16'"]),
+        ({"data": {"channels": 2}}, ["`data.channels`", "1, 3"]),
+        ({"data": {"source": "s3://bucket"}}, ["`data.source`", "imagefolder:<path>"]),
+        ({"data": {"source": "hf:butterflies"}}, ["hf:<owner>/<name>"]),
+        ({"data": {"resolution": 9}}, ["`data.resolution`", "divisible"]),
+        ({"model": {"attention_levels": [5]}}, ["`model.attention_levels`"]),
+        ({"model": {"block_out_channels": [12, 32]}}, ["norm_num_groups"]),
+        ({"sample": {"grid_size": 3}}, ["`sample.grid_size`", "`fid.num_samples`"]),
+        ({"sample": {"sampler": "dpm"}}, ["`sample.sampler`", "'dpmsolver++'"]),
+        ({"sample": {"sampler": "ddpm", "eta": 1.0}}, ["`sample.eta`", "ddim"]),
+        ({"sample": {"eta": 1.5}}, ["`sample.eta`", "[0, 1]"]),
+        ({"fid": {"steps_sweep": [10, 0]}}, ["`fid.steps_sweep`", "> 0"]),
+        ({"fid": {"weights_sha256": "abc"}}, ["`fid.weights_sha256`", "hex"]),
+        ({"model": {"block_out_channels": "32"}}, ["`model.block_out_channels`", "list"]),
+        ({"train": [1, 2]}, ["`train` must be a mapping"]),
+    ],
+)
 def test_mistakes_name_the_key_and_the_rule(raw, words):
     merged = tiny_dict()
     for section, value in raw.items():

@@ -3,6 +3,7 @@ in params.yaml, the loader answers with valid Params or one ConfigError naming t
 exception, never a traceback from deep inside torch or diffusers later, and never a value that hangs
 or exhausts memory (every number is bounded; the UNet's size is checked on the meta device).
 The examples are the same on every run (tests/conftest.py: the "ci" hypothesis profile)."""
+
 import math
 import tempfile
 from pathlib import Path
@@ -30,11 +31,16 @@ def key_paths(tree: dict, prefix: str = "") -> list[str]:
 KEYS = key_paths(Params().to_dict())
 SECTIONS = [k for k in KEYS if isinstance(Params().to_dict().get(k), dict)]
 ANY_VALUE = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["0", "1e-4", "nan", "-inf", "ddim", "imagefolder:x", "hf:a/b", ""]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["0", "1e-4", "nan", "-inf", "ddim", "imagefolder:x", "hf:a/b", ""]),
     st.lists(st.one_of(st.integers(-4, 130), st.text(max_size=3), st.none()), max_size=4),
     st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
-    st.sampled_from([0, -1, 0.0, -0.5, 1.5, math.inf, -math.inf, math.nan, 2**64, [], [0, 32], [16, -32], [1.0]]))
+    st.sampled_from([0, -1, 0.0, -0.5, 1.5, math.inf, -math.inf, math.nan, 2**64, [], [0, 32], [16, -32], [1.0]]),
+)
 FUZZ = settings(max_examples=250, suppress_health_check=[HealthCheck.too_slow])  # + the profile's deadline
 
 
@@ -95,10 +101,32 @@ def test_unknown_keys_anywhere_are_named(section, name, value):
 
 
 TRICKY_YAML = st.one_of(
-    st.sampled_from(["2024-13-45", "2024-01-01", ".inf", "-.nan", "0x1F", "0o17", "1_000", "~", "[", "{a: 1}", "{1: 2, b: 3}",
-                     "!!python/object/apply:os.system ['true']", "&a [*a]", "yes", "off", "'8'", "|\n  x",
-                     "\"\\u0000\"", "1e400", "- 1\n- 2"]),
-    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=16))
+    st.sampled_from(
+        [
+            "2024-13-45",
+            "2024-01-01",
+            ".inf",
+            "-.nan",
+            "0x1F",
+            "0o17",
+            "1_000",
+            "~",
+            "[",
+            "{a: 1}",
+            "{1: 2, b: 3}",
+            "!!python/object/apply:os.system ['true']",
+            "&a [*a]",
+            "yes",
+            "off",
+            "'8'",
+            "|\n  x",
+            '"\\u0000"',
+            "1e400",
+            "- 1\n- 2",
+        ]
+    ),
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=16),
+)
 
 
 @FUZZ

@@ -1,4 +1,5 @@
 """dvc.yaml and the Snakefile declare one DAG: same stages, commands, deps, outs and params."""
+
 import os
 from pathlib import Path
 
@@ -17,9 +18,13 @@ def dvc_stages():
     for stage in repo.index.stages:
         files = {d.def_path for d in stage.deps if type(d).__name__ != "ParamsDependency"}
         params = {k for d in stage.deps if type(d).__name__ == "ParamsDependency" for k in d.params}
-        stages[stage.name] = {"cmd": stage.cmd, "deps": files, "params": params,
-                              "outs": {o.def_path for o in stage.outs if not o.persist},
-                              "persist": {o.def_path for o in stage.outs if o.persist}}
+        stages[stage.name] = {
+            "cmd": stage.cmd,
+            "deps": files,
+            "params": params,
+            "outs": {o.def_path for o in stage.outs if not o.persist},
+            "persist": {o.def_path for o in stage.outs if o.persist},
+        }
     return stages
 
 
@@ -30,13 +35,22 @@ def snakemake_rules():
     cwd = os.getcwd()
     try:
         with SnakemakeApi() as api:
-            workflow = api.workflow(resource_settings=ResourceSettings(cores=2), snakefile=ROOT / "Snakefile",
-                                    workdir=ROOT)._workflow
-            return {rule.name: {"cmd": rule.shellcmd, "deps": set(rule.input), "outs": set(rule.output),
-                                "params": set(rule.params.values) if rule.params else set(),
-                                "params_file": dict(rule.params.items()).get("config"),
-                                "log": list(rule.log), "gpu": "gpu" in rule.resources}
-                    for rule in workflow.rules if rule.name != "all"}
+            workflow = api.workflow(
+                resource_settings=ResourceSettings(cores=2), snakefile=ROOT / "Snakefile", workdir=ROOT
+            )._workflow
+            return {
+                rule.name: {
+                    "cmd": rule.shellcmd,
+                    "deps": set(rule.input),
+                    "outs": set(rule.output),
+                    "params": set(rule.params.values) if rule.params else set(),
+                    "params_file": dict(rule.params.items()).get("config"),
+                    "log": list(rule.log),
+                    "gpu": "gpu" in rule.resources,
+                }
+                for rule in workflow.rules
+                if rule.name != "all"
+            }
     finally:
         os.chdir(cwd)
 

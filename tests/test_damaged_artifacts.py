@@ -1,6 +1,7 @@
 """Damaged artifacts are detected, never used: a truncated or altered checkpoint is skipped (with a
 warning) for the one before, and resuming from it still gives the uninterrupted weights; a damaged
 pipeline is refused by the sample stage with a message naming the file."""
+
 import shutil
 from pathlib import Path
 
@@ -8,8 +9,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.helpers import write_images
-from workflow.formats import checkpoints
 from workflow.core.config import ConfigError
+from workflow.formats import checkpoints
 from workflow.stages.sample import run as sample
 from workflow.stages.train import run as train
 
@@ -38,11 +39,16 @@ def trained(tiny_params):
     def restore():
         shutil.rmtree("models")
         shutil.copytree("models-backup", "models")
+
     return params, load_file(WEIGHTS), restore
 
 
-CHECKPOINT_DAMAGE = [("model.safetensors", truncate), ("optimizer.bin", flip_a_byte),
-                     ("training_state.pt", truncate), ("random_states_0.pkl", None)]
+CHECKPOINT_DAMAGE = [
+    ("model.safetensors", truncate),
+    ("optimizer.bin", flip_a_byte),
+    ("training_state.pt", truncate),
+    ("random_states_0.pkl", None),
+]
 
 
 def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained):
@@ -70,8 +76,11 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained):
     assert all((resumed[k] == straight[k]).all() for k in straight)
 
 
-PIPELINE_DAMAGE = [("unet/diffusion_pytorch_model.safetensors", truncate), ("unet/config.json", flip_a_byte),
-                   ("scheduler/scheduler_config.json", None)]
+PIPELINE_DAMAGE = [
+    ("unet/diffusion_pytorch_model.safetensors", truncate),
+    ("unet/config.json", flip_a_byte),
+    ("scheduler/scheduler_config.json", None),
+]
 
 
 def test_sample_refuses_a_damaged_pipeline_naming_the_file(trained):

@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from workflow.core.config import Model, Params, Scheduler
-from workflow.maths.diffusion import (apply_flip, batch_indices, diffusion_loss, step_noise, stream_seed,
-                                to_model_range, training_target)
+from workflow.maths.diffusion import (
+    apply_flip,
+    batch_indices,
+    diffusion_loss,
+    step_noise,
+    stream_seed,
+    to_model_range,
+    training_target,
+)
 from workflow.models.builders import build_noise_scheduler, build_sampler, build_unet
 
 
@@ -23,7 +30,7 @@ def test_data_order_is_a_function_of_seed_and_step():
 def test_step_noise_shards_match_the_global_draw():
     noise, t, flip = step_noise(0, 5, (4, 1, 8, 8), 1000, "cpu")
     again = step_noise(0, 5, (4, 1, 8, 8), 1000, "cpu")
-    assert all(torch.equal(a, b) for a, b in zip((noise, t, flip), again))
+    assert all(torch.equal(a, b) for a, b in zip((noise, t, flip), again, strict=True))
     assert not torch.equal(noise, step_noise(0, 6, (4, 1, 8, 8), 1000, "cpu")[0])
     assert stream_seed(0, 1) != stream_seed(1, 0)
 
@@ -41,8 +48,7 @@ def test_training_target_by_prediction_type(kind):
     clean, noise = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     t = torch.tensor([10, 900])
     target = training_target(scheduler, clean, noise, t)
-    expected = {"epsilon": noise, "sample": clean,
-                "v_prediction": scheduler.get_velocity(clean, noise, t)}[kind]
+    expected = {"epsilon": noise, "sample": clean, "v_prediction": scheduler.get_velocity(clean, noise, t)}[kind]
     assert torch.equal(target, expected)
     assert diffusion_loss(target, target).item() == 0.0
 

@@ -1,6 +1,7 @@
 """End to end: the real `dvc repro`, `dvc exp run`, and `snakemake` on a tiny configuration, each in
 a temporary git repository holding a copy of the project. Checks the artifacts' contents and that
 independent runs give bitwise-identical weights, samples and quality metrics on CPU."""
+
 import base64
 import json
 import re
@@ -18,6 +19,7 @@ from tests.helpers import PACKAGED_WEIGHTS, ROOT, check_card, make_repo, run, sh
 
 pytestmark = pytest.mark.e2e
 
+
 def test_a_test_repository_has_the_projects_files_and_no_run(tmp_path):
     """A checkout after `make run` (its dvc.lock names outputs only its own cache holds; some users
     commit it) and with untracked scratch files: the test repository gets the tracked files as the
@@ -28,24 +30,28 @@ def test_a_test_repository_has_the_projects_files_and_no_run(tmp_path):
     shutil.copy2(ROOT / "params.yaml", source / "params.yaml")
     (source / "dvc.yaml").write_text("stages: {}\n")
     (source / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "with a run"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "with a run"],
+    ):
         subprocess.run(cmd, cwd=source, check=True)
     (source / "dvc.yaml").write_text("stages: {}\n# edited, not committed\n")
     (source / "scratch.py").write_text("print('mine')\n")
     (source / "reports").mkdir()
     (source / "reports/metrics.json").write_text("{}\n")
     make_repo(repo, source)
-    assert subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True,
-                          check=True).stdout.split() == ["dvc.yaml", "params.yaml"]
+    assert subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split() == [
+        "dvc.yaml",
+        "params.yaml",
+    ]
     assert (repo / "dvc.yaml").read_text() == (source / "dvc.yaml").read_text()
     assert not (repo / "dvc.lock").exists() and not (repo / "scratch.py").exists()
 
 
 # Two experiments on top of the baseline; each `-S` list is complete, because a workspace run keeps
 # the previous experiment's params.yaml.
-EXPERIMENTS = {"lr-1e-3": ["train.learning_rate=0.001"],
-               "steps-8": ["train.learning_rate=0.002", "train.max_steps=8"]}
+EXPERIMENTS = {"lr-1e-3": ["train.learning_rate=0.001"], "steps-8": ["train.learning_rate=0.002", "train.max_steps=8"]}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +91,7 @@ def test_dvc_repro_artifacts(dvc_repo):
     assert summary["device"] == "cpu" and summary["device_name"] in html
     assert f"<th>diffusers</th><td><code>{summary['software']['diffusers']}</code>" in html
     from diffusers import DiffusionPipeline
+
     assert DiffusionPipeline.from_pretrained(str(repo / "models/pipeline")).unet.config.sample_size == 8
     assert "up to date" in sh(repo, "dvc", "status") or sh(repo, "dvc", "status").strip() == ""
 
@@ -157,7 +164,13 @@ def test_snakemake_configfile_and_config_decide_what_every_job_runs(smk_preset):
     assert len((repo / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()) == 1 + 8
     # --config merges over the preset; a sampling param re-runs sampling and what reads its samples
     change = ("--configfile", "configs/steps-8.yaml", "--config", "sample={num_inference_steps: 5}")
-    assert planned(run(repo, "snakemake", "-n", *change)) == {"sample", "evaluate", "report", "package", "all"}  # the card shows sample.*
+    assert planned(run(repo, "snakemake", "-n", *change)) == {
+        "sample",
+        "evaluate",
+        "report",
+        "package",
+        "all",
+    }  # the card shows sample.*
     sh(repo, "snakemake", "--cores", "2", *change)
     assert json.loads((repo / "data/samples/samples.json").read_text())["num_inference_steps"] == 5
     assert json.loads((repo / "reports/metrics.json").read_text())["train_steps"] == 8  # train did not re-run
@@ -167,8 +180,9 @@ def test_snakemake_configfile_and_config_decide_what_every_job_runs(smk_preset):
 def test_a_failed_snakemake_job_shows_its_error_and_keeps_it_in_its_log(smk_preset):
     """Runs after the test above: its failed preprocess leaves the DAG to re-run from there."""
     repo, _ = smk_preset
-    done = run(repo, "snakemake", "--cores", "2", "--configfile", "configs/steps-8.yaml",
-               "--config", "data={min_images: 100}")
+    done = run(
+        repo, "snakemake", "--cores", "2", "--configfile", "configs/steps-8.yaml", "--config", "data={min_images: 100}"
+    )
     error = "error in stage preprocess: `data.min_images` is 100 but only 64 usable images"
     assert done.returncode != 0 and error in done.stderr  # the user sees it as the job fails
     assert error in (repo / "logs/preprocess.log").read_text()  # and it is kept (on a cluster: read it later)
@@ -226,8 +240,18 @@ def test_the_issues_sampler_experiment(dvc_repo):
     repo, _ = dvc_repo
     original = (repo / "params.yaml").read_text()
     try:
-        out = sh(repo, "dvc", "exp", "run", "-S", "sample.sampler=dpmsolver++", "-S",
-                 "sample.num_inference_steps=25", "-n", "dpmsolver-25")
+        out = sh(
+            repo,
+            "dvc",
+            "exp",
+            "run",
+            "-S",
+            "sample.sampler=dpmsolver++",
+            "-S",
+            "sample.num_inference_steps=25",
+            "-n",
+            "dpmsolver-25",
+        )
     finally:
         (repo / "params.yaml").write_text(original)  # exp run leaves its params in the workspace
     assert "Running stage 'sample'" in out and "Running stage 'evaluate'" in out
@@ -250,8 +274,10 @@ def test_dvc_exp_run_and_show(exp_runs):
     assert names["steps-8"]["metrics"]["reports/metrics.json"]["data"]["train_steps"] == 8
     params = yaml.safe_load((repo / "params.yaml").read_text())  # the baseline is back in the workspace
     assert params["train"]["max_steps"] == 16 and params["train"]["learning_rate"] == 0.002
-    assert json.loads((repo / "reports/metrics.json").read_text()) == \
-        names["baseline"]["metrics"]["reports/metrics.json"]["data"]
+    assert (
+        json.loads((repo / "reports/metrics.json").read_text())
+        == names["baseline"]["metrics"]["reports/metrics.json"]["data"]
+    )
     for name, steps in (("baseline", 16), ("steps-8", 8)):  # dvclive's summary of the training log
         live = names[name]["metrics"]["reports/train/metrics.json"]["data"]
         assert live["step"] == steps and set(live["train"]) == {"loss", "lr", "images_per_second"}

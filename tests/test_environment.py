@@ -1,4 +1,5 @@
 """What a run records about its software and device."""
+
 import platform
 from importlib.metadata import version
 from pathlib import Path
@@ -9,8 +10,12 @@ from workflow.core.environment import device_name, software_versions
 
 
 def test_software_versions_are_the_installed_ones():
-    assert software_versions() == {"python": platform.python_version(), "torch": version("torch"),
-                                   "diffusers": version("diffusers"), "accelerate": version("accelerate")}
+    assert software_versions() == {
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "diffusers": version("diffusers"),
+        "accelerate": version("accelerate"),
+    }
 
 
 def test_cpu_device_name_is_the_cpu_model():

@@ -1,4 +1,5 @@
 """Stages fid_reference and evaluate on six tiny images, with the real Inception network."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers import write_images
-from workflow.core.config import load_params
+from workflow.core.config import ConfigError, load_params
 from workflow.stages import evaluate, fid_reference
-from workflow.core.config import ConfigError
-
 
 
 def write_samples(params, images: np.ndarray) -> None:
@@ -22,13 +21,24 @@ def write_samples(params, images: np.ndarray) -> None:
         old.unlink()
     for i, image in enumerate(images):
         Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(folder / f"{i:05d}.png")
-    (folder / "samples.json").write_text(json.dumps(
-        {"count": len(images), "seconds": 1.5, "images_per_second": 4.0, "sampler": "ddim",
-         "num_inference_steps": 4}))
+    (folder / "samples.json").write_text(
+        json.dumps(
+            {
+                "count": len(images),
+                "seconds": 1.5,
+                "images_per_second": 4.0,
+                "sampler": "ddim",
+                "num_inference_steps": 4,
+            }
+        )
+    )
     train = Path(params.paths.train_log)
     train.mkdir(parents=True, exist_ok=True)
-    (train / "summary.json").write_text(json.dumps(
-        {"loss_final": 0.25, "images_per_second": 100.0, "seconds": 2.0, "steps": 12, "num_parameters": 1234}))
+    (train / "summary.json").write_text(
+        json.dumps(
+            {"loss_final": 0.25, "images_per_second": 100.0, "seconds": 2.0, "steps": 12, "num_parameters": 1234}
+        )
+    )
 
 
 @pytest.fixture

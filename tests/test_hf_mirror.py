@@ -5,6 +5,7 @@ Each download runs as users run it: `python -m workflow download` in a fresh pro
 environment (HF_ENDPOINT, HF_HOME, HF_TOKEN, HF_HUB_OFFLINE) is set before it starts; HF_HOME is a
 temporary folder per test, so the Hugging Face cache is isolated.
 """
+
 import hashlib
 import io
 import json
@@ -20,8 +21,18 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT, check_card, make_repo
-from tests.mirror import (SECRET_TOKEN, Dataset, Mirror, StallingProxy, clean_env, hf_env, image_files,  # noqa: F401
-                          mirror, parquet_files, png, run_stage)
+from tests.mirror import (
+    SECRET_TOKEN,
+    Dataset,
+    Mirror,
+    StallingProxy,
+    clean_env,
+    hf_env,
+    image_files,
+    parquet_files,
+    png,
+    run_stage,
+)
 from workflow.core.artifacts import sha256_file
 from workflow.core.config import load_params
 
@@ -73,6 +84,7 @@ def secret_free(*roots: Path, texts: tuple[str, ...] = (), saved: Path | None = 
 
 # --- both layouts, through the mirror ----------------------------------------------------------------
 
+
 def test_parquet_dataset_through_the_mirror(mirror, tmp_path):
     files = parquet_files(5, shards=2)
     files.update(parquet_files(2, split="test", seed=50))
@@ -86,13 +98,18 @@ def test_parquet_dataset_through_the_mirror(mirror, tmp_path):
     assert record["sha"] == repo.head and record["revision"] == "main"
     assert record["endpoint"] == f"127.0.0.1:{mirror.port}" and record["layout"] == "parquet"
     assert record["split"] == "train" and record["count"] == 5 and record["skipped"] == []
-    assert record["files"] == [{"path": name, "size": len(repo.blob(name)),
-                                "sha256": hashlib.sha256(repo.blob(name)).hexdigest()}
-                               for name in used]
+    assert record["files"] == [
+        {"path": name, "size": len(repo.blob(name)), "sha256": hashlib.sha256(repo.blob(name)).hexdigest()}
+        for name in used
+    ]
     images = exported(tmp_path / "w")
-    assert sorted(images) == ["data/train-00000-of-00002/000000.png", "data/train-00000-of-00002/000001.png",
-                              "data/train-00000-of-00002/000002.png", "data/train-00001-of-00002/000000.png",
-                              "data/train-00001-of-00002/000001.png"]
+    assert sorted(images) == [
+        "data/train-00000-of-00002/000000.png",
+        "data/train-00000-of-00002/000001.png",
+        "data/train-00000-of-00002/000002.png",
+        "data/train-00001-of-00002/000000.png",
+        "data/train-00001-of-00002/000001.png",
+    ]
     assert images["data/train-00001-of-00002/000001.png"] == png(4)  # the fifth image, byte for byte
     assert f"at {repo.head} from 127.0.0.1:{mirror.port}" in out
     # the mirror is really the host contacted: it served the revision and the files, only the card and
@@ -179,42 +196,71 @@ def test_card_configs_load_what_datasets_loads_and_only_that_split(mirror, tmp_p
     images `datasets.load_dataset` (the Hub viewer's reader) gives for it, through the same mirror,
     and only that split's files are downloaded; offline, a split not downloaded yet is not there."""
     shard = lambda n, seed: parquet_files(n, seed=seed)["data/train-00000-of-00001.parquet"]  # noqa: E731
-    files = {"odd/place/a.parquet": shard(2, 0), "odd/place/c.parquet": shard(1, 10), "more/b.parquet": shard(2, 20),
-             "elsewhere/x/y.parquet": shard(1, 30), "art/train/s.parquet": shard(2, 40),
-             "art/test/t.parquet": shard(1, 50), **parquet_files(3, seed=60)}  # data/train-*: not train here
+    files = {
+        "odd/place/a.parquet": shard(2, 0),
+        "odd/place/c.parquet": shard(1, 10),
+        "more/b.parquet": shard(2, 20),
+        "elsewhere/x/y.parquet": shard(1, 30),
+        "art/train/s.parquet": shard(2, 40),
+        "art/test/t.parquet": shard(1, 50),
+        **parquet_files(3, seed=60),
+    }  # data/train-*: not train here
     repo = Dataset.create(mirror, "org/odd-folders", files)
     repo.commit({"README.md": CONFIGS_CARD}, "card with configs")
     hf_home = tmp_path / "hf"
-    cases = [(None, "train", ["more/b.parquet", "odd/place/a.parquet", "odd/place/c.parquet"]),
-             (None, "holdout", ["elsewhere/x/y.parquet"]), ("sketches", "test", ["art/test/t.parquet"])]
+    cases = [
+        (None, "train", ["more/b.parquet", "odd/place/a.parquet", "odd/place/c.parquet"]),
+        (None, "holdout", ["elsewhere/x/y.parquet"]),
+        ("sketches", "test", ["art/test/t.parquet"]),
+    ]
     ours = []
     for config, split, used in cases:
         if split == "holdout":  # not downloaded yet: the cache does not have it
-            line = one_error(download(tmp_path / "w", hf_env(mirror, hf_home, HF_HUB_OFFLINE="1"),
-                                      source="hf:org/odd-folders", split=split)[0])
+            line = one_error(
+                download(
+                    tmp_path / "w",
+                    hf_env(mirror, hf_home, HF_HUB_OFFLINE="1"),
+                    source="hf:org/odd-folders",
+                    split=split,
+                )[0]
+            )
             assert "no complete snapshot of the files it needs" in line, line
         mark = mirror.mark()
         chosen = {"config": config} if config else {}  # null: the card's default
-        done, record = download(tmp_path / "w", hf_env(mirror, hf_home), source="hf:org/odd-folders", split=split,
-                                **chosen)
+        done, record = download(
+            tmp_path / "w", hf_env(mirror, hf_home), source="hf:org/odd-folders", split=split, **chosen
+        )
         ok(done)
         assert record["config"] == (config or "photos") and record["split"] == split
         assert [f["path"] for f in record["files"]] == used
         assert set(mirror.file_gets(mark, "org/odd-folders")) - {"README.md"} == set(used)  # that split only
         ours.append(pixels(tmp_path / "w"))
     snapshot = hf_home / "hub" / "datasets--org--odd-folders" / "snapshots" / repo.head
-    assert sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*.parquet")) == \
-        sorted(name for *_, used in cases for name in used)  # never data/ nor art/train/
+    assert sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*.parquet")) == sorted(
+        name for *_, used in cases for name in used
+    )  # never data/ nor art/train/
 
-    viewer = subprocess.run([sys.executable, "-c", VIEWER, "org/odd-folders", repo.head,
-                             json.dumps([[config, split] for config, split, _ in cases])],
-                            env=hf_env(mirror, tmp_path / "viewer-home"), capture_output=True, text=True, timeout=300)
+    viewer = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            VIEWER,
+            "org/odd-folders",
+            repo.head,
+            json.dumps([[config, split] for config, split, _ in cases]),
+        ],
+        env=hf_env(mirror, tmp_path / "viewer-home"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert viewer.returncode == 0, viewer.stderr[-3000:]
     assert [json.loads(line) for line in viewer.stdout.splitlines()] == ours
     assert [len(images) for images in ours] == [5, 1, 1]
 
 
 # --- the token: HF_TOKEN, or the one `hf auth login` saved --------------------------------------------
+
 
 @pytest.mark.parametrize("how", ["login", "env"])
 def test_token_opens_a_private_dataset_and_is_written_nowhere(mirror, tmp_path, how):
@@ -238,12 +284,17 @@ def test_token_opens_a_private_dataset_and_is_written_nowhere(mirror, tmp_path, 
     finally:
         proxy.close()
     assert record["sha"] == repo.head and record["count"] == 3
-    asked = [carried for (_, path, _), carried in zip(proxy.seen[seen:], proxy.authorized[seen:]) if repo.repo_id in path]
+    asked = [
+        carried
+        for (_, path, _), carried in zip(proxy.seen[seen:], proxy.authorized[seen:], strict=True)
+        if repo.repo_id in path
+    ]
     assert len(asked) >= 3 and all(asked)  # every request for the dataset carried the token
     secret_free(tmp_path, texts=(done.stdout, done.stderr), saved=hf_home / "token")
 
 
 # --- pinning -----------------------------------------------------------------------------------------
+
 
 def test_pinning_by_sha_after_main_moves(mirror, tmp_path):
     repo = Dataset.create(mirror, "org/moving", parquet_files(3))
@@ -274,6 +325,7 @@ def test_pinning_by_sha_after_main_moves(mirror, tmp_path):
 
 # --- interruption and resume -------------------------------------------------------------------------
 
+
 def test_resume_after_an_interrupted_download(mirror, tmp_path):
     repo = Dataset.create(mirror, "org/interrupted", parquet_files(6, shards=2))
     stalled_file = "data/train-00001-of-00002.parquet"
@@ -282,9 +334,14 @@ def test_resume_after_an_interrupted_download(mirror, tmp_path):
     snapshot = hf_home / "hub" / "datasets--org--interrupted" / "snapshots" / repo.head
     try:
         write_params(tmp_path / "w", {"source": "hf:org/interrupted"})
-        process = subprocess.Popen([sys.executable, "-m", "workflow", "download"], cwd=tmp_path / "w",
-                                   env=hf_env(proxy, hf_home, HF_HUB_DOWNLOAD_TIMEOUT="60"),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workflow", "download"],
+            cwd=tmp_path / "w",
+            env=hf_env(proxy, hf_home, HF_HUB_DOWNLOAD_TIMEOUT="60"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
             assert proxy.stalled.wait(60), "the download never reached the stalled file"
             deadline = time.monotonic() + 30
@@ -307,7 +364,8 @@ def test_resume_after_an_interrupted_download(mirror, tmp_path):
     assert [p.rsplit("/", 2)[-2:] for p in fetched] == [["data", "train-00001-of-00002.parquet"]]  # only the rest
     assert record["count"] == 6 and record["sha"] == repo.head
     assert [f["sha256"] for f in record["files"]] == [
-        hashlib.sha256(repo.blob(f"data/train-0000{k}-of-00002.parquet")).hexdigest() for k in (0, 1)]
+        hashlib.sha256(repo.blob(f"data/train-0000{k}-of-00002.parquet")).hexdigest() for k in (0, 1)
+    ]
 
 
 def test_mirror_going_away_mid_download_is_one_clear_error_then_resumes(mirror, tmp_path):
@@ -318,9 +376,14 @@ def test_mirror_going_away_mid_download_is_one_clear_error_then_resumes(mirror, 
     proxy = StallingProxy(mirror.port, stall=stalled_file)
     hf_home = tmp_path / "hf"
     write_params(tmp_path / "w", {"source": "hf:org/vanishing"})
-    process = subprocess.Popen([sys.executable, "-m", "workflow", "download"], cwd=tmp_path / "w",
-                               env=hf_env(proxy, hf_home, HF_HUB_DOWNLOAD_TIMEOUT="60", HF_TOKEN=SECRET_TOKEN),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workflow", "download"],
+        cwd=tmp_path / "w",
+        env=hf_env(proxy, hf_home, HF_HUB_DOWNLOAD_TIMEOUT="60", HF_TOKEN=SECRET_TOKEN),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proxy.stalled.wait(60), "the download never reached the stalled file"
     proxy.close()  # the mirror goes away mid-file, and stays away
     stdout, stderr = process.communicate(timeout=120)
@@ -342,6 +405,7 @@ def test_mirror_going_away_mid_download_is_one_clear_error_then_resumes(mirror, 
 
 # --- offline -----------------------------------------------------------------------------------------
 
+
 def test_offline_rerun_with_the_server_stopped(tmp_path):
     hf_home = tmp_path / "hf"
     with Mirror.start(tmp_path / "own-mirror") as server:  # its own server, to stop it
@@ -357,8 +421,9 @@ def test_offline_rerun_with_the_server_stopped(tmp_path):
         env = hf_env(endpoint, hf_home, HF_HUB_OFFLINE="1")
         done, record = download(tmp_path / "w", env, source="hf:org/offline", revision=revision)
         ok(done)
-        assert {k: v for k, v in record.items() if k != "revision"} == \
-            {k: v for k, v in online.items() if k != "revision"}
+        assert {k: v for k, v in record.items() if k != "revision"} == {
+            k: v for k, v in online.items() if k != "revision"
+        }
     # no flag, the mirror down: retries, then the cache, and it says so
     done, record = download(tmp_path / "w", hf_env(endpoint, hf_home), source="hf:org/offline")
     ok(done)
@@ -366,33 +431,51 @@ def test_offline_rerun_with_the_server_stopped(tmp_path):
     assert "did not answer after 3 attempts" in done.stderr and f"using the cached snapshot {repo.head}" in done.stderr
 
     # not in the cache: one clear message that says what was tried and what to set
-    for extra, tried in (({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
-                         ({}, f"http://127.0.0.1:{server.port} did not answer after 3 attempts")):
+    for extra, tried in (
+        ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+        ({}, f"http://127.0.0.1:{server.port} did not answer after 3 attempts"),
+    ):
         env = hf_env(endpoint, hf_home, HF_TOKEN=SECRET_TOKEN, **extra)
         done, _ = download(tmp_path / "w", env, source="hf:org/never-fetched")
         line = one_error(done)
-        for words in ("'hf:org/never-fetched'", tried, "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN for a private or gated dataset (now set)",
-                      "no complete snapshot", "pin `data.revision`"):
+        for words in (
+            "'hf:org/never-fetched'",
+            tried,
+            "HF_ENDPOINT",
+            "HF_HUB_OFFLINE",
+            "HF_TOKEN for a private or gated dataset (now set)",
+            "no complete snapshot",
+            "pin `data.revision`",
+        ):
             assert words in line, (words, line)
         secret_free(tmp_path / "w", hf_home, texts=(done.stdout, done.stderr))
 
 
 # --- errors users meet ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def errors_repo(mirror):
     return Dataset.create(mirror, "org/errors", parquet_files(2, column="img"))
 
 
-@pytest.mark.parametrize("data, words", [
-    ({"source": "hf:org/no-such-dataset"}, ["dataset not found at http://127.0.0.1:", "(HF_ENDPOINT)", "HF_TOKEN"]),
-    ({"source": "hf:org/errors", "revision": "v9"}, ["`data.revision` 'v9': no such branch, tag or commit",
-                                                     "'hf:org/errors' at http://127.0.0.1:"]),
-    ({"source": "hf:org/errors", "revision": "0" * 40}, [f"`data.revision` '{'0' * 40}': no such"]),
-    ({"source": "hf:org/errors"}, ["`data.image_column` 'image' is not a column of "
-                                   "data/train-00000-of-00001.parquet; columns: img, label"]),
-    ({"source": "hf:org/errors", "split": "valid"}, ["`data.split` 'valid'", "splits found: train"]),
-], ids=["repo-not-found", "branch-not-found", "sha-not-found", "no-image-column", "no-such-split"])
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ({"source": "hf:org/no-such-dataset"}, ["dataset not found at http://127.0.0.1:", "(HF_ENDPOINT)", "HF_TOKEN"]),
+        (
+            {"source": "hf:org/errors", "revision": "v9"},
+            ["`data.revision` 'v9': no such branch, tag or commit", "'hf:org/errors' at http://127.0.0.1:"],
+        ),
+        ({"source": "hf:org/errors", "revision": "0" * 40}, [f"`data.revision` '{'0' * 40}': no such"]),
+        (
+            {"source": "hf:org/errors"},
+            ["`data.image_column` 'image' is not a column of data/train-00000-of-00001.parquet; columns: img, label"],
+        ),
+        ({"source": "hf:org/errors", "split": "valid"}, ["`data.split` 'valid'", "splits found: train"]),
+    ],
+    ids=["repo-not-found", "branch-not-found", "sha-not-found", "no-image-column", "no-such-split"],
+)
 def test_errors_name_the_cause_and_the_endpoint(mirror, errors_repo, tmp_path, data, words):
     done, _ = download(tmp_path / "w", hf_env(mirror, tmp_path / "hf"), **data)
     line = one_error(done)
@@ -402,8 +485,7 @@ def test_errors_name_the_cause_and_the_endpoint(mirror, errors_repo, tmp_path, d
 
 
 def test_image_column_param_reads_another_column(mirror, errors_repo, tmp_path):
-    done, record = download(tmp_path / "w", hf_env(mirror, tmp_path / "hf"), source="hf:org/errors",
-                            image_column="img")
+    done, record = download(tmp_path / "w", hf_env(mirror, tmp_path / "hf"), source="hf:org/errors", image_column="img")
     ok(done)
     assert record["count"] == 2
 
@@ -414,16 +496,20 @@ def test_network_timeout_retries_with_backoff_then_explains(tmp_path):
         silent.listen(16)
         endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
-        done, _ = download(tmp_path / "w", hf_env(endpoint, tmp_path / "hf", HF_HUB_ETAG_TIMEOUT="1"),
-                           source="hf:org/slow")
+        done, _ = download(
+            tmp_path / "w", hf_env(endpoint, tmp_path / "hf", HF_HUB_ETAG_TIMEOUT="1"), source="hf:org/slow"
+        )
         elapsed = time.monotonic() - started
     line = one_error(done)
     assert "did not answer after 3 attempts" in line and "Timeout" in line and "HF_ENDPOINT" in line
-    assert done.stderr.count("retrying in") == 2 and "retrying in 1 s" in done.stderr and "retrying in 2 s" in done.stderr
+    assert (
+        done.stderr.count("retrying in") == 2 and "retrying in 1 s" in done.stderr and "retrying in 2 s" in done.stderr
+    )
     assert elapsed >= 3 + 3 * 1  # backoff 1 s + 2 s, three 1-s timeouts
 
 
 # --- the endpoint is read when the stage runs (huggingface_hub#2871) ----------------------------------
+
 
 def test_endpoint_set_after_huggingface_hub_was_imported_is_still_used(mirror, tmp_path):
     """huggingface_hub reads HF_ENDPOINT once, at import: the stage passes the environment's endpoint to
@@ -432,12 +518,15 @@ def test_endpoint_set_after_huggingface_hub_was_imported_is_still_used(mirror, t
     write_params(tmp_path / "w", {"source": "hf:org/late-endpoint"})
     env = hf_env(mirror, tmp_path / "hf")
     del env["HF_ENDPOINT"]
-    script = ("import os, huggingface_hub.constants as c; assert c.ENDPOINT == 'https://huggingface.co'; "
-              f"os.environ['HF_ENDPOINT'] = {mirror.endpoint!r}; "
-              "from workflow.__main__ import main; assert main(['download']) == 0")
+    script = (
+        "import os, huggingface_hub.constants as c; assert c.ENDPOINT == 'https://huggingface.co'; "
+        f"os.environ['HF_ENDPOINT'] = {mirror.endpoint!r}; "
+        "from workflow.__main__ import main; assert main(['download']) == 0"
+    )
     mark = mirror.mark()
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "w", env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path / "w", env=env, capture_output=True, text=True, timeout=120
+    )
     ok(done)
     record = json.loads((tmp_path / "w/data/raw/SOURCE.json").read_text())
     assert record["endpoint"] == f"127.0.0.1:{mirror.port}" and record["sha"] == repo.head
@@ -446,11 +535,15 @@ def test_endpoint_set_after_huggingface_hub_was_imported_is_still_used(mirror, t
 
 # --- the presets' datasets, in the layout the Hub serves them -----------------------------------------
 
-@pytest.mark.parametrize("preset, repo_id", [
-    ("tutorial-butterflies-128.yaml", "huggan/smithsonian_butterflies_subset"),
-    ("train-unconditional-flowers-64.yaml", "huggan/flowers-102-categories"),
-    (None, "huggan/anime-face-dataset"),
-])
+
+@pytest.mark.parametrize(
+    "preset, repo_id",
+    [
+        ("tutorial-butterflies-128.yaml", "huggan/smithsonian_butterflies_subset"),
+        ("train-unconditional-flowers-64.yaml", "huggan/flowers-102-categories"),
+        (None, "huggan/anime-face-dataset"),
+    ],
+)
 def test_presets_download_their_datasets_through_a_mirror(mirror, tmp_path, preset, repo_id):
     """huggan/* datasets are parquet shards `data/train-*.parquet` with an `image` column of
     `{bytes, path}` structs: the presets' `data` sections read them as they are."""
@@ -464,6 +557,7 @@ def test_presets_download_their_datasets_through_a_mirror(mirror, tmp_path, pres
 
 
 # --- end to end, under dvc -----------------------------------------------------------------------------
+
 
 def dvc(repo: Path, env: dict, *args: str) -> str:
     done = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
@@ -499,8 +593,10 @@ def test_dvc_repro_through_the_mirror(mirror, tmp_path):
 @pytest.mark.parametrize("where", ["inside", "outside"])
 def test_editing_the_imagefolder_reruns_download_and_preprocess(tmp_path, where):
     folder = Path("data/images") if where == "inside" else tmp_path / "photos"
-    repo = make_repo(tmp_path / "repo", data={"source": f"imagefolder:{folder}", "folder": str(folder),
-                                              "channels": 3, "max_images": None})
+    repo = make_repo(
+        tmp_path / "repo",
+        data={"source": f"imagefolder:{folder}", "folder": str(folder), "channels": 3, "max_images": None},
+    )
     images = repo / folder if where == "inside" else folder
     images.mkdir(parents=True, exist_ok=True)
     for i in range(3):

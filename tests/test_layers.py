@@ -23,14 +23,46 @@ MAY_IMPORT = {
     "tools": {"core", "maths", "formats", "models", "sources", "pages", "stages", "tools"},
 }
 # What counts as I/O in the maths: modules that reach files, processes or the network, and these calls.
-IO_MODULES = {"os", "io", "pathlib", "shutil", "json", "csv", "pickle", "tempfile", "subprocess", "PIL", "yaml",
-              "requests", "urllib", "socket", "glob", "sys"}
-IO_CALLS = {"open", "print", "input", "np.load", "np.save", "np.savez", "np.loadtxt", "np.savetxt", "torch.load",
-            "torch.save", "torch.jit.load"}
+IO_MODULES = {
+    "os",
+    "io",
+    "pathlib",
+    "shutil",
+    "json",
+    "csv",
+    "pickle",
+    "tempfile",
+    "subprocess",
+    "PIL",
+    "yaml",
+    "requests",
+    "urllib",
+    "socket",
+    "glob",
+    "sys",
+}
+IO_CALLS = {
+    "open",
+    "print",
+    "input",
+    "np.load",
+    "np.save",
+    "np.savez",
+    "np.loadtxt",
+    "np.savetxt",
+    "torch.load",
+    "torch.save",
+    "torch.jit.load",
+}
 # File names that one stage writes and another reads: only their owner module spells them in code.
-OWNED_NAMES = {"summary.json": "formats/trainlog.py", "samples.json": "formats/sample_set.py",
-               "SOURCE.json": "formats/raw_dataset.py", "progress.json": "formats/checkpoints.py",
-               "model_index.json": "formats/pipeline.py", "grids": "formats/trainlog.py"}
+OWNED_NAMES = {
+    "summary.json": "formats/trainlog.py",
+    "samples.json": "formats/sample_set.py",
+    "SOURCE.json": "formats/raw_dataset.py",
+    "progress.json": "formats/checkpoints.py",
+    "model_index.json": "formats/pipeline.py",
+    "grids": "formats/trainlog.py",
+}
 
 
 def modules() -> list[str]:
@@ -89,7 +121,7 @@ def test_no_import_cycle():
         stack.append(module)
         for nxt in sorted(direct_imports(module)):
             if state.get(nxt) == "open":
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
@@ -116,15 +148,21 @@ def code_strings(module: str) -> set[str]:
             first = node.body[0] if node.body else None
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
                 docstrings.add(id(first.value))
-    return {n.value for n in ast.walk(tree(module)) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-            and id(n) not in docstrings}
+    return {
+        n.value
+        for n in ast.walk(tree(module))
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+    }
 
 
 @pytest.mark.parametrize("name", sorted(OWNED_NAMES))
 def test_each_shared_file_name_has_one_owner(name):
     """A format change touches one file: the name a file is written and read under lives in its owner."""
-    spelled = {module_path(m).relative_to(ROOT / "workflow").as_posix() for m in modules()
-               if any(s == name or s.endswith(f"/{name}") for s in code_strings(m))}
+    spelled = {
+        module_path(m).relative_to(ROOT / "workflow").as_posix()
+        for m in modules()
+        if any(s == name or s.endswith(f"/{name}") for s in code_strings(m))
+    }
     assert spelled == {OWNED_NAMES[name]}
 
 

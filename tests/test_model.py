@@ -1,5 +1,6 @@
 """workflow.models.builders's size check: a UNet over model.max_parameters, or a training micro-batch over
 train.max_activation_gib, is refused from the config alone, before anything is allocated (issue 18)."""
+
 import time
 
 import pytest
@@ -7,14 +8,15 @@ import torch
 import yaml
 
 from tests.helpers import ROOT, tiny_dict
-from workflow.formats import checkpoints
 from workflow.core.config import ConfigError, load_params, params_from_dict
+from workflow.formats import checkpoints
 from workflow.models.builders import activation_bytes, build_unet, check_size, count_parameters
 from workflow.stages.train import total_steps
 
 
-@pytest.mark.parametrize("preset", ["params.yaml", *sorted(p.relative_to(ROOT).as_posix()
-                                                            for p in (ROOT / "configs").glob("*.yaml"))])
+@pytest.mark.parametrize(
+    "preset", ["params.yaml", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("*.yaml"))]
+)
 def test_the_default_and_the_presets_are_within_the_caps(preset):
     params = load_params(ROOT / preset)
     size = check_size(params)
@@ -26,14 +28,25 @@ def test_the_default_and_the_presets_are_within_the_caps(preset):
 
 def test_a_huge_unet_is_refused_naming_its_keys_without_allocating():
     """Every value within its bound, yet 143 B parameters: refused in seconds, nothing allocated."""
-    raw = tiny_dict(model={"block_out_channels": [4096] * 8, "layers_per_block": 16, "norm_num_groups": 32,
-                           "attention_levels": list(range(8))}, data={"resolution": 1024})
+    raw = tiny_dict(
+        model={
+            "block_out_channels": [4096] * 8,
+            "layers_per_block": 16,
+            "norm_num_groups": 32,
+            "attention_levels": list(range(8)),
+        },
+        data={"resolution": 1024},
+    )
     started = time.perf_counter()
     with pytest.raises(ConfigError) as error:
         check_size(params_from_dict(raw))
     assert time.perf_counter() - started < 30
-    for words in ("143,528,292,353 parameters", "`model.max_parameters` (2,000,000,000)",
-                  "`model.block_out_channels`", "`model.layers_per_block` 16"):
+    for words in (
+        "143,528,292,353 parameters",
+        "`model.max_parameters` (2,000,000,000)",
+        "`model.block_out_channels`",
+        "`model.layers_per_block` 16",
+    ):
         assert words in str(error.value)
 
 
@@ -43,8 +56,13 @@ def test_a_micro_batch_over_the_activation_cap_is_refused_naming_its_keys():
     raw["train"]["batch_size"] = 1024
     with pytest.raises(ConfigError) as error:
         check_size(params_from_dict(raw))
-    for words in ("micro-batch of 1024 images", "`train.batch_size`", "`train.gradient_accumulation_steps`",
-                  "`data.resolution` 128", "`train.max_activation_gib` (256.0)"):
+    for words in (
+        "micro-batch of 1024 images",
+        "`train.batch_size`",
+        "`train.gradient_accumulation_steps`",
+        "`data.resolution` 128",
+        "`train.max_activation_gib` (256.0)",
+    ):
         assert words in str(error.value)
     raw["train"]["gradient_accumulation_steps"] = 8  # the memory knob: 128 images per micro-batch
     assert 0 < check_size(params_from_dict(raw))["activation_gib"] < 256

@@ -1,5 +1,6 @@
 """The package stage: models/pipeline is the trained pipeline plus a model card the Hub parses, written
 from the run's own artifacts. One real run of every stage on the tiny config (builtin:digits, 8 px)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,14 @@ def test_the_folder_is_the_trained_pipeline_with_the_evaluated_sampler(run):
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert os.path.samefile(published / weights, trained / weights)
     assert sorted(p.relative_to(published).as_posix() for p in published.rglob("*") if p.is_file()) == [
-        "README.md", "manifest.json", "model_index.json", "samples.png", "scheduler/scheduler_config.json",
-        "unet/config.json", weights]
+        "README.md",
+        "manifest.json",
+        "model_index.json",
+        "samples.png",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        weights,
+    ]
     pipeline = DiffusionPipeline.from_pretrained(published)
     assert type(pipeline).__name__ == "DDIMPipeline" and type(pipeline.scheduler).__name__ == "DDIMScheduler"
     trained_schedule = json.loads((trained / "scheduler/scheduler_config.json").read_text())
@@ -65,8 +72,11 @@ def test_another_sampler_gets_its_scheduler_and_its_snippet(run):
     from workflow.stages.package import run as package
 
     root, params = run
-    params = dataclasses.replace(params, sample=dataclasses.replace(params.sample, sampler="dpmsolver++"),
-                                 paths=dataclasses.replace(params.paths, pipeline="models/pipeline-dpm"))
+    params = dataclasses.replace(
+        params,
+        sample=dataclasses.replace(params.sample, sampler="dpmsolver++"),
+        paths=dataclasses.replace(params.paths, pipeline="models/pipeline-dpm"),
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         package(params)

@@ -1,4 +1,5 @@
 """workflow/stages/preprocess.py: decoding, resizing and cropping, skipped files, the seeded subset, the stage."""
+
 import json
 
 import numpy as np
@@ -6,11 +7,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from workflow.core.config import load_params
-from workflow.stages import download, preprocess
-from workflow.formats.raw_dataset import list_image_files
 from workflow.core.artifacts import sha256_file
-from workflow.core.config import ConfigError
+from workflow.core.config import ConfigError, load_params
+from workflow.formats.raw_dataset import list_image_files
+from workflow.stages import download, preprocess
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -30,8 +30,10 @@ def banded(width=80, height=20, edge=20):
 
 
 def test_shapes_dtype_and_order(tmp_path):
-    files = [save(Image.new("RGB", size, (i * 40, 0, 0)), tmp_path / f"{i}.png")
-             for i, size in enumerate([(8, 8), (30, 10), (10, 30), (3, 5)])]
+    files = [
+        save(Image.new("RGB", size, (i * 40, 0, 0)), tmp_path / f"{i}.png")
+        for i, size in enumerate([(8, 8), (30, 10), (10, 30), (3, 5)])
+    ]
     array, skipped = preprocess.preprocess_images(files, 8, 3, True)
     assert array.shape == (4, 3, 8, 8) and array.dtype == np.uint8 and skipped == []
     assert list(array[:, 0, 4, 4]) == [0, 40, 80, 120]  # solid colours survive resizing, in file order
@@ -98,8 +100,12 @@ def test_list_images_is_sorted_recursive_and_by_extension(tmp_path):
     for name in ["b.PNG", "a/z.jpeg", "a/y.txt", "c.webp", "a.bmp", "README"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    assert [p.relative_to(tmp_path).as_posix() for p in list_image_files(tmp_path)] == \
-        ["a.bmp", "a/z.jpeg", "b.PNG", "c.webp"]
+    assert [p.relative_to(tmp_path).as_posix() for p in list_image_files(tmp_path)] == [
+        "a.bmp",
+        "a/z.jpeg",
+        "b.PNG",
+        "c.webp",
+    ]
 
 
 def test_subset_is_seeded_sorted_and_deterministic():

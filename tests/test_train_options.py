@@ -1,5 +1,6 @@
 """Training options of issue 4: accumulation, epochs, Min-SNR, noise offset, compile fallback,
 non-finite loss, several processes (auto precision: tests/test_gpu_paths_on_cpu.py)."""
+
 import dataclasses
 import os
 import shutil
@@ -14,8 +15,8 @@ import yaml
 from safetensors.numpy import load_file
 
 from tests.helpers import ROOT, train_history, write_images
-from workflow.formats import checkpoints
 from workflow.core.config import Scheduler
+from workflow.formats import checkpoints
 from workflow.maths.diffusion import min_snr_weights, step_noise
 from workflow.models.builders import build_noise_scheduler
 from workflow.stages.train import run as train
@@ -94,6 +95,7 @@ def test_noise_offset_adds_a_constant_per_image_and_channel():
 
 def test_failing_compile_falls_back_to_eager(tiny_params, monkeypatch):
     """A compiler crash (as torch.compile gave at 64 px on an H100) must not end the run."""
+
     class Broken(torch.nn.Module):
         def __init__(self, model):
             super().__init__()
@@ -115,7 +117,9 @@ def test_failing_compile_falls_back_to_eager(tiny_params, monkeypatch):
 def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny_params):
     params = tiny_params(train={"warmup_steps": 0, "checkpoint_every": 1, "log_every": 1, "max_steps": 50})
     # past the loader's bounds (learning_rate <= 1), which a Params built in code skips: the loss overflows soon
-    params = dataclasses.replace(params, train=dataclasses.replace(params.train, learning_rate=1e30, max_grad_norm=1e30))
+    params = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, learning_rate=1e30, max_grad_norm=1e30)
+    )
     write_images(params.paths.images)
     with pytest.raises(FloatingPointError, match=r"at step (\d+)") as err:
         train(params)
@@ -135,9 +139,24 @@ def test_two_processes_match_one(tiny_params, tmp_path):
     _, single = trained_weights(params)
     shutil.rmtree("models")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "workflow", "train", "--params", "params.yaml"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "workflow",
+            "train",
+            "--params",
+            "params.yaml",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     summary = yaml.safe_load((Path(params.paths.train_log) / "summary.json").read_text())
     assert summary["num_processes"] == 2
