@@ -235,6 +235,19 @@ def parquet_files(n: int, shards: int = 1, split: str = "train", column: str = "
     }
 
 
+def labelled_parquet(classes: list[str], labels: list[int], seed: int = 0) -> bytes:
+    """A parquet shard as `datasets` writes it: an Image column and a ClassLabel column `label`, the
+    features (class names) in the file's schema metadata."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    cells = [{"bytes": png(seed + i), "path": None} for i in range(len(labels))]
+    table = datasets.Dataset.from_dict({"image": cells, "label": labels}, features=features)
+    buf = io.BytesIO()
+    table.to_parquet(buf)
+    return buf.getvalue()
+
+
 def image_files(counts: dict[str, int], seed: int = 100) -> dict:
     """Plain image files: {"train": 3} -> train/a/0000.png ... (classes a, b alternate)."""
     files, i = {}, 0

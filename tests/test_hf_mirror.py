@@ -29,6 +29,7 @@ from tests.mirror import (
     clean_env,
     hf_env,
     image_files,
+    labelled_parquet,
     parquet_files,
     png,
     run_stage,
@@ -119,6 +120,36 @@ def test_parquet_dataset_through_the_mirror(mirror, tmp_path):
     assert mirror.file_gets(mark, "org/parquet-pets") == ["README.md", *used]
     assert record["config"] == "default"
     secret_free(tmp_path, texts=(done.stdout, done.stderr))
+
+
+def test_a_class_label_column_gives_the_labels(mirror, tmp_path):
+    """`data.label_column`: each exported image's class, the names from the dataset's features; preprocess
+    keeps them beside the images."""
+    classes = ["iris", "rose", "tulip"]
+    Dataset.create(
+        mirror, "org/flowers", {"data/train-00000-of-00001.parquet": labelled_parquet(classes, [2, 0, 1, 2])}
+    )
+    env = hf_env(mirror, tmp_path / "hf")
+    done, record = download(tmp_path / "w", env, source="hf:org/flowers", label_column="label")
+    ok(done)
+    assert record["classes"] == 3
+    raw = json.loads((tmp_path / "w/data/raw/LABELS.json").read_text())
+    shard = "data/train-00000-of-00001"
+    assert raw == {"classes": classes, "labels": {f"{shard}/{i:06d}.png": c for i, c in enumerate([2, 0, 1, 2])}}
+    write_params(tmp_path / "w", {"min_images": 2, "max_images": None})
+    ok(run_stage(tmp_path / "w", env, "preprocess"))
+    processed = json.loads((tmp_path / "w/data/processed/labels.json").read_text())
+    assert processed == {"classes": classes, "labels": [2, 0, 1, 2]}
+
+
+def test_a_missing_label_is_refused_naming_the_row(mirror, tmp_path):
+    Dataset.create(mirror, "org/unlabelled-row", {"data/train.parquet": labelled_parquet(["a", "b"], [1, -1])})
+    done, _ = download(
+        tmp_path / "w", hf_env(mirror, tmp_path / "hf"), source="hf:org/unlabelled-row", label_column="label"
+    )
+    line = one_error(done)
+    assert "`data.label_column` 'label' in data/train.parquet row 1: label -1 is not a class index 0..1" in line
+    assert not (tmp_path / "w/data/raw").exists()
 
 
 def test_image_files_layout_and_splits(mirror, tmp_path):
@@ -473,8 +504,24 @@ def errors_repo(mirror):
             ["`data.image_column` 'image' is not a column of data/train-00000-of-00001.parquet; columns: img, label"],
         ),
         ({"source": "hf:org/errors", "split": "valid"}, ["`data.split` 'valid'", "splits found: train"]),
+        (
+            {"source": "hf:org/errors", "image_column": "img", "label_column": "species"},
+            ["`data.label_column` 'species' is not a column of data/train-00000-of-00001.parquet"],
+        ),
+        (
+            {"source": "hf:org/errors", "image_column": "img", "label_column": "label"},
+            ["`data.label_column` 'label' of data/train-00000-of-00001.parquet is not a ClassLabel column"],
+        ),
     ],
-    ids=["repo-not-found", "branch-not-found", "sha-not-found", "no-image-column", "no-such-split"],
+    ids=[
+        "repo-not-found",
+        "branch-not-found",
+        "sha-not-found",
+        "no-image-column",
+        "no-such-split",
+        "no-label-column",
+        "not-a-class-label",
+    ],
 )
 def test_errors_name_the_cause_and_the_endpoint(mirror, errors_repo, tmp_path, data, words):
     done, _ = download(tmp_path / "w", hf_env(mirror, tmp_path / "hf"), **data)

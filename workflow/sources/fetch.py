@@ -378,6 +378,7 @@ def export_parquet(files: list[Path], snapshot: Path, data: Data, images: Path) 
     for path in files:
         name = path.relative_to(snapshot).as_posix()
         folder = inside(images, os.path.relpath(path, snapshot)).with_suffix("")  # rows: <row>.<format>
+        relative = PurePosixPath(name).with_suffix("")  # the folder, as LABELS.json names images
         shard = pq.ParquetFile(path)
         columns = shard.schema_arrow.names
         for column, key in zip(wanted, ("data.image_column", "data.label_column"), strict=False):
@@ -398,9 +399,7 @@ def export_parquet(files: list[Path], snapshot: Path, data: Data, images: Path) 
                     folder.mkdir(parents=True, exist_ok=True)
                     (folder / f"{row:06d}{suffix}").write_bytes(blob)
                     if classes is not None:
-                        by_path[(folder / f"{row:06d}{suffix}").relative_to(images).as_posix()] = _label(
-                            label, classes, data.label_column, name, row
-                        )
+                        by_path[f"{relative}/{row:06d}{suffix}"] = _label(label, classes, data.label_column, name, row)
                     count += 1
                 row += 1
     return count, skipped, (RawLabels(classes, by_path) if classes is not None else None)
