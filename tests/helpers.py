@@ -182,11 +182,13 @@ def check_card(root: Path, params: Params) -> None:
     source = json.loads((root / paths.raw / "SOURCE.json").read_text())
     summary = json.loads((root / paths.train_log / "summary.json").read_text())
 
-    assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "unconditional-image-generation"
-    assert {"diffusers", "unconditional-image-generation"} <= set(meta["tags"])
+    conditional = (folder / "class_names.json").is_file()  # a class-conditional model, with its pipeline.py
+    task = "class-conditional-image-generation" if conditional else "unconditional-image-generation"
+    assert meta["library_name"] == "diffusers" and meta.get("pipeline_tag") == (None if conditional else task)
+    assert {"diffusers", task} <= set(meta["tags"])
     (index,) = meta["model-index"]
     (result,) = index["results"]
-    assert result["task"]["type"] == "unconditional-image-generation"
+    assert result["task"]["type"] == task
     if source["kind"] == "hf":
         assert meta["datasets"] == [source["repo_id"]] == [result["dataset"]["type"]]
         assert result["dataset"]["revision"] == source["sha"] and result["dataset"]["split"] == source["split"]
@@ -201,6 +203,8 @@ def check_card(root: Path, params: Params) -> None:
         assert score["args"]["num_reference"] == metrics["fid_num_reference"]
         assert score["args"]["sampler"] == params.sample.sampler
         assert score["args"]["num_inference_steps"] == params.sample.num_inference_steps
+        if conditional:
+            assert score["args"]["guidance_scale"] == params.sample.guidance_scale
     parsed = ModelCard.load(folder / "README.md").data  # the Hub's own parser
     assert parsed.library_name == "diffusers" and {r.metric_type for r in parsed.eval_results} == {"fid", "kid"}
 
@@ -216,7 +220,7 @@ def check_card(root: Path, params: Params) -> None:
     assert manifest_damage(folder) is None
 
     code = card_snippet(body)
-    assert len(code.splitlines()) == 3 and f'from_pretrained("{paths.pipeline}")' in code
+    assert len(code.splitlines()) == 3 and f'from_pretrained("{paths.pipeline}"' in code
     here = os.getcwd()
     os.chdir(root)
     try:
@@ -226,5 +230,6 @@ def check_card(root: Path, params: Params) -> None:
         os.chdir(here)
     images = namespace["images"]
     size = params.data.resolution
-    assert len(images) == params.sample.grid_size**2 and all(im.size == (size, size) for im in images)
+    count = params.sample.grid_size if conditional else params.sample.grid_size**2
+    assert len(images) == count and all(im.size == (size, size) for im in images)
     assert len({im.tobytes() for im in images}) == len(images)  # distinct samples, not a constant

@@ -15,7 +15,8 @@ import yaml
 from PIL import Image
 
 from tests.browser import CHROMEDRIVER, CHROMIUM, browser, render
-from tests.helpers import PACKAGED_WEIGHTS, ROOT, check_card, make_repo, run, sh, snapshot
+from tests.helpers import PACKAGED_WEIGHTS, QUALITY, ROOT, check_card, make_repo, run, sh, snapshot
+from workflow.core.config import dotted_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -141,15 +142,55 @@ def test_snakemake_and_a_forced_rerun_reproduce_dvc_bitwise(dvc_repo, tmp_path):
     assert snapshot(repo) == first
 
 
+# A preset that trains 8 steps where params.yaml says 16, class-conditional on the MNIST labels, samples
+# digits 1 and 7 guided with w = 2, and measures FID at w = 1 and 2.
+CLASSES_8 = {
+    "train": {"max_steps": 8},
+    "model": {"class_conditional": True},
+    "sample": {"guidance_scale": 2.0, "classes": [1, 7]},
+    "fid": {"guidance_sweep": [1, 2]},
+}
+
+
 @pytest.fixture(scope="module")
 def smk_preset(tmp_path_factory):
-    """(repo, its params.yaml) after `snakemake --cores 2 --configfile configs/steps-8.yaml`: a preset
-    that trains 8 steps where params.yaml says 16."""
+    """(repo, its params.yaml, the metrics of the run) after `snakemake --cores 2 --configfile
+    configs/classes-8.yaml`."""
     repo = make_repo(tmp_path_factory.mktemp("smk"))
-    (repo / "configs/steps-8.yaml").write_text("train:\n  max_steps: 8\n")
+    (repo / "configs/classes-8.yaml").write_text(yaml.safe_dump(CLASSES_8))
     params = (repo / "params.yaml").read_text()
-    sh(repo, "snakemake", "--cores", "2", "--configfile", "configs/steps-8.yaml")
-    return repo, params
+    sh(repo, "snakemake", "--cores", "2", "--configfile", "configs/classes-8.yaml")
+    return repo, params, json.loads((repo / "reports/metrics.json").read_text())
+
+
+def test_a_class_conditional_run_under_snakemake(smk_preset):
+    """Labels from the embedded MNIST, a class embedding, a balanced guided sample set, the labelled grid,
+    FID against w in the report, and the published pipeline with its own pipeline.py."""
+    repo, _, metrics = smk_preset
+    classes = json.loads((repo / "data/processed/labels.json").read_text())["classes"]
+    assert classes == [str(d) for d in range(10)]
+    samples = json.loads((repo / "data/samples/samples.json").read_text())
+    assert samples["labels"] == [1, 7] * 4 and samples["guidance_scale"] == 2.0 and samples["class_names"] == classes
+    rows = (repo / "reports/fid_guidance.csv").read_text().splitlines()
+    assert rows[0] == "guidance_scale,fid,kid,seconds" and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    assert float(rows[2].split(",")[1]) == pytest.approx(metrics["fid"], rel=1e-5)  # w = 2 is the evaluated set
+    assert "FID against the classifier-free guidance scale" in (repo / "reports/index.html").read_text()
+    assert (repo / "models/pipeline/pipeline.py").read_bytes() == (
+        ROOT / "workflow/models/class_pipeline.py"
+    ).read_bytes()
+    assert "class-conditional-image-generation" in (repo / "models/pipeline/README.md").read_text()
+
+
+def test_dvc_runs_the_class_conditional_preset_as_snakemake_did(dvc_repo, smk_preset):
+    """The same preset as a DVC experiment (`dvc exp run --temp -S ...`, as `make run CONFIG=` runs it):
+    the same FID and KID to the bit; download, preprocess and fid_reference are not re-run."""
+    repo, _ = dvc_repo
+    _, _, smk_metrics = smk_preset
+    sets = [arg for key, value in dotted_keys(CLASSES_8).items() for arg in ("-S", f"{key}={json.dumps(value)}")]
+    out = sh(repo, "dvc", "exp", "run", "--temp", *sets, "-n", "classes-8")
+    assert "Running stage 'train'" in out and "Running stage 'preprocess'" not in out
+    metrics = experiments(repo)["classes-8"]["metrics"]["reports/metrics.json"]["data"]
+    assert {k: metrics[k] for k in QUALITY} == {k: smk_metrics[k] for k in QUALITY}
 
 
 def planned(done: subprocess.CompletedProcess) -> set:
@@ -158,15 +199,16 @@ def planned(done: subprocess.CompletedProcess) -> set:
 
 
 def test_snakemake_configfile_and_config_decide_what_every_job_runs(smk_preset):
-    repo, params = smk_preset
+    repo, params, _ = smk_preset
     assert (repo / "params.yaml").read_text() == params  # Snakemake merges the preset, never writes a file
     assert json.loads((repo / "reports/metrics.json").read_text())["train_steps"] == 8
     assert len((repo / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()) == 1 + 8
     # --config merges over the preset; a sampling param re-runs sampling and what reads its samples
-    change = ("--configfile", "configs/steps-8.yaml", "--config", "sample={num_inference_steps: 5}")
+    change = ("--configfile", "configs/classes-8.yaml", "--config", "sample={num_inference_steps: 5}")
     assert planned(run(repo, "snakemake", "-n", *change)) == {
         "sample",
         "evaluate",
+        "fid_sweep",  # its guidance sweep samples in sample.num_inference_steps
         "report",
         "package",
         "all",
@@ -179,9 +221,16 @@ def test_snakemake_configfile_and_config_decide_what_every_job_runs(smk_preset):
 
 def test_a_failed_snakemake_job_shows_its_error_and_keeps_it_in_its_log(smk_preset):
     """Runs after the test above: its failed preprocess leaves the DAG to re-run from there."""
-    repo, _ = smk_preset
+    repo, _, _ = smk_preset
     done = run(
-        repo, "snakemake", "--cores", "2", "--configfile", "configs/steps-8.yaml", "--config", "data={min_images: 100}"
+        repo,
+        "snakemake",
+        "--cores",
+        "2",
+        "--configfile",
+        "configs/classes-8.yaml",
+        "--config",
+        "data={min_images: 100}",
     )
     error = "error in stage preprocess: `data.min_images` is 100 but only 64 usable images"
     assert done.returncode != 0 and error in done.stderr  # the user sees it as the job fails

@@ -45,10 +45,10 @@ rule fid_sweep:  # off unless fid.steps_sweep or fid.guidance_sweep lists values
         fid_steps=PATHS["fid_steps"],
         fid_guidance=PATHS["fid_guidance"],
     params:
-        values=params_of("seed", "sample.sampler", "sample.eta", "sample.batch_size", "sample.mixed_precision",
-                         "sample.compile", "sample.guidance_scale", "sample.classes", "fid.num_samples",
-                         "fid.steps_sweep", "fid.guidance_sweep", "fid.weights", "fid.weights_sha256",
-                         "fid.batch_size"),
+        values=params_of("seed", "sample.sampler", "sample.num_inference_steps", "sample.eta", "sample.batch_size",
+                         "sample.mixed_precision", "sample.compile", "sample.guidance_scale", "sample.classes",
+                         "fid.num_samples", "fid.steps_sweep", "fid.guidance_sweep", "fid.weights",
+                         "fid.weights_sha256", "fid.batch_size"),
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
