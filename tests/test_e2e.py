@@ -15,8 +15,8 @@ import yaml
 from PIL import Image
 
 from tests.browser import CHROMEDRIVER, CHROMIUM, browser, render
-from tests.helpers import PACKAGED_WEIGHTS, QUALITY, ROOT, check_card, make_repo, run, sh, snapshot
-from workflow.core.config import dotted_keys
+from tests.helpers import PACKAGED_WEIGHTS, QUALITY, ROOT, check_card, make_repo, merged, run, sh, snapshot
+from workflow.core.config import dotted_keys, params_from_dict
 
 pytestmark = pytest.mark.e2e
 
@@ -178,7 +178,8 @@ def test_a_class_conditional_run_under_snakemake(smk_preset):
     assert (repo / "models/pipeline/pipeline.py").read_bytes() == (
         ROOT / "workflow/models/class_pipeline.py"
     ).read_bytes()
-    assert "class-conditional-image-generation" in (repo / "models/pipeline/README.md").read_text()
+    params = params_from_dict(merged(yaml.safe_load((repo / "params.yaml").read_text()), **CLASSES_8))
+    check_card(repo, params)  # its usage lines load pipeline.py and sample digit 1, guided
 
 
 def test_dvc_runs_the_class_conditional_preset_as_snakemake_did(dvc_repo, smk_preset):
