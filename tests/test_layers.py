@@ -62,6 +62,8 @@ OWNED_NAMES = {
     "progress.json": "formats/checkpoints.py",
     "model_index.json": "formats/pipeline.py",
     "grids": "formats/trainlog.py",
+    "LABELS.json": "formats/raw_dataset.py",
+    "class_names.json": "formats/pipeline.py",
 }
 
 
