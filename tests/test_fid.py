@@ -76,6 +76,39 @@ def test_kid_is_seeded_and_leaves_global_random_state_alone():
     assert first > fid.kernel_inception_distance(a, a[::-1], seed=7, num_subsets=5, max_subset_size=10)
 
 
+LINE = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]])  # real: five points, 1 apart
+
+
+def test_knn_radii_by_hand():
+    """k = 3: the distance to the 3rd nearest other point. For 2.0 that is 2 (1, 1, 2, 2 away)."""
+    assert fid.knn_radii(LINE).tolist() == [3.0, 2.0, 2.0, 2.0, 3.0]
+
+
+def test_precision_counts_samples_in_the_real_manifold_by_hand():
+    fake = np.array([[0.5, 0.0], [10.0, 0.0], [2.0, 2.5], [2.0, 1.5]])  # in, out (6 from 4.0, radius 3), out, in
+    assert fid.inside_manifold(fake, LINE, fid.knn_radii(LINE)).tolist() == [True, False, False, True]
+    assert fid.precision_recall(LINE, fake)["precision"] == 0.5
+
+
+def test_a_sharp_collapsed_model_has_full_precision_and_low_recall():
+    """Four samples crowded at one end of the data: all look real, and they cover one real point of five."""
+    fake = np.array([[0.0, 0.0], [0.1, 0.0], [0.2, 0.0], [0.3, 0.0]])  # radii 0.3, 0.2, 0.2, 0.3
+    assert fid.precision_recall(LINE, fake) == {"precision": 1.0, "recall": 0.2}
+
+
+def test_precision_recall_in_blocks_equals_the_whole_matrix(monkeypatch):
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(40, 8)), rng.normal(0.5, 1.2, size=(30, 8))
+    monkeypatch.setattr(fid, "_BLOCK", 7)  # several blocks, the last one short
+    radii = np.sort(cdist(real, real), axis=1)[:, 3]
+    assert np.allclose(fid.knn_radii(real), radii)
+    expected = (cdist(fake, real) <= radii).any(1).mean()
+    assert fid.precision_recall(real, fake)["precision"] == pytest.approx(expected)
+    assert fid.precision_recall_or_none(real[:3], fake) == {"precision": None, "recall": None}
+
+
 def test_features_shape_finite_and_identical_images_identical_rows(extractor):
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, (3, 3, 8, 8), dtype=np.uint8)

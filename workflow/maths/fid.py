@@ -121,11 +121,64 @@ def kernel_inception_distance(
 
 
 def score(sample_feats: np.ndarray, reference: dict, seed: int) -> dict:
-    """FID against the reference statistics and KID against its features."""
+    """FID against the reference statistics; KID, precision and recall against its features."""
     mu, sigma = statistics(sample_feats)
     return {
         "fid": frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
         "kid": kernel_inception_distance(sample_feats, reference["features"], seed),
+        **precision_recall_or_none(reference["features"], sample_feats),
         "fid_num_samples": len(sample_feats),
         "fid_num_reference": int(reference["num_images"]),
     }
+
+
+# --- precision and recall (Kynkaanniemi et al. 2019) -----------------------------------------------
+# Written here, not taken from `prdc` (clovaai's reference code, unmaintained since 2020), because
+# that builds the whole N x M distance matrix at once; these go through it in row blocks.
+
+PR_NEIGHBOURS = 3  # k of the paper's k-nearest-neighbour manifold estimate
+_BLOCK = 1024  # rows of a distance block: 1024 x M float64
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances between the rows of `a` and of `b` (float64)."""
+    squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
+def knn_radii(feats: np.ndarray, k: int = PR_NEIGHBOURS) -> np.ndarray:
+    """Each row's distance to its k-th nearest other row: the radius of its ball in the manifold estimate."""
+    feats = np.asarray(feats, np.float64)
+    if len(feats) <= k:
+        raise ValueError(f"precision and recall need more than k = {k} feature rows on each side, got {len(feats)}")
+    radii = np.empty(len(feats))
+    for start in range(0, len(feats), _BLOCK):
+        block = _distances(feats[start : start + _BLOCK], feats)
+        radii[start : start + _BLOCK] = np.partition(block, k, axis=1)[:, k]  # column 0 is the row itself
+    return radii
+
+
+def inside_manifold(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Whether each point lies in at least one centre's ball (distance <= its radius)."""
+    points, centres = np.asarray(points, np.float64), np.asarray(centres, np.float64)
+    inside = np.empty(len(points), dtype=bool)
+    for start in range(0, len(points), _BLOCK):
+        inside[start : start + _BLOCK] = (_distances(points[start : start + _BLOCK], centres) <= radii).any(1)
+    return inside
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS) -> dict:
+    """Improved precision and recall: the share of generated samples inside the real images' manifold
+    (fidelity) and of real images inside the generated samples' manifold (diversity), each manifold
+    the union of k-nearest-neighbour balls around its points."""
+    return {
+        "precision": float(inside_manifold(fake, real, knn_radii(real, k)).mean()),
+        "recall": float(inside_manifold(real, fake, knn_radii(fake, k)).mean()),
+    }
+
+
+def precision_recall_or_none(real: np.ndarray, fake: np.ndarray) -> dict:
+    """precision_recall, or None for both where a side has too few rows for k neighbours (tiny test runs)."""
+    if min(len(real), len(fake)) <= PR_NEIGHBOURS:
+        return {"precision": None, "recall": None}
+    return precision_recall(real, fake)

@@ -1,11 +1,14 @@
-"""Stage evaluate: FID and KID of the samples against the reference, plus train and sample figures.
+"""Stage evaluate: FID, KID, precision and recall of the samples against the reference, plus train and
+sample figures.
 
     python -m workflow evaluate [--params params.yaml]
 
 Reads the sample PNGs in `paths.samples` (sorted by name), `paths.fid_ref` (from fid_reference),
 `<paths.train_log>/summary.json` (from train) and `<paths.samples>/samples.json` (from sample).
-Writes `paths.metrics`: one flat JSON object (fid, kid, train_loss_final, ..., evaluate_seconds:
-this stage's own wall time, loading the samples included; see METRIC_KEYS).
+Writes `paths.metrics`: one flat JSON object (fid, kid, precision, recall, train_loss_final, ...,
+evaluate_seconds: this stage's own wall time, loading the samples included; see METRIC_KEYS).
+Precision and recall are Kynkaanniemi et al. (2019), k = 3, on the same Inception features: the share
+of samples that look like training images, and of training images the samples cover.
 FID uses the same features function and Inception file as the reference; a reference computed
 with other weights is refused.
 """
@@ -34,6 +37,8 @@ SAMPLE_KEYS = {"seconds": "sample_seconds", "images_per_second": "sample_images_
 METRIC_KEYS = (
     "fid",
     "kid",
+    "precision",  # null where either set has k = 3 or fewer images
+    "recall",
     "fid_num_samples",
     "fid_num_reference",
     "fid_weights_sha256",
@@ -59,7 +64,7 @@ def flat_metrics(scores: dict, info: dict, train: dict, sample: dict, seconds: f
 
 
 def _native(key: str, value):
-    if isinstance(value, str):
+    if value is None or isinstance(value, str):
         return value
     return int(value) if key in INTEGER_METRICS else float(value)
 

@@ -200,7 +200,9 @@ def key_figures(inputs: ReportInputs) -> str:
     )
     card = (
         f'<div class="fid"><div class="fid-label">FID</div><div class="fid-value">{fmt_number(fid, ".2f")}</div>'
-        f'<div class="fid-basis">KID {fmt_number(kid, ".4g")} &middot; {basis}</div></div>'
+        f'<div class="fid-basis">KID {fmt_number(kid, ".4g")} &middot; precision '
+        f"{fmt_number(metrics.get('precision'), '.3f')} &middot; recall {fmt_number(metrics.get('recall'), '.3f')}"
+        f" &middot; {basis}</div></div>"
     )
     seconds = [v for k, v in metrics.items() if k.endswith("_seconds") and isinstance(v, (int, float))]
     rows = [

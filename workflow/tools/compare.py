@@ -64,6 +64,8 @@ PALETTE = (
 METRIC_COLUMNS = (  # metrics.json key, column title, format spec
     ("fid", "FID", ".2f"),
     ("kid", "KID", ".4g"),
+    ("precision", "precision", ".3f"),
+    ("recall", "recall", ".3f"),
     ("train_loss_final", "final loss", ".4g"),
     ("train_images_per_second", "train images/s", ",.1f"),
 )
