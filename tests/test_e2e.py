@@ -114,7 +114,8 @@ def test_editing_a_param_reruns_only_what_it_affects(dvc_repo):
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         # dvc status lists the stages whose own deps changed; evaluate follows once sample's outputs do
         stale = set(json.loads(sh(repo, "dvc", "status", "--json")))
-        assert stale == {"sample", "report", "package"}  # the model card shows the sampling params
+        # the model card shows the sampling params; fid_sweep's guidance sweep samples in that many steps
+        assert stale == {"sample", "fid_sweep", "report", "package"}
         params["sample"]["num_inference_steps"] = 4
         params["sample"]["sampler"] = "dpmsolver++"
         params["fid"]["num_samples"] = 4

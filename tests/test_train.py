@@ -143,7 +143,9 @@ def test_changed_recipe_does_not_resume_foreign_checkpoints(tiny_params):
 
 
 def test_missing_images_is_a_clear_error(tiny_params):
-    with pytest.raises(ConfigError, match="images.npy not found: run the preprocess stage"):
+    with pytest.raises(
+        ConfigError, match=r"images.npy \(`paths.images`\): no such file; the preprocess stage makes it"
+    ):
         train(tiny_params())
 
 
