@@ -77,3 +77,17 @@ def check_minimums(args, minimum: dict) -> None:
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def run_header(device: torch.device, resolution: int, channels: tuple) -> dict:
+    """What every benchmark result names first: the device and software, and the model's size."""
+    from importlib.metadata import version
+
+    return {
+        "device": device.type,
+        "device_name": device_label(device),
+        "torch": torch.__version__,
+        "diffusers": version("diffusers"),
+        "resolution": resolution,
+        "channels": list(channels),
+    }

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from importlib.metadata import version
 
 import numpy as np
 import torch
@@ -42,8 +41,8 @@ from workflow.models.sampling import sample_batches
 from workflow.tools.bench_common import (
     SEED_CHANNELS,
     bench_params,
-    device_label,
     publish,
+    run_header,
     synchronize,
     synthetic_images,
 )
@@ -171,12 +170,7 @@ def bench_fid(
 def describe(params: Params, unet, device, resolution: int, channels: tuple, steps: int) -> dict:
     s = params.sample
     return {
-        "device": device.type,
-        "device_name": device_label(device),
-        "torch": torch.__version__,
-        "diffusers": version("diffusers"),
-        "resolution": resolution,
-        "channels": list(channels),
+        **run_header(device, resolution, channels),
         "num_parameters": count_parameters(unet),
         "sampler": s.sampler,
         "eta": s.eta,

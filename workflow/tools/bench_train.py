@@ -36,7 +36,6 @@ import importlib.util
 import math
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +48,8 @@ from workflow.tools.bench_common import (
     PEER_NORM_GROUPS,
     SEED_CHANNELS,
     bench_params,
-    device_label,
     publish,
+    run_header,
     synchronize,
     synthetic_images,
 )
@@ -265,12 +264,7 @@ def bench_train(
     rate, dtype = matmul_rate(device, matmul_size)
     limit = rate / flop
     return {
-        "device": device.type,
-        "device_name": device_label(device),
-        "torch": torch.__version__,
-        "diffusers": version("diffusers"),
-        "resolution": resolution,
-        "channels": list(channels),
+        **run_header(device, resolution, channels),
         "batch_size": batch_size,
         "peer_batch_size": peer_batch_size if peer else None,
         "steps": steps,
