@@ -86,14 +86,14 @@ REFERENCES = {
         "sample.num_inference_steps": 1000,
     },
     # Our own recipes, class-conditional: the default MNIST run, and the train_unconditional.py recipe on
-    # flowers-102 with its labels, each with a class embedding and guided samples.
+    # flowers-102 with its labels, each with a class embedding and an FID sweep over the guidance scale.
     "mnist-classes.yaml": {
         "data.source": "builtin:mnist",
         "model.class_conditional": True,
         "train.label_dropout": 0.1,
-        "sample.guidance_scale": 2.0,
+        "sample.guidance_scale": 1.0,
         "sample.grid_size": 10,
-        "fid.guidance_sweep": [1, 2, 4],
+        "fid.guidance_sweep": [1, 1.5, 2, 3],
     },
     "flowers-102-classes-64.yaml": {
         **UNET,
