@@ -7,7 +7,6 @@ conftest.py import helpers from here, never from conftest.py or from another tes
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import numpy as np
 import yaml
 
 from workflow.core.artifacts import manifest_damage
-from workflow.core.config import Params
+from workflow.core.config import Params, overlay
 from workflow.formats import trainlog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,13 +45,7 @@ TINY = {
 
 def merged(raw: dict, **overrides) -> dict:
     """A copy of `raw` with `section={key: value}` overrides merged into its sections (other values replace)."""
-    raw = copy.deepcopy(raw)
-    for section, values in overrides.items():
-        if isinstance(values, dict):
-            raw.setdefault(section, {}).update(values)
-        else:
-            raw[section] = values
-    return raw
+    return overlay(raw, overrides)
 
 
 def tiny_dict(**overrides) -> dict:

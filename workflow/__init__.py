@@ -7,4 +7,4 @@ The layers of this package, what each may import and where new code goes: docs/A
 """
 
 STAGES = ("download", "preprocess", "fid_reference", "train", "sample", "evaluate", "fid_sweep", "report", "package")
-TOOLS = ("bench", "compare", "preset")
+TOOLS = ("bench", "compare", "preset", "quality")

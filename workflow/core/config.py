@@ -10,6 +10,7 @@ Unknown keys, wrong types and out-of-range values raise ConfigError naming the k
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -271,6 +272,19 @@ def load_preset(path: str | Path) -> dict:
     raw = read_params_file(path)
     params_from_dict(raw, source=str(path))
     return raw
+
+
+def overlay(raw: dict, *layers: dict) -> dict:
+    """A copy of `raw` with each layer's sections merged in, key by key, in order (the last wins);
+    a value that is not a mapping replaces the one below it. How a preset or an override sits over the defaults."""
+    out = copy.deepcopy(raw)
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = overlay(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
 
 
 def dotted_keys(tree: dict, prefix: str = "") -> dict:

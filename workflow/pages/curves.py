@@ -115,16 +115,46 @@ def overlay_plot_png(runs: list, size: tuple[float, float] = (11.5, 4.8)) -> byt
 SWEEP_LABELS = {"num_inference_steps": "sampling steps", "guidance_scale": "classifier-free guidance scale w"}
 
 
-def sweep_plot_png(setting: str, values: np.ndarray, fid: np.ndarray, size: tuple[float, float] = (5.6, 3.4)) -> bytes:
-    """FID against one swept sample setting (a point per value, joined in value order)."""
+def sweep_plot_png(
+    setting: str,
+    values: np.ndarray,
+    fid: np.ndarray,
+    size: tuple[float, float] = (5.6, 3.4),
+    best: tuple[float, float] | None = None,
+) -> bytes:
+    """FID against one swept setting (a point per value, joined in value order); `best` (value, FID) is
+    marked with a star."""
     with _style():
         fig = _figure(size)
         ax = fig.subplots()
         order = np.argsort(values, kind="stable")
         ax.plot(values[order], fid[order], color="tab:green", marker="o", linewidth=1.6)
+        if best is not None:
+            ax.plot([best[0]], [best[1]], color="tab:red", marker="*", markersize=16, linestyle="none", label="best")
+            ax.legend(frameon=False)
         ax.set_xlabel(SWEEP_LABELS.get(setting, setting))
         ax.set_ylabel("FID (lower is better)")
         ax.grid(True, alpha=0.25)
+        return _png(fig)
+
+
+def errorbar_plot_png(
+    series: list, xlabel: str, ylabel: str, log_x: bool = False, size: tuple[float, float] = (6.4, 4.0)
+) -> bytes:
+    """Several lines of (label, x, mean, standard deviation) arrays, each point with its error bar."""
+    with _style():
+        fig = _figure(size)
+        ax = fig.subplots()
+        for label, x, mean, sd in series:
+            order = np.argsort(x, kind="stable")
+            ax.errorbar(x[order], mean[order], yerr=sd[order], marker="o", capsize=3, linewidth=1.6, label=label)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.25)
+        if series:
+            ax.legend(frameon=False)
         return _png(fig)
 
 

@@ -1,0 +1,155 @@
+"""The recipe-quality tool (python -m workflow quality): budgets to steps, each job's params, the matrix
+run by the real stages on a tiny configuration, and the tables' statistics on hand-checkable numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.helpers import ROOT, TINY
+from workflow.core.config import load_params, overlay, params_from_dict
+from workflow.tools import quality, quality_tables
+from workflow.tools.quality_jobs import (
+    GENERATED,
+    OURS,
+    Job,
+    Matrix,
+    budget_steps,
+    defaults,
+    params_dict,
+    prepare_data,
+    read_results,
+    recipe_presets,
+    run_matrix,
+)
+
+RECIPES = [str(ROOT / "configs/recipes/tutorial.yaml"), str(ROOT / "configs/recipes/train-unconditional.yaml")]
+RATES = {"steps_per_second": {OURS: {"8": 0.5}, "tutorial": {"8": 1.0}}}
+
+
+def matrix(tmp_path, **changes) -> Matrix:
+    settings = {
+        "out": str(tmp_path / "q"),
+        "recipes": recipe_presets(RECIPES[:1]),
+        "samples": 6,
+        "reference": 6,
+        "sample_batch": 6,
+        "threads": 1,
+        "weights": None,
+        "weights_sha256": None,
+        "defaults": overlay(defaults(), TINY),
+    }
+    return Matrix(**{**settings, **changes})
+
+
+def test_recipe_presets_are_the_reference_scripts_settings():
+    tutorial, script = (load_params(ROOT / "params.yaml"), load_params(ROOT / "params.yaml"))
+    tutorial = params_from_dict(overlay(tutorial.to_dict(), recipe_presets(RECIPES)["tutorial"]))
+    script = params_from_dict(overlay(script.to_dict(), recipe_presets(RECIPES)["train-unconditional"]))
+    for p in (tutorial, script):
+        assert (p.train.batch_size, p.train.learning_rate, p.train.warmup_steps) == (16, 1e-4, 500)
+        assert (p.train.lr_schedule, p.train.max_grad_norm) == ("cosine", 1.0)
+        assert (p.sample.sampler, p.sample.num_inference_steps) == ("ddpm", 1000)
+    assert (tutorial.train.ema, tutorial.train.adam_weight_decay, tutorial.train.adam_beta1) == (False, 0.01, 0.9)
+    assert (script.train.ema, script.train.adam_weight_decay, script.train.adam_beta1) == (True, 1e-6, 0.95)
+    assert (script.train.ema_power, script.train.ema_max_decay) == (0.75, 0.9999)
+
+
+def test_budget_steps_converts_cpu_minutes_with_the_measured_rate():
+    assert budget_steps(RATES, OURS, 8, 2.0) == 60
+    assert budget_steps(RATES, "tutorial", 8, 0.5) == 30
+    assert budget_steps(RATES, "tutorial", 8, 0.001) == 1  # never zero steps
+    with pytest.raises(SystemExit, match="no rate for recipe 'tutorial' at 16 px"):
+        budget_steps(RATES, "tutorial", 16, 1.0)
+
+
+def test_job_params_put_the_recipe_over_the_defaults_and_fix_precision_and_paths(tmp_path):
+    m = matrix(tmp_path)
+    job = Job("tutorial", 8, 2, 0.5, 30)
+    p = params_from_dict(params_dict(m, job))
+    assert (p.seed, p.data.resolution, p.train.max_steps, p.train.epochs) == (2, 8, 30, None)
+    assert (p.train.batch_size, p.sample.sampler) == (16, "ddpm")  # the recipe's
+    assert (p.train.mixed_precision, p.train.allow_tf32, p.sample.mixed_precision) == ("no", False, "no")
+    assert p.paths.images == f"{m.out}/data/r8/images.npy"
+    assert p.paths.samples == f"{m.out}/jobs/tutorial-r8-s2-b0.5/samples"
+    assert p.sample.grid_size == 2  # shrunk to fit the 6-sample set
+    sweep = Job(OURS, 8, 0, 0.5, 15, sampler="ddim", sampling_steps=7, eta=1.0, model="ours-r8-s0-b0.5")
+    s = params_from_dict(params_dict(m, sweep))
+    assert (s.sample.sampler, s.sample.num_inference_steps, s.sample.eta) == ("ddim", 7, 1.0)
+    assert s.paths.trained == f"{m.out}/jobs/ours-r8-s0-b0.5/trained"  # samples the model job's weights
+    assert s.paths.samples == f"{m.out}/jobs/{sweep.name}/samples"
+
+
+def test_sweep_text_parses_and_a_bad_part_is_named():
+    assert quality.parse_sweep("ddim:1:10,25 ddpm:0:5") == [("ddim", 1.0, 10), ("ddim", 1.0, 25), ("ddpm", 0.0, 5)]
+    with pytest.raises(SystemExit, match="'ddim:10'"):
+        quality.parse_sweep("ddim:10")
+
+
+def test_the_matrix_trains_samples_and_scores_with_the_stages(tmp_path):
+    m = matrix(tmp_path)
+    prepare_data(m, [8])
+    model = Job(OURS, 8, 0, 0.1, budget_steps(RATES, OURS, 8, 0.1))
+    sweep = Job(OURS, 8, 0, 0.1, model.steps, sampler="dpmsolver++", sampling_steps=3, model=model.name)
+    summary = run_matrix(m, [model, sweep], workers=1, deadline=None)
+    assert summary == {**summary, "scored": 2, "failed": [], "unfinished": [], "out_of_time": False}
+    rows = {r["name"]: r for r in read_results(m.out)}
+    assert set(rows) == {model.name, sweep.name}
+    trained = rows[model.name]
+    assert trained["train_steps"] == model.steps == 3
+    assert trained["fid_num_samples"] == 6 and trained["fid_num_reference"] == 6
+    assert all(math.isfinite(trained[k]) for k in ("fid", "kid", "precision", "recall"))
+    assert rows[sweep.name]["train_steps"] == 3  # the sweep scores the model job's weights
+    assert rows[sweep.name]["fid"] != trained["fid"]  # with its own sampler
+    record = json.loads((m.job_dir(sweep.name) / GENERATED).read_text())
+    assert record["train"] is None and record["sample"]["sampler"] == "dpmsolver++"
+    # each job's params file is a complete, valid params file for the stage commands
+    saved = yaml.safe_load((m.job_dir(model.name) / "params.yaml").read_text())
+    assert params_from_dict(saved).paths.metrics == str(m.job_dir(model.name) / "metrics.json")
+    # a second run skips what is scored
+    again = run_matrix(m, [model, sweep], workers=1, deadline=None)
+    assert again["scored"] == 2 and len(read_results(m.out)) == 2
+
+
+def test_spread_and_cells_are_mean_and_sample_standard_deviation():
+    assert quality_tables.spread([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
+    mean, sd, n = quality_tables.spread([5.0, None, float("nan")])
+    assert (mean, n) == (5.0, 1) and np.isnan(sd)
+    assert quality_tables.cell([1.0, 2.0, 3.0]) == "2.0 ± 1.0"
+    assert quality_tables.cell([10.0, 12.0]) == "11.0 ± 1.4 (n=2)"
+    assert quality_tables.cell([]) == "-"
+
+
+def _row(recipe, seed, budget, fid, **extra):
+    base = {"recipe": recipe, "resolution": 16, "seed": seed, "budget": budget, "steps": 100, "sampler": None}
+    return {**base, "name": f"{recipe}-{seed}-{budget}", "fid": fid, "kid": 0.01, "precision": 0.5, "recall": 0.5}
+
+
+def test_ratio_is_marked_separated_only_when_the_error_bars_do_not_overlap():
+    ours = [_row(OURS, s, 2, f) for s, f in enumerate([10.0, 11.0, 12.0])]  # 11 +- 1
+    far = [_row("tutorial", s, 2, f) for s, f in enumerate([20.0, 22.0, 24.0])]  # 22 +- 2
+    near = [_row("tutorial", s, 2, f) for s, f in enumerate([11.0, 14.0, 17.0])]  # 14 +- 3
+    assert quality_tables.ratio_cell(ours, far) == "0.50x (separated)"
+    assert quality_tables.ratio_cell(ours, near) == "0.79x"
+
+
+def test_tables_from_results(tmp_path):
+    rows = [_row(OURS, s, b, 10.0 + s + (5 - b)) for s in range(3) for b in (2, 5)]
+    rows += [_row("tutorial", s, b, 30.0 + s) for s in range(3) for b in (2, 5)]
+    sweep = {**_row(OURS, 0, 5, 9.0), "name": "sweep", "sampler": "ddim", "eta": 1.0, "sampling_steps": 25}
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, sweep]))
+    rates = {
+        "steps_per_second": {OURS: {"16": 2.5}, "tutorial": {"16": 12.0}},
+        "sampling_seconds_per_image": {"ddim-eta1": {"25": 0.02}},
+    }
+    text = quality_tables.markdown([str(tmp_path)], rates, str(tmp_path / "fig"))
+    assert "| 2 | 14.0 ± 1.0 | 31.0 ± 1.0 | 0.45x (separated) |" in text
+    assert "| 5 | 11.0 ± 1.0 | 31.0 ± 1.0 | 0.35x (separated) |" in text
+    assert "| ddim | 1 | 25 | 9.00 | 0.0100 | 0.500 | 0.500 | 20.0 | 180 |" in text
+    assert "ours 2.50, tutorial 12.00" in text
+    for name in ("fid_vs_minutes_r16.png", "fid_vs_sampling_seconds.png"):
+        assert (tmp_path / "fig" / name).read_bytes().startswith(b"\x89PNG")

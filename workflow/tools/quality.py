@@ -1,0 +1,200 @@
+"""Recipe quality: FID against training compute for our recipe and the reference ones, with error bars.
+
+    python -m workflow quality rates --out bench/quality/rates.json        # on the CPU the budgets mean
+    python -m workflow quality matrix --rates bench/quality/rates.json --out /tmp/q [--workers 8]
+    python -m workflow quality tables /tmp/q --rates bench/quality/rates.json --figures docs/quality
+
+`rates` trains each recipe (params.yaml's, and each --recipes preset over it) for about --seconds at
+each resolution with the train stage and records its optimiser steps per second (best of --trials,
+the recipes alternating), and times the sample stage per sampler and step count. `matrix` trains every
+recipe x resolution x seed for each budget (minutes on that CPU, converted with those rates), samples
+--samples images with the recipe's own sampler, scores them against the reference with evaluate, and
+sweeps samplers and steps over one model (workflow/tools/quality_jobs.py). `tables` turns the results
+into docs/QUALITY.md's tables (mean +- standard deviation over seeds) and figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from workflow.core.environment import software_versions
+from workflow.stages import sample, train
+from workflow.tools import quality_tables
+from workflow.tools.quality_jobs import (
+    OURS,
+    Job,
+    Matrix,
+    budget_steps,
+    defaults,
+    prepare_data,
+    recipe_presets,
+    run_matrix,
+    write_params,
+)
+
+RECIPES = ["configs/recipes/tutorial.yaml", "configs/recipes/train-unconditional.yaml"]
+SWEEP = "ddpm:0:10,25,50,100,250,1000 ddim:0:10,25,50,100 ddim:1:10,25,50,100 dpmsolver++:0:10,25,50,100"
+
+
+def parse_sweep(text: str) -> list[tuple[str, float, int]]:
+    """'ddim:1:10,25 dpmsolver++:0:10' -> [(sampler, eta, steps), ...]."""
+    points = []
+    for part in text.split():
+        try:
+            sampler, eta, steps = part.split(":")
+            points += [(sampler, float(eta), int(n)) for n in steps.split(",")]
+        except ValueError:
+            raise SystemExit(f"--sampler-sweep: {part!r} is not sampler:eta:steps,steps,...") from None
+    return points
+
+
+def matrix_of(args, work: str, samples: int) -> Matrix:
+    return Matrix(
+        out=work,
+        recipes=recipe_presets(args.recipes + getattr(args, "variants", [])),
+        samples=samples,
+        reference=args.reference if getattr(args, "reference", 0) else None,
+        sample_batch=args.sample_batch,
+        threads=args.threads or torch.get_num_threads(),
+        weights=getattr(args, "weights", None),
+        weights_sha256=getattr(args, "weights_sha256", None),
+        defaults=defaults(),
+    )
+
+
+def measure_rates(args) -> dict:
+    work = args.work or tempfile.mkdtemp(prefix="quality-rates-")
+    m = matrix_of(args, work, samples=args.sampling_images)
+    prepare_data(m, args.resolutions)
+    trials = {r: {str(res): [] for res in args.resolutions} for r in m.recipes}
+    for _ in range(args.trials):  # the recipes alternate, so a slow spell of the machine hits them all
+        for recipe in m.recipes:
+            for res in args.resolutions:
+                pilot = timed_steps(m, Job(recipe, res, 0, 0.0, 5))
+                steps = max(10, round(args.seconds * pilot))
+                trials[recipe][str(res)].append(timed_steps(m, Job(recipe, res, 0, 0.0, steps)))
+    sampling = {}
+    model = Job(OURS, args.resolutions[0], 0, 0.0, 10)
+    timed_steps(m, model, keep=True)
+    for sampler, eta, n in parse_sweep(args.sampler_sweep):
+        job = dataclasses.replace(model, sampler=sampler, eta=eta, sampling_steps=n, model=model.name)
+        params = write_params(m, job)
+        record = sample.run(params)
+        sampling.setdefault(f"{sampler}-eta{eta:g}", {})[str(n)] = record["seconds"] / record["count"]
+    return {
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": torch.get_num_threads(),
+        "software": software_versions(),
+        "steps_per_second": {r: {res: max(v) for res, v in t.items()} for r, t in trials.items()},
+        "trials": trials,
+        "sampling_resolution": args.resolutions[0],
+        "sampling_seconds_per_image": sampling,
+        "sampling_images": args.sampling_images,
+    }
+
+
+def timed_steps(m: Matrix, job: Job, keep: bool = False) -> float:
+    """Optimiser steps per second of one fresh training run (step time only, as train records it)."""
+    folder = m.job_dir(job.name)
+    shutil.rmtree(folder, ignore_errors=True)  # a fresh run, never a resumed one
+    info = train.run(write_params(m, job))
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return info["steps"] / info["seconds"]
+
+
+def matrix_jobs(args, rates: dict) -> list[Job]:
+    """In the order the results matter: the recipes at the first resolution (seed-major, so seed 0's set
+    is complete first; longest first within a seed), the sampler sweep over our seed-0 model at the
+    largest budget, the variants (at the first resolution, --variant-budgets), then other resolutions."""
+    recipes = [OURS, *(Path(p).stem for p in args.recipes)]
+    first, *others = args.resolutions
+
+    def block(names: list[str], res: int, budgets: list[float]) -> list[Job]:
+        jobs = []
+        for seed in args.seeds:
+            one = [Job(r, res, seed, b, budget_steps(rates, r, res, b)) for b in budgets for r in names]
+            jobs += sorted(one, key=lambda j: -j.steps)
+        return jobs
+
+    jobs = block(recipes, first, args.budgets)
+    if args.sampler_sweep:
+        top = max(args.budgets)
+        model = Job(OURS, first, args.seeds[0], top, budget_steps(rates, OURS, first, top))
+        jobs += [
+            dataclasses.replace(model, sampler=s, eta=eta, sampling_steps=n, model=model.name)
+            for s, eta, n in parse_sweep(args.sampler_sweep)
+        ]
+    jobs += block([Path(p).stem for p in args.variants], first, args.variant_budgets)
+    for res in others:
+        jobs += block(recipes, res, args.budgets)
+    return jobs
+
+
+def read_rates(paths: list[str]) -> dict:
+    """The first file, with the recipes of the later ones added (each keeps its own measurement)."""
+    merged = json.loads(Path(paths[0]).read_text())
+    for path in paths[1:]:
+        extra = json.loads(Path(path).read_text())["steps_per_second"]
+        merged["steps_per_second"].update({r: v for r, v in extra.items() if r not in merged["steps_per_second"]})
+    return merged
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m workflow quality", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("rates", "matrix"):
+        p = sub.add_parser(name)
+        p.add_argument("--recipes", nargs="*", default=RECIPES, help="recipe presets besides params.yaml's")
+        p.add_argument("--resolutions", type=int, nargs="+", default=[16, 32])
+        p.add_argument("--sampler-sweep", default=SWEEP, help="sampler:eta:steps,... (space-separated)")
+        p.add_argument("--sample-batch", type=int, default=250)
+        p.add_argument("--threads", type=int, help="torch threads per process (default: torch's choice)")
+    rates = sub.choices["rates"]
+    rates.add_argument("--seconds", type=float, default=20.0, help="training time per measurement")
+    rates.add_argument("--trials", type=int, default=2)
+    rates.add_argument("--sampling-images", type=int, default=100)
+    rates.add_argument("--work", help="scratch folder (default: a new temporary one)")
+    rates.add_argument("--out", required=True, help="the rates JSON file")
+    matrix = sub.choices["matrix"]
+    matrix.add_argument("--rates", nargs="+", required=True, help="`quality rates` files (later ones add recipes)")
+    matrix.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    matrix.add_argument("--budgets", type=float, nargs="+", default=[2.0, 5.0, 10.0], help="minutes on the rates' CPU")
+    matrix.add_argument("--variants", nargs="*", default=[], help="presets tried against ours (first resolution)")
+    matrix.add_argument("--variant-budgets", type=float, nargs="+", default=[10.0])
+    matrix.add_argument("--samples", type=int, default=1000)
+    matrix.add_argument("--reference", type=int, default=0, help="reference images (0: all the training images)")
+    matrix.add_argument("--workers", type=int, default=1)
+    matrix.add_argument("--weights", help="the Inception file (default: the packaged one)")
+    matrix.add_argument("--weights-sha256")
+    matrix.add_argument("--deadline", type=float, help="seconds after which no job starts")
+    matrix.add_argument("--out", required=True)
+    tables = sub.add_parser("tables")
+    tables.add_argument("results", nargs="+", help="matrix output folders")
+    tables.add_argument("--rates", nargs="+", required=True)
+    tables.add_argument("--figures", help="write the figures (PNG) into this folder")
+    args = parser.parse_args(argv)
+
+    if args.command == "rates":
+        result = measure_rates(args)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["steps_per_second"], indent=2))
+    elif args.command == "matrix":
+        rates_ = read_rates(args.rates)
+        m = matrix_of(args, args.out, args.samples)
+        prepare_data(m, args.resolutions)
+        jobs = matrix_jobs(args, rates_)
+        print(f"quality: {len(jobs)} jobs, {args.workers} workers -> {args.out}", flush=True)
+        print(json.dumps(run_matrix(m, jobs, args.workers, args.deadline)), flush=True)
+    else:
+        rates_ = read_rates(args.rates)
+        print(quality_tables.markdown(args.results, rates_, args.figures))

@@ -1,0 +1,298 @@
+"""The recipe-quality matrix (docs/QUALITY.md): recipes x resolutions x seeds x training budgets, each
+trained, sampled and scored by the pipeline's own stages, and a sampler sweep over one trained model.
+
+A budget is minutes of training on the CPU whose rates `quality rates` measured: a recipe trains
+budget x 60 x its steps per second there, so the runs can be made elsewhere (a GPU, several at once)
+and still mean "what this recipe reaches in that many minutes on that CPU". Training and sampling run
+in float32 without TF32, as on a CPU.
+
+Layout under the output folder:
+    data/raw, data/r<res>/        the embedded data, preprocessed once per resolution, and its FID reference
+    jobs/<job>/params.yaml        each job's full params (python -m workflow <stage> --params reproduces it)
+    jobs/<job>/generated.json     written last by the generating worker (failed.txt instead, with the error)
+    results.jsonl                 one row per scored job, appended as each is scored
+Workers (processes) train and sample; the main process scores as sample sets appear, once the Inception
+file exists (on a GPU lease it may arrive after training has started).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from workflow.core.artifacts import write_json
+from workflow.core.config import DEFAULT_PARAMS, load_preset, overlay, params_from_dict, read_params_file
+from workflow.formats.reference_stats import load_reference
+from workflow.formats.sample_set import load_samples
+from workflow.maths import fid
+from workflow.models.inception import load_extractor
+from workflow.stages import download, evaluate, fid_reference, preprocess, sample, train
+
+OURS = "ours"  # the recipe of params.yaml itself
+GENERATED, FAILED, RESULTS = "generated.json", "failed.txt", "results.jsonl"
+DEFAULT_RUN_SAMPLES = 250  # what the default run's FID uses (fid.num_samples and fid.num_reference)
+
+
+@dataclass(frozen=True)
+class Job:
+    recipe: str  # OURS or a recipe preset's stem (configs/recipes/<stem>.yaml)
+    resolution: int
+    seed: int
+    budget: float  # minutes of training on the rates' CPU
+    steps: int
+    sampler: str | None = None  # a sampler-sweep job: sample the model of `model` this way
+    sampling_steps: int | None = None
+    eta: float = 0.0
+    model: str | None = None
+
+    @property
+    def name(self) -> str:
+        base = f"{self.recipe}-r{self.resolution}-s{self.seed}-b{self.budget:g}"
+        return base if self.sampler is None else f"{base}-{self.sampler}-eta{self.eta:g}-n{self.sampling_steps}"
+
+
+@dataclass(frozen=True)
+class Matrix:
+    out: str
+    recipes: dict  # name -> preset dict (OURS -> {})
+    samples: int
+    reference: int | None
+    sample_batch: int
+    threads: int
+    weights: str | None  # None: the packaged Inception file
+    weights_sha256: str | None
+    defaults: dict
+
+    def data_dir(self, resolution: int) -> Path:
+        return Path(self.out) / "data" / f"r{resolution}"
+
+    def job_dir(self, name: str) -> Path:
+        return Path(self.out) / "jobs" / name
+
+
+def recipe_presets(paths: list[str]) -> dict:
+    """{OURS: {}} plus each preset by its stem; each checked over the defaults."""
+    recipes = {OURS: {}}
+    for path in paths:
+        recipes[Path(path).stem] = load_preset(path)
+    return recipes
+
+
+def budget_steps(rates: dict, recipe: str, resolution: int, minutes: float) -> int:
+    """Optimiser steps the recipe makes in `minutes` on the CPU `rates` was measured on."""
+    try:
+        per_second = rates["steps_per_second"][recipe][str(resolution)]
+    except KeyError:
+        raise SystemExit(
+            f"the rates file has no rate for recipe {recipe!r} at {resolution} px: run `quality rates`"
+        ) from None
+    return max(1, round(minutes * 60 * per_second))
+
+
+def params_dict(m: Matrix, job: Job, steps: int | None = None) -> dict:
+    """The job's full params: the defaults, its recipe over them, then what the matrix fixes."""
+    data, here = m.data_dir(job.resolution), m.job_dir(job.name)
+    model = m.job_dir(job.model) if job.model else here
+    steps = job.steps if steps is None else steps
+    fixed = {
+        "seed": job.seed,
+        "data": {"resolution": job.resolution},
+        "paths": {
+            "raw": str(Path(m.out) / "data" / "raw"),
+            "images": str(data / "images.npy"),
+            "meta": str(data / "meta.json"),
+            "labels": str(data / "labels.json"),
+            "fid_ref": str(data / "fid_ref.npz"),
+            "checkpoints": str(model / "checkpoints"),
+            "trained": str(model / "trained"),
+            "train_log": str(model / "train_log"),
+            "pipeline": str(here / "pipeline"),
+            "grid": str(here / "grid.png"),
+            "samples": str(here / "samples"),
+            "metrics": str(here / "metrics.json"),
+            "fid_steps": str(here / "fid_steps.csv"),
+            "fid_guidance": str(here / "fid_guidance.csv"),
+            "report": str(here / "index.html"),
+            "loss_plot": str(here / "loss.png"),
+        },
+        "train": {
+            "max_steps": steps,
+            "epochs": None,
+            "mixed_precision": "no",
+            "allow_tf32": False,
+            "compile": False,
+            "progress_grids": False,
+            "checkpoint_every": steps,  # one checkpoint, at the end: the budget is training, not saving
+            "checkpoints_total_limit": 1,
+        },
+        "sample": {"mixed_precision": "no", "batch_size": m.sample_batch},
+        "fid": {
+            "num_samples": m.samples,
+            "num_reference": m.reference,
+            "weights": m.weights,
+            "weights_sha256": m.weights_sha256,
+            "batch_size": min(m.sample_batch, 500),  # throughput only
+        },
+    }
+    if job.sampler is not None:
+        fixed["sample"].update(sampler=job.sampler, num_inference_steps=job.sampling_steps, eta=job.eta)
+    raw = overlay(m.defaults, m.recipes[job.recipe], fixed)
+    raw["sample"]["grid_size"] = min(raw["sample"]["grid_size"], math.isqrt(m.samples))  # a small set's grid
+    return raw
+
+
+def write_params(m: Matrix, job: Job) -> object:
+    folder = m.job_dir(job.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = params_dict(m, job)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return params_from_dict(raw, source=str(path))
+
+
+def prepare_data(m: Matrix, resolutions: list[int]) -> None:
+    """download once, preprocess once per resolution (the stages themselves)."""
+    probe = Job(OURS, resolutions[0], 0, 0.0, 1)
+    if not (Path(m.out) / "data" / "raw").is_dir():
+        download.run(params_from_dict(params_dict(m, probe)))
+    for resolution in resolutions:
+        if not m.data_dir(resolution).joinpath("images.npy").is_file():
+            preprocess.run(params_from_dict(params_dict(m, Job(OURS, resolution, 0, 0.0, 1))))
+
+
+def generate(m: Matrix, job: Job) -> str:
+    """Worker: train (unless a sampler job) and sample one job, its output in <job>/log.txt; its marker
+    file says how it went."""
+    torch.set_num_threads(m.threads)
+    folder = m.job_dir(job.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            if job.model is not None:
+                wait_for(m.job_dir(job.model))
+            params = write_params(m, job)
+            trained = train.run(params) if job.model is None else None
+            sampled = sample.run(params)
+            write_json(folder / GENERATED, {"train": trained, "sample": sampled})
+        except Exception:  # noqa: BLE001 -- one job's failure is recorded and the matrix goes on
+            (folder / FAILED).write_text(traceback.format_exc())
+    return job.name
+
+
+def wait_for(model_dir: Path, poll: float = 2.0) -> None:
+    while not (model_dir / GENERATED).is_file():
+        if (model_dir / FAILED).is_file():
+            raise RuntimeError(f"the model this job samples failed: {model_dir / FAILED}")
+        time.sleep(poll)
+
+
+def weights_ready(m: Matrix) -> bool:
+    return m.weights is None or Path(m.weights).is_file()
+
+
+def score(m: Matrix, job: Job) -> dict:
+    """Main process: evaluate's own numbers for the job, plus (for 1-of-4 subsets of OURS) the FID the
+    default run's 250 samples against 250 images would have given; one results row."""
+    params = params_from_dict(yaml.safe_load((m.job_dir(job.name) / "params.yaml").read_text()))
+    if not Path(params.paths.fid_ref).is_file():
+        fid_reference.run(params_from_dict(params_dict(m, Job(job.recipe, job.resolution, 0, 0.0, 1))))
+    metrics = evaluate.run(params)
+    generated = json.loads((m.job_dir(job.name) / GENERATED).read_text())
+    row = {**asdict(job), "name": job.name, **metrics, "device_seconds": device_seconds(generated)}
+    if job.recipe == OURS and job.sampler is None and m.samples >= DEFAULT_RUN_SAMPLES:
+        row["fid_default_size"] = default_size_fid(m, params)
+    return row
+
+
+def device_seconds(generated: dict) -> dict:
+    train_info, sample_info = generated.get("train") or {}, generated["sample"]
+    return {"train": train_info.get("seconds"), "sample": sample_info["seconds"]}
+
+
+def default_size_fid(m: Matrix, params) -> float:
+    """FID of the first 250 samples against 250 training images chosen as the default run chooses them:
+    the same model scored the way `make run` scores it, beside the 1,000-sample figure."""
+    extractor, info = load_extractor(params.fid)
+    ref_path = m.data_dir(params.data.resolution) / f"fid_ref_{DEFAULT_RUN_SAMPLES}_s{params.seed}.npz"
+    if not ref_path.is_file():
+        small = overlay(params.to_dict(), {"paths": {"fid_ref": str(ref_path)}, "fid": {"num_reference": 250}})
+        fid_reference.run(params_from_dict(small))
+    reference = load_reference(ref_path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images = load_samples(params.paths.samples)[:DEFAULT_RUN_SAMPLES]
+    feats = fid.features(images, extractor, params.fid.batch_size, device, 0)
+    return float(fid.score(feats, reference, params.seed)["fid"])
+
+
+def append_row(m: Matrix, row: dict) -> None:
+    with open(Path(m.out) / RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_results(folder: str | Path) -> list[dict]:
+    path = Path(folder) / RESULTS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None) -> dict:
+    """Generate with `workers` processes in job order, score in this one as sample sets appear. At
+    `deadline` (seconds) the workers are stopped and what they finished is scored. Scored jobs are skipped."""
+    import multiprocessing
+
+    started = time.monotonic()
+    done = {row["name"] for row in read_results(m.out)}
+    pending = {j.name: j for j in jobs if j.name not in done}
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+    handles = [pool.apply_async(generate, (m, j)) for j in pending.values() if not is_generated(m, j)]
+    failed, out_of_time = [], False
+    while pending:
+        failed += score_ready(m, pending)
+        if deadline is not None and time.monotonic() - started > deadline:
+            out_of_time = True
+            break
+        if pending:
+            if all(h.ready() for h in handles) and not any(is_generated(m, j) for j in pending.values()):
+                break  # nothing left that could still appear
+            time.sleep(1.0)
+    pool.terminate()
+    pool.join()
+    failed += score_ready(m, pending)  # what the workers finished before they were stopped
+    return {
+        "scored": len(jobs) - len(pending) - len(failed),
+        "failed": failed,
+        "unfinished": sorted(pending),
+        "out_of_time": out_of_time,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def is_generated(m: Matrix, job: Job) -> bool:
+    return (m.job_dir(job.name) / GENERATED).is_file()
+
+
+def score_ready(m: Matrix, pending: dict) -> list[str]:
+    """Score every generated job (once the Inception file is there); drop failed ones. Returns those."""
+    failed = []
+    for name, job in list(pending.items()):
+        folder = m.job_dir(name)
+        if (folder / FAILED).is_file():
+            failed.append(name)
+            del pending[name]
+            print(f"quality: {name} failed:\n{(folder / FAILED).read_text()}", flush=True)
+        elif is_generated(m, job) and weights_ready(m):
+            append_row(m, score(m, job))
+            del pending[name]
+            print(f"quality: scored {name} ({len(pending)} to go)", flush=True)
+    return failed
+
+
+def defaults() -> dict:
+    return read_params_file(DEFAULT_PARAMS)
