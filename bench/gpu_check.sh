@@ -4,6 +4,7 @@
 #   bench/gpu_check.sh train     # training throughput: ours (eager, compiled) vs the tutorial loop, 128 and 64 px
 #   bench/gpu_check.sh fid       # FID-10k at 64 px end to end (compiled and eager sampler); ours vs the tutorial's sampling call
 #   bench/gpu_check.sh dag       # both presets' whole DAG, shortened and on the embedded digits, under dvc repro
+#   bench/gpu_check.sh quality-start, then quality-finish   # the recipe-quality matrix (docs/QUALITY.md), see there
 #
 # Run from the repository root, on the lent machine, one part per `device` call (each call may upload
 # 64 MiB, so the wheels and the Inception file travel in different calls). The ignored paths it uses:
@@ -18,6 +19,9 @@
 # The calls of 2026-11-26 (H200; results in bench/results/2026-11-26-h200/):
 #   1. carry .whl .peer .fid/a:  mkdir -p /root/fid && cp .fid/a/* /root/fid/ && bash bench/gpu_check.sh train
 #   2. carry .fid/b .peer:       cp .fid/b/* /root/fid/; bash bench/gpu_check.sh fid (then dag; the time ran out)
+# and for the quality matrix (a later session, same day):
+#   1. carry .whl .fid/a:  mkdir -p /root/fid && cp .fid/a/* /root/fid/ && QUALITY_DEADLINE=560 bash bench/gpu_check.sh quality-start
+#   2. at once, carry .fid/b:  cp .fid/b/* /root/fid/ && QUALITY_WAIT=490 bash bench/gpu_check.sh quality-finish
 # On an H200: train about 5.5 minutes, fid about 5, dag about 6, plus about 1.5 minutes to start the machine;
 # 15 minutes of device time hold two parts: use GPU_CHECK_ONLY to run what is still missing.
 # Output: $OUT/<part>.log and <part>.json (every --json result and each step's exit), dag.tar.gz (the reports).
@@ -177,13 +181,68 @@ dag_part() {
   (cd "$work" && tar czf "$out/dag.tar.gz" --ignore-failed-read dag-*/reports dag-*/dvc.lock 2>/dev/null)
 }
 
+# The recipe-quality matrix (docs/QUALITY.md) over two calls on one warm machine: quality-start
+# (carry .whl and .fid/a) installs, starts the matrix in its own process session, which outlives the
+# call, and watches it for QUALITY_WATCH seconds; quality-finish (carry .fid/b) joins the Inception
+# file, which the matrix waits for before scoring, waits for the matrix and returns its results.
+# Measured 2026-11-26 on an H200 with 10 workers: each process trained the 1.1 M-parameter model at only
+# 13-18 steps/s (batch 16), the GPU time-slicing ten launch-bound processes, and DDPM-1000 over 1,000
+# samples took ~190 s per job; 7 jobs were scored in the session's time (docs/QUALITY.md). Hence 3 workers.
+QUALITY_DIR=${QUALITY_DIR:-/root/quality}
+quality_start_part() {
+  nvidia-smi -L || true
+  if [ "$tiny" = 1 ]; then
+    local size="--resolutions 16 --seeds 0 --budgets 0.05 --samples 16 --reference 32 --sample-batch 16
+      --sampler-sweep ddim:0:5 --variants bench/quality/variants/lr-1e-3.yaml --variant-budgets 0.05
+      --workers 2 --threads 1"
+  else
+    local size="--variants $(ls bench/quality/variants/*.yaml) --reference 2000
+      --workers ${QUALITY_WORKERS:-3} --threads 1 --sample-batch 1000"
+  fi
+  mkdir -p "$QUALITY_DIR"
+  # its own session (outlives this call); bash writes its pid, then becomes the matrix (exec keeps the pid)
+  setsid nohup bash -c 'echo $$ > "$0/matrix.pid"; exec "$@"' "$QUALITY_DIR" \
+    python3 -m workflow quality matrix --rates bench/quality/rates.json bench/quality/rates-variants.json --out "$QUALITY_DIR" $size \
+    --weights "$INCEPTION" --weights-sha256 $PACKAGED_SHA256 --deadline "${QUALITY_DEADLINE:-600}" \
+    > "$QUALITY_DIR/matrix.log" 2>&1 < /dev/null &
+  sleep 2
+  echo "matrix started (pid $(cat "$QUALITY_DIR/matrix.pid")), log $QUALITY_DIR/matrix.log"
+  watch_quality "${QUALITY_WATCH:-60}"
+}
+
+matrix_running() { kill -0 "$(cat "$QUALITY_DIR/matrix.pid" 2>/dev/null)" 2>/dev/null; }
+
+watch_quality() {  # print the matrix's progress every 15 s for $1 seconds, or until it ends
+  local until=$((SECONDS + $1))
+  while [ $SECONDS -lt "$until" ] && matrix_running; do
+    sleep 15
+    echo "--- $SECONDS s: $(grep -c '^quality: scored' "$QUALITY_DIR/matrix.log") scored," \
+      "$(ls "$QUALITY_DIR"/jobs/*/generated.json 2>/dev/null | wc -l) generated"
+    grep -E "failed|Error" "$QUALITY_DIR/matrix.log" | tail -5
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
+  done
+  matrix_running && echo "the matrix is still running" || echo "the matrix has ended"
+  tail -5 "$QUALITY_DIR/matrix.log"
+}
+
+quality_finish_part() {
+  step inception inception_file
+  watch_quality "${QUALITY_WAIT:-480}"
+  cp "$QUALITY_DIR/matrix.log" "$out/quality-matrix.log"
+  cp "$QUALITY_DIR/results.jsonl" "$out/quality-results.jsonl" 2>/dev/null
+  (cd "$QUALITY_DIR" && tar czf "$out/quality-jobs.tar.gz" --ignore-failed-read jobs/*/params.yaml jobs/*/grid.png \
+    jobs/*/failed.txt jobs/*/train_log/summary.json 2>/dev/null)
+}
+
 install_wheels
 python3 -c "import diffusers, datasets, dvc, mlxtend" || { echo "the carried wheels are not installed (a fresh machine? carry .whl)"; exit 3; }
 case $part in
   train) train_part ;;
   fid) fid_part ;;
   dag) dag_part ;;
-  *) echo "unknown part $part (train | fid | dag)"; exit 2 ;;
+  quality-start) quality_start_part ;;
+  quality-finish) quality_finish_part ;;
+  *) echo "unknown part $part (train | fid | dag | quality-start | quality-finish)"; exit 2 ;;
 esac
 collect_json
 echo; echo "=== summary"; cat "$work/steps.jsonl"
