@@ -138,6 +138,16 @@ def test_page_marks_the_best_fid_and_shows_every_experiment():
     assert not re.search(r"(?:src|href)=\"(?!data:)", page) and "http" not in page
 
 
+def test_page_plots_fid_against_each_swept_param_and_names_the_best():
+    page = compare.render_comparison(EXPERIMENTS)
+    sweeps = page.split("FID against each swept parameter", 1)[1].split("<h2", 1)[0]
+    assert sweeps.count("<figure>") == 2 and sweeps.count('src="data:image/png;base64,') == 2
+    assert "best: <strong>lr-1e-3</strong> (train.learning_rate = 0.001, FID 48.25)" in sweeps
+    assert "best: <strong>lr-1e-3</strong> (train.max_steps = 16, FID 48.25)" in sweeps
+    # a param that is not a number (or one experiment with a FID) gives no plot
+    assert "swept parameter" not in compare.render_comparison(EXPERIMENTS[:1] + EXPERIMENTS[3:])
+
+
 @needs_chromium
 def test_page_in_chromium_decodes_every_image_and_sorts(tmp_path):
     from selenium.webdriver.common.by import By
@@ -147,7 +157,7 @@ def test_page_in_chromium_decodes_every_image_and_sorts(tmp_path):
     with browser() as driver:
         shot = render(driver, path, tmp_path / "compare-synthetic")
         assert shot.console_errors == []
-        assert len(shot.images) == 4  # three grids and the curves; the failed run has no grid
+        assert len(shot.images) == 6  # two sweep plots, three grids and the curves; the failed run has no grid
         assert all(shot.decoded(image) for image in shot.images), shot.images
         header = driver.find_element(By.XPATH, "//th/button[text()='FID']")
         header.click()

@@ -3,10 +3,13 @@ a temporary git repository holding a copy of the project. Checks the artifacts' 
 independent runs give bitwise-identical weights, samples and quality metrics on CPU."""
 
 import base64
+import csv
+import io
 import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ import yaml
 from PIL import Image
 
 from tests.browser import CHROMEDRIVER, CHROMIUM, browser, render
-from tests.helpers import PACKAGED_WEIGHTS, QUALITY, ROOT, check_card, make_repo, merged, run, sh, snapshot
+from tests.helpers import PACKAGED_WEIGHTS, QUALITY, ROOT, check_card, make_repo, merged, repo_env, run, sh, snapshot
 from workflow.core.config import dotted_keys, params_from_dict
 
 pytestmark = pytest.mark.e2e
@@ -50,19 +53,49 @@ def test_a_test_repository_has_the_projects_files_and_no_run(tmp_path):
     assert not (repo / "dvc.lock").exists() and not (repo / "scratch.py").exists()
 
 
-# Two experiments on top of the baseline; each `-S` list is complete, because a workspace run keeps
-# the previous experiment's params.yaml.
-EXPERIMENTS = {"lr-1e-3": ["train.learning_rate=0.001"], "steps-8": ["train.learning_rate=0.002", "train.max_steps=8"]}
+# A sweep on top of the baseline, queued and run by two workers (`dvc queue start -j 2`); each `-S` list
+# is complete. WORKFLOW_SLOTS=2 gives the CPU two device slots (workflow/core/slots.py), as a box with
+# two GPUs has, so the queue's logs show each training's slot.
+EXPERIMENTS = {
+    "lr-1e-3": ["train.learning_rate=0.001"],
+    "lr-4e-3": ["train.learning_rate=0.004"],
+    "steps-8": ["train.learning_rate=0.002", "train.max_steps=8"],
+}
 
 
 @pytest.fixture(scope="module")
-def exp_runs(dvc_repo):
-    """`dvc exp run -S ...` twice, then the baseline applied again, so the workspace is as it was."""
+def exp_runs(dvc_repo, tmp_path_factory):
+    """The sweep, queued and run with two workers; then the baseline applied again, so the workspace is as it was."""
     repo, _ = dvc_repo
     for name, changes in EXPERIMENTS.items():
-        sh(repo, "dvc", "exp", "run", "-n", name, *(arg for change in changes for arg in ("-S", change)))
+        sh(repo, "dvc", "exp", "run", "--queue", "-n", name, *(arg for change in changes for arg in ("-S", change)))
+    slots = {"WORKFLOW_SLOTS": "2", "WORKFLOW_SLOT_DIR": str(tmp_path_factory.mktemp("slots"))}
+    # the workers outlive `dvc queue start`: no pipe of theirs may keep this call waiting
+    started = subprocess.run(
+        ["dvc", "queue", "start", "-j", "2"],
+        cwd=repo,
+        env=repo_env(**slots),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+    )
+    assert started.returncode == 0
+    wait_for_queue(repo)
     sh(repo, "dvc", "exp", "apply", "baseline")
     return repo
+
+
+def wait_for_queue(repo: Path, timeout: float = 900) -> None:
+    """Until `dvc queue status` lists nothing queued or running; a failed experiment fails with its log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = sh(repo, "dvc", "queue", "status")
+        failed = re.findall(r"^\S+\s+(\S+)\s+.*\bFailed\b", status, flags=re.M)
+        assert not failed, "\n".join(sh(repo, "dvc", "queue", "logs", name)[-3000:] for name in failed)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return
+        assert time.monotonic() < deadline, f"the queue did not finish:\n{status}"
+        time.sleep(2)
 
 
 def test_dvc_repro_artifacts(dvc_repo):
@@ -315,6 +348,18 @@ def test_the_issues_sampler_experiment(dvc_repo):
     assert samples["sampler"] == "dpmsolver++" and samples["num_inference_steps"] == 25
 
 
+def test_a_queued_sweep_runs_on_two_workers_each_training_in_a_device_slot(exp_runs):
+    repo = exp_runs
+    status = sh(repo, "dvc", "queue", "status")
+    for name in EXPERIMENTS:
+        assert re.search(rf"\b{re.escape(name)}\b.*\bSuccess\b", status), status
+        assert re.search(r"train: device slot [01] of 2", sh(repo, "dvc", "queue", "logs", name)), name
+    shown = sh(repo, "dvc", "exp", "show", "--sort-by", "fid", "--sort-order", "asc", "--csv")
+    rows = list(csv.DictReader(io.StringIO(shown)))
+    fids = [float(r["fid"]) for r in rows if r["Experiment"] in EXPERIMENTS]
+    assert len(fids) == len(EXPERIMENTS) and fids == sorted(fids)
+
+
 def test_dvc_exp_run_and_show(exp_runs):
     repo = exp_runs
     names = experiments(repo)
@@ -353,8 +398,8 @@ def test_dvc_plots_diff_draws_each_experiments_training_log(exp_runs):
     assert drawn["loss"].tolist() == [float(row["loss"]) for row in values["Training loss"] if row["rev"] == "baseline"]
 
 
-def test_compare_shows_the_run_and_both_experiments(exp_runs, tmp_path):
-    """`make run` + two `dvc exp run -S` experiments: the comparison page has all three, each with its
+def test_compare_shows_the_run_and_the_sweep(exp_runs, tmp_path):
+    """`make run` + the queued sweep of three experiments: the comparison page has all four, each with its
     own grid, the loss curves in one plot, the best FID marked, and it opens cleanly in Chromium."""
     repo = exp_runs
     sh(repo, "python", "-m", "workflow", "compare")
@@ -370,7 +415,9 @@ def test_compare_shows_the_run_and_both_experiments(exp_runs, tmp_path):
     names = ["baseline", *EXPERIMENTS]
     sh(repo, "python", "-m", "workflow", "compare", *names, "--output", str(tmp_path / "three.html"))
     assert sorted(table_rows((tmp_path / "three.html").read_text())) == sorted(names)
-    check_in_chromium(tmp_path / "three.html", tmp_path / "experiments", images=4)  # 3 grids, 1 plot
+    sweeps = (tmp_path / "three.html").read_text().split("FID against each swept parameter", 1)[1]
+    assert "FID against <code>train.learning_rate</code>" in sweeps and "best: <strong>" in sweeps
+    check_in_chromium(tmp_path / "three.html", tmp_path / "experiments", images=7)  # 4 grids, 2 sweeps, curves
     progress = list((repo / "reports/train/grids").glob("step-*.png"))
     check_in_chromium(repo / "reports/index.html", tmp_path / "report", images=2 + len(progress))
 

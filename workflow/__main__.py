@@ -9,12 +9,14 @@ Training on several GPUs: accelerate launch -m workflow train
 """
 
 import argparse
+import contextlib
 import importlib
 import sys
 
-from workflow import STAGES, TOOLS
+from workflow import DEVICE_STAGES, STAGES, TOOLS
 from workflow.core.artifacts import DiskFullError
 from workflow.core.config import DEFAULT_PARAMS, ConfigError, load_params
+from workflow.core.slots import device_slot
 
 
 def run_stage(name: str, argv: list[str]) -> None:
@@ -27,7 +29,8 @@ def run_stage(name: str, argv: list[str]) -> None:
     )
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
     params = load_params(parser.parse_args(argv).params)
-    print(stage.headline(stage.run(params), params))
+    with device_slot(name) if name in DEVICE_STAGES else contextlib.nullcontext():
+        print(stage.headline(stage.run(params), params))
 
 
 def run_tool(name: str, argv: list[str]) -> None:

@@ -40,6 +40,7 @@ from workflow.core.config import STEPS, ConfigError, Params, Sample
 from workflow.core.environment import device_name, software_versions
 from workflow.core.faults import maybe_fault
 from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
+from workflow.core.slots import current_slot
 from workflow.formats import checkpoints, trainlog
 from workflow.formats.labels import load_labels
 from workflow.formats.pipeline import save_pipeline
@@ -404,6 +405,7 @@ def summary(training: Training, resumed_from: Path | None, key: str) -> dict:
         "mixed_precision": training.accelerator.mixed_precision,
         "compiled": training.model is not training.eager_model,
         "torch_threads": torch.get_num_threads(),  # CPU results are bitwise reproducible per thread count
+        "device_slot": current_slot(),  # which of the machine's device slots ran it (workflow/core/slots.py)
     }
 
 

@@ -9,7 +9,8 @@ Reads `dvc exp show --json` (row from the project root), and for each experiment
 and loss history as that experiment left them: DVC's file system at the experiment's rev, which
 reads them from the local DVC cache. Writes reports/experiments.html: one row per experiment with
 the params that differ among them, FID, KID, final loss and training images/s (sortable, the best
-FID marked), the grids side by side, and the loss and learning-rate curves overlaid in one plot.
+FID marked), FID against each swept numeric param (the best starred), the grids side by side, and
+the loss and learning-rate curves overlaid in one plot.
 
 An output the local cache lacks (a fresh clone, or an experiment pulled without its data) is marked
 missing with the command that fetches it from the project's DVC remote: `dvc pull` for the workspace
@@ -30,6 +31,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from workflow.core.config import ConfigError, dotted_keys, paths_of
 from workflow.formats import trainlog
@@ -336,6 +339,34 @@ def curves_section(experiments: list, colours: dict) -> str:
     return section("Training curves", f"<figure>{img}<figcaption>{caption}</figcaption></figure>")
 
 
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def sweeps_section(experiments: list, keys: list, best: Experiment | None) -> str:
+    """FID against each differing numeric param (a sweep: `dvc exp run --queue -S key=a,b,c`), the best
+    experiment starred; nothing when no param is numeric in every experiment with a FID."""
+    scored = [e for e in experiments if math.isfinite(e.fid)]
+    figures = []
+    for key in keys:
+        values = [dotted_keys(e.params).get(key) for e in scored]
+        if len(scored) < 2 or not all(_numeric(v) for v in values):
+            continue
+        star = (dotted_keys(best.params)[key], best.fid) if best in scored else None
+        png = curves.sweep_plot_png(key, np.array(values, dtype=float), np.array([e.fid for e in scored]), best=star)
+        width, height = png_size(png)
+        caption = f"FID against <code>{esc(key)}</code>, one point per experiment" + (
+            f"; best: <strong>{esc(best.name)}</strong> ({esc(key)} = {fmt_scalar(star[0])}, FID {best.fid:.2f})"
+            if star
+            else ""
+        )
+        figures.append(
+            f'<figure><img src="{data_uri(png)}" width="{width}" height="{height}" '
+            f'alt="FID against {esc(key)}"><figcaption>{caption}</figcaption></figure>'
+        )
+    return section("FID against each swept parameter", "".join(figures)) if figures else ""
+
+
 def _why_missing(e: Experiment, path: str) -> str:
     """Why `path` could not be read, as recorded when the experiment was loaded."""
     return next(
@@ -417,6 +448,7 @@ def render_comparison(experiments: list) -> str:
     )
     body = (
         table_section(shown, colours, keys, best)
+        + sweeps_section(shown, keys, best)
         + grids_section(shown, colours, best)
         + curves_section(shown, colours)
         + problems_section(shown)

@@ -91,7 +91,7 @@ def measure_rates(args) -> dict:
         sampling.setdefault(f"{sampler}-eta{eta:g}", {})[str(n)] = record["seconds"] / record["count"]
     return {
         "machine": platform.processor() or platform.machine(),
-        "cpu_count": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
         "software": software_versions(),
         "steps_per_second": {r: {res: max(v) for res, v in t.items()} for r, t in trials.items()},
         "trials": trials,

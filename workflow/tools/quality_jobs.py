@@ -30,6 +30,7 @@ import yaml
 
 from workflow.core.artifacts import write_json
 from workflow.core.config import DEFAULT_PARAMS, load_preset, overlay, params_from_dict, read_params_file
+from workflow.core.runtime import default_device, feature_workers
 from workflow.formats.reference_stats import load_reference
 from workflow.formats.sample_set import load_samples
 from workflow.maths import fid
@@ -226,9 +227,9 @@ def default_size_fid(m: Matrix, params) -> float:
         small = overlay(params.to_dict(), {"paths": {"fid_ref": str(ref_path)}, "fid": {"num_reference": 250}})
         fid_reference.run(params_from_dict(small))
     reference = load_reference(ref_path)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     images = load_samples(params.paths.samples)[:DEFAULT_RUN_SAMPLES]
-    feats = fid.features(images, extractor, params.fid.batch_size, device, 0)
+    feats = fid.features(images, extractor, params.fid.batch_size, device, feature_workers(device))
     return float(fid.score(feats, reference, params.seed)["fid"])
 
 

@@ -1,0 +1,109 @@
+"""Device slots (workflow/core/slots.py): concurrent stages each hold their own slot, a third waits for a
+free one, a killed holder frees its slot, and a confined process takes none. Real processes, real locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import ROOT
+from workflow.core.config import ConfigError
+from workflow.core.slots import Slot, device_slot
+
+HOLD = """
+import json, os, sys, time
+from workflow.core.slots import device_slot
+with device_slot("test") as slot:
+    start = time.monotonic()
+    time.sleep(float(sys.argv[1]))
+    print(json.dumps({"slot": slot.index, "count": slot.count, "start": start, "end": time.monotonic(),
+                      "cuda": os.environ["CUDA_VISIBLE_DEVICES"], "env": os.environ["WORKFLOW_SLOT"]}))
+"""
+
+
+def slot_env(tmp_path, slots: int = 2) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "WORLD_SIZE")}
+    return {**env, "WORKFLOW_SLOT_DIR": str(tmp_path / "slots"), "WORKFLOW_SLOTS": str(slots), "PYTHONPATH": str(ROOT)}
+
+
+def holder(env: dict, seconds: float) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(seconds)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_three_processes_share_two_slots_without_ever_sharing_one(tmp_path):
+    env = slot_env(tmp_path)
+    procs = [holder(env, 2.0) for _ in range(3)]
+    results, messages = [], []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out))
+        messages.append(err)
+    assert sorted({r["slot"] for r in results}) == [0, 1]
+    assert all(r["count"] == 2 and r["cuda"] == r["env"] == str(r["slot"]) for r in results)
+    for a in results:  # no two overlapping holds of one slot
+        for b in results:
+            if a is not b and a["slot"] == b["slot"]:
+                assert a["end"] <= b["start"] or b["end"] <= a["start"]
+    starts = sorted(results, key=lambda r: r["start"])
+    assert starts[2]["start"] >= min(r["end"] for r in starts[:2]) - 0.05  # the third waited for a free slot
+    assert sum("test: all 2 device slots are in use" in m for m in messages) == 1  # the one that waited says so
+    assert sum("test: device slot" in m for m in messages) == 3
+
+
+def test_a_killed_holder_frees_its_slot(tmp_path):
+    env = slot_env(tmp_path, slots=1)
+    first = holder(env, 60.0)
+    deadline = time.monotonic() + 60
+    lock = tmp_path / "slots" / "slot-0.lock"
+    while not lock.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # let it take the lock
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    second = holder(env, 0.1)
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err
+    assert json.loads(out)["slot"] == 0
+
+
+def test_a_confined_process_takes_no_slot(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKFLOW_SLOT_DIR", str(tmp_path / "slots"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with device_slot("test") as slot:
+        assert slot == Slot(None, 0)
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a rank of accelerate launch / torchrun
+    with device_slot("test") as slot:
+        assert slot.index is None
+    assert not (tmp_path / "slots").exists()
+
+
+def test_the_slot_is_set_while_held_and_restored_after(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKFLOW_SLOT_DIR", str(tmp_path / "slots"))
+    monkeypatch.setenv("WORKFLOW_SLOTS", "1")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with device_slot("test") as slot:
+        assert slot == Slot(0, 1)
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == os.environ["WORKFLOW_SLOT"] == "0"
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ and "WORKFLOW_SLOT" not in os.environ
+
+
+@pytest.mark.parametrize("bad", ["0", "two", "-1"])
+def test_a_bad_slot_count_is_named(tmp_path, monkeypatch, bad):
+    monkeypatch.setenv("WORKFLOW_SLOT_DIR", str(tmp_path / "slots"))
+    monkeypatch.setenv("WORKFLOW_SLOTS", bad)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match=f"WORKFLOW_SLOTS={bad!r}"), device_slot("test"):
+        pass

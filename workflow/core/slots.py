@@ -1,0 +1,124 @@
+"""Device slots: experiments run side by side (`dvc queue start -j N`, several Snakemake jobs) each get
+a GPU of their own, so two never share a card and none waits while one is free.
+
+    with device_slot("train") as slot:   # python -m workflow <stage> does this for the stages that compute
+        ...                              # CUDA_VISIBLE_DEVICES names slot.index's GPU; WORKFLOW_SLOT=index
+
+A slot is a lock file, `slot-<i>.lock` in WORKFLOW_SLOT_DIR (default `<tmp>/workflow-slots-<uid>`),
+held with fcntl.flock for the life of the process: the kernel releases it when the process exits,
+crashes or is killed, so a slot is never leaked and there is nothing to clean up. There are as many
+slots as GPUs; without a GPU, WORKFLOW_SLOTS of them (default 1: two trainings on one CPU only slow
+each other down), the same code, so a test can watch CPU experiments take turns.
+A process already confined takes no slot: CUDA_VISIBLE_DEVICES set (by you, SLURM or a launcher), or
+one rank of a multi-process launch (WORLD_SIZE > 1: accelerate launch, torchrun).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from workflow.core.config import ConfigError
+
+SLOT_DIR_ENV, SLOTS_ENV, SLOT_ENV = "WORKFLOW_SLOT_DIR", "WORKFLOW_SLOTS", "WORKFLOW_SLOT"
+POLL_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Slot:
+    index: int | None  # None: no slot was needed (the process is already confined)
+    count: int
+
+
+def slot_dir() -> Path:
+    return Path(os.environ.get(SLOT_DIR_ENV) or Path(tempfile.gettempdir()) / f"workflow-slots-{os.getuid()}")
+
+
+def gpu_count() -> int:
+    """GPUs on this machine, found without creating a CUDA context (after one, CUDA_VISIBLE_DEVICES
+    would no longer apply to this process): the NVIDIA driver's list, else nvidia-smi's."""
+    driver = Path("/proc/driver/nvidia/gpus")
+    if driver.is_dir():
+        return sum(1 for _ in driver.iterdir())
+    if shutil.which("nvidia-smi"):
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+        return sum(line.startswith("GPU ") for line in listed.stdout.splitlines()) if listed.returncode == 0 else 0
+    return 0
+
+
+def slot_count() -> int:
+    """GPUs, else WORKFLOW_SLOTS (default 1)."""
+    gpus = gpu_count()
+    if gpus:
+        return gpus
+    raw = os.environ.get(SLOTS_ENV, "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"environment variable {SLOTS_ENV}={raw!r}: must be a whole number of slots, at least 1")
+    return int(raw)
+
+
+def confined() -> bool:
+    return "CUDA_VISIBLE_DEVICES" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def current_slot() -> int | None:
+    """The slot this process holds (set by device_slot), None if it holds none."""
+    value = os.environ.get(SLOT_ENV)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _try_lock(path: Path):
+    handle = open(path, "a+")  # noqa: SIM115 -- held open for the life of the slot
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+@contextlib.contextmanager
+def device_slot(stage: str):
+    """Hold a free slot while the block runs (waiting for one if all are taken), with
+    CUDA_VISIBLE_DEVICES and WORKFLOW_SLOT set to it; a confined process takes none."""
+    if confined():
+        yield Slot(None, 0)
+        return
+    count = slot_count()
+    folder = slot_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        for index in range(count):
+            handle = _try_lock(folder / f"slot-{index}.lock")
+            if handle is not None:
+                break
+        else:
+            if not waited:
+                print(f"{stage}: all {count} device slots are in use ({folder}); waiting for one", file=sys.stderr)
+                waited = True
+            time.sleep(POLL_SECONDS)
+            continue
+        break
+    saved = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", SLOT_ENV)}
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+    os.environ[SLOT_ENV] = str(index)
+    if count > 1:
+        print(f"{stage}: device slot {index} of {count}", file=sys.stderr)
+    try:
+        yield Slot(index, count)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        handle.close()  # closing the file releases the lock
