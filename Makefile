@@ -3,7 +3,7 @@
 #               as a DVC experiment (`dvc exp run`; plain `dvc repro` outside a git checkout)
 # make run CONFIG=configs/<preset>.yaml   a preset, as a DVC experiment run beside the workspace
 # make compare  reports/experiments.html: this commit's experiments side by side
-# make test     setup + the test dependencies (requirements-test.txt) + Chromium + ruff (lint, format) + the whole test suite
+# make test     setup + the test dependencies (requirements-test.txt) + Chromium + SLURM + ruff (lint, format) + the whole test suite
 # make smk      setup + the same pipeline through Snakemake (CONFIG=... as `--configfile`)
 
 PYTHON ?= python3
@@ -13,7 +13,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup run compare test browser smk clean-outputs
+.PHONY: setup run compare test browser slurm smk clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -46,7 +46,7 @@ $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
 	touch $@
 
 # ruff first: a lint or formatting slip fails in seconds, before the 15-minute suite.
-test: $(VENV)/.installed-test browser
+test: $(VENV)/.installed-test browser slurm
 	ruff check .
 	ruff format --check .
 	python -m pytest
@@ -56,6 +56,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+# The cluster test (tests/test_slurm.py) starts a single-node SLURM from Debian's packages: no daemon of
+# theirs is started here (the test runs its own, on loopback, from a scratch folder).
+slurm:
+	@PATH="$$PATH:/usr/sbin:/sbin"; command -v slurmctld >/dev/null && command -v slurmd >/dev/null && \
+		command -v munged >/dev/null && command -v sbatch >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge; }
 
 smk: setup
 	snakemake --cores all $(if $(CONFIG),--configfile '$(CONFIG)')

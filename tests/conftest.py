@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from datetime import timedelta
 
 import pytest
@@ -14,6 +17,11 @@ from workflow.core.config import params_from_dict
 
 # The Hugging Face mirror server (olah) as a session fixture, `mirror`, for every test module that asks.
 pytest_plugins = ["tests.mirror"]
+
+# Each pytest process (each xdist worker too) has device slots of its own (workflow/core/slots.py): the stages
+# the tests run never wait for another session's, a parallel worker's or the machine's other runs.
+os.environ["WORKFLOW_SLOT_DIR"] = tempfile.mkdtemp(prefix="pytest-slots-")
+atexit.register(shutil.rmtree, os.environ["WORKFLOW_SLOT_DIR"], ignore_errors=True)
 
 # Property tests run the same examples on every run and machine (CI included): derandomized, no example
 # database carried between runs, and a deadline per example, so a value that makes the code slow fails

@@ -28,6 +28,9 @@ def dvc_stages():
     return stages
 
 
+CLUSTER_RESOURCES = ("gpu", "cpus_per_task", "mem_mb", "runtime")
+
+
 def snakemake_rules():
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ResourceSettings
@@ -46,7 +49,8 @@ def snakemake_rules():
                     "params": set(rule.params.values) if rule.params else set(),
                     "params_file": dict(rule.params.items()).get("config"),
                     "log": list(rule.log),
-                    "gpu": "gpu" in rule.resources,
+                    "resources": {k: rule.resources[k] for k in CLUSTER_RESOURCES if k in rule.resources},
+                    "local": rule.name in workflow._localrules,
                 }
                 for rule in workflow.rules
                 if rule.name != "all"
@@ -127,13 +131,29 @@ def test_checkpoints_persist_in_dvc_and_are_no_snakemake_output(both):
     assert not any("checkpoints" in out for rule in smk.values() for out in rule["outs"])
 
 
-def test_gpu_stages_are_capped_by_the_default_profile(both):
+COMPUTING = {"fid_reference", "train", "sample", "evaluate", "fid_sweep"}
+
+
+def test_computing_stages_ask_a_cluster_for_what_params_yaml_says(both):
+    """On a cluster the computing stages are jobs that ask for params.yaml's `cluster` values (train a GPU
+    per process, the others one); the light stages run on the submit host."""
     import yaml
 
     _, smk = both
-    assert {n for n, r in smk.items() if r["gpu"]} == {"fid_reference", "train", "sample", "evaluate", "fid_sweep"}
-    profile = yaml.safe_load((ROOT / "profiles/default/config.yaml").read_text())
-    assert profile["resources"] == {"gpu": 1}
+    assert {name for name, rule in smk.items() if not rule["local"]} == COMPUTING
+    cluster = yaml.safe_load((ROOT / "params.yaml").read_text())["cluster"]
+    assert cluster["gpu"] is True
+    for name in COMPUTING:
+        assert smk[name]["resources"] == {
+            "gpu": 1,  # params.yaml's train.num_processes is 1
+            "cpus_per_task": cluster["cpus_per_task"],
+            "mem_mb": cluster["mem_mb"],
+            "runtime": cluster["runtime"],
+        }, name
+    assert all(not smk[name]["resources"].get("gpu") for name in smk.keys() - COMPUTING)
+    profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
+    assert profile["executor"] == "slurm" and profile["slurm-status-command"] == "squeue"
+    assert "resources" not in yaml.safe_load((ROOT / "profiles/default/config.yaml").read_text())  # no global cap
 
 
 def test_declared_params_are_real_keys(both):

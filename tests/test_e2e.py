@@ -18,8 +18,8 @@ import yaml
 from PIL import Image
 
 from tests.browser import CHROMEDRIVER, CHROMIUM, browser, render
-from tests.helpers import PACKAGED_WEIGHTS, QUALITY, ROOT, check_card, make_repo, merged, repo_env, run, sh, snapshot
-from workflow.core.config import dotted_keys, params_from_dict
+from tests.helpers import PACKAGED_WEIGHTS, QUALITY, ROOT, check_card, make_repo, merged, repo_env, run, sh
+from workflow.core.config import params_from_dict
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +55,7 @@ def test_a_test_repository_has_the_projects_files_and_no_run(tmp_path):
 
 # A sweep on top of the baseline, queued and run by two workers (`dvc queue start -j 2`); each `-S` list
 # is complete. WORKFLOW_SLOTS=2 gives the CPU two device slots (workflow/core/slots.py), as a box with
-# two GPUs has, so the queue's logs show each training's slot.
+# two GPUs has, so the queue's logs show each experiment's slot.
 EXPERIMENTS = {
     "lr-1e-3": ["train.learning_rate=0.001"],
     "lr-4e-3": ["train.learning_rate=0.004"],
@@ -164,18 +164,6 @@ def test_editing_a_param_reruns_only_what_it_affects(dvc_repo):
         (repo / "params.yaml").write_text(original)
 
 
-def test_snakemake_and_a_forced_rerun_reproduce_dvc_bitwise(dvc_repo, tmp_path):
-    _, first = dvc_repo
-    repo = make_repo(tmp_path)
-    sh(repo, "snakemake", "--cores", "2")
-    assert snapshot(repo) == first
-    assert (repo / "reports/index.html").is_file()
-    check_snakemake_report(repo, tmp_path)
-    shutil.rmtree(repo / "models/checkpoints")  # otherwise train resumes from its finished checkpoint
-    sh(repo, "dvc", "repro", "--force")
-    assert snapshot(repo) == first
-
-
 # A preset that trains 8 steps where params.yaml says 16, class-conditional on the MNIST labels, samples
 # digits 1 and 7 guided with w = 2, and measures FID at w = 1 and 2.
 CLASSES_8 = {
@@ -197,10 +185,11 @@ def smk_preset(tmp_path_factory):
     return repo, params, json.loads((repo / "reports/metrics.json").read_text())
 
 
-def test_a_class_conditional_run_under_snakemake(smk_preset):
+def test_a_class_conditional_run_under_snakemake(smk_preset, tmp_path):
     """Labels from the embedded MNIST, a class embedding, a balanced guided sample set, the labelled grid,
-    FID against w in the report, and the published pipeline with its own pipeline.py."""
+    FID against w in the report, the published pipeline with its own pipeline.py, and Snakemake's report."""
     repo, _, metrics = smk_preset
+    check_snakemake_report(repo, tmp_path)
     classes = json.loads((repo / "data/processed/labels.json").read_text())["classes"]
     assert classes == [str(d) for d in range(10)]
     samples = json.loads((repo / "data/samples/samples.json").read_text())
@@ -214,18 +203,6 @@ def test_a_class_conditional_run_under_snakemake(smk_preset):
     ).read_bytes()
     params = params_from_dict(merged(yaml.safe_load((repo / "params.yaml").read_text()), **CLASSES_8))
     check_card(repo, params)  # its usage lines load pipeline.py and sample digit 1, guided
-
-
-def test_dvc_runs_the_class_conditional_preset_as_snakemake_did(dvc_repo, smk_preset):
-    """The same preset as a DVC experiment (`dvc exp run --temp -S ...`, as `make run CONFIG=` runs it):
-    the same FID and KID to the bit; download, preprocess and fid_reference are not re-run."""
-    repo, _ = dvc_repo
-    _, _, smk_metrics = smk_preset
-    sets = [arg for key, value in dotted_keys(CLASSES_8).items() for arg in ("-S", f"{key}={json.dumps(value)}")]
-    out = sh(repo, "dvc", "exp", "run", "--temp", *sets, "-n", "classes-8")
-    assert "Running stage 'train'" in out and "Running stage 'preprocess'" not in out
-    metrics = experiments(repo)["classes-8"]["metrics"]["reports/metrics.json"]["data"]
-    assert {k: metrics[k] for k in QUALITY} == {k: smk_metrics[k] for k in QUALITY}
 
 
 def planned(done: subprocess.CompletedProcess) -> set:
@@ -279,14 +256,17 @@ def make(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return run(repo, "make", "-o", ".venv/.installed", *args)
 
 
-def test_make_run_config_records_the_preset_as_an_experiment_and_keeps_params_yaml(dvc_repo):
-    """`make run CONFIG=configs/<preset>.yaml`: checked first, run as a DVC experiment with the user's
-    uncommitted params.yaml (edits included), which it leaves as it was, as it leaves the workspace's results."""
+def test_make_run_config_records_the_preset_as_an_experiment_and_keeps_params_yaml(dvc_repo, smk_preset):
+    """`make run CONFIG=configs/<preset>.yaml`: checked first, run as a DVC experiment (`dvc exp run --temp
+    -S ...`) with the user's uncommitted params.yaml (edits included), which it leaves as it was, as it leaves
+    the workspace's results. The class-conditional preset gives the FID and KID Snakemake's run of it gave,
+    to the bit, without re-running download, preprocess or fid_reference."""
     repo, first = dvc_repo
+    _, _, smk_metrics = smk_preset
     original = (repo / "params.yaml").read_text()
-    edited = original.replace("num_inference_steps: 4", "num_inference_steps: 5")
+    edited = original.replace("grid_size: 2", "grid_size: 1")  # the grid only: the scores stay Snakemake's
     assert edited != original
-    (repo / "configs/steps-8.yaml").write_text("train:\n  max_steps: 8\n  learning_rate: 0.001\n")
+    (repo / "configs/classes-8.yaml").write_text(yaml.safe_dump(CLASSES_8))
     (repo / "configs/typo.yaml").write_text("train:\n  max_step: 8\n")
     try:
         (repo / "params.yaml").write_text(edited)
@@ -294,21 +274,23 @@ def test_make_run_config_records_the_preset_as_an_experiment_and_keeps_params_ya
         typo = make(repo, "run", "CONFIG=configs/typo.yaml")
         assert typo.returncode != 0 and "configs/typo.yaml: unknown key `train.max_step`" in typo.stderr
         assert "Reproducing experiment" not in typo.stdout + typo.stderr and experiments(repo) == before
-        done = make(repo, "run", "CONFIG=configs/steps-8.yaml")
+        done = make(repo, "run", "CONFIG=configs/classes-8.yaml")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        assert "Running stage 'train'" in done.stdout and "Running stage 'preprocess'" not in done.stdout
         assert (repo / "params.yaml").read_text() == edited
         after = experiments(repo)
         (name,) = set(after) - set(before)
         params = after[name]["params"]["params.yaml"]["data"]
-        assert params["train"]["max_steps"] == 8 and params["train"]["learning_rate"] == 0.001
-        assert params["sample"]["num_inference_steps"] == 5  # the user's edit ran with the preset
-        assert after[name]["metrics"]["reports/metrics.json"]["data"]["train_steps"] == 8
+        assert params["train"]["max_steps"] == 8 and params["model"]["class_conditional"] is True
+        assert params["sample"]["grid_size"] == 1  # the user's edit ran with the preset
+        metrics = after[name]["metrics"]["reports/metrics.json"]["data"]
+        assert {k: metrics[k] for k in QUALITY} == {k: smk_metrics[k] for k in QUALITY}
         assert json.loads((repo / "reports/metrics.json").read_text())["train_steps"] == 16  # the workspace's
         assert (repo / PACKAGED_WEIGHTS).read_bytes() == first["weights"]
     finally:
         (repo / "params.yaml").write_text(original)
-        for name in ("steps-8.yaml", "typo.yaml"):
-            (repo / "configs" / name).unlink()
+        for preset in ("classes-8.yaml", "typo.yaml"):
+            (repo / "configs" / preset).unlink()
 
 
 def experiments(repo: Path) -> dict:

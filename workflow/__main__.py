@@ -16,6 +16,7 @@ import sys
 from workflow import DEVICE_STAGES, STAGES, TOOLS
 from workflow.core.artifacts import DiskFullError
 from workflow.core.config import DEFAULT_PARAMS, ConfigError, load_params
+from workflow.core.launch import launch_ranks, needs_launch
 from workflow.core.slots import device_slot
 
 
@@ -28,9 +29,14 @@ def run_stage(name: str, argv: list[str]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
-    params = load_params(parser.parse_args(argv).params)
-    with device_slot(name) if name in DEVICE_STAGES else contextlib.nullcontext():
-        print(stage.headline(stage.run(params), params))
+    params_file = parser.parse_args(argv).params
+    params = load_params(params_file)
+    processes = params.train.num_processes if name == "train" else 1
+    with device_slot(name, devices=processes) if name in DEVICE_STAGES else contextlib.nullcontext():
+        if needs_launch(processes):  # each rank runs this same command
+            launch_ranks(name, params_file, processes)
+        else:
+            print(stage.headline(stage.run(params), params))
 
 
 def run_tool(name: str, argv: list[str]) -> None:

@@ -163,6 +163,7 @@ class Scheduler:
 class Train:
     batch_size: int = checked(128, positive(65_536))  # images per optimiser step, over all processes and micro-batches
     gradient_accumulation_steps: int = checked(1, positive(1024))  # micro-batches per step: a memory knob only
+    num_processes: int = checked(1, positive(1024))  # data-parallel processes, one per GPU; > 1: accelerate launch
     # one micro-batch's activations, estimated before anything is built (workflow.models.builders.check_size)
     max_activation_gib: float = checked(256.0, positive(2**20))
     max_steps: Optional[int] = checked(1200, positive(STEPS))
@@ -218,6 +219,16 @@ class Fid:
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """What each computing job asks a cluster for (snakemake --profile profiles/slurm); local runs ignore it."""
+
+    gpu: bool = True  # train asks for train.num_processes GPUs, the other computing stages for one
+    cpus_per_task: int = checked(8, positive(1024))
+    mem_mb: int = checked(32_000, positive(16_777_216))  # per job (16 TiB cap)
+    runtime: int = checked(240, positive(525_600))  # minutes a job may run (a year cap)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = checked(0, non_negative(2**32 - 1))
     paths: Paths = field(default_factory=Paths)
@@ -227,6 +238,7 @@ class Params:
     train: Train = field(default_factory=Train)
     sample: Sample = field(default_factory=Sample)
     fid: Fid = field(default_factory=Fid)
+    cluster: Cluster = field(default_factory=Cluster)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -417,10 +429,11 @@ def _check_cross_field(p: Params, source: str) -> None:
                 )
     if (p.train.max_steps is None) == (p.train.epochs is None):
         raise ConfigError(f"{source}: set exactly one of `train.max_steps` and `train.epochs` (the other null)")
-    if p.train.batch_size % p.train.gradient_accumulation_steps:
+    shares = p.train.gradient_accumulation_steps * p.train.num_processes
+    if p.train.batch_size % shares:
         raise ConfigError(
             f"{source}: `train.batch_size` ({p.train.batch_size}) must be divisible by "
-            f"`train.gradient_accumulation_steps` ({p.train.gradient_accumulation_steps})"
+            f"`train.gradient_accumulation_steps` x `train.num_processes` ({shares}): each process's micro-batches"
         )
     if p.fid.weights_sha256 and not p.fid.weights:
         raise ConfigError(f"{source}: `fid.weights_sha256` is set but `fid.weights` is not")

@@ -3,6 +3,7 @@ a GPU of their own, so two never share a card and none waits while one is free.
 
     with device_slot("train") as slot:   # python -m workflow <stage> does this for the stages that compute
         ...                              # CUDA_VISIBLE_DEVICES names slot.index's GPU; WORKFLOW_SLOT=index
+    with device_slot("train", devices=2):  # a two-process training: two GPUs, CUDA_VISIBLE_DEVICES="i,j"
 
 A slot is a lock file, `slot-<i>.lock` in WORKFLOW_SLOT_DIR (default `<tmp>/workflow-slots-<uid>`),
 held with fcntl.flock for the life of the process: the kernel releases it when the process exits,
@@ -34,7 +35,7 @@ POLL_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class Slot:
-    index: int | None  # None: no slot was needed (the process is already confined)
+    index: int | None  # the first slot held; None: no slot was needed (the process is already confined)
     count: int
 
 
@@ -69,13 +70,13 @@ def confined() -> bool:
     return "CUDA_VISIBLE_DEVICES" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def current_slot() -> int | None:
-    """The slot this process holds (set by device_slot), None if it holds none."""
-    value = os.environ.get(SLOT_ENV)
-    return int(value) if value is not None and value.isdigit() else None
+def current_slot() -> str | None:
+    """The slots this process holds (set by device_slot), as "1" or "0,1"; None if it holds none."""
+    return os.environ.get(SLOT_ENV)
 
 
-def _try_lock(path: Path):
+def try_lock(path: Path):
+    """The open, flock'd file if the lock was free, else None."""
     handle = open(path, "a+")  # noqa: SIM115 -- held open for the life of the slot
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -85,40 +86,54 @@ def _try_lock(path: Path):
     return handle
 
 
+def take_slots(folder: Path, count: int, wanted: int) -> dict | None:
+    """{index: held lock file} of `wanted` free slots among `count`, or None, holding nothing: all or none,
+    since two launches each holding part of what they need while waiting for the rest would wait forever."""
+    held = {}
+    for index in range(count):
+        handle = try_lock(folder / f"slot-{index}.lock")
+        if handle is not None:
+            held[index] = handle
+            if len(held) == wanted:
+                return held
+    for handle in held.values():
+        handle.close()
+    return None
+
+
 @contextlib.contextmanager
-def device_slot(stage: str):
-    """Hold a free slot while the block runs (waiting for one if all are taken), with
-    CUDA_VISIBLE_DEVICES and WORKFLOW_SLOT set to it; a confined process takes none."""
+def device_slot(stage: str, devices: int = 1):
+    """Hold `devices` free slots while the block runs (waiting until that many are free), with
+    CUDA_VISIBLE_DEVICES and WORKFLOW_SLOT naming them; a confined process takes none. Without a GPU a
+    multi-process training takes one slot: its processes share the CPU as one job."""
     if confined():
         yield Slot(None, 0)
         return
     count = slot_count()
+    wanted = devices if gpu_count() else 1
+    if wanted > count:
+        raise ConfigError(f"{stage} needs {wanted} GPUs (train.num_processes) but this machine has {count}")
     folder = slot_dir()
     folder.mkdir(parents=True, exist_ok=True)
     waited = False
-    while True:
-        for index in range(count):
-            handle = _try_lock(folder / f"slot-{index}.lock")
-            if handle is not None:
-                break
-        else:
-            if not waited:
-                print(f"{stage}: all {count} device slots are in use ({folder}); waiting for one", file=sys.stderr)
-                waited = True
-            time.sleep(POLL_SECONDS)
-            continue
-        break
+    while (held := take_slots(folder, count, wanted)) is None:
+        if not waited:
+            print(f"{stage}: all {count} device slots are in use ({folder}); waiting for {wanted}", file=sys.stderr)
+            waited = True
+        time.sleep(POLL_SECONDS)
+    names = ",".join(str(index) for index in held)
     saved = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", SLOT_ENV)}
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
-    os.environ[SLOT_ENV] = str(index)
+    os.environ["CUDA_VISIBLE_DEVICES"] = names
+    os.environ[SLOT_ENV] = names
     if count > 1:
-        print(f"{stage}: device slot {index} of {count}", file=sys.stderr)
+        print(f"{stage}: device slot {names} of {count}", file=sys.stderr)
     try:
-        yield Slot(index, count)
+        yield Slot(min(held), count)
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        handle.close()  # closing the file releases the lock
+        for handle in held.values():
+            handle.close()  # closing the file releases the lock

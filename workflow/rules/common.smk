@@ -45,6 +45,14 @@ update_config(config, typed(dict(workflow.config_settings.config)))
 PARAMS_FILE = params_file(params_from_dict(config, source=config_sources()))  # validated when parsed
 PATHS = config["paths"]
 
+# The light stages run on the submit host; on a cluster (snakemake --profile profiles/slurm) the others
+# are SLURM jobs. Locally this changes nothing.
+localrules:
+    download,
+    preprocess,
+    report,
+    package,
+
 
 def params_of(*keys):
     """{dotted key: value} of the params a stage reads; Snakemake re-runs the job when one changes."""
@@ -62,3 +70,15 @@ def stage(name):
     params trigger records only plain values, so the file's name, which changes with any param, re-runs
     nothing; each job's `values` decide). Its stderr goes to the terminal and to the rule's log."""
     return "{{ python -m workflow %s --params {params.config} 2>&1 1>&3 | tee {log} >&2; }} 3>&1" % name
+
+
+def computing_job(gpus=1):
+    """A computing stage's resources: what a cluster job asks for (params.yaml's `cluster`), and locally
+    `gpu`, which counts against the pool `--resources gpu=N` sets (unlimited unless given)."""
+    cluster = config["cluster"]
+    return {
+        "gpu": gpus if cluster["gpu"] else 0,
+        "cpus_per_task": cluster["cpus_per_task"],
+        "mem_mb": cluster["mem_mb"],
+        "runtime": cluster["runtime"],
+    }

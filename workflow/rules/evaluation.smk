@@ -9,7 +9,7 @@ rule fid_reference:
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
-        gpu=1,
+        **computing_job(),
     log:
         "logs/fid_reference.log",
     shell:
@@ -29,7 +29,7 @@ rule evaluate:
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
-        gpu=1,
+        **computing_job(),
     log:
         "logs/evaluate.log",
     shell:
@@ -52,7 +52,7 @@ rule fid_sweep:  # off unless fid.steps_sweep or fid.guidance_sweep lists values
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
-        gpu=1,
+        **computing_job(),
     log:
         "logs/fid_sweep.log",
     shell:

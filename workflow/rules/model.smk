@@ -16,7 +16,7 @@ rule train:
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
-        gpu=1,
+        **computing_job(gpus=config["train"]["num_processes"]),
     log:
         "logs/train.log",
     shell:
@@ -35,7 +35,7 @@ rule sample:
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
-        gpu=1,
+        **computing_job(),
     log:
         "logs/sample.log",
     shell:

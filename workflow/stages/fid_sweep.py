@@ -25,13 +25,8 @@ import time
 import numpy as np
 
 from workflow.core.config import Params
-from workflow.core.runtime import default_device, feature_workers
 from workflow.formats.fid_sweeps import write_sweep
-from workflow.formats.pipeline import load_class_names, load_unet
 from workflow.formats.reference_stats import check_weights, load_reference
-from workflow.maths import fid
-from workflow.models.inception import load_extractor
-from workflow.models.sampling import sample_batches, sample_labels
 
 SWEEPS = {  # params.fid key -> (the sample.* setting it varies, the paths key of its CSV)
     "steps_sweep": ("num_inference_steps", "fid_steps"),
@@ -52,6 +47,13 @@ class Scorer:
 
     @classmethod
     def load(cls, params: Params) -> Scorer:
+        # torch, diffusers and the FID maths load here, not with the module: a run without sweeps (the
+        # default) then costs a fraction of a second instead of seconds of imports
+        from workflow.core.runtime import default_device
+        from workflow.formats.pipeline import load_class_names, load_unet
+        from workflow.models.inception import load_extractor
+        from workflow.models.sampling import sample_labels
+
         reference = load_reference(params.paths.fid_ref)
         extractor, info = load_extractor(params.fid)
         check_weights(reference, info, params.paths.fid_ref)
@@ -61,6 +63,10 @@ class Scorer:
 
     def point(self, setting: str, value) -> dict:
         """FID/KID of the sample set made with sample.<setting> = value; features taken batch by batch."""
+        from workflow.core.runtime import feature_workers
+        from workflow.maths import fid
+        from workflow.models.sampling import sample_batches
+
         p, device = self.params, self.unet.device
         settings = dataclasses.replace(p.sample, **{setting: value})
         started, feats = time.perf_counter(), []

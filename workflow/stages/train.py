@@ -1,8 +1,8 @@
 """Train stage: a diffusers UNet2DModel on the cached uint8 images, under HF accelerate.
 
-    python -m workflow train                     # one process (GPU if there is one, else CPU)
-    accelerate launch -m workflow train          # several GPUs; train.batch_size is the global batch
-    torchrun --nproc_per_node 2 -m workflow train    # several CPU processes (gloo)
+    python -m workflow train      # train.num_processes ranks: 1 = this process (GPU if there is one, else CPU);
+                                  # N > 1 = `accelerate launch` of N (one per GPU; gloo ranks on CPU);
+                                  # train.batch_size is the global batch (workflow/core/launch.py)
 
 Reads params.paths.images; writes params.paths.trained (DDPMPipeline.save_pretrained, EMA weights,
 safetensors), params.paths.train_log (loss and lr per step and images/s per log interval, logged
@@ -99,11 +99,11 @@ def make_accelerator(params: Params, runtime: Runtime | None = None):
     accelerator = Accelerator(
         mixed_precision=runtime.training_precision(params.train.mixed_precision), cpu=runtime.device.type == "cpu"
     )
-    split = accelerator.num_processes * params.train.gradient_accumulation_steps
-    if params.train.batch_size % split:
+    if accelerator.num_processes != params.train.num_processes:  # the config check covers batch divisibility
         raise ConfigError(
-            f"`train.batch_size` ({params.train.batch_size}) must be divisible by processes x "
-            f"`train.gradient_accumulation_steps` ({split})"
+            f"this training runs as {accelerator.num_processes} process(es) but `train.num_processes` is "
+            f"{params.train.num_processes}: set it to {accelerator.num_processes}, or run `python -m workflow "
+            "train`, which launches train.num_processes ranks itself"
         )
     return accelerator
 

@@ -1,0 +1,55 @@
+"""Data-parallel training started by the stage itself: with `train.num_processes: N` (N > 1),
+`python -m workflow train` runs `accelerate launch --multi_gpu --num_processes N -m workflow train`
+on the same params file, so dvc.yaml, the Snakefile and a SLURM job run one command for one process
+or many. Each rank then runs the stage (workflow/stages/train.py checks that it is one of N).
+
+    if needs_launch(num_processes):
+        launch_ranks("train", params_file, num_processes)   # returns when every rank has; SystemExit if one failed
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def in_rank() -> bool:
+    """True inside a process started by a multi-process launcher (accelerate launch, torchrun)."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def needs_launch(num_processes: int) -> bool:
+    return num_processes > 1 and not in_rank()
+
+
+def launch_command(stage: str, params_file: str, num_processes: int) -> list[str]:
+    """accelerate's launcher (torch.distributed underneath: NCCL ranks on GPUs, gloo ranks on CPU). Precision
+    and compilation are the stage's own params, so the launcher is told to add none of its defaults."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "workflow",
+        stage,
+        "--params",
+        params_file,
+    ]
+
+
+def launch_ranks(stage: str, params_file: str, num_processes: int) -> None:
+    """Run the stage as `num_processes` ranks; a rank's failure (already reported on stderr) ends this
+    process with its exit code."""
+    done = subprocess.run(launch_command(stage, params_file, num_processes), check=False)
+    if done.returncode:
+        raise SystemExit(done.returncode)
