@@ -19,6 +19,7 @@ NEEDED_WITHOUT_IMPORT = {
     "snakemake": "runs the Snakefile",
     "olah": "the Hugging Face mirror the tests start as a program (olah-cli)",
     "ruff": "`make test` lints and checks the formatting with it (a program)",
+    "dvc-s3": "DVC's S3 remotes: dvc loads it as a plugin for `s3://` URLs",
 }
 
 
