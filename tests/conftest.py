@@ -12,8 +12,9 @@ from hypothesis import settings
 from tests.helpers import make_repo, sh, snapshot, tiny_dict
 from workflow.core.config import params_from_dict
 
-# The Hugging Face mirror server (olah) as a session fixture, `mirror`, for every test module that asks.
-pytest_plugins = ["tests.mirror"]
+# The Hugging Face mirror server (olah) as a session fixture, `mirror`, and the S3 servers (moto, SeaweedFS)
+# as `moto` and `seaweed` (tests/s3.py), for every test module that asks.
+pytest_plugins = ["tests.mirror", "tests.s3"]
 
 # Property tests run the same examples on every run and machine (CI included): derandomized, no example
 # database carried between runs, and a deadline per example, so a value that makes the code slow fails
