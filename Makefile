@@ -3,6 +3,8 @@
 #               as a DVC experiment (`dvc exp run`; plain `dvc repro` outside a git checkout)
 # make run CONFIG=configs/<preset>.yaml   a preset, as a DVC experiment run beside the workspace
 # make compare  reports/experiments.html: this commit's experiments side by side
+# make pull     the workspace's DVC outputs from the default remote (REMOTE=s3 for another), every object
+#               checked against its md5: a corrupt one is named and never checked out (python -m workflow pull)
 # make test     setup + the test dependencies (requirements-test.txt) + Chromium + SLURM + ruff (lint, format) + the whole test suite
 # make smk      setup + the same pipeline through Snakemake (CONFIG=... as `--configfile`)
 
@@ -13,7 +15,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup run compare test browser slurm smk clean-outputs
+.PHONY: setup run compare pull test browser slurm smk clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -40,6 +42,9 @@ endif
 
 compare: setup
 	python -m workflow compare
+
+pull: setup
+	python -m workflow pull $(if $(REMOTE),-r '$(REMOTE)')
 
 $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -r requirements-test.txt

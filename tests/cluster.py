@@ -1,6 +1,6 @@
 """A real single-node SLURM on loopback for the tests: munge + slurmctld + slurmd from Debian's packages.
 
-    def test_x(slurm):                     # the session fixture (this module is a pytest plugin: conftest.py)
+    def test_x(slurm):                     # the session fixture (a pytest plugin: tests/conftest.py)
         subprocess.run([..., "snakemake", "--profile", "profiles/slurm"], env=slurm.env)
         slurm.jobcomp.read_text()          # SLURM's record of every finished job (JobId=..., JobState=...)
 

@@ -15,8 +15,9 @@ from hypothesis import settings
 from tests.helpers import make_repo, sh, snapshot, tiny_dict
 from workflow.core.config import params_from_dict
 
-# The Hugging Face mirror server (olah) as a session fixture, `mirror`, for every test module that asks.
-pytest_plugins = ["tests.mirror"]
+# Session fixtures for every test module that asks: the Hugging Face mirror server (olah), `mirror`; the S3
+# servers (moto, SeaweedFS), `moto` and `seaweed` (tests/s3.py); a single-node SLURM, `slurm` (tests/cluster.py).
+pytest_plugins = ["tests.mirror", "tests.s3", "tests.cluster"]
 
 # Each pytest process (each xdist worker too) has device slots of its own (workflow/core/slots.py): the stages
 # the tests run never wait for another session's, a parallel worker's or the machine's other runs.

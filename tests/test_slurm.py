@@ -11,7 +11,6 @@ import pytest
 from tests.helpers import make_repo, repo_env, snapshot
 
 pytestmark = pytest.mark.e2e
-pytest_plugins = ["tests.cluster"]
 
 COMPUTING = {"fid_reference", "train", "sample", "evaluate", "fid_sweep"}
 # What each job asks for, within the test cluster's one node (2 CPUs, 4000 MB, one GPU device).

@@ -9,4 +9,4 @@ The layers of this package, what each may import and where new code goes: docs/A
 STAGES = ("download", "preprocess", "fid_reference", "train", "sample", "evaluate", "fid_sweep", "report", "package")
 # The stages that compute on the device: each takes a device slot (workflow/core/slots.py) while it runs.
 DEVICE_STAGES = ("fid_reference", "train", "sample", "evaluate", "fid_sweep")
-TOOLS = ("bench", "compare", "preset", "quality")
+TOOLS = ("bench", "compare", "preset", "pull", "quality")
