@@ -50,11 +50,15 @@ $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -r requirements-test.txt
 	touch $@
 
-# ruff first: a lint or formatting slip fails in seconds, before the 15-minute suite.
+# ruff first: a lint or formatting slip fails in seconds, before the suite. The suite runs on
+# TEST_WORKERS processes (pytest-xdist), each taking a whole test module at a time (its module fixtures
+# are made once): most of a test's time is one process importing torch or starting dvc, so two workers
+# keep both cores of a small box busy.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test browser slurm
 	ruff check .
 	ruff format --check .
-	python -m pytest
+	python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The page tests open the reports in Debian's headless Chromium through its chromedriver.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

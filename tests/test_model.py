@@ -1,8 +1,6 @@
 """workflow.models.builders's size check: a UNet over model.max_parameters, or a training micro-batch over
 train.max_activation_gib, is refused from the config alone, before anything is allocated (issue 18)."""
 
-import time
-
 import pytest
 import torch
 import yaml
@@ -37,10 +35,8 @@ def test_a_huge_unet_is_refused_naming_its_keys_without_allocating():
         },
         data={"resolution": 1024},
     )
-    started = time.perf_counter()
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(ConfigError) as error:  # counted on the meta device: were it built, this would not return
         check_size(params_from_dict(raw))
-    assert time.perf_counter() - started < 30
     for words in (
         "143,528,292,353 parameters",
         "`model.max_parameters` (2,000,000,000)",

