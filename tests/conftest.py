@@ -53,3 +53,17 @@ def dvc_repo(tmp_path_factory):
     repo = make_repo(tmp_path_factory.mktemp("dvc"))
     sh(repo, "dvc", "exp", "run", "-n", "baseline")
     return repo, snapshot(repo)
+
+
+# The modules that run whole pipelines go first: `make test` runs a module at a time on each of two
+# pytest-xdist workers, so starting the long ones early leaves the short ones to fill the end, instead
+# of one worker finishing a long module alone. Tests keep their order within a module.
+LONG_MODULES = ("test_e2e", "test_faults", "test_remote", "test_slurm", "test_hf_mirror", "test_train")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.module.__name__.rsplit(".", 1)[-1]
+        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+
+    items.sort(key=rank)  # stable: the collection order within each rank

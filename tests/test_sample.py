@@ -1,6 +1,8 @@
 """Sampling: each image a function of (seed, index), for every sampler; streamed set, grid, DDPMPipeline parity."""
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import write_images
-from workflow.core.config import ConfigError, Sample
+from tests.helpers import tiny_dict, write_images
+from workflow.core.config import ConfigError, Sample, params_from_dict
 from workflow.formats.pipeline import load_unet
 from workflow.formats.png import make_grid
 from workflow.formats.sample_set import write_sample_set
@@ -21,11 +23,24 @@ from workflow.stages.train import run as train
 SAMPLERS = [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmsolver++", 0.0)]
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory) -> Path:
+    """One tiny training for the module: the tests only read its pipeline."""
+    folder, cwd = tmp_path_factory.mktemp("trained"), os.getcwd()
+    os.chdir(folder)  # the params' paths are relative
+    try:
+        params = params_from_dict(tiny_dict())
+        write_images(params.paths.images)
+        train(params)
+        return folder / params.paths.trained
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture
-def trained(tiny_params):
-    params = tiny_params()
-    write_images(params.paths.images)
-    train(params)
+def trained(tiny_params, trained_once):
+    """tiny_params, with that trained pipeline at its paths.trained."""
+    shutil.copytree(trained_once, tiny_params().paths.trained)
     return tiny_params
 
 
