@@ -239,7 +239,7 @@ def test_a_clone_with_an_empty_cache_compares_and_says_what_to_fetch(tmp_path, m
     assert rows == ["main", "seed-1"] and "50.00" in page and "51.00" in page
     assert page.count("<strong>missing:</strong> sample grid <span>(not in the local DVC cache") == 2
     assert "<strong>missing:</strong> loss histories" in page
-    for name, fetch in (("main", "dvc pull"), ("seed-1", "dvc exp pull origin seed-1")):
+    for name, fetch in (("main", "python -m workflow pull"), ("seed-1", "dvc exp pull origin seed-1")):
         for path in ("reports/samples/grid.png", "reports/train/plots/metrics/train/loss.tsv"):
             assert (
                 f"<li><strong>{name}</strong>: {path}: not in the local DVC cache; fetch it with `{fetch}`</li>"

@@ -240,7 +240,7 @@ def test_a_run_with_nothing_but_params_still_gets_a_page(run_dir):
 
 def test_outputs_a_recorded_run_made_but_this_workspace_lacks_say_dvc_pull(run_dir):
     """A clone of a repository whose dvc.lock is committed has none of the cached outputs: the page
-    still renders, and says which ones `dvc pull` fetches (the metrics, in git, are shown)."""
+    still renders, and says which ones `python -m workflow pull` fetches (the metrics, in git, are shown)."""
     dvc = [sys.executable, "-m", "dvc"]
     (run_dir / "dvc.yaml").write_text(
         yaml.safe_dump(

@@ -10,10 +10,10 @@ report shows it too).
 
 The page needs nothing from the network: images are base64 data URIs and the CSS is inline. An
 artifact a run does not have (a partial run, or an older one) is shown as missing, naming the stage
-that writes it; one that dvc.lock records but the workspace lacks (a fresh clone) names `dvc pull`,
-which fetches it from the project's DVC remote; a damaged one is an error naming the file. The page
-holds no timestamps and no absolute paths that the inputs don't already hold, so identical inputs
-give a byte-identical page.
+that writes it; one that dvc.lock records but the workspace lacks (a fresh clone) names `python -m
+workflow pull` (dvc pull, every object checked), which fetches it from the project's DVC remote; a
+damaged one is an error naming the file. The page holds no timestamps and no absolute paths that the
+inputs don't already hold, so identical inputs give a byte-identical page.
 """
 
 from __future__ import annotations
@@ -129,11 +129,14 @@ def load_inputs(params: Params) -> ReportInputs:
     )
 
 
-FETCH = "recorded by DVC (dvc.lock) but not in this workspace: `dvc pull` fetches it from the project's DVC remote"
+FETCH = (
+    "recorded by DVC (dvc.lock) but not in this workspace: `python -m workflow pull` fetches it from the project's "
+    "DVC remote"
+)
 
 
 def with_fetch_hints(inputs: ReportInputs) -> ReportInputs:
-    """Each Missing input that a recorded run made (its DVC output is absent here) says `dvc pull`."""
+    """Each Missing input that a recorded run made (its DVC output is absent here) says how to pull it."""
     absent = {f.name: getattr(inputs, f.name) for f in fields(inputs) if isinstance(getattr(inputs, f.name), Missing)}
     if not absent:
         return inputs  # the usual case: DVC is not consulted

@@ -13,7 +13,7 @@ FID marked), FID against each swept numeric param (the best starred), the grids 
 the loss and learning-rate curves overlaid in one plot.
 
 An output the local cache lacks (a fresh clone, or an experiment pulled without its data) is marked
-missing with the command that fetches it from the project's DVC remote: `dvc pull` for the workspace
+missing with the command that fetches it from the project's DVC remote: `python -m workflow pull` for the workspace
 and the current commit, `dvc exp pull origin <name>` for an experiment. The metrics live in git, so
 they are shown all the same.
 
@@ -206,7 +206,7 @@ def _read_history(fs, log: str, problems: list, fetch: str, name: str) -> dict |
 
 def fetch_command(row: dict) -> str:
     """What fetches a row's outputs from the project's DVC remote into the local cache."""
-    return f"dvc exp pull origin {row['name']}" if row["kind"] == "experiment" else "dvc pull"
+    return f"dvc exp pull origin {row['name']}" if row["kind"] == "experiment" else "python -m workflow pull"
 
 
 def _read(fs, path: str, problems: list, fetch: str) -> bytes | None:
@@ -384,8 +384,8 @@ def problems_section(experiments: list) -> str:
         note = (
             '<p class="caption">Outputs not in the local DVC cache are fetched from the project\'s DVC remote '
             "(<code>dvc remote list</code>), where <code>dvc push</code> and <code>dvc exp push origin "
-            "&lt;name&gt;</code> put them: <code>dvc pull</code> for the workspace and the current commit, "
-            "<code>dvc exp pull origin &lt;name&gt;</code> for an experiment.</p>"
+            "&lt;name&gt;</code> put them: <code>python -m workflow pull</code> for the workspace and the current "
+            "commit, <code>dvc exp pull origin &lt;name&gt;</code> for an experiment.</p>"
         )
     return section("Not available", f"<ul>{items}</ul>{note}")
 
