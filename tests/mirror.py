@@ -183,14 +183,15 @@ def png(seed: int, size: tuple[int, int] = (12, 10)) -> bytes:
 
 @dataclass
 class Dataset:
-    """A dataset git repository under the mirror: `commit()` adds files and moves `main`."""
+    """A dataset (or model) git repository under the mirror: `commit()` adds files and moves `main`."""
 
     path: Path
     repo_id: str
 
     @classmethod
-    def create(cls, mirror: Mirror, repo_id: str, files: dict[str, bytes]) -> Dataset:
-        path = mirror.mirrors / "datasets" / repo_id
+    def create(cls, mirror: Mirror, repo_id: str, files: dict[str, bytes], kind: str = "datasets") -> Dataset:
+        """A repository of `kind` ("datasets", or "models" for a model repository such as a pipeline)."""
+        path = mirror.mirrors / kind / repo_id
         path.mkdir(parents=True)
         git(path, "init", "-q", "-b", "main")
         dataset = cls(path, repo_id)

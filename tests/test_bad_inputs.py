@@ -118,7 +118,7 @@ def test_parquet_path_column_cannot_choose_where_images_go(tmp_path):
     rows = [{"bytes": png, "path": "../../evil.png"}, {"bytes": png, "path": str(tmp_path / "abs-evil.png")}]
     shard = snapshot / "data" / "train-00000-of-00001.parquet"
     pq.write_table(pa.table({"image": rows}), shard)
-    count, skipped, labels = fetch.export_parquet([shard], snapshot, Data(source="hf:org/evil"), out)
+    count, skipped, labels, _ = fetch.export_parquet([shard], snapshot, Data(source="hf:org/evil"), out)
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
     assert count == 2 and skipped == [] and labels is None
     assert written == [

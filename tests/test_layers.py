@@ -60,9 +60,11 @@ OWNED_NAMES = {
     "samples.json": "formats/sample_set.py",
     "SOURCE.json": "formats/raw_dataset.py",
     "progress.json": "formats/checkpoints.py",
-    "model_index.json": "formats/pipeline.py",
+    "model_index.json": "formats/base_model.py",
     "grids": "formats/trainlog.py",
     "LABELS.json": "formats/raw_dataset.py",
+    "CAPTIONS.json": "formats/raw_dataset.py",
+    "BASE.json": "formats/base_model.py",
     "class_names.json": "formats/pipeline.py",
 }
 

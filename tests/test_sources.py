@@ -170,7 +170,7 @@ def test_hf_helpers_offline(tmp_path, monkeypatch):
     pq.write_table(pa.table({"image": rows, "label": [0, 1]}), snapshot / "data" / "train-00000-of-00001.parquet")
     files = [snapshot / "data" / "train-00000-of-00001.parquet"]
     out = tmp_path / "out"
-    count, skipped, labels = fetch.export_parquet(files, snapshot, Data(source="hf:o/d"), out)
+    count, skipped, labels, _ = fetch.export_parquet(files, snapshot, Data(source="hf:o/d"), out)
     assert count == 1 and (out / "data" / "train-00000-of-00001" / "000000.png").is_file() and labels is None
     assert skipped[0]["row"] == 1 and "not a supported image" in skipped[0]["reason"]
     with pytest.raises(ConfigError, match="'img'.*columns: image, label"):

@@ -80,6 +80,14 @@ SOURCE = _rule(
     lambda v: re.fullmatch(r"(builtin|imagefolder|hf):.+", v) is not None,
     "must be builtin:<name>, imagefolder:<path> or hf:<owner>/<name>",
 )
+PROMPTS = _rule(
+    lambda v: len(v) <= 64 and all(0 < len(p) <= 4096 for p in v),
+    "must hold at most 64 prompts, each of 1 to 4,096 characters",
+)
+PRETRAINED = _rule(
+    lambda v: re.fullmatch(r"(hf|folder):.+", v) is not None,
+    "must be hf:<owner>/<name> or folder:<path> (a diffusers Stable Diffusion pipeline)",
+)
 
 
 def checked(default, rule=None):
@@ -103,6 +111,9 @@ class Paths:
     images: str = _path("data/processed/images.npy")
     meta: str = _path("data/processed/meta.json")
     labels: str = _path("data/processed/labels.json")  # class names and each image's class (empty: none)
+    captions: str = _path("data/processed/captions.json")  # each image's captions (empty: none)
+    base_model: str = _path("models/base")  # download_model's: the pretrained pipeline's parts (model.pretrained)
+    latents: str = _path("data/processed/latents")  # encode's: latent distributions + caption embeddings
     fid_ref: str = _path("data/processed/fid_ref.npz")
     checkpoints: str = _path("models/checkpoints")
     trained: str = _path("models/trained")  # train's pipeline, read by sample and fid_sweep
@@ -126,6 +137,8 @@ class Data:
     split: str = "train"
     image_column: str = "image"
     label_column: Optional[str] = checked(None, NON_EMPTY)  # hf only: a ClassLabel column; null = no labels
+    # hf parquet: a text column; an image folder (local or hf): the field of its metadata.jsonl; null = none
+    caption_column: Optional[str] = checked(None, NON_EMPTY)
     resolution: int = checked(16, positive(1024))
     channels: Literal[1, 3] = 1
     center_crop: bool = True
@@ -143,6 +156,11 @@ class Data:
 
 @dataclass(frozen=True)
 class Model:
+    # text-to-image: fine-tune this Stable Diffusion pipeline (its UNet2DConditionModel) on captioned images;
+    # the UNet settings below are then its own. null: a UNet2DModel trained from scratch
+    pretrained: Optional[str] = checked(None, PRETRAINED)
+    revision: Optional[str] = checked(None, NON_EMPTY)  # hf only: branch, tag or commit sha (pin the sha)
+    folder: str = _path("models/local")  # folder:<path> must be this folder: dvc and Snakemake track it
     block_out_channels: tuple[int, ...] = checked_tuple((32, 64, 64), positive_list(4096, 8))  # 8 levels at most
     layers_per_block: int = checked(1, positive(16))
     attention_levels: tuple[int, ...] = checked_tuple((2,))
@@ -150,6 +168,14 @@ class Model:
     class_conditional: bool = False  # a class embedding (one row per class + "no class"), for guidance
     # the UNet is counted on the meta device before it is built (workflow.models.builders.check_size)
     max_parameters: int = checked(2_000_000_000, positive(10**12))
+
+    @property
+    def kind(self) -> str | None:
+        return self.pretrained.split(":", 1)[0] if self.pretrained else None
+
+    @property
+    def location(self) -> str | None:
+        return self.pretrained.split(":", 1)[1] if self.pretrained else None
 
 
 @dataclass(frozen=True)
@@ -191,6 +217,8 @@ class Train:
     checkpoints_total_limit: int = checked(2, positive(100))
     progress_grids: bool = True  # a small grid from the EMA weights at every checkpoint
     label_dropout: float = checked(0.1, UNIT_CLOSED)  # class-conditional: share of labels replaced by "no class"
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: memory for time
+    lora_rank: Optional[int] = checked(None, positive(1024))  # text-to-image: train a LoRA adapter of this rank
 
 
 @dataclass(frozen=True)
@@ -205,6 +233,9 @@ class Sample:
     # class-conditional only: eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional, 0 = unconditional
     guidance_scale: float = checked(1.0, non_negative(GUIDANCE))
     classes: tuple[int, ...] = checked_tuple((), non_negative_items(CLASSES - 1, 1024))  # class indices; () = all
+    # text-to-image: the grid's prompts (a row each, at every checkpoint and at the end) and what guidance steers from
+    prompts: tuple[str, ...] = checked_tuple((), PROMPTS)
+    negative_prompt: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +247,13 @@ class Fid:
     batch_size: int = checked(50, positive(4096))
     steps_sweep: tuple[int, ...] = checked_tuple((), positive_items(10_000, 32))  # FID against the sampling steps
     guidance_sweep: tuple[float, ...] = checked_tuple((), non_negative_items(GUIDANCE, 32))  # FID against w
+
+
+@dataclass(frozen=True)
+class Encode:
+    """The encode stage (text-to-image only): each image's latent distribution and each caption's embedding."""
+
+    batch_size: int = checked(32, positive(4096))  # images or captions per VAE or text encoder call
 
 
 @dataclass(frozen=True)
@@ -238,6 +276,7 @@ class Params:
     train: Train = field(default_factory=Train)
     sample: Sample = field(default_factory=Sample)
     fid: Fid = field(default_factory=Fid)
+    encode: Encode = field(default_factory=Encode)
     cluster: Cluster = field(default_factory=Cluster)
 
     def to_dict(self) -> dict:
@@ -417,7 +456,7 @@ def _check_cross_field(p: Params, source: str) -> None:
         )
     if not p.model.class_conditional:
         conditional_only = {
-            "sample.guidance_scale": p.sample.guidance_scale != 1.0,
+            "sample.guidance_scale": p.sample.guidance_scale != 1.0 and p.model.pretrained is None,
             "sample.classes": bool(p.sample.classes),
             "fid.guidance_sweep": bool(p.fid.guidance_sweep),
         }
@@ -439,9 +478,52 @@ def _check_cross_field(p: Params, source: str) -> None:
         raise ConfigError(f"{source}: `fid.weights_sha256` is set but `fid.weights` is not")
     if p.data.kind == "hf" and "/" not in p.data.location:
         raise ConfigError(f"{source}: `data.source` {p.data.source!r} must name a repository as hf:<owner>/<name>")
+    _check_text_to_image(p, source)
     if p.data.kind == "imagefolder" and os.path.normpath(p.data.location) != os.path.normpath(p.data.folder):
         raise ConfigError(
             f"{source}: `data.source` {p.data.source!r} must read `data.folder` "
             f"({p.data.folder!r}), the folder dvc and Snakemake track: set `data.folder: "
             f"{p.data.location}` too"
         )
+
+
+def _check_text_to_image(p: Params, source: str) -> None:
+    """`model.pretrained` (text-to-image fine-tuning) and captions: what each needs of the rest."""
+    m = p.model
+    if m.revision is not None and m.kind != "hf":
+        raise ConfigError(f"{source}: `model.revision` applies to `model.pretrained: hf:<owner>/<name>` only")
+    if m.kind == "hf" and "/" not in m.location:
+        raise ConfigError(f"{source}: `model.pretrained` {m.pretrained!r} must name a repository as hf:<owner>/<name>")
+    if m.kind == "folder" and os.path.normpath(m.location) != os.path.normpath(m.folder):
+        raise ConfigError(
+            f"{source}: `model.pretrained` {m.pretrained!r} must read `model.folder` ({m.folder!r}), the folder "
+            f"dvc and Snakemake track: set `model.folder: {m.location}` too"
+        )
+    if p.data.caption_column is not None and p.data.kind == "builtin":
+        raise ConfigError(
+            f"{source}: `data.caption_column` is set but `data.source` {p.data.source!r} has no captions: "
+            "use an hf: dataset with a text column, or an image folder with a metadata.jsonl"
+        )
+    if m.pretrained is None:
+        text_only = {
+            "train.lora_rank": p.train.lora_rank is not None,
+            "sample.prompts": bool(p.sample.prompts),
+            "sample.negative_prompt": p.sample.negative_prompt is not None,
+        }
+        for key, is_set in text_only.items():
+            if is_set:
+                raise ConfigError(
+                    f"{source}: `{key}` applies to text-to-image fine-tuning: set `model.pretrained`, or leave it "
+                    "at its default"
+                )
+        return
+    needs = {
+        "sample.prompts": (bool(p.sample.prompts), "the grid's prompts (one row each)"),
+        "data.caption_column": (p.data.caption_column is not None, "the captions to condition on (e.g. text)"),
+        "data.channels": (p.data.channels == 3, "3: the VAE encodes RGB images"),
+        "model.class_conditional": (not m.class_conditional, "false: the model is conditioned on captions"),
+        "fid.steps_sweep": (not p.fid.steps_sweep, "[]: FID sweeps of text-to-image models are not supported yet"),
+    }
+    for key, (ok, why) in needs.items():
+        if not ok:
+            raise ConfigError(f"{source}: `model.pretrained` (text-to-image fine-tuning) needs `{key}`: {why}")

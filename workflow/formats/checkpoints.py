@@ -34,14 +34,21 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 
 def run_key(params: Params, images_sha256: str, labels_sha256: str | None = None) -> str:
     """Hash of the data, model, noise schedule, training recipe and seed (not logging cadence, grids, nor the
-    size caps, which only decide whether a run may start)."""
+    size caps, which only decide whether a run may start). A text-to-image run's data is its encoded set:
+    `images_sha256` is then that of its record, which names the images, captions and pretrained pipeline."""
     everything = params.to_dict()
     train = everything["train"]
     for cadence in ("log_every", "checkpoint_every", "checkpoints_total_limit", "progress_grids", "max_activation_gib"):
         train.pop(cadence)
     everything["model"].pop("max_parameters")
+    everything["model"].pop("folder")  # where a folder: pipeline is read from; its content is in the data key
+    train.pop("gradient_checkpointing")  # recomputes the same activations: memory, not weights
     if not params.model.class_conditional:
         train.pop("label_dropout")  # no labels to drop: it does not shape the weights
+    if params.model.pretrained is None:  # keys of pixel-space runs as before text-to-image existed
+        for key in ("pretrained", "revision"):
+            everything["model"].pop(key)
+        train.pop("lora_rank")
     identity = {
         "images": images_sha256,
         "seed": params.seed,

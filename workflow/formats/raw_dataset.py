@@ -1,10 +1,12 @@
 """The raw dataset (`paths.raw`): `images/` (image files, any nesting), SOURCE.json (what was fetched,
-from where, at which commit, and what was skipped) and, for a labelled dataset, LABELS.json (the class
-names, and each image's class by its path under images/). Written by download, read by preprocess.
+from where, at which commit, and what was skipped), for a labelled dataset LABELS.json (the class
+names, and each image's class by its path under images/) and for a captioned one CAPTIONS.json (each
+image's captions by its path). Written by download, read by preprocess.
 
     images, record = read_raw("data/raw")
     files = list_image_files(images)
     labels = read_raw_labels("data/raw")     # RawLabels(classes, by_path), or None: no labels
+    captions = read_raw_captions("data/raw") # {path: [caption, ...]}, or None: no captions
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tiff", "
 SOURCE_FILE = "SOURCE.json"
 IMAGES_DIR = "images"
 LABELS_FILE = "LABELS.json"
+CAPTIONS_FILE = "CAPTIONS.json"
 
 
 @dataclass(frozen=True)
@@ -62,3 +65,15 @@ def read_raw_labels(raw: str | Path) -> RawLabels | None:
         return None
     record = read_record(path, "download", ("classes", "labels"))
     return RawLabels(list(record["classes"]), dict(record["labels"]))
+
+
+def write_raw_captions(folder: Path, column: str, by_path: dict[str, list[str]]) -> None:
+    """CAPTIONS.json into the raw folder being built: each image's non-empty captions, from `column`."""
+    write_json(folder / CAPTIONS_FILE, {"column": column, "captions": by_path})
+
+
+def read_raw_captions(raw: str | Path) -> dict[str, list[str]] | None:
+    path = Path(raw) / CAPTIONS_FILE
+    if not path.is_file():
+        return None
+    return dict(read_record(path, "download", ("captions",))["captions"])

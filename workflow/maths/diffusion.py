@@ -54,6 +54,31 @@ def step_noise(
     return noise, timesteps, flip
 
 
+LATENT_STREAM = 1  # the key of a step's second stream: the latent draws and the caption choice
+
+
+def latent_draws(seed: int, step: int, shape: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise for sampling each image's latent from its distribution, a uniform number per image that picks
+    one of its captions) for the global batch of `step`. A stream of its own: step_noise's draws are the
+    same whether or not the run is latent."""
+    g = torch.Generator(device=device).manual_seed(stream_seed(seed, step, LATENT_STREAM))
+    noise = torch.randn(shape, generator=g, device=device)
+    return noise, torch.rand(shape[0], generator=g, device=device)
+
+
+def pick_captions(offsets: torch.Tensor, index: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The caption row of each image `index`: one of its captions offsets[i] .. offsets[i + 1] - 1, chosen by
+    `uniform` (in [0, 1)), as the reference script's random.choice per step."""
+    first, count = offsets[index], offsets[index + 1] - offsets[index]
+    return first + torch.minimum((uniform * count).long(), count - 1)
+
+
+def latent_sample(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """A draw from a VAE's latent distribution, scaled for the UNet: what diffusers'
+    `vae.encode(x).latent_dist.sample() * scaling_factor` computes, with the noise given."""
+    return (mean + torch.exp(0.5 * logvar) * noise) * scaling_factor
+
+
 def apply_flip(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """Mirror the images where `flip` is true (augmentation on the device, no host round trip)."""
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)

@@ -4,16 +4,24 @@ check_size(params)          # first: refuses a UNet or a batch over the caps, al
 unet = build_unet(params.model, resolution=16, channels=1)
 noise_scheduler = build_noise_scheduler(params.scheduler)
 sampler = build_sampler("ddim", noise_scheduler.config)
+
+Text-to-image (`model.pretrained`): the pretrained pipeline's own UNet2DConditionModel and noise schedule,
+from its folder (`paths.base_model`), and optionally a LoRA adapter on the UNet's attention projections:
+unet = load_pretrained_unet("models/base"); add_lora(unet, rank=4)
+noise_scheduler = load_pretrained_noise_scheduler("models/base")
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel, UNet2DModel
 
 from workflow.core.config import ConfigError, Model, Params, Scheduler
 
 GIB = 2**30
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as the reference LoRA script
 
 SAMPLERS = {  # sample.sampler -> (scheduler class, settings on top of the training noise schedule)
     "ddpm": (DDPMScheduler, {}),
@@ -66,40 +74,93 @@ def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def check_size(params: Params, num_classes: int = 0) -> dict:
+def trainable_parameters(module) -> list:
+    """The parameters training updates: all of them, or only a LoRA adapter's."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _load(what: str, base: str | Path, load):
+    try:
+        return load(str(base))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{base}: cannot load the pretrained {what} ({exc}); re-run download_model") from None
+
+
+def load_pretrained_unet(base: str | Path) -> UNet2DConditionModel:
+    return _load(
+        "unet", base, lambda b: UNet2DConditionModel.from_pretrained(b, subfolder="unet", use_safetensors=True)
+    )
+
+
+def pretrained_scheduler_config(base: str | Path) -> dict:
+    """The pretrained pipeline's noise schedule (betas, prediction type), for training and sampling alike.
+    Latents are never clipped to [-1, 1]: SD 1.x's PNDM config predates `clip_sample`, whose default in
+    DDPM and DDIM is true (diffusers warns of it)."""
+    config = _load("scheduler", base, lambda b: DDPMScheduler.load_config(b, subfolder="scheduler"))
+    return {**config, "clip_sample": config.get("clip_sample", False)}
+
+
+def load_pretrained_noise_scheduler(base: str | Path) -> DDPMScheduler:
+    """The training scheduler over the pipeline's schedule, as the reference script builds it."""
+    return DDPMScheduler.from_config(pretrained_scheduler_config(base))
+
+
+def add_lora(unet, rank: int) -> None:
+    """Freeze `unet` and give it a trainable LoRA adapter of `rank` (alpha = rank, Gaussian init, as the
+    reference script); only the adapter's weights then require gradients."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+
+
+def check_size(params: Params, num_classes: int = 0, latent: dict | None = None) -> dict:
     """Refuse, before anything is allocated, a UNet over `model.max_parameters` or a training micro-batch
     whose activations exceed `train.max_activation_gib`. Both are measured on the meta device (shapes,
-    no memory), where config's upper bounds keep even the largest allowed build quick.
+    no memory), where config's upper bounds keep even the largest allowed build quick. A text-to-image
+    run passes `latent` = {"base": the pipeline folder, "latent_shape": (C, h, w), "text_shape": (L, D)}:
+    its pretrained UNet's config is built, with the caption embeddings it attends to.
     Returns {"parameters": count, "activation_gib": estimate}."""
     m, t, data = params.model, params.train, params.data
     with torch.device("meta"):
-        unet = build_unet(m, resolution=data.resolution, channels=data.channels, num_classes=num_classes)
+        if latent is None:
+            unet = build_unet(m, resolution=data.resolution, channels=data.channels, num_classes=num_classes)
+        else:
+            config = _load("unet", latent["base"], lambda b: UNet2DConditionModel.load_config(b, subfolder="unet"))
+            unet = UNet2DConditionModel.from_config(config)
     count = count_parameters(unet)
+    what = (
+        f"the pretrained UNet of {m.pretrained}"
+        if latent
+        else f"the UNet of `model.block_out_channels` {list(m.block_out_channels)}, "
+        f"`model.layers_per_block` {m.layers_per_block} and `model.attention_levels` {list(m.attention_levels)}"
+    )
     if count > m.max_parameters:
         raise ConfigError(
-            f"the UNet of `model.block_out_channels` {list(m.block_out_channels)}, "
-            f"`model.layers_per_block` {m.layers_per_block} and `model.attention_levels` "
-            f"{list(m.attention_levels)} has {count:,} parameters, over `model.max_parameters` "
-            f"({m.max_parameters:,}): make it smaller, or raise the cap"
+            f"{what} has {count:,} parameters, over `model.max_parameters` ({m.max_parameters:,}): "
+            f"{'choose a smaller one' if latent else 'make it smaller'}, or raise the cap"
         )
     micro_batch = t.batch_size // t.gradient_accumulation_steps
-    gib = activation_bytes(unet, micro_batch) / GIB
+    shape = tuple(latent["latent_shape"]) if latent else None
+    context = tuple(latent["text_shape"]) if latent else None
+    gib = activation_bytes(unet, micro_batch, shape, context) / GIB
     if gib > t.max_activation_gib:
         raise ConfigError(
             f"one training micro-batch of {micro_batch} images (`train.batch_size` / "
             f"`train.gradient_accumulation_steps`) at `data.resolution` {data.resolution} keeps about "
-            f"{gib:,.0f} GiB of activations for the backward pass on this UNet (`model.*`), over "
+            f"{gib:,.0f} GiB of activations for the backward pass on {what}, over "
             f"`train.max_activation_gib` ({t.max_activation_gib:,}): raise "
             f"`train.gradient_accumulation_steps`, lower `train.batch_size`, or raise the cap"
         )
     return {"parameters": count, "activation_gib": gib}
 
 
-def activation_bytes(unet: UNet2DModel, batch: int) -> int:
+def activation_bytes(unet, batch: int, shape: tuple | None = None, context: tuple | None = None) -> int:
     """Bytes of the tensors a float32 forward pass of `unet` saves for the backward pass over `batch`
-    images (each counted once, the weights not at all): what training holds at its peak. On the meta
-    device nothing is allocated. Attention counts as the math kernel saves it (its N x N weights), an
-    upper bound for the fused kernels of CPUs and GPUs; bf16 autocast saves less."""
+    inputs of `shape` (default: the UNet's own sample size; with `context`, the L x D caption embeddings
+    a conditional UNet attends to), each counted once, the weights not at all: what training holds at
+    its peak. On the meta device nothing is allocated. Attention counts as the math kernel saves it (its
+    N x N weights), an upper bound for the fused kernels of CPUs and GPUs; bf16 autocast saves less."""
     weights = {id(w) for w in unet.parameters()}
     saved = {}
 
@@ -110,9 +171,12 @@ def activation_bytes(unet: UNet2DModel, batch: int) -> int:
         return tensor
 
     size, channels, device = unet.config.sample_size, unet.config.in_channels, unet.device
+    shape = shape or (channels, size, size)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        noisy = torch.zeros(batch, channels, size, size, device=device)
+        noisy = torch.zeros(batch, *shape, device=device)
         steps = torch.zeros(batch, dtype=torch.long, device=device)
-        labels = steps if unet.config.num_class_embeds else None
-        unet(noisy, steps, class_labels=labels, return_dict=False)
+        condition = {"class_labels": steps if unet.config.num_class_embeds else None}
+        if context is not None:
+            condition["encoder_hidden_states"] = torch.zeros(batch, *context, device=device)
+        unet(noisy, steps, return_dict=False, **condition)
     return sum(saved.values())

@@ -45,13 +45,22 @@ update_config(config, typed(dict(workflow.config_settings.config)))
 PARAMS_FILE = params_file(params_from_dict(config, source=config_sources()))  # validated when parsed
 PATHS = config["paths"]
 
+TEXT_TO_IMAGE = config["model"]["pretrained"] is not None  # encode computes only then
+
 # The light stages run on the submit host; on a cluster (snakemake --profile profiles/slurm) the others
 # are SLURM jobs. Locally this changes nothing.
 localrules:
     download,
+    download_model,
     preprocess,
     report,
     package,
+
+
+if not TEXT_TO_IMAGE:  # encode only writes a record saying the run is in pixel space
+
+    localrules:
+        encode,
 
 
 def params_of(*keys):

@@ -6,6 +6,8 @@ rule train:
     input:
         images=rules.preprocess.output.images,
         labels=rules.preprocess.output.labels,
+        latents=rules.encode.output.latents,
+        base_model=rules.download_model.output.base_model,
         code=stage_code("train"),
     output:
         pipeline=directory(PATHS["trained"]),
@@ -26,12 +28,14 @@ rule train:
 rule sample:
     input:
         pipeline=rules.train.output.pipeline,
+        base_model=rules.download_model.output.base_model,
+        captions=rules.preprocess.output.captions,
         code=stage_code("sample"),
     output:
         samples=directory(PATHS["samples"]),
         grid=report(PATHS["grid"], caption="../pages/captions/grid.rst", category="Samples"),
     params:
-        values=params_of("seed", "sample", "fid.num_samples"),
+        values=params_of("seed", "sample", "fid.num_samples", "model.pretrained", "data.resolution"),
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:

@@ -1,6 +1,7 @@
 rule package:  # models/pipeline: the trained pipeline + its model card, ready for `hf upload`
     input:
         pipeline=rules.train.output.pipeline,
+        base_model=rules.download_model.output.base_model,
         grid=rules.sample.output.grid,
         metrics=rules.evaluate.output.metrics,
         raw=rules.download.output.raw,

@@ -12,6 +12,12 @@
                                    default), split `data.split`, as `datasets` resolves them; only
                                    that split's files are downloaded; the Hub side is workflow/sources/hub.py
 
+With `data.caption_column`, each image's captions come along (CAPTIONS.json): from that column of a
+parquet dataset, or from that field of the image folder's metadata.jsonl files (the Hub's imagefolder
+convention: one `{"file_name": ..., "<column>": ...}` line per image, names relative to the file's
+folder). A cell may hold one caption or a list of them; a missing or empty one is an error naming the
+file (and row), as every image of a text-to-image dataset needs a caption.
+
 The folder is built under a temporary name and renamed into place when complete, so an interrupted
 fetch never looks finished. Run as a stage with `python -m workflow download`.
 """
@@ -21,7 +27,9 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import io
+import json
 import os
+import posixpath
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -38,8 +46,11 @@ from workflow.formats.raw_dataset import (
     SOURCE_FILE,
     RawLabels,
     list_image_files,
+    write_raw_captions,
     write_raw_labels,
 )
+
+METADATA = "metadata.jsonl"  # the Hub's imagefolder convention for per-image fields, captions among them
 
 
 def fetch(params: Params) -> dict:
@@ -53,10 +64,13 @@ def fetch(params: Params) -> dict:
     with atomic_dir(params.paths.raw) as work:
         images = work / IMAGES_DIR
         images.mkdir()
-        record, labels = fetchers[data.kind](data, images)
+        record, labels, captions = fetchers[data.kind](data, images)
         if labels is not None:
             write_raw_labels(work, labels)
             record["classes"] = len(labels.classes)
+        if captions is not None:
+            write_raw_captions(work, data.caption_column, captions)
+            record["captions"] = sum(map(len, captions.values()))
         write_json(work / SOURCE_FILE, record)
     return record
 
@@ -115,7 +129,7 @@ def fetch_builtin(data: Data, images: Path) -> dict:
         "data_file_sha256": sha256_file(data_file),
         "count": len(pixels),
     }
-    return record, RawLabels([str(d) for d in range(10)], by_path)
+    return record, RawLabels([str(d) for d in range(10)], by_path), None
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
@@ -152,7 +166,50 @@ def fetch_imagefolder(data: Data, images: Path) -> dict:
         "files": entries,
         "ignored": ignored_files(root),
     }
-    return record, folder_labels([e["path"] for e in entries])
+    paths = [e["path"] for e in entries]
+    captions = None
+    if data.caption_column is not None:
+        captions = metadata_captions(root, sorted(root.rglob(METADATA)), paths, data.caption_column, data.source)
+        record["ignored"] = [item for item in record["ignored"] if PurePosixPath(item["file"]).name != METADATA]
+    return record, folder_labels(paths), captions
+
+
+def caption_list(value, column: str, where: str) -> list[str]:
+    """A caption cell (one string, or a list of them: several captions of one image) -> its captions."""
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(item, str) and item.strip() for item in items):
+        raise ConfigError(
+            f"{where}: `data.caption_column` {column!r} is missing or empty (got {str(value)[:80]!r}); "
+            "every image of a text-to-image dataset needs a caption"
+        )
+    return list(items)
+
+
+def metadata_captions(root: Path, metadata: list[Path], paths: list[str], column: str, where: str) -> dict:
+    """{image path: captions} for the images `paths` (relative to `root`), from the `metadata` files
+    (metadata.jsonl under `root`, each naming images relative to its own folder)."""
+    found = {}
+    for meta in metadata:
+        folder = meta.parent.relative_to(root).as_posix()
+        for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            here = f"{where}: {meta.relative_to(root).as_posix()} line {number}"
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{here}: not a JSON object ({exc})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise ConfigError(f"{here}: no `file_name` (the image the line describes)")
+            name = posixpath.normpath(posixpath.join(folder, row["file_name"]))
+            found[name] = caption_list(row.get(column), column, f"{here} ({row['file_name']})")
+    missing = [path for path in paths if path not in found]
+    if missing:
+        raise ConfigError(
+            f"{where}: image {missing[0]} has no caption: no line of a {METADATA} names it "
+            f"({len(missing)} of {len(paths)} images have none; `data.caption_column` is {column!r})"
+        )
+    return {path: found[path] for path in paths}
 
 
 def folder_labels(paths: list[str]) -> RawLabels | None:
@@ -211,7 +268,15 @@ class SplitFiles:
 
     config: str  # the card's config name ("default" where the card declares none)
     layout: str  # "parquet" (an image column) or "images" (image files)
-    files: list[str]
+    files: list[str]  # what to download: the data files, and an image layout's metadata.jsonl files
+
+    @property
+    def data_files(self) -> list[str]:
+        return [name for name in self.files if PurePosixPath(name).name != METADATA]
+
+    @property
+    def metadata(self) -> list[str]:
+        return [name for name in self.files if PurePosixPath(name).name == METADATA]
 
 
 def fetch_hf(data: Data, images: Path) -> dict:
@@ -229,11 +294,11 @@ def fetch_hf(data: Data, images: Path) -> dict:
     def select(card: Path, listing: dict[str, int]) -> SplitFiles:
         return split_files(card, listing, data.config, data.split, f"{data.source!r} at {card.name}")
 
-    sha, snapshot, chosen = hub.snapshot(repo_id, requested, env, select, data.source)
-    paths = [inside(snapshot, name) for name in chosen.files]
-    skipped, labels = [], None
+    sha, snapshot, chosen = hub.snapshot(hub.HubRepo(repo_id), requested, env, select)
+    paths = [inside(snapshot, name) for name in chosen.data_files]
+    skipped, labels, captions = [], None, None
     if chosen.layout == "parquet":
-        count, skipped, labels = export_parquet(paths, snapshot, data, images)
+        count, skipped, labels, captions = export_parquet(paths, snapshot, data, images)
         used = [file_entry(p, snapshot) for p in paths]
     else:
         if data.label_column is not None:
@@ -243,6 +308,11 @@ def fetch_hf(data: Data, images: Path) -> dict:
             )
         used = copy_images(paths, snapshot, images)
         count = len(used)
+        if data.caption_column is not None:
+            metadata = [inside(snapshot, name) for name in chosen.metadata]
+            names = [e["path"] for e in used]
+            captions = metadata_captions(snapshot, metadata, names, data.caption_column, data.source)
+            used += [file_entry(p, snapshot) for p in metadata]
     if not count:
         raise ConfigError(f"`data.source` {data.source!r} at {sha}: no readable images in split {data.split!r}")
     record = {
@@ -258,7 +328,7 @@ def fetch_hf(data: Data, images: Path) -> dict:
         "skipped": skipped,
         "files": used,
     }
-    return record, labels
+    return record, labels, captions
 
 
 def split_files(card: Path, listing: dict[str, int], config: str | None, split: str, where: str) -> SplitFiles:
@@ -314,12 +384,13 @@ def split_files(card: Path, listing: dict[str, int], config: str | None, split: 
         )
     layout, suffixes = LAYOUTS[module]
     chosen = [f for f in files if PurePosixPath(f).suffix.lower() in suffixes]
+    metadata = [f for f in files if PurePosixPath(f).name == METADATA] if layout == "images" else []
     if not chosen:
         raise ConfigError(
             f"`data.split` {split!r} of config {name!r} of {where}: none of its files "
             f"({', '.join(files[:3])}) is a {', '.join(suffixes)} file"
         )
-    return SplitFiles(name, layout, chosen)
+    return SplitFiles(name, layout, sorted(chosen + metadata))
 
 
 def outside_checked(pattern: str, config: str, where: str) -> str:
@@ -363,34 +434,41 @@ def card_config(card: Path, config: str | None, where: str) -> tuple[str, dict]:
     return name, configs[name]
 
 
-def export_parquet(files: list[Path], snapshot: Path, data: Data, images: Path) -> tuple[int, list, RawLabels | None]:
+def export_parquet(
+    files: list[Path], snapshot: Path, data: Data, images: Path
+) -> tuple[int, list, RawLabels | None, dict | None]:
     """Write each row's `data.image_column` image bytes to `images/<parquet path without .parquet>/<row>.<ext>`.
 
     The column holds `datasets` Image structs `{bytes, path}` (or plain binary). With `data.label_column`,
-    each written image's class comes from that ClassLabel column (its names from the dataset's features).
-    Returns the number written, the rows skipped because their bytes are not a supported image, and the
-    labels. Reads a batch of rows at a time, so a large shard never sits in memory whole.
+    each written image's class comes from that ClassLabel column (its names from the dataset's features);
+    with `data.caption_column`, its captions from that text column. Returns the number written, the rows
+    skipped because their bytes are not a supported image, the labels and the captions. Reads a batch of
+    rows at a time, so a large shard never sits in memory whole.
     """
     import pyarrow.parquet as pq
 
-    count, skipped, classes, by_path = 0, [], None, {}
-    wanted = [data.image_column] + ([data.label_column] if data.label_column else [])
+    count, skipped, classes, by_path, captions = 0, [], None, {}, {}
+    keys = {"data.image_column": data.image_column, "data.label_column": data.label_column}
+    keys["data.caption_column"] = data.caption_column
+    keys = {key: column for key, column in keys.items() if column}
+    wanted = list(keys.values())
     for path in files:
         name = path.relative_to(snapshot).as_posix()
         folder = inside(images, os.path.relpath(path, snapshot)).with_suffix("")  # rows: <row>.<format>
         relative = PurePosixPath(name).with_suffix("")  # the folder, as LABELS.json names images
         shard = pq.ParquetFile(path)
         columns = shard.schema_arrow.names
-        for column, key in zip(wanted, ("data.image_column", "data.label_column"), strict=False):
+        for key, column in keys.items():
             if column not in columns:
                 raise ConfigError(f"`{key}` {column!r} is not a column of {name}; columns: {', '.join(columns)}")
         if data.label_column:
             classes = class_names(shard, data.label_column, snapshot, name, classes)
         row = 0
         for batch in shard.iter_batches(batch_size=256, columns=wanted):
-            cells = batch.column(0).to_pylist()
-            labels = batch.column(1).to_pylist() if data.label_column else [None] * len(cells)
-            for cell, label in zip(cells, labels, strict=True):
+            cells = batch.column(data.image_column).to_pylist()
+            labels = batch.column(data.label_column).to_pylist() if data.label_column else [None] * len(cells)
+            texts = batch.column(data.caption_column).to_pylist() if data.caption_column else [None] * len(cells)
+            for cell, label, text in zip(cells, labels, texts, strict=True):
                 blob = _image_bytes(cell, data.image_column, name, row)
                 suffix = image_extension(blob)
                 if suffix not in IMAGE_EXTENSIONS:
@@ -400,9 +478,13 @@ def export_parquet(files: list[Path], snapshot: Path, data: Data, images: Path) 
                     (folder / f"{row:06d}{suffix}").write_bytes(blob)
                     if classes is not None:
                         by_path[f"{relative}/{row:06d}{suffix}"] = _label(label, classes, data.label_column, name, row)
+                    if data.caption_column:
+                        where = f"{data.source}: {name} row {row}"
+                        captions[f"{relative}/{row:06d}{suffix}"] = caption_list(text, data.caption_column, where)
                     count += 1
                 row += 1
-    return count, skipped, (RawLabels(classes, by_path) if classes is not None else None)
+    labels = RawLabels(classes, by_path) if classes is not None else None
+    return count, skipped, labels, (captions if data.caption_column else None)
 
 
 def class_names(shard, column: str, snapshot: Path, name: str, known: list | None) -> list[str]:

@@ -1,17 +1,20 @@
 """The Hugging Face Hub (or a mirror of it) as the download stage sees it: the files a split needs, at one commit.
 
-    from workflow.sources.hub import HubEnv, snapshot
-    sha, folder, chosen = snapshot("huggan/smithsonian_butterflies_subset", "main", HubEnv.from_environ(), select)
+    from workflow.sources.hub import HubEnv, HubRepo, snapshot
+    repo = HubRepo("huggan/smithsonian_butterflies_subset")            # a dataset, named by data.source
+    sha, folder, chosen = snapshot(repo, "main", HubEnv.from_environ(), select)
 
-`select(folder, listing)` sees the dataset card (README.md, .huggingface.yaml, in `folder`) and the
-commit's file listing ({path: size}), and returns what to download: an object whose `.files` are repo
-paths (workflow/sources/fetch.py resolves a config's split with `datasets`). Only those files are fetched.
+`select(folder, listing)` sees the repository's card files (a dataset's README.md and .huggingface.yaml,
+a model's README.md and model_index.json, in `folder`) and the commit's file listing ({path: size}), and
+returns what to download: an object whose `.files` are repo paths (workflow/sources/fetch.py resolves a
+dataset config's split with `datasets`, workflow/sources/pretrained.py picks a pipeline's weights).
+Only those files are fetched.
 
 Everything comes from the environment, read when the stage runs (not when huggingface_hub was
 imported, which is when the library itself reads HF_ENDPOINT, huggingface_hub#2871):
   HF_ENDPOINT      the Hub or a mirror (default https://huggingface.co), passed to every call
   HF_HUB_OFFLINE   1: no network at all, the local cache only
-  HF_TOKEN         for private or gated datasets, else the token `hf auth login` saved (huggingface_hub's
+  HF_TOKEN         for private or gated repositories, else the token `hf auth login` saved (huggingface_hub's
                    own look-up, `get_token()`); sent to the endpoint only, never written, never printed
   HF_HOME / HF_HUB_CACHE, HF_HUB_ETAG_TIMEOUT   huggingface_hub's own cache folder and metadata timeout
 
@@ -59,7 +62,7 @@ TRUE = {"1", "ON", "YES", "TRUE"}
 # Worth another try: no connection, a timeout, a reset; LocalEntryNotFoundError (or no cached listing)
 # is how snapshot_download reports that it lost the network with nothing in the cache.
 TRANSIENT = (httpx2.TransportError, LocalEntryNotFoundError, CachedRepoTreeNotFoundError)
-CARD_FILES = ["README.md", ".huggingface.yaml"]  # the dataset card and its standalone YAML: they declare configs
+DATASET_CARD = ("README.md", ".huggingface.yaml")  # the card and its standalone YAML: they declare configs
 Select = Callable[[Path, dict[str, int]], Any]  # (card folder, {path: size}) -> what to fetch, with `.files`
 
 
@@ -96,65 +99,78 @@ def host(endpoint: str) -> str:
     return urlsplit(endpoint).netloc.rsplit("@", 1)[-1]
 
 
+@dataclass(frozen=True)
+class HubRepo:
+    """A repository as a param names it: what to fetch, and the keys a message names."""
+
+    repo_id: str
+    repo_type: str = "dataset"  # "dataset" | "model"
+    source_key: str = "data.source"
+    revision_key: str = "data.revision"
+    card_files: tuple[str, ...] = DATASET_CARD  # fetched first, for `select`: what the repo says of its files
+
+    @property
+    def source(self) -> str:
+        return f"hf:{self.repo_id}"
+
+
 class Unreachable(Exception):
     """The endpoint did not answer (after retries)."""
 
 
-def snapshot(repo_id: str, revision: str, env: HubEnv, select: Select, source: str = "") -> tuple[str, Path, Any]:
-    """(commit sha, local snapshot folder, what `select` chose) of dataset `repo_id` at `revision`.
+def snapshot(repo: HubRepo, revision: str, env: HubEnv, select: Select) -> tuple[str, Path, Any]:
+    """(commit sha, local snapshot folder, what `select` chose) of `repo` at `revision`.
 
-    Only the card and `select`'s files are fetched. A commit sha whose files are all in the cache is
+    Only the card files and `select`'s files are fetched. A commit sha whose files are all in the cache is
     used without any network request. Otherwise they are downloaded from `env.endpoint`; if that is
     unreachable (or HF_HUB_OFFLINE is set), the cache serves `revision` when it holds every file
     needed, and a ConfigError says what to set when it does not.
     """
-    source = source or f"hf:{repo_id}"
-    if COMMIT_SHA.fullmatch(revision) and (cached := from_cache(repo_id, revision, select)):
+    if COMMIT_SHA.fullmatch(revision) and (cached := from_cache(repo, revision, select)):
         return cached
     if env.offline:
         tried = "HF_HUB_OFFLINE is set, so no download was tried"
     else:
         try:
-            return download(repo_id, revision, env, select, source)
+            return download(repo, revision, env, select)
         except Unreachable as exc:
             tried = f"{env.shown} did not answer after {ATTEMPTS} attempts ({exc})"
-    cached = from_cache(repo_id, revision, select)
+    cached = from_cache(repo, revision, select)
     if cached is None:
-        raise ConfigError(not_available(source, revision, tried, env))
+        raise ConfigError(not_available(repo, revision, tried, env))
     if not env.offline:
         print(
-            f"download: {tried}; using the cached snapshot {cached[0]} of {source} at revision {revision!r}",
+            f"download: {tried}; using the cached snapshot {cached[0]} of {repo.source} at revision {revision!r}",
             file=sys.stderr,
         )
     return cached
 
 
-def fetch(repo_id: str, revision: str, select: Select, env: HubEnv | None) -> tuple[str, Path, Any]:
-    """The card and the commit's listing, then `select`'s files: from `env.endpoint`, or with env None
-    from the cache alone (huggingface_hub's `local_files_only`, which checks the cached listing)."""
+def fetch(repo: HubRepo, revision: str, select: Select, env: HubEnv | None) -> tuple[str, Path, Any]:
+    """The card files and the commit's listing, then `select`'s files: from `env.endpoint`, or with env
+    None from the cache alone (huggingface_hub's `local_files_only`, which checks the cached listing)."""
     where = {"endpoint": env.endpoint} if env else {"local_files_only": True}
-    folder = Path(
-        snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=CARD_FILES, **where)
-    )
+    kind = {"repo_type": repo.repo_type}
+    cards = list(repo.card_files)
+    folder = Path(snapshot_download(repo.repo_id, revision=revision, allow_patterns=cards, **kind, **where))
     sha = folder.name
-    listing = {f.path: f.size for f in get_cached_repo_tree(repo_id, repo_type="dataset", revision=sha)}
+    listing = {f.path: f.size for f in get_cached_repo_tree(repo.repo_id, revision=sha, **kind)}
     chosen = select(folder, listing)
     # exact paths, not patterns: a `[` or `*` in a file name matches only itself
-    snapshot_download(
-        repo_id, repo_type="dataset", revision=sha, allow_patterns=[glob.escape(name) for name in chosen.files], **where
-    )
+    names = [glob.escape(name) for name in chosen.files]
+    snapshot_download(repo.repo_id, revision=sha, allow_patterns=names, **kind, **where)
     return sha, folder, chosen
 
 
-def from_cache(repo_id: str, revision: str, select: Select) -> tuple[str, Path, Any] | None:
+def from_cache(repo: HubRepo, revision: str, select: Select) -> tuple[str, Path, Any] | None:
     """The cache's snapshot of `revision` (a sha, or a branch/tag it has seen) if it holds every file needed."""
     try:
-        return fetch(repo_id, revision, select, env=None)
+        return fetch(repo, revision, select, env=None)
     except (LocalEntryNotFoundError, CachedRepoTreeNotFoundError):  # IncompleteSnapshotError is one
         return None
 
 
-def download(repo_id: str, revision: str, env: HubEnv, select: Select, source: str) -> tuple[str, Path, Any]:
+def download(repo: HubRepo, revision: str, env: HubEnv, select: Select) -> tuple[str, Path, Any]:
     """Resolve and download, retrying network errors with backoff; Unreachable if every try failed."""
     api = HfApi(endpoint=env.endpoint)
     last = ""
@@ -165,8 +181,8 @@ def download(repo_id: str, revision: str, env: HubEnv, select: Select, source: s
             time.sleep(wait)
         try:
             # first: snapshot_download itself would fall back to the cache without a word
-            check_revision(api, repo_id, revision, env, source)
-            return fetch(repo_id, revision, select, env)  # by name: the cache records what `main` is
+            check_revision(api, repo, revision, env)
+            return fetch(repo, revision, select, env)  # by name: the cache records what `main` is
         except TRANSIENT as exc:
             last = describe(exc, env)
         except HfHubHTTPError as exc:
@@ -195,33 +211,33 @@ def describe(exc: BaseException, env: HubEnv) -> str:
     return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
-def check_revision(api: HfApi, repo_id: str, revision: str, env: HubEnv, source: str) -> str:
+def check_revision(api: HfApi, repo: HubRepo, revision: str, env: HubEnv) -> str:
     """The commit sha `revision` names, or a ConfigError that says which of repo or revision is wrong.
 
     Network errors and server errors (5xx) propagate for the caller to retry. Mirrors do not all
     answer like the Hub: olah answers "repository not found" (401) for a missing branch and a server
     error for a missing sha, so a failure is checked against the repository's `main` branch.
     """
-    timeout = constants.HF_HUB_ETAG_TIMEOUT  # dataset_info has no timeout of its own
+    timeout = constants.HF_HUB_ETAG_TIMEOUT  # repo_info has no timeout of its own
     try:
-        return api.dataset_info(repo_id, revision=revision, timeout=timeout).sha
+        return api.repo_info(repo.repo_id, repo_type=repo.repo_type, revision=revision, timeout=timeout).sha
     except RevisionNotFoundError:
-        raise ConfigError(revision_not_found(source, revision, env)) from None
+        raise ConfigError(revision_not_found(repo, revision, env)) from None
     except GatedRepoError:
-        raise ConfigError(gated(source, env)) from None
+        raise ConfigError(gated(repo, env)) from None
     except HfHubHTTPError as exc:
         missing = isinstance(exc, RepositoryNotFoundError) or status(exc) in (401, 403, 404)
-        if revision != "main" and (missing or transient_status(exc)) and has_main(api, repo_id, timeout):
-            raise ConfigError(revision_not_found(source, revision, env)) from None
+        if revision != "main" and (missing or transient_status(exc)) and has_main(api, repo, timeout):
+            raise ConfigError(revision_not_found(repo, revision, env)) from None
         if missing:
-            raise ConfigError(repo_not_found(source, env)) from None
+            raise ConfigError(repo_not_found(repo, env)) from None
         raise
 
 
-def has_main(api: HfApi, repo_id: str, timeout: float) -> bool:
+def has_main(api: HfApi, repo: HubRepo, timeout: float) -> bool:
     for _ in range(2):  # a server that just failed may reset the kept-alive connection: one more try
         try:
-            api.dataset_info(repo_id, revision="main", timeout=timeout)
+            api.repo_info(repo.repo_id, repo_type=repo.repo_type, revision="main", timeout=timeout)
             return True
         except HfHubHTTPError:
             return False
@@ -235,41 +251,42 @@ def has_main(api: HfApi, repo_id: str, timeout: float) -> bool:
 LOGIN = "set HF_TOKEN in the environment or log in once with `hf auth login`"
 
 
-def repo_not_found(source: str, env: HubEnv) -> str:
+def repo_not_found(repo: HubRepo, env: HubEnv) -> str:
     token = (
         "a token is set (HF_TOKEN or `hf auth login`): check that it grants access to it"
         if env.token
-        else f"a private or gated dataset needs a token: {LOGIN}"
+        else f"a private or gated {repo.repo_type} needs a token: {LOGIN}"
     )
     return (
-        f"`data.source` {source!r}: dataset not found at {env.shown} (HF_ENDPOINT). Check the name; "
-        f"{token}; a mirror may not carry every dataset."
+        f"`{repo.source_key}` {repo.source!r}: {repo.repo_type} not found at {env.shown} (HF_ENDPOINT). "
+        f"Check the name; {token}; a mirror may not carry every {repo.repo_type}."
     )
 
 
-def gated(source: str, env: HubEnv) -> str:
+def gated(repo: HubRepo, env: HubEnv) -> str:
     token = "the token set (HF_TOKEN or `hf auth login`)" if env.token else "no token set"
     return (
-        f"`data.source` {source!r} at {env.shown} (HF_ENDPOINT) is gated and {token} grants access: "
+        f"`{repo.source_key}` {repo.source!r} at {env.shown} (HF_ENDPOINT) is gated and {token} grants access: "
         f"accept its conditions on its Hub page, then {LOGIN} with a token of that account."
     )
 
 
-def revision_not_found(source: str, revision: str, env: HubEnv) -> str:
+def revision_not_found(repo: HubRepo, revision: str, env: HubEnv) -> str:
     return (
-        f"`data.revision` {revision!r}: no such branch, tag or commit in {source!r} at {env.shown} "
+        f"`{repo.revision_key}` {revision!r}: no such branch, tag or commit in {repo.source!r} at {env.shown} "
         "(HF_ENDPOINT); set it to an existing one, or to null for `main`."
     )
 
 
-def not_available(source: str, revision: str, tried: str, env: HubEnv) -> str:
+def not_available(repo: HubRepo, revision: str, tried: str, env: HubEnv) -> str:
+    source, what = repo.source, repo.repo_type
     return (
-        f"`data.source` {source!r} at revision {revision!r} is not available: {tried}, and the local "
+        f"`{repo.source_key}` {source!r} at revision {revision!r} is not available: {tried}, and the local "
         f"Hugging Face cache ({constants.HF_HUB_CACHE}) holds no complete snapshot of the files it needs. "
         f"To download it, set HF_ENDPOINT to a Hub or mirror you can reach (now {env.shown}; "
         f"e.g. https://hf-mirror.com), unset HF_HUB_OFFLINE (now {'set' if env.offline else 'unset'}), "
-        f"and set HF_TOKEN for a private or gated dataset (now {'set' if env.token else 'unset'}) or log "
+        f"and set HF_TOKEN for a private or gated {what} (now {'set' if env.token else 'unset'}) or log "
         "in once with `hf auth login`. "
-        "To work offline later: download once, pin `data.revision` to the commit sha in SOURCE.json, "
-        "then HF_HUB_OFFLINE=1 uses the cache."
+        f"To work offline later: download once, pin `{repo.revision_key}` to the commit sha the download "
+        "recorded, then HF_HUB_OFFLINE=1 uses the cache."
     )

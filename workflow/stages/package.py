@@ -15,32 +15,46 @@ Everything in the card comes from those artifacts and params; nothing is typed i
 A class-conditional model is published with `pipeline.py` (workflow/models/class_pipeline.py as it is:
 a diffusers pipeline taking `class_labels` and `guidance_scale`) and class_names.json, and its card
 lists the classes and loads it with `custom_pipeline`.
+
+A text-to-image fine-tune is a StableDiffusionPipeline folder (every part, the evaluated sampler as its
+scheduler), or for LoRA the adapter alone; its card names the pretrained pipeline (`base_model`, with the
+commit) and loads it, with `load_lora_weights` for LoRA, and shows the grid of `sample.prompts`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 import yaml
-from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline, UNet2DModel
 from huggingface_hub import EvalResult, ModelCardData
 
 from workflow.core.artifacts import atomic_dir, write_manifest
 from workflow.core.config import ConfigError, Params
 from workflow.formats import trainlog
-from workflow.formats.pipeline import CLASS_NAMES_FILE, check_pipeline, load_class_names
+from workflow.formats.base_model import INDEX_FILE, read_base
+from workflow.formats.pipeline import (
+    CLASS_NAMES_FILE,
+    LORA_FILE,
+    check_pipeline,
+    check_text_to_image,
+    is_lora,
+    load_class_names,
+)
 from workflow.formats.raw_dataset import SOURCE_FILE
 from workflow.formats.records import read_record
 from workflow.models import class_pipeline
-from workflow.models.builders import build_sampler
+from workflow.models.builders import build_sampler, pretrained_scheduler_config
 
 CARD, GRID = "README.md", "samples.png"
 PIPELINES = {"ddpm": DDPMPipeline, "ddim": DDIMPipeline, "dpmsolver++": DDPMPipeline}  # DDIM's takes eta
 TASK = "unconditional-image-generation"
 CONDITIONAL_TASK = "class-conditional-image-generation"
+TEXT_TASK = "text-to-image"
 CUSTOM_PIPELINE = "pipeline.py"  # the file name diffusers' `custom_pipeline=<folder>` loads
 
 
@@ -72,14 +86,48 @@ def publish_pipeline(params: Params, trained: Path, out: Path) -> tuple[type, st
     return pipeline_class, type(sampler).__name__
 
 
+def publish_text_to_image(params: Params, trained: Path, out: Path) -> tuple[type, str]:
+    """The fine-tune's files in `out` (every part, or the LoRA adapter alone), a full pipeline with the
+    evaluated sampler as its scheduler. Returns (StableDiffusionPipeline, the scheduler's class name)."""
+    sampler = build_sampler(params.sample.sampler, pretrained_scheduler_config(params.paths.base_model))
+    if is_lora(trained):
+        link_or_copy(trained / LORA_FILE, out / LORA_FILE)
+        return StableDiffusionPipeline, type(sampler).__name__
+    for path in sorted(trained.rglob("*")):
+        parts = path.relative_to(trained).parts
+        if path.is_file() and len(parts) > 1 and parts[0] != "scheduler":
+            link_or_copy(path, out / path.relative_to(trained))
+    sampler.save_pretrained(out / "scheduler")
+    index = json.loads((trained / INDEX_FILE).read_text())
+    index["scheduler"] = ["diffusers", type(sampler).__name__]
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return StableDiffusionPipeline, type(sampler).__name__
+
+
 def model_name(params: Params) -> str:
     data = params.data
     dataset = Path(data.location).name if data.kind != "builtin" else data.location
+    if params.model.pretrained is not None:
+        base = Path(params.model.location).name
+        return f"{base}-{'lora-' if params.train.lora_rank else ''}{dataset}-{data.resolution}px"
     return f"ddpm-{dataset}-{data.resolution}px"
 
 
-def card_metadata(params: Params, source: dict, metrics: dict, class_names: list[str]) -> ModelCardData:
-    """The YAML front matter the Hub reads: library, tags, dataset (with its pinned commit), FID and KID."""
+def base_line(base: dict) -> str:
+    """Where the pretrained pipeline came from, as the card says it."""
+    if base["kind"] == "hf":
+        return (
+            f"[`{base['repo_id']}`](https://huggingface.co/{base['repo_id']}) at commit `{base['sha']}` "
+            f"(requested `{base['revision']}`, fetched from {base['endpoint']})"
+        )
+    return f"the local pipeline folder `{base['path']}`"
+
+
+def card_metadata(
+    params: Params, source: dict, metrics: dict, class_names: list[str], base: dict | None = None
+) -> ModelCardData:
+    """The YAML front matter the Hub reads: library, tags, dataset (with its pinned commit), FID and KID;
+    a fine-tune's base model."""
     hf = source["kind"] == "hf"
     names = {
         "hf": lambda: source["repo_id"],
@@ -112,6 +160,9 @@ def card_metadata(params: Params, source: dict, metrics: dict, class_names: list
     task = CONDITIONAL_TASK if class_names else TASK
     if class_names:
         args.update(guidance_scale=s.guidance_scale, classes=len(s.classes or class_names))
+    if base is not None:
+        task = TEXT_TASK
+        args.update(guidance_scale=s.guidance_scale, prompts="the first caption of each training image")
     results = [
         EvalResult(
             task_type=task,
@@ -124,6 +175,17 @@ def card_metadata(params: Params, source: dict, metrics: dict, class_names: list
         )
         for kind in ("fid", "kid")
     ]
+    if base is not None:
+        lora = ["lora"] if params.train.lora_rank else []
+        return ModelCardData(
+            library_name="diffusers",
+            pipeline_tag=TEXT_TASK,
+            tags=["diffusers", TEXT_TASK, "stable-diffusion", "stable-diffusion-diffusers", *lora],
+            base_model=base["repo_id"] if base["kind"] == "hf" else None,
+            datasets=[source["repo_id"]] if hf else None,
+            model_name=model_name(params),
+            eval_results=results,
+        )
     return ModelCardData(
         library_name="diffusers",
         pipeline_tag=None if class_names else TASK,  # the Hub has no class-conditional task
@@ -150,6 +212,32 @@ def dataset_line(source: dict) -> str:
     return f"the image folder `{source['path']}`"
 
 
+def text_usage(params: Params, base: dict) -> str:
+    """Lines that load the fine-tune and generate from a prompt (tests execute them from this card)."""
+    s, data, where = params.sample, params.data, params.paths.pipeline
+    negative = f", negative_prompt={s.negative_prompt!r}" if s.negative_prompt is not None else ""
+    generate = (
+        f"images = pipeline([{s.prompts[0]!r}] * {s.grid_size}, height={data.resolution}, width={data.resolution}, "
+        f"num_inference_steps={s.num_inference_steps}, guidance_scale={s.guidance_scale:g}{negative}).images"
+        f"  # {s.grid_size} PIL images\n```\n"
+    )
+    if not params.train.lora_rank:
+        return (
+            f"```python\nfrom diffusers import StableDiffusionPipeline\n"
+            f'pipeline = StableDiffusionPipeline.from_pretrained("{where}")  # or "<user>/<repo>" once uploaded\n'
+            + generate
+        )
+    if base["kind"] == "hf":
+        load = f'"{base["repo_id"]}", revision="{base["sha"]}")'
+    else:
+        load = f'"{params.paths.base_model}")  # the pretrained pipeline, as fetched from {base["path"]}'
+    return (
+        f"```python\nfrom diffusers import StableDiffusionPipeline\n"
+        f"pipeline = StableDiffusionPipeline.from_pretrained({load}\n"
+        f'pipeline.load_lora_weights("{where}")  # this LoRA adapter (rank {params.train.lora_rank})\n' + generate
+    )
+
+
 def usage(params: Params, pipeline_class: type, class_names: list[str]) -> str:
     """Three lines that load and sample the published folder (tests execute them from this card)."""
     s, data = params.sample, params.data
@@ -174,8 +262,23 @@ def usage(params: Params, pipeline_class: type, class_names: list[str]) -> str:
     )
 
 
-def description(params: Params, source: dict, meta: dict, summary: dict, class_names: list[str]) -> str:
+def description(
+    params: Params, source: dict, meta: dict, summary: dict, class_names: list[str], base: dict | None = None
+) -> str:
     d = params.data
+    if base is not None:
+        how = (
+            f"a LoRA adapter of rank {params.train.lora_rank}, {summary['trainable_parameters']:,} parameters, on "
+            "its UNet's attention projections"
+            if params.train.lora_rank
+            else f"its whole UNet, {summary['num_parameters']:,} parameters"
+        )
+        return (
+            f"A text-to-image model: a Stable Diffusion pipeline ({base_line(base)}) fine-tuned ({how}) on "
+            f"{meta['count']:,} captioned images of {dataset_line(source)}, at {d.resolution}x{d.resolution} px, "
+            "from latents and caption embeddings the pipeline's VAE and text encoder computed once. The grid has "
+            f"one row per prompt; the evaluation sampled with guidance scale {params.sample.guidance_scale:g}.\n"
+        )
     trained = (
         f"a diffusers `UNet2DModel` ({summary['num_parameters']:,} parameters) trained as a DDPM on "
         f"{meta['count']:,} images of {dataset_line(source)}, at {d.resolution}x{d.resolution} px with "
@@ -202,24 +305,37 @@ def model_card(
     pipeline_class: type,
     sampler: str,
     class_names: list[str],
+    base: dict | None = None,
 ) -> str:
     """README.md: the Hub's YAML front matter, then the grid, usage, evaluation, training and hardware."""
     s = params.sample
-    recipe = {"seed": params.seed, **{k: params.to_dict()[k] for k in ("data", "model", "scheduler", "train")}}
+    sections = ("data", "model", "train") if base else ("data", "model", "scheduler", "train")
+    recipe = {"seed": params.seed, **{k: params.to_dict()[k] for k in sections}}
+    schedule = (
+        "the pretrained pipeline's noise schedule"
+        if base
+        else f"the training noise schedule ({params.scheduler.beta_schedule} betas, "
+        f"{params.scheduler.num_train_timesteps} steps, {params.scheduler.prediction_type} prediction)"
+    )
+    grid_alt = (
+        "One row per prompt"
+        if base
+        else "One row per class"
+        if class_names
+        else f"The first {s.grid_size**2} images of the evaluated sample set"
+    )
     software = ", ".join(f"{k} {v}" for k, v in sorted(summary["software"].items()))
     return "\n".join(
         [
-            f"---\n{card_metadata(params, source, metrics, class_names).to_yaml()}\n---\n",
+            f"---\n{card_metadata(params, source, metrics, class_names, base).to_yaml()}\n---\n",
             f"# {model_name(params)}\n",
-            description(params, source, meta, summary, class_names),
-            f"![{'One row per class' if class_names else f'The first {s.grid_size**2} images'} of the evaluated "
-            f"sample set]({GRID})\n",
+            description(params, source, meta, summary, class_names, base),
+            f"![{grid_alt}]({GRID})\n",
             "## Use\n",
-            usage(params, pipeline_class, class_names),
-            f"The scheduler saved here is the sampler the evaluation used: `{sampler}` on the training noise "
-            f"schedule ({params.scheduler.beta_schedule} betas, {params.scheduler.num_train_timesteps} steps, "
-            f"{params.scheduler.prediction_type} prediction). Upload this folder as it is with "
-            f"`hf upload <user>/<repo> {params.paths.pipeline}`.\n",
+            text_usage(params, base) if base else usage(params, pipeline_class, class_names),
+            f"The sampler the evaluation used is `{sampler}` on {schedule}"
+            f"{'' if base and params.train.lora_rank else ', saved here as the scheduler'}. Upload this folder "
+            f"as it is with `hf upload <user>/<repo> {params.paths.pipeline}`.\n",
             "## Evaluation\n",
             "| metric | value | samples | training images | sampler |\n|---|---|---|---|---|",
             *(
@@ -244,18 +360,20 @@ def model_card(
 
 def run(params: Params) -> dict:
     p = params.paths
-    check_pipeline(p.trained)
+    base = read_base(p.base_model) if params.model.pretrained is not None else None
+    (check_text_to_image if base else check_pipeline)(p.trained)
     source = read_record(Path(p.raw) / SOURCE_FILE, "download")
     meta = read_record(p.meta, "preprocess")
     metrics = read_record(p.metrics, "evaluate")
     summary = trainlog.read_summary(p.train_log)
     if not Path(p.grid).is_file():
         raise ConfigError(f"{p.grid}: no such file; the sample stage makes it")
-    class_names = load_class_names(p.trained)
+    class_names = [] if base else load_class_names(p.trained)
     with atomic_dir(p.pipeline) as out:
-        pipeline_class, sampler = publish_pipeline(params, Path(p.trained), out)
+        publish = publish_text_to_image if base else publish_pipeline
+        pipeline_class, sampler = publish(params, Path(p.trained), out)
         shutil.copyfile(p.grid, out / GRID)
-        card = model_card(params, source, meta, metrics, summary, pipeline_class, sampler, class_names)
+        card = model_card(params, source, meta, metrics, summary, pipeline_class, sampler, class_names, base)
         (out / CARD).write_text(card)
         write_manifest(out)
     return {"pipeline": p.pipeline, "class": pipeline_class.__name__, "fid": metrics["fid"]}

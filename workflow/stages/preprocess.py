@@ -12,7 +12,9 @@ more pixels than PIL.Image.MAX_IMAGE_PIXELS) is skipped and listed with its reas
 source ignored (no image extension). Fewer than `data.min_images` usable images is an error naming
 the count and the commonest reasons. `data.max_images` takes a subset of the files chosen with
 `seed`, before decoding, kept in file order. A labelled dataset (`<paths.raw>/LABELS.json`) gives
-`paths.labels` the class names and each kept image's class; an unlabelled one, empty lists.
+`paths.labels` the class names and each kept image's class; an unlabelled one, empty lists. A
+captioned one (`<paths.raw>/CAPTIONS.json`) gives `paths.captions` each kept image's captions;
+an uncaptioned one, an empty list.
 """
 
 from __future__ import annotations
@@ -27,8 +29,15 @@ from PIL import Image, ImageOps
 from workflow.core.artifacts import write_json
 from workflow.core.config import ConfigError, Params
 from workflow.core.faults import maybe_fault
+from workflow.formats.captions import write_captions
 from workflow.formats.labels import write_labels
-from workflow.formats.raw_dataset import list_image_files, read_raw, read_raw_labels
+from workflow.formats.raw_dataset import (
+    CAPTIONS_FILE,
+    list_image_files,
+    read_raw,
+    read_raw_captions,
+    read_raw_labels,
+)
 from workflow.formats.training_images import write_images
 
 MODES = {1: "L", 3: "RGB"}
@@ -131,6 +140,19 @@ def image_labels(raw: str, root: Path, files: list, skipped: list[dict]) -> tupl
     return raw_labels.classes, [raw_labels.by_path[name] for name in kept]
 
 
+def image_captions(raw: str, root: Path, files: list, skipped: list[dict]) -> list[list[str]]:
+    """Each decoded image's captions, in order; an empty list for an uncaptioned dataset."""
+    raw_captions = read_raw_captions(raw)
+    if raw_captions is None:
+        return []
+    failed = {item["file"] for item in skipped}
+    kept = [Path(f).relative_to(root).as_posix() for f in files if str(f) not in failed]
+    missing = [name for name in kept if name not in raw_captions]
+    if missing:
+        raise ConfigError(f"{raw}: {missing[0]} has no caption in {CAPTIONS_FILE}; re-run the download stage")
+    return [raw_captions[name] for name in kept]
+
+
 def run(params: Params) -> dict:
     """The whole stage: read paths.raw, write paths.images and paths.meta; return the meta record."""
     data = params.data
@@ -138,6 +160,7 @@ def run(params: Params) -> dict:
     files = select_subset(list_image_files(root), data.max_images, params.seed)
     array, skipped = preprocess_images(files, data.resolution, data.channels, data.center_crop)
     classes, labels = image_labels(params.paths.raw, root, files, skipped)
+    captions = image_captions(params.paths.raw, root, files, skipped)
     for item in skipped:
         item["file"] = Path(item["file"]).relative_to(root).as_posix()
     skipped = record.get("ignored", []) + record.get("skipped", []) + skipped  # the source's, then ours
@@ -152,9 +175,11 @@ def run(params: Params) -> dict:
         "skipped": skipped,
         "source": source_summary(record),
         "classes": len(classes),
+        "captions": sum(map(len, captions)),
         "images_sha256": write_images(params.paths.images, array),
     }
     write_labels(params.paths.labels, classes, labels)
+    write_captions(params.paths.captions, captions)
     write_json(params.paths.meta, meta)
     return meta
 

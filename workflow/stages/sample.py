@@ -16,6 +16,12 @@ wrote (truncated, altered) is refused, naming the file; weights are read from sa
 A class-conditional pipeline samples the classes of `sample.classes` (all by default) in turn, sample i
 of class i mod K, guided by `sample.guidance_scale`; samples.json records each sample's class. Its grid
 has one row per class (the first MAX_GRID_ROWS), labelled with the class name, grid_size samples each.
+
+A text-to-image fine-tune (`model.pretrained`; workflow.models.text_sampling) samples image i of the set
+from the first caption of training image i mod N (`paths.captions`), so FID compares it with images
+of the same captions, guided by `sample.guidance_scale` away from `sample.negative_prompt`; samples.json
+records each sample's prompt. Its grid has one row per `sample.prompts` prompt, labelled with it,
+grid_size seeds each.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ def class_grid(images: np.ndarray, classes: int, columns: int) -> np.ndarray:
 
 
 def run(params: Params) -> dict:
+    if params.model.pretrained is not None:
+        return run_text_to_image(params)
     s = params.sample
     runtime = Runtime.detect()
     device = runtime.device
@@ -67,6 +75,38 @@ def run(params: Params) -> dict:
         write_grid(class_grid(kept, len(chosen), columns), columns, params.paths.grid, row_labels=rows)
     else:
         write_grid(kept, s.grid_size, params.paths.grid)
+    return record
+
+
+def run_text_to_image(params: Params) -> dict:
+    from workflow.formats.captions import load_captions
+    from workflow.formats.pipeline import load_finetuned_unet
+    from workflow.models.text_sampling import grid_prompts, prompt_batches, text_pipeline
+
+    s, paths = params.sample, params.paths
+    runtime = Runtime.detect()
+    unet = load_finetuned_unet(paths.trained, paths.base_model, runtime.device)
+    pipe = text_pipeline(paths.base_model, unet, s, runtime.device)
+    captions = [image[0] for image in load_captions(paths.captions)]
+    prompts = [captions[i % len(captions)] for i in range(params.fid.num_samples)]
+    resolution = params.data.resolution
+    settings = {
+        "sampler": s.sampler,
+        "num_inference_steps": s.num_inference_steps,
+        "eta": s.eta,
+        "guidance_scale": s.guidance_scale,
+        "negative_prompt": s.negative_prompt,
+        "device": runtime.device.type,
+        "dtype": str(runtime.sampling_dtype(s.mixed_precision)).removeprefix("torch."),
+        "prompts": prompts,
+    }
+    batches = prompt_batches(pipe, prompts, s, params.seed, resolution, runtime)
+    _, record = write_sample_set(batches, paths.samples, 0, settings)
+    rows = list(s.prompts[:MAX_GRID_ROWS])
+    grid = np.concatenate(
+        [b for _, b in prompt_batches(pipe, grid_prompts(rows, s.grid_size), s, params.seed, resolution, runtime)]
+    )
+    write_grid(grid, s.grid_size, paths.grid, row_labels=rows)
     return record
 
 

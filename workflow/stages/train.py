@@ -19,6 +19,15 @@ random state: switching them on or off leaves the weights bitwise unchanged.
 
 Every random draw of step s is a function of (seed, s), and the data order of (seed, epoch), so
 training k steps, stopping and resuming gives bitwise the weights of an uninterrupted training.
+
+Text-to-image (`model.pretrained`): the pretrained pipeline's UNet2DConditionModel (all of it, or a LoRA
+adapter of `train.lora_rank` on its attention projections) is fine-tuned on the encoded set
+(`paths.latents`, the encode stage's): each step samples every image's latent from its cached
+distribution (the mirrored view's where the flip draw says) and picks one of its captions' cached
+embeddings, so the VAE and the text encoder are never run for a training step. The noise schedule and
+prediction type are the pipeline's. paths.trained is then a StableDiffusionPipeline folder (or the
+LoRA adapter alone); the progress grids show `sample.prompts`, one row each, sampled with the
+pipeline's VAE and text encoder (loaded at the first grid).
 """
 
 from __future__ import annotations
@@ -42,8 +51,9 @@ from workflow.core.faults import maybe_fault
 from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
 from workflow.core.slots import current_slot
 from workflow.formats import checkpoints, trainlog
+from workflow.formats.encodings import Encodings, encoding_sha256, load_encodings
 from workflow.formats.labels import load_labels
-from workflow.formats.pipeline import save_pipeline
+from workflow.formats.pipeline import save_pipeline, save_text_to_image
 from workflow.formats.png import write_grid
 from workflow.formats.training_images import load_images
 from workflow.maths.diffusion import (
@@ -52,12 +62,24 @@ from workflow.maths.diffusion import (
     diffusion_loss,
     drop_labels,
     label_dropout_mask,
+    latent_draws,
+    latent_sample,
     min_snr_weights,
+    pick_captions,
     step_noise,
     to_model_range,
     training_target,
 )
-from workflow.models.builders import build_noise_scheduler, build_unet, check_size, count_parameters
+from workflow.models.builders import (
+    add_lora,
+    build_noise_scheduler,
+    build_unet,
+    check_size,
+    count_parameters,
+    load_pretrained_noise_scheduler,
+    load_pretrained_unet,
+    trainable_parameters,
+)
 from workflow.models.sampling import sample_batches
 
 LR_SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -65,6 +87,25 @@ FINAL_LOSS_WINDOW = 50  # train_loss_final is the mean over the last steps, not 
 PROGRESS_SAMPLER = Sample(sampler="ddim", num_inference_steps=25, grid_size=4, batch_size=16)
 GRIDS = trainlog.GRIDS_DIR  # the progress grids' folder, beside the checkpoints and in train_log
 LIVE = "dvclive"  # the training log's folder while training, beside the checkpoints
+
+
+@dataclass
+class LatentSet:
+    """A text-to-image run's training set, from the encode stage: on the GPU when it fits, else pinned."""
+
+    mean: torch.Tensor  # float32 N x V x C x h x w (V = 2: view 1 is the mirrored image's)
+    logvar: torch.Tensor
+    text: torch.Tensor  # float32 M x L x D: every caption's embedding
+    offsets: torch.Tensor  # int64 N + 1: image i's captions are rows offsets[i] .. offsets[i + 1] - 1
+    scaling_factor: float
+
+    @classmethod
+    def place(cls, encoded: Encodings, runtime: Runtime) -> LatentSet:
+        def tensor(array):  # read whole from the memory-mapped file
+            return runtime.place_dataset(torch.from_numpy(np.array(array)))
+
+        arrays = (encoded.mean, encoded.logvar, encoded.text, encoded.offsets)
+        return cls(*map(tensor, arrays), float(encoded.record["scaling_factor"]))
 
 
 @dataclass
@@ -80,15 +121,26 @@ class Training:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     ema: object | None
-    images: torch.Tensor  # uint8 N x C x H x W, on the GPU when it fits, else in pinned host memory
+    images: torch.Tensor | None  # uint8 N x C x H x W, on the GPU when it fits, else in pinned host memory
     total_steps: int
     labels: torch.Tensor | None = None  # class-conditional: int64 N, each image's class, beside the images
     class_names: tuple[str, ...] = ()
     compile_pending: bool = False  # True until the first compiled step has run
+    latents: LatentSet | None = None  # text-to-image: the encoded set, instead of `images`
+    grid_encoders: object | None = None  # text-to-image: the VAE and text encoder, loaded for the first grid
     live: object | None = None  # the dvclive logger, on the main process
     progress: dict = field(
         default_factory=lambda: {"step": 0, "seconds": 0.0, "images": 0, "history": [], "throughput": []}
     )
+
+    @property
+    def count(self) -> int:
+        return len(self.latents.mean if self.latents is not None else self.images)
+
+    @property
+    def sample_shape(self) -> tuple:
+        """The shape of one UNet input: C x H x W pixels, or the latents' C x h x w."""
+        return tuple(self.latents.mean.shape[2:] if self.latents is not None else self.images.shape[1:])
 
 
 def make_accelerator(params: Params, runtime: Runtime | None = None):
@@ -122,16 +174,29 @@ def total_steps(params: Params, num_images: int) -> int:
     return steps
 
 
+def build_model(params: Params, images: np.ndarray | None, num_classes: int):
+    """(the UNet to train, the training noise scheduler): built from params, or the pretrained pipeline's."""
+    if params.model.pretrained is None:
+        _, channels, resolution, _ = images.shape
+        return build_unet(params.model, resolution, channels, num_classes), build_noise_scheduler(params.scheduler)
+    unet = load_pretrained_unet(params.paths.base_model)
+    if params.train.lora_rank is not None:
+        add_lora(unet, params.train.lora_rank)
+    return unet, load_pretrained_noise_scheduler(params.paths.base_model)
+
+
 def setup(
     params: Params,
-    images: np.ndarray,
+    images: np.ndarray | None,
     accelerator,
     runtime: Runtime | None = None,
     labels: np.ndarray | None = None,
     class_names: tuple[str, ...] = (),
+    encoded: Encodings | None = None,
 ) -> Training:
     """The model, optimiser, schedules, EMA and dataset of a training, placed as `runtime` (default: detected)
-    says; class-conditional (`model.class_conditional`) with `labels`, one per image, and their `class_names`."""
+    says; class-conditional (`model.class_conditional`) with `labels`, one per image, and their `class_names`;
+    text-to-image (`model.pretrained`) on the `encoded` set instead of `images`."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -139,18 +204,20 @@ def setup(
     runtime = dataclasses.replace(runtime, device=device) if runtime else Runtime.for_device(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.allow_tf32
-    torch.manual_seed(params.seed)  # the initial weights
-    _, channels, resolution, _ = images.shape
+    torch.manual_seed(params.seed)  # the initial weights (of a LoRA adapter too)
     num_classes = len(class_names) if params.model.class_conditional else 0
-    model = runtime.layout(build_unet(params.model, resolution, channels, num_classes))
+    model, noise_scheduler = build_model(params, images, num_classes)
+    model = runtime.layout(model)
+    if t.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     optimizer = runtime.adamw(
-        model.parameters(),
+        trainable_parameters(model),
         lr=t.learning_rate,
         betas=(t.adam_beta1, t.adam_beta2),
         weight_decay=t.adam_weight_decay,
         eps=t.adam_epsilon,
     )
-    steps = total_steps(params, len(images))
+    steps = total_steps(params, len(images) if encoded is None else encoded.record["count"])
     lr_scheduler = get_scheduler(
         LR_SCHEDULES[t.lr_schedule], optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=steps
     )
@@ -161,7 +228,7 @@ def setup(
     if t.ema:
         unwrapped = accelerator.unwrap_model(model)
         ema = EMAModel(
-            unwrapped.parameters(),
+            trainable_parameters(unwrapped),
             decay=t.ema_max_decay,
             use_ema_warmup=True,
             inv_gamma=t.ema_inv_gamma,
@@ -170,7 +237,7 @@ def setup(
             model_config=unwrapped.config,
         )
         ema.to(device)
-    dataset = runtime.place_dataset(torch.from_numpy(np.ascontiguousarray(images)))
+    dataset = None if images is None else runtime.place_dataset(torch.from_numpy(np.ascontiguousarray(images)))
     on_device = torch.from_numpy(labels).to(dataset.device) if num_classes else None
     return Training(
         params,
@@ -178,7 +245,7 @@ def setup(
         runtime,
         maybe_compile(model, t.compile),
         model,
-        build_noise_scheduler(params.scheduler),
+        noise_scheduler,
         optimizer,
         lr_scheduler,
         ema,
@@ -187,6 +254,7 @@ def setup(
         labels=on_device,
         class_names=tuple(class_names) if num_classes else (),
         compile_pending=t.compile,
+        latents=None if encoded is None else LatentSet.place(encoded, runtime),
     )
 
 
@@ -197,19 +265,49 @@ def _process_slice(start: int, size: int, accelerator) -> slice:
     return slice(first, first + share)
 
 
-def _micro_loss(training: Training, index: torch.Tensor, noise, timesteps, flip, drop) -> torch.Tensor:
-    p, device = training.params, noise.device
+def pixel_batch(training: Training, index: torch.Tensor, flip, drop, device) -> tuple[torch.Tensor, dict]:
+    """(clean images in -1..1, mirrored where `flip` says with train.random_flip; the UNet's class labels)."""
     clean = to_model_range(training.images[index.to(training.images.device)].to(device, non_blocking=True))
     labels = None
     if training.labels is not None:  # "no class" where dropped: one network learns both models
         labels = training.labels[index.to(training.labels.device)].to(device, non_blocking=True)
         labels = drop_labels(labels, drop, len(training.class_names))
-    if p.train.random_flip:
+    if training.params.train.random_flip:
         clean = apply_flip(clean, flip)
+    return clean, {"class_labels": labels}
+
+
+def latent_batch(training: Training, index: torch.Tensor, flip, draws, device) -> tuple[torch.Tensor, dict]:
+    """(latents drawn from each image's cached distribution, its mirrored view's where `flip` says with
+    train.random_flip, scaled for the UNet; the cached embedding of one of its captions, picked by the draw)."""
+    cache, (vae_noise, uniform) = training.latents, draws
+    rows = index.to(cache.mean.device)
+    view = flip.long() if training.params.train.random_flip else torch.zeros_like(flip, dtype=torch.long)
+    view = view.to(cache.mean.device)
+    mean = cache.mean[rows, view].to(device, non_blocking=True)
+    logvar = cache.logvar[rows, view].to(device, non_blocking=True)
+    caption = pick_captions(cache.offsets, rows, uniform.to(cache.offsets.device))
+    hidden = cache.text[caption.to(cache.text.device)].to(device, non_blocking=True)
+    return latent_sample(mean, logvar, vae_noise, cache.scaling_factor), {"encoder_hidden_states": hidden}
+
+
+def _micro_loss(training: Training, index: torch.Tensor, noise, timesteps, flip, drop, draws) -> torch.Tensor:
+    device = noise.device
+    if training.latents is None:
+        clean, condition = pixel_batch(training, index, flip, drop, device)
+    else:
+        clean, condition = latent_batch(training, index, flip, draws, device)
+    return step_loss(training, clean, noise, timesteps, condition)
+
+
+def step_loss(training: Training, clean: torch.Tensor, noise, timesteps, condition: dict) -> torch.Tensor:
+    """The diffusion loss of one micro-batch: `clean` noised to `timesteps` with `noise`, the UNet's
+    prediction given `condition` (its class labels or caption embeddings) against the target."""
+    p = training.params
     clean, noise = training.runtime.layout(clean), training.runtime.layout(noise)
     noisy = training.noise_scheduler.add_noise(clean, noise, timesteps)
     with training.accelerator.autocast():
-        prediction = training.model(noisy, timesteps, class_labels=labels, return_dict=False)[0]
+        prediction = training.model(noisy, timesteps, return_dict=False, **condition)[0]
     weights = None
     if p.train.min_snr_gamma is not None:
         weights = min_snr_weights(training.noise_scheduler, timesteps, p.train.min_snr_gamma)
@@ -221,33 +319,31 @@ def train_step(training: Training, step: int) -> torch.Tensor:
     gradients accumulated locally and synchronised once. Returns the detached mean loss."""
     p, acc = training.params, training.accelerator
     size, micro_batches = p.train.batch_size, p.train.gradient_accumulation_steps
-    index = torch.from_numpy(batch_indices(p.seed, step, size, training.images.shape[0]))
-    noise, timesteps, flip = step_noise(
-        p.seed,
-        step,
-        (size, *training.images.shape[1:]),
-        p.scheduler.num_train_timesteps,
-        acc.device,
-        p.train.noise_offset,
-    )
-    drop = None
+    index = torch.from_numpy(batch_indices(p.seed, step, size, training.count))
+    shape = (size, *training.sample_shape)
+    timesteps_count = training.noise_scheduler.config.num_train_timesteps
+    noise, timesteps, flip = step_noise(p.seed, step, shape, timesteps_count, acc.device, p.train.noise_offset)
+    drop, draws = None, None
     if training.labels is not None:
         drop = label_dropout_mask(p.seed, step, size, p.train.label_dropout, acc.device)
+    if training.latents is not None:
+        draws = latent_draws(p.seed, step, shape, acc.device)
     micro, losses = size // micro_batches, []
     for m in range(micro_batches):
         part = _process_slice(m * micro, micro, acc)
         sync = acc.no_sync(training.eager_model) if m < micro_batches - 1 else contextlib.nullcontext()
         with sync:
             part_drop = None if drop is None else drop[part]
-            loss = _micro_loss(training, index[part], noise[part], timesteps[part], flip[part], part_drop)
+            part_draws = None if draws is None else (draws[0][part], draws[1][part])
+            loss = _micro_loss(training, index[part], noise[part], timesteps[part], flip[part], part_drop, part_draws)
             acc.backward(loss / micro_batches)
         losses.append(loss.detach())
-    acc.clip_grad_norm_(training.eager_model.parameters(), p.train.max_grad_norm)
+    acc.clip_grad_norm_(trainable_parameters(training.eager_model), p.train.max_grad_norm)
     training.optimizer.step()
     training.lr_scheduler.step()
     training.optimizer.zero_grad(set_to_none=True)
     if training.ema is not None:
-        training.ema.step(training.eager_model.parameters())
+        training.ema.step(trainable_parameters(training.eager_model))
     return torch.stack(losses).mean()
 
 
@@ -333,17 +429,21 @@ def ema_weights(training: Training, unet: torch.nn.Module):
     if training.ema is None:
         yield unet
         return
-    training.ema.store(unet.parameters())
-    training.ema.copy_to(unet.parameters())
+    weights = trainable_parameters(unet)
+    training.ema.store(weights)
+    training.ema.copy_to(weights)
     try:
         yield unet
     finally:
-        training.ema.restore(unet.parameters())
+        training.ema.restore(weights)
 
 
 def save_progress_grid(training: Training, folder: Path, step: int) -> None:
     """The progress grid of `step` from the EMA weights (main process; per-image generators only)."""
     if not training.params.train.progress_grids or not training.accelerator.is_main_process:
+        return
+    if training.latents is not None:
+        save_prompt_grid(training, folder, step)
         return
     unet = training.accelerator.unwrap_model(training.eager_model)
     size, was_training = PROGRESS_SAMPLER.grid_size, unet.training
@@ -364,6 +464,30 @@ def save_progress_grid(training: Training, folder: Path, step: int) -> None:
         images = np.concatenate([b for _, b in batches])
     unet.train(was_training)
     rows = [names[c] for c in labels[::size]] if names else None
+    write_grid(images, size, trainlog.progress_grid(folder, step), row_labels=rows)
+
+
+def save_prompt_grid(training: Training, folder: Path, step: int) -> None:
+    """A text-to-image progress grid: `sample.prompts` (the first 4), a row of 4 seeds each, DDIM-25 with the
+    run's guidance, from the EMA weights; the VAE and text encoder are loaded at the first grid."""
+    from workflow.models.latent import load_encoders
+    from workflow.models.text_sampling import grid_prompts, prompt_batches, text_pipeline
+
+    p, size = training.params, PROGRESS_SAMPLER.grid_size
+    settings = dataclasses.replace(
+        PROGRESS_SAMPLER, guidance_scale=p.sample.guidance_scale, negative_prompt=p.sample.negative_prompt
+    )
+    device = training.accelerator.device
+    if training.grid_encoders is None:
+        training.grid_encoders = load_encoders(p.paths.base_model, device)
+    unet = training.accelerator.unwrap_model(training.eager_model)
+    was_training, rows = unet.training, list(p.sample.prompts[:size])
+    with ema_weights(training, unet):
+        pipe = text_pipeline(p.paths.base_model, unet, settings, device, training.grid_encoders)
+        resolution = training.sample_shape[-1] * training.grid_encoders.scale_factor
+        batches = prompt_batches(pipe, grid_prompts(rows, size), settings, p.seed, resolution, progress=False)
+        images = np.concatenate([b for _, b in batches])
+    unet.train(was_training)
     write_grid(images, size, trainlog.progress_grid(folder, step), row_labels=rows)
 
 
@@ -389,13 +513,15 @@ def resume(training: Training, checkpoint_dir: Path) -> Path | None:
 
 def summary(training: Training, resumed_from: Path | None, key: str) -> dict:
     history, prog = training.progress["history"], training.progress
+    unet = training.accelerator.unwrap_model(training.model)
     tail = [loss for _, loss, _ in history[-FINAL_LOSS_WINDOW:]]
     return {
         "steps": prog["step"],
         "loss_final": float(np.mean(tail)),
         "seconds": prog["seconds"],
         "images_per_second": prog["images"] / prog["seconds"] if prog["seconds"] else 0.0,
-        "num_parameters": count_parameters(training.accelerator.unwrap_model(training.model)),
+        "num_parameters": count_parameters(unet),
+        "trainable_parameters": sum(w.numel() for w in trainable_parameters(unet)),
         "run_key": key,
         "resumed_from_step": int(resumed_from.name.split("-")[1]) if resumed_from else 0,
         "device": training.accelerator.device.type,
@@ -414,7 +540,10 @@ def save_outputs(training: Training, info: dict, checkpoint_dir: Path) -> None:
     paths = training.params.paths
     unet = training.accelerator.unwrap_model(training.model)
     with ema_weights(training, unet):
-        save_pipeline(unet, training.noise_scheduler, paths.trained, training.class_names)
+        if training.latents is None:
+            save_pipeline(unet, training.noise_scheduler, paths.trained, training.class_names)
+        else:
+            save_text_to_image(unet, paths.base_model, paths.trained, lora=training.params.train.lora_rank is not None)
     training.live.end()
     with atomic_dir(paths.train_log) as out:
         shutil.copytree(checkpoint_dir / LIVE, out, dirs_exist_ok=True)
@@ -445,15 +574,22 @@ def training_labels(params: Params) -> tuple[np.ndarray | None, tuple[str, ...]]
 
 def run(params: Params) -> dict:
     labels, class_names = training_labels(params)
-    check_size(params, len(class_names))  # a UNet or a batch over the caps is refused before anything is allocated
-    images = load_images(params.paths.images, in_memory=True)
+    encoded, latent = None, None
+    if params.model.pretrained is not None:  # memory-mapped: its record is what check_size needs
+        encoded = load_encodings(params.paths.latents)
+        latent = {"base": params.paths.base_model} | {k: encoded.record[k] for k in ("latent_shape", "text_shape")}
+    check_size(params, len(class_names), latent)  # a UNet or a batch over the caps is refused before it is built
+    if encoded is None:
+        images, data_sha = load_images(params.paths.images, in_memory=True), sha256_file(params.paths.images)
+    else:  # the encoded set's record names the images, the captions and the pipeline it was made from
+        images, data_sha = None, encoding_sha256(params.paths.latents)
     if labels is not None and len(labels) != len(images):
         raise ConfigError(f"{params.paths.labels}: {len(labels)} labels for {len(images)} images; re-run preprocess")
     labels_sha = sha256_file(params.paths.labels) if labels is not None else None
-    key = checkpoints.run_key(params, sha256_file(params.paths.images), labels_sha)
+    key = checkpoints.run_key(params, data_sha, labels_sha)
     checkpoint_dir = Path(params.paths.checkpoints) / key
     accelerator = make_accelerator(params)
-    training = setup(params, images, accelerator, labels=labels, class_names=class_names)
+    training = setup(params, images, accelerator, labels=labels, class_names=class_names, encoded=encoded)
     resumed_from = resume(training, checkpoint_dir)
     if resumed_from is not None:
         accelerator.print(f"resuming from {resumed_from} (step {training.progress['step']})")

@@ -1,0 +1,454 @@
+"""Text-to-image fine-tuning on a tiny Stable Diffusion pipeline (random weights, tests/tiny_sd.py): the
+pretrained pipeline taken safely (a folder, or a model repository through the mirror), captions, the encode
+stage's cache and its exactness against encoding on the fly, full and LoRA fine-tunes, bitwise resume, and a
+result that diffusers loads and generates from."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.numpy import load_file
+
+from tests.helpers import card_snippet, merged
+from tests.mirror import Dataset, hf_env
+from tests.tiny_sd import save_tiny_sd
+from workflow.core.config import ConfigError, Data
+from workflow.formats import checkpoints
+from workflow.formats.base_model import read_base
+from workflow.formats.captions import load_captions
+from workflow.formats.encodings import load_encodings
+from workflow.formats.pipeline import LORA_FILE
+from workflow.stages import download, download_model, encode, package, preprocess, sample, train
+
+CAPTIONS = [["the red fox"], ["the cat", "a grey cat and the dog"], ["a dog on the sand"]]
+TEXT = {
+    "data": {
+        "source": "imagefolder:data/images",
+        "caption_column": "text",
+        "resolution": 16,
+        "channels": 3,
+        "min_images": 2,
+    },
+    "model": {"pretrained": "folder:models/local"},
+    "train": {
+        "batch_size": 4,
+        "max_steps": 6,
+        "checkpoint_every": 3,
+        "log_every": 3,
+        "warmup_steps": 0,
+        "learning_rate": 1e-3,
+        "random_flip": True,
+    },
+    "sample": {"prompts": ["the cat", "a red fox"], "guidance_scale": 2.0, "grid_size": 2, "batch_size": 4},
+    "fid": {"num_samples": 4, "num_reference": 6, "batch_size": 6},
+}
+UNET = "models/trained/unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory) -> Path:
+    return save_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models step in ~0.2 s on one thread, and far slower on two beside another busy process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def captioned_folder(folder: Path, n: int = 6) -> None:
+    """`n` RGB images and a metadata.jsonl giving each one or two captions (the Hub's imagefolder convention)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        pixels = np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+        captions = CAPTIONS[i % len(CAPTIONS)]
+        rows.append({"file_name": f"{i:02d}.png", "text": captions if len(captions) > 1 else captions[0]})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture
+def text_params(tiny_params, tiny_sd, tmp_path):
+    """Params of a tiny text-to-image run in tmp_path: the tiny pipeline in models/local, six captioned images."""
+    shutil.copytree(tiny_sd, tmp_path / "models/local")
+    captioned_folder(tmp_path / "data/images")
+
+    def make(**overrides):
+        return tiny_params(**merged(TEXT, **overrides))
+
+    return make
+
+
+def prepared(params):
+    """The stages before train, in this process: download, download_model, preprocess, encode."""
+    for stage in (download, download_model, preprocess, encode):
+        stage.run(params)
+    return params
+
+
+# --- the pretrained pipeline --------------------------------------------------------------------------
+
+
+def test_the_pretrained_pipeline_is_taken_safetensors_and_default_variant_only(tiny_sd, tmp_path, monkeypatch):
+    source = tmp_path / "sd"
+    shutil.copytree(tiny_sd, source)
+    (source / "unet/diffusion_pytorch_model.bin").write_bytes(b"a pickle that would run code")
+    shutil.copyfile(
+        source / "unet/diffusion_pytorch_model.safetensors", source / "unet/diffusion_pytorch_model.fp16.safetensors"
+    )
+    (source / "safety_checker").mkdir()
+    (source / "safety_checker/model.safetensors").write_bytes(b"not taken")
+    index = json.loads((source / "model_index.json").read_text())
+    (source / "model_index.json").write_text(json.dumps({**index, "safety_checker": ["x", "SafetyChecker"]}))
+    monkeypatch.chdir(tmp_path)
+    from workflow.core.config import params_from_dict
+
+    params = params_from_dict(merged(TEXT, model={"pretrained": "folder:sd", "folder": "sd"}))
+    record = download_model.run(params)
+    taken = sorted(f["path"] for f in record["files"])
+    assert taken == sorted(
+        ["model_index.json"]
+        + [f"{part}/config.json" for part in ("unet", "vae", "text_encoder")]
+        + ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+        + ["text_encoder/model.safetensors", "scheduler/scheduler_config.json"]
+        + [
+            f"tokenizer/{name}"
+            for name in ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
+        ]
+    )
+    assert read_base("models/base") == record and record["class_name"] == "StableDiffusionPipeline"
+    written = sorted(p.relative_to("models/base").as_posix() for p in Path("models/base").rglob("*") if p.is_file())
+    assert written == sorted([*taken, "BASE.json"])
+    assert json.loads(Path("models/base/model_index.json").read_text())["safety_checker"] == [None, None]
+    from diffusers import StableDiffusionPipeline
+
+    assert StableDiffusionPipeline.from_pretrained("models/base").unet.config.cross_attention_dim == 32
+
+    (source / "unet/diffusion_pytorch_model.safetensors").unlink()
+    (source / "unet/diffusion_pytorch_model.fp16.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"unet/ has no safetensors weights .*diffusion_pytorch_model\.bin"):
+        download_model.run(params)
+    assert read_base("models/base") == record  # the earlier pipeline is left whole
+    (source / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ConfigError, match="is a 'StableDiffusionXLPipeline', not a StableDiffusionPipeline"):
+        download_model.run(params)
+
+
+def test_without_a_pretrained_model_the_two_stages_only_say_so(tiny_params):
+    params = tiny_params()
+    assert download_model.run(params) == {"kind": "none"} and sorted(Path("models/base").iterdir()) == [
+        Path("models/base/BASE.json")
+    ]
+    assert encode.run(params) == {"latent": False}
+    assert json.loads(Path("data/processed/latents/ENCODING.json").read_text()) == {"latent": False}
+
+
+def test_a_model_repository_through_the_mirror_pinned_then_offline(mirror, tiny_sd, tmp_path):
+    files = {p.relative_to(tiny_sd).as_posix(): p.read_bytes() for p in tiny_sd.rglob("*") if p.is_file()}
+    files["unet/diffusion_pytorch_model.bin"] = b"never fetched"
+    repo = Dataset.create(mirror, "org/tiny-sd", files, kind="models")
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "params.yaml").write_text(json.dumps(merged(TEXT, model={"pretrained": "hf:org/tiny-sd"})))
+    env = hf_env(mirror, tmp_path / "hf")
+    mark = mirror.mark()
+    done = subprocess.run(
+        [sys.executable, "-m", "workflow", "download_model"], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    base = read_base(work / "models/base")
+    assert base["kind"] == "hf" and base["sha"] == repo.head and base["endpoint"] == mirror.endpoint.split("//")[1]
+    fetched = {
+        path.split("/resolve/", 1)[1].split("/", 1)[1]
+        for m, path, _ in mirror.requests(mark)
+        if "/resolve/" in path and m == "GET"
+    }
+    assert fetched and not any(name.endswith(".bin") for name in fetched)  # a pickle is never downloaded
+    assert "unet/diffusion_pytorch_model.safetensors" in fetched
+    assert f"at {repo.head} from" in done.stdout
+
+    # pinned to the recorded sha, offline: served from the Hugging Face cache, the same bytes
+    pinned = {"pretrained": "hf:org/tiny-sd", "revision": repo.head}
+    (work / "params.yaml").write_text(json.dumps(merged(TEXT, model=pinned)))
+    shutil.rmtree(work / "models/base")
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "workflow", "download_model"], cwd=work, env=offline, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert read_base(work / "models/base")["files"] == base["files"]
+
+    (work / "params.yaml").write_text(json.dumps(merged(TEXT, model={"pretrained": "hf:org/no-such-model"})))
+    done = subprocess.run(
+        [sys.executable, "-m", "workflow", "download_model"], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "`model.pretrained` 'hf:org/no-such-model': model not found at" in done.stderr
+
+
+# --- captions -----------------------------------------------------------------------------------------
+
+
+def test_captions_come_from_metadata_jsonl_in_image_order(text_params):
+    params = text_params(data={"max_images": 4})
+    download.run(params)
+    meta = preprocess.run(params)
+    chosen = [Path(f["path"]).name for f in json.loads(Path("data/raw/SOURCE.json").read_text())["files"]]
+    assert meta["count"] == 4 and meta["captions"] == sum(len(c) for c in load_captions(params.paths.captions))
+    kept = [int(name[:2]) for name in sorted(chosen)]
+    subset = preprocess.select_subset(kept, 4, params.seed)
+    assert load_captions(params.paths.captions) == [CAPTIONS[i % 3] for i in subset]
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ({"file_name": "01.png", "text": ""}, ["metadata.jsonl line 2 (01.png)", "missing or empty"]),
+        ({"file_name": "01.png", "text": ["ok", " "]}, ["metadata.jsonl line 2 (01.png)", "missing or empty"]),
+        ({"file_name": "01.png"}, ["metadata.jsonl line 2 (01.png)", "`data.caption_column` 'text'"]),
+        ({"name": "01.png", "text": "x"}, ["metadata.jsonl line 2: no `file_name`"]),
+    ],
+)
+def test_a_missing_or_empty_caption_names_the_file(text_params, line, words):
+    params = text_params()
+    lines = Path("data/images/metadata.jsonl").read_text().splitlines()
+    lines[1] = json.dumps(line)
+    Path("data/images/metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as error:
+        download.run(params)
+    assert all(word in str(error.value) for word in words), error.value
+    assert not Path("data/raw").exists()  # nothing half-written
+
+
+def test_an_image_without_a_metadata_line_is_named(text_params):
+    params = text_params()
+    lines = Path("data/images/metadata.jsonl").read_text().splitlines()
+    Path("data/images/metadata.jsonl").write_text("\n".join(lines[:3] + lines[4:]) + "\n")
+    with pytest.raises(
+        ConfigError, match=r"image 03.png has no caption: no line of a metadata.jsonl names it \(1 of 6"
+    ):
+        download.run(params)
+
+
+def test_a_parquet_caption_column_with_several_captions_per_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.mirror import png
+    from workflow.sources import fetch
+
+    snapshot, out = tmp_path / "snap", tmp_path / "out"
+    (snapshot / "data").mkdir(parents=True)
+    out.mkdir()
+    cells = [{"bytes": png(i), "path": None} for i in range(3)]
+    table = pa.table({"image": cells, "text": ["one", "two", "three"], "many": [["a", "b"], ["c"], []]})
+    pq.write_table(table, snapshot / "data/train.parquet")
+    data = Data(source="hf:o/d", caption_column="text")
+    count, _, _, captions = fetch.export_parquet([snapshot / "data/train.parquet"], snapshot, data, out)
+    assert count == 3 and captions == {f"data/train/{i:06d}.png": [t] for i, t in enumerate(["one", "two", "three"])}
+    with pytest.raises(ConfigError, match=r"hf:o/d: data/train.parquet row 2: `data.caption_column` 'many' is missing"):
+        fetch.export_parquet(
+            [snapshot / "data/train.parquet"], snapshot, Data(source="hf:o/d", caption_column="many"), out
+        )
+
+
+# --- the encode stage and training from it -----------------------------------------------------------
+
+
+def test_the_cached_step_equals_the_step_that_encodes_on_the_fly(text_params):
+    """For the same noise, timesteps, flips and caption picks, the loss and gradients of a training step
+    from the encode stage's cache equal those of the reference's way: VAE and text encoder every step."""
+    from workflow.maths.diffusion import latent_draws, latent_sample, pick_captions, step_noise, to_model_range
+    from workflow.models.latent import encode_captions, encode_images, load_encoders
+    from workflow.stages.train import latent_batch, make_accelerator, setup, step_loss
+
+    params = prepared(text_params())
+    encoded = load_encodings(params.paths.latents)
+    assert encoded.record["views"] == 2 and encoded.mean.shape == (6, 2, 4, 8, 8) and encoded.text.shape == (8, 16, 32)
+    training = setup(params, None, make_accelerator(params), encoded=encoded)
+    index = torch.tensor([5, 0, 3, 1])
+    noise, timesteps, flip = step_noise(params.seed, 0, (4, 4, 8, 8), 1000, torch.device("cpu"))
+    draws = latent_draws(params.seed, 0, (4, 4, 8, 8), torch.device("cpu"))
+    assert flip.any() and not flip.all()  # both views are exercised
+
+    def loss_and_grads(clean, condition):
+        training.model.zero_grad()
+        loss = step_loss(training, clean, noise, timesteps, condition)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in training.model.parameters()]
+
+    cached = loss_and_grads(*latent_batch(training, index, flip, draws, torch.device("cpu")))
+
+    encoders = load_encoders(params.paths.base_model, torch.device("cpu"))
+    images = torch.from_numpy(np.load(params.paths.images))[index]
+    pixels = to_model_range(torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images))
+    mean, logvar = encode_images(encoders.vae, pixels)
+    captions = [c for image in load_captions(params.paths.captions) for c in image]
+    rows = pick_captions(torch.from_numpy(np.array(encoded.offsets)), index, draws[1])
+    hidden = encode_captions(encoders, [captions[r] for r in rows])
+    latents = latent_sample(mean, logvar, draws[0], encoders.vae.config.scaling_factor)
+    on_the_fly = loss_and_grads(latents, {"encoder_hidden_states": hidden})
+
+    torch.testing.assert_close(cached[0], on_the_fly[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(cached[1], on_the_fly[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_full_fine_tune_resumes_bitwise_and_loads_as_a_stable_diffusion_pipeline(text_params):
+    from diffusers import StableDiffusionPipeline
+
+    params = prepared(text_params())
+    info = train.run(params)
+    assert info["steps"] == 6 and info["trainable_parameters"] == info["num_parameters"]
+    assert sorted(p.name for p in Path(params.paths.train_log, "grids").iterdir()) == [
+        "step-0000003.png",
+        "step-0000006.png",
+    ]
+    straight = load_file(UNET)
+    base = load_file("models/base/unet/diffusion_pytorch_model.safetensors")
+    assert any(not np.array_equal(straight[k], base[k]) for k in base)  # it trained
+
+    run_dir = next(Path(params.paths.checkpoints).iterdir())
+    shutil.rmtree(run_dir / "step-0000006")
+    shutil.rmtree(params.paths.trained)
+    assert train.run(params)["resumed_from_step"] == 3
+    resumed = load_file(UNET)
+    assert all(np.array_equal(resumed[k], straight[k]) for k in straight)
+
+    pipe = StableDiffusionPipeline.from_pretrained(params.paths.trained)
+    image = pipe("the cat", height=16, width=16, num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
+
+def test_lora_saves_only_the_adapter_which_loads_onto_the_pretrained_pipeline(text_params):
+    from diffusers import StableDiffusionPipeline
+
+    params = prepared(text_params(train={"lora_rank": 4}))
+    info = train.run(params)
+    assert 0 < info["trainable_parameters"] < info["num_parameters"] / 10
+    assert sorted(p.name for p in Path(params.paths.trained).iterdir()) == ["manifest.json", LORA_FILE]
+
+    def generate(pipe):
+        out = pipe(
+            "the cat",
+            height=16,
+            width=16,
+            num_inference_steps=2,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        )
+        return out.images
+
+    pipe = StableDiffusionPipeline.from_pretrained(params.paths.base_model)
+    before = generate(pipe)
+    pipe.load_lora_weights(params.paths.trained)
+    assert not np.array_equal(generate(pipe), before)  # the adapter changes what the pipeline makes
+
+    key = checkpoints.latest_checkpoint(next(Path(params.paths.checkpoints).iterdir()))
+    assert key.name == "step-0000006"
+
+
+def test_sample_and_package_a_fine_tune(text_params):
+    params = prepared(text_params(train={"progress_grids": False}))
+    train.run(params)
+    record = sample.run(params)
+    captions = load_captions(params.paths.captions)
+    assert record["prompts"] == [captions[i][0] for i in range(4)] and record["count"] == 4
+    grid = Image.open(params.paths.grid)
+    assert grid.height == 2 * 16 + 3 * 2 and grid.width > 2 * 16 + 3 * 2  # two rows of two, labelled on the left
+    from workflow.stages import evaluate, fid_reference, report
+
+    for stage in (fid_reference, evaluate, report):
+        stage.run(params)
+    info = package.run(params)
+    assert info["class"] == "StableDiffusionPipeline"
+    card = Path(params.paths.pipeline, "README.md").read_text()
+    assert "pipeline_tag: text-to-image" in card and "fine-tuned (its whole UNet" in card and "models/local" in card
+    namespace: dict = {}
+    exec(card_snippet(card.split("\n---\n", 1)[1]), namespace)  # the card's own lines load it and generate
+    assert len(namespace["images"]) == params.sample.grid_size
+    index = json.loads(Path(params.paths.pipeline, "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]  # the sampler the evaluation used
+
+
+# --- the whole DAG, under both orchestrators, through the mirror ----------------------------------------
+
+
+def captioned_parquet(n: int) -> bytes:
+    """A parquet shard as `datasets` writes an Image feature, with a `text` column: naruto-blip-captions' layout."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.mirror import png
+
+    cells = [{"bytes": png(100 + i, (20, 20)), "path": None} for i in range(n)]
+    texts = [CAPTIONS[i % len(CAPTIONS)][0] for i in range(n)]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": cells, "text": texts}), buf)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def text_repos(mirror, tiny_sd):
+    """The tiny pipeline as a model repository and a captioned parquet dataset, both on the mirror."""
+    files = {p.relative_to(tiny_sd).as_posix(): p.read_bytes() for p in tiny_sd.rglob("*") if p.is_file()}
+    model = Dataset.create(mirror, "org/tiny-sd-dag", files, kind="models")
+    data = Dataset.create(mirror, "org/captioned", {"data/train-00000-of-00001.parquet": captioned_parquet(8)})
+    return model, data
+
+
+E2E = merged(
+    TEXT,
+    data={"source": "hf:org/captioned", "max_images": None},
+    model={"pretrained": "hf:org/tiny-sd-dag"},
+    train={"max_steps": 4, "checkpoint_every": 2, "log_every": 2},
+    cluster={"gpu": False},
+)
+
+
+def test_the_text_to_image_dag_under_dvc_and_snakemake(mirror, text_repos, tmp_path):
+    """`dvc repro` and `snakemake --cores 2` run the whole DAG through the mirror, with the same results;
+    the encode stage computes once: a new learning rate re-runs train and what follows, not encode."""
+    from tests.helpers import make_repo, repo_env
+
+    model, _ = text_repos
+    env = repo_env(HF_ENDPOINT=mirror.endpoint, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+
+    def sh(repo, *cmd):
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        return done.stdout
+
+    dvc = make_repo(tmp_path / "dvc", **E2E)
+    sh(dvc, "dvc", "repro")
+    smk = make_repo(tmp_path / "smk", **E2E)
+    sh(smk, "snakemake", "--cores", "2")
+    for repo in (dvc, smk):
+        assert read_base(repo / "models/base")["sha"] == model.head
+        assert (repo / "models/pipeline/unet/diffusion_pytorch_model.safetensors").is_file()
+    for name in ("data/processed/latents/mean.npy", "data/processed/latents/text.npy", UNET):
+        assert (dvc / name).read_bytes() == (smk / name).read_bytes(), name
+    metrics = [json.loads((repo / "reports/metrics.json").read_text()) for repo in (dvc, smk)]
+    assert metrics[0]["fid"] == metrics[1]["fid"]
+
+    import yaml
+
+    params = yaml.safe_load((dvc / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 5e-4
+    (dvc / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = sh(dvc, "dvc", "repro", "--dry")
+    ran = {line.split("'")[1] for line in status.splitlines() if line.startswith("Running stage")}
+    assert "train" in ran and not ran & {"download", "download_model", "preprocess", "encode", "fid_reference"}

@@ -1,0 +1,110 @@
+"""The encoded training set (`paths.latents`, a folder): what text-to-image training reads instead of
+running the VAE and the text encoder at every step. Written by encode, read by train.
+
+  ENCODING.json    {"latent": false} for a pixel-space run (nothing else is written); for a latent one:
+                   count, views, shapes, the VAE's scaling factor and the inputs' sha256
+  mean.npy         float32 N x V x C x h x w: each image's latent distribution mean (view 0: the image,
+  logvar.npy       view 1: its mirror image, when train.random_flip), and its log-variance as diffusers
+                   clamps it, so training samples mean + exp(logvar / 2) * noise as the VAE would
+  text.npy         float32 M x L x D: the text encoder's last hidden states of every caption
+  offsets.npy      int64 N + 1: image i's captions are text[offsets[i]:offsets[i + 1]]
+
+The arrays are .npy files, memory-mapped when read. The folder is built under a temporary name and
+renamed into place when complete.
+
+    with encoding_writer("data/processed/latents", count, views, latent_shape, captions, text_shape) as w:
+        w.mean[i:j], w.logvar[i:j], w.text[k:l] = ...; w.offsets[:] = ...; w.record.update(...)
+    encoded = load_encodings("data/processed/latents")   # Encodings(record, mean, logvar, text, offsets)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from workflow.core.artifacts import atomic_dir, sha256_file, write_json
+from workflow.core.config import ConfigError
+from workflow.formats.records import read_record
+
+ENCODING_FILE = "ENCODING.json"
+ARRAYS = ("mean", "logvar", "text", "offsets")
+
+
+@dataclass
+class Encodings:
+    record: dict
+    mean: np.ndarray
+    logvar: np.ndarray
+    text: np.ndarray
+    offsets: np.ndarray
+
+
+def write_pixel_space(path: str | Path) -> None:
+    """The record of a run that trains in pixel space: nothing to encode."""
+    with atomic_dir(path) as out:
+        write_json(out / ENCODING_FILE, {"latent": False})
+
+
+@contextlib.contextmanager
+def encoding_writer(
+    path: str | Path, count: int, views: int, latent_shape: tuple, captions: int, text_shape: tuple
+) -> Iterator[Encodings]:
+    """Memory-mapped arrays to fill (and `record` to complete); published whole when the block ends."""
+    with atomic_dir(path) as out:
+        shapes = {
+            "mean": (count, views, *latent_shape),
+            "logvar": (count, views, *latent_shape),
+            "text": (captions, *text_shape),
+            "offsets": (count + 1,),
+        }
+        arrays = {
+            name: np.lib.format.open_memmap(
+                out / f"{name}.npy", mode="w+", dtype=np.int64 if name == "offsets" else np.float32, shape=shape
+            )
+            for name, shape in shapes.items()
+        }
+        record = {"latent": True, "count": count, "views": views, "latent_shape": list(latent_shape)}
+        record |= {"captions": captions, "text_shape": list(text_shape)}
+        encoded = Encodings(record, **arrays)
+        yield encoded
+        for array in arrays.values():
+            array.flush()
+        write_json(out / ENCODING_FILE, record)
+
+
+def encoding_sha256(path: str | Path) -> str:
+    """The sha256 of the record, which names the images, the captions and the pretrained pipeline encoded."""
+    return sha256_file(Path(path) / ENCODING_FILE)
+
+
+def load_encodings(path: str | Path) -> Encodings:
+    """The encoded set, memory-mapped read-only; ConfigError if it is not a latent one or is inconsistent."""
+    path = Path(path)
+    record = read_record(path / ENCODING_FILE, "encode")
+    if not record.get("latent"):
+        raise ConfigError(f"{path}: encoded for a pixel-space run (no `model.pretrained`); re-run the encode stage")
+    arrays = {}
+    for name in ARRAYS:
+        try:
+            arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path / f'{name}.npy'}: unreadable ({exc}); re-run the encode stage") from None
+    encoded = Encodings(record, **arrays)
+    count, views = record["count"], record["views"]
+    expected = {
+        "mean": (count, views, *record["latent_shape"]),
+        "logvar": (count, views, *record["latent_shape"]),
+        "text": (record["captions"], *record["text_shape"]),
+        "offsets": (count + 1,),
+    }
+    for name, shape in expected.items():
+        if getattr(encoded, name).shape != tuple(shape):
+            raise ConfigError(
+                f"{path / f'{name}.npy'}: shape {getattr(encoded, name).shape}, {ENCODING_FILE} says "
+                f"{tuple(shape)}; re-run the encode stage"
+            )
+    return encoded
