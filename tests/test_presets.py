@@ -21,6 +21,24 @@ UNET = {
     "scheduler.beta_schedule": "linear",
     "scheduler.prediction_type": "epsilon",
 }
+TEXT_TO_IMAGE = {  # what train_text_to_image.py and its LoRA variant share
+    "model.pretrained": "hf:stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "data.source": "hf:lambdalabs/naruto-blip-captions",
+    "data.caption_column": "text",
+    "data.resolution": 512,
+    "data.channels": 3,
+    "train.random_flip": True,
+    "train.lr_schedule": "constant",
+    "train.warmup_steps": 0,
+    "train.adam_beta1": 0.9,
+    "train.adam_beta2": 0.999,
+    "train.adam_weight_decay": 1e-2,
+    "train.adam_epsilon": 1e-8,
+    "train.max_grad_norm": 1.0,
+    "train.min_snr_gamma": None,
+    "train.noise_offset": 0.0,
+    "train.mixed_precision": "fp16",
+}
 # Each reference's hyperparameters in our keys (../shared/seeds, DESIGN.md section 1).
 REFERENCES = {
     # The tutorial: TrainingConfig, Resize((128, 128)) + RandomHorizontalFlip, torch.optim.AdamW(lr=...) with
@@ -118,6 +136,33 @@ REFERENCES = {
         "sample.num_inference_steps": 1000,
         "sample.guidance_scale": 2.0,
     },
+    # diffusers' text-to-image guide (train_text_to_image.py with the guide's flags) and its LoRA example
+    # (train_text_to_image_lora.py as examples/text_to_image/README.md runs it), the scripts' defaults otherwise.
+    "text-to-image-naruto-512.yaml": {
+        **TEXT_TO_IMAGE,
+        "data.center_crop": True,
+        "train.batch_size": 4,
+        "train.gradient_accumulation_steps": 4,
+        "train.gradient_checkpointing": True,
+        "train.max_steps": 15000,
+        "train.learning_rate": 1e-5,
+        "train.ema": True,
+        "train.lora_rank": None,
+        "train.checkpoint_every": 500,
+    },
+    "text-to-image-naruto-lora-512.yaml": {
+        **TEXT_TO_IMAGE,
+        "seed": 42,
+        "data.center_crop": False,
+        "train.batch_size": 1,
+        "train.gradient_accumulation_steps": 1,
+        "train.epochs": 100,
+        "train.max_steps": None,
+        "train.learning_rate": 1e-4,
+        "train.ema": False,
+        "train.lora_rank": 4,
+        "train.checkpoint_every": 5000,
+    },
 }
 # Where a preset departs from its reference: {key: (its value, words its comment must say)}.
 SAMPLER = {"sample.sampler": ("dpmsolver++", "DPM-Solver++"), "sample.num_inference_steps": (25, "25 steps")}
@@ -127,6 +172,8 @@ DELIBERATE = {
     "train-unconditional-flowers-64.yaml": {**BF16, **SAMPLER},
     "mnist-classes.yaml": {},
     "flowers-102-classes-64.yaml": {**BF16, **SAMPLER},
+    "text-to-image-naruto-512.yaml": {},
+    "text-to-image-naruto-lora-512.yaml": {"data.center_crop": (True, "centre-cropped once, not RandomCrop")},
 }
 
 

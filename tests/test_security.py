@@ -30,7 +30,9 @@ def test_nothing_is_unpickled_and_no_remote_code_runs(path):
         assert name not in ("pickle.load", "pickle.loads", "eval", "exec", "yaml.load", "yaml.unsafe_load"), where
         assert keywords.get("allow_pickle") is not True, where
         assert "trust_remote_code" not in keywords, where
-        if name.endswith("from_pretrained"):
+        if name.endswith("from_pretrained") and not name.split(".")[0].endswith("Tokenizer"):  # vocabularies only
+            assert keywords.get("use_safetensors") is True, where
+        if name.endswith(("load_lora_adapter", "load_lora_weights")):
             assert keywords.get("use_safetensors") is True, where
         if name.endswith("jit.load"):  # TorchScript: only the checksum-verified Inception file (test_fid.py)
             assert path.name == "inception.py", where

@@ -357,6 +357,7 @@ def test_lora_saves_only_the_adapter_which_loads_onto_the_pretrained_pipeline(te
 
     key = checkpoints.latest_checkpoint(next(Path(params.paths.checkpoints).iterdir()))
     assert key.name == "step-0000006"
+    assert sample.run(params)["count"] == 4  # the sample stage puts the adapter on the pretrained UNet itself
 
 
 def test_sample_and_package_a_fine_tune(text_params):
@@ -452,3 +453,18 @@ def test_the_text_to_image_dag_under_dvc_and_snakemake(mirror, text_repos, tmp_p
     status = sh(dvc, "dvc", "repro", "--dry")
     ran = {line.split("'")[1] for line in status.splitlines() if line.startswith("Running stage")}
     assert "train" in ran and not ran & {"download", "download_model", "preprocess", "encode", "fid_reference"}
+
+
+def test_the_encode_benchmark_times_both_loops_side_by_side(tiny_params, tiny_sd, capsys):
+    from workflow.tools import bench
+
+    tiny_params()  # params.yaml in the working directory: the bench's base params
+    argv = ["encode", "--pipeline", str(tiny_sd), "--resolution", "16", "--batch-size", "4", "--images", "8"]
+    bench.main([*argv, "--steps", "2", "--warmup", "1", "--repeats", "2", "--lora-rank", "4", "--json", "b.json"])
+    r = json.loads(Path("b.json").read_text())
+    assert len(r["cache_trials"]) == len(r["on_the_fly_trials"]) == 2
+    assert r["cache_images_per_second"] == max(r["cache_trials"]) > 0 and r["on_the_fly_images_per_second"] > 0
+    assert r["ratio"] == pytest.approx(r["cache_images_per_second"] / r["on_the_fly_images_per_second"])
+    assert r["latent_shape"] == [4, 8, 8] and 0 < r["trainable_parameters"] < r["unet_parameters"]
+    out = capsys.readouterr().out
+    assert "cache / on the fly:" in out and r["command"] in out and not list(Path(".").glob("bench-encode-*"))

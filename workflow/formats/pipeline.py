@@ -110,7 +110,7 @@ def load_finetuned_unet(path: str | Path, base: str | Path, device: torch.device
     try:
         if is_lora(path):
             unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet", use_safetensors=True)
-            unet.load_lora_adapter(str(path), prefix="unet", weight_name=LORA_FILE)
+            unet.load_lora_adapter(str(path), prefix="unet", weight_name=LORA_FILE, use_safetensors=True)
         else:
             unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", use_safetensors=True)
     except (OSError, ValueError) as exc:
