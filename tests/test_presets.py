@@ -25,6 +25,7 @@ TEXT_TO_IMAGE = {  # what train_text_to_image.py and its LoRA variant share
     "model.pretrained": "hf:stable-diffusion-v1-5/stable-diffusion-v1-5",
     "data.source": "hf:lambdalabs/naruto-blip-captions",
     "data.caption_column": "text",
+    "data.holdout": 0,
     "data.resolution": 512,
     "data.channels": 3,
     "train.random_flip": True,
@@ -172,8 +173,11 @@ DELIBERATE = {
     "train-unconditional-flowers-64.yaml": {**BF16, **SAMPLER},
     "mnist-classes.yaml": {},
     "flowers-102-classes-64.yaml": {**BF16, **SAMPLER},
-    "text-to-image-naruto-512.yaml": {},
-    "text-to-image-naruto-lora-512.yaml": {"data.center_crop": (True, "centre-cropped once, not RandomCrop")},
+    "text-to-image-naruto-512.yaml": {"data.holdout": (200, "200 of the 1,221 images")},
+    "text-to-image-naruto-lora-512.yaml": {
+        "data.center_crop": (True, "centre-cropped once, not RandomCrop"),
+        "data.holdout": (200, "200 of the 1,221 images"),
+    },
 }
 
 

@@ -360,12 +360,37 @@ def test_lora_saves_only_the_adapter_which_loads_onto_the_pretrained_pipeline(te
     assert sample.run(params)["count"] == 4  # the sample stage puts the adapter on the pretrained UNet itself
 
 
+def test_held_out_images_leave_training_and_are_what_fid_scores(text_params):
+    """data.holdout: two images (seeded) leave the training set with their captions; the FID reference is
+    theirs and the sample set is generated from their captions."""
+    from workflow.stages import fid_reference
+
+    params = text_params(data={"holdout": 2}, fid={"num_reference": None})
+    download.run(params)
+    meta = preprocess.run(params)
+    training, held = np.load(params.paths.images), np.load(params.paths.holdout_images)
+    assert meta["count"] == 4 and meta["holdout"] == 2 and len(training) == 4 and len(held) == 2  # count: training
+    everything = {image.tobytes() for image in np.concatenate([training, held])}
+    assert len(everything) == 6  # a partition: no image in both
+    captions, held_captions = load_captions(params.paths.captions), load_captions(params.paths.holdout_captions)
+    assert len(captions) == 4 and len(held_captions) == 2
+    assert sorted(map(str, captions + held_captions)) == sorted(str(CAPTIONS[i % 3]) for i in range(6))
+    assert int(fid_reference.run(params)["num_images"]) == 2
+    with pytest.raises(ConfigError, match=r"`data.holdout` \(5\) leaves 1 of the 6 usable images for training"):
+        preprocess.run(text_params(data={"holdout": 5}))
+    from workflow.core.config import params_from_dict
+
+    with pytest.raises(ConfigError, match="`data.holdout` applies to text-to-image fine-tuning"):
+        params_from_dict({"data": {"holdout": 1}})
+
+
 def test_sample_and_package_a_fine_tune(text_params):
-    params = prepared(text_params(train={"progress_grids": False}))
+    params = prepared(text_params(train={"progress_grids": False}, data={"holdout": 2}, fid={"num_reference": None}))
     train.run(params)
     record = sample.run(params)
-    captions = load_captions(params.paths.captions)
-    assert record["prompts"] == [captions[i][0] for i in range(4)] and record["count"] == 4
+    held = load_captions(params.paths.holdout_captions)
+    assert record["prompts"] == [held[i % 2][0] for i in range(4)] and record["count"] == 4
+    assert record["prompts_from"] == "held-out images"
     grid = Image.open(params.paths.grid)
     assert grid.height == 2 * 16 + 3 * 2 and grid.width > 2 * 16 + 3 * 2  # two rows of two, labelled on the left
     from workflow.stages import evaluate, fid_reference, report
@@ -376,6 +401,7 @@ def test_sample_and_package_a_fine_tune(text_params):
     assert info["class"] == "StableDiffusionPipeline"
     card = Path(params.paths.pipeline, "README.md").read_text()
     assert "pipeline_tag: text-to-image" in card and "fine-tuned (its whole UNet" in card and "models/local" in card
+    assert "4 samples vs 2 held-out images" in card and "| held-out images |" in card
     namespace: dict = {}
     exec(card_snippet(card.split("\n---\n", 1)[1]), namespace)  # the card's own lines load it and generate
     assert len(namespace["images"]) == params.sample.grid_size

@@ -112,6 +112,8 @@ class Paths:
     meta: str = _path("data/processed/meta.json")
     labels: str = _path("data/processed/labels.json")  # class names and each image's class (empty: none)
     captions: str = _path("data/processed/captions.json")  # each image's captions (empty: none)
+    holdout_images: str = _path("data/processed/holdout_images.npy")  # data.holdout's images (text-to-image)
+    holdout_captions: str = _path("data/processed/holdout_captions.json")  # and their captions
     base_model: str = _path("models/base")  # download_model's: the pretrained pipeline's parts (model.pretrained)
     latents: str = _path("data/processed/latents")  # encode's: latent distributions + caption embeddings
     fid_ref: str = _path("data/processed/fid_ref.npz")
@@ -144,6 +146,8 @@ class Data:
     center_crop: bool = True
     max_images: Optional[int] = checked(None, positive(IMAGES))
     min_images: int = checked(16, positive(IMAGES))  # preprocess fails if fewer images decode
+    # text-to-image: images (seeded) kept out of training; FID scores images made from their captions against them
+    holdout: int = checked(0, non_negative(IMAGES))
 
     @property
     def kind(self) -> str:
@@ -506,6 +510,7 @@ def _check_text_to_image(p: Params, source: str) -> None:
         )
     if m.pretrained is None:
         text_only = {
+            "data.holdout": p.data.holdout != 0,
             "train.lora_rank": p.train.lora_rank is not None,
             "sample.prompts": bool(p.sample.prompts),
             "sample.negative_prompt": p.sample.negative_prompt is not None,

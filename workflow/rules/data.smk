@@ -38,9 +38,11 @@ rule preprocess:
         meta=PATHS["meta"],
         labels=PATHS["labels"],
         captions=PATHS["captions"],
+        holdout_images=PATHS["holdout_images"],
+        holdout_captions=PATHS["holdout_captions"],
     params:
         values=params_of("seed", "data.resolution", "data.channels", "data.center_crop", "data.max_images",
-                         "data.min_images"),
+                         "data.min_images", "data.holdout"),
         config=PARAMS_FILE,
     log:
         "logs/preprocess.log",

@@ -1,11 +1,13 @@
 rule fid_reference:
     input:
         images=rules.preprocess.output.images,
+        holdout_images=rules.preprocess.output.holdout_images,
         code=stage_code("fid_reference"),
     output:
         fid_ref=PATHS["fid_ref"],
     params:
-        values=params_of("seed", "fid.num_reference", "fid.weights", "fid.weights_sha256", "fid.batch_size"),
+        values=params_of("seed", "data.holdout", "fid.num_reference", "fid.weights", "fid.weights_sha256",
+                         "fid.batch_size"),
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:

@@ -30,12 +30,13 @@ rule sample:
         pipeline=rules.train.output.pipeline,
         base_model=rules.download_model.output.base_model,
         captions=rules.preprocess.output.captions,
+        holdout_captions=rules.preprocess.output.holdout_captions,
         code=stage_code("sample"),
     output:
         samples=directory(PATHS["samples"]),
         grid=report(PATHS["grid"], caption="../pages/captions/grid.rst", category="Samples"),
     params:
-        values=params_of("seed", "sample", "fid.num_samples", "model.pretrained", "data.resolution"),
+        values=params_of("seed", "sample", "fid.num_samples", "model.pretrained", "data.resolution", "data.holdout"),
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:

@@ -2,8 +2,9 @@
 
     python -m workflow fid_reference [--params params.yaml]
 
-Reads `paths.images` (uint8 N x C x H x W) and takes `fid.num_reference` of them (null = all),
-chosen by a permutation seeded with `seed`. Writes `paths.fid_ref`, an .npz with mu, sigma
+Reads `paths.images` (uint8 N x C x H x W; a text-to-image run with `data.holdout`: the held-out images,
+`paths.holdout_images`, instead) and takes `fid.num_reference` of them (null = all), chosen by a
+permutation seeded with `seed`. Writes `paths.fid_ref`, an .npz with mu, sigma
 (float64), features (float32, for KID), num_images, and weights_sha256 (the Inception file used;
 evaluate refuses a reference computed with other weights).
 """
@@ -21,13 +22,13 @@ from workflow.maths import fid
 from workflow.models.inception import load_extractor
 
 
-def choose_reference(num_images: int, num_reference: int | None, seed: int) -> np.ndarray:
+def choose_reference(num_images: int, num_reference: int | None, seed: int, which: str = "preprocessed") -> np.ndarray:
     """Sorted indices of the reference subset: the first `num_reference` of a seeded permutation."""
     if num_reference is None:
         return np.arange(num_images)
     if num_reference > num_images:
         raise ConfigError(
-            f"`fid.num_reference` ({num_reference}) exceeds the {num_images} preprocessed "
+            f"`fid.num_reference` ({num_reference}) exceeds the {num_images} {which} "
             "images; lower it, or set it to null to use them all"
         )
     return np.sort(np.random.default_rng(seed).permutation(num_images)[:num_reference])
@@ -41,10 +42,13 @@ def reference_statistics(images: np.ndarray, extractor: torch.nn.Module, batch_s
 
 
 def run(params: Params) -> dict:
-    images = load_images(params.paths.images)
-    index = choose_reference(len(images), params.fid.num_reference, params.seed)
+    held_out = params.data.holdout > 0
+    path = params.paths.holdout_images if held_out else params.paths.images
+    images = load_images(path)
+    which = "held-out (`data.holdout`)" if held_out else "preprocessed"
+    index = choose_reference(len(images), params.fid.num_reference, params.seed, which)
     if len(index) < 2:
-        raise ConfigError(f"{params.paths.images}: FID statistics need at least 2 images, got {len(index)}")
+        raise ConfigError(f"{path}: FID statistics need at least 2 images, got {len(index)}")
     extractor, info = load_extractor(params.fid)
     device = default_device()
     stats = reference_statistics(np.asarray(images[index]), extractor, params.fid.batch_size, device)
@@ -54,4 +58,5 @@ def run(params: Params) -> dict:
 
 
 def headline(stats: dict, params: Params) -> str:
-    return f"fid_reference: {int(stats['num_images'])} images -> {params.paths.fid_ref}"
+    which = "held-out " if params.data.holdout else ""
+    return f"fid_reference: {int(stats['num_images'])} {which}images -> {params.paths.fid_ref}"

@@ -113,6 +113,11 @@ def model_name(params: Params) -> str:
     return f"ddpm-{dataset}-{data.resolution}px"
 
 
+def reference_set(params: Params) -> str:
+    """What FID compared the samples with: held-out images (`data.holdout`, text-to-image) or training images."""
+    return "held-out images" if params.data.holdout else "training images"
+
+
 def base_line(base: dict) -> str:
     """Where the pretrained pipeline came from, as the card says it."""
     if base["kind"] == "hf":
@@ -156,13 +161,14 @@ def card_metadata(
         "eta": s.eta,
         "inception_sha256": metrics["fid_weights_sha256"],
     }
-    counts = f"{metrics['fid_num_samples']} samples vs {metrics['fid_num_reference']} training images"
+    counts = f"{metrics['fid_num_samples']} samples vs {metrics['fid_num_reference']} {reference_set(params)}"
     task = CONDITIONAL_TASK if class_names else TASK
     if class_names:
         args.update(guidance_scale=s.guidance_scale, classes=len(s.classes or class_names))
     if base is not None:
         task = TEXT_TASK
-        args.update(guidance_scale=s.guidance_scale, prompts="the first caption of each training image")
+        prompts = f"the first caption of each of the {reference_set(params)}"
+        args.update(guidance_scale=s.guidance_scale, prompts=prompts)
     results = [
         EvalResult(
             task_type=task,
@@ -337,7 +343,7 @@ def model_card(
             f"{'' if base and params.train.lora_rank else ', saved here as the scheduler'}. Upload this folder "
             f"as it is with `hf upload <user>/<repo> {params.paths.pipeline}`.\n",
             "## Evaluation\n",
-            "| metric | value | samples | training images | sampler |\n|---|---|---|---|---|",
+            f"| metric | value | samples | {reference_set(params)} | sampler |\n|---|---|---|---|---|",
             *(
                 f"| {kind.upper()} | {metrics[kind]:.6g} | {metrics['fid_num_samples']:,} | "
                 f"{metrics['fid_num_reference']:,} | {s.sampler}, {s.num_inference_steps} steps, eta {s.eta} |"

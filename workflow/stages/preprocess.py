@@ -14,7 +14,9 @@ the count and the commonest reasons. `data.max_images` takes a subset of the fil
 `seed`, before decoding, kept in file order. A labelled dataset (`<paths.raw>/LABELS.json`) gives
 `paths.labels` the class names and each kept image's class; an unlabelled one, empty lists. A
 captioned one (`<paths.raw>/CAPTIONS.json`) gives `paths.captions` each kept image's captions;
-an uncaptioned one, an empty list.
+an uncaptioned one, an empty list. `data.holdout` (text-to-image) takes that many of the decoded
+images, chosen with `seed`, out of the training set into `paths.holdout_images` and
+`paths.holdout_captions` (both empty otherwise): FID later scores the fine-tune on them.
 """
 
 from __future__ import annotations
@@ -153,6 +155,19 @@ def image_captions(raw: str, root: Path, files: list, skipped: list[dict]) -> li
     return [raw_captions[name] for name in kept]
 
 
+def holdout_split(count: int, holdout: int, minimum: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out indices), each sorted: `holdout` of `count` chosen with `seed`."""
+    if holdout and count - holdout < minimum:
+        raise ConfigError(
+            f"`data.holdout` ({holdout}) leaves {count - holdout} of the {count} usable images for training, "
+            f"below `data.min_images` ({minimum}): hold out fewer, or lower `data.min_images`"
+        )
+    chosen = np.random.default_rng([seed, 1]).permutation(count)[:holdout]  # its own stream: max_images' is [seed]
+    held = np.zeros(count, dtype=bool)
+    held[chosen] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
 def run(params: Params) -> dict:
     """The whole stage: read paths.raw, write paths.images and paths.meta; return the meta record."""
     data = params.data
@@ -165,6 +180,13 @@ def run(params: Params) -> dict:
         item["file"] = Path(item["file"]).relative_to(root).as_posix()
     skipped = record.get("ignored", []) + record.get("skipped", []) + skipped  # the source's, then ours
     check_enough(len(array), data.min_images, skipped, root)
+    kept, held = holdout_split(len(array), data.holdout, data.min_images, params.seed)
+    write_images(params.paths.holdout_images, array[held])
+    write_captions(params.paths.holdout_captions, [captions[i] for i in held] if captions else [])
+    if len(held):
+        array = array[kept]
+        labels = [labels[i] for i in kept] if labels else labels
+        captions = [captions[i] for i in kept] if captions else captions
     meta = {
         "count": len(array),
         "resolution": data.resolution,
@@ -176,6 +198,7 @@ def run(params: Params) -> dict:
         "source": source_summary(record),
         "classes": len(classes),
         "captions": sum(map(len, captions)),
+        "holdout": len(held),
         "images_sha256": write_images(params.paths.images, array),
     }
     write_labels(params.paths.labels, classes, labels)

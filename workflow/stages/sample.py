@@ -18,10 +18,10 @@ of class i mod K, guided by `sample.guidance_scale`; samples.json records each s
 has one row per class (the first MAX_GRID_ROWS), labelled with the class name, grid_size samples each.
 
 A text-to-image fine-tune (`model.pretrained`; workflow.models.text_sampling) samples image i of the set
-from the first caption of training image i mod N (`paths.captions`), so FID compares it with images
-of the same captions, guided by `sample.guidance_scale` away from `sample.negative_prompt`; samples.json
-records each sample's prompt. Its grid has one row per `sample.prompts` prompt, labelled with it,
-grid_size seeds each.
+from the first caption of training image i mod N (`paths.captions`; with `data.holdout`, of held-out
+image i mod N, `paths.holdout_captions`), so FID compares it with images of the same captions, guided
+by `sample.guidance_scale` away from `sample.negative_prompt`; samples.json records each sample's
+prompt. Its grid has one row per `sample.prompts` prompt, labelled with it, grid_size seeds each.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def run_text_to_image(params: Params) -> dict:
     runtime = Runtime.detect()
     unet = load_finetuned_unet(paths.trained, paths.base_model, runtime.device)
     pipe = text_pipeline(paths.base_model, unet, s, runtime.device)
-    captions = [image[0] for image in load_captions(paths.captions)]
+    held_out = params.data.holdout > 0
+    captions = [image[0] for image in load_captions(paths.holdout_captions if held_out else paths.captions)]
     prompts = [captions[i % len(captions)] for i in range(params.fid.num_samples)]
     resolution = params.data.resolution
     settings = {
@@ -99,6 +100,7 @@ def run_text_to_image(params: Params) -> dict:
         "device": runtime.device.type,
         "dtype": str(runtime.sampling_dtype(s.mixed_precision)).removeprefix("torch."),
         "prompts": prompts,
+        "prompts_from": "held-out images" if held_out else "training images",
     }
     batches = prompt_batches(pipe, prompts, s, params.seed, resolution, runtime)
     _, record = write_sample_set(batches, paths.samples, 0, settings)
