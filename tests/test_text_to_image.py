@@ -5,6 +5,7 @@ result that diffusers loads and generates from."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -385,7 +386,8 @@ def test_held_out_images_leave_training_and_are_what_fid_scores(text_params):
 
 
 def test_sample_and_package_a_fine_tune(text_params):
-    params = prepared(text_params(train={"progress_grids": False}, data={"holdout": 2}, fid={"num_reference": None}))
+    sweeps = {"num_reference": None, "steps_sweep": [4], "guidance_sweep": [2.0]}
+    params = prepared(text_params(train={"progress_grids": False}, data={"holdout": 2}, fid=sweeps))
     train.run(params)
     record = sample.run(params)
     held = load_captions(params.paths.holdout_captions)
@@ -393,10 +395,14 @@ def test_sample_and_package_a_fine_tune(text_params):
     assert record["prompts_from"] == "held-out images"
     grid = Image.open(params.paths.grid)
     assert grid.height == 2 * 16 + 3 * 2 and grid.width > 2 * 16 + 3 * 2  # two rows of two, labelled on the left
-    from workflow.stages import evaluate, fid_reference, report
+    from workflow.stages import evaluate, fid_reference, fid_sweep, report
 
-    for stage in (fid_reference, evaluate, report):
+    for stage in (fid_reference, evaluate, fid_sweep, report):
         stage.run(params)
+    fid = json.loads(Path(params.paths.metrics).read_text())["fid"]
+    for path in (params.paths.fid_steps, params.paths.fid_guidance):  # each sweep point at the run's own
+        (row,) = list(csv.DictReader(Path(path).read_text().splitlines()))  # settings: the sample stage's set
+        assert float(row["fid"]) == pytest.approx(fid, rel=1e-5), path  # the CSV keeps 6 digits
     info = package.run(params)
     assert info["class"] == "StableDiffusionPipeline"
     card = Path(params.paths.pipeline, "README.md").read_text()
@@ -494,3 +500,29 @@ def test_the_encode_benchmark_times_both_loops_side_by_side(tiny_params, tiny_sd
     assert r["latent_shape"] == [4, 8, 8] and 0 < r["trainable_parameters"] < r["unet_parameters"]
     out = capsys.readouterr().out
     assert "cache / on the fly:" in out and r["command"] in out and not list(Path(".").glob("bench-encode-*"))
+
+
+def test_two_processes_fine_tune_as_one(text_params, tmp_path):
+    """train.num_processes: 2 launches two gloo ranks on CPU; each computes its half of every batch and the
+    result is the one-process fine-tune's up to float summation order (Adam's steps bound the rest)."""
+    import yaml
+
+    from tests.helpers import repo_env
+
+    params = prepared(text_params(train={"lora_rank": 4, "progress_grids": False}))
+    train.run(params)
+    one = load_file(Path(params.paths.trained) / LORA_FILE)
+    shutil.rmtree(params.paths.trained)
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["train"]["num_processes"] = 2
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    env = repo_env(PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "workflow", "train"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads(Path(params.paths.train_log, "summary.json").read_text())["num_processes"] == 2
+    two = load_file(Path(params.paths.trained) / LORA_FILE)
+    diffs = np.concatenate([np.abs(one[k] - two[k]).ravel() for k in one])
+    assert one.keys() == two.keys() and np.quantile(diffs, 0.99) <= 1e-6
+    assert diffs.max() <= params.train.learning_rate * params.train.max_steps

@@ -462,7 +462,7 @@ def _check_cross_field(p: Params, source: str) -> None:
         conditional_only = {
             "sample.guidance_scale": p.sample.guidance_scale != 1.0 and p.model.pretrained is None,
             "sample.classes": bool(p.sample.classes),
-            "fid.guidance_sweep": bool(p.fid.guidance_sweep),
+            "fid.guidance_sweep": bool(p.fid.guidance_sweep) and p.model.pretrained is None,
         }
         for key, is_set in conditional_only.items():
             if is_set:
@@ -527,7 +527,6 @@ def _check_text_to_image(p: Params, source: str) -> None:
         "data.caption_column": (p.data.caption_column is not None, "the captions to condition on (e.g. text)"),
         "data.channels": (p.data.channels == 3, "3: the VAE encodes RGB images"),
         "model.class_conditional": (not m.class_conditional, "false: the model is conditioned on captions"),
-        "fid.steps_sweep": (not p.fid.steps_sweep, "[]: FID sweeps of text-to-image models are not supported yet"),
     }
     for key, (ok, why) in needs.items():
         if not ok:

@@ -42,6 +42,9 @@ rule fid_sweep:  # off unless fid.steps_sweep or fid.guidance_sweep lists values
     input:
         pipeline=rules.train.output.pipeline,
         fid_ref=rules.fid_reference.output.fid_ref,
+        base_model=rules.download_model.output.base_model,
+        captions=rules.preprocess.output.captions,
+        holdout_captions=rules.preprocess.output.holdout_captions,
         code=stage_code("fid_sweep"),
     output:
         fid_steps=PATHS["fid_steps"],
@@ -49,6 +52,7 @@ rule fid_sweep:  # off unless fid.steps_sweep or fid.guidance_sweep lists values
     params:
         values=params_of("seed", "sample.sampler", "sample.num_inference_steps", "sample.eta", "sample.batch_size",
                          "sample.mixed_precision", "sample.compile", "sample.guidance_scale", "sample.classes",
+                         "sample.negative_prompt", "model.pretrained", "data.resolution", "data.holdout",
                          "fid.num_samples", "fid.steps_sweep", "fid.guidance_sweep", "fid.weights",
                          "fid.weights_sha256", "fid.batch_size"),
         config=PARAMS_FILE,

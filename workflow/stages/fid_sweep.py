@@ -9,7 +9,9 @@ For each n in fid.steps_sweep: samples fid.num_samples images from params.paths.
 sample.sampler (and sample.eta, batch size, precision, compile, guidance) in n steps, which are exactly
 the images the sample stage makes with sample.num_inference_steps = n, and scores them against
 params.paths.fid_ref as evaluate does. For each w in fid.guidance_sweep, the same with
-sample.guidance_scale = w. The images stay in memory, batch by batch: PNG is lossless, so their
+sample.guidance_scale = w (class-conditional and text-to-image models; a text-to-image fine-tune samples
+through StableDiffusionPipeline from the sample stage's prompts, workflow.formats.captions.fid_prompts).
+The images stay in memory, batch by batch: PNG is lossless, so their
 features equal those of the written samples. Writes params.paths.fid_steps and params.paths.fid_guidance,
 CSVs of the swept value, fid, kid, seconds (sampling and scoring of that point).
 
@@ -36,7 +38,8 @@ SWEEPS = {  # params.fid key -> (the sample.* setting it varies, the paths key o
 
 @dataclasses.dataclass
 class Scorer:
-    """What every point of a sweep shares: the trained UNet, the sample labels, Inception, the reference."""
+    """What every point of a sweep shares: the trained UNet, the sample labels (or prompts, and the text
+    pipeline), Inception, the reference."""
 
     params: Params
     unet: object
@@ -44,6 +47,8 @@ class Scorer:
     labels: np.ndarray | None
     extractor: object
     reference: dict
+    prompts: list | None = None
+    text_encoders: object | None = None
 
     @classmethod
     def load(cls, params: Params) -> Scorer:
@@ -57,6 +62,13 @@ class Scorer:
         reference = load_reference(params.paths.fid_ref)
         extractor, info = load_extractor(params.fid)
         check_weights(reference, info, params.paths.fid_ref)
+        if params.model.pretrained is not None:
+            from workflow.formats.captions import fid_prompts
+            from workflow.formats.pipeline import load_finetuned_unet
+
+            unet = load_finetuned_unet(params.paths.trained, params.paths.base_model, default_device())
+            prompts, _ = fid_prompts(params)
+            return cls(params, unet, None, None, extractor, reference, prompts)
         unet, scheduler_config = load_unet(params.paths.trained, default_device())
         labels = sample_labels(params, load_class_names(params.paths.trained))
         return cls(params, unet, scheduler_config, labels, extractor, reference)
@@ -70,14 +82,28 @@ class Scorer:
         p, device = self.params, self.unet.device
         settings = dataclasses.replace(p.sample, **{setting: value})
         started, feats = time.perf_counter(), []
-        batches = sample_batches(
-            self.unet, self.scheduler_config, settings, p.seed, p.fid.num_samples, device, labels=self.labels
-        )
+        if self.prompts is not None:
+            from workflow.models.text_sampling import prompt_batches, text_pipeline
+
+            pipe = text_pipeline(p.paths.base_model, self.unet, settings, device, self.encoders())
+            batches = prompt_batches(pipe, self.prompts, settings, p.seed, p.data.resolution)
+        else:
+            batches = sample_batches(
+                self.unet, self.scheduler_config, settings, p.seed, p.fid.num_samples, device, labels=self.labels
+            )
         for _, images in batches:
             chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
             feats.append(fid.features(chw, self.extractor, p.fid.batch_size, device, feature_workers(device)))
         scores = fid.score(np.concatenate(feats), self.reference, p.seed)
         return {setting: value, "fid": scores["fid"], "kid": scores["kid"], "seconds": time.perf_counter() - started}
+
+    def encoders(self):
+        """The pretrained VAE and text encoder, loaded once for every point."""
+        from workflow.models.latent import load_encoders
+
+        if self.text_encoders is None:
+            self.text_encoders = load_encoders(self.params.paths.base_model, self.unet.device)
+        return self.text_encoders
 
 
 def run(params: Params) -> dict:

@@ -79,7 +79,7 @@ def run(params: Params) -> dict:
 
 
 def run_text_to_image(params: Params) -> dict:
-    from workflow.formats.captions import load_captions
+    from workflow.formats.captions import fid_prompts
     from workflow.formats.pipeline import load_finetuned_unet
     from workflow.models.text_sampling import grid_prompts, prompt_batches, text_pipeline
 
@@ -87,9 +87,7 @@ def run_text_to_image(params: Params) -> dict:
     runtime = Runtime.detect()
     unet = load_finetuned_unet(paths.trained, paths.base_model, runtime.device)
     pipe = text_pipeline(paths.base_model, unet, s, runtime.device)
-    held_out = params.data.holdout > 0
-    captions = [image[0] for image in load_captions(paths.holdout_captions if held_out else paths.captions)]
-    prompts = [captions[i % len(captions)] for i in range(params.fid.num_samples)]
+    prompts, prompts_from = fid_prompts(params)
     resolution = params.data.resolution
     settings = {
         "sampler": s.sampler,
@@ -100,7 +98,7 @@ def run_text_to_image(params: Params) -> dict:
         "device": runtime.device.type,
         "dtype": str(runtime.sampling_dtype(s.mixed_precision)).removeprefix("torch."),
         "prompts": prompts,
-        "prompts_from": "held-out images" if held_out else "training images",
+        "prompts_from": prompts_from,
     }
     batches = prompt_batches(pipe, prompts, s, params.seed, resolution, runtime)
     _, record = write_sample_set(batches, paths.samples, 0, settings)
