@@ -37,6 +37,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for tests that step models in this process: two threads on a 2-core machine that
+    is busy elsewhere crawl (OpenMP barriers: ~0.2 s a tiny step on one thread, ~10 s on two)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_params(tmp_path, monkeypatch):
     """Tiny Params with every relative path landing in tmp_path (the working directory)."""
     monkeypatch.chdir(tmp_path)

@@ -18,13 +18,7 @@ needs_peer = pytest.mark.skipif(not PEER.is_file(), reason=f"the tutorial loop {
 TINY_RUN = {"resolution": 8, "batch_size": 4, "steps": 2, "warmup": 1, "matmul_size": 256}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: two threads on a 2-core machine that is busy elsewhere crawl (OpenMP barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def finite_positive(x):

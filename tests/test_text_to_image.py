@@ -59,13 +59,7 @@ def tiny_sd(tmp_path_factory) -> Path:
     return save_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models step in ~0.2 s on one thread, and far slower on two beside another busy process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def captioned_folder(folder: Path, n: int = 6) -> None:
@@ -356,9 +350,38 @@ def test_lora_saves_only_the_adapter_which_loads_onto_the_pretrained_pipeline(te
     pipe.load_lora_weights(params.paths.trained)
     assert not np.array_equal(generate(pipe), before)  # the adapter changes what the pipeline makes
 
-    key = checkpoints.latest_checkpoint(next(Path(params.paths.checkpoints).iterdir()))
-    assert key.name == "step-0000006"
+    run_dir = next(Path(params.paths.checkpoints).iterdir())
+    assert checkpoints.latest_checkpoint(run_dir).name == "step-0000006"
+
+    # the saved adapter is the trained one: the final checkpoint's EMA weights, in memory, compute what the
+    # pretrained UNet with the adapter loaded back from models/trained computes
+    from workflow.formats.pipeline import load_finetuned_unet
+    from workflow.stages.train import ema_weights, make_accelerator, resume, setup
+
+    training = setup(params, None, make_accelerator(params), encoded=load_encodings(params.paths.latents))
+    assert resume(training, run_dir) is not None
+    unet = training.accelerator.unwrap_model(training.eager_model)
+    g = torch.Generator().manual_seed(0)
+    x, t, text = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.randn(2, 16, 32, generator=g)
+    with ema_weights(training, unet), torch.no_grad():
+        expected = unet(x, t, encoder_hidden_states=text).sample
+    loaded = load_finetuned_unet(params.paths.trained, params.paths.base_model, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, encoder_hidden_states=text).sample, expected, rtol=1e-5, atol=1e-6)
     assert sample.run(params)["count"] == 4  # the sample stage puts the adapter on the pretrained UNet itself
+    from workflow.stages import evaluate, fid_reference
+
+    for stage in (fid_reference, evaluate, package):
+        stage.run(params)
+    card = Path(params.paths.pipeline, "README.md").read_text()
+    assert sorted(p.name for p in Path(params.paths.pipeline).iterdir()) == sorted(
+        ["README.md", LORA_FILE, "manifest.json", "samples.png"]
+    )
+    code = card_snippet(card.split("\n---\n", 1)[1])
+    assert "pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False)" in code
+    namespace: dict = {}
+    exec(code, namespace)  # the card's lines: the pretrained pipeline, this adapter, the evaluated sampler
+    assert len(namespace["images"]) == params.sample.grid_size
 
 
 def test_held_out_images_leave_training_and_are_what_fid_scores(text_params):
@@ -526,3 +549,19 @@ def test_two_processes_fine_tune_as_one(text_params, tmp_path):
     diffs = np.concatenate([np.abs(one[k] - two[k]).ravel() for k in one])
     assert one.keys() == two.keys() and np.quantile(diffs, 0.99) <= 1e-6
     assert diffs.max() <= params.train.learning_rate * params.train.max_steps
+
+
+def test_the_size_check_reads_the_pretrained_unet_and_refuses_over_the_caps(tiny_sd):
+    from workflow.core.config import params_from_dict
+    from workflow.models.builders import check_size
+
+    latent = {"base": tiny_sd, "latent_shape": [4, 8, 8], "text_shape": [16, 32]}
+    size = check_size(params_from_dict(TEXT), latent=latent)
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet", use_safetensors=True)
+    assert size["parameters"] == sum(p.numel() for p in unet.parameters()) and size["activation_gib"] > 0
+    with pytest.raises(ConfigError, match=r"the pretrained UNet of folder:models/local has 985,444 parameters"):
+        check_size(params_from_dict(merged(TEXT, model={"max_parameters": 1000})), latent=latent)
+    with pytest.raises(ConfigError, match=r"GiB of activations for the backward pass on the pretrained UNet"):
+        check_size(params_from_dict(merged(TEXT, train={"max_activation_gib": 1e-6})), latent=latent)

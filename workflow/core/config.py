@@ -491,6 +491,9 @@ def _check_cross_field(p: Params, source: str) -> None:
         )
 
 
+UNGUIDED = "values >= 1: StableDiffusionPipeline guides only above 1, so any value below makes 1's images"
+
+
 def _check_text_to_image(p: Params, source: str) -> None:
     """`model.pretrained` (text-to-image fine-tuning) and captions: what each needs of the rest."""
     m = p.model
@@ -527,6 +530,8 @@ def _check_text_to_image(p: Params, source: str) -> None:
         "data.caption_column": (p.data.caption_column is not None, "the captions to condition on (e.g. text)"),
         "data.channels": (p.data.channels == 3, "3: the VAE encodes RGB images"),
         "model.class_conditional": (not m.class_conditional, "false: the model is conditioned on captions"),
+        "sample.guidance_scale": (p.sample.guidance_scale >= 1, UNGUIDED),
+        "fid.guidance_sweep": (all(w >= 1 for w in p.fid.guidance_sweep), UNGUIDED),
     }
     for key, (ok, why) in needs.items():
         if not ok:

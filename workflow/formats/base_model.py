@@ -5,14 +5,16 @@ repository and commit, or the local folder, and every file's sha256). Without `m
 folder holds BASE.json alone, saying so. Written by download_model, read by encode and train.
 
     record = read_base("models/base")          # BASE.json; record["kind"]: "hf" | "folder" | "none"
-    folder = part("models/base", "vae")        # models/base/vae, or a ConfigError if it is not there
+    base_sha256("models/base")                 # names the pipeline by its files' content
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
-from workflow.core.artifacts import sha256_file, write_json
+from workflow.core.artifacts import write_json
 from workflow.core.config import ConfigError
 from workflow.formats.records import read_record
 
@@ -34,15 +36,7 @@ def read_base(base: str | Path) -> dict:
 
 
 def base_sha256(base: str | Path) -> str:
-    """The sha256 of BASE.json: it lists every file's sha256, so this names the pipeline's content."""
-    return sha256_file(Path(base) / BASE_FILE)
-
-
-def part(base: str | Path, name: str) -> Path:
-    """The folder of one part (`unet`, `vae`, ...) of the pretrained pipeline."""
-    folder = Path(base) / name
-    if not (folder / "config.json").is_file() and not any(folder.glob("*.json")):
-        raise ConfigError(
-            f"{folder}: no pretrained {name} there; the download_model stage makes it when `model.pretrained` is set"
-        )
-    return folder
+    """A sha256 of the pipeline's content: of its files' (path, sha256) pairs as BASE.json lists them, so a
+    pinned revision or another mirror serving the same bytes names the same pipeline."""
+    files = sorted((entry["path"], entry["sha256"]) for entry in read_base(base).get("files", []))
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()

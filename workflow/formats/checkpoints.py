@@ -45,9 +45,9 @@ def run_key(params: Params, images_sha256: str, labels_sha256: str | None = None
     train.pop("gradient_checkpointing")  # recomputes the same activations: memory, not weights
     if not params.model.class_conditional:
         train.pop("label_dropout")  # no labels to drop: it does not shape the weights
-    if params.model.pretrained is None:  # keys of pixel-space runs as before text-to-image existed
-        for key in ("pretrained", "revision"):
-            everything["model"].pop(key)
+    for key in ("pretrained", "revision"):  # pixel runs: keys as before; text-to-image: the data key names
+        everything["model"].pop(key)  # the pipeline by content (the encoded set's record), not by its address
+    if params.model.pretrained is None:
         train.pop("lora_rank")
     identity = {
         "images": images_sha256,

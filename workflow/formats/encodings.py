@@ -73,11 +73,13 @@ def encoding_writer(
         yield encoded
         for array in arrays.values():
             array.flush()
+        # the arrays' own content: what a run key built on this record names (not just where they came from)
+        record["arrays_sha256"] = {name: sha256_file(out / f"{name}.npy") for name in ARRAYS}
         write_json(out / ENCODING_FILE, record)
 
 
 def encoding_sha256(path: str | Path) -> str:
-    """The sha256 of the record, which names the images, the captions and the pretrained pipeline encoded."""
+    """The sha256 of the record: it holds each array's sha256, so this names the encoded content."""
     return sha256_file(Path(path) / ENCODING_FILE)
 
 
@@ -87,6 +89,10 @@ def load_encodings(path: str | Path) -> Encodings:
     record = read_record(path / ENCODING_FILE, "encode")
     if not record.get("latent"):
         raise ConfigError(f"{path}: encoded for a pixel-space run (no `model.pretrained`); re-run the encode stage")
+    required = ("count", "views", "latent_shape", "captions", "text_shape", "scaling_factor", "arrays_sha256")
+    missing = [key for key in required if key not in record]
+    if missing:
+        raise ConfigError(f"{path / ENCODING_FILE}: missing keys {missing}; re-run the encode stage")
     arrays = {}
     for name in ARRAYS:
         try:

@@ -54,7 +54,7 @@ def step_noise(
     return noise, timesteps, flip
 
 
-LATENT_STREAM = 1  # the key of a step's second stream: the latent draws and the caption choice
+LABEL_STREAM, LATENT_STREAM = 1, 2  # a step's other streams: label dropout; the latent draws and caption choice
 
 
 def latent_draws(seed: int, step: int, shape: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +124,7 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torc
 def label_dropout_mask(seed: int, step: int, batch_size: int, rate: float, device) -> torch.Tensor:
     """Which labels of the global batch of `step` become "no class": its own (seed, step, 1) stream,
     so conditioning leaves every other draw of the step unchanged."""
-    g = torch.Generator(device=device).manual_seed(stream_seed(seed, step, 1))
+    g = torch.Generator(device=device).manual_seed(stream_seed(seed, step, LABEL_STREAM))
     return torch.rand(batch_size, generator=g, device=device) < rate
 
 

@@ -292,7 +292,8 @@ def fetch_hf(data: Data, images: Path) -> dict:
     repo_id, requested = data.location, data.revision or "main"
 
     def select(card: Path, listing: dict[str, int]) -> SplitFiles:
-        return split_files(card, listing, data.config, data.split, f"{data.source!r} at {card.name}")
+        where = f"{data.source!r} at {card.name}"
+        return split_files(card, listing, data.config, data.split, where, data.caption_column is not None)
 
     sha, snapshot, chosen = hub.snapshot(hub.HubRepo(repo_id), requested, env, select)
     paths = [inside(snapshot, name) for name in chosen.data_files]
@@ -331,7 +332,9 @@ def fetch_hf(data: Data, images: Path) -> dict:
     return record, labels, captions
 
 
-def split_files(card: Path, listing: dict[str, int], config: str | None, split: str, where: str) -> SplitFiles:
+def split_files(
+    card: Path, listing: dict[str, int], config: str | None, split: str, where: str, metadata: bool = False
+) -> SplitFiles:
     """The files of `config`'s split `split`, as `datasets` resolves them (what the Hub's viewer shows).
 
     `card` is the folder with the dataset card (README.md, .huggingface.yaml), `listing` the commit's
@@ -384,7 +387,8 @@ def split_files(card: Path, listing: dict[str, int], config: str | None, split: 
         )
     layout, suffixes = LAYOUTS[module]
     chosen = [f for f in files if PurePosixPath(f).suffix.lower() in suffixes]
-    metadata = [f for f in files if PurePosixPath(f).name == METADATA] if layout == "images" else []
+    # an image layout's metadata.jsonl files, for captions only: uncaptioned runs need (and cache) none
+    metadata = [f for f in files if PurePosixPath(f).name == METADATA] if metadata and layout == "images" else []
     if not chosen:
         raise ConfigError(
             f"`data.split` {split!r} of config {name!r} of {where}: none of its files "

@@ -92,18 +92,16 @@ def local_listing(root: Path) -> dict[str, int]:
 def copy_pipeline(root: Path, chosen: PipelineFiles, out: Path) -> list[dict]:
     """Copy the chosen files from `root` into `out`; their entries. model_index.json is rewritten to list
     only the parts taken, so `StableDiffusionPipeline.from_pretrained(out)` loads what is there."""
-    entries = []
     for name in chosen.files:
         source, target = root / name, out / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(os.path.realpath(source), target)  # the Hub cache's symlinks: their blobs
-        entries.append({"path": name, "size": target.stat().st_size, "sha256": sha256_file(target)})
     index = json.loads((out / INDEX_FILE).read_text())
     kept = {key: value for key, value in index.items() if key.startswith("_") or key in PARTS}
     others = {key: [None, None] for key, value in index.items() if key not in kept and isinstance(value, list)}
     flags = {"requires_safety_checker": False} if "requires_safety_checker" in index else {}
     (out / INDEX_FILE).write_text(json.dumps({**kept, **others, **flags}, indent=2, sort_keys=True) + "\n")
-    return entries
+    return [{"path": n, "size": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in chosen.files]
 
 
 def fetch_pretrained(params: Params) -> dict:

@@ -56,6 +56,8 @@ TASK = "unconditional-image-generation"
 CONDITIONAL_TASK = "class-conditional-image-generation"
 TEXT_TASK = "text-to-image"
 CUSTOM_PIPELINE = "pipeline.py"  # the file name diffusers' `custom_pipeline=<folder>` loads
+# what the evaluated sampler sets over the base pipeline's scheduler config (the LoRA card's usage line)
+SAMPLER_SETTINGS = ("algorithm_type", "solver_order", "clip_sample")
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -237,10 +239,16 @@ def text_usage(params: Params, base: dict) -> str:
         load = f'"{base["repo_id"]}", revision="{base["sha"]}")'
     else:
         load = f'"{params.paths.base_model}")  # the pretrained pipeline, as fetched from {base["path"]}'
+    sampler = build_sampler(s.sampler, pretrained_scheduler_config(params.paths.base_model))
+    settings = {key: sampler.config[key] for key in SAMPLER_SETTINGS if key in sampler.config}
+    arguments = "".join(f", {key}={value!r}" for key, value in settings.items())
+    name = type(sampler).__name__
     return (
-        f"```python\nfrom diffusers import StableDiffusionPipeline\n"
+        f"```python\nfrom diffusers import {name}, StableDiffusionPipeline\n"
         f"pipeline = StableDiffusionPipeline.from_pretrained({load}\n"
-        f'pipeline.load_lora_weights("{where}")  # this LoRA adapter (rank {params.train.lora_rank})\n' + generate
+        f'pipeline.load_lora_weights("{where}")  # this LoRA adapter (rank {params.train.lora_rank})\n'
+        f"pipeline.scheduler = {name}.from_config(pipeline.scheduler.config{arguments})  # the evaluated sampler\n"
+        + generate
     )
 
 
@@ -326,9 +334,8 @@ def model_card(
     grid_alt = (
         "One row per prompt"
         if base
-        else "One row per class"
-        if class_names
-        else f"The first {s.grid_size**2} images of the evaluated sample set"
+        else f"{'One row per class' if class_names else f'The first {s.grid_size**2} images'} of the evaluated "
+        "sample set"
     )
     software = ", ".join(f"{k} {v}" for k, v in sorted(summary["software"].items()))
     return "\n".join(
@@ -339,9 +346,13 @@ def model_card(
             f"![{grid_alt}]({GRID})\n",
             "## Use\n",
             text_usage(params, base) if base else usage(params, pipeline_class, class_names),
-            f"The sampler the evaluation used is `{sampler}` on {schedule}"
-            f"{'' if base and params.train.lora_rank else ', saved here as the scheduler'}. Upload this folder "
-            f"as it is with `hf upload <user>/<repo> {params.paths.pipeline}`.\n",
+            (
+                f"The sampler the evaluation used is `{sampler}` on {schedule}"
+                f"{', set as above' if params.train.lora_rank else ', saved here as the scheduler'}. "
+                if base
+                else f"The scheduler saved here is the sampler the evaluation used: `{sampler}` on {schedule}. "
+            )
+            + f"Upload this folder as it is with `hf upload <user>/<repo> {params.paths.pipeline}`.\n",
             "## Evaluation\n",
             f"| metric | value | samples | {reference_set(params)} | sampler |\n|---|---|---|---|---|",
             *(

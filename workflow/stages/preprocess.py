@@ -181,8 +181,7 @@ def run(params: Params) -> dict:
     skipped = record.get("ignored", []) + record.get("skipped", []) + skipped  # the source's, then ours
     check_enough(len(array), data.min_images, skipped, root)
     kept, held = holdout_split(len(array), data.holdout, data.min_images, params.seed)
-    write_images(params.paths.holdout_images, array[held])
-    write_captions(params.paths.holdout_captions, [captions[i] for i in held] if captions else [])
+    held_images, held_captions = array[held], [captions[i] for i in held] if captions else []
     if len(held):
         array = array[kept]
         labels = [labels[i] for i in kept] if labels else labels
@@ -201,6 +200,9 @@ def run(params: Params) -> dict:
         "holdout": len(held),
         "images_sha256": write_images(params.paths.images, array),
     }
+    # after the images (the biggest file), so a full disk there leaves nothing of this run
+    write_images(params.paths.holdout_images, held_images)
+    write_captions(params.paths.holdout_captions, held_captions)
     write_labels(params.paths.labels, classes, labels)
     write_captions(params.paths.captions, captions)
     write_json(params.paths.meta, meta)

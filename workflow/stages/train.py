@@ -27,7 +27,9 @@ distribution (the mirrored view's where the flip draw says) and picks one of its
 embeddings, so the VAE and the text encoder are never run for a training step. The noise schedule and
 prediction type are the pipeline's. paths.trained is then a StableDiffusionPipeline folder (or the
 LoRA adapter alone); the progress grids show `sample.prompts`, one row each, sampled with the
-pipeline's VAE and text encoder (loaded at the first grid).
+pipeline's VAE and text encoder (loaded at the first grid) at `sample.guidance_scale`. Like the other
+progress grids they are made as the checkpoints are, so they keep the prompts the training ran with (the
+sample stage's grid shows today's).
 """
 
 from __future__ import annotations
@@ -338,13 +340,19 @@ def train_step(training: Training, step: int) -> torch.Tensor:
             loss = _micro_loss(training, index[part], noise[part], timesteps[part], flip[part], part_drop, part_draws)
             acc.backward(loss / micro_batches)
         losses.append(loss.detach())
-    acc.clip_grad_norm_(trainable_parameters(training.eager_model), p.train.max_grad_norm)
+    optimizer_step(training)
+    return torch.stack(losses).mean()
+
+
+def optimizer_step(training: Training) -> None:
+    """After the step's gradients: clip them, step the optimiser and the lr schedule, update the EMA."""
+    weights = trainable_parameters(training.eager_model)
+    training.accelerator.clip_grad_norm_(weights, training.params.train.max_grad_norm)
     training.optimizer.step()
     training.lr_scheduler.step()
     training.optimizer.zero_grad(set_to_none=True)
     if training.ema is not None:
-        training.ema.step(trainable_parameters(training.eager_model))
-    return torch.stack(losses).mean()
+        training.ema.step(weights)
 
 
 def guarded_step(training: Training, step: int) -> torch.Tensor:
@@ -367,8 +375,13 @@ def check_ranks_agree(training: Training) -> None:
     acc = training.accelerator
     if acc.num_processes == 1:
         return
-    flat = torch.cat([w.detach().double().flatten() for w in acc.unwrap_model(training.model).parameters()])
-    fingerprint = torch.stack([flat.sum(), flat.square().sum(), flat.abs().max()])[None].to(acc.device)
+    total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    peak = torch.zeros((), dtype=torch.float64, device=acc.device)
+    for w in acc.unwrap_model(training.model).parameters():  # one at a time: no float64 copy of a whole SD UNet
+        w = w.detach().double()
+        total += torch.stack([w.sum(), w.square().sum()])
+        peak = torch.maximum(peak, w.abs().max())
+    fingerprint = torch.cat([total, peak[None]])[None]
     gathered = acc.gather(fingerprint)
     assert torch.equal(gathered, gathered[:1].expand_as(gathered)), f"ranks disagree: {gathered.tolist()}"
 
@@ -572,6 +585,27 @@ def training_labels(params: Params) -> tuple[np.ndarray | None, tuple[str, ...]]
     return labels, tuple(classes)
 
 
+def check_encoded(params: Params, encoded: Encodings) -> None:
+    """The encoded set must be this run's: both views with train.random_flip, the images and captions now
+    preprocessed, the pipeline now downloaded; else one error naming the record and the stage to re-run."""
+    from workflow.formats.base_model import base_sha256
+
+    record, paths = encoded.record, params.paths
+    views = 2 if params.train.random_flip else 1
+    now = {
+        "views": (record["views"], views, "`train.random_flip`"),
+        "images_sha256": (record.get("images_sha256"), sha256_file(paths.images), paths.images),
+        "captions_sha256": (record.get("captions_sha256"), sha256_file(paths.captions), paths.captions),
+        "base_sha256": (record.get("base_sha256"), base_sha256(paths.base_model), paths.base_model),
+    }
+    for key, (was, wanted, what) in now.items():
+        if was != wanted:
+            raise ConfigError(
+                f"{paths.latents}: encoded with {key} {was!r}, but {what} now gives {wanted!r}; re-run the encode "
+                "stage (`dvc repro` or `snakemake` re-runs it)"
+            )
+
+
 def run(params: Params) -> dict:
     labels, class_names = training_labels(params)
     encoded, latent = None, None
@@ -581,7 +615,8 @@ def run(params: Params) -> dict:
     check_size(params, len(class_names), latent)  # a UNet or a batch over the caps is refused before it is built
     if encoded is None:
         images, data_sha = load_images(params.paths.images, in_memory=True), sha256_file(params.paths.images)
-    else:  # the encoded set's record names the images, the captions and the pipeline it was made from
+    else:  # the encoded set's record names its arrays' content
+        check_encoded(params, encoded)
         images, data_sha = None, encoding_sha256(params.paths.latents)
     if labels is not None and len(labels) != len(images):
         raise ConfigError(f"{params.paths.labels}: {len(labels)} labels for {len(images)} images; re-run preprocess")

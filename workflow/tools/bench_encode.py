@@ -35,7 +35,7 @@ from workflow.maths.diffusion import (
 from workflow.models.builders import trainable_parameters
 from workflow.models.latent import encode_captions, encode_images, load_encoders
 from workflow.stages import download_model, encode
-from workflow.stages.train import Training, make_accelerator, setup, step_loss, train_step
+from workflow.stages.train import Training, make_accelerator, optimizer_step, setup, step_loss, train_step
 from workflow.tools.bench_common import publish, run_header, synchronize, synthetic_images
 
 CAPTION_WORDS = ["a", "red", "fox", "cat", "on", "the", "sand", "and", "dog", "grey", "small", "blue"]
@@ -88,12 +88,7 @@ def on_the_fly_step(training: Training, encoders, images: torch.Tensor, captions
     clean = latent_sample(mean.float(), logvar.float(), vae_noise, encoders.vae.config.scaling_factor)
     loss = step_loss(training, clean, noise, timesteps, {"encoder_hidden_states": hidden.float()})
     acc.backward(loss)
-    acc.clip_grad_norm_(trainable_parameters(training.eager_model), p.train.max_grad_norm)
-    training.optimizer.step()
-    training.lr_scheduler.step()
-    training.optimizer.zero_grad(set_to_none=True)
-    if training.ema is not None:
-        training.ema.step(trainable_parameters(training.eager_model))
+    optimizer_step(training)
     return loss.detach()
 
 
