@@ -259,6 +259,18 @@ def image_files(counts: dict[str, int], seed: int = 100) -> dict:
     return files
 
 
+def secret_free(*roots: Path, texts: tuple[str, ...] = (), saved: Path | None = None) -> None:
+    """SECRET_TOKEN appears in no file under `roots` (binary or text) but `saved` (the login's token
+    file) and in none of `texts`."""
+    needle = SECRET_TOKEN.encode()
+    for text in texts:
+        assert SECRET_TOKEN not in text
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if path.is_file() and not path.is_symlink() and path != saved:
+                assert needle not in path.read_bytes(), f"HF_TOKEN written to {path}"
+
+
 # --- running the download stage as users do: a fresh process, the environment set before it starts ---
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT, check_card, make_repo
+from tests.helpers import ROOT, make_repo
 from tests.mirror import (
     SECRET_TOKEN,
     Dataset,
@@ -33,9 +33,9 @@ from tests.mirror import (
     parquet_files,
     png,
     run_stage,
+    secret_free,
 )
 from workflow.core.artifacts import sha256_file
-from workflow.core.config import load_params
 
 
 def write_params(workdir: Path, data: dict, base: Path | None = None) -> None:
@@ -69,18 +69,6 @@ def one_error(done: subprocess.CompletedProcess) -> str:
 def exported(workdir: Path) -> dict:
     images = workdir / "data" / "raw" / "images"
     return {p.relative_to(images).as_posix(): p.read_bytes() for p in sorted(images.rglob("*")) if p.is_file()}
-
-
-def secret_free(*roots: Path, texts: tuple[str, ...] = (), saved: Path | None = None) -> None:
-    """SECRET_TOKEN appears in no file under `roots` (binary or text) but `saved` (the login's token
-    file) and in none of `texts`."""
-    needle = SECRET_TOKEN.encode()
-    for text in texts:
-        assert SECRET_TOKEN not in text
-    for root in roots:
-        for path in Path(root).rglob("*"):
-            if path.is_file() and not path.is_symlink() and path != saved:
-                assert needle not in path.read_bytes(), f"HF_TOKEN written to {path}"
 
 
 # --- both layouts, through the mirror ----------------------------------------------------------------
@@ -611,29 +599,6 @@ def dvc(repo: Path, env: dict, *args: str) -> str:
     assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     secret_free(texts=(done.stdout, done.stderr))
     return done.stdout
-
-
-@pytest.mark.e2e
-def test_dvc_repro_through_the_mirror(mirror, tmp_path):
-    dataset = Dataset.create(mirror, "org/e2e-pets", parquet_files(16))
-    repo = make_repo(tmp_path / "repo", data={"source": "hf:org/e2e-pets", "channels": 3, "max_images": None})
-    hf_home = tmp_path / "hf"
-    env = hf_env(mirror, hf_home, HF_TOKEN=SECRET_TOKEN)
-    env.pop("PYTHONPATH")  # the stages run from the copy, as dvc runs them
-    dvc(repo, env, "repro")
-    source = json.loads((repo / "data/raw/SOURCE.json").read_text())
-    assert source["sha"] == dataset.head and source["endpoint"] == f"127.0.0.1:{mirror.port}"
-    meta = json.loads((repo / "data/processed/meta.json").read_text())
-    assert meta["count"] == 16 and meta["source"]["sha"] == dataset.head
-    assert dataset.head in (repo / "reports/index.html").read_text()  # provenance in the report
-    check_card(repo, load_params(repo / "params.yaml"))  # the model card names the dataset at its pinned commit
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert lock["stages"]["download"]["params"]["params.yaml"]["data.source"] == "hf:org/e2e-pets"
-    secret_free(repo, hf_home)  # not in dvc.lock, SOURCE.json, meta, report, logs, nor the HF cache
-
-    mark = mirror.mark()
-    assert "didn't change, skipping" in dvc(repo, env, "repro", "download")
-    assert mirror.requests(mark) == []  # up to date: dvc did not even start the stage
 
 
 @pytest.mark.e2e

@@ -1,7 +1,7 @@
 """What the code may load, checked on its syntax tree: weights only from safetensors or with
 `torch.load(weights_only=True)`, no pickle, no remote code, YAML only through safe_load. (The token
-over the whole pipeline: tests/test_hf_mirror.py::test_dvc_repro_through_the_mirror; path traversal:
-tests/test_bad_inputs.py.)"""
+over the whole pipeline: tests/test_text_to_image.py::test_the_text_to_image_dag_under_dvc_and_snakemake;
+path traversal: tests/test_bad_inputs.py.)"""
 
 import ast
 
