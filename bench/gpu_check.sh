@@ -5,6 +5,8 @@
 #   bench/gpu_check.sh fid       # FID-10k at 64 px end to end (compiled and eager sampler); ours vs the tutorial's sampling call
 #   bench/gpu_check.sh dag       # both presets' whole DAG, shortened and on the embedded digits, under dvc repro
 #   bench/gpu_check.sh quality-start, then quality-finish   # the recipe-quality matrix (docs/QUALITY.md), see there
+#   bench/gpu_check.sh t2i       # text-to-image steps from the encode cache vs encoding every step, SD 1.5's shapes
+#                                # (random weights: the machine reaches no Hub), full and LoRA, 512 px
 #
 # Run from the repository root, on the lent machine, one part per `device` call (each call may upload
 # 64 MiB, so the wheels and the Inception file travel in different calls). The ignored paths it uses:
@@ -234,6 +236,16 @@ quality_finish_part() {
     jobs/*/failed.txt jobs/*/train_log/summary.json 2>/dev/null)
 }
 
+t2i_part() {
+  local shapes=sd15 size=512 steps=20 warmup=3 images=64
+  [ "$tiny" = 1 ] && shapes=tiny size=16 steps=2 warmup=1 images=8
+  for how in full lora; do
+    local lora=(); [ $how = lora ] && lora=(--lora-rank 4)
+    step "t2i $how" python -m workflow bench encode --random $shapes --resolution $size --batch-size 4 \
+      --images $images --steps $steps --warmup $warmup --repeats 2 "${lora[@]}" --json "$work/t2i-$how.json"
+  done
+}
+
 install_wheels
 python3 -c "import diffusers, datasets, dvc, mlxtend" || { echo "the carried wheels are not installed (a fresh machine? carry .whl)"; exit 3; }
 case $part in
@@ -242,7 +254,8 @@ case $part in
   dag) dag_part ;;
   quality-start) quality_start_part ;;
   quality-finish) quality_finish_part ;;
-  *) echo "unknown part $part (train | fid | dag | quality-start | quality-finish)"; exit 2 ;;
+  t2i) t2i_part ;;
+  *) echo "unknown part $part (train | fid | dag | quality-start | quality-finish | t2i)"; exit 2 ;;
 esac
 collect_json
 echo; echo "=== summary"; cat "$work/steps.jsonl"

@@ -536,11 +536,11 @@ def test_the_text_to_image_dag_under_dvc_and_snakemake(mirror, text_repos, tmp_p
     assert "train" in ran and not ran & {"download", "download_model", "preprocess", "encode", "fid_reference"}
 
 
-def test_the_encode_benchmark_times_both_loops_side_by_side(tiny_params, tiny_sd, capsys):
+def test_the_encode_benchmark_times_both_loops_side_by_side(tiny_params, capsys):
     from workflow.tools import bench
 
     tiny_params()  # params.yaml in the working directory: the bench's base params
-    argv = ["encode", "--pipeline", str(tiny_sd), "--resolution", "16", "--batch-size", "4", "--images", "8"]
+    argv = ["encode", "--random", "tiny", "--resolution", "16", "--batch-size", "4", "--images", "8"]
     bench.main([*argv, "--steps", "2", "--warmup", "1", "--repeats", "2", "--lora-rank", "4", "--json", "b.json"])
     r = json.loads(Path("b.json").read_text())
     assert len(r["cache_trials"]) == len(r["on_the_fly_trials"]) == 2
@@ -548,4 +548,15 @@ def test_the_encode_benchmark_times_both_loops_side_by_side(tiny_params, tiny_sd
     assert r["ratio"] == pytest.approx(r["cache_images_per_second"] / r["on_the_fly_images_per_second"])
     assert r["latent_shape"] == [4, 8, 8] and 0 < r["trainable_parameters"] < r["unet_parameters"]
     out = capsys.readouterr().out
-    assert "cache / on the fly:" in out and r["command"] in out and not list(Path(".").glob("bench-encode-*"))
+    assert "cache / on the fly:" in out and r["command"] in out and r["pipeline"].endswith("random-tiny")
+    assert not Path(r["pipeline"]).exists()  # the random pipeline lived in a scratch folder
+
+
+def test_the_random_sd15_pipeline_has_stable_diffusion_1_5s_shapes():
+    """What `bench encode --random sd15` times: SD 1.5's published parameter counts, built on the meta device."""
+    from workflow.tools.random_pipeline import clip_vocabulary, components
+
+    with torch.device("meta"):
+        parts = components("sd15", clip_vocabulary())
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}

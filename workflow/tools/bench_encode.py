@@ -1,6 +1,7 @@
 """Text-to-image training steps from the encode stage's cache against encoding every step (the reference's way).
 
     python -m workflow bench encode --pipeline models/local --resolution 512 --batch-size 4 --steps 20
+    python -m workflow bench encode --random sd15 ...     # SD 1.5's shapes, random weights (no download)
 
 Both loops fine-tune the same pretrained UNet2DConditionModel (`--pipeline`: a diffusers Stable Diffusion
 folder) on the same synthetic captioned images, with the same params, noise, timesteps, flips and caption
@@ -37,6 +38,7 @@ from workflow.models.latent import encode_captions, encode_images, load_encoders
 from workflow.stages import download_model, encode
 from workflow.stages.train import Training, make_accelerator, optimizer_step, setup, step_loss, train_step
 from workflow.tools.bench_common import publish, run_header, synchronize, synthetic_images
+from workflow.tools.random_pipeline import save_random_pipeline
 
 CAPTION_WORDS = ["a", "red", "fox", "cat", "on", "the", "sand", "and", "dog", "grey", "small", "blue"]
 
@@ -198,7 +200,11 @@ def format_table(r: dict, command: str) -> str:
 
 def add_parser(sub) -> None:
     bench = sub.add_parser("encode", help="text-to-image steps from the cache vs encoding every step")
-    bench.add_argument("--pipeline", required=True, help="a diffusers Stable Diffusion pipeline folder")
+    which = bench.add_mutually_exclusive_group(required=True)
+    which.add_argument("--pipeline", help="a diffusers Stable Diffusion pipeline folder")
+    which.add_argument(
+        "--random", choices=["sd15", "tiny"], help="a pipeline with random weights at these shapes (random_pipeline.py)"
+    )
     bench.add_argument("--resolution", type=int, default=512)
     bench.add_argument("--batch-size", type=int, default=4)
     bench.add_argument("--steps", type=int, default=20, help="timed optimiser steps per loop")
@@ -215,9 +221,15 @@ MINIMUMS = {"resolution": 8, "batch_size": 1, "steps": 1, "warmup": 0, "images":
 
 
 def run(args, argv: list) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as scratch:
+        pipeline = args.pipeline or save_random_pipeline(Path(scratch) / f"random-{args.random}", args.random)
+        measure(args, argv, pipeline)
+
+
+def measure(args, argv: list, pipeline) -> None:
     result = bench_encode(
         load_params(args.params),
-        args.pipeline,
+        pipeline,
         resolution=args.resolution,
         batch_size=args.batch_size,
         steps=args.steps,
