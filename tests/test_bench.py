@@ -181,7 +181,7 @@ def test_bench_fid_end_to_end(tiny_params, capsys):
     r = json.loads(Path("fid.json").read_text())
     assert r["num_images"] == 3 and r["sampler"] == "ddim" and math.isfinite(r["fid"]) and r["fid"] > 0
     assert r["total_seconds"] == pytest.approx(r["sample_seconds"] + r["fid_seconds"])
-    assert "| 3 samples, ddim-2, float32, batch 2 | seconds |" in capsys.readouterr().out
+    assert "| 3 samples, ddim-2 (eta 1.0), float32, batch 2 | seconds |" in capsys.readouterr().out
 
 
 def test_fid_table_names_the_compiled_sampler_with_its_steps():

@@ -167,6 +167,7 @@ def test_the_published_pipeline_samples_as_our_sampler(sampler):
         guidance_scale=2.5,
         num_inference_steps=4,
         generator=image_generators(5, range(4)),
+        eta=settings.eta,  # the default, 1: DDIM's per-step noise comes from the same generators
         output_type="np",
     ).images
     assert np.array_equal(ours, np.round(theirs * 255).astype(np.uint8))

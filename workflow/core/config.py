@@ -229,7 +229,8 @@ class Train:
 class Sample:
     sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
     num_inference_steps: int = checked(50, positive(10_000))
-    eta: float = checked(0.0, UNIT_CLOSED)  # DDIM only: 0 = deterministic DDIM, 1 = DDPM-like noise
+    # DDIM only (the other samplers ignore it, as diffusers' pipelines do): 0 = deterministic, 1 = DDPM-like noise
+    eta: float = checked(1.0, UNIT_CLOSED)
     grid_size: int = checked(8, positive(16))
     batch_size: int = checked(250, positive(4096))
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
@@ -240,6 +241,11 @@ class Sample:
     # text-to-image: the grid's prompts (a row each, at every checkpoint and at the end) and what guidance steers from
     prompts: tuple[str, ...] = checked_tuple((), PROMPTS)
     negative_prompt: Optional[str] = None
+
+    @property
+    def applied_eta(self) -> float | None:
+        """What the sampler does with `eta`: its value for DDIM, None for the samplers that ignore it."""
+        return self.eta if self.sampler == "ddim" else None
 
 
 @dataclass(frozen=True)
@@ -452,11 +458,6 @@ def _check_cross_field(p: Params, source: str) -> None:
         raise ConfigError(
             f"{source}: `sample.num_inference_steps` and `fid.steps_sweep` ({too_many}) must not exceed "
             f"`scheduler.num_train_timesteps` ({p.scheduler.num_train_timesteps})"
-        )
-    if p.sample.eta and p.sample.sampler != "ddim":
-        raise ConfigError(
-            f"{source}: `sample.eta` ({p.sample.eta}) applies to the ddim sampler only; "
-            f"set it to 0 for `sample.sampler` {p.sample.sampler!r}"
         )
     if not p.model.class_conditional:
         conditional_only = {

@@ -160,7 +160,7 @@ def card_metadata(
         "num_reference": metrics["fid_num_reference"],
         "sampler": s.sampler,
         "num_inference_steps": s.num_inference_steps,
-        "eta": s.eta,
+        "eta": s.applied_eta,
         "inception_sha256": metrics["fid_weights_sha256"],
     }
     counts = f"{metrics['fid_num_samples']} samples vs {metrics['fid_num_reference']} {reference_set(params)}"
@@ -264,7 +264,7 @@ def usage(params: Params, pipeline_class: type, class_names: list[str]) -> str:
             f"trust_remote_code=True)  # runs {CUSTOM_PIPELINE}: read it first\n"
             f"images = pipeline(class_labels=[{first}] * {s.grid_size}, guidance_scale={s.guidance_scale:g}, "
             f"num_inference_steps={s.num_inference_steps}"
-            f"{f', eta={s.eta}' if s.sampler == 'ddim' else ''}).images"
+            f"{'' if s.applied_eta is None else f', eta={s.eta}'}).images"
             f"  # {s.grid_size} PIL images of class {class_names[first]!r}, {data.resolution}x{data.resolution}\n```\n"
         )
     eta = f", eta={s.eta}" if pipeline_class is DDIMPipeline else ""
@@ -357,7 +357,8 @@ def model_card(
             f"| metric | value | samples | {reference_set(params)} | sampler |\n|---|---|---|---|---|",
             *(
                 f"| {kind.upper()} | {metrics[kind]:.6g} | {metrics['fid_num_samples']:,} | "
-                f"{metrics['fid_num_reference']:,} | {s.sampler}, {s.num_inference_steps} steps, eta {s.eta} |"
+                f"{metrics['fid_num_reference']:,} | {s.sampler}, {s.num_inference_steps} steps"
+                f"{'' if s.applied_eta is None else f', eta {s.eta}'} |"
                 for kind in ("fid", "kid")
             ),
             f'\nclean-fid "clean" mode; Inception weights {metrics["fid_weights_origin"]} (sha256 '

@@ -63,7 +63,7 @@ def run(params: Params) -> dict:
     settings = {
         "sampler": s.sampler,
         "num_inference_steps": s.num_inference_steps,
-        "eta": s.eta,
+        "eta": s.applied_eta,
         "device": device.type,
         "dtype": str(runtime.sampling_dtype(s.mixed_precision)).removeprefix("torch."),
         "compile": s.compile,
@@ -92,7 +92,7 @@ def run_text_to_image(params: Params) -> dict:
     settings = {
         "sampler": s.sampler,
         "num_inference_steps": s.num_inference_steps,
-        "eta": s.eta,
+        "eta": s.applied_eta,
         "guidance_scale": s.guidance_scale,
         "negative_prompt": s.negative_prompt,
         "device": runtime.device.type,

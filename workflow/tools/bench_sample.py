@@ -173,7 +173,7 @@ def describe(params: Params, unet, device, resolution: int, channels: tuple, ste
         **run_header(device, resolution, channels),
         "num_parameters": count_parameters(unet),
         "sampler": s.sampler,
-        "eta": s.eta,
+        "eta": s.applied_eta,
         "steps": steps,
         "dtype": str(Runtime.for_device(device).sampling_dtype(s.mixed_precision)).removeprefix("torch."),
         "compile": s.compile,
