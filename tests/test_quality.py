@@ -3,8 +3,10 @@ run by the real stages on a tiny configuration, and the tables' statistics on ha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -105,6 +107,8 @@ def test_the_matrix_trains_samples_and_scores_with_the_stages(tmp_path):
     assert all(math.isfinite(trained[k]) for k in ("fid", "kid", "precision", "recall"))
     assert rows[sweep.name]["train_steps"] == 3  # the sweep scores the model job's weights
     assert rows[sweep.name]["fid"] != trained["fid"]  # with its own sampler
+    assert rows[sweep.name]["sampled_with"] == {"sampler": "dpmsolver++", "steps": 3, "eta": None}
+    assert trained["sampled_with"] == {"sampler": "ddim", "steps": 4, "eta": 1.0}  # the recipe's (TINY's)
     record = json.loads((m.job_dir(sweep.name) / GENERATED).read_text())
     assert record["train"] is None and record["sample"]["sampler"] == "dpmsolver++"
     # each job's params file is a complete, valid params file for the stage commands
@@ -113,6 +117,11 @@ def test_the_matrix_trains_samples_and_scores_with_the_stages(tmp_path):
     # a second run skips what is scored
     again = run_matrix(m, [model, sweep], workers=1, deadline=None)
     assert again["scored"] == 2 and len(read_results(m.out)) == 2
+    # a new sweep over a scored model whose weights are gone stops at once, naming it, instead of waiting
+    shutil.rmtree(m.job_dir(model.name) / "trained")
+    other = dataclasses.replace(sweep, sampler="ddpm")
+    with pytest.raises(SystemExit, match=other.name):
+        run_matrix(m, [model, other], workers=1, deadline=None)
 
 
 def test_spread_and_cells_are_mean_and_sample_standard_deviation():
@@ -124,9 +133,21 @@ def test_spread_and_cells_are_mean_and_sample_standard_deviation():
     assert quality_tables.cell([]) == "-"
 
 
-def _row(recipe, seed, budget, fid, **extra):
+DEFAULT_SAMPLER = {"sampler": "ddim", "steps": 50, "eta": 1.0}  # params.yaml's
+DDPM_1000 = {"sampler": "ddpm", "steps": 1000, "eta": None}
+
+
+def _row(recipe, seed, budget, fid, sampled_with=None):
     base = {"recipe": recipe, "resolution": 16, "seed": seed, "budget": budget, "steps": 100, "sampler": None}
-    return {**base, "name": f"{recipe}-{seed}-{budget}", "fid": fid, "kid": 0.01, "precision": 0.5, "recall": 0.5}
+    return {
+        **base,
+        "name": f"{recipe}-{seed}-{budget}",
+        "fid": fid,
+        "kid": 0.01,
+        "precision": 0.5,
+        "recall": 0.5,
+        "sampled_with": sampled_with or (DEFAULT_SAMPLER if recipe == OURS else DDPM_1000),
+    }
 
 
 def test_ratio_is_marked_separated_only_when_the_error_bars_do_not_overlap():
@@ -140,16 +161,25 @@ def test_ratio_is_marked_separated_only_when_the_error_bars_do_not_overlap():
 def test_tables_from_results(tmp_path):
     rows = [_row(OURS, s, b, 10.0 + s + (5 - b)) for s in range(3) for b in (2, 5)]
     rows += [_row("tutorial", s, b, 30.0 + s) for s in range(3) for b in (2, 5)]
-    sweep = {**_row(OURS, 0, 5, 9.0), "name": "sweep", "sampler": "ddim", "eta": 1.0, "sampling_steps": 25}
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, sweep]))
+    # rows made before the default sampler changed, and a sweep job: each counts under its own sampler
+    old = [{**_row(OURS, s, 5, 20.0 + s, {**DEFAULT_SAMPLER, "eta": 0.0}), "name": f"old-{s}"} for s in range(2)]
+    sweep = {**_row(OURS, 0, 5, 9.0, {"sampler": "ddim", "steps": 25, "eta": 1.0}), "name": "sweep", "sampler": "ddim"}
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, *old, sweep]))
     rates = {
         "steps_per_second": {OURS: {"16": 2.5}, "tutorial": {"16": 12.0}},
-        "sampling_seconds_per_image": {"ddim-eta1": {"25": 0.02}},
+        "sampling_seconds_per_image": {"ddim-eta1": {"25": 0.02}, "ddim-eta0": {"50": 0.04}},
     }
     text = quality_tables.markdown([str(tmp_path)], rates, str(tmp_path / "fig"))
-    assert "| 2 | 14.0 ± 1.0 | 31.0 ± 1.0 | 0.45x (separated) |" in text
-    assert "| 5 | 11.0 ± 1.0 | 31.0 ± 1.0 | 0.35x (separated) |" in text
-    assert "| ddim | 1 | 25 | 9.00 | 0.0100 | 0.500 | 0.500 | 20.0 | 180 |" in text
+    head = "| budget (min) | ours FID (ddim-50 eta 1) | ours FID (ddim-50 eta 0) | tutorial FID (ddpm-1000) |"
+    assert head + " ours (ddim-50 eta 1) / tutorial |" in text
+    assert "| 2 | 14.0 ± 1.0 | - | 31.0 ± 1.0 | 0.45x (separated) |" in text
+    assert "| 5 | 11.0 ± 1.0 | 20.5 ± 0.7 (n=2) | 31.0 ± 1.0 | 0.35x (separated) |" in text
+    assert "| ddim | 1 | 25 | 9.00 (n=1) | 0.0100 (n=1) | 0.500 (n=1) | 0.500 (n=1) | 20.0 | 180 |" in text
+    assert "| ddim | 0 | 50 | 20.50 ± 0.71 (n=2) | 0.0100 ± 0.0000 (n=2) |" in text
+    assert (
+        "| ddim (the default) | 1 | 50 | 11.00 ± 1.00 | 0.0100 ± 0.0000 | 0.500 ± 0.000 | 0.500 ± 0.000 | - | - |"
+        in text
+    )
     assert "ours 2.50, tutorial 12.00" in text
     for name in ("fid_vs_minutes_r16.png", "fid_vs_sampling_seconds.png"):
         assert (tmp_path / "fig" / name).read_bytes().startswith(b"\x89PNG")

@@ -207,10 +207,27 @@ def score(m: Matrix, job: Job) -> dict:
         fid_reference.run(params_from_dict(params_dict(m, Job(job.recipe, job.resolution, 0, 0.0, 1))))
     metrics = evaluate.run(params)
     generated = json.loads((m.job_dir(job.name) / GENERATED).read_text())
-    row = {**asdict(job), "name": job.name, **metrics, "device_seconds": device_seconds(generated)}
+    row = {
+        **asdict(job),
+        "name": job.name,
+        **metrics,
+        "device_seconds": device_seconds(generated),
+        "sampled_with": sampled_with(params.sample),
+    }
     if job.recipe == OURS and job.sampler is None and m.samples >= DEFAULT_RUN_SAMPLES:
         row["fid_default_size"] = default_size_fid(m, params)
     return row
+
+
+def sampled_with(s) -> dict:
+    """The sampler a sample set was made with (a training job's is its recipe's); eta only where it acts."""
+    return {"sampler": s.sampler, "steps": s.num_inference_steps, "eta": s.applied_eta}
+
+
+def sampling_label(sampled: dict) -> str:
+    """e.g. "ddim-50 eta 1", "ddpm-1000"."""
+    eta = "" if sampled["eta"] is None else f" eta {sampled['eta']:g}"
+    return f"{sampled['sampler']}-{sampled['steps']}{eta}"
 
 
 def device_seconds(generated: dict) -> dict:
@@ -251,6 +268,9 @@ def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None)
     started = time.monotonic()
     done = {row["name"] for row in read_results(m.out)}
     pending = {j.name: j for j in jobs if j.name not in done}
+    orphans = [j.name for j in pending.values() if j.model and j.model not in pending and not has_model(m, j.model)]
+    if orphans:  # their model was scored in an earlier run whose weights are gone: they would wait forever
+        raise SystemExit(f"quality: no trained model for {orphans}: remove its row from {m.out}/{RESULTS} to retrain")
     pool = multiprocessing.get_context("spawn").Pool(workers)
     handles = [pool.apply_async(generate, (m, j)) for j in pending.values() if not is_generated(m, j)]
     failed, out_of_time = [], False
@@ -273,6 +293,10 @@ def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None)
         "out_of_time": out_of_time,
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def has_model(m: Matrix, name: str) -> bool:
+    return (m.job_dir(name) / GENERATED).is_file() and (m.job_dir(name) / "trained").is_dir()
 
 
 def is_generated(m: Matrix, job: Job) -> bool:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from workflow.core.config import params_from_dict
 from workflow.pages.curves import errorbar_plot_png
-from workflow.tools.quality_jobs import OURS, read_results
+from workflow.tools.quality_jobs import OURS, defaults, read_results, sampled_with, sampling_label
 
 REFERENCE_RECIPE = "tutorial"  # what the target ratio is taken against
 
@@ -41,12 +42,23 @@ def cell(values: list, digits: int = 1) -> str:
 
 
 def budget_groups(rows: list[dict]) -> dict:
-    """{(resolution, budget, recipe): [rows over seeds]} of the training jobs."""
+    """{(resolution, budget, recipe, sampling label): [rows over seeds]}: the training jobs under their
+    recipe's sampler, and the sweep jobs under theirs."""
     groups = defaultdict(list)
     for r in rows:
-        if r["sampler"] is None:
-            groups[(r["resolution"], r["budget"], r["recipe"])].append(r)
+        groups[(r["resolution"], r["budget"], r["recipe"], sampling_label(r["sampled_with"]))].append(r)
     return groups
+
+
+def budget_series(rows: list[dict], resolution: int, recipes: list[str], default: str) -> list[tuple[str, str]]:
+    """The (recipe, sampling) columns of a resolution's table: each recipe under the samplers its training
+    jobs used, and ours under the default sampler (params.yaml's) too, first."""
+    used = {(r["recipe"], sampling_label(r["sampled_with"])) for r in rows if r["resolution"] == resolution}
+    trained = {(r["recipe"], sampling_label(r["sampled_with"])) for r in rows if r["sampler"] is None}
+    series = [(OURS, default)] if (OURS, default) in used else []
+    return series + sorted(
+        (pair for pair in trained if pair in used and pair not in series), key=lambda p: (recipes.index(p[0]), p[1])
+    )
 
 
 def ratio_cell(ours: list[dict], ref: list[dict]) -> str:
@@ -59,29 +71,32 @@ def ratio_cell(ours: list[dict], ref: list[dict]) -> str:
     return f"{mo / mr:.2f}x" + (" (separated)" if separated else "")
 
 
-def budget_table(rows: list[dict], resolution: int, recipes: list[str], steps_per_second: dict) -> str:
+def budget_table(rows: list[dict], resolution: int, recipes: list[str], steps_per_second: dict, default: str) -> str:
     groups = budget_groups(rows)
-    budgets = sorted({b for (res, b, _) in groups if res == resolution})
-    head = ["budget (min)"] + [f"{r} FID" for r in recipes] + [f"ours / {REFERENCE_RECIPE}"]
+    series = budget_series(rows, resolution, recipes, default)
+    reference = next((pair for pair in series if pair[0] == REFERENCE_RECIPE), None)
+    budgets = sorted({b for (res, b, _, _) in groups if res == resolution})
+    head = ["budget (min)"] + [f"{r} FID ({label})" for r, label in series]
+    head += [f"ours ({default}) / {REFERENCE_RECIPE}"] if reference else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b in budgets:
-        cells = [f"{b:g}"] + [cell([x["fid"] for x in groups.get((resolution, b, r), [])]) for r in recipes]
-        cells.append(
-            ratio_cell(groups.get((resolution, b, OURS), []), groups.get((resolution, b, REFERENCE_RECIPE), []))
-        )
+        cells = [f"{b:g}"] + [cell([x["fid"] for x in groups.get((resolution, b, *pair), [])]) for pair in series]
+        if reference:
+            ours = groups.get((resolution, b, OURS, default), [])
+            cells.append(ratio_cell(ours, groups.get((resolution, b, *reference), [])))
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| budget (min) | recipe | steps | FID | KID | precision | recall | FID, 250 vs 250 |",
-        "|---|---|---:|---|---|---|---|---|",
+        "| budget (min) | recipe | sampler | steps | FID | KID | precision | recall | FID, 250 vs 250 |",
+        "|---|---|---|---:|---|---|---|---|---|",
     ]
     for b in budgets:
-        for r in recipes:
-            g = groups.get((resolution, b, r), [])
+        for r, label in series:
+            g = groups.get((resolution, b, r, label), [])
             if not g:
                 continue
             lines.append(
-                f"| {b:g} | {r} | {g[0]['steps']:,} | {cell([x['fid'] for x in g])} | "
+                f"| {b:g} | {r} | {label} | {g[0]['steps']:,} | {cell([x['fid'] for x in g])} | "
                 f"{cell([x['kid'] for x in g], 4)} | {cell([x['precision'] for x in g], 3)} | "
                 f"{cell([x['recall'] for x in g], 3)} | {cell([x.get('fid_default_size') for x in g])} |"
             )
@@ -89,25 +104,45 @@ def budget_table(rows: list[dict], resolution: int, recipes: list[str], steps_pe
     return "\n".join(lines) + f"\n\nSteps per second on the rates' CPU at {resolution} px: {rate_line}.\n"
 
 
-def sampler_table(rows: list[dict], rates: dict) -> tuple[str, list]:
+def sampler_table(rows: list[dict], rates: dict, default: str) -> tuple[str, list]:
+    """Every sampler tried on our models at the sweep's budget and resolution, mean +- sd over the seeds'
+    models that have it; the cost is the sample stage's CPU seconds from the rates file."""
     sweep = [r for r in rows if r["sampler"] is not None]
+    if not sweep:
+        return "", {}
+    where = (sweep[0]["resolution"], sweep[0]["budget"])
+    groups = defaultdict(list)
+    for r in rows:
+        if r["recipe"] == OURS and (r["resolution"], r["budget"]) == where:
+            groups[sampling_label(r["sampled_with"])].append(r)
     per_image = rates.get("sampling_seconds_per_image", {})
     lines = [
+        f"Our recipe's {where[1]:g}-minute models at {where[0]} px; a cell is mean ± sd over the seeds' models.",
+        "",
         "| sampler | eta | steps | FID | KID | precision | recall | CPU s / 1000 images | FID x CPU s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---|---|---|---|---:|---:|",
     ]
     series = defaultdict(list)
-    for r in sorted(sweep, key=lambda r: (r["sampler"], r["eta"], r["sampling_steps"])):
-        key = f"{r['sampler']}-eta{r['eta']:g}"
-        cpu = per_image.get(key, {}).get(str(r["sampling_steps"]))
+    for label, g in sorted(groups.items(), key=lambda kv: _order(kv[1][0]["sampled_with"])):
+        w = g[0]["sampled_with"]
+        key = f"{w['sampler']}-eta{w['eta'] or 0:g}"
+        cpu = per_image.get(key, {}).get(str(w["steps"]))
         cpu_k = None if cpu is None else 1000 * cpu
+        fid_mean, fid_sd, _ = spread([x["fid"] for x in g])
+        name = f"{w['sampler']}{' (the default)' if label == default else ''}"
+        eta = "" if w["eta"] is None else f"{w['eta']:g}"
         lines.append(
-            f"| {r['sampler']} | {r['eta']:g} | {r['sampling_steps']} | {r['fid']:.2f} | {r['kid']:.4f} | "
-            f"{_num(r['precision'], 3)} | {_num(r['recall'], 3)} | {_num(cpu_k, 1)} | "
-            f"{_num(cpu_k and cpu_k * r['fid'], 0)} |"
+            f"| {name} | {eta} | {w['steps']} | "
+            f"{cell([x['fid'] for x in g], 2)} | {cell([x['kid'] for x in g], 4)} | "
+            f"{cell([x['precision'] for x in g], 3)} | {cell([x['recall'] for x in g], 3)} | {_num(cpu_k, 1)} | "
+            f"{_num(cpu_k and cpu_k * fid_mean, 0)} |"
         )
-        series[key].append((r["sampling_steps"], r["fid"], cpu_k))
+        series[key].append((w["steps"], fid_mean, np.nan_to_num(fid_sd), cpu_k))
     return "\n".join(lines) + "\n", series
+
+
+def _order(w: dict) -> tuple:
+    return (w["sampler"], w["eta"] or 0, w["steps"])
 
 
 def _num(value, digits: int) -> str:
@@ -117,50 +152,49 @@ def _num(value, digits: int) -> str:
 def markdown(folders: list[str], rates: dict, figures: str | None) -> str:
     rows = collect(folders)
     recipes = [OURS] + sorted({r["recipe"] for r in rows} - {OURS})
+    default = sampling_label(sampled_with(params_from_dict(defaults()).sample))
     out = []
     for res in sorted({r["resolution"] for r in rows if r["sampler"] is None}):
         out += [
             f"### {res} px: FID against training minutes on the CPU",
             "",
-            budget_table(rows, res, recipes, rates["steps_per_second"]),
+            budget_table(rows, res, recipes, rates["steps_per_second"], default),
         ]
         if figures:
             groups = budget_groups(rows)
             series = []
-            for recipe in recipes:
+            for recipe, label in budget_series(rows, res, recipes, default):
                 points = sorted(
                     (b, spread([x["fid"] for x in g]))
-                    for (r_, b, rec), g in groups.items()
-                    if r_ == res and rec == recipe
+                    for (r_, b, *pair), g in groups.items()
+                    if r_ == res and pair == [recipe, label]
                 )
-                if points:
-                    x = np.array([b for b, _ in points])
-                    series.append(
-                        (
-                            recipe,
-                            x,
-                            np.array([s[0] for _, s in points]),
-                            np.nan_to_num(np.array([s[1] for _, s in points])),
-                        )
+                series.append(
+                    (
+                        f"{recipe} ({label})",
+                        np.array([b for b, _ in points]),
+                        np.array([s[0] for _, s in points]),
+                        np.nan_to_num(np.array([s[1] for _, s in points])),
                     )
+                )
             write(
                 figures,
                 f"fid_vs_minutes_r{res}.png",
                 errorbar_plot_png(series, "training minutes on the CPU", "FID (1,000 samples)"),
             )
-    table, series = sampler_table(rows, rates)
+    table, series = sampler_table(rows, rates, default)
     if series:
-        out += ["### Samplers on one model", "", table]
+        out += ["### Samplers and steps", "", table]
         if figures:
             lines = [
                 (
                     name,
-                    np.array([c for _, _, c in pts], dtype=float),
-                    np.array([f for _, f, _ in pts]),
-                    np.zeros(len(pts)),
+                    np.array([c for *_, c in pts], dtype=float),
+                    np.array([f for _, f, _, _ in pts]),
+                    np.array([sd for _, _, sd, _ in pts]),
                 )
                 for name, pts in series.items()
-                if all(c is not None for _, _, c in pts)
+                if all(c is not None for *_, c in pts)
             ]
             write(
                 figures,
