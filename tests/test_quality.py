@@ -174,11 +174,11 @@ def test_tables_from_results(tmp_path):
     assert head + " ours (ddim-50 eta 1) / tutorial |" in text
     assert "| 2 | 14.0 ± 1.0 | - | 31.0 ± 1.0 | 0.45x (separated) |" in text
     assert "| 5 | 11.0 ± 1.0 | 20.5 ± 0.7 (n=2) | 31.0 ± 1.0 | 0.35x (separated) |" in text
-    assert "| ddim | 1 | 25 | 9.00 (n=1) | 0.0100 (n=1) | 0.500 (n=1) | 0.500 (n=1) | 20.0 | 180 |" in text
-    assert "| ddim | 0 | 50 | 20.50 ± 0.71 (n=2) | 0.0100 ± 0.0000 (n=2) |" in text
+    assert "| ddim | 1 | 25 | 0 | 9.00 (n=1) | 0.0100 (n=1) | 0.500 (n=1) | 0.500 (n=1) | 20.0 | 180 |" in text
+    assert "| ddim | 0 | 50 | 0, 1 | 20.50 ± 0.71 (n=2) | 0.0100 ± 0.0000 (n=2) |" in text
     assert (
-        "| ddim (the default) | 1 | 50 | 11.00 ± 1.00 | 0.0100 ± 0.0000 | 0.500 ± 0.000 | 0.500 ± 0.000 | - | - |"
-        in text
+        "| ddim (the default) | 1 | 50 | 0, 1, 2 | 11.00 ± 1.00 | 0.0100 ± 0.0000 | 0.500 ± 0.000 | 0.500 ± 0.000 "
+        "| - | - |" in text
     )
     assert "ours 2.50, tutorial 12.00" in text
     for name in ("fid_vs_minutes_r16.png", "fid_vs_sampling_seconds.png"):

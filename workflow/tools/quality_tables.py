@@ -119,8 +119,8 @@ def sampler_table(rows: list[dict], rates: dict, default: str) -> tuple[str, lis
     lines = [
         f"Our recipe's {where[1]:g}-minute models at {where[0]} px; a cell is mean ± sd over the seeds' models.",
         "",
-        "| sampler | eta | steps | FID | KID | precision | recall | CPU s / 1000 images | FID x CPU s |",
-        "|---|---:|---:|---|---|---|---|---:|---:|",
+        "| sampler | eta | steps | seeds | FID | KID | precision | recall | CPU s / 1000 images | FID x CPU s |",
+        "|---|---:|---:|---|---|---|---|---|---:|---:|",
     ]
     series = defaultdict(list)
     for label, g in sorted(groups.items(), key=lambda kv: _order(kv[1][0]["sampled_with"])):
@@ -132,13 +132,17 @@ def sampler_table(rows: list[dict], rates: dict, default: str) -> tuple[str, lis
         name = f"{w['sampler']}{' (the default)' if label == default else ''}"
         eta = "" if w["eta"] is None else f"{w['eta']:g}"
         lines.append(
-            f"| {name} | {eta} | {w['steps']} | "
+            f"| {name} | {eta} | {w['steps']} | {', '.join(str(x['seed']) for x in sorted(g, key=_seed))} | "
             f"{cell([x['fid'] for x in g], 2)} | {cell([x['kid'] for x in g], 4)} | "
             f"{cell([x['precision'] for x in g], 3)} | {cell([x['recall'] for x in g], 3)} | {_num(cpu_k, 1)} | "
             f"{_num(cpu_k and cpu_k * fid_mean, 0)} |"
         )
         series[key].append((w["steps"], fid_mean, np.nan_to_num(fid_sd), cpu_k))
     return "\n".join(lines) + "\n", series
+
+
+def _seed(row: dict) -> int:
+    return row["seed"]
 
 
 def _order(w: dict) -> tuple:
