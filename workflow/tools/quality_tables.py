@@ -137,7 +137,8 @@ def sampler_table(rows: list[dict], rates: dict, default: str) -> tuple[str, lis
             f"{cell([x['precision'] for x in g], 3)} | {cell([x['recall'] for x in g], 3)} | {_num(cpu_k, 1)} | "
             f"{_num(cpu_k and cpu_k * fid_mean, 0)} |"
         )
-        series[key].append((w["steps"], fid_mean, np.nan_to_num(fid_sd), cpu_k))
+        legend = w["sampler"] if w["eta"] is None else f"{w['sampler']}, eta {w['eta']:g}"
+        series[legend].append((w["steps"], fid_mean, np.nan_to_num(fid_sd), cpu_k))
     return "\n".join(lines) + "\n", series
 
 
