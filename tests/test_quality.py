@@ -164,7 +164,8 @@ def test_tables_from_results(tmp_path):
     # rows made before the default sampler changed, and a sweep job: each counts under its own sampler
     old = [{**_row(OURS, s, 5, 20.0 + s, {**DEFAULT_SAMPLER, "eta": 0.0}), "name": f"old-{s}"} for s in range(2)]
     sweep = {**_row(OURS, 0, 5, 9.0, {"sampler": "ddim", "steps": 25, "eta": 1.0}), "name": "sweep", "sampler": "ddim"}
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, *old, sweep]))
+    again = {**_row(OURS, 0, 5, 99.0), "name": "sweep-of-the-default", "sampler": "ddim"}  # counted once, as trained
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, *old, sweep, again]))
     rates = {
         "steps_per_second": {OURS: {"16": 2.5}, "tutorial": {"16": 12.0}},
         "sampling_seconds_per_image": {"ddim-eta1": {"25": 0.02}, "ddim-eta0": {"50": 0.04}},

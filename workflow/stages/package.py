@@ -224,6 +224,7 @@ def text_usage(params: Params, base: dict) -> str:
     """Lines that load the fine-tune and generate from a prompt (tests execute them from this card)."""
     s, data, where = params.sample, params.data, params.paths.pipeline
     negative = f", negative_prompt={s.negative_prompt!r}" if s.negative_prompt is not None else ""
+    negative += "" if s.applied_eta is None else f", eta={s.eta}"  # diffusers' default is 0
     generate = (
         f"images = pipeline([{s.prompts[0]!r}] * {s.grid_size}, height={data.resolution}, width={data.resolution}, "
         f"num_inference_steps={s.num_inference_steps}, guidance_scale={s.guidance_scale:g}{negative}).images"

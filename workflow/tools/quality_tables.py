@@ -17,12 +17,18 @@ REFERENCE_RECIPE = "tutorial"  # what the target ratio is taken against
 
 
 def collect(folders: list[str]) -> list[dict]:
-    """Every scored row, by job name (a later folder's row replaces an earlier one's)."""
+    """Every scored row, by job name (a later folder's row replaces an earlier one's), each measurement
+    once: a sweep job that samples a model as its training job already did (the default sampler in the
+    sweep) repeats that row, and the training job's is kept."""
     rows = {}
     for folder in folders:
         for row in read_results(folder):
             rows[row["name"]] = row
-    return list(rows.values())
+    measured = {}
+    for row in sorted(rows.values(), key=lambda r: r["sampler"] is not None):  # training jobs first
+        key = (row["recipe"], row["resolution"], row["budget"], row["seed"], sampling_label(row["sampled_with"]))
+        measured.setdefault(key, row)
+    return list(measured.values())
 
 
 def spread(values: list) -> tuple[float, float, int]:
