@@ -7,6 +7,9 @@
 #   bench/gpu_check.sh quality-start, then quality-finish   # the recipe-quality matrix (docs/QUALITY.md), see there
 #   bench/gpu_check.sh t2i       # text-to-image steps from the encode cache vs encoding every step, SD 1.5's shapes
 #                                # (random weights: the machine reaches no Hub), full and LoRA, 512 px
+#   bench/gpu_check.sh t2i-all   # t2i, then the guide's full fine-tune preset's DAG (shortened, on that random
+#                                # pipeline and synthetic captioned images) up to its samples; t2i-dag-finish
+#                                # scores and reports it; t2i-dag-lora runs the LoRA preset's whole DAG
 #
 # Run from the repository root, on the lent machine, one part per `device` call (each call may upload
 # 64 MiB, so the wheels and the Inception file travel in different calls). The ignored paths it uses:
@@ -24,12 +27,16 @@
 # and for the quality matrix (a later session, same day):
 #   1. carry .whl .fid/a:  mkdir -p /root/fid && cp .fid/a/* /root/fid/ && QUALITY_DEADLINE=560 bash bench/gpu_check.sh quality-start
 #   2. at once, carry .fid/b:  cp .fid/b/* /root/fid/ && QUALITY_WAIT=490 bash bench/gpu_check.sh quality-finish
+# and for text-to-image (a later session, same day, on an H100; results in bench/results/2026-11-26-t2i/h100/):
+#   1. carry .whl .fid/a:  mkdir -p /root/fid && cp .fid/a/* /root/fid/ && bash bench/gpu_check.sh t2i-all   (7.7 min)
+#   2. at once, carry .fid/b:  cp .fid/b/* /root/fid/ && bash bench/gpu_check.sh t2i-dag-finish             (1.6 min)
+#   3. bash bench/gpu_check.sh t2i-dag-lora   (about 3.5 minutes; the time ran out in its package stage)
 # On an H200: train about 5.5 minutes, fid about 5, dag about 6, plus about 1.5 minutes to start the machine;
 # 15 minutes of device time hold two parts: use GPU_CHECK_ONLY to run what is still missing.
 # Output: $OUT/<part>.log and <part>.json (every --json result and each step's exit), dag.tar.gz (the reports).
 # GPU_CHECK_SCALE=tiny runs everything at toy sizes (a CPU rehearsal of the script itself).
 set -uo pipefail
-part=${1:?usage: bench/gpu_check.sh train|fid|dag}
+part=${1:?usage: bench/gpu_check.sh train|fid|dag|quality-start|quality-finish|t2i|t2i-all|t2i-dag-finish|t2i-dag-lora}
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 tiny=$([ "${GPU_CHECK_SCALE:-full}" = tiny ] && echo 1 || echo 0)
@@ -236,14 +243,102 @@ quality_finish_part() {
     jobs/*/failed.txt jobs/*/train_log/summary.json 2>/dev/null)
 }
 
+# random_pipeline SHAPES: a Stable Diffusion pipeline of these shapes with random weights (the lent machines
+# reach no Hub), saved once under $RANDOM_PIPELINES; a later call on the same warm machine reuses it
+RANDOM_PIPELINES=${RANDOM_PIPELINES:-/root/pipelines}
+random_pipeline() {
+  local dir=$RANDOM_PIPELINES/random-$1
+  if ! [ -f "$dir/model_index.json" ]; then
+    python3 -c "import sys; from workflow.tools.random_pipeline import save_random_pipeline as s; s(sys.argv[1], sys.argv[2])" \
+      "$dir.tmp" "$1" >&2 && rm -rf "$dir" && mv "$dir.tmp" "$dir" || return 1
+  fi
+  echo "$dir"
+}
+
+t2i_shapes() { [ "$tiny" = 1 ] && echo tiny || echo sd15; }
+
 t2i_part() {
-  local shapes=sd15 size=512 steps=20 warmup=3 images=64
-  [ "$tiny" = 1 ] && shapes=tiny size=16 steps=2 warmup=1 images=8
+  local size=512 steps=20 warmup=3 images=64 pipeline
+  [ "$tiny" = 1 ] && size=16 steps=2 warmup=1 images=8
+  pipeline=$(random_pipeline "$(t2i_shapes)") || { echo "no random pipeline"; return 1; }
   for how in full lora; do
     local lora=(); [ $how = lora ] && lora=(--lora-rank 4)
-    step "t2i $how" python -m workflow bench encode --random $shapes --resolution $size --batch-size 4 \
+    step "t2i $how" python -m workflow bench encode --pipeline "$pipeline" --resolution $size --batch-size 4 \
       --images $images --steps $steps --warmup $warmup --repeats 2 "${lora[@]}" --json "$work/t2i-$how.json"
   done
+}
+
+# t2i_dag PRESET NAME [TARGET] KEY=VALUE...: a text-to-image preset, shortened, on the random pipeline
+# (model.pretrained folder:) and synthetic captioned images (an image folder with metadata.jsonl), as a
+# DVC project under $T2I_DAGS (kept, so a later call on the warm machine finishes it): `dvc repro TARGET`
+# (all stages without one); once the report exists, it is checked as the other DAGs' are
+T2I_DAGS=${T2I_DAGS:-/root/t2i-dags}
+t2i_dag() {
+  local preset=$1 name=$2 target=""; shift 2
+  [[ ${1:-} != *=* ]] && [ $# -gt 0 ] && { target=$1; shift; }
+  local repo=$T2I_DAGS/$name pipeline size=512 images=64
+  [ "$tiny" = 1 ] && size=16 images=24
+  pipeline=$(random_pipeline "$(t2i_shapes)") || return 1
+  if ! [ -d "$repo/.dvc" ]; then
+    mkdir -p "$repo" && cp -r workflow dvc.yaml .dvcignore "$repo"/ && mkdir -p "$repo/models"
+    cp -al "$pipeline" "$repo/models/local" 2>/dev/null || cp -r "$pipeline" "$repo/models/local"
+    python3 - "$repo/data/images" "$images" "$size" <<'PY'
+import json, sys
+from pathlib import Path
+from PIL import Image
+from workflow.tools.bench_common import synthetic_images
+from workflow.tools.bench_encode import synthetic_captions
+folder, n, size = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+folder.mkdir(parents=True)
+rows = []
+for i, (pixels, captions) in enumerate(zip(synthetic_images(n, size), synthetic_captions(n))):
+    Image.fromarray(pixels.transpose(1, 2, 0)).save(folder / f"{i:03d}.png")
+    rows.append({"file_name": f"{i:03d}.png", "text": captions})
+(folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+PY
+    # hardlinks: the DVC cache adds no second copy of SD-sized models (the machine has a 64 GB disk)
+    (cd "$repo" && dvc init -q --no-scm && dvc config cache.type hardlink,copy) || return 1
+  fi
+  params_with "$repo/params.yaml" params.yaml "$preset" data.source=imagefolder:data/images data.revision=null \
+    model.pretrained=folder:models/local model.revision=null fid.weights="$INCEPTION" "$@" || return 1
+  (cd "$repo" && dvc repro -q $target) || return 1
+  [ -f "$repo/reports/index.html" ] || { echo "$name: ran up to ${target:-the end}; no report yet"; return 0; }
+  (cd "$repo" && python3 - "$name" <<'PY'
+import json, math, sys
+metrics = json.load(open("reports/metrics.json"))
+print(sys.argv[1], "metrics:", json.dumps(metrics))
+bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+assert not bad, f"non-finite metrics: {bad}"
+html = open("reports/index.html").read()
+assert 'class="missing"' not in html, "the report shows a missing artifact"
+assert html.count("data:image/png;base64") >= 2, "the report lacks its images"
+print(sys.argv[1], "report:", len(html), "bytes, complete")
+PY
+  )
+}
+
+# t2i-dag-train: the guide's full fine-tune (fp16, gradient checkpointing, 4 accumulated micro-batches of
+# one, EMA) up to its samples; t2i-dag-finish (carry the other Inception piece) scores and reports it
+t2i_dag_args() {
+  if [ "$tiny" = 1 ]; then
+    echo "data.resolution=16 data.holdout=4 train.max_steps=4 train.checkpoint_every=2 train.log_every=1
+      fid.num_samples=16 fid.batch_size=4 sample.batch_size=4 sample.num_inference_steps=3 fid.steps_sweep=[]
+      fid.guidance_sweep=[] train.mixed_precision=no"
+  else
+    # one checkpoint (a full SD fine-tune's is ~14 GB: weights, EMA, AdamW's two moments)
+    echo "data.holdout=16 train.max_steps=40 train.epochs=null train.checkpoint_every=40 train.checkpoints_total_limit=1
+      train.log_every=5 fid.num_samples=64
+      fid.batch_size=16 fid.steps_sweep=[] fid.guidance_sweep=[]"
+  fi
+}
+
+t2i_dag_part() {
+  case ${1:-all} in
+    train) step t2i-dag-full t2i_dag configs/text-to-image-naruto-512.yaml full sample $(t2i_dag_args) ;;
+    *) step inception inception_file || return
+       step t2i-dag-full t2i_dag configs/text-to-image-naruto-512.yaml full $(t2i_dag_args)
+       (cd "$T2I_DAGS" && tar czf "$out/t2i-dag.tar.gz" --ignore-failed-read */reports */dvc.lock 2>/dev/null) ;;
+  esac
 }
 
 install_wheels
@@ -255,7 +350,13 @@ case $part in
   quality-start) quality_start_part ;;
   quality-finish) quality_finish_part ;;
   t2i) t2i_part ;;
-  *) echo "unknown part $part (train | fid | dag | quality-start | quality-finish | t2i)"; exit 2 ;;
+  t2i-dag-train) t2i_dag_part train ;;
+  t2i-dag-finish) t2i_dag_part finish ;;
+  t2i-dag-lora) step inception inception_file && step t2i-dag-lora t2i_dag configs/text-to-image-naruto-lora-512.yaml \
+    lora $(t2i_dag_args) ;;
+  t2i-all) t2i_part; t2i_dag_part train ;;
+  *) echo "unknown part $part (train | fid | dag | quality-start | quality-finish | t2i | t2i-dag-train |"\
+    "t2i-dag-finish | t2i-all)"; exit 2 ;;
 esac
 collect_json
 echo; echo "=== summary"; cat "$work/steps.jsonl"
