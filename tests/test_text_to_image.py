@@ -268,7 +268,7 @@ def test_the_cached_step_equals_the_step_that_encodes_on_the_fly(text_params):
     from workflow.models.latent import encode_captions, encode_images, load_encoders
     from workflow.stages.train import latent_batch, make_accelerator, setup, step_loss
 
-    params = prepared(text_params())
+    params = prepared(text_params(encode={"storage": "float32"}))  # the encoders' output exactly
     encoded = load_encodings(params.paths.latents)
     assert encoded.record["views"] == 2 and encoded.mean.shape == (6, 2, 4, 8, 8) and encoded.text.shape == (8, 16, 32)
     training = setup(params, None, make_accelerator(params), encoded=encoded)
@@ -298,6 +298,56 @@ def test_the_cached_step_equals_the_step_that_encodes_on_the_fly(text_params):
     torch.testing.assert_close(cached[0], on_the_fly[0], rtol=1e-5, atol=1e-6)
     for a, b in zip(cached[1], on_the_fly[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_default_float16_cache_is_the_float32_one_rounded_and_trains_alike(text_params):
+    """encode.storage float16 (the default) stores exactly the float32 output rounded to float16, in half
+    the bytes; a training step from it matches the float32 cache's to float16's precision."""
+    from workflow.maths.diffusion import latent_draws, step_noise
+    from workflow.stages.train import latent_batch, make_accelerator, setup, step_loss
+
+    exact = prepared(text_params(encode={"storage": "float32"}))
+    shutil.copytree(exact.paths.latents, "latents-float32")
+    half = text_params()
+    assert half.encode.storage == "float16"
+    encode.run(half)
+    wide, narrow = load_encodings("latents-float32"), load_encodings(half.paths.latents)
+    assert narrow.record["storage"] == "float16" and wide.record["storage"] == "float32"
+    for name in ("mean", "logvar", "text"):
+        stored, full = getattr(narrow, name), getattr(wide, name)
+        assert stored.dtype == np.float16 and np.array_equal(stored, full.astype(np.float16)), name
+        sizes = [Path(folder, f"{name}.npy").stat().st_size for folder in (half.paths.latents, "latents-float32")]
+        assert sizes[0] < 0.51 * sizes[1]
+    assert np.array_equal(narrow.offsets, wide.offsets)
+
+    index = torch.tensor([5, 0, 3, 1])
+    noise, timesteps, flip = step_noise(half.seed, 0, (4, 4, 8, 8), 1000, torch.device("cpu"))
+    draws = latent_draws(half.seed, 0, (4, 4, 8, 8), torch.device("cpu"))
+    losses = []
+    for encoded in (wide, narrow):
+        training = setup(half, None, make_accelerator(half), encoded=encoded)
+        clean, condition = latent_batch(training, index, flip, draws, torch.device("cpu"))
+        assert clean.dtype == condition["encoder_hidden_states"].dtype == torch.float32
+        with torch.no_grad():
+            losses.append(step_loss(training, clean, noise, timesteps, condition))
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-3, atol=0)
+
+
+def test_a_value_beyond_float16_is_refused_naming_encode_storage(text_params, tmp_path):
+    """A VAE whose latents exceed float16's range (its quant_conv bias set to 1e5 here) cannot be cached in
+    float16: the stage says so and publishes nothing; float32 storage takes it."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tmp_path / "models/local/vae")
+    with torch.no_grad():
+        vae.quant_conv.bias[:4] = 1e5  # the mean's channels
+    vae.save_pretrained(tmp_path / "models/local/vae")
+    params = text_params()
+    with pytest.raises(ConfigError, match=r"latent mean values reach 1e\+05.*`encode.storage: float32`"):
+        prepared(params)
+    assert not Path(params.paths.latents).exists()
+    prepared(text_params(encode={"storage": "float32"}))
+    assert load_encodings(params.paths.latents).mean.max() > 65504
 
 
 def test_a_full_fine_tune_resumes_bitwise_and_loads_as_a_stable_diffusion_pipeline(text_params):

@@ -3,17 +3,18 @@ running the VAE and the text encoder at every step. Written by encode, read by t
 
   ENCODING.json    {"latent": false} for a pixel-space run (nothing else is written); for a latent one:
                    count, views, shapes, the VAE's scaling factor and the inputs' sha256
-  mean.npy         float32 N x V x C x h x w: each image's latent distribution mean (view 0: the image,
+  mean.npy         N x V x C x h x w: each image's latent distribution mean (view 0: the image,
   logvar.npy       view 1: its mirror image, when train.random_flip), and its log-variance as diffusers
                    clamps it, so training samples mean + exp(logvar / 2) * noise as the VAE would
-  text.npy         float32 M x L x D: the text encoder's last hidden states of every caption
+  text.npy         M x L x D: the text encoder's last hidden states of every caption
+                   (these three in the record's `storage` dtype, encode.storage: float16 or float32)
   offsets.npy      int64 N + 1: image i's captions are text[offsets[i]:offsets[i + 1]]
 
 The arrays are .npy files, memory-mapped when read. The folder is built under a temporary name and
 renamed into place when complete.
 
-    with encoding_writer("data/processed/latents", count, views, latent_shape, captions, text_shape) as w:
-        w.mean[i:j], w.logvar[i:j], w.text[k:l] = ...; w.offsets[:] = ...; w.record.update(...)
+    with encoding_writer("data/processed/latents", count, views, latent_shape, captions, text_shape, "float16") as w:
+        put(w.mean, slice(i, j), tensor); ...; w.offsets[:] = ...; w.record.update(...)
     encoded = load_encodings("data/processed/latents")   # Encodings(record, mean, logvar, text, offsets)
 """
 
@@ -51,9 +52,15 @@ def write_pixel_space(path: str | Path) -> None:
 
 @contextlib.contextmanager
 def encoding_writer(
-    path: str | Path, count: int, views: int, latent_shape: tuple, captions: int, text_shape: tuple
+    path: str | Path,
+    count: int,
+    views: int,
+    latent_shape: tuple,
+    captions: int,
+    text_shape: tuple,
+    storage: str = "float32",
 ) -> Iterator[Encodings]:
-    """Memory-mapped arrays to fill (and `record` to complete); published whole when the block ends."""
+    """Memory-mapped arrays to fill with `put` (and `record` to complete); published whole when the block ends."""
     with atomic_dir(path) as out:
         shapes = {
             "mean": (count, views, *latent_shape),
@@ -63,12 +70,12 @@ def encoding_writer(
         }
         arrays = {
             name: np.lib.format.open_memmap(
-                out / f"{name}.npy", mode="w+", dtype=np.int64 if name == "offsets" else np.float32, shape=shape
+                out / f"{name}.npy", mode="w+", dtype=np.int64 if name == "offsets" else storage, shape=shape
             )
             for name, shape in shapes.items()
         }
-        record = {"latent": True, "count": count, "views": views, "latent_shape": list(latent_shape)}
-        record |= {"captions": captions, "text_shape": list(text_shape)}
+        record = {"latent": True, "storage": storage, "count": count, "views": views}
+        record |= {"latent_shape": list(latent_shape), "captions": captions, "text_shape": list(text_shape)}
         encoded = Encodings(record, **arrays)
         yield encoded
         for array in arrays.values():
@@ -76,6 +83,20 @@ def encoding_writer(
         # the arrays' own content: what a run key built on this record names (not just where they came from)
         record["arrays_sha256"] = {name: sha256_file(out / f"{name}.npy") for name in ARRAYS}
         write_json(out / ENCODING_FILE, record)
+
+
+def put(array: np.ndarray, where, values: np.ndarray, name: str) -> None:
+    """array[where] = values, in the array's dtype; a value float16 cannot hold (over 65,504) is an error."""
+    if not np.isfinite(values).all():
+        raise ConfigError(f"encode: the encoder gave non-finite {name} values (NaN or inf); check model.pretrained")
+    with np.errstate(over="ignore"):  # an overflow is reported below, by name
+        stored = values.astype(array.dtype)
+    if not np.isfinite(stored).all():
+        raise ConfigError(
+            f"encode: the {name} values reach {float(np.abs(values).max()):.4g}, beyond {array.dtype}'s range; "
+            "set `encode.storage: float32`"
+        )
+    array[where] = stored
 
 
 def encoding_sha256(path: str | Path) -> str:

@@ -7,7 +7,9 @@ Reads `paths.base_model` (download_model), `paths.images` and `paths.captions` (
 `paths.latents` (workflow/formats/encodings.py). With `train.random_flip`, each image is also encoded
 mirrored (the VAE does not commute with a flip), and training picks the view its flip draw says.
 Without `model.pretrained` it writes a record saying the run trains in pixel space, and loads nothing.
-The encoders run in float32 (`encode.batch_size` images or captions per call) on the GPU if there is one.
+The encoders run in float32 (`encode.batch_size` images or captions per call) on the GPU if there is one;
+their output is stored as `encode.storage` says (float16 by default: half the size, and refused where a
+value exceeds float16's range).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def encode(params: Params, base: dict) -> dict:
     from workflow.core.runtime import Runtime
     from workflow.formats.base_model import base_sha256
     from workflow.formats.captions import load_captions
-    from workflow.formats.encodings import encoding_writer
+    from workflow.formats.encodings import encoding_writer, put
     from workflow.formats.training_images import load_images
     from workflow.maths.diffusion import to_model_range
     from workflow.models.latent import encode_captions, encode_images, load_encoders
@@ -58,15 +60,18 @@ def encode(params: Params, base: dict) -> dict:
     latent_shape = (encoders.vae.config.latent_channels, resolution // factor, resolution // factor)
     flat = [caption for image in captions for caption in image]
     text_shape = tuple(encode_captions(encoders, flat[:1]).shape[1:])
-    with encoding_writer(paths.latents, len(images), views, latent_shape, len(flat), text_shape) as out:
+    storage = params.encode.storage
+    with encoding_writer(paths.latents, len(images), views, latent_shape, len(flat), text_shape, storage) as out:
         for start in tqdm(range(0, len(images), size), desc="encode images", unit="batch"):
             pixels = to_model_range(torch.from_numpy(np.array(images[start : start + size])).to(device))
+            rows = slice(start, start + size)
             for view in range(views):
                 mean, logvar = encode_images(encoders.vae, pixels.flip(-1) if view else pixels)
-                out.mean[start : start + size, view] = mean.cpu().numpy()
-                out.logvar[start : start + size, view] = logvar.cpu().numpy()
+                put(out.mean, (rows, view), mean.cpu().numpy(), "latent mean")
+                put(out.logvar, (rows, view), logvar.cpu().numpy(), "latent log-variance")
         for start in tqdm(range(0, len(flat), size), desc="encode captions", unit="batch"):
-            out.text[start : start + size] = encode_captions(encoders, flat[start : start + size]).cpu().numpy()
+            hidden = encode_captions(encoders, flat[start : start + size]).cpu().numpy()
+            put(out.text, slice(start, start + size), hidden, "caption embedding")
         out.offsets[:] = np.cumsum([0] + [len(c) for c in captions])
         out.record |= {
             "scaling_factor": float(encoders.vae.config.scaling_factor),
@@ -87,5 +92,5 @@ def headline(record: dict, params: Params) -> str:
     shape = " x ".join(map(str, record["latent_shape"]))
     return (
         f"encode: {record['count']} images x {record['views']} view(s) -> latents {shape}, "
-        f"{record['captions']} captions -> {params.paths.latents}"
+        f"{record['captions']} captions, {record['storage']} -> {params.paths.latents}"
     )

@@ -95,9 +95,9 @@ LIVE = "dvclive"  # the training log's folder while training, beside the checkpo
 class LatentSet:
     """A text-to-image run's training set, from the encode stage: on the GPU when it fits, else pinned."""
 
-    mean: torch.Tensor  # float32 N x V x C x h x w (V = 2: view 1 is the mirrored image's)
+    mean: torch.Tensor  # N x V x C x h x w (V = 2: view 1 is the mirrored image's), as stored (float16|32)
     logvar: torch.Tensor
-    text: torch.Tensor  # float32 M x L x D: every caption's embedding
+    text: torch.Tensor  # M x L x D: every caption's embedding, as stored; a step's batch is made float32
     offsets: torch.Tensor  # int64 N + 1: image i's captions are rows offsets[i] .. offsets[i + 1] - 1
     scaling_factor: float
 
@@ -286,10 +286,10 @@ def latent_batch(training: Training, index: torch.Tensor, flip, draws, device) -
     rows = index.to(cache.mean.device)
     view = flip.long() if training.params.train.random_flip else torch.zeros_like(flip, dtype=torch.long)
     view = view.to(cache.mean.device)
-    mean = cache.mean[rows, view].to(device, non_blocking=True)
-    logvar = cache.logvar[rows, view].to(device, non_blocking=True)
+    mean = cache.mean[rows, view].to(device, non_blocking=True).float()
+    logvar = cache.logvar[rows, view].to(device, non_blocking=True).float()
     caption = pick_captions(cache.offsets, rows, uniform.to(cache.offsets.device))
-    hidden = cache.text[caption.to(cache.text.device)].to(device, non_blocking=True)
+    hidden = cache.text[caption.to(cache.text.device)].to(device, non_blocking=True).float()
     return latent_sample(mean, logvar, vae_noise, cache.scaling_factor), {"encoder_hidden_states": hidden}
 
 
