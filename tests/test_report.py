@@ -343,3 +343,27 @@ def test_page_in_chromium_decodes_every_image(run_dir, size):
     grid = shot.images[0]
     assert grid["y"] + grid["height"] <= size[1] and grid["width"] >= 400  # large, and on the first screen
     assert shot.first_screen.size == size
+
+
+def test_grids_of_large_samples_are_embedded_downscaled_and_say_so(run_dir):
+    """A grid of 512 px samples (here 1,200 px wide) is not embedded whole: the hero and each progress
+    figure carry a copy at twice their display width, and the caption names the full-size file."""
+    rng = np.random.default_rng(7)
+
+    def big_png(seed):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    grids = {Params().paths.grid: big_png(0)}
+    grids |= {f"reports/train/grids/step-{step:07d}.png": big_png(step) for step in PROGRESS_STEPS}
+    for path, png in grids.items():
+        (run_dir / path).write_bytes(png)
+    page = _render(run_dir)
+    hero, *progress, _plot = _data_uris(page)
+    assert Image.open(io.BytesIO(hero)).size == (2 * report.GRID_DISPLAY_PX, 720)
+    assert [Image.open(io.BytesIO(png)).size for png in progress] == [(600, 450)] * len(PROGRESS_STEPS)
+    assert f'width="{report.GRID_DISPLAY_PX}" height="360"' in page
+    assert "1200&times;900 px, shown at 0.4&times; (full size: <code>reports/samples/grid.png</code>)" in page
+    assert len(page) < sum(map(len, grids.values()))  # smaller than the grids it shows, though base64
+    assert _render(run_dir) == page  # the same bytes every time

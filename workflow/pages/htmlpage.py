@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import math
 import struct
 from dataclasses import dataclass
@@ -99,16 +100,38 @@ def png_size(png: bytes) -> tuple[int, int]:
     return width, height
 
 
-def pixel_image(png: bytes, target_px: int, alt: str, css_class: str = "") -> tuple[str, int]:
-    """An <img> of a small PNG scaled up by the largest whole factor that keeps it within `target_px`
-    wide (at least 1), pixels kept sharp (nearest neighbour); returns the tag and the factor."""
+def pixel_image(png: bytes, target_px: int, alt: str, css_class: str = "") -> tuple[str, float]:
+    """An <img> of a sample grid, `target_px` wide at most: a small grid scaled up by the largest whole
+    factor that fits (at least 1), pixels kept sharp (nearest neighbour); a grid wider than `target_px`
+    shown at `target_px`, embedded as a copy downscaled to twice that (Lanczos; sharp on high-density
+    screens), since a grid of 512 px samples holds megapixels no page shows. Returns the tag and the
+    factor shown (below 1 when downscaled)."""
     width, height = png_size(png)
+    if target_px and width > target_px:
+        shown = downscaled(png, min(width, 2 * target_px))
+        scale = target_px / width
+        return (
+            f'<img class="{esc(css_class)}" src="{data_uri(shown)}" width="{target_px}" '
+            f'height="{max(1, round(height * scale))}" alt="{esc(alt)}">',
+            scale,
+        )
     scale = max(1, target_px // max(width, 1))
     tag = (
         f'<img class="pixelated {esc(css_class)}" src="{data_uri(png)}" width="{width * scale}" '
         f'height="{height * scale}" alt="{esc(alt)}">'
     )
     return tag, scale
+
+
+def downscaled(png: bytes, width: int) -> bytes:
+    """The PNG resized to `width` pixels wide (Lanczos, aspect kept), as PNG bytes (the same every time)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    height = max(1, round(image.height * width / image.width))
+    buffer = io.BytesIO()
+    image.resize((width, height), Image.Resampling.LANCZOS).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @dataclass(frozen=True)

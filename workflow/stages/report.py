@@ -50,8 +50,9 @@ from workflow.pages.htmlpage import (
     write_page,
 )
 
-GRID_DISPLAY_PX = 480  # the final grid is scaled up by a whole factor to at most this width
+GRID_DISPLAY_PX = 480  # the final grid is scaled up by a whole factor to at most this width (a wider one: down)
 MAX_PROGRESS_SHOWN = 8
+STRIP_PX = 300  # a progress-strip figure's widest (the .strip figure CSS rule)
 MAX_SKIPPED_SHOWN = 100
 MAX_FILES_SHOWN = 5
 
@@ -184,9 +185,11 @@ def hero_section(inputs: ReportInputs) -> str:
     else:
         img, scale = pixel_image(grid_png, GRID_DISPLAY_PX, "grid of generated samples")
         width, height = png_size(grid_png)
+        full = inputs.params.get("paths", {}).get("grid", "the sample stage's grid")
+        shown = f"{scale}&times;" if scale >= 1 else f"{scale:.2g}&times; (full size: <code>{esc(full)}</code>)"
         grid = (
             f'<figure class="final">{img}<figcaption>Final samples (EMA weights): {width}&times;{height} px, '
-            f"shown at {scale}&times;</figcaption></figure>"
+            f"shown at {shown}</figcaption></figure>"
         )
     return f'<section class="hero">{grid}<div class="keyfigs">{key_figures(inputs)}</div></section>\n'
 
@@ -254,10 +257,11 @@ def progress_section(progress: list | Missing) -> str:
     if isinstance(progress, Missing):
         return section(title, progress.html())
     shown = shown_progress(progress)
-    # The strip fills the width (CSS scales each grid up, pixels kept sharp), never below 1:1.
+    # The strip fills the width (CSS scales each grid up, pixels kept sharp), never below 1:1; a grid
+    # wider than a strip figure's STRIP_PX is embedded downscaled
     figures = "".join(
-        f'<figure style="min-width: {png_size(png)[0]}px">'
-        f"{pixel_image(png, 0, f'samples at step {step}')[0]}"
+        f'<figure style="min-width: {min(png_size(png)[0], STRIP_PX)}px">'
+        f"{pixel_image(png, STRIP_PX, f'samples at step {step}')[0]}"
         f"<figcaption>step {step:,}</figcaption></figure>"
         for step, png in shown
     )
