@@ -36,7 +36,7 @@
 # Output: $OUT/<part>.log and <part>.json (every --json result and each step's exit), dag.tar.gz (the reports).
 # GPU_CHECK_SCALE=tiny runs everything at toy sizes (a CPU rehearsal of the script itself).
 set -uo pipefail
-part=${1:?usage: bench/gpu_check.sh train|fid|dag|quality-start|quality-finish|t2i|t2i-all|t2i-dag-finish|t2i-dag-lora}
+part=${1:?usage: bench/gpu_check.sh train|fid|dag|quality-start|quality-finish|t2i|t2i-all|t2i-dag-train|t2i-dag-finish|t2i-dag-lora}
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 tiny=$([ "${GPU_CHECK_SCALE:-full}" = tiny ] && echo 1 || echo 0)
@@ -78,6 +78,7 @@ step() {
   "$@"; local rc=$?
   echo "=== $name: exit $rc after $((SECONDS - start)) s"
   echo "{\"step\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - start))}" >> "$work/steps.jsonl"
+  return $rc
 }
 
 # params_with OUT_FILE BASE [PRESET] KEY=VALUE...: BASE deep-merged with PRESET, then the overrides (YAML values)
@@ -270,8 +271,8 @@ t2i_part() {
 
 # t2i_dag PRESET NAME [TARGET] KEY=VALUE...: a text-to-image preset, shortened, on the random pipeline
 # (model.pretrained folder:) and synthetic captioned images (an image folder with metadata.jsonl), as a
-# DVC project under $T2I_DAGS (kept, so a later call on the warm machine finishes it): `dvc repro TARGET`
-# (all stages without one); once the report exists, it is checked as the other DAGs' are
+# DVC project under $T2I_DAGS (kept, so a later call on the warm machine finishes it; the code is synced
+# each call, so DVC re-runs what changed): `dvc repro TARGET`, or every stage and then the report's check
 T2I_DAGS=${T2I_DAGS:-/root/t2i-dags}
 t2i_dag() {
   local preset=$1 name=$2 target=""; shift 2
@@ -279,10 +280,10 @@ t2i_dag() {
   local repo=$T2I_DAGS/$name pipeline size=512 images=64
   [ "$tiny" = 1 ] && size=16 images=24
   pipeline=$(random_pipeline "$(t2i_shapes)") || return 1
-  if ! [ -d "$repo/.dvc" ]; then
-    mkdir -p "$repo" && cp -r workflow dvc.yaml .dvcignore "$repo"/ && mkdir -p "$repo/models"
-    cp -al "$pipeline" "$repo/models/local" 2>/dev/null || cp -r "$pipeline" "$repo/models/local"
-    python3 - "$repo/data/images" "$images" "$size" <<'PY'
+  if ! [ -d "$repo/.dvc" ]; then  # made whole or not at all: a half-made one is started afresh
+    rm -rf "$repo" && mkdir -p "$repo/models" || return 1
+    cp -al "$pipeline" "$repo/models/local" 2>/dev/null || cp -r "$pipeline" "$repo/models/local" || return 1
+    python3 - "$repo/data/images" "$images" "$size" <<'PY' || return 1
 import json, sys
 from pathlib import Path
 from PIL import Image
@@ -299,10 +300,11 @@ PY
     # hardlinks: the DVC cache adds no second copy of SD-sized models (the machine has a 64 GB disk)
     (cd "$repo" && dvc init -q --no-scm && dvc config cache.type hardlink,copy) || return 1
   fi
+  rm -rf "$repo/workflow" && cp -r workflow dvc.yaml .dvcignore "$repo"/ || return 1
   params_with "$repo/params.yaml" params.yaml "$preset" data.source=imagefolder:data/images data.revision=null \
     model.pretrained=folder:models/local model.revision=null fid.weights="$INCEPTION" "$@" || return 1
   (cd "$repo" && dvc repro -q $target) || return 1
-  [ -f "$repo/reports/index.html" ] || { echo "$name: ran up to ${target:-the end}; no report yet"; return 0; }
+  [ -z "$target" ] || { echo "$name: ran up to $target"; return 0; }
   (cd "$repo" && python3 - "$name" <<'PY'
 import json, math, sys
 metrics = json.load(open("reports/metrics.json"))
@@ -321,7 +323,7 @@ PY
 # one, EMA) up to its samples; t2i-dag-finish (carry the other Inception piece) scores and reports it
 t2i_dag_args() {
   if [ "$tiny" = 1 ]; then
-    echo "data.resolution=16 data.holdout=4 train.max_steps=4 train.checkpoint_every=2 train.log_every=1
+    echo "data.resolution=16 data.holdout=4 train.max_steps=4 train.epochs=null train.checkpoint_every=2 train.log_every=1
       fid.num_samples=16 fid.batch_size=4 sample.batch_size=4 sample.num_inference_steps=3 fid.steps_sweep=[]
       fid.guidance_sweep=[] train.mixed_precision=no"
   else
@@ -353,10 +355,11 @@ case $part in
   t2i-dag-train) t2i_dag_part train ;;
   t2i-dag-finish) t2i_dag_part finish ;;
   t2i-dag-lora) step inception inception_file && step t2i-dag-lora t2i_dag configs/text-to-image-naruto-lora-512.yaml \
-    lora $(t2i_dag_args) ;;
+    lora $(t2i_dag_args)
+    (cd "$T2I_DAGS" && tar czf "$out/t2i-dag-lora.tar.gz" --ignore-failed-read lora/reports lora/dvc.lock 2>/dev/null) ;;
   t2i-all) t2i_part; t2i_dag_part train ;;
-  *) echo "unknown part $part (train | fid | dag | quality-start | quality-finish | t2i | t2i-dag-train |"\
-    "t2i-dag-finish | t2i-all)"; exit 2 ;;
+  *) echo "unknown part $part (train | fid | dag | quality-start | quality-finish | t2i | t2i-all |"\
+    "t2i-dag-train | t2i-dag-finish | t2i-dag-lora)"; exit 2 ;;
 esac
 collect_json
 echo; echo "=== summary"; cat "$work/steps.jsonl"

@@ -367,3 +367,21 @@ def test_grids_of_large_samples_are_embedded_downscaled_and_say_so(run_dir):
     assert "1200&times;900 px, shown at 0.4&times; (full size: <code>reports/samples/grid.png</code>)" in page
     assert len(page) < sum(map(len, grids.values()))  # smaller than the grids it shows, though base64
     assert _render(run_dir) == page  # the same bytes every time
+
+
+def test_a_grid_is_shrunk_on_the_page_and_embedded_whole_unless_twice_too_wide_or_undecodable():
+    from workflow.pages.htmlpage import pixel_image
+
+    def png_of(width: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((10, width), 128, dtype=np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    for width, embedded, shown in [(100, 100, 100), (150, 150, 100), (200, 200, 100), (201, 200, 100)]:
+        tag, scale = pixel_image(png_of(width), 100, "grid")
+        (uri,) = _data_uris(tag)
+        assert Image.open(io.BytesIO(uri)).size[0] == embedded and f'width="{shown}"' in tag, width
+        assert scale == min(1, 100 / width)
+    damaged = png_of(400)[:60]  # the header says 400 px wide, the pixel data is cut off
+    tag, scale = pixel_image(damaged, 100, "grid")
+    assert _data_uris(tag) == [damaged] and scale == 0.25  # shown as it is, not a crash

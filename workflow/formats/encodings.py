@@ -58,7 +58,7 @@ def encoding_writer(
     latent_shape: tuple,
     captions: int,
     text_shape: tuple,
-    storage: str = "float32",
+    storage: str,
 ) -> Iterator[Encodings]:
     """Memory-mapped arrays to fill with `put` (and `record` to complete); published whole when the block ends."""
     with atomic_dir(path) as out:
@@ -86,7 +86,8 @@ def encoding_writer(
 
 
 def put(array: np.ndarray, where, values: np.ndarray, name: str) -> None:
-    """array[where] = values, in the array's dtype; a value float16 cannot hold (over 65,504) is an error."""
+    """array[where] = values, in the array's dtype; a value that becomes infinite there (float16: from
+    65,520 up) is an error, as is a non-finite one."""
     if not np.isfinite(values).all():
         raise ConfigError(f"encode: the encoder gave non-finite {name} values (NaN or inf); check model.pretrained")
     with np.errstate(over="ignore"):  # an overflow is reported below, by name
@@ -121,6 +122,13 @@ def load_encodings(path: str | Path) -> Encodings:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{path / f'{name}.npy'}: unreadable ({exc}); re-run the encode stage") from None
     encoded = Encodings(record, **arrays)
+    storage = record.get("storage", "float32")  # records written before encode.storage held float32
+    for name in ("mean", "logvar", "text"):
+        if getattr(encoded, name).dtype != np.dtype(storage):
+            raise ConfigError(
+                f"{path / f'{name}.npy'}: {getattr(encoded, name).dtype}, {ENCODING_FILE} says {storage}; "
+                "re-run the encode stage"
+            )
     count, views = record["count"], record["views"]
     expected = {
         "mean": (count, views, *record["latent_shape"]),

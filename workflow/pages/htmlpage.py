@@ -102,14 +102,14 @@ def png_size(png: bytes) -> tuple[int, int]:
 
 def pixel_image(png: bytes, target_px: int, alt: str, css_class: str = "") -> tuple[str, float]:
     """An <img> of a sample grid, `target_px` wide at most: a small grid scaled up by the largest whole
-    factor that fits (at least 1), pixels kept sharp (nearest neighbour); a grid wider than `target_px`
-    shown at `target_px`, embedded as a copy downscaled to twice that (Lanczos; sharp on high-density
-    screens), since a grid of 512 px samples holds megapixels no page shows. Returns the tag and the
-    factor shown (below 1 when downscaled)."""
+    factor that fits (at least 1), pixels kept sharp (nearest neighbour); a wider one shown at
+    `target_px`, and embedded as a copy downscaled to twice that (Lanczos; sharp on high-density screens)
+    when it is wider still, since a grid of 512 px samples holds megapixels no page shows. Returns the
+    tag and the factor shown (below 1 when shrunk)."""
     width, height = png_size(png)
     if target_px and width > target_px:
-        shown = downscaled(png, min(width, 2 * target_px))
         scale = target_px / width
+        shown = downscaled(png, 2 * target_px) if width > 2 * target_px else png
         return (
             f'<img class="{esc(css_class)}" src="{data_uri(shown)}" width="{target_px}" '
             f'height="{max(1, round(height * scale))}" alt="{esc(alt)}">',
@@ -124,13 +124,18 @@ def pixel_image(png: bytes, target_px: int, alt: str, css_class: str = "") -> tu
 
 
 def downscaled(png: bytes, width: int) -> bytes:
-    """The PNG resized to `width` pixels wide (Lanczos, aspect kept), as PNG bytes (the same every time)."""
+    """The PNG resized to `width` pixels wide (Lanczos, aspect kept), as PNG bytes (the same every time);
+    the PNG itself if Pillow cannot decode it (a damaged file, or one past its decompression-bomb size):
+    the page still shows what there is."""
     from PIL import Image
 
-    image = Image.open(io.BytesIO(png))
-    height = max(1, round(image.height * width / image.width))
-    buffer = io.BytesIO()
-    image.resize((width, height), Image.Resampling.LANCZOS).save(buffer, format="PNG")
+    try:
+        image = Image.open(io.BytesIO(png))
+        height = max(1, round(image.height * width / image.width))
+        buffer = io.BytesIO()
+        image.resize((width, height), Image.Resampling.LANCZOS).save(buffer, format="PNG")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return png
     return buffer.getvalue()
 
 

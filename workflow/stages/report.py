@@ -186,7 +186,7 @@ def hero_section(inputs: ReportInputs) -> str:
         img, scale = pixel_image(grid_png, GRID_DISPLAY_PX, "grid of generated samples")
         width, height = png_size(grid_png)
         full = inputs.params.get("paths", {}).get("grid", "the sample stage's grid")
-        shown = f"{scale}&times;" if scale >= 1 else f"{scale:.2g}&times; (full size: <code>{esc(full)}</code>)"
+        shown = f"{scale}&times;" if scale >= 1 else f"{scale:.3g}&times; (full size: <code>{esc(full)}</code>)"
         grid = (
             f'<figure class="final">{img}<figcaption>Final samples (EMA weights): {width}&times;{height} px, '
             f"shown at {shown}</figcaption></figure>"

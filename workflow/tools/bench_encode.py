@@ -157,6 +157,7 @@ def bench_encode(
         "warmup": warmup,
         "repeats": repeats,
         "mixed_precision": params.train.mixed_precision,
+        "storage": params.encode.storage,
         "lora_rank": lora_rank,
         "unet_parameters": unet_parameters,
         "trainable_parameters": trainable,
@@ -181,7 +182,7 @@ def format_table(r: dict, command: str) -> str:
             f"device: {r['device']} ({r['device_name']}); torch {r['torch']}, diffusers {r['diffusers']}",
             f"model: {r['pipeline']}, UNet {r['unet_parameters']:,} parameters ({how}: {r['trainable_parameters']:,} "
             f"trained), {r['resolution']} px -> latents {' x '.join(map(str, r['latent_shape']))}; mixed precision "
-            f"{r['mixed_precision']}",
+            f"{r['mixed_precision']}; cache {r.get('storage', 'float32')}",
             f"{r['images']} synthetic captioned images; {r['warmup']} untimed + {r['steps']} timed steps of "
             f"{r['batch_size']} per loop, {r['repeats']} time(s), alternating",
             "",
