@@ -146,7 +146,11 @@ dag() {
   mkdir -p "$repo" && cp -r workflow dvc.yaml .dvcignore "$repo"/ && mkdir -p "$repo/data/images"
   params_with "$repo/params.yaml" params.yaml "$preset" data.source=builtin:mnist data.revision=null \
     data.channels=3 train.epochs=null fid.weights="$INCEPTION" fid.steps_sweep=[] "$@"
-  (cd "$repo" && dvc init -q --no-scm && dvc repro -q && python3 - "$name" <<'PY'
+  (cd "$repo" && dvc init -q --no-scm && dvc repro -q && check_report "$name")
+}
+
+check_report() {  # check_report NAME, in a DAG's folder: finite metrics and a complete report
+  python3 - "$1" <<'PY'
 import json, math, sys
 metrics = json.load(open("reports/metrics.json"))
 print(sys.argv[1], "metrics:", json.dumps(metrics))
@@ -157,7 +161,6 @@ assert 'class="missing"' not in html, "the report shows a missing artifact"
 assert html.count("data:image/png;base64") >= 2, "the report lacks its images"
 print(sys.argv[1], "report:", len(html), "bytes, complete")
 PY
-  )
 }
 
 fid_part() {
@@ -305,18 +308,7 @@ PY
     model.pretrained=folder:models/local model.revision=null fid.weights="$INCEPTION" "$@" || return 1
   (cd "$repo" && dvc repro -q $target) || return 1
   [ -z "$target" ] || { echo "$name: ran up to $target"; return 0; }
-  (cd "$repo" && python3 - "$name" <<'PY'
-import json, math, sys
-metrics = json.load(open("reports/metrics.json"))
-print(sys.argv[1], "metrics:", json.dumps(metrics))
-bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
-assert not bad, f"non-finite metrics: {bad}"
-html = open("reports/index.html").read()
-assert 'class="missing"' not in html, "the report shows a missing artifact"
-assert html.count("data:image/png;base64") >= 2, "the report lacks its images"
-print(sys.argv[1], "report:", len(html), "bytes, complete")
-PY
-  )
+  (cd "$repo" && check_report "$name")
 }
 
 # t2i-dag-train: the guide's full fine-tune (fp16, gradient checkpointing, 4 accumulated micro-batches of
