@@ -16,6 +16,7 @@ from tests.helpers import ROOT, TINY
 from workflow.core.config import load_params, overlay, params_from_dict
 from workflow.tools import quality, quality_tables
 from workflow.tools.quality_jobs import (
+    FAILED,
     GENERATED,
     OURS,
     Job,
@@ -97,8 +98,11 @@ def test_the_matrix_trains_samples_and_scores_with_the_stages(tmp_path):
     prepare_data(m, [8])
     model = Job(OURS, 8, 0, 0.1, budget_steps(RATES, OURS, 8, 0.1))
     sweep = Job(OURS, 8, 0, 0.1, model.steps, sampler="dpmsolver++", sampling_steps=3, model=model.name)
+    m.job_dir(model.name).mkdir(parents=True)
+    (m.job_dir(model.name) / FAILED).write_text("an earlier run's failure")  # tried again, not reported again
     summary = run_matrix(m, [model, sweep], workers=1, deadline=None)
-    assert summary == {**summary, "scored": 2, "failed": [], "unfinished": [], "out_of_time": False}
+    assert summary == {**summary, "scored": 2, "already_scored": 0, "failed": [], "unfinished": []}
+    assert summary["out_of_time"] is False
     rows = {r["name"]: r for r in read_results(m.out)}
     assert set(rows) == {model.name, sweep.name}
     trained = rows[model.name]
@@ -116,7 +120,20 @@ def test_the_matrix_trains_samples_and_scores_with_the_stages(tmp_path):
     assert params_from_dict(saved).paths.metrics == str(m.job_dir(model.name) / "metrics.json")
     # a second run skips what is scored
     again = run_matrix(m, [model, sweep], workers=1, deadline=None)
-    assert again["scored"] == 2 and len(read_results(m.out)) == 2
+    assert (again["scored"], again["already_scored"], len(read_results(m.out))) == (0, 2, 2)
+    # ... if it was scored as it is set up now: a job of the same name trained or sampled another way stops the
+    # matrix, naming it, instead of passing the old measurement off as the new one
+    longer = dataclasses.replace(model, steps=model.steps + 1)
+    scored = rf"{model.name} \(scored: ddim-4 eta 1, 3 steps; now: "
+    with pytest.raises(SystemExit, match=scored + r"ddim-4 eta 1, 4 steps\)"):
+        run_matrix(m, [longer], workers=1, deadline=None)
+    eta0 = matrix(tmp_path, defaults=overlay(m.defaults, {"sample": {"eta": 0.0}}))
+    with pytest.raises(SystemExit, match=scored + r"ddim-4 eta 0, 3 steps\)"):
+        run_matrix(eta0, [model], workers=1, deadline=None)
+    # a sampler the params refuse (a --sampler-sweep typo) stops the matrix before anything trains
+    typo = dataclasses.replace(sweep, sampler="dpmsolver")
+    with pytest.raises(SystemExit, match=rf"job {typo.name}: .*sample.sampler"):
+        run_matrix(m, [typo], workers=1, deadline=None)
     # a new sweep over a scored model whose weights are gone stops at once, naming it, instead of waiting
     shutil.rmtree(m.job_dir(model.name) / "trained")
     other = dataclasses.replace(sweep, sampler="ddpm")
@@ -131,6 +148,21 @@ def test_spread_and_cells_are_mean_and_sample_standard_deviation():
     assert quality_tables.cell([1.0, 2.0, 3.0]) == "2.0 ± 1.0"
     assert quality_tables.cell([10.0, 12.0]) == "11.0 ± 1.4 (n=2)"
     assert quality_tables.cell([]) == "-"
+    # an sd that would round to 0 is shown to its first significant digit, the mean to match
+    assert quality_tables.cell([19.1656, 19.2319]) == "19.20 ± 0.05 (n=2)"
+    assert quality_tables.cell([0.01, 0.01], 4) == "0.0100 ± 0.0000 (n=2)"  # an sd of exactly 0 stays as it is
+
+
+def test_a_later_rates_file_is_put_on_the_first_files_scale_by_our_recipes_rate(tmp_path):
+    first = {"steps_per_second": {OURS: {"16": 2.0, "32": 0.5}, "tutorial": {"16": 10.0}}}
+    later = {"steps_per_second": {OURS: {"16": 2.5}, "tutorial": {"16": 99.0}, "lr-1e-3": {"16": 2.5}}}
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(later))
+    rates = quality.read_rates([str(tmp_path / "a.json"), str(tmp_path / "b.json")])["steps_per_second"]
+    assert rates == {**first["steps_per_second"], "lr-1e-3": {"16": 2.0}}  # the first file's measurements kept
+    (tmp_path / "c.json").write_text(json.dumps({"steps_per_second": {"lr-1e-3": {"16": 2.5}}}))
+    with pytest.raises(SystemExit, match="c.json: no rate for 'ours'"):
+        quality.read_rates([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
 
 
 DEFAULT_SAMPLER = {"sampler": "ddim", "steps": 50, "eta": 1.0}  # params.yaml's
@@ -156,6 +188,7 @@ def test_ratio_is_marked_separated_only_when_the_error_bars_do_not_overlap():
     near = [_row("tutorial", s, 2, f) for s, f in enumerate([11.0, 14.0, 17.0])]  # 14 +- 3
     assert quality_tables.ratio_cell(ours, far) == "0.50x (separated)"
     assert quality_tables.ratio_cell(ours, near) == "0.79x"
+    assert quality_tables.ratio_cell(far, ours) == "2.00x (separated)"  # the mark is not only for a lead
 
 
 def test_tables_from_results(tmp_path):
@@ -184,3 +217,21 @@ def test_tables_from_results(tmp_path):
     assert "ours 2.50, tutorial 12.00" in text
     for name in ("fid_vs_minutes_r16.png", "fid_vs_sampling_seconds.png"):
         assert (tmp_path / "fig" / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_result_folders_merge_by_job_and_sampler(tmp_path):
+    """A job name scored under the old default sampler in one folder and the new in another: both kept;
+    the same job and sampler in a later folder replaces the earlier row."""
+    eta0 = {**DEFAULT_SAMPLER, "eta": 0.0}
+    folders = {"a": [_row(OURS, 0, 2, 20.0, eta0)], "b": [_row(OURS, 0, 2, 12.0)], "c": [_row(OURS, 0, 2, 11.0)]}
+    for folder, rows in folders.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fids = lambda *names: sorted(r["fid"] for r in quality_tables.collect([str(tmp_path / n) for n in names]))  # noqa: E731
+    assert fids("a", "b") == [12.0, 20.0]
+    assert fids("a", "b", "c") == [11.0, 20.0]
+    # a recipe with no rate at this resolution shows "-" on the rates line, not a KeyError
+    rows = quality_tables.collect([str(tmp_path / "a"), str(tmp_path / "b")])
+    rows.append(_row("tutorial", 0, 2, 30.0))
+    table = quality_tables.budget_table(rows, 16, [OURS, "tutorial"], {OURS: {"16": 2.5}}, "ddim-50 eta 1")
+    assert "at 16 px: ours 2.50, tutorial -." in table

@@ -140,11 +140,22 @@ def matrix_jobs(args, rates: dict) -> list[Job]:
 
 
 def read_rates(paths: list[str]) -> dict:
-    """The first file, with the recipes of the later ones added (each keeps its own measurement)."""
+    """The first file, with the recipes of the later ones added. A later file was measured in another
+    session, when the machine may have run faster or slower: its rates are scaled by how our recipe's rate
+    there compares with the first file's, so a budget means the same minutes for every recipe."""
     merged = json.loads(Path(paths[0]).read_text())
+    rates = merged["steps_per_second"]
     for path in paths[1:]:
         extra = json.loads(Path(path).read_text())["steps_per_second"]
-        merged["steps_per_second"].update({r: v for r, v in extra.items() if r not in merged["steps_per_second"]})
+        if OURS not in extra:
+            raise SystemExit(f"{path}: no rate for {OURS!r}, which puts a later rates file on the first's scale")
+        for recipe, per_res in extra.items():
+            if recipe not in rates:
+                rates[recipe] = {
+                    res: rate * rates[OURS][res] / extra[OURS][res]
+                    for res, rate in per_res.items()
+                    if res in rates[OURS] and res in extra[OURS]
+                }
     return merged
 
 

@@ -262,20 +262,40 @@ def read_results(folder: str | Path) -> list[dict]:
 
 def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None) -> dict:
     """Generate with `workers` processes in job order, score in this one as sample sets appear. At
-    `deadline` (seconds) the workers are stopped and what they finished is scored. Scored jobs are skipped."""
+        `deadline` (seconds) the workers are stopped and what they finished is scored. Jobs scored before are
+    skipped, if they were scored as they are set up now."""
     import multiprocessing
 
     started = time.monotonic()
-    done = {row["name"] for row in read_results(m.out)}
-    pending = {j.name: j for j in jobs if j.name not in done}
+    planned = planned_sampling(m, jobs)
+    scored = {row["name"]: row for row in read_results(m.out)}
+    changed = [
+        f"{name} (scored: {sampling_label(row['sampled_with'])}, {row['steps']:,} steps; now: "
+        f"{sampling_label(planned[name])}, {job.steps:,} steps)"
+        for job in jobs
+        if (name := job.name) in scored
+        and ((row := scored[name])["sampled_with"] != planned[name] or row["steps"] != job.steps)
+    ]
+    if changed:  # skipping them by name would present the old measurement as the new one
+        raise SystemExit(
+            f"quality: {m.out}/{RESULTS} scored these jobs another way than they are set up now: "
+            f"{'; '.join(changed)}. Use a new --out, or remove their rows to redo them"
+        )
+    pending = {j.name: j for j in jobs if j.name not in scored}
+    to_do = len(pending)
     orphans = [j.name for j in pending.values() if j.model and j.model not in pending and not has_model(m, j.model)]
     if orphans:  # their model was scored in an earlier run whose weights are gone: they would wait forever
         raise SystemExit(f"quality: no trained model for {orphans}: remove its row from {m.out}/{RESULTS} to retrain")
+    for job in pending.values():  # an earlier run's failure: this run tries the job again
+        m.job_dir(job.name).joinpath(FAILED).unlink(missing_ok=True)
     pool = multiprocessing.get_context("spawn").Pool(workers)
     handles = [pool.apply_async(generate, (m, j)) for j in pending.values() if not is_generated(m, j)]
-    failed, out_of_time = [], False
+    failed, out_of_time, told = [], False, False
     while pending:
         failed += score_ready(m, pending)
+        if not told and not weights_ready(m) and any(is_generated(m, j) for j in pending.values()):
+            told = True  # the matrix waits for it (a GPU lease copies it in later), maybe past --deadline
+            print(f"quality: sample sets are waiting for the Inception file {m.weights}", flush=True)
         if deadline is not None and time.monotonic() - started > deadline:
             out_of_time = True
             break
@@ -287,12 +307,25 @@ def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None)
     pool.join()
     failed += score_ready(m, pending)  # what the workers finished before they were stopped
     return {
-        "scored": len(jobs) - len(pending) - len(failed),
+        "scored": to_do - len(pending) - len(failed),  # by this run
+        "already_scored": len({j.name for j in jobs}) - to_do,
         "failed": failed,
         "unfinished": sorted(pending),
         "out_of_time": out_of_time,
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def planned_sampling(m: Matrix, jobs: list[Job]) -> dict:
+    """{job name: the sampler its params set}; a value the params refuse (a --sampler-sweep typo) stops the
+    matrix here, before anything trains."""
+    planned = {}
+    for job in jobs:
+        try:
+            planned[job.name] = sampled_with(params_from_dict(params_dict(m, job)).sample)
+        except ValueError as e:
+            raise SystemExit(f"quality: job {job.name}: {e}") from None
+    return planned
 
 
 def has_model(m: Matrix, name: str) -> bool:

@@ -4,6 +4,7 @@ sampler sweep."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,13 +18,13 @@ REFERENCE_RECIPE = "tutorial"  # what the target ratio is taken against
 
 
 def collect(folders: list[str]) -> list[dict]:
-    """Every scored row, by job name (a later folder's row replaces an earlier one's), each measurement
+    """Every scored row, by job name and sampler (a later folder's row replaces an earlier one's), each measurement
     once: a sweep job that samples a model as its training job already did (the default sampler in the
     sweep) repeats that row, and the training job's is kept."""
     rows = {}
     for folder in folders:
-        for row in read_results(folder):
-            rows[row["name"]] = row
+        for row in read_results(folder):  # a job name may be scored under two samplers (the default changed)
+            rows[(row["name"], sampling_label(row["sampled_with"]))] = row
     measured = {}
     for row in sorted(rows.values(), key=lambda r: r["sampler"] is not None):  # training jobs first
         key = (row["recipe"], row["resolution"], row["budget"], row["seed"], sampling_label(row["sampled_with"]))
@@ -40,9 +41,13 @@ def spread(values: list) -> tuple[float, float, int]:
 
 
 def cell(values: list, digits: int = 1) -> str:
+    """mean ± sd to `digits` decimals, or to the sd's first significant digit where it would round to 0;
+    n shown unless it is the three seeds."""
     mean, sd, n = spread(values)
     if n == 0:
         return "-"
+    if n > 1 and sd > 0 and round(sd, digits) == 0:
+        digits = -math.floor(math.log10(sd))
     text = f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {sd:.{digits}f}"
     return text if n == 3 else f"{text} (n={n})"
 
@@ -68,12 +73,12 @@ def budget_series(rows: list[dict], resolution: int, recipes: list[str], default
 
 
 def ratio_cell(ours: list[dict], ref: list[dict]) -> str:
-    """Mean FID ratio, and whether the two means are further apart than their error bars."""
+    """Mean FID ratio, and whether the two means are further apart than their error bars (either way)."""
     mo, so, no = spread([r["fid"] for r in ours])
     mr, sr, nr = spread([r["fid"] for r in ref])
     if not (no and nr):
         return "-"
-    separated = no > 1 and nr > 1 and mo + so < mr - sr
+    separated = no > 1 and nr > 1 and abs(mo - mr) > so + sr
     return f"{mo / mr:.2f}x" + (" (separated)" if separated else "")
 
 
@@ -106,7 +111,8 @@ def budget_table(rows: list[dict], resolution: int, recipes: list[str], steps_pe
                 f"{cell([x['kid'] for x in g], 4)} | {cell([x['precision'] for x in g], 3)} | "
                 f"{cell([x['recall'] for x in g], 3)} | {cell([x.get('fid_default_size') for x in g])} |"
             )
-    rate_line = ", ".join(f"{r} {steps_per_second[r][str(resolution)]:.2f}" for r in recipes)
+    shown = [r for r in recipes if any(pair[0] == r for pair in series)]
+    rate_line = ", ".join(f"{r} {_num(steps_per_second.get(r, {}).get(str(resolution)), 2)}" for r in shown)
     return "\n".join(lines) + f"\n\nSteps per second on the rates' CPU at {resolution} px: {rate_line}.\n"
 
 
@@ -121,7 +127,9 @@ def sampler_table(rows: list[dict], rates: dict, default: str) -> tuple[str, lis
     for r in rows:
         if r["recipe"] == OURS and (r["resolution"], r["budget"]) == where:
             groups[sampling_label(r["sampled_with"])].append(r)
-    per_image = rates.get("sampling_seconds_per_image", {})
+    # the rates file timed sampling at one resolution: no cost for a sweep at another
+    timed_here = rates.get("sampling_resolution") in (None, where[0])
+    per_image = rates.get("sampling_seconds_per_image", {}) if timed_here else {}
     lines = [
         f"Our recipe's {where[1]:g}-minute models at {where[0]} px; a cell is mean ± sd over the seeds' models.",
         "",
