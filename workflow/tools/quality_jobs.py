@@ -31,7 +31,7 @@ import yaml
 from workflow.core.artifacts import write_json
 from workflow.core.config import DEFAULT_PARAMS, load_preset, overlay, params_from_dict, read_params_file
 from workflow.core.runtime import default_device, feature_workers
-from workflow.formats.reference_stats import load_reference
+from workflow.formats.reference_stats import check_weights, load_reference
 from workflow.formats.sample_set import load_samples
 from workflow.maths import fid
 from workflow.models.inception import load_extractor
@@ -244,6 +244,7 @@ def default_size_fid(m: Matrix, params) -> float:
         small = overlay(params.to_dict(), {"paths": {"fid_ref": str(ref_path)}, "fid": {"num_reference": 250}})
         fid_reference.run(params_from_dict(small))
     reference = load_reference(ref_path)
+    check_weights(reference, info, str(ref_path))  # made by an earlier run, maybe with other --weights
     device = default_device()
     images = load_samples(params.paths.samples)[:DEFAULT_RUN_SAMPLES]
     feats = fid.features(images, extractor, params.fid.batch_size, device, feature_workers(device))
