@@ -12,7 +12,7 @@ Layout under the output folder:
     jobs/<job>/generated.json     written last by the generating worker (failed.txt instead, with the error)
     results.jsonl                 one row per scored job, appended as each is scored
 Workers (processes) train and sample; the main process scores as sample sets appear, once the Inception
-file exists (on a GPU lease it may arrive after training has started).
+file exists (on a GPU lease it may arrive after training has started); on a CPU, once the workers are done.
 """
 
 from __future__ import annotations
@@ -262,7 +262,8 @@ def read_results(folder: str | Path) -> list[dict]:
 
 
 def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None) -> dict:
-    """Generate with `workers` processes in job order, score in this one as sample sets appear. At
+    """Generate with `workers` processes in job order, score in this one as sample sets appear (on a CPU,
+    once the workers are done). At
         `deadline` (seconds) the workers are stopped and what they finished is scored. Jobs scored before are
     skipped, if they were scored as they are set up now."""
     import multiprocessing
@@ -291,9 +292,13 @@ def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None)
         m.job_dir(job.name).joinpath(FAILED).unlink(missing_ok=True)
     pool = multiprocessing.get_context("spawn").Pool(workers)
     handles = [pool.apply_async(generate, (m, j)) for j in pending.values() if not is_generated(m, j)]
+    # On a CPU the scorer and the workers would share the cores, each process with a full set of threads,
+    # and a training job ran up to 20x slower beside a scoring one: there, scoring waits for the workers
+    scores_alongside = default_device().type != "cpu"
     failed, out_of_time, told = [], False, False
     while pending:
-        failed += score_ready(m, pending)
+        if scores_alongside or all(h.ready() for h in handles):
+            failed += score_ready(m, pending)
         if not told and not weights_ready(m) and any(is_generated(m, j) for j in pending.values()):
             told = True  # the matrix waits for it (a GPU lease copies it in later), maybe past --deadline
             print(f"quality: sample sets are waiting for the Inception file {m.weights}", flush=True)
