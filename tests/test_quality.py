@@ -3,6 +3,7 @@ run by the real stages on a tiny configuration, and the tables' statistics on ha
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -10,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from tests.helpers import ROOT, TINY
@@ -235,3 +237,9 @@ def test_result_folders_merge_by_job_and_sampler(tmp_path):
     rows.append(_row("tutorial", 0, 2, 30.0))
     table = quality_tables.budget_table(rows, 16, [OURS, "tutorial"], {OURS: {"16": 2.5}}, "ddim-50 eta 1")
     assert "at 16 px: ours 2.50, tutorial -." in table
+
+
+def test_the_matrix_workers_share_the_cores_unless_threads_are_given(tmp_path):
+    args = argparse.Namespace(recipes=[], sample_batch=6, threads=None, workers=2, reference=0)
+    assert quality.matrix_of(args, str(tmp_path), 6).threads == max(1, torch.get_num_threads() // 2)
+    assert quality.matrix_of(argparse.Namespace(**{**vars(args), "threads": 3}), str(tmp_path), 6).threads == 3

@@ -63,7 +63,8 @@ def matrix_of(args, work: str, samples: int) -> Matrix:
         samples=samples,
         reference=args.reference if getattr(args, "reference", 0) else None,
         sample_batch=args.sample_batch,
-        threads=args.threads or torch.get_num_threads(),
+        # the workers share the cores: more threads than cores make each process wait on the others
+        threads=args.threads or max(1, torch.get_num_threads() // getattr(args, "workers", 1)),
         weights=getattr(args, "weights", None),
         weights_sha256=getattr(args, "weights_sha256", None),
         defaults=defaults(),
@@ -168,7 +169,7 @@ def main(argv=None) -> None:
         p.add_argument("--resolutions", type=int, nargs="+", default=[16, 32])
         p.add_argument("--sampler-sweep", default=SWEEP, help="sampler:eta:steps,... (space-separated)")
         p.add_argument("--sample-batch", type=int, default=250)
-        p.add_argument("--threads", type=int, help="torch threads per process (default: torch's choice)")
+        p.add_argument("--threads", type=int, help="torch threads per process (default: the cores over the workers)")
     rates = sub.choices["rates"]
     rates.add_argument("--seconds", type=float, default=20.0, help="training time per measurement")
     rates.add_argument("--trials", type=int, default=2)
