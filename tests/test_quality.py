@@ -89,6 +89,25 @@ def test_job_params_put_the_recipe_over_the_defaults_and_fix_precision_and_paths
     assert s.paths.samples == f"{m.out}/jobs/{sweep.name}/samples"
 
 
+def test_matrix_jobs_longest_first_then_the_sweep_and_optionally_without_ours():
+    common = ["matrix", "--rates", "r.json", "--out", "q", "--resolutions", "8", "--budgets", "0.5", "1"]
+    common += ["--seeds", "0", "--recipes", RECIPES[0]]
+    args = quality.build_parser().parse_args([*common, "--sampler-sweep", "ddim:1:3"])
+    jobs = quality.matrix_jobs(args, RATES)
+    assert [(j.name, j.steps) for j in jobs] == [
+        ("tutorial-r8-s0-b1", 60),
+        ("tutorial-r8-s0-b0.5", 30),
+        ("ours-r8-s0-b1", 30),
+        ("ours-r8-s0-b0.5", 15),
+        ("ours-r8-s0-b1-ddim-eta1-n3", 30),  # over our model at the largest budget
+    ]
+    assert jobs[-1].model == "ours-r8-s0-b1"
+    alone = quality.build_parser().parse_args([*common, "--without-ours", "--sampler-sweep", ""])
+    assert [j.name for j in quality.matrix_jobs(alone, RATES)] == ["tutorial-r8-s0-b1", "tutorial-r8-s0-b0.5"]
+    with pytest.raises(SystemExit, match="--without-ours: the sampler sweep samples our recipe's model"):
+        quality.matrix_jobs(quality.build_parser().parse_args([*common, "--without-ours"]), RATES)
+
+
 def test_sweep_text_parses_and_a_bad_part_is_named():
     assert quality.parse_sweep("ddim:1:10,25 ddpm:0:5") == [("ddim", 1.0, 10), ("ddim", 1.0, 25), ("ddpm", 0.0, 5)]
     with pytest.raises(SystemExit, match="'ddim:10'"):

@@ -116,7 +116,9 @@ def matrix_jobs(args, rates: dict) -> list[Job]:
     """In the order the results matter: the recipes at the first resolution (seed-major, so seed 0's set
     is complete first; longest first within a seed), the sampler sweep over our seed-0 model at the
     largest budget, the variants (at the first resolution, --variant-budgets), then other resolutions."""
-    recipes = [OURS, *(Path(p).stem for p in args.recipes)]
+    recipes = [OURS, *(Path(p).stem for p in args.recipes)][1 if args.without_ours else 0 :]
+    if args.without_ours and args.sampler_sweep:
+        raise SystemExit('--without-ours: the sampler sweep samples our recipe\'s model; add --sampler-sweep ""')
     first, *others = args.resolutions
 
     def block(names: list[str], res: int, budgets: list[float]) -> list[Job]:
@@ -160,7 +162,7 @@ def read_rates(paths: list[str]) -> dict:
     return merged
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workflow quality", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("rates", "matrix"):
@@ -178,6 +180,7 @@ def main(argv=None) -> None:
     rates.add_argument("--out", required=True, help="the rates JSON file")
     matrix = sub.choices["matrix"]
     matrix.add_argument("--rates", nargs="+", required=True, help="`quality rates` files (later ones add recipes)")
+    matrix.add_argument("--without-ours", action="store_true", help="only the --recipes presets, not params.yaml's")
     matrix.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     matrix.add_argument("--budgets", type=float, nargs="+", default=[2.0, 5.0, 10.0], help="minutes on the rates' CPU")
     matrix.add_argument("--variants", nargs="*", default=[], help="presets tried against ours (first resolution)")
@@ -193,7 +196,11 @@ def main(argv=None) -> None:
     tables.add_argument("results", nargs="+", help="matrix output folders")
     tables.add_argument("--rates", nargs="+", required=True)
     tables.add_argument("--figures", help="write the figures (PNG) into this folder")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
 
     if args.command == "rates":
         result = measure_rates(args)
@@ -202,9 +209,9 @@ def main(argv=None) -> None:
         print(json.dumps(result["steps_per_second"], indent=2))
     elif args.command == "matrix":
         rates_ = read_rates(args.rates)
+        jobs = matrix_jobs(args, rates_)  # a bad combination of options stops here, before any work
         m = matrix_of(args, args.out, args.samples)
         prepare_data(m, args.resolutions)
-        jobs = matrix_jobs(args, rates_)
         print(f"quality: {len(jobs)} jobs, {args.workers} workers -> {args.out}", flush=True)
         print(json.dumps(run_matrix(m, jobs, args.workers, args.deadline)), flush=True)
     else:
