@@ -145,12 +145,20 @@ def test_the_matrix_trains_samples_and_scores_with_the_stages(tmp_path):
     # ... if it was scored as it is set up now: a job of the same name trained or sampled another way stops the
     # matrix, naming it, instead of passing the old measurement off as the new one
     longer = dataclasses.replace(model, steps=model.steps + 1)
-    scored = rf"{model.name} \(scored: ddim-4 eta 1, 3 steps; now: "
-    with pytest.raises(SystemExit, match=scored + r"ddim-4 eta 1, 4 steps\)"):
+    scored = rf"{model.name} \(scored: ddim-4 eta 1, 3 steps, 6 samples vs 6 images; now: "
+    with pytest.raises(SystemExit, match=scored + r"ddim-4 eta 1, 4 steps, 6 samples vs 6 images\)"):
         run_matrix(m, [longer], workers=1, deadline=None)
     eta0 = matrix(tmp_path, defaults=overlay(m.defaults, {"sample": {"eta": 0.0}}))
-    with pytest.raises(SystemExit, match=scored + r"ddim-4 eta 0, 3 steps\)"):
+    with pytest.raises(SystemExit, match=scored + r"ddim-4 eta 0, 3 steps, 6 samples vs 6 images\)"):
         run_matrix(eta0, [model], workers=1, deadline=None)
+    with pytest.raises(SystemExit, match=scored + r"ddim-4 eta 1, 3 steps, 5 samples vs 6 images\)"):
+        run_matrix(dataclasses.replace(m, samples=5), [model], workers=1, deadline=None)
+    # a job folder an earlier run left (interrupted before scoring) with other params is not scored or resumed
+    unscored = Job(OURS, 8, 1, 0.1, model.steps)
+    m.job_dir(unscored.name).mkdir(parents=True)
+    (m.job_dir(unscored.name) / "params.yaml").write_text(yaml.safe_dump(params_dict(m, unscored, steps=99)))
+    with pytest.raises(SystemExit, match=rf"\['{unscored.name}'\] hold an earlier run's files, made with other params"):
+        run_matrix(m, [unscored], workers=1, deadline=None)
     # a sampler the params refuse (a --sampler-sweep typo) stops the matrix before anything trains
     typo = dataclasses.replace(sweep, sampler="dpmsolver")
     with pytest.raises(SystemExit, match=rf"job {typo.name}: .*sample.sampler"):
@@ -172,6 +180,7 @@ def test_spread_and_cells_are_mean_and_sample_standard_deviation():
     # an sd that would round to 0 is shown to its first significant digit, the mean to match
     assert quality_tables.cell([19.1656, 19.2319]) == "19.20 ± 0.05 (n=2)"
     assert quality_tables.cell([0.01, 0.01], 4) == "0.0100 ± 0.0000 (n=2)"  # an sd of exactly 0 stays as it is
+    assert quality_tables.cell([0.7] * 3) == "0.7 ± 0.0"  # equal values: their mean's float noise is no spread
 
 
 def test_a_later_rates_file_is_put_on_the_first_files_scale_by_our_recipes_rate(tmp_path):
@@ -251,6 +260,8 @@ def test_result_folders_merge_by_job_and_sampler(tmp_path):
     fids = lambda *names: sorted(r["fid"] for r in quality_tables.collect([str(tmp_path / n) for n in names]))  # noqa: E731
     assert fids("a", "b") == [12.0, 20.0]
     assert fids("a", "b", "c") == [11.0, 20.0]
+    with pytest.raises(SystemExit, match="typo has no results.jsonl"):  # not silently dropped
+        fids("a", "typo")
     # a recipe with no rate at this resolution shows "-" on the rates line, not a KeyError
     rows = quality_tables.collect([str(tmp_path / "a"), str(tmp_path / "b")])
     rows.append(_row("tutorial", 0, 2, 30.0))

@@ -269,20 +269,8 @@ def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None)
     import multiprocessing
 
     started = time.monotonic()
-    planned = planned_sampling(m, jobs)
     scored = {row["name"]: row for row in read_results(m.out)}
-    changed = [
-        f"{name} (scored: {sampling_label(row['sampled_with'])}, {row['steps']:,} steps; now: "
-        f"{sampling_label(planned[name])}, {job.steps:,} steps)"
-        for job in jobs
-        if (name := job.name) in scored
-        and ((row := scored[name])["sampled_with"] != planned[name] or row["steps"] != job.steps)
-    ]
-    if changed:  # skipping them by name would present the old measurement as the new one
-        raise SystemExit(
-            f"quality: {m.out}/{RESULTS} scored these jobs another way than they are set up now: "
-            f"{'; '.join(changed)}. Use a new --out, or remove their rows to redo them"
-        )
+    check_earlier_work(m, jobs, scored)
     pending = {j.name: j for j in jobs if j.name not in scored}
     to_do = len(pending)
     orphans = [j.name for j in pending.values() if j.model and j.model not in pending and not has_model(m, j.model)]
@@ -300,7 +288,7 @@ def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None)
         if scores_alongside or all(h.ready() for h in handles):
             failed += score_ready(m, pending)
         if not told and not weights_ready(m) and any(is_generated(m, j) for j in pending.values()):
-            told = True  # the matrix waits for it (a GPU lease copies it in later), maybe past --deadline
+            told = True  # the matrix waits for it (a GPU lease copies it in later), until --deadline
             print(f"quality: sample sets are waiting for the Inception file {m.weights}", flush=True)
         if deadline is not None and time.monotonic() - started > deadline:
             out_of_time = True
@@ -320,6 +308,48 @@ def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None)
         "out_of_time": out_of_time,
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def check_earlier_work(m: Matrix, jobs: list[Job], scored: dict) -> None:
+    """What an earlier run into the same --out left must be what these jobs would make, or the matrix
+    stops, naming the jobs: skipping a row scored another way (other steps, sampler or sample counts)
+    would pass the old measurement off as the new one, and a job folder written with other params would
+    be scored (if generated) or resumed (from its checkpoint) as it is."""
+    planned = planned_sampling(m, jobs)
+    changed = []
+    for job in jobs:
+        row = scored.get(job.name)
+        if row is None:
+            continue
+        counts = (row.get("fid_num_samples"), row.get("fid_num_reference"))
+        if (
+            row["sampled_with"] != planned[job.name]
+            or row["steps"] != job.steps
+            or counts[0] != m.samples
+            or (m.reference is not None and counts[1] != m.reference)
+        ):
+            changed.append(
+                f"{job.name} (scored: {sampling_label(row['sampled_with'])}, {row['steps']:,} steps, "
+                f"{counts[0]} samples vs {counts[1]} images; now: {sampling_label(planned[job.name])}, "
+                f"{job.steps:,} steps, {m.samples} samples vs {m.reference or 'all'} images)"
+            )
+    if changed:
+        raise SystemExit(
+            f"quality: {m.out}/{RESULTS} scored these jobs another way than they are set up now: "
+            f"{'; '.join(changed)}. Use a new --out, or remove their rows to redo them"
+        )
+    stale = [
+        job.name
+        for job in jobs
+        if job.name not in scored
+        and (saved := m.job_dir(job.name) / "params.yaml").is_file()
+        and yaml.safe_load(saved.read_text()) != params_dict(m, job)
+    ]
+    if stale:
+        raise SystemExit(
+            f"quality: {stale} hold an earlier run's files, made with other params than they have now: "
+            f"remove those folders under {m.out}/jobs to redo them"
+        )
 
 
 def planned_sampling(m: Matrix, jobs: list[Job]) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 
 from workflow.core.config import params_from_dict
 from workflow.pages.curves import errorbar_plot_png
-from workflow.tools.quality_jobs import OURS, defaults, read_results, sampled_with, sampling_label
+from workflow.tools.quality_jobs import OURS, RESULTS, defaults, read_results, sampled_with, sampling_label
 
 REFERENCE_RECIPE = "tutorial"  # what the target ratio is taken against
 
@@ -23,6 +23,8 @@ def collect(folders: list[str]) -> list[dict]:
     sweep) repeats that row, and the training job's is kept."""
     rows = {}
     for folder in folders:
+        if not (Path(folder) / RESULTS).is_file():  # a mistyped folder would otherwise drop its rows unseen
+            raise SystemExit(f"quality tables: {folder} has no {RESULTS}: not a `quality matrix` --out folder")
         for row in read_results(folder):  # a job name may be scored under two samplers (the default changed)
             rows[(row["name"], sampling_label(row["sampled_with"]))] = row
     measured = {}
@@ -46,6 +48,8 @@ def cell(values: list, digits: int = 1) -> str:
     mean, sd, n = spread(values)
     if n == 0:
         return "-"
+    if sd <= 1e-9 * max(1.0, abs(mean)):  # equal values, up to the float noise of their mean
+        sd = 0.0
     if n > 1 and sd > 0 and round(sd, digits) == 0:
         digits = -math.floor(math.log10(sd))
     text = f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {sd:.{digits}f}"
