@@ -263,9 +263,8 @@ def read_results(folder: str | Path) -> list[dict]:
 
 def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None) -> dict:
     """Generate with `workers` processes in job order, score in this one as sample sets appear (on a CPU,
-    once the workers are done). At
-        `deadline` (seconds) the workers are stopped and what they finished is scored. Jobs scored before are
-    skipped, if they were scored as they are set up now."""
+    once the workers are done). At `deadline` (seconds) the workers are stopped and what they finished is
+    scored. Jobs scored before are skipped, if they were scored as they are set up now."""
     import multiprocessing
 
     started = time.monotonic()
