@@ -7,7 +7,10 @@ import argparse
 import dataclasses
 import json
 import math
+import multiprocessing
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -168,6 +171,29 @@ def test_the_matrix_trains_samples_and_scores_with_the_stages(tmp_path):
     other = dataclasses.replace(sweep, sampler="ddpm")
     with pytest.raises(SystemExit, match=other.name):
         run_matrix(m, [model, other], workers=1, deadline=None)
+
+
+def test_a_worker_killed_mid_job_fails_its_job_and_the_sweeps_of_its_model(tmp_path):
+    """A worker process that dies (as under the out-of-memory killer) is a failed job named with its exit code,
+    and the matrix ends instead of waiting for the job forever."""
+    m = matrix(tmp_path)
+    prepare_data(m, [8])
+    model = Job(OURS, 8, 0, 1000.0, 100_000)  # far more steps than the kill leaves it time for
+    sweep = Job(OURS, 8, 0, 1000.0, model.steps, sampler="ddpm", sampling_steps=3, model=model.name)
+    log = m.job_dir(model.name) / "log.txt"
+
+    def kill_the_worker_once_its_job_has_begun():
+        while not log.is_file():
+            time.sleep(0.05)
+        for child in multiprocessing.active_children():
+            child.kill()
+
+    threading.Thread(target=kill_the_worker_once_its_job_has_begun, daemon=True).start()
+    summary = run_matrix(m, [model, sweep], workers=1, deadline=600)
+    assert (summary["failed"], summary["unfinished"], summary["out_of_time"]) == ([model.name, sweep.name], [], False)
+    why = (m.job_dir(model.name) / FAILED).read_text()
+    assert f"the worker process for {model.name} ended with exit code -9" in why
+    assert "the model this job samples failed" in (m.job_dir(sweep.name) / FAILED).read_text()
 
 
 def test_spread_and_cells_are_mean_and_sample_standard_deviation():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import multiprocessing
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -262,11 +263,10 @@ def read_results(folder: str | Path) -> list[dict]:
 
 
 def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None) -> dict:
-    """Generate with `workers` processes in job order, score in this one as sample sets appear (on a CPU,
-    once the workers are done). At `deadline` (seconds) the workers are stopped and what they finished is
-    scored. Jobs scored before are skipped, if they were scored as they are set up now."""
-    import multiprocessing
-
+    """Generate in job order, each job in a process of its own with at most `workers` at once; score in
+    this one as sample sets appear (on a CPU, once the workers are done). At `deadline` (seconds) the
+    workers are stopped and what they finished is scored. Jobs scored before are skipped, if they were
+    scored as they are set up now."""
     started = time.monotonic()
     scored = {row["name"]: row for row in read_results(m.out)}
     check_earlier_work(m, jobs, scored)
@@ -277,27 +277,28 @@ def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None)
         raise SystemExit(f"quality: no trained model for {orphans}: remove its row from {m.out}/{RESULTS} to retrain")
     for job in pending.values():  # an earlier run's failure: this run tries the job again
         m.job_dir(job.name).joinpath(FAILED).unlink(missing_ok=True)
-    pool = multiprocessing.get_context("spawn").Pool(workers)
-    handles = [pool.apply_async(generate, (m, j)) for j in pending.values() if not is_generated(m, j)]
+    workers_ = Workers(m, [j for j in pending.values() if not is_generated(m, j)], workers)
     # On a CPU the scorer and the workers would share the cores, each process with a full set of threads,
     # and a training job ran up to 20x slower beside a scoring one: there, scoring waits for the workers
     scores_alongside = default_device().type != "cpu"
     failed, out_of_time, told = [], False, False
-    while pending:
-        if scores_alongside or all(h.ready() for h in handles):
-            failed += score_ready(m, pending)
-        if not told and not weights_ready(m) and any(is_generated(m, j) for j in pending.values()):
-            told = True  # the matrix waits for it (a GPU lease copies it in later), until --deadline
-            print(f"quality: sample sets are waiting for the Inception file {m.weights}", flush=True)
-        if deadline is not None and time.monotonic() - started > deadline:
-            out_of_time = True
-            break
-        if pending:
-            if all(h.ready() for h in handles) and not any(is_generated(m, j) for j in pending.values()):
-                break  # nothing left that could still appear
-            time.sleep(1.0)
-    pool.terminate()
-    pool.join()
+    try:
+        while pending:
+            workers_.step()
+            if scores_alongside or workers_.done:
+                failed += score_ready(m, pending)
+            if not told and not weights_ready(m) and any(is_generated(m, j) for j in pending.values()):
+                told = True  # the matrix waits for it (a GPU lease copies it in later), until --deadline
+                print(f"quality: sample sets are waiting for the Inception file {m.weights}", flush=True)
+            if deadline is not None and time.monotonic() - started > deadline:
+                out_of_time = True
+                break
+            if pending:
+                if workers_.done and not any(is_generated(m, j) for j in pending.values()):
+                    break  # nothing left that could still appear
+                time.sleep(1.0)
+    finally:
+        workers_.stop()
     failed += score_ready(m, pending)  # what the workers finished before they were stopped
     return {
         "scored": to_do - len(pending) - len(failed),  # by this run
@@ -307,6 +308,49 @@ def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None)
         "out_of_time": out_of_time,
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+class Workers:
+    """The generating processes: one per job, started in job order, at most `count` alive. A process that
+    ends without its job's marker file (killed by the out-of-memory killer, say) gets a failed.txt saying
+    so, where a pool would have waited for its job forever."""
+
+    def __init__(self, m: Matrix, jobs: list[Job], count: int):
+        self.m, self.queue, self.count = m, list(jobs), count
+        self.context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
+        self.running: dict[str, tuple] = {}
+
+    @property
+    def done(self) -> bool:
+        return not self.queue and not self.running
+
+    def step(self) -> None:
+        """Reap the processes that ended, then start jobs up to the count."""
+        for name, (process, job) in list(self.running.items()):
+            if process.is_alive():
+                continue
+            process.join()
+            folder = self.m.job_dir(name)
+            if not is_generated(self.m, job) and not (folder / FAILED).is_file():
+                (folder / FAILED).write_text(
+                    f"the worker process for {name} ended with exit code {process.exitcode} before it finished "
+                    "(a negative code is the signal that ended it: -9 is SIGKILL, which the out-of-memory "
+                    f"killer sends); its output is in {folder / 'log.txt'}\n"
+                )
+            del self.running[name]
+        while self.queue and len(self.running) < self.count:
+            job = self.queue.pop(0)
+            process = self.context.Process(target=generate, args=(self.m, job), name=f"quality {job.name}")
+            process.start()
+            self.running[job.name] = (process, job)
+
+    def stop(self) -> None:
+        for process, _ in self.running.values():
+            process.terminate()
+        for process, _ in self.running.values():
+            process.join()
+        self.running.clear()
+        self.queue.clear()
 
 
 def check_earlier_work(m: Matrix, jobs: list[Job], scored: dict) -> None:
