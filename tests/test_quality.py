@@ -254,7 +254,10 @@ def test_tables_from_results(tmp_path):
     old = [{**_row(OURS, s, 5, 20.0 + s, {**DEFAULT_SAMPLER, "eta": 0.0}), "name": f"old-{s}"} for s in range(2)]
     sweep = {**_row(OURS, 0, 5, 9.0, {"sampler": "ddim", "steps": 25, "eta": 1.0}), "name": "sweep", "sampler": "ddim"}
     again = {**_row(OURS, 0, 5, 99.0), "name": "sweep-of-the-default", "sampler": "ddim"}  # counted once, as trained
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, *old, sweep, again]))
+    # one sampler tried on a shorter-trained model too: the sampler table stays on the sweep's 5-minute models
+    short = {**_row(OURS, 1, 2, 7.0, {"sampler": "ddim", "steps": 25, "eta": 1.0}), "name": "short", "sampler": "ddim"}
+    results = [short, *rows, *old, sweep, again]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     rates = {
         "steps_per_second": {OURS: {"16": 2.5}, "tutorial": {"16": 12.0}},
         "sampling_seconds_per_image": {"ddim-eta1": {"25": 0.02}, "ddim-eta0": {"50": 0.04}},
@@ -265,6 +268,7 @@ def test_tables_from_results(tmp_path):
     assert "| 2 | 14.0 ± 1.0 | - | 31.0 ± 1.0 | 0.45x (separated) |" in text
     assert "| 5 | 11.0 ± 1.0 | 20.5 ± 0.7 (n=2) | 31.0 ± 1.0 | 0.35x (separated) |" in text
     assert "| ddim | 1 | 25 | 0 | 9.00 (n=1) | 0.0100 (n=1) | 0.500 (n=1) | 0.500 (n=1) | 20.0 | 180 |" in text
+    assert "Our recipe's 5-minute models at 16 px" in text
     assert "| ddim | 0 | 50 | 0, 1 | 20.50 ± 0.71 (n=2) | 0.0100 ± 0.0000 (n=2) |" in text
     assert (
         "| ddim (the default) | 1 | 50 | 0, 1, 2 | 11.00 ± 1.00 | 0.0100 ± 0.0000 | 0.500 ± 0.000 | 0.500 ± 0.000 "

@@ -126,7 +126,11 @@ def sampler_table(rows: list[dict], rates: dict, default: str) -> tuple[str, lis
     sweep = [r for r in rows if r["sampler"] is not None]
     if not sweep:
         return "", {}
-    where = (sweep[0]["resolution"], sweep[0]["budget"])
+    # the sweep's budget: a sampler also tried on a few shorter-trained models must not move the table there
+    labels = defaultdict(set)
+    for r in sweep:
+        labels[(r["resolution"], r["budget"])].add(sampling_label(r["sampled_with"]))
+    where = max(labels, key=lambda k: (len(labels[k]), k[1]))
     groups = defaultdict(list)
     for r in rows:
         if r["recipe"] == OURS and (r["resolution"], r["budget"]) == where:
