@@ -9,7 +9,8 @@ in float32 without TF32, as on a CPU.
 Layout under the output folder:
     data/raw, data/r<res>/        the embedded data, preprocessed once per resolution, and its FID reference
     jobs/<job>/params.yaml        each job's full params (python -m workflow <stage> --params reproduces it)
-    jobs/<job>/generated.json     written last by the generating worker (failed.txt instead, with the error)
+    jobs/<job>/generated.json     written last by the generating worker (failed.txt instead, with the error,
+                                  or by the main process with the exit code, if the worker died)
     results.jsonl                 one row per scored job, appended as each is scored
 Workers (processes) train and sample; the main process scores as sample sets appear, once the Inception
 file exists (on a GPU lease it may arrive after training has started); on a CPU, once the workers are done.
@@ -326,31 +327,46 @@ class Workers:
 
     def step(self) -> None:
         """Reap the processes that ended, then start jobs up to the count."""
-        for name, (process, job) in list(self.running.items()):
-            if process.is_alive():
-                continue
-            process.join()
-            folder = self.m.job_dir(name)
-            if not is_generated(self.m, job) and not (folder / FAILED).is_file():
-                (folder / FAILED).write_text(
-                    f"the worker process for {name} ended with exit code {process.exitcode} before it finished "
-                    "(a negative code is the signal that ended it: -9 is SIGKILL, which the out-of-memory "
-                    f"killer sends); its output is in {folder / 'log.txt'}\n"
-                )
-            del self.running[name]
+        self.reap()
         while self.queue and len(self.running) < self.count:
             job = self.queue.pop(0)
             process = self.context.Process(target=generate, args=(self.m, job), name=f"quality {job.name}")
+            self.running[job.name] = (process, job)  # before start: an interrupt in between still stops it
             process.start()
-            self.running[job.name] = (process, job)
+
+    def reap(self) -> None:
+        for name, (process, job) in list(self.running.items()):
+            if process.pid is not None and process.is_alive():
+                continue
+            if process.pid is not None:
+                process.join()
+                folder = self.m.job_dir(name)
+                if not is_generated(self.m, job) and not (folder / FAILED).is_file():
+                    folder.mkdir(parents=True, exist_ok=True)  # it may have died before making it
+                    (folder / FAILED).write_text(ended_early(name, process.exitcode, folder / "log.txt"))
+            del self.running[name]
 
     def stop(self) -> None:
+        self.reap()  # one that died meanwhile is a failure, not an unfinished job
         for process, _ in self.running.values():
-            process.terminate()
+            if process.pid is not None:
+                process.terminate()
         for process, _ in self.running.values():
-            process.join()
+            if process.pid is not None:
+                process.join()
         self.running.clear()
         self.queue.clear()
+
+
+def ended_early(name: str, exit_code: int, log: Path) -> str:
+    """failed.txt for a worker that ended without its marker file."""
+    if exit_code < 0:
+        how = f"was ended by signal {-exit_code}"
+        how += " (SIGKILL, as the out-of-memory killer sends)" if exit_code == -9 else ""
+    else:
+        how = f"exited with code {exit_code}"
+    where = f"its output is in {log}" if log.is_file() else "it died before its log was opened: see the matrix's stderr"
+    return f"the worker process for {name} {how} before it finished; {where}\n"
 
 
 def check_earlier_work(m: Matrix, jobs: list[Job], scored: dict) -> None:
