@@ -222,7 +222,8 @@ def test_a_later_rates_file_is_put_on_the_first_files_scale_by_our_recipes_rate(
         quality.read_rates([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
 
 
-DEFAULT_SAMPLER = {"sampler": "ddim", "steps": 50, "eta": 1.0}  # params.yaml's
+DEFAULT_SAMPLER = {"sampler": "ddpm", "steps": 50, "eta": None}  # params.yaml's
+EARLIER_DEFAULT = {"sampler": "ddim", "steps": 50, "eta": 1.0}  # what the rows made before it changed were sampled with
 DDPM_1000 = {"sampler": "ddpm", "steps": 1000, "eta": None}
 
 
@@ -252,28 +253,28 @@ def test_tables_from_results(tmp_path):
     rows = [_row(OURS, s, b, 10.0 + s + (5 - b)) for s in range(3) for b in (2, 5)]
     rows += [_row("tutorial", s, b, 30.0 + s) for s in range(3) for b in (2, 5)]
     # rows made before the default sampler changed, and a sweep job: each counts under its own sampler
-    old = [{**_row(OURS, s, 5, 20.0 + s, {**DEFAULT_SAMPLER, "eta": 0.0}), "name": f"old-{s}"} for s in range(2)]
+    old = [{**_row(OURS, s, 5, 20.0 + s, EARLIER_DEFAULT), "name": f"old-{s}"} for s in range(2)]
     sweep = {**_row(OURS, 0, 5, 9.0, {"sampler": "ddim", "steps": 25, "eta": 1.0}), "name": "sweep", "sampler": "ddim"}
-    again = {**_row(OURS, 0, 5, 99.0), "name": "sweep-of-the-default", "sampler": "ddim"}  # counted once, as trained
+    again = {**_row(OURS, 0, 5, 99.0), "name": "sweep-of-the-default", "sampler": "ddpm"}  # counted once, as trained
     # one sampler tried on a shorter-trained model too: the sampler table stays on the sweep's 5-minute models
     short = {**_row(OURS, 1, 2, 7.0, {"sampler": "ddim", "steps": 25, "eta": 1.0}), "name": "short", "sampler": "ddim"}
     results = [short, *rows, *old, sweep, again]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     rates = {
         "steps_per_second": {OURS: {"16": 2.5}, "tutorial": {"16": 12.0}},
-        "sampling_seconds_per_image": {"ddim-eta1": {"25": 0.02}, "ddim-eta0": {"50": 0.04}},
+        "sampling_seconds_per_image": {"ddim-eta1": {"25": 0.02, "50": 0.04}, "ddpm-eta0": {"50": 0.04}},
     }
     text = quality_tables.markdown([str(tmp_path)], rates, str(tmp_path / "fig"))
-    head = "| budget (min) | ours FID (ddim-50 eta 1) | ours FID (ddim-50 eta 0) | tutorial FID (ddpm-1000) |"
-    assert head + " ours (ddim-50 eta 1) / tutorial |" in text
+    head = "| budget (min) | ours FID (ddpm-50) | ours FID (ddim-50 eta 1) | tutorial FID (ddpm-1000) |"
+    assert head + " ours (ddpm-50) / tutorial |" in text
     assert "| 2 | 14.0 ± 1.0 | - | 31.0 ± 1.0 | 0.45x (separated) |" in text
     assert "| 5 | 11.0 ± 1.0 | 20.5 ± 0.7 (n=2) | 31.0 ± 1.0 | 0.35x (separated) |" in text
     assert "| ddim | 1 | 25 | 0 | 9.00 (n=1) | 0.0100 (n=1) | 0.500 (n=1) | 0.500 (n=1) | 20.0 | 180 |" in text
     assert "Our recipe's 5-minute models at 16 px" in text
-    assert "| ddim | 0 | 50 | 0, 1 | 20.50 ± 0.71 (n=2) | 0.0100 ± 0.0000 (n=2) |" in text
+    assert "| ddim | 1 | 50 | 0, 1 | 20.50 ± 0.71 (n=2) | 0.0100 ± 0.0000 (n=2) |" in text
     assert (
-        "| ddim (the default) | 1 | 50 | 0, 1, 2 | 11.00 ± 1.00 | 0.0100 ± 0.0000 | 0.500 ± 0.000 | 0.500 ± 0.000 "
-        "| - | - |" in text
+        "| ddpm (the default) |  | 50 | 0, 1, 2 | 11.00 ± 1.00 | 0.0100 ± 0.0000 | 0.500 ± 0.000 | 0.500 ± 0.000 "
+        "| 40.0 | 440 |" in text
     )
     assert "ours 2.50, tutorial 12.00" in text
     for name in ("fid_vs_minutes_r16.png", "fid_vs_sampling_seconds.png"):
@@ -283,8 +284,11 @@ def test_tables_from_results(tmp_path):
 def test_result_folders_merge_by_job_and_sampler(tmp_path):
     """A job name scored under the old default sampler in one folder and the new in another: both kept;
     the same job and sampler in a later folder replaces the earlier row."""
-    eta0 = {**DEFAULT_SAMPLER, "eta": 0.0}
-    folders = {"a": [_row(OURS, 0, 2, 20.0, eta0)], "b": [_row(OURS, 0, 2, 12.0)], "c": [_row(OURS, 0, 2, 11.0)]}
+    folders = {
+        "a": [_row(OURS, 0, 2, 20.0, EARLIER_DEFAULT)],
+        "b": [_row(OURS, 0, 2, 12.0)],
+        "c": [_row(OURS, 0, 2, 11.0)],
+    }
     for folder, rows in folders.items():
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -296,7 +300,7 @@ def test_result_folders_merge_by_job_and_sampler(tmp_path):
     # a recipe with no rate at this resolution shows "-" on the rates line, not a KeyError
     rows = quality_tables.collect([str(tmp_path / "a"), str(tmp_path / "b")])
     rows.append(_row("tutorial", 0, 2, 30.0))
-    table = quality_tables.budget_table(rows, 16, [OURS, "tutorial"], {OURS: {"16": 2.5}}, "ddim-50 eta 1")
+    table = quality_tables.budget_table(rows, 16, [OURS, "tutorial"], {OURS: {"16": 2.5}}, "ddpm-50")
     assert "at 16 px: ours 2.50, tutorial -." in table
 
 

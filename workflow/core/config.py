@@ -227,7 +227,7 @@ class Train:
 
 @dataclass(frozen=True)
 class Sample:
-    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddpm"
     num_inference_steps: int = checked(50, positive(10_000))
     # DDIM only (the other samplers ignore it, as diffusers' pipelines do): 0 = deterministic, 1 = DDPM-like noise
     eta: float = checked(1.0, UNIT_CLOSED)
