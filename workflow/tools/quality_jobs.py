@@ -278,15 +278,15 @@ def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None)
         raise SystemExit(f"quality: no trained model for {orphans}: remove its row from {m.out}/{RESULTS} to retrain")
     for job in pending.values():  # an earlier run's failure: this run tries the job again
         m.job_dir(job.name).joinpath(FAILED).unlink(missing_ok=True)
-    workers_ = Workers(m, [j for j in pending.values() if not is_generated(m, j)], workers)
+    processes = Workers(m, [j for j in pending.values() if not is_generated(m, j)], workers)
     # On a CPU the scorer and the workers would share the cores, each process with a full set of threads,
     # and a training job ran up to 20x slower beside a scoring one: there, scoring waits for the workers
     scores_alongside = default_device().type != "cpu"
     failed, out_of_time, told = [], False, False
     try:
         while pending:
-            workers_.step()
-            if scores_alongside or workers_.done:
+            processes.step()
+            if scores_alongside or processes.done:
                 failed += score_ready(m, pending)
             if not told and not weights_ready(m) and any(is_generated(m, j) for j in pending.values()):
                 told = True  # the matrix waits for it (a GPU lease copies it in later), until --deadline
@@ -295,11 +295,11 @@ def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None)
                 out_of_time = True
                 break
             if pending:
-                if workers_.done and not any(is_generated(m, j) for j in pending.values()):
+                if processes.done and not any(is_generated(m, j) for j in pending.values()):
                     break  # nothing left that could still appear
                 time.sleep(1.0)
     finally:
-        workers_.stop()
+        processes.stop()
     failed += score_ready(m, pending)  # what the workers finished before they were stopped
     return {
         "scored": to_do - len(pending) - len(failed),  # by this run
@@ -336,24 +336,24 @@ class Workers:
 
     def reap(self) -> None:
         for name, (process, job) in list(self.running.items()):
-            if process.pid is not None and process.is_alive():
+            if process.pid is None:  # interrupted before it started
+                del self.running[name]
                 continue
-            if process.pid is not None:
-                process.join()
-                folder = self.m.job_dir(name)
-                if not is_generated(self.m, job) and not (folder / FAILED).is_file():
-                    folder.mkdir(parents=True, exist_ok=True)  # it may have died before making it
-                    (folder / FAILED).write_text(ended_early(name, process.exitcode, folder / "log.txt"))
+            if process.is_alive():
+                continue
+            process.join()
+            folder = self.m.job_dir(name)
+            if not is_generated(self.m, job) and not (folder / FAILED).is_file():
+                folder.mkdir(parents=True, exist_ok=True)  # it may have died before making it
+                (folder / FAILED).write_text(ended_early(name, process.exitcode, folder / "log.txt"))
             del self.running[name]
 
     def stop(self) -> None:
-        self.reap()  # one that died meanwhile is a failure, not an unfinished job
+        self.reap()  # one that died meanwhile is a failure, not an unfinished job; what is left has started
         for process, _ in self.running.values():
-            if process.pid is not None:
-                process.terminate()
+            process.terminate()
         for process, _ in self.running.values():
-            if process.pid is not None:
-                process.join()
+            process.join()
         self.running.clear()
         self.queue.clear()
 
