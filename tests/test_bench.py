@@ -13,8 +13,7 @@ from workflow.core.config import ConfigError, params_from_dict
 from workflow.models.builders import build_unet
 from workflow.tools import bench, bench_common, bench_train
 
-PEER = ROOT.parent / "shared" / "peers" / "tutorial_loop.py"
-needs_peer = pytest.mark.skipif(not PEER.is_file(), reason=f"the tutorial loop {PEER} is not beside this clone")
+PEER = ROOT / "bench" / "peers" / "tutorial_loop.py"
 TINY_RUN = {"resolution": 8, "batch_size": 4, "steps": 2, "warmup": 1, "matmul_size": 256}
 
 
@@ -93,7 +92,6 @@ def test_matmul_rate_is_measured():
     assert finite_positive(rate) and dtype == "float32"
 
 
-@needs_peer
 def test_both_loops_side_by_side():
     r = bench_train.bench_train(params_from_dict({}), channels=(32, 64), peer_path=PEER, **TINY_RUN)
     ours, theirs = r["ours_images_per_second"], r["peer_images_per_second"]
@@ -104,7 +102,6 @@ def test_both_loops_side_by_side():
     assert f"ours / tutorial: {r['ratio']:.2f}x" in table and "tutorial loop (peer)" in table
 
 
-@needs_peer
 def test_a_model_the_peer_cannot_build_is_a_clear_error():
     peer = bench_train.load_peer(PEER)
     params = bench_common.bench_params(params_from_dict({}), 8, 4, (16, 32), 3, "cpu")

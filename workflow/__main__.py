@@ -6,7 +6,7 @@ Tools beside them: bench (train | sample | fid throughput), compare (DVC experim
 preset (a configs/*.yaml preset checked and printed as `dvc exp run -S` arguments),
 pull (`dvc pull` with every object checked against its md5; a corrupt one is named, never checked out),
 quality (recipes' FID against training compute, over seeds: docs/QUALITY.md).
-Training on several GPUs: accelerate launch -m workflow train
+Training on several GPUs: set train.num_processes; `python -m workflow train` launches the ranks itself.
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """python -m workflow bench train | sample | fid | encode  -- the benchmark harness, one command.
 
-    python -m workflow bench train --peer ../shared/peers/tutorial_loop.py ...   # training step vs the tutorial
+    python -m workflow bench train --peer bench/peers/tutorial_loop.py ...   # training step vs the tutorial
     python -m workflow bench sample ...                                          # sampler vs DDPMPipeline
     python -m workflow bench fid --num-images 10000 --steps 25                   # sampling + FID end to end
     python -m workflow bench encode --pipeline DIR ...                           # text-to-image: cache vs on the fly

@@ -1,9 +1,9 @@
 """`bench train`: our training step against the tutorial's loop, in one process on one device.
 
     python -m workflow bench train                                   # our loop only; seed UNet, 128 px
-    python -m workflow bench train --peer ../shared/peers/tutorial_loop.py \\
+    python -m workflow bench train --peer bench/peers/tutorial_loop.py \\
         --resolution 32 --batch-size 16 --channels 32 64 64 --steps 20     # the CPU table
-    python -m workflow bench train --peer ../shared/peers/tutorial_loop.py \\
+    python -m workflow bench train --peer bench/peers/tutorial_loop.py \\
         --resolution 128 --batch-size 128 --peer-batch-size 16             # GPU, seed UNet
     python -m workflow bench train ... --json bench.json                   # the numbers as JSON too
     python -m workflow bench train ... --repeats 3 --threads 1       # best of 3, alternating; 1 thread
@@ -17,10 +17,11 @@ at `--channels` and `--resolution`.
   random flip on and one micro-batch, as the tutorial; EMA, torch.compile and the rest as the
   params file says), synthetic uint8 images, `workflow.stages.train.setup` + `train_step` (guarded);
   `--warmup` untimed steps, then `--steps` timed ones between two device synchronisations.
-- the peer: `tutorial_images_per_second` from the file given by `--peer` (imported by path; users
-  have no ../shared), fed the same images as PNG files in a temporary folder. Without `--peer`
-  only our loop is measured and the ratio is n/a. With `--repeats K` the two loops alternate K
-  times and each reports its best run: on a shared machine, interference only ever slows a run.
+- the peer: `tutorial_images_per_second` from the file given by `--peer` (imported by path: the
+  repository ships it as bench/peers/tutorial_loop.py), fed the same images as PNG files in a
+  temporary folder. Without `--peer` only our loop is measured and the ratio is n/a.
+  With `--repeats K` the two loops alternate K times and each reports its best run: on a shared
+  machine, interference only ever slows a run.
 - FLOP per training image: `torch.utils.flop_counter.FlopCounterMode` over one forward and backward
   of our UNet at the batch size, divided by it (matmul, convolution and attention FLOP; counted on
   the meta device, so it costs nothing and does not depend on the device measured).
@@ -118,7 +119,7 @@ def load_peer(path: str | Path):
     """The tutorial's loop, imported from its file (it is not part of this package)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--peer {path}: no such file (it lives in ../shared/peers/tutorial_loop.py)")
+        raise ConfigError(f"--peer {path}: no such file (the repository ships it as bench/peers/tutorial_loop.py)")
     spec = importlib.util.spec_from_file_location("tutorial_loop_peer", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -334,7 +335,7 @@ def format_table(r: dict, command: str) -> str:
 
 def add_parser(sub) -> None:
     train = sub.add_parser("train", help="our training step vs the tutorial's loop")
-    train.add_argument("--peer", help="path to tutorial_loop.py (e.g. ../shared/peers/tutorial_loop.py)")
+    train.add_argument("--peer", help="path to tutorial_loop.py (bench/peers/tutorial_loop.py)")
     train.add_argument("--resolution", type=int, default=128)
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--peer-batch-size", type=int, help="the tutorial loop's batch (default: --batch-size)")
