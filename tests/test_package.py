@@ -100,3 +100,21 @@ def test_a_missing_artifact_names_the_stage_that_makes_it(run):
         untrained = dataclasses.replace(params, paths=dataclasses.replace(params.paths, trained="nowhere"))
         with pytest.raises(ConfigError, match="nowhere holds no trained pipeline: run the train stage first"):
             package(untrained)
+
+
+def test_the_card_says_which_weights_were_published(run):
+    """EMA weights by default; a run trained without EMA (the tutorial's recipe, the LoRA preset) says so."""
+    from workflow.stages.package import run as package
+
+    root, params = run
+    assert params.train.ema and "; EMA weights." in (root / params.paths.pipeline / "README.md").read_text()
+    params = dataclasses.replace(
+        params,
+        train=dataclasses.replace(params.train, ema=False),
+        paths=dataclasses.replace(params.paths, pipeline="models/pipeline-no-ema"),
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        package(params)
+    card = (root / "models/pipeline-no-ema/README.md").read_text()
+    assert "the weights of the last step (no EMA)." in card and "EMA weights" not in card

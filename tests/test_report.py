@@ -155,6 +155,16 @@ def test_images_are_embedded(run_dir):
     assert image.format == "PNG" and image.size == (1150, 440)
 
 
+def test_the_captions_name_the_weights_sampled(run_dir):
+    """EMA weights by default; a run trained without EMA (the tutorial's recipe) is not described as one."""
+    page = _render(run_dir)
+    assert "Final samples (EMA weights)" in page and "Samples from the EMA weights at each checkpoint" in page
+    (run_dir / "params.yaml").write_text(yaml.safe_dump({"seed": 3, "train": {"max_steps": 100, "ema": False}}))
+    page = _render(run_dir)
+    assert "Final samples (weights without EMA)" in page and "Samples from the weights without EMA at each" in page
+    assert "EMA weights" not in page
+
+
 def test_progress_strip_labels_steps_and_thins_long_runs(run_dir):
     page = _render(run_dir)
     assert all(f"<figcaption>step {step}</figcaption>" in page for step in PROGRESS_STEPS)

@@ -272,6 +272,7 @@ def test_the_cached_step_equals_the_step_that_encodes_on_the_fly(text_params):
     encoded = load_encodings(params.paths.latents)
     assert encoded.record["views"] == 2 and encoded.mean.shape == (6, 2, 4, 8, 8) and encoded.text.shape == (8, 16, 32)
     training = setup(params, None, make_accelerator(params), encoded=encoded)
+    assert training.model.training  # from_pretrained leaves eval mode; dropout must act as the reference's
     index = torch.tensor([5, 0, 3, 1])
     noise, timesteps, flip = step_noise(params.seed, 0, (4, 4, 8, 8), 1000, torch.device("cpu"))
     draws = latent_draws(params.seed, 0, (4, 4, 8, 8), torch.device("cpu"))

@@ -1,7 +1,7 @@
-"""The trained pipeline (`paths.trained`): a diffusers DDPMPipeline folder, EMA weights as safetensors,
-with a manifest (size and sha256 of every file) so that a damaged copy is refused, naming the file. A
-class-conditional UNet (its config's num_class_embeds) comes with class_names.json: the name of each
-class index (the last embedding row, "no class", has none).
+"""The trained pipeline (`paths.trained`): a diffusers DDPMPipeline folder, the saved weights (EMA
+unless train.ema is false) as safetensors, with a manifest (size and sha256 of every file) so that a
+damaged copy is refused, naming the file. A class-conditional UNet (its config's num_class_embeds) comes
+with class_names.json: the name of each class index (the last embedding row, "no class", has none).
 
     save_pipeline(unet, noise_scheduler, "models/trained", class_names)   # train
     unet, scheduler_config = load_unet("models/trained", device)         # sample, fid_sweep
@@ -55,7 +55,7 @@ def check_pipeline(path: str | Path) -> None:
 
 
 def load_unet(path: str | Path, device: torch.device):
-    """(UNet with the saved EMA weights, the training noise schedule's config) from a saved DDPMPipeline,
+    """(UNet with the saved weights, the training noise schedule's config) from a saved DDPMPipeline,
     checked first (check_pipeline)."""
     from diffusers import DDPMPipeline
 

@@ -367,7 +367,8 @@ def model_card(
             "## Training\n",
             f"{summary['steps']:,} steps in {summary['seconds']:,.0f} s "
             f"({summary['images_per_second']:,.1f} images/s); "
-            f"final loss {summary['loss_final']:.4g} (mean of the last steps); EMA weights. The params:\n",
+            f"final loss {summary['loss_final']:.4g} (mean of the last steps); "
+            f"{'EMA weights' if params.train.ema else 'the weights of the last step (no EMA)'}. The params:\n",
             f"```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n",
             "## Hardware\n",
             f"{summary['device_name']} ({summary['device']}), {summary['num_processes']} process(es), mixed "

@@ -178,6 +178,11 @@ def _known(value) -> dict:
     return {} if isinstance(value, Missing) else value
 
 
+def weights_shown(params: dict) -> str:
+    """Which weights the samples come from: the EMA's unless the run trained without one."""
+    return "EMA weights" if params.get("train", {}).get("ema", True) else "weights without EMA"
+
+
 def hero_section(inputs: ReportInputs) -> str:
     grid_png = inputs.grid_png
     if isinstance(grid_png, Missing):
@@ -188,7 +193,8 @@ def hero_section(inputs: ReportInputs) -> str:
         full = inputs.params.get("paths", {}).get("grid", "the sample stage's grid")
         shown = f"{scale}&times;" if scale >= 1 else f"{scale:.3g}&times; (full size: <code>{esc(full)}</code>)"
         grid = (
-            f'<figure class="final">{img}<figcaption>Final samples (EMA weights): {width}&times;{height} px, '
+            f'<figure class="final">{img}<figcaption>Final samples ({weights_shown(inputs.params)}): '
+            f"{width}&times;{height} px, "
             f"shown at {shown}</figcaption></figure>"
         )
     return f'<section class="hero">{grid}<div class="keyfigs">{key_figures(inputs)}</div></section>\n'
@@ -252,7 +258,7 @@ def shown_progress(progress: list) -> list:
     return [progress[i] for i in picks]
 
 
-def progress_section(progress: list | Missing) -> str:
+def progress_section(progress: list | Missing, weights: str) -> str:
     title = "Progress over training"
     if isinstance(progress, Missing):
         return section(title, progress.html())
@@ -270,7 +276,7 @@ def progress_section(progress: list | Missing) -> str:
         if len(shown) < len(progress)
         else f"{len(progress)} checkpoint(s)"
     )
-    caption = f'<p class="caption">Samples from the EMA weights at each checkpoint, from the same noise: {note}.</p>'
+    caption = f'<p class="caption">Samples from the {weights} at each checkpoint, from the same noise: {note}.</p>'
     return section(title, f'<div class="strip">{figures}</div>{caption}')
 
 
@@ -528,7 +534,7 @@ def render_report(inputs: ReportInputs, loss_png: bytes) -> str:
     title, subtitle = _title(inputs.params, inputs.meta)
     body = (
         hero_section(inputs)
-        + progress_section(inputs.progress)
+        + progress_section(inputs.progress, weights_shown(inputs.params))
         + training_section(inputs.history, inputs.summary, loss_png)
         + sweeps_section(inputs.sweeps)
         + '<div class="row2">'

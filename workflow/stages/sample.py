@@ -2,9 +2,10 @@
 
     python -m workflow sample [--params params.yaml]
 
-Loads params.paths.trained (EMA weights) and samples fid.num_samples images with sample.sampler
-(ddpm | ddim with sample.eta | dpmsolver++) in sample.num_inference_steps, sample.batch_size at a
-time (workflow.models.sampling: bf16 + channels_last on a GPU, float32 on CPU, optional torch.compile).
+Loads params.paths.trained (the weights train saved: EMA unless train.ema is false) and samples
+fid.num_samples images with sample.sampler (ddpm | ddim with sample.eta | dpmsolver++) in
+sample.num_inference_steps, sample.batch_size at a time (workflow.models.sampling: bf16 + channels_last
+on a GPU, float32 on CPU, optional torch.compile).
 Each batch's PNGs go straight into the output folder (written under a temporary name, renamed to
 params.paths.samples when complete, with samples.json holding the timing), so memory does not grow
 with the number of samples; only the first grid_size^2 images are kept, for params.paths.grid.

@@ -4,18 +4,20 @@
                                   # N > 1 = `accelerate launch` of N (one per GPU; gloo ranks on CPU);
                                   # train.batch_size is the global batch (workflow/core/launch.py)
 
-Reads params.paths.images; writes params.paths.trained (DDPMPipeline.save_pretrained, EMA weights,
-safetensors), params.paths.train_log (loss and lr per step and images/s per log interval, logged
-through dvclive in its layout, see workflow/formats/trainlog.py; summary.json; grids/step-XXXXXXX.png) and
-checkpoints under params.paths.checkpoints, from which a re-run resumes automatically. The main
-process logs during the run into <checkpoints>/<run key>/dvclive/, re-written from the checkpoint's
-history on resume, and the log is copied into train_log at the end, as the grids are.
+Reads params.paths.images; writes params.paths.trained (DDPMPipeline.save_pretrained, the EMA weights
+unless train.ema is false, safetensors), params.paths.train_log (loss and lr per step and images/s per
+log interval, logged through dvclive in its layout, see workflow/formats/trainlog.py; summary.json;
+grids/step-XXXXXXX.png) and checkpoints under params.paths.checkpoints, from which a re-run resumes
+automatically. The main process logs during the run into <checkpoints>/<run key>/dvclive/, re-written
+from the checkpoint's history on resume, and the log is copied into train_log at the end, as the grids
+are.
 
-With train.progress_grids, every checkpoint also gets a 4x4 grid sampled from the EMA weights
-(DDIM, 25 steps) from the noise streams of the sample stage's first 16 images, so the same images
-are seen improving. The grids live beside the checkpoints (<checkpoints>/<run key>/grids/, never
-pruned, so they survive a resume) and are copied into train_log at the end. They use no global
-random state: switching them on or off leaves the weights bitwise unchanged.
+With train.progress_grids, every checkpoint also gets a 4x4 grid sampled from the EMA weights (the
+trained ones where train.ema is false; DDIM, 25 steps) from the noise streams of the sample stage's
+first 16 images, so the same images are seen improving. The grids live beside the checkpoints
+(<checkpoints>/<run key>/grids/, never pruned, so they survive a resume) and are copied into train_log
+at the end. They use no global random state: switching them on or off leaves the weights bitwise
+unchanged.
 
 Every random draw of step s is a function of (seed, s), and the data order of (seed, epoch), so
 training k steps, stopping and resuming gives bitwise the weights of an uninterrupted training.
@@ -209,7 +211,7 @@ def setup(
     torch.manual_seed(params.seed)  # the initial weights (of a LoRA adapter too)
     num_classes = len(class_names) if params.model.class_conditional else 0
     model, noise_scheduler = build_model(params, images, num_classes)
-    model = runtime.layout(model)
+    model = runtime.layout(model.train())  # from_pretrained hands a pretrained UNet over in eval mode
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     optimizer = runtime.adamw(
