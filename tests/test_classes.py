@@ -228,3 +228,24 @@ def test_a_class_without_images_is_named(tiny_params):
 def test_guidance_settings_need_a_conditional_model(key, value):
     with pytest.raises(ConfigError, match=f"`{key}.{next(iter(value))}` applies to class-conditional models"):
         params_from_dict({key: value})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"sample": {"guidance_scale": 2.0}}, r"`sample.guidance_scale` guides with the \"no class\" prediction"),
+        ({"fid": {"guidance_sweep": [1, 3]}}, r"`fid.guidance_sweep` guides with the \"no class\" prediction"),
+    ],
+)
+def test_guidance_needs_label_dropout_to_train_the_unconditional_row(overrides, message):
+    """Dropout 0 never trains the "no class" row: guidance would mix in untrained weights."""
+    with pytest.raises(ConfigError, match=message):
+        params_from_dict({"model": CONDITIONAL, "train": {"label_dropout": 0.0}, **overrides})
+    params_from_dict({"model": CONDITIONAL, "train": {"label_dropout": 0.0}})  # unguided: a plain conditional model
+    params_from_dict({"model": CONDITIONAL, "train": {"label_dropout": 0.1}, **overrides})
+
+
+def test_dropping_every_label_is_refused():
+    with pytest.raises(ConfigError, match="`train.label_dropout` is 1: every label becomes"):
+        params_from_dict({"model": CONDITIONAL, "train": {"label_dropout": 1.0}})
+    params_from_dict({"train": {"label_dropout": 1.0}})  # an unconditional model has no labels to drop

@@ -475,6 +475,8 @@ def _check_cross_field(p: Params, source: str) -> None:
                     f"{source}: `{key}` applies to class-conditional models: set `model.class_conditional: true` "
                     "(a labelled dataset), or leave it at its default"
                 )
+    if p.model.class_conditional:
+        _check_guidance_is_trained(p, source)
     if (p.train.max_steps is None) == (p.train.epochs is None):
         raise ConfigError(f"{source}: set exactly one of `train.max_steps` and `train.epochs` (the other null)")
     shares = p.train.gradient_accumulation_steps * p.train.num_processes
@@ -494,6 +496,27 @@ def _check_cross_field(p: Params, source: str) -> None:
             f"({p.data.folder!r}), the folder dvc and Snakemake track: set `data.folder: "
             f"{p.data.location}` too"
         )
+
+
+def _check_guidance_is_trained(p: Params, source: str) -> None:
+    """Classifier-free guidance mixes the "no class" prediction into every step: label dropout must train
+    that embedding row (and leave the class rows some labels), or guidance mixes in untrained weights."""
+    dropout = p.train.label_dropout
+    if dropout == 1:
+        raise ConfigError(
+            f'{source}: `train.label_dropout` is 1: every label becomes "no class", so the class embeddings '
+            "never train; use a share below 1 (0.1 is the default)"
+        )
+    guided = {
+        "sample.guidance_scale": p.sample.guidance_scale != 1.0,
+        "fid.guidance_sweep": any(w != 1.0 for w in p.fid.guidance_sweep),
+    }
+    for key, is_set in guided.items():
+        if dropout == 0 and is_set:
+            raise ConfigError(
+                f'{source}: `{key}` guides with the "no class" prediction, which `train.label_dropout: 0` '
+                "never trains: set `train.label_dropout` above 0 (0.1 is the default), or guidance 1"
+            )
 
 
 UNGUIDED = "values >= 1: StableDiffusionPipeline guides only above 1, so any value below makes 1's images"
