@@ -1,6 +1,11 @@
 """workflow.models.builders's size check: a UNet over model.max_parameters, or a training micro-batch over
 train.max_activation_gib, is refused from the config alone, before anything is allocated (issue 18)."""
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 import yaml
@@ -124,3 +129,30 @@ def test_the_caps_do_not_change_the_run_key(tmp_path):
     assert checkpoints.run_key(params_from_dict(raw), "0" * 64) != key
     yaml.safe_dump(raw, (tmp_path / "params.yaml").open("w"))
     assert load_params(tmp_path / "params.yaml").model.max_parameters == 10**9
+
+
+def test_editing_the_training_code_changes_the_run_key(tmp_path):
+    """DVC and Snakemake re-run train when its code changes: that run must train afresh, not find the old
+    code's finished checkpoint and "resume" it in zero steps. A file train does not import changes nothing."""
+    copy = tmp_path / "src"
+    shutil.copytree(ROOT / "workflow", copy / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    script = (
+        "from workflow.core.config import params_from_dict\n"
+        "from workflow.formats.checkpoints import run_key\n"
+        "print(run_key(params_from_dict({}), '0' * 64))"
+    )
+
+    def key_of_the_copy() -> str:
+        env = {**os.environ, "PYTHONPATH": str(copy)}
+        run = subprocess.run([sys.executable, "-c", script], cwd=copy, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    same_code = key_of_the_copy()
+    assert same_code == checkpoints.run_key(params_from_dict({}), "0" * 64)
+    report = copy / "workflow/stages/report.py"  # not part of train's code
+    report.write_text(report.read_text() + "# edited\n")
+    assert key_of_the_copy() == same_code
+    diffusion = copy / "workflow/maths/diffusion.py"
+    diffusion.write_text(diffusion.read_text() + "# edited\n")
+    assert key_of_the_copy() != same_code

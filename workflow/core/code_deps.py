@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # workflow/
@@ -56,3 +57,11 @@ def closure(module: str) -> set[str]:
 def stage_code(stage: str) -> list[str]:
     """The files of a stage's code, relative to the project root, sorted."""
     return sorted(module_path(m).relative_to(ROOT).as_posix() for m in closure(f"workflow.stages.{stage}"))
+
+
+def code_sha256(stage: str) -> str:
+    """One hash of the contents of a stage's code files (names included): what DVC and Snakemake see change."""
+    digest = hashlib.sha256()
+    for name in stage_code(stage):
+        digest.update(f"{name}\0".encode() + (ROOT / name).read_bytes() + b"\0")
+    return digest.hexdigest()

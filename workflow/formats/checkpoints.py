@@ -8,8 +8,10 @@ loaded with `weights_only=True` as well; accelerate's own custom-object path unp
 progress.json (step, time, loss history), written last. The folder is built as .step-0000250.tmp
 and renamed into place, so a save cut short is never mistaken for a checkpoint; one whose files no
 longer match its manifest (truncated, corrupted) is skipped with a warning in favour of the one
-before. The run key hashes everything that shapes the weights, so a run only ever resumes its own
-checkpoints: change the learning rate and training starts afresh, beside the old checkpoints.
+before. The run key hashes everything that shapes the weights, the train stage's code included, so a
+run only ever resumes its own checkpoints: change the learning rate, or edit the training code (which
+re-runs train under DVC and Snakemake), and training starts afresh, beside the old checkpoints, instead
+of "resuming" a finished run of other code in zero steps.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from workflow.core.artifacts import disk_full_guard, manifest_damage, read_json, remove, write_json, write_manifest
+from workflow.core.code_deps import code_sha256
 from workflow.core.config import Params
 from workflow.core.faults import maybe_fault
 
@@ -33,9 +36,10 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 
 
 def run_key(params: Params, images_sha256: str, labels_sha256: str | None = None) -> str:
-    """Hash of the data, model, noise schedule, training recipe and seed (not logging cadence, grids, nor the
-    size caps, which only decide whether a run may start). A text-to-image run's data is its encoded set:
-    `images_sha256` is then that of its record, which names the images, captions and pretrained pipeline."""
+    """Hash of the data, model, noise schedule, training recipe, seed and the train stage's code (not
+    logging cadence, grids, nor the size caps, which only decide whether a run may start). A text-to-image
+    run's data is its encoded set: `images_sha256` is then that of its record, which names the images,
+    captions and pretrained pipeline."""
     everything = params.to_dict()
     train = everything["train"]
     for cadence in ("log_every", "checkpoint_every", "checkpoints_total_limit", "progress_grids", "max_activation_gib"):
@@ -55,6 +59,7 @@ def run_key(params: Params, images_sha256: str, labels_sha256: str | None = None
         "model": everything["model"],
         "scheduler": everything["scheduler"],
         "train": train,
+        "code": code_sha256("train"),
     }
     if labels_sha256 is not None:  # class-conditional: the labels shape the weights too
         identity["labels"] = labels_sha256
