@@ -77,6 +77,14 @@ def snakemake_command(dvc_cmd: str) -> str:
     return "{{ " + dvc_cmd + " --params {params.config} 2>&1 1>&3 | tee {log} >&2; }} 3>&1"
 
 
+def test_the_report_declares_every_section_it_shows(both):
+    """The page shows every param, one card per section: each section must re-run it when it changes."""
+    from workflow.core.config import Params
+
+    dvc, _ = both
+    assert dvc["report"]["params"] == set(Params().to_dict())
+
+
 @pytest.mark.parametrize("name", STAGES)
 def test_same_command_deps_outs_params(both, name):
     dvc, smk = both

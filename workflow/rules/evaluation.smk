@@ -79,7 +79,7 @@ rule report:
         report=report(PATHS["report"], caption="../pages/captions/run_report.rst", category="Run report"),
         loss_plot=report(PATHS["loss_plot"], caption="../pages/captions/loss.rst", category="Training"),
     params:
-        values=params_of("seed", "paths", "data", "model", "scheduler", "train", "sample", "fid"),
+        values=params_of("seed", "paths", "data", "model", "scheduler", "train", "sample", "fid", "encode", "cluster"),
         config=PARAMS_FILE,
     log:
         "logs/report.log",
