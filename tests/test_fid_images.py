@@ -65,8 +65,8 @@ def test_folder_fid_equals_cleanfid_compute_fid(digits, extractor, tmp_path):
 
 
 def test_fid_is_zero_against_itself_and_rises_with_noise(digits, extractor):
-    """A ladder: the set itself (~0; sqrtm of the singular 2048 x 2048 covariances is good to ~1e-4 here),
-    then one fixed noise pattern at growing strength: FID strictly increases."""
+    """A ladder: the set itself (~0; the square root of the singular 2048 x 2048 covariances' product is
+    good to ~1e-4 here), then one fixed noise pattern at growing strength: FID strictly increases."""
     clean = digits[:10]
     mu, sigma = fid.statistics(fid.features(clean, extractor, 10, "cpu"))
     scores = [fid.frechet_distance(mu, sigma, mu, sigma)]

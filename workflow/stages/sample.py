@@ -9,8 +9,9 @@ on a GPU, float32 on CPU, optional torch.compile).
 Each batch's PNGs go straight into the output folder (written under a temporary name, renamed to
 params.paths.samples when complete, with samples.json holding the timing), so memory does not grow
 with the number of samples; only the first grid_size^2 images are kept, for params.paths.grid.
-Image i is a function of (seed, i): the samples do not depend on sample.batch_size, a smaller
-set is the start of a larger one, and the grid is the start of the sample set.
+Image i is a function of (seed, i): the samples do not depend on sample.batch_size (bit for bit on
+CPU in float32; on a GPU up to bf16 rounding), a smaller set is the start of a larger one, and the
+grid is the start of the sample set.
 The set is published whole, and a pipeline whose files no longer match the manifest train
 wrote (truncated, altered) is refused, naming the file; weights are read from safetensors only.
 
