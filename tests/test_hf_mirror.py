@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -628,3 +629,39 @@ def test_editing_the_imagefolder_reruns_download_and_preprocess(tmp_path, where)
     assert set(json.loads(dvc(repo, env, "status", "--with-deps", "preprocess", "--json"))) == {"download"}
     out = dvc(repo, env, "repro", "preprocess")
     assert "Running stage 'download'" in out and "Running stage 'preprocess'" in out
+
+
+@pytest.mark.e2e
+def test_editing_the_imagefolder_reruns_download_under_snakemake(tmp_path):
+    """Snakemake sees an image edited in place or added one folder down, as dvc does: the rules list
+    data.folder's files, where a directory input alone is judged by the directory's own mtime."""
+    from tests.helpers import run
+
+    repo = make_repo(
+        tmp_path / "repo",
+        data={"source": "imagefolder:data/images", "folder": "data/images", "channels": 3, "max_images": None},
+    )
+    images = repo / "data/images"
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(png(i))
+    target = "data/processed/meta.json"
+
+    def planned() -> set:
+        done = run(repo, "snakemake", "--cores", "1", "-n", target)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return set(re.findall(r"^(?:local)?rule (\w+):", done.stdout + done.stderr, re.M))
+
+    def build() -> None:
+        done = run(repo, "snakemake", "--cores", "1", target)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    build()
+    assert json.loads((repo / target).read_text())["count"] == 3 and planned() == set()
+    (images / "new").mkdir()
+    (images / "new" / "3.png").write_bytes(png(3))  # a new image, one folder down: the folder's mtime stays
+    assert planned() == {"download", "preprocess"}
+    build()
+    assert json.loads((repo / target).read_text())["count"] == 4 and planned() == set()
+    time.sleep(0.01)  # the edit's mtime is after the last run's outputs
+    (images / "new" / "3.png").write_bytes(png(10))  # an edited image: same name, new content
+    assert planned() == {"download", "preprocess"}

@@ -63,6 +63,15 @@ if not TEXT_TO_IMAGE:  # encode only writes a record saying the run is in pixel 
         encode,
 
 
+def folder_contents(folder):
+    """A tracked input folder and every file under it. Snakemake compares a directory input by its own
+    mtime, which an edited or added file one level down leaves as it was; dvc hashes the contents. With
+    the files listed, an edited file is newer than the output and an added or removed one changes the
+    job's input set: either re-runs the job, as under dvc."""
+    files = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file()) if os.path.isdir(folder) else []
+    return [folder, *files]
+
+
 def params_of(*keys):
     """{dotted key: value} of the params a stage reads; Snakemake re-runs the job when one changes."""
     values = {}

@@ -1,6 +1,6 @@
 rule download:
     input:
-        folder=config["data"]["folder"],  # imagefolder: data (Snakemake re-runs on a newer mtime, dvc on content)
+        folder=folder_contents(config["data"]["folder"]),  # imagefolder: data, file by file (dvc: by content)
         code=stage_code("download"),
     output:
         raw=directory(PATHS["raw"]),
@@ -16,7 +16,7 @@ rule download:
 
 rule download_model:  # text-to-image: the pretrained pipeline's parts; otherwise a record saying there is none
     input:
-        folder=config["model"]["folder"],  # folder: pipelines (Snakemake re-runs on a newer mtime, dvc on content)
+        folder=folder_contents(config["model"]["folder"]),  # folder: pipelines, file by file (dvc: by content)
         code=stage_code("download_model"),
     output:
         base_model=directory(PATHS["base_model"]),
