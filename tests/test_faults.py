@@ -82,6 +82,34 @@ TRAIN_KILLS = {
 }
 
 
+@pytest.mark.parametrize("fault", ["artifact.before_rename=out", "artifact.old_aside=out"])
+def test_a_folder_replaced_by_a_killed_write_is_whole_or_absent_never_half(tmp_path, fault):
+    """Killed while a new folder replaces an old one: the name holds the old folder whole, or nothing
+    (the old one was renamed aside in one step), never a half-deleted mix; the next write cleans up."""
+    script = (
+        "import sys\n"
+        "from workflow.core.artifacts import atomic_dir\n"
+        "with atomic_dir(sys.argv[1]) as work:\n"
+        "    for i in range(50):\n"
+        "        (work / f'{i}.txt').write_text(sys.argv[2])\n"
+    )
+    out = tmp_path / "out"
+
+    def write(text: str, fault: str | None = None) -> int:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)} | ({faults.VARIABLE: fault} if fault else {})
+        return subprocess.run([sys.executable, "-c", script, str(out), text], env=env).returncode
+
+    assert write("old") == 0
+    assert write("new", fault) == -signal.SIGKILL
+    if fault.startswith("artifact.before_rename"):
+        assert sorted(p.read_text() for p in out.iterdir()) == ["old"] * 50
+    else:
+        assert not out.exists()
+    assert write("new") == 0
+    assert sorted(p.read_text() for p in out.iterdir()) == ["new"] * 50
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the killed write's leftovers are gone
+
+
 @pytest.mark.parametrize("fault", TRAIN_KILLS)
 def test_train_killed_resumes_to_the_uninterrupted_weights(train_dir, tmp_path, fault):
     source, straight = train_dir

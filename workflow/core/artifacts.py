@@ -75,7 +75,10 @@ def disk_full_guard(final: str | Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; on success it replaces `final` (file or folder)."""
+    """Yield a temporary path beside `final`; on success it replaces `final` (file or folder). A file
+    replaces a file in one rename; an old folder is first renamed aside whole (deleting it in place could
+    be cut short, leaving half of it under its name), so `final` is only ever the old artifact, nothing,
+    or the new one."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):  # left by a killed earlier write
@@ -86,8 +89,10 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         with disk_full_guard(final):
             yield work
         maybe_fault("artifact.before_rename", final.name)
-        remove(final)
-        os.replace(work, final)
+        if (final.exists() or final.is_symlink()) and (work.is_dir() or final.is_dir()):
+            os.replace(final, tmp / f"{final.name}.replaced")  # deleted with tmp, below
+            maybe_fault("artifact.old_aside", final.name)
+        os.replace(work, final)  # over a file, or a link into the DVC cache: the link, not its target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

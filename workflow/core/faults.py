@@ -8,13 +8,16 @@
 The stages call `maybe_fault(point, at)` at the places where an interruption is most likely to leave
 something half done. When WORKFLOW_FAULT names that point (`point`, or `point=at` for one value of
 `at`, e.g. one step; several separated by commas), the process kills itself with SIGKILL, the signal
-nobody can catch or clean up after: the same as a power cut or the OOM killer, but at an exact step
-rather than after a sleep. Unset (the normal case), a call costs one dictionary lookup.
+nobody can catch or clean up after: the same as the OOM killer, but at an exact step rather than after
+a sleep. (A power cut can also lose what the kernel had not yet written to the disk; the writes are
+not fsynced, so that is the filesystem's journal's to recover.) Unset (the normal case), a call costs
+one dictionary lookup.
 
 Points: train.after_step=<step>, train.checkpoint.mid_save=<step> (accelerate has written the state
 under the temporary name, not renamed yet), train.checkpoint.saved=<step> (renamed, older ones not
 yet pruned), preprocess.after_image=<n decoded>, sample.after_image=<n written>,
-artifact.before_rename=<file or folder name> (every atomic write: complete, not yet in place).
+artifact.before_rename=<file or folder name> (every atomic write: complete, not yet in place),
+artifact.old_aside=<folder name> (the folder it replaces renamed aside, the new one not yet in place).
 tests/test_faults.py kills each stage this way and checks that a re-run loses nothing.
 """
 
