@@ -2,13 +2,18 @@
 warning) for the one before, and resuming from it still gives the uninterrupted weights; a damaged
 pipeline is refused by the sample stage with a message naming the file."""
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from safetensors.numpy import load_file
 
-from tests.helpers import write_images
+from tests.helpers import ROOT, write_images
+from workflow.core import faults
 from workflow.core.config import ConfigError
 from workflow.formats import checkpoints
 from workflow.stages.sample import run as sample
@@ -48,6 +53,7 @@ CHECKPOINT_DAMAGE = [
     ("optimizer.bin", flip_a_byte),
     ("training_state.pt", truncate),
     ("random_states_0.pkl", None),
+    ("manifest.json", truncate),  # the record of the others: unreadable, so nothing is trusted
 ]
 
 
@@ -74,6 +80,21 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(trained):
         assert train(params)["resumed_from_step"] == 0
     resumed = load_file(WEIGHTS)
     assert all((resumed[k] == straight[k]).all() for k in straight)
+
+
+def test_a_checkpoint_just_saved_is_never_pruned_for_a_damaged_later_one(trained):
+    """Resumed from scratch past damaged checkpoints at 8 and 12 (limit 2), the run's step-4 checkpoint
+    must survive its own pruning: a kill after step 6 resumes from it, not from nothing."""
+    params, _, restore = trained
+    restore()
+    (run_dir,) = Path(params.paths.checkpoints).iterdir()
+    for step in ("step-0000008", "step-0000012"):
+        truncate(run_dir / step / "model.safetensors")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), faults.VARIABLE: "train.after_step=6"}
+    killed = subprocess.run([sys.executable, "-m", "workflow", "train"], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [step for step, _ in checkpoints.complete_checkpoints(run_dir)] == [4]
+    assert checkpoints.latest_checkpoint(run_dir).name == "step-0000004"
 
 
 PIPELINE_DAMAGE = [

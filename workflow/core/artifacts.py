@@ -153,12 +153,16 @@ def manifest_damage(folder: str | Path) -> str | None:
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         return f"no {MANIFEST}"
-    for name, expected in read_json(folder / MANIFEST).items():
-        path = folder / name
+    try:
+        manifest = read_json(folder / MANIFEST)
+        entries = [(folder / name, int(e["size"]), str(e["sha256"])) for name, e in manifest.items()]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
+        return f"{folder / MANIFEST} is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+    for path, size, sha256 in entries:
         if not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != expected["size"]:
-            return f"{path} is {path.stat().st_size} bytes, {expected['size']} were written"
-        if sha256_file(path) != expected["sha256"]:
+        if path.stat().st_size != size:
+            return f"{path} is {path.stat().st_size} bytes, {size} were written"
+        if sha256_file(path) != sha256:
             return f"{path} does not match the sha256 it was written with"
     return None

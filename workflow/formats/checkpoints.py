@@ -117,7 +117,15 @@ def save_checkpoint(accelerator, run_dir: Path, progress: dict, limit: int, stat
         remove(final)
         os.replace(tmp, final)
         maybe_fault("train.checkpoint.saved", progress["step"])
-        for _, old in complete_checkpoints(run_dir)[:-limit]:
+        # A later step's checkpoint can only be one resume skipped as damaged: left, it would count towards
+        # `limit` and have the checkpoint just written pruned
+        kept = []
+        for step, folder in complete_checkpoints(run_dir):
+            if step > progress["step"]:
+                remove(folder)
+            else:
+                kept.append(folder)
+        for old in kept[:-limit]:
             remove(old)
     accelerator.wait_for_everyone()
     return final
