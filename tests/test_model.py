@@ -73,6 +73,9 @@ def test_a_micro_batch_over_the_activation_cap_is_refused_naming_its_keys():
         assert words in str(error.value)
     raw["train"]["gradient_accumulation_steps"] = 8  # the memory knob: 128 images per micro-batch
     assert 0 < check_size(params_from_dict(raw))["activation_gib"] < 256
+    accumulated = check_size(params_from_dict(raw))["activation_gib"]
+    raw["train"].update(gradient_accumulation_steps=1, num_processes=8)  # or eight devices, 128 images each
+    assert check_size(params_from_dict(raw))["activation_gib"] == accumulated
 
 
 def saved_by_a_real_forward_pass(unet, batch: int, bf16: bool = False) -> int:

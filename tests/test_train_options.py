@@ -65,6 +65,8 @@ def test_epochs_count_optimiser_steps(tiny_params):
     info = train(params)
     assert info["steps"] == 6
     assert train_history(params)["step"].tolist() == list(range(1, 7))
+    # exact arithmetic: 1.1 epochs of 100 images at batch 10 is 11 steps (in floats, 11.000000000000002 -> 12)
+    assert total_steps(tiny_params(train={"max_steps": None, "epochs": 1.1, "batch_size": 10}), 100) == 11
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])

@@ -140,14 +140,15 @@ def check_size(params: Params, num_classes: int = 0, latent: dict | None = None)
             f"{what} has {count:,} parameters, over `model.max_parameters` ({m.max_parameters:,}): "
             f"{'choose a smaller one' if latent else 'make it smaller'}, or raise the cap"
         )
-    micro_batch = t.batch_size // t.gradient_accumulation_steps
+    micro_batch = t.batch_size // (t.gradient_accumulation_steps * t.num_processes)  # what one device holds
     shape = tuple(latent["latent_shape"]) if latent else None
     context = tuple(latent["text_shape"]) if latent else None
     gib = activation_bytes(unet, micro_batch, shape, context) / GIB
     if gib > t.max_activation_gib:
         raise ConfigError(
             f"one training micro-batch of {micro_batch} images (`train.batch_size` / "
-            f"`train.gradient_accumulation_steps`) at `data.resolution` {data.resolution} keeps about "
+            f"(`train.gradient_accumulation_steps` x `train.num_processes`)) at `data.resolution` {data.resolution} "
+            "keeps about "
             f"{gib:,.0f} GiB of activations for the backward pass on {what}, over "
             f"`train.max_activation_gib` ({t.max_activation_gib:,}): raise "
             f"`train.gradient_accumulation_steps`, lower `train.batch_size`, or raise the cap"

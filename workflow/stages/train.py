@@ -42,6 +42,7 @@ import math
 import shutil
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,8 @@ def total_steps(params: Params, num_images: int) -> int:
     """`train.max_steps`, or `train.epochs` passes over the data in optimiser steps."""
     if params.train.max_steps is not None:
         return params.train.max_steps
-    steps = math.ceil(params.train.epochs * num_images / params.train.batch_size)
+    # exact: in floats 1.1 x 100 / 10 is 11.000000000000002, one step too many
+    steps = math.ceil(Fraction(str(params.train.epochs)) * num_images / params.train.batch_size)
     if steps > STEPS:
         raise ConfigError(
             f"`train.epochs` ({params.train.epochs}) over {num_images:,} images at `train.batch_size` "
@@ -351,7 +353,8 @@ def optimizer_step(training: Training) -> None:
     weights = trainable_parameters(training.eager_model)
     training.accelerator.clip_grad_norm_(weights, training.params.train.max_grad_norm)
     training.optimizer.step()
-    training.lr_scheduler.step()
+    if not training.accelerator.optimizer_step_was_skipped:  # fp16's GradScaler skips a step that overflowed
+        training.lr_scheduler.step()
     training.optimizer.zero_grad(set_to_none=True)
     if training.ema is not None:
         training.ema.step(weights)
