@@ -309,10 +309,18 @@ class StallingProxy:
     With `private=(repo_id, token)`, it checks credentials as the Hub does for a private repository
     (olah, offline, checks none): a request for that dataset without `Authorization: Bearer <token>`
     gets 401 and `X-Error-Code: RepoNotFound`. `authorized` says, per request, whether it carried the
-    token (the token itself is kept in memory only)."""
+    token (the token itself is kept in memory only). With `fail=(text, n)`, the n-th request whose path
+    contains `text` gets a 500."""
 
-    def __init__(self, upstream_port: int, stall: str | None = None, private: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        upstream_port: int,
+        stall: str | None = None,
+        private: tuple[str, str] | None = None,
+        fail: tuple[str, int] | None = None,
+    ):
         self.upstream_port, self.stall = upstream_port, stall
+        self.fail, self.fail_count = fail, 0
         self.private, self.token = private or (None, None)
         self.stalled = threading.Event()
         self.released = threading.Event()
@@ -346,6 +354,10 @@ class StallingProxy:
         self.authorized.append(handler.headers.get("Authorization") == f"Bearer {self.token}")
         if self.private and f"datasets/{self.private}/" in handler.path and not self.authorized[-1]:
             return self.refuse(handler, method)
+        if self.fail and self.fail[0] in handler.path:
+            self.fail_count += 1
+            if self.fail_count == self.fail[1]:
+                return self.server_error(handler, method)
         upstream = HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection")}
         upstream.request(method, handler.path, headers=headers)
@@ -382,6 +394,17 @@ class StallingProxy:
         handler.send_response(401)
         handler.send_header("X-Error-Code", "RepoNotFound")
         handler.send_header("X-Error-Message", "Repository not found")
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if method != "HEAD":
+            handler.wfile.write(body)
+
+    @staticmethod
+    def server_error(handler: BaseHTTPRequestHandler, method: str) -> None:
+        """A 500, as a Hub or mirror having a bad moment answers."""
+        body = b'{"error":"Internal Error"}'
+        handler.send_response(500)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()

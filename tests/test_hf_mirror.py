@@ -343,6 +343,26 @@ def test_pinning_by_sha_after_main_moves(mirror, tmp_path):
     assert mirror.file_gets(mark, "org/moving") == []  # main re-resolved, nothing fetched again
 
 
+def test_a_failed_request_never_passes_off_the_cached_commit_of_main_as_current(mirror, tmp_path):
+    """huggingface_hub's snapshot_download answers a failed listing request from the cache's record of
+    `main`: after main moved, that is the old commit. The stage checks it against the commit main names
+    now, and retries."""
+    repo = Dataset.create(mirror, "org/flaky-main", parquet_files(3))
+    hf_home = tmp_path / "hf"
+    done, old = download(tmp_path / "w", hf_env(mirror, hf_home), source="hf:org/flaky-main")
+    ok(done)
+    second = repo.commit(parquet_files(5, seed=10), "more images")  # main moves
+    # 1st request for main: the stage's own check (answered); 2nd: snapshot_download's (a 500)
+    proxy = StallingProxy(mirror.port, fail=("/api/datasets/org/flaky-main/revision/main", 2))
+    try:
+        done, latest = download(tmp_path / "w", hf_env(proxy, hf_home), source="hf:org/flaky-main")
+    finally:
+        proxy.close()
+    ok(done)
+    assert old["sha"] != second and latest["sha"] == second and latest["count"] == 5
+    assert "from the cache; retrying in 1 s (2/3)" in done.stderr, done.stderr[-3000:]
+
+
 # --- interruption and resume -------------------------------------------------------------------------
 
 

@@ -170,6 +170,10 @@ def from_cache(repo: HubRepo, revision: str, select: Select) -> tuple[str, Path,
         return None
 
 
+class StaleSnapshot(Exception):
+    """snapshot_download answered from the cache's older record of a branch: its own request failed."""
+
+
 def download(repo: HubRepo, revision: str, env: HubEnv, select: Select) -> tuple[str, Path, Any]:
     """Resolve and download, retrying network errors with backoff; Unreachable if every try failed."""
     api = HfApi(endpoint=env.endpoint)
@@ -181,9 +185,12 @@ def download(repo: HubRepo, revision: str, env: HubEnv, select: Select) -> tuple
             time.sleep(wait)
         try:
             # first: snapshot_download itself would fall back to the cache without a word
-            check_revision(api, repo, revision, env)
-            return fetch(repo, revision, select, env)  # by name: the cache records what `main` is
-        except TRANSIENT as exc:
+            sha = check_revision(api, repo, revision, env)
+            fetched = fetch(repo, revision, select, env)  # by name: the cache records what `main` is
+            if fetched[0] != sha:  # and where its own request fails, it answers from that record, silently
+                raise StaleSnapshot(f"{revision!r} is at {sha} but the download answered {fetched[0]} from the cache")
+            return fetched
+        except (*TRANSIENT, StaleSnapshot) as exc:
             last = describe(exc, env)
         except HfHubHTTPError as exc:
             if not transient_status(exc):
