@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +123,12 @@ def test_a_bad_slot_count_is_named(tmp_path, monkeypatch, bad):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ConfigError, match=f"WORKFLOW_SLOTS={bad!r}"), device_slot("test"):
         pass
+
+
+def test_the_slots_are_shared_whatever_each_job_s_tmpdir(monkeypatch, tmp_path):
+    """A scheduler may give every job its own TMPDIR: the default folder is /tmp's, the same for all."""
+    from workflow.core.slots import SLOT_DIR_ENV, slot_dir
+
+    monkeypatch.delenv(SLOT_DIR_ENV, raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert slot_dir() == Path(f"/tmp/workflow-slots-{os.getuid()}")

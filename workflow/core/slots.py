@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,8 @@ class Slot:
 
 
 def slot_dir() -> Path:
-    return Path(os.environ.get(SLOT_DIR_ENV) or Path(tempfile.gettempdir()) / f"workflow-slots-{os.getuid()}")
+    # /tmp itself, not $TMPDIR: a scheduler may give each job its own TMPDIR, and the slots must be shared
+    return Path(os.environ.get(SLOT_DIR_ENV) or f"/tmp/workflow-slots-{os.getuid()}")
 
 
 def gpu_count() -> int:
