@@ -96,6 +96,16 @@ def test_corrupt_and_fake_files_are_skipped_with_a_reason(tmp_path):
     assert "UnidentifiedImageError" in skipped[0]["reason"] and "truncated" in skipped[1]["reason"]
 
 
+def test_a_file_the_storage_cannot_read_stops_preprocess_naming_it(tmp_path):
+    """A read error (it has an errno; PIL's decode errors have none) is not a bad image: skipping it
+    would shrink the dataset without a word."""
+    good = save(Image.new("RGB", (8, 8), RED), tmp_path / "good.png")
+    unreadable = tmp_path / "unreadable.png"
+    unreadable.mkdir()  # reading it fails as a storage error does: IsADirectoryError, errno EISDIR
+    with pytest.raises(ConfigError, match=r"unreadable.png: cannot read it \(IsADirectoryError.*a storage error"):
+        preprocess.preprocess_images([good, unreadable], 8, 3, True)
+
+
 def test_list_images_is_sorted_recursive_and_by_extension(tmp_path):
     for name in ["b.PNG", "a/z.jpeg", "a/y.txt", "c.webp", "a.bmp", "README"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,11 @@ def preprocess_images(files, resolution: int, channels: int, center_crop: bool) 
         try:
             out[count] = load_image(path, resolution, channels, center_crop)
         except DECODE_ERRORS as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:  # the storage failed, not the image (PIL's
+                raise ConfigError(  # decode errors carry no errno): skipping would silently shrink the dataset
+                    f"{path}: cannot read it ({type(exc).__name__}: {exc}); a storage error, not a bad image: "
+                    "fix access to the file and re-run"
+                ) from exc
             skipped.append({"file": str(path), "reason": f"{type(exc).__name__}: {exc}"})
             continue
         count += 1
