@@ -75,6 +75,27 @@ def test_default_selection_shows_a_repeated_run_once():
     assert [r["name"] for r in compare.select(compare.exp_show_rows(shown), ["rerun"])] == ["rerun"]
 
 
+def test_queued_running_and_failed_experiments_are_never_shown_with_the_baselines_results():
+    """dvc lists them with their params and the baseline commit's outputs: showing them would credit an
+    experiment that never ran with the baseline's FID."""
+    baseline = _data(_params(), {"fid": 80.0})
+    unfinished = [
+        {"revs": [_rev("queued-lr", "e" * 40, _params(lr=0.01), {"fid": 80.0})], "executor": {"state": "queued"}},
+        {"revs": [_rev("running-lr", "f" * 40, _params(lr=0.02), {"fid": 80.0})], "executor": {"state": "running"}},
+        {"revs": [dict(_rev("failed-lr", "9" * 40, _params(lr=0.03), None), error={"msg": "train failed"})]},
+    ]
+    shown = [SHOWN[0], dict(SHOWN[1], data=baseline, experiments=[*SHOWN[1]["experiments"], *unfinished])]
+    rows = compare.exp_show_rows(shown)
+    assert [(r["name"], r["state"]) for r in rows if r["kind"] == "unfinished"] == [
+        ("queued-lr", "queued"),
+        ("running-lr", "running"),
+        ("failed-lr", "failed"),
+    ]
+    assert [r["name"] for r in compare.select(rows, [])] == ["main", "steps-8", "lr-1e-3"]
+    with pytest.raises(ConfigError, match="experiment 'queued-lr' is queued: it has no results of its own"):
+        compare.select(rows, ["queued-lr"])
+
+
 def test_named_selection_by_name_or_rev_prefix():
     rows = compare.exp_show_rows(SHOWN)
     assert [r["name"] for r in compare.select(rows, ["cccc", "steps-8"])] == ["lr-1e-3", "steps-8"]

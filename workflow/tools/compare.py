@@ -111,7 +111,10 @@ def exp_show(root: Path) -> list:
 
 
 def exp_show_rows(shown: list) -> list:
-    """[{name, rev, data, kind}] for the workspace, the baseline commit and its experiments, in dvc's order."""
+    """[{name, rev, data, kind}] for the workspace, the baseline commit and its experiments, in dvc's order.
+    An experiment still queued or running, or one that failed, is of kind "unfinished" with its `state`:
+    dvc lists it with its new params but reads its outputs at the baseline, so its metrics, grid and
+    curves would be the baseline's."""
     rows = []
     for entry in shown:
         if entry["rev"] == "workspace":
@@ -126,13 +129,16 @@ def exp_show_rows(shown: list) -> list:
             }
         )
         for experiment in entry.get("experiments") or []:
+            state = (experiment.get("executor") or {}).get("state") or "success"
             for rev in experiment.get("revs") or []:
+                done = state == "success" and not rev.get("error")
                 rows.append(
                     {
-                        "name": rev.get("name") or rev["rev"][:7],
+                        "name": rev.get("name") or experiment.get("name") or rev["rev"][:7],
                         "rev": rev["rev"],
                         "data": rev.get("data") or {},
-                        "kind": "experiment",
+                        "kind": "experiment" if done else "unfinished",
+                        "state": "failed" if rev.get("error") else state,
                     }
                 )
     return rows
@@ -157,7 +163,14 @@ def select(rows: list, wanted: list) -> list:
     A run whose params and metrics equal an earlier one's (`make run` twice on one commit records the
     same cached results twice) is shown once, under the name dvc lists first."""
     if wanted:
-        return [_find(rows, name) for name in wanted]
+        found = [_find(rows, name) for name in wanted]
+        for row in found:
+            if row["kind"] == "unfinished":
+                raise ConfigError(
+                    f"experiment {row['name']!r} is {row['state']}: it has no results of its own to compare "
+                    "(`dvc queue status`, `dvc queue logs <name>`)"
+                )
+        return found
     chosen = []
     for row in rows:
         recorded = row["kind"] == "experiment" or (row["kind"] == "commit" and row_metrics(row))
@@ -231,7 +244,11 @@ def _read(fs, path: str, problems: list, fetch: str) -> bytes | None:
 def collect(root: Path, wanted: list) -> list:
     if not (root / ".dvc").is_dir():
         raise ConfigError(f"{root}: not the root of a DVC project (no .dvc/); run `python -m workflow compare` there")
-    rows = select(exp_show_rows(exp_show(root)), wanted)
+    every = exp_show_rows(exp_show(root))
+    rows = select(every, wanted)
+    unfinished = [f"{r['name']} ({r['state']})" for r in every if r["kind"] == "unfinished"]
+    if unfinished and not wanted:
+        print(f"compare: not shown, no results of their own yet: {', '.join(unfinished)}", file=sys.stderr)
     if not rows:
         raise ConfigError("no experiments with results in `dvc exp show`: run `make run` or `dvc exp run` first")
     return [load_experiment(root, row) for row in rows]
