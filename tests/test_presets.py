@@ -259,3 +259,20 @@ def test_a_preset_mistake_names_the_key_and_the_preset_file(tmp_path, capsys, te
     assert main(["preset", str(preset)]) == 1
     out = capsys.readouterr()
     assert out.out == "" and str(preset) in out.err and words[0] in out.err
+
+
+def test_a_non_ascii_value_survives_dvc_and_one_dvc_would_change_is_refused(tmp_path):
+    """dvc's -S parser keeps `\\u` escapes as text: values go as themselves, and are read back first."""
+    from dvc.utils.hydra import apply_overrides
+
+    preset = tmp_path / "photos.yaml"
+    preset.write_text("data:\n  source: imagefolder:data/naïve — photos\n  folder: data/naïve — photos\n")
+    args = dvc_set_args(load_preset(preset))
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    apply_overrides(str(params), args[1::2])
+    assert load_params(params).data.folder == "data/naïve — photos"
+
+    preset.write_text("data:\n  source: 'imagefolder:C:\\x'\n  folder: 'C:\\x'\n")
+    with pytest.raises(ConfigError, match=r"photos.yaml: `data.source` .* does not survive `dvc exp run -S`"):
+        dvc_set_args(load_preset(preset), str(preset))

@@ -19,16 +19,33 @@ import argparse
 import json
 import shlex
 
-from workflow.core.config import dotted_keys, load_preset
+from workflow.core.config import ConfigError, dotted_keys, load_preset
 
 
-def dvc_set_args(preset: dict) -> list[str]:
-    """`dvc exp run` arguments that set each of the preset's keys: ["-S", "train.epochs=50", ...]."""
-    return [arg for key, value in dotted_keys(preset).items() for arg in ("-S", f"{key}={json.dumps(value)}")]
+def dvc_set_args(preset: dict, source: str = "the preset") -> list[str]:
+    """`dvc exp run` arguments that set each of the preset's keys: ["-S", "train.epochs=50", ...]. Each is
+    read back with the parser dvc's -S uses (hydra's): a value it would read otherwise (a backslash, a
+    mapping inside a list, infinity) is a ConfigError naming the key, not a different experiment."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, args = OverridesParser.create(), []
+    for key, value in dotted_keys(preset).items():
+        arg = f"{key}={json.dumps(value, ensure_ascii=False)}"  # non-ASCII as itself: hydra keeps \u escapes
+        try:
+            read = parser.parse_overrides([arg])[0].value()
+        except Exception as exc:  # hydra's OverrideParseException, among others
+            read = exc
+        if read != value:
+            raise ConfigError(
+                f"{source}: `{key}` ({value!r}) does not survive `dvc exp run -S` (it reads {read!r}): run this "
+                "preset with `snakemake --configfile`, or set the value in params.yaml"
+            )
+        args += ["-S", arg]
+    return args
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workflow preset", description=__doc__.splitlines()[0])
     parser.add_argument("file", help="the preset, e.g. configs/tutorial-butterflies-128.yaml")
     args = parser.parse_args(argv)
-    print(shlex.join(dvc_set_args(load_preset(args.file))))
+    print(shlex.join(dvc_set_args(load_preset(args.file), args.file)))
