@@ -36,7 +36,9 @@ ifdef CONFIG
 	overrides="$$(python -m workflow preset '$(CONFIG)')" && eval "dvc exp run --temp $$overrides"
 	@echo "compare runs: dvc exp show, make compare   its outputs and params in the workspace: dvc exp apply NAME"
 else
-	if git rev-parse --verify --quiet HEAD >/dev/null 2>&1; then dvc exp run; else dvc repro; fi
+	# outside a git work tree (an unpacked archive) dvc needs core.no_scm, kept in .dvc/config.local
+	if git rev-parse --verify --quiet HEAD >/dev/null 2>&1; then dvc exp run; else \
+		git rev-parse --is-inside-work-tree >/dev/null 2>&1 || dvc config --local core.no_scm true; dvc repro; fi
 	@echo "report: reports/index.html   metrics: reports/metrics.json   compare runs: make compare"
 endif
 

@@ -278,6 +278,14 @@ def test_outputs_a_recorded_run_made_but_this_workspace_lacks_say_dvc_pull(run_d
     assert f"{FID:.2f}" in page
 
 
+def test_a_dvc_project_outside_git_still_gets_its_page(run_dir):
+    """An unpacked archive: .dvc/ without git and without core.no_scm, where DVC refuses to open the
+    project (SCMError). The page renders, as with no DVC project at all."""
+    shutil.copytree(ROOT / ".dvc", run_dir / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
+    assert report.absent_outputs() == []
+    assert f"{FID:.2f}" in _render(run_dir)
+
+
 def test_progress_grids_absent_is_missing(run_dir):
     shutil.rmtree(run_dir / "reports/train/grids")
     page = _render(run_dir)

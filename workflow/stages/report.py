@@ -154,10 +154,11 @@ def absent_outputs() -> list[Path]:
     """The cached outputs that the DVC project here records (dvc.lock) but the workspace lacks."""
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
+    from dvc.scm import SCMError
 
     try:
         repo = Repo(".")
-    except NotDvcRepoError:
+    except (NotDvcRepoError, SCMError):  # no DVC project, or one outside git without core.no_scm
         return []
     with repo:
         return [Path(out.def_path) for out in repo.index.outs if out.use_cache and out.hash_info and not out.exists]
