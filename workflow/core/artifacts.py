@@ -156,7 +156,7 @@ def manifest_damage(folder: str | Path) -> str | None:
     try:
         manifest = read_json(folder / MANIFEST)
         entries = [(folder / name, int(e["size"]), str(e["sha256"])) for name, e in manifest.items()]
-    except (OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
+    except (ValueError, AttributeError, KeyError, TypeError) as exc:  # damaged content; a storage error raises
         return f"{folder / MANIFEST} is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
     for path, size, sha256 in entries:
         if not path.is_file():

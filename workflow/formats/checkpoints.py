@@ -121,7 +121,7 @@ def save_checkpoint(accelerator, run_dir: Path, progress: dict, limit: int, stat
         # `limit` and have the checkpoint just written pruned
         kept = []
         for step, folder in complete_checkpoints(run_dir):
-            if step > progress["step"]:
+            if step > progress["step"] and manifest_damage(folder) is not None:  # checked again: never a good one
                 remove(folder)
             else:
                 kept.append(folder)

@@ -151,7 +151,8 @@ def check_size(params: Params, num_classes: int = 0, latent: dict | None = None)
             "keeps about "
             f"{gib:,.0f} GiB of activations for the backward pass on {what}, over "
             f"`train.max_activation_gib` ({t.max_activation_gib:,}): raise "
-            f"`train.gradient_accumulation_steps`, lower `train.batch_size`, or raise the cap"
+            "`train.gradient_accumulation_steps` (or `train.num_processes`), lower `train.batch_size`, "
+            "or raise the cap"
         )
     return {"parameters": count, "activation_gib": gib}
 

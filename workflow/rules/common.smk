@@ -63,13 +63,16 @@ if not TEXT_TO_IMAGE:  # encode only writes a record saying the run is in pixel 
         encode,
 
 
-def folder_contents(folder):
+def folder_contents(folder, read):
     """A tracked input folder and every file under it. Snakemake compares a directory input by its own
     mtime, which an edited or added file one level down leaves as it was; dvc hashes the contents. With
     the files listed, an edited file is newer than the output and an added or removed one changes the
-    job's input set: either re-runs the job, as under dvc."""
+    job's input set: either re-runs the job, as under dvc. Only where the source `read`s the folder:
+    otherwise its files are not the job's input, and a large folder need not be walked."""
+    if not read:
+        return [folder]
     files = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file()) if os.path.isdir(folder) else []
-    return [folder, *files]
+    return [folder, *(f.replace("{", "{{").replace("}", "}}") for f in files)]  # braces are wildcards to Snakemake
 
 
 def params_of(*keys):

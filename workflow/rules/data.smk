@@ -1,6 +1,6 @@
 rule download:
-    input:
-        folder=folder_contents(config["data"]["folder"]),  # imagefolder: data, file by file (dvc: by content)
+    input:  # data.folder: with an imagefolder: source, file by file (dvc: by content)
+        folder=folder_contents(config["data"]["folder"], config["data"]["source"].startswith("imagefolder:")),
         code=stage_code("download"),
     output:
         raw=directory(PATHS["raw"]),
@@ -15,8 +15,8 @@ rule download:
 
 
 rule download_model:  # text-to-image: the pretrained pipeline's parts; otherwise a record saying there is none
-    input:
-        folder=folder_contents(config["model"]["folder"]),  # folder: pipelines, file by file (dvc: by content)
+    input:  # model.folder: with a folder: pipeline, file by file (dvc: by content)
+        folder=folder_contents(config["model"]["folder"], str(config["model"]["pretrained"]).startswith("folder:")),
         code=stage_code("download_model"),
     output:
         base_model=directory(PATHS["base_model"]),

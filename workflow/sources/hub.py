@@ -146,14 +146,23 @@ def snapshot(repo: HubRepo, revision: str, env: HubEnv, select: Select) -> tuple
     return cached
 
 
-def fetch(repo: HubRepo, revision: str, select: Select, env: HubEnv | None) -> tuple[str, Path, Any]:
+class StaleSnapshot(Exception):
+    """snapshot_download answered from the cache's older record of a branch: its own request failed."""
+
+
+def fetch(
+    repo: HubRepo, revision: str, select: Select, env: HubEnv | None, expect: str | None = None
+) -> tuple[str, Path, Any]:
     """The card files and the commit's listing, then `select`'s files: from `env.endpoint`, or with env
-    None from the cache alone (huggingface_hub's `local_files_only`, which checks the cached listing)."""
+    None from the cache alone (huggingface_hub's `local_files_only`, which checks the cached listing).
+    With `expect`, the commit `revision` resolved to must be that one, before any data file is fetched."""
     where = {"endpoint": env.endpoint} if env else {"local_files_only": True}
     kind = {"repo_type": repo.repo_type}
     cards = list(repo.card_files)
     folder = Path(snapshot_download(repo.repo_id, revision=revision, allow_patterns=cards, **kind, **where))
     sha = folder.name
+    if expect is not None and sha != expect:  # answered from the cache's older record of the branch
+        raise StaleSnapshot(f"{revision!r} is at {expect} but the download answered {sha} from the cache")
     listing = {f.path: f.size for f in get_cached_repo_tree(repo.repo_id, revision=sha, **kind)}
     chosen = select(folder, listing)
     # exact paths, not patterns: a `[` or `*` in a file name matches only itself
@@ -170,10 +179,6 @@ def from_cache(repo: HubRepo, revision: str, select: Select) -> tuple[str, Path,
         return None
 
 
-class StaleSnapshot(Exception):
-    """snapshot_download answered from the cache's older record of a branch: its own request failed."""
-
-
 def download(repo: HubRepo, revision: str, env: HubEnv, select: Select) -> tuple[str, Path, Any]:
     """Resolve and download, retrying network errors with backoff; Unreachable if every try failed."""
     api = HfApi(endpoint=env.endpoint)
@@ -186,10 +191,9 @@ def download(repo: HubRepo, revision: str, env: HubEnv, select: Select) -> tuple
         try:
             # first: snapshot_download itself would fall back to the cache without a word
             sha = check_revision(api, repo, revision, env)
-            fetched = fetch(repo, revision, select, env)  # by name: the cache records what `main` is
-            if fetched[0] != sha:  # and where its own request fails, it answers from that record, silently
-                raise StaleSnapshot(f"{revision!r} is at {sha} but the download answered {fetched[0]} from the cache")
-            return fetched
+            # by name: the cache records what `main` is; where its own request fails, snapshot_download
+            # answers from that record without a word, hence `expect`
+            return fetch(repo, revision, select, env, expect=sha)
         except (*TRANSIENT, StaleSnapshot) as exc:
             last = describe(exc, env)
         except HfHubHTTPError as exc:
