@@ -110,6 +110,18 @@ def _grid(seed: int, size: int = 22) -> bytes:
     return buffer.getvalue()
 
 
+def test_a_damaged_grid_is_a_problem_of_its_experiment_not_of_the_page():
+    whole = _grid(1)
+    jpeg = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(jpeg, format="JPEG")
+    problems = []
+    assert compare._decodable_png(whole, "g.png", problems) == whole and problems == []
+    for damaged in (whole[: len(whole) // 2], jpeg.getvalue(), b"not an image"):
+        assert compare._decodable_png(damaged, "g.png", problems) is None
+    assert len(problems) == 3 and all(p.startswith("g.png: not a readable PNG (") for p in problems)
+    assert "a JPEG file, not a PNG" in problems[1]
+
+
 def _history(scale: float, steps: int = 40) -> dict:
     step = np.arange(1.0, steps + 1)
     return {"step": step, "loss": scale / np.sqrt(step), "lr": 1e-3 * np.minimum(1.0, step / 5)}

@@ -203,18 +203,45 @@ def load_experiment(root: Path, row: dict) -> Experiment:
     paths = paths_of(params)
     fs = DVCFileSystem(str(root), rev=None if row["rev"] == "workspace" else row["rev"])
     fetch = fetch_command(row)
-    grid = _read(fs, paths.grid, problems, fetch)
+    grid = _decodable_png(_read(fs, paths.grid, problems, fetch), paths.grid, problems)
     history = _read_history(fs, paths.train_log, problems, fetch, row["name"])
     if not row_metrics(row):
         problems.append(f"{paths.metrics}: no metrics")
     return Experiment(row["name"], row["rev"], params, row_metrics(row), grid, history, tuple(problems))
 
 
+def _decodable_png(data: bytes | None, path: str, problems: list) -> bytes | None:
+    """`data` if it is a whole PNG; else None, the reason in `problems` (one damaged grid must not cost
+    the page)."""
+    import io
+
+    from PIL import Image
+
+    if data is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "PNG":
+                raise ValueError(f"a {image.format} file, not a PNG")
+            image.load()
+    except Exception as exc:  # PIL's decode errors are of many types
+        problems.append(f"{path}: not a readable PNG ({type(exc).__name__}: {str(exc)[:120]})")
+        return None
+    return data
+
+
 def _read_history(fs, log: str, problems: list, fetch: str, name: str) -> dict | None:
-    """The loss and lr per step from the run's training log (the lr only when the loss is there)."""
+    """The loss and lr per step from the run's training log (the lr only when the loss is there); a
+    damaged log is a problem of that experiment, not of the page."""
     loss = _read(fs, f"{log}/{trainlog.tsv(trainlog.LOSS)}", problems, fetch)
     lr = None if loss is None else _read(fs, f"{log}/{trainlog.tsv(trainlog.LR)}", problems, fetch)
-    return None if lr is None else trainlog.parse_history(loss.decode(), lr.decode(), f"{name}:{log}")
+    if lr is None:
+        return None
+    try:
+        return trainlog.parse_history(loss.decode(), lr.decode(), f"{name}:{log}")
+    except (ConfigError, UnicodeDecodeError) as exc:
+        problems.append(f"{log}: {exc}")
+        return None
 
 
 def fetch_command(row: dict) -> str:
