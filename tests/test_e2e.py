@@ -188,7 +188,12 @@ def test_a_class_conditional_run_under_snakemake(smk_preset, tmp_path):
     """Labels from the embedded MNIST, a class embedding, a balanced guided sample set, the labelled grid,
     FID against w in the report, the published pipeline with its own pipeline.py, and Snakemake's report."""
     repo, _, metrics = smk_preset
-    check_snakemake_report(repo, tmp_path)
+    check_snakemake_report(
+        repo,
+        tmp_path,
+        ("--configfile", "configs/classes-8.yaml"),
+        ("Class-conditional", "guided with w = 2.0", "from the EMA weights"),
+    )
     classes = json.loads((repo / "data/processed/labels.json").read_text())["classes"]
     assert classes == [str(d) for d in range(10)]
     samples = json.loads((repo / "data/samples/samples.json").read_text())
@@ -400,10 +405,13 @@ def test_compare_shows_the_run_and_the_sweep(exp_runs, tmp_path):
     check_in_chromium(repo / "reports/index.html", tmp_path / "report", images=2 + len(progress))
 
 
-def check_snakemake_report(repo: Path, tmp_path: Path) -> None:
-    """`snakemake --report` (as the README says it) embeds our results and loads nothing from the network."""
-    sh(repo, "snakemake", "--report", "reports/snakemake.html")
+def check_snakemake_report(repo: Path, tmp_path: Path, args: tuple = (), captions: tuple = ()) -> None:
+    """`snakemake --report` (as the README says it; `args`: the run's own --configfile) embeds our results
+    and loads nothing from the network; its captions say what this run is (`captions`: words they hold)."""
+    sh(repo, "snakemake", "--report", "reports/snakemake.html", *args)
     page = (repo / "reports/snakemake.html").read_text()
+    for words in captions:
+        assert words in page, words
     progress = sorted(p.name for p in (repo / "reports/train/grids").glob("step-*.png"))
     for name in ("grid.png", "loss.png", "metrics.json", "index.html", *progress):
         assert name in page, name
