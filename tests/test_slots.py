@@ -19,9 +19,15 @@ from workflow.core.slots import Slot, device_slot, take_slots, try_lock
 
 HOLD = """
 import json, os, sys, time
+from pathlib import Path
 from workflow.core.slots import device_slot
 with device_slot("test") as slot:
     start = time.monotonic()
+    if len(sys.argv) > 2:  # held until the test releases it: overlaps are the test's to decide, not the clock's
+        gate = Path(sys.argv[2])
+        (gate / f"held-{os.getpid()}").touch()
+        while not (gate / "release").exists():
+            time.sleep(0.02)
     time.sleep(float(sys.argv[1]))
     print(json.dumps({"slot": slot.index, "count": slot.count, "start": start, "end": time.monotonic(),
                       "cuda": os.environ["CUDA_VISIBLE_DEVICES"], "env": os.environ["WORKFLOW_SLOT"]}))
@@ -33,21 +39,35 @@ def slot_env(tmp_path, slots: int = 2) -> dict:
     return {**env, "WORKFLOW_SLOT_DIR": str(tmp_path / "slots"), "WORKFLOW_SLOTS": str(slots), "PYTHONPATH": str(ROOT)}
 
 
-def holder(env: dict, seconds: float) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(seconds)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def holder(env: dict, seconds: float, gate: Path | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-c", HOLD, str(seconds), *([str(gate)] if gate else [])]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, what: str, seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def test_three_processes_share_two_slots_without_ever_sharing_one(tmp_path):
-    env = slot_env(tmp_path)
-    procs = [holder(env, 2.0) for _ in range(3)]
+    """Two hold both slots until released; a third started then must wait, say so, and take a freed one
+    (ordered by a gate file, not by sleeps: a loaded machine changes the timing, not the outcome)."""
+    env, gate = slot_env(tmp_path), tmp_path / "gate"
+    gate.mkdir()
+    procs = [holder(env, 0.0, gate) for _ in range(2)]
+    wait_for(lambda: len(list(gate.glob("held-*"))) == 2, "two holders")
+    procs.append(holder(env, 0.0, gate))
+    waiting = procs[2].stderr.readline()  # its first word: both slots are taken
+    (gate / "release").touch()
     results, messages = [], []
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
         results.append(json.loads(out))
         messages.append(err)
+    messages[2] = waiting + messages[2]
     assert sorted({r["slot"] for r in results}) == [0, 1]
     assert all(r["count"] == 2 and r["cuda"] == r["env"] == str(r["slot"]) for r in results)
     for a in results:  # no two overlapping holds of one slot
