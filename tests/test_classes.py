@@ -133,6 +133,7 @@ def test_guidance_one_is_the_conditional_and_zero_the_unconditional_prediction()
     with torch.no_grad():
         cond = unet(x, t, class_labels=labels).sample
         uncond = unet(x, t, class_labels=no_class).sample
+        assert not torch.allclose(cond, uncond)  # the label reaches the prediction: the cases below differ
         for w, expected in ((1.0, cond), (0.0, uncond)):
             denoiser = Denoiser(unet, Sample(guidance_scale=w), Runtime.for_device(torch.device("cpu")))
             assert torch.equal(denoiser(x, t, labels), expected)

@@ -124,7 +124,9 @@ def test_train_killed_resumes_to_the_uninterrupted_weights(train_dir, tmp_path, 
         assert steps_saved(workdir) == left
     assert not (workdir / "models/trained").exists() and not (workdir / "reports/train").exists()
 
-    done = stage(workdir, "train")
+    # a restart from 0 would give the same bits (every draw is a function of (seed, step)): it would also
+    # run step `resume_step` again, which this fault kills
+    done = stage(workdir, "train", f"train.after_step={resume_step}" if resume_step else None)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained 12 steps" in done.stdout
     summary = yaml.safe_load((workdir / "reports/train/summary.json").read_text())

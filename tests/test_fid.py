@@ -107,6 +107,8 @@ def test_precision_recall_in_blocks_equals_the_whole_matrix(monkeypatch):
     assert np.allclose(fid.knn_radii(real), radii)
     expected = (cdist(fake, real) <= radii).any(1).mean()
     assert fid.precision_recall(real, fake)["precision"] == pytest.approx(expected)
+    fake_radii = np.sort(cdist(fake, fake), axis=1)[:, 3]  # recall: the other way round, blocks too
+    assert fid.precision_recall(real, fake)["recall"] == pytest.approx((cdist(real, fake) <= fake_radii).any(1).mean())
     assert fid.precision_recall_or_none(real[:3], fake) == {"precision": None, "recall": None}
 
 

@@ -461,6 +461,7 @@ def test_offline_rerun_with_the_server_stopped(tmp_path):
         env = hf_env(endpoint, hf_home, HF_HUB_OFFLINE="1")
         done, record = download(tmp_path / "w", env, source="hf:org/offline", revision=revision)
         ok(done)
+        assert "did not answer" not in done.stderr and "retrying" not in done.stderr  # never tried the network
         assert {k: v for k, v in record.items() if k != "revision"} == {
             k: v for k, v in online.items() if k != "revision"
         }

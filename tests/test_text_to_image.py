@@ -179,11 +179,13 @@ def test_a_model_repository_through_the_mirror_pinned_then_offline(mirror, tiny_
     (work / "params.yaml").write_text(json.dumps(merged(TEXT, model=pinned)))
     shutil.rmtree(work / "models/base")
     offline = {**env, "HF_HUB_OFFLINE": "1"}
+    mark = mirror.mark()
     done = subprocess.run(
         [sys.executable, "-m", "workflow", "download_model"], cwd=work, env=offline, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     assert read_base(work / "models/base")["files"] == base["files"]
+    assert mirror.requests(mark) == []  # the mirror is up, and was not asked anything
 
     (work / "params.yaml").write_text(json.dumps(merged(TEXT, model={"pretrained": "hf:org/no-such-model"})))
     done = subprocess.run(

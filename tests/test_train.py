@@ -76,8 +76,12 @@ def test_two_runs_are_bitwise_identical(tiny_params, tmp_path):
     assert same_weights(first, weights())
 
 
-def test_resume_gives_the_uninterrupted_weights(tiny_params):
-    """Train 12 steps straight; then 8 steps, stop, and resume to 12: the weights must be equal to the bit."""
+def test_resume_gives_the_uninterrupted_weights(tiny_params, monkeypatch):
+    """Train 12 steps straight; then 8 steps, stop, and resume to 12: the weights must be equal to the bit,
+    and only steps 9-12 run again (every draw is a function of (seed, step), so a silent restart from 0
+    would give the same bits: the steps taken tell them apart)."""
+    from workflow.stages import train as train_stage
+
     params = tiny_params()
     write_images(params.paths.images)
     train(params)
@@ -87,8 +91,10 @@ def test_resume_gives_the_uninterrupted_weights(tiny_params):
     shutil.rmtree(run_dir / "step-0000012")
     shutil.rmtree(params.paths.trained)
     (run_dir / ".step-0000016.tmp").mkdir()  # an interrupted save is never resumed from
+    taken, step_function = [], train_stage.train_step
+    monkeypatch.setattr(train_stage, "train_step", lambda run, step: taken.append(step) or step_function(run, step))
     info = train(params)
-    assert info["resumed_from_step"] == 8
+    assert info["resumed_from_step"] == 8 and taken == [8, 9, 10, 11]
     assert same_weights(straight, weights())
     assert train_history(params)["step"].tolist() == list(range(1, 13))  # the history survives the resume
 
