@@ -281,6 +281,19 @@ def test_tables_from_results(tmp_path):
         assert (tmp_path / "fig" / name).read_bytes().startswith(b"\x89PNG")
 
 
+def test_variants_are_tabled_against_ours_at_their_seeds_and_kept_out_of_the_budget_table(tmp_path):
+    ours = [_row(OURS, s, 10, 10.0 + s) for s in range(3)]
+    runs = [("lr-4e-3", 0, 12.0), ("batch-64", 0, 9.0), ("batch-64", 1, 10.0)]
+    variants = [_row(name, seed, 10, fid, DEFAULT_SAMPLER) for name, seed, fid in runs]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*ours, *variants]))
+    text = quality_tables.markdown([str(tmp_path)], {"steps_per_second": {OURS: {"16": 2.5}}}, None)
+    budget = text.split("### Recipe variants")[0]
+    assert "| budget (min) | ours FID (ddpm-50) |" in budget and "lr-4e-3" not in budget and "batch-64" not in budget
+    assert "| ours | 16 | 10 | 0, 1 | 100 | 10.50 ± 0.71 (n=2) |" in text  # seed 2: no variant tried it
+    assert "| batch-64 | 16 | 10 | 0, 1 | 100 | 9.50 ± 0.71 (n=2) |" in text and "| 0.90x |" in text
+    assert "| lr-4e-3 | 16 | 10 | 0 | 100 | 12.00 (n=1) |" in text and "| 1.20x |" in text
+
+
 def test_result_folders_merge_by_job_and_sampler(tmp_path):
     """A job name scored under the old default sampler in one folder and the new in another: both kept;
     the same job and sampler in a later folder replaces the earlier row."""

@@ -30,6 +30,7 @@ from workflow.stages import sample, train
 from workflow.tools import quality_tables
 from workflow.tools.quality_jobs import (
     OURS,
+    RECIPES,
     Job,
     Matrix,
     budget_steps,
@@ -40,7 +41,6 @@ from workflow.tools.quality_jobs import (
     write_params,
 )
 
-RECIPES = ["configs/recipes/tutorial.yaml", "configs/recipes/train-unconditional.yaml"]
 SWEEP = "ddpm:0:10,25,50,100,250,1000 ddim:0:10,25,50,100 ddim:1:10,25,50,100 dpmsolver++:0:10,25,50,100"
 
 

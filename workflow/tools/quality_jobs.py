@@ -40,6 +40,7 @@ from workflow.models.inception import load_extractor
 from workflow.stages import download, evaluate, fid_reference, preprocess, sample, train
 
 OURS = "ours"  # the recipe of params.yaml itself
+RECIPES = ["configs/recipes/tutorial.yaml", "configs/recipes/train-unconditional.yaml"]  # the reference recipes
 GENERATED, FAILED, RESULTS = "generated.json", "failed.txt", "results.jsonl"
 DEFAULT_RUN_SAMPLES = 250  # what the default run's FID uses (fid.num_samples and fid.num_reference)
 

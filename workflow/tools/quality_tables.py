@@ -1,6 +1,6 @@
 """docs/QUALITY.md's tables and figures from `quality matrix` results: mean +- standard deviation over
-the training seeds (sample standard deviation, n - 1), one table per resolution and one for the
-sampler sweep."""
+the training seeds (sample standard deviation, n - 1), one table per resolution (ours and the reference
+recipes), one for the sampler sweep and one for the recipe variants (`--variants`) against ours."""
 
 from __future__ import annotations
 
@@ -12,9 +12,18 @@ import numpy as np
 
 from workflow.core.config import params_from_dict
 from workflow.pages.curves import errorbar_plot_png
-from workflow.tools.quality_jobs import OURS, RESULTS, defaults, read_results, sampled_with, sampling_label
+from workflow.tools.quality_jobs import (
+    OURS,
+    RECIPES,
+    RESULTS,
+    defaults,
+    read_results,
+    sampled_with,
+    sampling_label,
+)
 
 REFERENCE_RECIPE = "tutorial"  # what the target ratio is taken against
+COMPARED = {OURS, *(Path(p).stem for p in RECIPES)}  # the budget tables' recipes; any other is a variant of ours
 
 
 def collect(folders: list[str]) -> list[dict]:
@@ -164,6 +173,39 @@ def sampler_table(rows: list[dict], rates: dict, default: str) -> tuple[str, lis
     return "\n".join(lines) + "\n", series
 
 
+def variants_table(rows: list[dict], default: str) -> str:
+    """Each variant of our recipe beside ours trained at the same resolution, budget and seeds (the
+    variants' seeds only; under the default sampler, as the variants are sampled), and the ratio of their
+    mean FIDs."""
+    lines = [
+        "| variant | px | budget (min) | seeds | steps | FID | KID | precision | recall | FID / ours (same seeds) |",
+        "|---|---:|---:|---|---:|---|---|---|---|---|",
+    ]
+    trained = [r for r in rows if r["sampler"] is None]
+    variants = sorted({r["recipe"] for r in trained} - COMPARED)
+    for res, budget in sorted({(r["resolution"], r["budget"]) for r in trained if r["recipe"] in variants}):
+        here = [r for r in trained if (r["resolution"], r["budget"]) == (res, budget)]
+        here = [r for r in here if sampling_label(r["sampled_with"]) == default]
+        tried = {r["seed"] for r in here if r["recipe"] in variants}
+        for name in [OURS, *variants]:
+            g = sorted((r for r in here if r["recipe"] == name and r["seed"] in tried), key=_seed)
+            if not g:
+                continue
+            seeds = {r["seed"] for r in g}
+            ours = [r for r in here if r["recipe"] == OURS and r["seed"] in seeds]
+            ratio = (
+                "-"
+                if name == OURS or len(ours) != len(g)
+                else f"{spread([r['fid'] for r in g])[0] / spread([r['fid'] for r in ours])[0]:.2f}x"
+            )
+            lines.append(
+                f"| {name} | {res} | {budget:g} | {', '.join(str(r['seed']) for r in g)} | {g[0]['steps']:,} | "
+                f"{cell([r['fid'] for r in g], 2)} | {cell([r['kid'] for r in g], 4)} | "
+                f"{cell([r['precision'] for r in g], 3)} | {cell([r['recall'] for r in g], 3)} | {ratio} |"
+            )
+    return "\n".join(lines) + "\n" if variants else ""
+
+
 def _seed(row: dict) -> int:
     return row["seed"]
 
@@ -177,7 +219,8 @@ def _num(value, digits: int) -> str:
 
 
 def markdown(folders: list[str], rates: dict, figures: str | None) -> str:
-    rows = collect(folders)
+    everything = collect(folders)
+    rows = [r for r in everything if r["recipe"] in COMPARED]
     recipes = [OURS] + sorted({r["recipe"] for r in rows} - {OURS})
     default = sampling_label(sampled_with(params_from_dict(defaults()).sample))
     out = []
@@ -209,6 +252,9 @@ def markdown(folders: list[str], rates: dict, figures: str | None) -> str:
                 f"fid_vs_minutes_r{res}.png",
                 errorbar_plot_png(series, "training minutes on the CPU", "FID (1,000 samples)"),
             )
+    variants = variants_table(everything, default)
+    if variants:
+        out += ["### Recipe variants", "", variants]
     table, series = sampler_table(rows, rates, default)
     if series:
         out += ["### Samplers and steps", "", table]
