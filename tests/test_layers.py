@@ -103,7 +103,8 @@ def test_every_module_sits_in_a_layer():
 @pytest.mark.parametrize("module", [m for m in modules() if layer_of(m)])
 def test_imports_follow_the_layer_map(module):
     layer = layer_of(module)
-    wrong = {m for m in direct_imports(module) if layer_of(m) not in MAY_IMPORT[layer]}
+    # the top package (workflow/__init__.py: the stage names) is open to every layer
+    wrong = {m for m in direct_imports(module) if m != "workflow" and layer_of(m) not in MAY_IMPORT[layer]}
     assert not wrong, f"{module} ({layer}) may import only {sorted(MAY_IMPORT[layer])}; it imports {sorted(wrong)}"
 
 
@@ -113,7 +114,7 @@ def test_no_stage_imports_another(module):
 
 
 def test_the_entry_point_imports_only_the_ground():
-    assert {layer_of(m) for m in direct_imports("workflow.__main__")} <= {"core"}
+    assert {layer_of(m) for m in direct_imports("workflow.__main__") if m != "workflow"} <= {"core"}
 
 
 def test_no_import_cycle():

@@ -5,8 +5,9 @@ read from the sources with ast (nothing is imported or run).
     stage_code("train")   # ["workflow/core/artifacts.py", ..., "workflow/stages/train.py"]
 
 The Snakefile declares each rule's code with it, tests/test_dag.py checks that dvc.yaml lists the same
-files, and tests/test_layers.py checks the layer rules on the same graph. Package __init__.py files hold
-no code (tests/test_layers.py), so they are not counted.
+files, and tests/test_layers.py checks the layer rules on the same graph. The sub-packages' __init__.py
+files hold no code (tests/test_layers.py), so they are not counted; the top package's holds the stage
+list (workflow.STAGES), which counts where it is imported.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def direct_imports(module: str) -> frozenset[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "workflow":
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names if is_module(f"{node.module}.{a.name}")}
-    return frozenset(m for m in found if is_module(m) and module_path(m).name != "__init__.py")
+    return frozenset(m for m in found if is_module(m) and (m == "workflow" or module_path(m).name != "__init__.py"))
 
 
 def closure(module: str) -> set[str]:
