@@ -28,7 +28,9 @@ $(VENV)/.installed: requirements.txt
 # it beside later `dvc exp run -S ...` experiments (their results replace it in the workspace).
 # With CONFIG, the preset's keys become `dvc exp run -S key=value` arguments (checked first: a mistake
 # stops here, naming the key and the file), and `--temp` runs the experiment in a copy of the workspace:
-# params.yaml (your edits included in the run) and the workspace's results stay as they are.
+# params.yaml (your edits included in the run) and the workspace's results stay as they are. Outside a
+# git work tree (an unpacked archive) it is a plain `dvc repro`, with DVC's core.no_scm set in
+# .dvc/config.local (unset again once the folder is a git checkout with a commit).
 run: setup
 ifdef CONFIG
 	@git rev-parse --verify --quiet HEAD >/dev/null 2>&1 || \
@@ -36,8 +38,8 @@ ifdef CONFIG
 	overrides="$$(python -m workflow preset '$(CONFIG)')" && eval "dvc exp run --temp $$overrides"
 	@echo "compare runs: dvc exp show, make compare   its outputs and params in the workspace: dvc exp apply NAME"
 else
-	# outside a git work tree (an unpacked archive) dvc needs core.no_scm, kept in .dvc/config.local
-	if git rev-parse --verify --quiet HEAD >/dev/null 2>&1; then dvc exp run; else \
+	if git rev-parse --verify --quiet HEAD >/dev/null 2>&1; then \
+		{ ! grep -qs no_scm .dvc/config.local || dvc config --local --unset core.no_scm; }; dvc exp run; else \
 		git rev-parse --is-inside-work-tree >/dev/null 2>&1 || dvc config --local core.no_scm true; dvc repro; fi
 	@echo "report: reports/index.html   metrics: reports/metrics.json   compare runs: make compare"
 endif

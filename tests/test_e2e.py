@@ -192,7 +192,7 @@ def test_a_class_conditional_run_under_snakemake(smk_preset, tmp_path):
         repo,
         tmp_path,
         ("--configfile", "configs/classes-8.yaml"),
-        ("Class-conditional", "guided with w = 2.0", "from the EMA weights"),
+        ("Class-conditional", "guided with w = 2.0", "from the EMA weights by"),
     )
     classes = json.loads((repo / "data/processed/labels.json").read_text())["classes"]
     assert classes == [str(d) for d in range(10)]

@@ -71,13 +71,13 @@ def test_compiled_training_step_equals_eager(tiny_params):
     """Losses and then weights: no warm-up, so each step's update (the compiled backward) shows in the next."""
     params = tiny_params(train={"compile": True, "ema": False, "warmup_steps": 0})
     images = write_images(params.paths.images)
-    run = setup(params, images, make_accelerator(params))
+    cpu = Runtime.for_device(CPU)  # both on the CPU, on a GPU host too
+    run = setup(params, images, make_accelerator(params, cpu), cpu)
     from workflow.stages.train import guarded_step
 
     compiled = [guarded_step(run, step).item() for step in range(3)]
     assert run.model is not run.eager_model  # compiled, not fallen back
     eager_params = dataclasses.replace(params, train=dataclasses.replace(params.train, compile=False))
-    cpu = Runtime.for_device(CPU)
     eager_run = setup(eager_params, images, make_accelerator(eager_params, cpu), cpu)
     start = {name: p.detach().clone() for name, p in eager_run.eager_model.named_parameters()}
     eager = [train_step(eager_run, step).item() for step in range(3)]

@@ -276,3 +276,6 @@ def test_a_non_ascii_value_survives_dvc_and_one_dvc_would_change_is_refused(tmp_
     preset.write_text("data:\n  source: 'imagefolder:C:\\x'\n  folder: 'C:\\x'\n")
     with pytest.raises(ConfigError, match=r"photos.yaml: `data.source` .* does not survive `dvc exp run -S`"):
         dvc_set_args(load_preset(preset), str(preset))
+    preset.write_text("data:\n  source: 'imagefolder:${oc.env:HOME}'\n  folder: '${oc.env:HOME}'\n")
+    with pytest.raises(ConfigError, match=r"photos.yaml: `data.source` .* does not survive `dvc exp run -S`"):
+        dvc_set_args(load_preset(preset), str(preset))  # OmegaConf would resolve it

@@ -57,10 +57,13 @@ def test_three_processes_share_two_slots_without_ever_sharing_one(tmp_path):
     env, gate = slot_env(tmp_path), tmp_path / "gate"
     gate.mkdir()
     procs = [holder(env, 0.0, gate) for _ in range(2)]
-    wait_for(lambda: len(list(gate.glob("held-*"))) == 2, "two holders")
-    procs.append(holder(env, 0.0, gate))
-    waiting = procs[2].stderr.readline()  # its first word: both slots are taken
-    (gate / "release").touch()
+    try:
+        wait_for(lambda: len(list(gate.glob("held-*"))) == 2, "two holders")
+        procs.append(holder(env, 0.0, gate))
+        waiting = procs[2].stderr.readline()  # its first word: both slots are taken
+        assert "test: all 2 device slots are in use" in waiting, waiting
+    finally:
+        (gate / "release").touch()  # never leave a holder polling, whatever failed
     results, messages = [], []
     for p in procs:
         out, err = p.communicate(timeout=120)

@@ -176,10 +176,15 @@ def select(rows: list, wanted: list) -> list:
         recorded = row["kind"] == "experiment" or (row["kind"] == "commit" and row_metrics(row))
         if recorded and not any(_same_results(row, other) for other in chosen):
             chosen.append(row)
+    # an experiment running in the workspace: its params are new, its metrics not yet
+    running_here = any(r["kind"] == "unfinished" and r["rev"] == "workspace" for r in rows)
     workspace = [
         r
         for r in rows
-        if r["kind"] == "workspace" and row_metrics(r) and not any(_same_results(r, other) for other in chosen)
+        if r["kind"] == "workspace"
+        and not running_here
+        and row_metrics(r)
+        and not any(_same_results(r, other) for other in chosen)
     ]
     return workspace + chosen
 

@@ -8,6 +8,10 @@ A preset is checked on its own, over the defaults, before anything runs: an unkn
 is one ConfigError naming the key and the preset file. `python -m workflow preset FILE` then prints
 one `-S key=value` argument per key it sets, shell-quoted, which `make run CONFIG=FILE` hands to
 `dvc exp run --temp` (values as JSON, which dvc's -S parser reads: lists, null and quoted strings).
+The arguments are first applied as dvc applies them (its own `apply_overrides`) to a copy of
+params.yaml and read back as the stages read it: a value that would arrive otherwise (a backslash, an
+interpolation `${...}`, `on` read as true, a mapping inside a list) is a ConfigError naming the key,
+never a different experiment.
 Read as a params file on its own (`--params configs/x.yaml`, as the bench commands do), a preset is
 itself over the defaults.
 A tool beside the stages: it reads the preset and prints, nothing else.
@@ -18,30 +22,61 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
+import tempfile
+from pathlib import Path
 
-from workflow.core.config import ConfigError, dotted_keys, load_preset
+from workflow.core.config import ConfigError, dotted_keys, load_params, load_preset, params_from_dict
 
 
-def dvc_set_args(preset: dict, source: str = "the preset") -> list[str]:
-    """`dvc exp run` arguments that set each of the preset's keys: ["-S", "train.epochs=50", ...]. Each is
-    read back with the parser dvc's -S uses (hydra's): a value it would read otherwise (a backslash, a
-    mapping inside a list, infinity) is a ConfigError naming the key, not a different experiment."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser, args = OverridesParser.create(), []
-    for key, value in dotted_keys(preset).items():
-        arg = f"{key}={json.dumps(value, ensure_ascii=False)}"  # non-ASCII as itself: hydra keeps \u escapes
-        try:
-            read = parser.parse_overrides([arg])[0].value()
-        except Exception as exc:  # hydra's OverrideParseException, among others
-            read = exc
-        if read != value:
+def dvc_set_args(preset: dict, source: str = "the preset", params_file: str | Path = "params.yaml") -> list[str]:
+    """`dvc exp run` arguments that set each of the preset's keys: ["-S", "train.epochs=50", ...], checked
+    to arrive as the preset says over `params_file` (see the module's docstring)."""
+    wanted = dotted_keys(preset)
+    # non-ASCII as itself: dvc's parser (hydra's) keeps a \\u escape as text
+    overrides = [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in wanted.items()]
+    arrived = _applied(overrides, params_file, source)
+    expected = dotted_keys(params_from_dict(preset, source=source).to_dict())
+    for key in wanted:
+        if arrived.get(key) != expected[key]:
             raise ConfigError(
-                f"{source}: `{key}` ({value!r}) does not survive `dvc exp run -S` (it reads {read!r}): run this "
-                "preset with `snakemake --configfile`, or set the value in params.yaml"
+                f"{source}: `{key}` ({wanted[key]!r}) does not survive `dvc exp run -S` (it arrives as "
+                f"{arrived.get(key)!r}): run this preset with `snakemake --configfile`, or set it in params.yaml"
             )
-        args += ["-S", arg]
-    return args
+    return [arg for override in overrides for arg in ("-S", override)]
+
+
+def _applied(overrides: list[str], params_file: str | Path, source: str) -> dict:
+    """The params, dotted, after dvc applies `overrides` to a copy of `params_file`."""
+    from dvc.utils.hydra import apply_overrides
+
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / "params.yaml"
+        shutil.copy(params_file, copy)
+        try:
+            apply_overrides(str(copy), overrides)
+        except Exception:  # hydra's and OmegaConf's errors, among others: name the key that fails alone
+            _name_the_failing_override(overrides, params_file, copy, source)
+            raise
+        try:
+            return dotted_keys(load_params(copy).to_dict())
+        except ConfigError as exc:
+            raise ConfigError(f"{source}, as `dvc exp run -S` writes it: {exc}") from None
+
+
+def _name_the_failing_override(overrides: list[str], params_file: str | Path, copy: Path, source: str) -> None:
+    from dvc.utils.hydra import apply_overrides
+
+    for override in overrides:
+        shutil.copy(params_file, copy)
+        try:
+            apply_overrides(str(copy), [override])
+        except Exception as exc:
+            raise ConfigError(
+                f"{source}: `{override.split('=', 1)[0]}` cannot be passed to `dvc exp run -S` "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}): run this preset with "
+                "`snakemake --configfile`"
+            ) from None
 
 
 def main(argv=None) -> None:
