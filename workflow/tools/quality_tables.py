@@ -181,11 +181,12 @@ def variants_table(rows: list[dict], default: str) -> str:
         "| variant | px | budget (min) | seeds | steps | FID | KID | precision | recall | FID / ours (same seeds) |",
         "|---|---:|---:|---|---:|---|---|---|---|---|",
     ]
-    trained = [r for r in rows if r["sampler"] is None]
-    variants = sorted({r["recipe"] for r in trained} - COMPARED)
-    for res, budget in sorted({(r["resolution"], r["budget"]) for r in trained if r["recipe"] in variants}):
-        here = [r for r in trained if (r["resolution"], r["budget"]) == (res, budget)]
-        here = [r for r in here if sampling_label(r["sampled_with"]) == default]
+    # ours under the default sampler may be a sweep job's row (its model trained under an older default)
+    usable = [r for r in rows if (r["sampler"] is None or r["recipe"] == OURS)]
+    usable = [r for r in usable if sampling_label(r["sampled_with"]) == default]
+    variants = sorted({r["recipe"] for r in rows if r["sampler"] is None} - COMPARED)
+    for res, budget in sorted({(r["resolution"], r["budget"]) for r in usable if r["recipe"] in variants}):
+        here = [r for r in usable if (r["resolution"], r["budget"]) == (res, budget)]
         tried = {r["seed"] for r in here if r["recipe"] in variants}
         for name in [OURS, *variants]:
             g = sorted((r for r in here if r["recipe"] == name and r["seed"] in tried), key=_seed)
