@@ -150,6 +150,23 @@ def test_checkpoints_persist_in_dvc_and_are_no_snakemake_output(both):
     assert not any("checkpoints" in out for rule in smk.values() for out in rule["outs"])
 
 
+def dvc_cached_outs():
+    from dvc.repo import Repo
+
+    return {o.def_path for stage in Repo(str(ROOT)).index.stages for o in stage.outs if o.use_cache}
+
+
+def test_every_cached_output_is_git_ignored_from_the_start():
+    """dvc repro would append a missing entry to a tracked .gitignore (and autostage it): a fresh clone's
+    first run would leave the tree modified, and Snakemake's outputs would show as untracked files."""
+    import subprocess
+
+    outs = sorted(dvc_cached_outs())
+    assert "reports/fid_steps.csv" in outs and "data/processed/images.npy" in outs
+    result = subprocess.run(["git", "check-ignore", "--no-index", *outs], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(result.stdout.split()) == outs
+
+
 COMPUTING = {"fid_reference", "train", "sample", "evaluate", "fid_sweep"}
 
 
