@@ -80,6 +80,18 @@ def test_min_snr_weights(kind):
     assert torch.allclose(min_snr_weights(scheduler, t, 5.0), expected.float(), rtol=1e-5)
 
 
+def test_min_snr_weights_at_zero_terminal_snr_are_finite():
+    """With rescale_betas_zero_snr the last step's SNR is 0: epsilon's weight min(snr, gamma) / snr tends
+    to 1 there (diffusers' scripts set it so), not 0/0."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(rescale_betas_zero_snr=True)
+    t = torch.tensor([0, 500, 999])
+    weights = min_snr_weights(scheduler, t, 5.0)
+    assert float(scheduler.alphas_cumprod[999]) < 1e-6 and weights[2] == 1.0
+    assert torch.isfinite(weights).all() and weights[0] < 1.0 and weights[1] == 1.0
+
+
 @pytest.mark.parametrize("kind", ["v_prediction", "sample"])
 def test_min_snr_training_runs_for_each_objective(tiny_params, kind):
     params = tiny_params(train={"max_steps": 4, "min_snr_gamma": 5.0}, scheduler={"prediction_type": kind})

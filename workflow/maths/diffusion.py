@@ -104,7 +104,9 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     clipped = torch.clamp(snr, max=gamma)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
-        return clipped / snr
+        # min(snr, gamma) / snr -> 1 as snr -> 0: the terminal step of a zero-terminal-SNR schedule
+        # (rescale_betas_zero_snr) would otherwise weigh 0/0 = NaN
+        return torch.where(snr > 0, clipped / snr, torch.ones_like(snr))
     if kind == "v_prediction":
         return clipped / (snr + 1)
     return clipped  # "sample": the x0 loss already carries a factor snr
