@@ -135,6 +135,12 @@ def test_readme_lists_the_upper_bounds():
     assert documented == dict(bounds(Params))
 
 
+def test_fid_needs_two_samples():
+    """A covariance of one sample is undefined: refused here, not by evaluate after sampling."""
+    with pytest.raises(ConfigError, match=r"`fid.num_samples` must be >= 2 and <= 100,000, got 1"):
+        params_from_dict(tiny_dict(fid={"num_samples": 1}, sample={"grid_size": 1}))
+
+
 def test_sampling_steps_within_the_training_schedule():
     with pytest.raises(ConfigError, match=r"`sample.num_inference_steps`.*`scheduler.num_train_timesteps` \(100\)"):
         params_from_dict(tiny_dict(scheduler={"num_train_timesteps": 100}, sample={"num_inference_steps": 101}))

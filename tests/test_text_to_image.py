@@ -462,6 +462,22 @@ def test_held_out_images_leave_training_and_are_what_fid_scores(text_params):
         params_from_dict({"data": {"holdout": 1}})
 
 
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ({"scheduler": {"prediction_type": "v_prediction"}}, "`scheduler.prediction_type: v_prediction`"),
+        ({"scheduler": {"num_train_timesteps": 500}}, "`scheduler.num_train_timesteps: 500`"),
+        ({"sample": {"compile": True}}, "`sample.compile: True`"),
+    ],
+)
+def test_what_the_pretrained_pipeline_decides_is_refused_not_ignored(text_params, override, named):
+    """Training and sampling take the pipeline's own scheduler and run it eagerly: a value set here would
+    change the run key (a retrain from scratch) and nothing else."""
+    text_params()  # the defaults pass
+    with pytest.raises(ConfigError, match="uses the pipeline's own noise schedule.*" + named.replace(".", r"\.")):
+        text_params(**override)
+
+
 def test_sample_and_package_a_fine_tune(text_params):
     sweeps = {"num_reference": None, "steps_sweep": [4], "guidance_sweep": [2.0]}
     params = prepared(text_params(train={"progress_grids": False}, data={"holdout": 2}, fid=sweeps))

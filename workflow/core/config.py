@@ -250,7 +250,8 @@ class Sample:
 
 @dataclass(frozen=True)
 class Fid:
-    num_samples: int = checked(250, positive(100_000))  # the size of the sample set FID scores (sample makes it)
+    # the size of the sample set FID scores (sample makes it); a covariance needs 2
+    num_samples: int = checked(250, _rule(lambda v: 2 <= v <= 100_000, "must be >= 2 and <= 100,000") | {"max": 100_000})
     num_reference: Optional[int] = checked(250, positive(1_000_000))
     weights: Optional[str] = None
     weights_sha256: Optional[str] = checked(None, SHA256)
@@ -564,3 +565,12 @@ def _check_text_to_image(p: Params, source: str) -> None:
     for key, (ok, why) in needs.items():
         if not ok:
             raise ConfigError(f"{source}: `model.pretrained` (text-to-image fine-tuning) needs `{key}`: {why}")
+    # what the pretrained pipeline decides: a value here would be accepted and silently not used
+    own = {f"scheduler.{k}": v for k, v in dataclasses.asdict(p.scheduler).items() if v != getattr(Scheduler(), k)}
+    if p.sample.compile:
+        own["sample.compile"] = True
+    if own:
+        raise ConfigError(
+            f"{source}: `model.pretrained` (text-to-image fine-tuning) uses the pipeline's own noise schedule, "
+            f"prediction type and eager sampling: remove {', '.join(f'`{k}: {v}`' for k, v in own.items())}"
+        )
