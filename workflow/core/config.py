@@ -41,6 +41,10 @@ def positive(limit):
     return _rule(lambda v: 0 < v <= limit, f"must be > 0 and <= {limit:,}") | {"max": limit}
 
 
+def at_least(low, limit):
+    return _rule(lambda v: low <= v <= limit, f"must be >= {low} and <= {limit:,}") | {"max": limit}
+
+
 def non_negative(limit):
     return _rule(lambda v: 0 <= v <= limit, f"must be >= 0 and <= {limit:,}") | {"max": limit}
 
@@ -250,8 +254,7 @@ class Sample:
 
 @dataclass(frozen=True)
 class Fid:
-    # the size of the sample set FID scores (sample makes it); a covariance needs 2
-    num_samples: int = checked(250, _rule(lambda v: 2 <= v <= 100_000, "must be >= 2 and <= 100,000") | {"max": 100_000})
+    num_samples: int = checked(250, at_least(2, 100_000))  # the FID sample set (sample makes it); 2 for a covariance
     num_reference: Optional[int] = checked(250, positive(1_000_000))
     weights: Optional[str] = None
     weights_sha256: Optional[str] = checked(None, SHA256)
