@@ -78,12 +78,15 @@ class Runtime:
         torch's default (foreach) implementation; the two agree to float rounding (tested)."""
         return torch.optim.AdamW(parameters, fused=self.fused_optimizer or None, **settings)
 
-    def place_dataset(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The uint8 dataset on a GPU once when it fits, else in pinned host memory; on CPU as it is."""
+    def place_dataset(self, *arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A dataset's arrays on a GPU once when together they fit, else all in pinned host memory; on CPU as
+        they are. One decision for all: indices made on one array's device must index the others."""
         if self.device.type != "cuda":
-            return pixels
+            return arrays
         free, _ = torch.cuda.mem_get_info(self.device)
-        return pixels.to(self.device) if fits_on_device(pixels.nbytes, free) else pixels.pin_memory()
+        if fits_on_device(sum(a.nbytes for a in arrays), free):
+            return tuple(a.to(self.device) for a in arrays)
+        return tuple(a.pin_memory() for a in arrays)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
