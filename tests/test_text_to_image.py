@@ -438,6 +438,22 @@ def test_lora_saves_only_the_adapter_which_loads_onto_the_pretrained_pipeline(te
     assert len(namespace["images"]) == params.sample.grid_size
 
 
+def test_a_compiled_lora_run_saves_an_adapter_that_loads(text_params):
+    """accelerate's unwrap_model keeps the torch.compile wrapper: an adapter taken from it has keys under
+    _orig_mod., which load_lora_weights cannot place on a UNet."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file as load_tensors
+
+    params = prepared(text_params(train={"lora_rank": 4, "compile": True, "max_steps": 2, "progress_grids": False}))
+    info = train.run(params)
+    assert info["compiled"] is True  # compiled, not fallen back to eager
+    keys = list(load_tensors(Path(params.paths.trained, LORA_FILE)))
+    assert keys and not any("_orig_mod" in k for k in keys)
+    pipe = StableDiffusionPipeline.from_pretrained(params.paths.base_model)
+    pipe.load_lora_weights(params.paths.trained)
+    assert len(pipe.get_list_adapters()["unet"]) == 1
+
+
 def test_held_out_images_leave_training_and_are_what_fid_scores(text_params):
     """data.holdout: two images (seeded) leave the training set with their captions; the FID reference is
     theirs and the sample set is generated from their captions."""

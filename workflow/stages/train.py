@@ -106,11 +106,10 @@ class LatentSet:
 
     @classmethod
     def place(cls, encoded: Encodings, runtime: Runtime) -> LatentSet:
-        def tensor(array):  # read whole from the memory-mapped file
-            return runtime.place_dataset(torch.from_numpy(np.array(array)))
-
         arrays = (encoded.mean, encoded.logvar, encoded.text, encoded.offsets)
-        return cls(*map(tensor, arrays), float(encoded.record["scaling_factor"]))
+        # read whole from the memory-mapped files
+        placed = runtime.place_dataset(*(torch.from_numpy(np.array(a)) for a in arrays))
+        return cls(*placed, float(encoded.record["scaling_factor"]))
 
 
 @dataclass
@@ -243,7 +242,7 @@ def setup(
             model_config=unwrapped.config,
         )
         ema.to(device)
-    dataset = None if images is None else runtime.place_dataset(torch.from_numpy(np.ascontiguousarray(images)))
+    dataset = None if images is None else runtime.place_dataset(torch.from_numpy(np.ascontiguousarray(images)))[0]
     on_device = torch.from_numpy(labels).to(dataset.device) if num_classes else None
     return Training(
         params,
@@ -556,7 +555,9 @@ def summary(training: Training, resumed_from: Path | None, key: str) -> dict:
 def save_outputs(training: Training, info: dict, checkpoint_dir: Path) -> None:
     """The pipeline with the EMA weights, the training log and the progress grids; main process only."""
     paths = training.params.paths
-    unet = training.accelerator.unwrap_model(training.model)
+    # the eager module: unwrap_model keeps a torch.compile wrapper, whose state-dict keys (_orig_mod.*)
+    # would make a LoRA adapter that load_lora_weights cannot match to the UNet
+    unet = training.accelerator.unwrap_model(training.eager_model)
     with ema_weights(training, unet):
         if training.latents is None:
             save_pipeline(unet, training.noise_scheduler, paths.trained, training.class_names)
