@@ -64,10 +64,12 @@ class ClassConditionalPipeline(DiffusionPipeline):
         x = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         x = x * self.scheduler.init_noise_sigma
-        extra = {"eta": eta} if "eta" in inspect.signature(self.scheduler.step).parameters else {}
+        # what this scheduler's step takes: DDIM takes eta; PNDM, LMS, Heun and UniPC take no generator
+        accepted = inspect.signature(self.scheduler.step).parameters
+        extra = {k: v for k, v in {"eta": eta, "generator": generator}.items() if k in accepted}
         for t in self.progress_bar(self.scheduler.timesteps):
             eps = self._predict(self.scheduler.scale_model_input(x, t), t, labels, guidance_scale)
-            x = self.scheduler.step(eps, t, x, generator=generator, **extra).prev_sample
+            x = self.scheduler.step(eps, t, x, **extra).prev_sample
         image = (x / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
         if output_type == "pil":
             image = self.numpy_to_pil(image)
