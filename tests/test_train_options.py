@@ -148,13 +148,26 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny_params):
 def test_two_processes_match_one(tiny_params, tmp_path):
     """`train.num_processes: 2`: the stage launches 2 ranks itself (accelerate launch; gloo on CPU), the ranks
     agree (checked inside train), and the result equals the single-process run with the same global batch
-    within float tolerance."""
+    within float tolerance. The user's own `accelerate config` file is not read: its gpu_ids would replace
+    the device slots' CUDA_VISIBLE_DEVICES (one id, as here, even stops a multi-GPU launch)."""
     params = tiny_params(train={"max_steps": 4})
     write_images(params.paths.images)
     _, single = trained_weights(params)
     shutil.rmtree("models")
     tiny_params(train={"max_steps": 4, "num_processes": 2})
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORKFLOW_SLOT_DIR": str(tmp_path / "slots")}
+    user_config = tmp_path / "hf/accelerate/default_config.yaml"
+    user_config.parent.mkdir(parents=True)
+    user_config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nmixed_precision: fp16\nuse_cpu: false\n"
+        "debug: false\nnum_processes: 8\nnum_machines: 1\ngpu_ids: '5'\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "WORKFLOW_SLOT_DIR": str(tmp_path / "slots"),
+        "HF_HOME": str(tmp_path / "hf"),
+    }
     done = subprocess.run(
         [sys.executable, "-m", "workflow", "train", "--params", "params.yaml"],
         env=env,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 
 def in_rank() -> bool:
@@ -23,18 +25,25 @@ def needs_launch(num_processes: int) -> bool:
     return num_processes > 1 and not in_rank()
 
 
-def launch_command(stage: str, params_file: str, num_processes: int) -> list[str]:
+def launch_command(stage: str, params_file: str, num_processes: int, config_file: str | Path) -> list[str]:
     """accelerate's launcher (torch.distributed underneath: NCCL ranks on GPUs, gloo ranks on CPU). Precision
-    and compilation are the stage's own params, so the launcher is told to add none of its defaults."""
+    and compilation are the stage's own params, so the launcher is told to add none of its defaults. Every
+    GPU the process may see (CUDA_VISIBLE_DEVICES: its device slots) and a port no other launch holds."""
     return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
         "--multi_gpu",
         "--num_processes",
         str(num_processes),
         "--num_machines",
         "1",
+        "--gpu_ids",
+        "all",
+        "--main_process_port",
+        "0",
         "--mixed_precision",
         "no",
         "--dynamo_backend",
@@ -47,9 +56,31 @@ def launch_command(stage: str, params_file: str, num_processes: int) -> list[str
     ]
 
 
+def write_launch_config(path: Path, num_processes: int) -> None:
+    """The launcher's whole configuration. Without --config_file accelerate reads the user's own
+    `accelerate config` file and takes from it whatever the command leaves unset: its gpu_ids would
+    replace the device slots' CUDA_VISIBLE_DEVICES, and two experiments would share cards."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import ComputeEnvironment, DistributedType
+
+    ClusterConfig(
+        compute_environment=ComputeEnvironment.LOCAL_MACHINE,
+        distributed_type=DistributedType.MULTI_GPU,
+        mixed_precision="no",
+        use_cpu=False,
+        debug=False,
+        num_processes=num_processes,
+        num_machines=1,
+        gpu_ids="all",
+    ).to_yaml_file(path)
+
+
 def launch_ranks(stage: str, params_file: str, num_processes: int) -> None:
     """Run the stage as `num_processes` ranks; a rank's failure (already reported on stderr) ends this
     process with its exit code."""
-    done = subprocess.run(launch_command(stage, params_file, num_processes), check=False)
+    with tempfile.TemporaryDirectory(prefix="workflow-launch-") as folder:
+        config = Path(folder) / "accelerate.yaml"
+        write_launch_config(config, num_processes)
+        done = subprocess.run(launch_command(stage, params_file, num_processes, config), check=False)
     if done.returncode:
         raise SystemExit(done.returncode)
