@@ -35,7 +35,7 @@ with device_slot("test") as slot:
 
 
 def slot_env(tmp_path, slots: int = 2) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "WORLD_SIZE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "WORLD_SIZE")}
     return {**env, "WORKFLOW_SLOT_DIR": str(tmp_path / "slots"), "WORKFLOW_SLOTS": str(slots), "PYTHONPATH": str(ROOT)}
 
 
@@ -107,6 +107,10 @@ def test_a_confined_process_takes_no_slot(tmp_path, monkeypatch):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setenv("WORLD_SIZE", "2")  # a rank of accelerate launch / torchrun
+    with device_slot("test") as slot:
+        assert slot.index is None
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # a SLURM job on a CPU partition: no CUDA_VISIBLE_DEVICES
     with device_slot("test") as slot:
         assert slot.index is None
     assert not (tmp_path / "slots").exists()

@@ -187,6 +187,59 @@ def test_two_processes_match_one(tiny_params, tmp_path):
     assert diffs.max() <= 0.05 * 2e-3
 
 
+def processes_of(slot_dir: Path) -> list[int]:
+    """The live processes started with WORKFLOW_SLOT_DIR=slot_dir (read from /proc)."""
+    mark = f"WORKFLOW_SLOT_DIR={slot_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and mark in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            pass
+    return found
+
+
+@pytest.mark.e2e
+def test_a_killed_stage_leaves_its_slot_held_until_its_ranks_are_gone(tiny_params, tmp_path):
+    """The launcher inherits the slot's lock: SIGKILL to `python -m workflow train` (the OOM killer, a
+    forced queue kill) must not free the slot while the ranks it launched still train on its devices."""
+    import contextlib
+    import signal
+
+    from tests.test_slots import slot_env, wait_for
+    from workflow.core.slots import try_lock
+
+    params = tiny_params(train={"max_steps": 100_000, "num_processes": 2, "checkpoint_every": 1})
+    write_images(params.paths.images)
+    slots = tmp_path / "slots"
+    env = slot_env(tmp_path, slots=1) | {"OMP_NUM_THREADS": "1"}  # its slots: tmp_path / "slots"
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "workflow", "train", "--params", "params.yaml"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: any(Path(params.paths.checkpoints).glob("*/step-*")), "the ranks' first checkpoint", 180)
+        stage.kill()
+        stage.wait(timeout=30)
+        assert processes_of(slots), "the launcher and its ranks went with the stage"
+        assert try_lock(slots / "slot-0.lock") is None  # still held: by the launcher
+    finally:
+        for pid in processes_of(slots):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def slot_free() -> bool:  # once the last holder has exited (SIGKILL is not instant)
+        handle = try_lock(slots / "slot-0.lock")
+        if handle is not None:
+            handle.close()
+        return handle is not None
+
+    wait_for(slot_free, "the slot to be freed with its last holder", 60)
+
+
 def test_resume_with_accumulation_is_bitwise_and_counts_optimiser_steps(tiny_params):
     """diffusers#3467: with accumulation, a resumed run must neither skip nor repeat steps."""
     params = tiny_params(train={"max_steps": 8, "gradient_accumulation_steps": 2, "checkpoint_every": 4})

@@ -33,9 +33,9 @@ def run_stage(name: str, argv: list[str]) -> None:
     params_file = parser.parse_args(argv).params
     params = load_params(params_file)
     processes = params.train.num_processes if name == "train" else 1
-    with device_slot(name, devices=processes) if name in DEVICE_STAGES else contextlib.nullcontext():
+    with device_slot(name, devices=processes) if name in DEVICE_STAGES else contextlib.nullcontext() as slot:
         if needs_launch(processes):  # each rank runs this same command
-            launch_ranks(name, params_file, processes)
+            launch_ranks(name, params_file, processes, slot.locks if slot else ())
         else:
             print(stage.headline(stage.run(params), params))
 

@@ -75,12 +75,14 @@ def write_launch_config(path: Path, num_processes: int) -> None:
     ).to_yaml_file(path)
 
 
-def launch_ranks(stage: str, params_file: str, num_processes: int) -> None:
+def launch_ranks(stage: str, params_file: str, num_processes: int, locks: tuple[int, ...] = ()) -> None:
     """Run the stage as `num_processes` ranks; a rank's failure (already reported on stderr) ends this
-    process with its exit code."""
+    process with its exit code. The launcher inherits `locks` (the device slots' lock files): if this
+    process is killed, the slots stay held until the launcher and its ranks are done."""
     with tempfile.TemporaryDirectory(prefix="workflow-launch-") as folder:
         config = Path(folder) / "accelerate.yaml"
         write_launch_config(config, num_processes)
-        done = subprocess.run(launch_command(stage, params_file, num_processes, config), check=False)
+        command = launch_command(stage, params_file, num_processes, config)
+        done = subprocess.run(command, check=False, pass_fds=locks)
     if done.returncode:
         raise SystemExit(done.returncode)

@@ -6,12 +6,14 @@ a GPU of their own, so two never share a card and none waits while one is free.
     with device_slot("train", devices=2):  # a two-process training: two GPUs, CUDA_VISIBLE_DEVICES="i,j"
 
 A slot is a lock file, `slot-<i>.lock` in WORKFLOW_SLOT_DIR (default `<tmp>/workflow-slots-<uid>`),
-held with fcntl.flock for the life of the process: the kernel releases it when the process exits,
-crashes or is killed, so a slot is never leaked and there is nothing to clean up. There are as many
+held with fcntl.flock for the life of the process (and of a multi-process launcher it starts, which
+inherits the lock): the kernel releases it when they exit, crash or are killed, so a slot is never
+leaked and there is nothing to clean up. There are as many
 slots as GPUs; without a GPU, WORKFLOW_SLOTS of them (default 1: two trainings on one CPU only slow
 each other down), the same code, so a test can watch CPU experiments take turns.
-A process already confined takes no slot: CUDA_VISIBLE_DEVICES set (by you, SLURM or a launcher), or
-one rank of a multi-process launch (WORLD_SIZE > 1: accelerate launch, torchrun).
+A process already confined takes no slot: CUDA_VISIBLE_DEVICES set (by you, SLURM or a launcher), a
+SLURM job (SLURM_JOB_ID: the allocation is the scheduler's), or one rank of a multi-process launch
+(WORLD_SIZE > 1: accelerate launch, torchrun).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from workflow.core.config import ConfigError
@@ -36,6 +38,9 @@ POLL_SECONDS = 1.0
 class Slot:
     index: int | None  # the first slot held; None: no slot was needed (the process is already confined)
     count: int
+    # the held lock files' descriptors: a launcher given them (subprocess pass_fds) holds the slot too, so a
+    # killed parent does not free GPUs its ranks still train on
+    locks: tuple[int, ...] = field(default=(), compare=False)
 
 
 def slot_dir() -> Path:
@@ -66,8 +71,14 @@ def slot_count() -> int:
     return int(raw)
 
 
+CONFINING = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")  # devices given by you, a launcher or a scheduler
+
+
 def confined() -> bool:
-    return "CUDA_VISIBLE_DEVICES" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Already given its devices: CUDA_VISIBLE_DEVICES, a SLURM job (its allocation is its own, GPU or
+    CPU: jobs the scheduler put on one node must not wait for each other inside their time limits), or
+    one rank of a multi-process launch."""
+    return any(k in os.environ for k in CONFINING) or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def current_slot() -> str | None:
@@ -128,7 +139,7 @@ def device_slot(stage: str, devices: int = 1):
     if count > 1:
         print(f"{stage}: device slot {names} of {count}", file=sys.stderr)
     try:
-        yield Slot(min(held), count)
+        yield Slot(min(held), count, tuple(handle.fileno() for handle in held.values()))
     finally:
         for key, value in saved.items():
             if value is None:
