@@ -105,3 +105,25 @@ def test_too_many_reference_images_is_a_config_error(tiny_params):
     write_images(params.paths.images, n=6)
     with pytest.raises(ConfigError, match="fid.num_reference"):
         fid_reference.run(load_params("params.yaml"))
+
+
+def test_the_sample_set_is_read_one_image_at_a_time_and_a_damaged_one_is_named(reference):
+    """load_samples checks sizes from the PNG headers and decodes an image when indexed (a 30,000-image
+    512 px set decoded whole is 24 GB); a sample cut short, whose header still reads, is named by evaluate."""
+    from workflow.formats.sample_set import load_samples
+
+    params, images = reference
+    write_samples(params, images)
+    samples = load_samples(params.paths.samples)
+    assert samples.shape == (6, 3, 8, 8) and len(samples[2:4]) == 2
+    assert np.array_equal(np.asarray(samples), np.repeat(images, 3, axis=1))  # grayscale replicated to RGB
+    assert np.array_equal(samples[5], np.asarray(samples)[5])
+
+    cut = Path(params.paths.samples, "00003.png")
+    cut.write_bytes(cut.read_bytes()[:45])  # the header and size intact, the pixel data short
+    samples = load_samples(params.paths.samples)
+    with pytest.raises(ConfigError, match=r"00003\.png: not a readable PNG.*re-run the sample stage"):
+        samples[3]
+    with pytest.raises(ConfigError, match=r"00003\.png: not a readable PNG"):
+        evaluate.run(load_params("params.yaml"))
+    assert not Path(params.paths.metrics).exists()
