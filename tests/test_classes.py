@@ -17,7 +17,7 @@ from workflow.core.runtime import Runtime
 from workflow.formats import checkpoints
 from workflow.formats.labels import load_labels, write_labels
 from workflow.formats.pipeline import load_class_names, load_unet
-from workflow.maths.diffusion import balanced_classes, guided, label_dropout_mask
+from workflow.maths.diffusion import guided, label_dropout_mask, sample_classes
 from workflow.models.builders import build_noise_scheduler, build_sampler, build_unet, null_class
 from workflow.models.class_pipeline import ClassConditionalPipeline
 from workflow.models.sampling import Denoiser, image_generators, sample_batches
@@ -34,10 +34,10 @@ def tiny_unet(num_classes: int = 3):
     return build_unet(model, 8, 1, num_classes).eval()
 
 
-def labelled_images(params, classes=("a", "b", "c"), n=24):
-    """n images and their labels (0, 1, 2, 0, ...), as preprocess writes them."""
+def labelled_images(params, classes=("a", "b", "c"), n=24, labels=None):
+    """n images and their labels (default 0, 1, 2, 0, ...), as preprocess writes them."""
     write_images(params.paths.images, n=n)
-    write_labels(params.paths.labels, list(classes), [i % len(classes) for i in range(n)])
+    write_labels(params.paths.labels, list(classes), labels or [i % len(classes) for i in range(n)])
 
 
 # --- labels from the sources ---------------------------------------------------------------------------
@@ -143,8 +143,16 @@ def test_guidance_one_is_the_conditional_and_zero_the_unconditional_prediction()
     assert torch.equal(guided(cond, uncond, 0.0), uncond)
 
 
-def test_balanced_classes_take_turns():
-    assert balanced_classes([3, 7], 5).tolist() == [3, 7, 3, 7, 3]
+def test_sample_classes_fill_the_grid_in_turn_then_follow_the_training_shares():
+    assert sample_classes([3, 7], [1, 1], 5, 1).tolist() == [3, 7, 3, 7, 3]  # equal shares: in turn
+    # shares 6:4:2 of 12 samples; the grid's 2 rounds give 2 each, the tail the rest (4, 2, 0) interleaved
+    labels = sample_classes([0, 1, 2], [12, 8, 4], 12, 2)
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 0, 0, 1, 0]
+    assert np.bincount(labels).tolist() == [6, 4, 2]
+    # a class rarer than the grid's columns keeps them; the others share what remains by their need
+    assert np.bincount(sample_classes([0, 1], [99, 1], 10, 2)).tolist() == [8, 2]
+    with pytest.raises(ValueError, match="cannot give 3 samples"):
+        sample_classes([0, 1], [1, 1], 3, 2)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
@@ -199,20 +207,40 @@ def test_the_published_pipeline_takes_any_scheduler(swap):
 # --- the sample set and its grid -------------------------------------------------------------------------
 
 
-def test_the_sample_set_is_balanced_and_the_grid_has_a_row_per_class(tiny_params):
+UNEVEN = [0] * 12 + [1] * 8 + [2] * 4  # 24 training images, classes a:b:c as 3:2:1
+
+
+def test_the_sample_set_follows_the_training_classes_and_the_grid_has_a_row_per_class(tiny_params):
+    """FID compares with training images at their class proportions, so the sample set has them too, after
+    the grid's block of every class in turn."""
     params = tiny_params(
         model=CONDITIONAL,
         sample={"guidance_scale": 2.0, "grid_size": 2},
-        fid={"num_samples": 7},
+        fid={"num_samples": 12},
         train={"max_steps": 4, "progress_grids": False},
     )
-    labelled_images(params)
+    labelled_images(params, labels=UNEVEN)
     train(params)
     record = sample(params)
-    assert record["labels"] == [0, 1, 2, 0, 1, 2, 0] and record["class_names"] == ["a", "b", "c"]
+    assert record["labels"] == [0, 1, 2, 0, 1, 2, 0, 1, 0, 0, 1, 0] and record["class_names"] == ["a", "b", "c"]
     assert record["guidance_scale"] == 2.0
     with Image.open(params.paths.grid) as grid:  # 3 rows of 2 samples (8 px, 2 px padding), labels at the left
         assert grid.height == 3 * 10 + 2 and grid.width > 2 * 10 + 2
+
+
+def test_the_reference_holds_only_the_sampled_classes(tiny_params):
+    """With `sample.classes` the sample set holds those classes only: so must what FID compares it with."""
+    from workflow.stages import fid_reference
+
+    params = tiny_params(model=CONDITIONAL, sample={"classes": [1, 2]}, fid={"num_reference": None})
+    labelled_images(params, labels=UNEVEN)
+    assert fid_reference.candidates(params, 24)[0].tolist() == list(range(12, 24))
+    assert int(fid_reference.run(params)["num_images"]) == 12
+    too_many = r"`fid.num_reference` \(13\) exceeds the 12 images of `sample.classes` \[1, 2\]"
+    with pytest.raises(ConfigError, match=too_many):
+        fid_reference.run(tiny_params(model=CONDITIONAL, sample={"classes": [1, 2]}, fid={"num_reference": 13}))
+    everything = tiny_params(model=CONDITIONAL, fid={"num_reference": None})  # all classes: every image
+    assert fid_reference.candidates(everything, 24)[0].tolist() == list(range(24))
 
 
 def test_sampled_classes_must_exist(tiny_params):

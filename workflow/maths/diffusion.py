@@ -140,6 +140,25 @@ def guided(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float) -> to
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-def balanced_classes(classes: list[int], count: int) -> np.ndarray:
-    """The class of samples 0..count-1: `classes` in turn, so every class gets its share (within one)."""
-    return np.asarray(classes, dtype=np.int64)[np.arange(count) % len(classes)]
+def sample_classes(classes: list[int], shares, count: int, columns: int) -> np.ndarray:
+    """The class of samples 0..count-1 of a FID sample set. First `columns` rounds of `classes` in turn
+    (sample r + k * c is classes[r]: the grid's rows), then the rest apportioned so each class's total
+    follows `shares` (its number of training images: FID compares with images drawn at those
+    proportions), by largest remainders, interleaved so that any prefix keeps the proportions too."""
+    classes = np.asarray(classes, dtype=np.int64)
+    shares = np.asarray(shares, dtype=np.float64)
+    head = np.tile(classes, columns)
+    rest = count - len(head)
+    if rest < 0 or len(shares) != len(classes) or shares.min() < 0 or shares.sum() <= 0:
+        raise ValueError(f"cannot give {count} samples to classes {classes.tolist()} with shares {shares.tolist()}")
+    # what each class still needs beyond its grid columns to reach its share of `count`
+    need = np.clip(count * shares / shares.sum() - columns, 0, None)
+    need = need if need.sum() > 0 else shares
+    exact = rest * need / need.sum()
+    extra = np.floor(exact).astype(np.int64)
+    by_remainder = np.argsort(-(exact - extra), kind="stable")
+    extra[by_remainder[: rest - int(extra.sum())]] += 1
+    # sample j of a class with n extra sits at (j + 1/2) / n of the tail
+    position = np.concatenate([(np.arange(n) + 0.5) / max(n, 1) for n in extra])
+    owner = np.repeat(classes, extra)
+    return np.concatenate([head, owner[np.argsort(position, kind="stable")]]).astype(np.int64)

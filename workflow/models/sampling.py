@@ -28,7 +28,7 @@ import torch
 
 from workflow.core.config import ConfigError, Params, Sample
 from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
-from workflow.maths.diffusion import balanced_classes, guided, stream_seed
+from workflow.maths.diffusion import guided, sample_classes, stream_seed
 from workflow.models.builders import build_sampler, null_class
 
 
@@ -153,8 +153,26 @@ def sampled_classes(params: Params, class_names: list[str]) -> list[int]:
     return chosen
 
 
-def sample_labels(params: Params, class_names: list[str]) -> np.ndarray | None:
-    """The class of each sample of the sample set (`sampled_classes` in turn); None for an unconditional model."""
+def grid_columns(params: Params, chosen: list[int]) -> int:
+    """Samples per class in a class-conditional grid (a row per sampled class)."""
+    return min(params.sample.grid_size, params.fid.num_samples // len(chosen))
+
+
+def sample_labels(params: Params, class_names: list[str], training: tuple[list[str], np.ndarray]) -> np.ndarray | None:
+    """The class of each sample of the sample set (maths.diffusion.sample_classes): a block of every sampled
+    class in turn (the grid), then each class in proportion to its training images (`training`: the class
+    names and labels of `paths.labels`), the proportions of the reference set FID compares with; None for
+    an unconditional model."""
     if not class_names:
         return None
-    return balanced_classes(sampled_classes(params, class_names), params.fid.num_samples)
+    chosen = sampled_classes(params, class_names)
+    names, labels = training
+    if list(names) != list(class_names):
+        raise ConfigError(
+            f"{params.paths.labels}: its classes are not those of the trained model in {params.paths.trained}; "
+            "re-run preprocess and train"
+        )
+    counts = np.bincount(labels, minlength=len(names))[chosen]
+    if not counts.any():
+        raise ConfigError(f"`sample.classes` {chosen}: no training image has one of these classes")
+    return sample_classes(chosen, counts, params.fid.num_samples, grid_columns(params, chosen))

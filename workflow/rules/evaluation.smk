@@ -2,12 +2,13 @@ rule fid_reference:
     input:
         images=rules.preprocess.output.images,
         holdout_images=rules.preprocess.output.holdout_images,
+        labels=rules.preprocess.output.labels,
         code=stage_code("fid_reference"),
     output:
         fid_ref=PATHS["fid_ref"],
     params:
-        values=params_of("seed", "data.holdout", "fid.num_reference", "fid.weights", "fid.weights_sha256",
-                         "fid.batch_size"),
+        values=params_of("seed", "data.holdout", "model.class_conditional", "sample.classes", "fid.num_reference",
+                         "fid.weights", "fid.weights_sha256", "fid.batch_size"),
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
@@ -45,6 +46,7 @@ rule fid_sweep:  # off unless fid.steps_sweep or fid.guidance_sweep lists values
         base_model=rules.download_model.output.base_model,
         captions=rules.preprocess.output.captions,
         holdout_captions=rules.preprocess.output.holdout_captions,
+        labels=rules.preprocess.output.labels,
         code=stage_code("fid_sweep"),
     output:
         fid_steps=PATHS["fid_steps"],

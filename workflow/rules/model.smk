@@ -31,6 +31,7 @@ rule sample:
         base_model=rules.download_model.output.base_model,
         captions=rules.preprocess.output.captions,
         holdout_captions=rules.preprocess.output.holdout_captions,
+        labels=rules.preprocess.output.labels,
         code=stage_code("sample"),
     output:
         samples=directory(PATHS["samples"]),

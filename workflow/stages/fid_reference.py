@@ -3,7 +3,8 @@
     python -m workflow fid_reference [--params params.yaml]
 
 Reads `paths.images` (uint8 N x C x H x W; a text-to-image run with `data.holdout`: the held-out images,
-`paths.holdout_images`, instead) and takes `fid.num_reference` of them (null = all), chosen by a
+`paths.holdout_images`, instead; a class-conditional one with `sample.classes`: the images of those
+classes, by `paths.labels`) and takes `fid.num_reference` of them (null = all), chosen by a
 permutation seeded with `seed`. Writes `paths.fid_ref`, an .npz with mu, sigma
 (float64), features (float32, for KID), num_images, and weights_sha256 (the Inception file used;
 evaluate refuses a reference computed with other weights).
@@ -16,20 +17,21 @@ import torch
 
 from workflow.core.config import ConfigError, Params
 from workflow.core.runtime import default_device, feature_workers
+from workflow.formats.labels import load_labels
 from workflow.formats.reference_stats import save_reference
 from workflow.formats.training_images import load_images
 from workflow.maths import fid
 from workflow.models.inception import load_extractor
 
 
-def choose_reference(num_images: int, num_reference: int | None, seed: int, which: str = "preprocessed") -> np.ndarray:
+def choose_reference(num_images: int, num_reference: int | None, seed: int, which: str) -> np.ndarray:
     """Sorted indices of the reference subset: the first `num_reference` of a seeded permutation."""
     if num_reference is None:
         return np.arange(num_images)
     if num_reference > num_images:
         raise ConfigError(
-            f"`fid.num_reference` ({num_reference}) exceeds the {num_images} {which} "
-            "images; lower it, or set it to null to use them all"
+            f"`fid.num_reference` ({num_reference}) exceeds the {num_images} {which}; "
+            "lower it, or set it to null to use them all"
         )
     return np.sort(np.random.default_rng(seed).permutation(num_images)[:num_reference])
 
@@ -41,12 +43,25 @@ def reference_statistics(images: np.ndarray, extractor: torch.nn.Module, batch_s
     return {"mu": mu, "sigma": sigma, "features": feats.astype(np.float32), "num_images": np.int64(len(feats))}
 
 
+def candidates(params: Params, count: int) -> tuple[np.ndarray, str]:
+    """(the images the reference is drawn from, what they are): for a class-conditional model with
+    `sample.classes`, the images of those classes only, since the sample set holds no other class."""
+    if params.data.holdout > 0:
+        return np.arange(count), "held-out images (`data.holdout`)"
+    if not (params.model.class_conditional and params.sample.classes):
+        return np.arange(count), "preprocessed images"
+    _, labels = load_labels(params.paths.labels)
+    if len(labels) != count:
+        raise ConfigError(f"{params.paths.labels}: {len(labels)} labels for {count} images; re-run preprocess")
+    chosen = list(params.sample.classes)
+    return np.flatnonzero(np.isin(labels, chosen)), f"images of `sample.classes` {chosen}"
+
+
 def run(params: Params) -> dict:
-    held_out = params.data.holdout > 0
-    path = params.paths.holdout_images if held_out else params.paths.images
+    path = params.paths.holdout_images if params.data.holdout > 0 else params.paths.images
     images = load_images(path)
-    which = "held-out (`data.holdout`)" if held_out else "preprocessed"
-    index = choose_reference(len(images), params.fid.num_reference, params.seed, which)
+    pool, which = candidates(params, len(images))
+    index = pool[choose_reference(len(pool), params.fid.num_reference, params.seed, which)]
     if len(index) < 2:
         raise ConfigError(f"{path}: FID statistics need at least 2 images, got {len(index)}")
     extractor, info = load_extractor(params.fid)

@@ -55,6 +55,7 @@ class Scorer:
         # torch, diffusers and the FID maths load here, not with the module: a run without sweeps (the
         # default) then costs a fraction of a second instead of seconds of imports
         from workflow.core.runtime import default_device
+        from workflow.formats.labels import load_labels
         from workflow.formats.pipeline import load_class_names, load_unet
         from workflow.models.inception import load_extractor
         from workflow.models.sampling import sample_labels
@@ -70,7 +71,8 @@ class Scorer:
             prompts, _ = fid_prompts(params)
             return cls(params, unet, None, None, extractor, reference, prompts)
         unet, scheduler_config = load_unet(params.paths.trained, default_device())
-        labels = sample_labels(params, load_class_names(params.paths.trained))
+        names = load_class_names(params.paths.trained)
+        labels = sample_labels(params, names, load_labels(params.paths.labels)) if names else None
         return cls(params, unet, scheduler_config, labels, extractor, reference)
 
     def point(self, setting: str, value) -> dict:

@@ -15,9 +15,11 @@ grid is the start of the sample set.
 The set is published whole, and a pipeline whose files no longer match the manifest train
 wrote (truncated, altered) is refused, naming the file; weights are read from safetensors only.
 
-A class-conditional pipeline samples the classes of `sample.classes` (all by default) in turn, sample i
-of class i mod K, guided by `sample.guidance_scale`; samples.json records each sample's class. Its grid
-has one row per class (the first MAX_GRID_ROWS), labelled with the class name, grid_size samples each.
+A class-conditional pipeline samples the classes of `sample.classes` (all by default), guided by
+`sample.guidance_scale`: first grid_size rounds of them in turn (the grid), then each in proportion
+to its training images (`paths.labels`), as the FID reference holds them (maths.diffusion.
+sample_classes); samples.json records each sample's class. Its grid has one row per class (the first
+MAX_GRID_ROWS), labelled with the class name, grid_size samples each.
 
 A text-to-image fine-tune (`model.pretrained`; workflow.models.text_sampling) samples image i of the set
 from the first caption of training image i mod N (`paths.captions`; with `data.holdout`, of held-out
@@ -32,10 +34,11 @@ import numpy as np
 
 from workflow.core.config import Params
 from workflow.core.runtime import Runtime
+from workflow.formats.labels import load_labels
 from workflow.formats.pipeline import load_class_names, load_unet
 from workflow.formats.png import write_grid
 from workflow.formats.sample_set import write_sample_set
-from workflow.models.sampling import sample_batches, sample_labels, sampled_classes
+from workflow.models.sampling import grid_columns, sample_batches, sample_labels, sampled_classes
 
 MAX_GRID_ROWS = 32
 
@@ -57,8 +60,8 @@ def run(params: Params) -> dict:
     labels, columns, keep, extra = None, s.grid_size, s.grid_size**2, {}
     if class_names:
         chosen = sampled_classes(params, class_names)
-        labels = sample_labels(params, class_names)
-        columns = min(s.grid_size, params.fid.num_samples // len(chosen))
+        labels = sample_labels(params, class_names, load_labels(params.paths.labels))
+        columns = grid_columns(params, chosen)
         keep = len(chosen) * columns
         extra = {"guidance_scale": s.guidance_scale, "class_names": class_names, "labels": labels.tolist()}
     batches = sample_batches(unet, scheduler_config, s, params.seed, params.fid.num_samples, device, labels=labels)
