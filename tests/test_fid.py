@@ -109,7 +109,21 @@ def test_precision_recall_in_blocks_equals_the_whole_matrix(monkeypatch):
     assert fid.precision_recall(real, fake)["precision"] == pytest.approx(expected)
     fake_radii = np.sort(cdist(fake, fake), axis=1)[:, 3]  # recall: the other way round, blocks too
     assert fid.precision_recall(real, fake)["recall"] == pytest.approx((cdist(real, fake) <= fake_radii).any(1).mean())
-    assert fid.precision_recall_or_none(real[:3], fake) == {"precision": None, "recall": None}
+    assert fid.precision_recall_or_none(real[:3], fake, seed=0) == {"precision": None, "recall": None}
+
+
+def test_precision_recall_beyond_the_cap_take_a_seeded_subset(monkeypatch):
+    """Their cost grows with the square of the rows: a side beyond PR_MAX_ROWS is a subset drawn with the
+    seed, the same one each time, and a side within it is used whole."""
+    rng = np.random.default_rng(5)
+    real, fake = rng.normal(size=(40, 6)), rng.normal(size=(12, 6)) + 0.5
+    monkeypatch.setattr(fid, "PR_MAX_ROWS", 12)
+    capped = fid.precision_recall_or_none(real, fake, seed=3)
+    subset = real[np.sort(np.random.default_rng(3).choice(40, 12, replace=False))]
+    assert capped == fid.precision_recall(subset, fake) == fid.precision_recall_or_none(real, fake, seed=3)
+    assert capped != fid.precision_recall(real, fake)  # the cap acted
+    monkeypatch.setattr(fid, "PR_MAX_ROWS", 40)
+    assert fid.precision_recall_or_none(real, fake, seed=3) == fid.precision_recall(real, fake)
 
 
 def test_features_shape_finite_and_identical_images_identical_rows(extractor):

@@ -120,13 +120,15 @@ def kernel_inception_distance(
         np.random.set_state(state)
 
 
-def score(sample_feats: np.ndarray, reference: dict, seed: int) -> dict:
-    """FID against the reference statistics; KID, precision and recall against its features."""
+def score(sample_feats: np.ndarray, reference: dict, seed: int, with_precision_recall: bool = True) -> dict:
+    """FID against the reference statistics; KID, and unless told not to precision and recall, against
+    its features."""
     mu, sigma = statistics(sample_feats)
+    pr = precision_recall_or_none(reference["features"], sample_feats, seed) if with_precision_recall else {}
     return {
         "fid": frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
         "kid": kernel_inception_distance(sample_feats, reference["features"], seed),
-        **precision_recall_or_none(reference["features"], sample_feats),
+        **pr,
         "fid_num_samples": len(sample_feats),
         "fid_num_reference": int(reference["num_images"]),
     }
@@ -137,6 +139,9 @@ def score(sample_feats: np.ndarray, reference: dict, seed: int) -> dict:
 # that builds the whole N x M distance matrix at once; these go through it in row blocks.
 
 PR_NEIGHBOURS = 3  # k of the paper's k-nearest-neighbour manifold estimate
+# rows per side at most: the radii cost rows^2 x 2048 (10,000: about a minute on 2 CPU cores; a million
+# reference images would take days), so a larger side is a subset, seeded (the paper used 50,000)
+PR_MAX_ROWS = 10_000
 _BLOCK = 1024  # rows of a distance block: 1024 x M float64
 
 
@@ -177,8 +182,16 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS)
     }
 
 
-def precision_recall_or_none(real: np.ndarray, fake: np.ndarray) -> dict:
-    """precision_recall, or None for both where a side has too few rows for k neighbours (tiny test runs)."""
+def precision_recall_or_none(real: np.ndarray, fake: np.ndarray, seed: int) -> dict:
+    """precision_recall over at most PR_MAX_ROWS of each side (a subset drawn with `seed`), or None for
+    both where a side has too few rows for k neighbours (tiny test runs)."""
     if min(len(real), len(fake)) <= PR_NEIGHBOURS:
         return {"precision": None, "recall": None}
-    return precision_recall(real, fake)
+    rng = np.random.default_rng(seed)
+
+    def at_most(feats):
+        if len(feats) <= PR_MAX_ROWS:
+            return feats
+        return feats[np.sort(rng.choice(len(feats), PR_MAX_ROWS, replace=False))]
+
+    return precision_recall(at_most(real), at_most(fake))

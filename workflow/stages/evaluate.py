@@ -8,7 +8,8 @@ Reads the sample PNGs in `paths.samples` (sorted by name), `paths.fid_ref` (from
 Writes `paths.metrics`: one flat JSON object (fid, kid, precision, recall, train_loss_final, ...,
 evaluate_seconds: this stage's own wall time, loading the samples included; see METRIC_KEYS).
 Precision and recall are Kynkaanniemi et al. (2019), k = 3, on the same Inception features: the share
-of samples that look like training images, and of training images the samples cover.
+of samples that look like training images, and of training images the samples cover; over at most
+10,000 of each (fid.PR_MAX_ROWS, a seeded subset beyond that: their cost grows with the square).
 FID uses the same features function and Inception file as the reference; a reference computed
 with other weights is refused.
 """

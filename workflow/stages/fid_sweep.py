@@ -96,7 +96,7 @@ class Scorer:
         for _, images in batches:
             chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
             feats.append(fid.features(chw, self.extractor, p.fid.batch_size, device, feature_workers(device)))
-        scores = fid.score(np.concatenate(feats), self.reference, p.seed)
+        scores = fid.score(np.concatenate(feats), self.reference, p.seed, with_precision_recall=False)
         return {setting: value, "fid": scores["fid"], "kid": scores["kid"], "seconds": time.perf_counter() - started}
 
     def encoders(self):
