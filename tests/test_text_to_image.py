@@ -266,8 +266,7 @@ def test_a_parquet_caption_column_with_several_captions_per_row(tmp_path):
 def test_the_cached_step_equals_the_step_that_encodes_on_the_fly(text_params):
     """For the same noise, timesteps, flips and caption picks, the loss and gradients of a training step
     from the encode stage's cache equal those of the reference's way: VAE and text encoder every step."""
-    from workflow.maths.diffusion import latent_draws, latent_sample, pick_captions, step_noise, to_model_range
-    from workflow.models.latent import encode_captions, encode_images, load_encoders
+    from workflow.maths.diffusion import latent_draws, pick_captions, step_noise
     from workflow.stages.train import latent_batch, make_accelerator, setup, step_loss
 
     params = prepared(text_params(encode={"storage": "float32"}))  # the encoders' output exactly
@@ -288,14 +287,30 @@ def test_the_cached_step_equals_the_step_that_encodes_on_the_fly(text_params):
 
     cached = loss_and_grads(*latent_batch(training, index, flip, draws, torch.device("cpu")))
 
-    encoders = load_encoders(params.paths.base_model, torch.device("cpu"))
-    images = torch.from_numpy(np.load(params.paths.images))[index]
-    pixels = to_model_range(torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images))
-    mean, logvar = encode_images(encoders.vae, pixels)
-    captions = [c for image in load_captions(params.paths.captions) for c in image]
-    rows = pick_captions(torch.from_numpy(np.array(encoded.offsets)), index, draws[1])
-    hidden = encode_captions(encoders, [captions[r] for r in rows])
-    latents = latent_sample(mean, logvar, draws[0], encoders.vae.config.scaling_factor)
+    # the reference's way, written with diffusers and transformers alone (not this project's encoders):
+    # latents = vae.encode(pixels).latent_dist.sample() * scaling_factor, whose sample() is mean + std * noise
+    # (the noise here: the step's own draws), and text_encoder(max-length-padded token ids)[0]
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    vae = AutoencoderKL.from_pretrained(params.paths.base_model, subfolder="vae").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(params.paths.base_model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(params.paths.base_model, subfolder="text_encoder").eval()
+    images = torch.from_numpy(np.load(params.paths.images))[index].float()
+    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    with torch.no_grad():
+        dist = vae.encode(images / 127.5 - 1).latent_dist
+        latents = (dist.mean + dist.std * draws[0]) * vae.config.scaling_factor
+        captions = [c for image in load_captions(params.paths.captions) for c in image]
+        rows = pick_captions(torch.from_numpy(np.array(encoded.offsets)), index, draws[1])
+        ids = tokenizer(
+            [captions[r] for r in rows],
+            max_length=tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        hidden = text_encoder(ids)[0]
     on_the_fly = loss_and_grads(latents, {"encoder_hidden_states": hidden})
 
     torch.testing.assert_close(cached[0], on_the_fly[0], rtol=1e-5, atol=1e-6)
