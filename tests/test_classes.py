@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import write_images
+from tests.helpers import tiny_dict, write_images
 from workflow.core.config import ConfigError, Model, Sample, load_params, params_from_dict
 from workflow.core.runtime import Runtime
 from workflow.formats import checkpoints
@@ -20,7 +20,7 @@ from workflow.formats.pipeline import load_class_names, load_unet
 from workflow.maths.diffusion import guided, label_dropout_mask, sample_classes
 from workflow.models.builders import build_noise_scheduler, build_sampler, build_unet, null_class
 from workflow.models.class_pipeline import ClassConditionalPipeline
-from workflow.models.sampling import Denoiser, image_generators, sample_batches
+from workflow.models.sampling import Denoiser, image_generators, sample_batches, sample_labels, sampled_classes
 from workflow.stages import download, preprocess
 from workflow.stages.sample import run as sample
 from workflow.stages.train import run as train
@@ -249,6 +249,21 @@ def test_sampled_classes_must_exist(tiny_params):
     train(params)
     with pytest.raises(ConfigError, match=r"`sample.classes` \[5\]: the model has 3 classes"):
         sample(params)
+
+
+def test_a_class_without_training_images_is_not_sampled():
+    """FID's reference holds no image of it: left out of "every class", refused when chosen."""
+    names, labels = ["a", "b", "c"], np.array([0, 2, 0, 2])  # no "b" (e.g. cut by data.max_images)
+    params = params_from_dict(tiny_dict(model=CONDITIONAL, fid={"num_samples": 6}, sample={"grid_size": 1}))
+    assert sampled_classes(params, names, (names, labels)) == [0, 2]
+    assert sample_labels(params, names, (names, labels)).tolist() == [0, 2, 0, 2, 0, 2]
+    chosen = params_from_dict(tiny_dict(model=CONDITIONAL, sample={"classes": [0, 1]}))
+    with pytest.raises(ConfigError, match=r"`sample.classes` \[1\]: no training image has this class"):
+        sampled_classes(chosen, names, (names, labels))
+    with pytest.raises(ConfigError, match=r"labels.json: its classes are not those of the trained model"):
+        sampled_classes(params, names, (["a", "b", "z"], labels))
+    with pytest.raises(ConfigError, match=r"`sample.classes` must hold .* none twice, got \(3, 3, 5\)"):
+        params_from_dict(tiny_dict(model=CONDITIONAL, sample={"classes": [3, 3, 5]}))
 
 
 # --- bad inputs ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import ROOT
 from workflow.core.config import ConfigError
-from workflow.core.slots import Slot, device_slot, take_slots, try_lock
+from workflow.core.slots import Slot, device_slot, gpu_count, take_slots, try_lock
 
 HOLD = """
 import json, os, sys, time
@@ -110,9 +110,9 @@ def test_a_confined_process_takes_no_slot(tmp_path, monkeypatch):
     with device_slot("test") as slot:
         assert slot.index is None
     monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.setenv("SLURM_JOB_ID", "42")  # a SLURM job on a CPU partition: no CUDA_VISIBLE_DEVICES
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # a SLURM job: on a CPU node its allocation confines it
     with device_slot("test") as slot:
-        assert slot.index is None
+        assert (slot.index is None) == (gpu_count() == 0)  # seeing GPUs without CUDA_VISIBLE_DEVICES: slots
     assert not (tmp_path / "slots").exists()
 
 

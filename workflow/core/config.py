@@ -65,6 +65,12 @@ def non_negative_items(limit, count):
     ) | {"max": limit}
 
 
+def distinct(rule):
+    """`rule`, and no value twice."""
+    check, text = rule["check"], rule["rule"]
+    return rule | _rule(lambda v: check(v) and len(set(v)) == len(v), f"{text}, none twice")
+
+
 def positive_list(limit, count):
     return _rule(
         lambda v: 0 < len(v) <= count and all(0 < x <= limit for x in v),
@@ -241,7 +247,7 @@ class Sample:
     compile: bool = False  # torch.compile the UNet; falls back to eager with a warning if it fails
     # class-conditional only: eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional, 0 = unconditional
     guidance_scale: float = checked(1.0, non_negative(GUIDANCE))
-    classes: tuple[int, ...] = checked_tuple((), non_negative_items(CLASSES - 1, 1024))  # class indices; () = all
+    classes: tuple[int, ...] = checked_tuple((), distinct(non_negative_items(CLASSES - 1, 1024)))  # () = all
     # text-to-image: the grid's prompts (a row each, at every checkpoint and at the end) and what guidance steers from
     prompts: tuple[str, ...] = checked_tuple((), PROMPTS)
     negative_prompt: Optional[str] = None

@@ -12,8 +12,8 @@ leaked and there is nothing to clean up. There are as many
 slots as GPUs; without a GPU, WORKFLOW_SLOTS of them (default 1: two trainings on one CPU only slow
 each other down), the same code, so a test can watch CPU experiments take turns.
 A process already confined takes no slot: CUDA_VISIBLE_DEVICES set (by you, SLURM or a launcher), a
-SLURM job (SLURM_JOB_ID: the allocation is the scheduler's), or one rank of a multi-process launch
-(WORLD_SIZE > 1: accelerate launch, torchrun).
+SLURM job on a node without GPUs (SLURM_JOB_ID: the allocation is the scheduler's), or one rank of a
+multi-process launch (WORLD_SIZE > 1: accelerate launch, torchrun).
 """
 
 from __future__ import annotations
@@ -71,14 +71,14 @@ def slot_count() -> int:
     return int(raw)
 
 
-CONFINING = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")  # devices given by you, a launcher or a scheduler
-
-
 def confined() -> bool:
-    """Already given its devices: CUDA_VISIBLE_DEVICES, a SLURM job (its allocation is its own, GPU or
-    CPU: jobs the scheduler put on one node must not wait for each other inside their time limits), or
-    one rank of a multi-process launch."""
-    return any(k in os.environ for k in CONFINING) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Already given its devices: CUDA_VISIBLE_DEVICES set, one rank of a multi-process launch, or a SLURM
+    job on a node without GPUs (its CPUs are its allocation: jobs the scheduler put on one node must not
+    wait for each other inside their time limits). A SLURM job that sees GPUs without CUDA_VISIBLE_DEVICES
+    (a whole node, no --gres) still takes slots, so the stages it runs side by side spread over them."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return True
+    return "SLURM_JOB_ID" in os.environ and gpu_count() == 0
 
 
 def current_slot() -> str | None:

@@ -137,14 +137,25 @@ def sample_batches(
             yield first, images
 
 
-def sampled_classes(params: Params, class_names: list[str]) -> list[int]:
-    """The class indices the sample set cycles through: `sample.classes`, or every class."""
+def sampled_classes(params: Params, class_names: list[str], training: tuple[list[str], np.ndarray]) -> list[int]:
+    """The class indices sampled: `sample.classes`, or every class that has training images (`training`:
+    the class names and labels of `paths.labels`; FID's reference holds no image of any other)."""
+    names, labels = training
+    if list(names) != list(class_names):
+        raise ConfigError(
+            f"{params.paths.labels}: its classes are not those of the trained model in {params.paths.trained}; "
+            "re-run preprocess and train"
+        )
+    counts = np.bincount(labels, minlength=len(names))
     wrong = [c for c in params.sample.classes if c >= len(class_names)]
     if wrong:
         raise ConfigError(
             f"`sample.classes` {wrong}: the model has {len(class_names)} classes (0..{len(class_names) - 1})"
         )
-    chosen = list(params.sample.classes) or list(range(len(class_names)))
+    empty = [c for c in params.sample.classes if counts[c] == 0]
+    if empty:
+        raise ConfigError(f"`sample.classes` {empty}: no training image has this class, so FID has none to compare")
+    chosen = list(params.sample.classes) or [c for c in range(len(class_names)) if counts[c]]
     if len(chosen) > params.fid.num_samples:
         raise ConfigError(
             f"`fid.num_samples` ({params.fid.num_samples}) is below the {len(chosen)} classes sampled: every "
@@ -160,19 +171,11 @@ def grid_columns(params: Params, chosen: list[int]) -> int:
 
 def sample_labels(params: Params, class_names: list[str], training: tuple[list[str], np.ndarray]) -> np.ndarray | None:
     """The class of each sample of the sample set (maths.diffusion.sample_classes): a block of every sampled
-    class in turn (the grid), then each class in proportion to its training images (`training`: the class
-    names and labels of `paths.labels`), the proportions of the reference set FID compares with; None for
-    an unconditional model."""
+    class in turn (grid_columns rounds: the grid), then each class in proportion to its training images
+    (`training`: the class names and labels of `paths.labels`), the proportions of the reference set FID
+    compares with; None for an unconditional model."""
     if not class_names:
         return None
-    chosen = sampled_classes(params, class_names)
-    names, labels = training
-    if list(names) != list(class_names):
-        raise ConfigError(
-            f"{params.paths.labels}: its classes are not those of the trained model in {params.paths.trained}; "
-            "re-run preprocess and train"
-        )
-    counts = np.bincount(labels, minlength=len(names))[chosen]
-    if not counts.any():
-        raise ConfigError(f"`sample.classes` {chosen}: no training image has one of these classes")
+    chosen = sampled_classes(params, class_names, training)
+    counts = np.bincount(training[1], minlength=len(class_names))[chosen]
     return sample_classes(chosen, counts, params.fid.num_samples, grid_columns(params, chosen))

@@ -7,8 +7,8 @@ rule fid_reference:
     output:
         fid_ref=PATHS["fid_ref"],
     params:
-        values=params_of("seed", "data.holdout", "model.class_conditional", "sample.classes", "fid.num_reference",
-                         "fid.weights", "fid.weights_sha256", "fid.batch_size"),
+        values=params_of("seed", "data.holdout", "sample.classes", "fid.num_reference", "fid.weights",
+                         "fid.weights_sha256", "fid.batch_size"),
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
@@ -54,7 +54,7 @@ rule fid_sweep:  # off unless fid.steps_sweep or fid.guidance_sweep lists values
     params:
         values=params_of("seed", "sample.sampler", "sample.num_inference_steps", "sample.eta", "sample.batch_size",
                          "sample.mixed_precision", "sample.compile", "sample.guidance_scale", "sample.classes",
-                         "sample.negative_prompt", "model.pretrained", "data.resolution", "data.holdout",
+                         "sample.grid_size", "sample.negative_prompt", "model.pretrained", "data.resolution", "data.holdout",
                          "fid.num_samples", "fid.steps_sweep", "fid.guidance_sweep", "fid.weights",
                          "fid.weights_sha256", "fid.batch_size"),
         config=PARAMS_FILE,

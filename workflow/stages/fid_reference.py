@@ -48,7 +48,7 @@ def candidates(params: Params, count: int) -> tuple[np.ndarray, str]:
     `sample.classes`, the images of those classes only, since the sample set holds no other class."""
     if params.data.holdout > 0:
         return np.arange(count), "held-out images (`data.holdout`)"
-    if not (params.model.class_conditional and params.sample.classes):
+    if not params.sample.classes:  # (config allows it for a class-conditional model only)
         return np.arange(count), "preprocessed images"
     _, labels = load_labels(params.paths.labels)
     if len(labels) != count:

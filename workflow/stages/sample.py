@@ -16,10 +16,10 @@ The set is published whole, and a pipeline whose files no longer match the manif
 wrote (truncated, altered) is refused, naming the file; weights are read from safetensors only.
 
 A class-conditional pipeline samples the classes of `sample.classes` (all by default), guided by
-`sample.guidance_scale`: first grid_size rounds of them in turn (the grid), then each in proportion
-to its training images (`paths.labels`), as the FID reference holds them (maths.diffusion.
-sample_classes); samples.json records each sample's class. Its grid has one row per class (the first
-MAX_GRID_ROWS), labelled with the class name, grid_size samples each.
+`sample.guidance_scale`: first grid_size rounds of them in turn (fewer if fid.num_samples is short:
+the grid), then each in proportion to its training images (`paths.labels`), as the FID reference holds
+them (maths.diffusion.sample_classes); samples.json records each sample's class. Its grid has one
+row per class (the first MAX_GRID_ROWS), labelled with the class name, grid_size samples each.
 
 A text-to-image fine-tune (`model.pretrained`; workflow.models.text_sampling) samples image i of the set
 from the first caption of training image i mod N (`paths.captions`; with `data.holdout`, of held-out
@@ -59,8 +59,9 @@ def run(params: Params) -> dict:
     class_names = load_class_names(params.paths.trained)
     labels, columns, keep, extra = None, s.grid_size, s.grid_size**2, {}
     if class_names:
-        chosen = sampled_classes(params, class_names)
-        labels = sample_labels(params, class_names, load_labels(params.paths.labels))
+        training = load_labels(params.paths.labels)
+        chosen = sampled_classes(params, class_names, training)
+        labels = sample_labels(params, class_names, training)
         columns = grid_columns(params, chosen)
         keep = len(chosen) * columns
         extra = {"guidance_scale": s.guidance_scale, "class_names": class_names, "labels": labels.tolist()}
