@@ -213,7 +213,7 @@ def check_card(root: Path, params: Params) -> None:
     assert manifest_damage(folder) is None
 
     code = card_snippet(body)
-    assert len(code.splitlines()) == 3 and f'from_pretrained("{paths.pipeline}"' in code
+    assert len(code.splitlines()) == 3 and f"from_pretrained({paths.pipeline!r}" in code
     here = os.getcwd()
     os.chdir(root)
     try:

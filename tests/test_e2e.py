@@ -20,6 +20,7 @@ from PIL import Image
 from tests.browser import CHROMEDRIVER, CHROMIUM, browser, render
 from tests.helpers import PACKAGED_WEIGHTS, QUALITY, ROOT, check_card, make_repo, merged, repo_env, run, sh
 from workflow.core.config import params_from_dict
+from workflow.maths.diffusion import sample_classes
 
 pytestmark = pytest.mark.e2e
 
@@ -185,7 +186,7 @@ def smk_preset(tmp_path_factory):
 
 
 def test_a_class_conditional_run_under_snakemake(smk_preset, tmp_path):
-    """Labels from the embedded MNIST, a class embedding, a balanced guided sample set, the labelled grid,
+    """Labels from the embedded MNIST, a class embedding, a guided sample set in the training shares, the labelled grid,
     FID against w in the report, the published pipeline with its own pipeline.py, and Snakemake's report."""
     repo, _, metrics = smk_preset
     check_snakemake_report(
@@ -194,10 +195,14 @@ def test_a_class_conditional_run_under_snakemake(smk_preset, tmp_path):
         ("--configfile", "configs/classes-8.yaml"),
         ("Class-conditional", "guided with w = 2.0", "from the EMA weights by"),
     )
-    classes = json.loads((repo / "data/processed/labels.json").read_text())["classes"]
+    labelled = json.loads((repo / "data/processed/labels.json").read_text())
+    classes, counts = labelled["classes"], np.bincount(labelled["labels"], minlength=10)
     assert classes == [str(d) for d in range(10)]
     samples = json.loads((repo / "data/samples/samples.json").read_text())
-    assert samples["labels"] == [1, 7] * 4 and samples["guidance_scale"] == 2.0 and samples["class_names"] == classes
+    # the grid's two rounds of 1 and 7, then the two digits in their training shares
+    assert samples["labels"] == sample_classes([1, 7], counts[[1, 7]], 8, 2).tolist()
+    assert samples["labels"][:4] == [1, 7, 1, 7] and sorted(set(samples["labels"])) == [1, 7]
+    assert samples["guidance_scale"] == 2.0 and samples["class_names"] == classes
     rows = (repo / "reports/fid_guidance.csv").read_text().splitlines()
     assert rows[0] == "guidance_scale,fid,kid,seconds" and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
     assert float(rows[2].split(",")[1]) == pytest.approx(metrics["fid"], rel=1e-5)  # w = 2 is the evaluated set

@@ -118,3 +118,32 @@ def test_the_card_says_which_weights_were_published(run):
         package(params)
     card = (root / "models/pipeline-no-ema/README.md").read_text()
     assert "the weights of the last step (no EMA)." in card and "EMA weights" not in card
+
+
+def test_a_class_conditional_card_names_what_was_sampled_and_keeps_its_table_whole():
+    """The snippet samples a class the evaluation sampled (class 0 may have no training images) and the
+    metadata counts those; a class name with | or a newline stays one table cell."""
+    from workflow.core.config import params_from_dict
+    from workflow.stages.package import description, usage
+
+    params = params_from_dict(tiny_dict(model={"class_conditional": True}, sample={"guidance_scale": 1.2345678}))
+    names = ["empty", "a|b", "two\nlines"]
+    snippet = usage(params, object, names, sampled=[1, 2])
+    assert "class_labels=[1] * 2, guidance_scale=1.2345678," in snippet and "of class 'a|b'" in snippet
+    summary = {"num_parameters": 1234}
+    text = description(
+        params,
+        {
+            "kind": "builtin",
+            "name": "mnist",
+            "count": 3,
+            "package": "p",
+            "package_version": "1",
+            "data_file": "f",
+            "data_file_sha256": "0",
+        },
+        {"count": 3},
+        summary,
+        names,
+    )
+    assert "| 1 | a\\|b |\n| 2 | two lines |" in text

@@ -7,6 +7,7 @@ rule package:  # models/pipeline: the trained pipeline + its model card, ready f
         raw=rules.download.output.raw,
         meta=rules.preprocess.output.meta,
         train_log=rules.train.output.train_log,
+        labels=rules.preprocess.output.labels,
         code=stage_code("package"),
     output:
         pipeline=directory(PATHS["pipeline"]),

@@ -37,6 +37,7 @@ from workflow.core.artifacts import atomic_dir, write_manifest
 from workflow.core.config import ConfigError, Params
 from workflow.formats import trainlog
 from workflow.formats.base_model import INDEX_FILE, read_base
+from workflow.formats.labels import load_labels
 from workflow.formats.pipeline import (
     CLASS_NAMES_FILE,
     LORA_FILE,
@@ -49,6 +50,7 @@ from workflow.formats.raw_dataset import SOURCE_FILE
 from workflow.formats.records import read_record
 from workflow.models import class_pipeline
 from workflow.models.builders import build_sampler, pretrained_scheduler_config
+from workflow.models.sampling import sampled_classes
 
 CARD, GRID = "README.md", "samples.png"
 PIPELINES = {"ddpm": DDPMPipeline, "ddim": DDIMPipeline, "dpmsolver++": DDPMPipeline}  # DDIM's takes eta
@@ -131,7 +133,12 @@ def base_line(base: dict) -> str:
 
 
 def card_metadata(
-    params: Params, source: dict, metrics: dict, class_names: list[str], base: dict | None = None
+    params: Params,
+    source: dict,
+    metrics: dict,
+    class_names: list[str],
+    base: dict | None = None,
+    sampled: list[int] = (),
 ) -> ModelCardData:
     """The YAML front matter the Hub reads: library, tags, dataset (with its pinned commit), FID and KID;
     a fine-tune's base model."""
@@ -166,7 +173,7 @@ def card_metadata(
     counts = f"{metrics['fid_num_samples']} samples vs {metrics['fid_num_reference']} {reference_set(params)}"
     task = CONDITIONAL_TASK if class_names else TASK
     if class_names:
-        args.update(guidance_scale=s.guidance_scale, classes=len(s.classes or class_names))
+        args.update(guidance_scale=s.guidance_scale, classes=len(sampled))
     if base is not None:
         task = TEXT_TASK
         prompts = f"the first caption of each of the {reference_set(params)}"
@@ -227,19 +234,19 @@ def text_usage(params: Params, base: dict) -> str:
     negative += "" if s.applied_eta is None else f", eta={s.eta}"  # diffusers' default is 0
     generate = (
         f"images = pipeline([{s.prompts[0]!r}] * {s.grid_size}, height={data.resolution}, width={data.resolution}, "
-        f"num_inference_steps={s.num_inference_steps}, guidance_scale={s.guidance_scale:g}{negative}).images"
+        f"num_inference_steps={s.num_inference_steps}, guidance_scale={s.guidance_scale!r}{negative}).images"
         f"  # {s.grid_size} PIL images\n```\n"
     )
     if not params.train.lora_rank:
         return (
             f"```python\nfrom diffusers import StableDiffusionPipeline\n"
-            f'pipeline = StableDiffusionPipeline.from_pretrained("{where}")  # or "<user>/<repo>" once uploaded\n'
+            f'pipeline = StableDiffusionPipeline.from_pretrained({where!r})  # or "<user>/<repo>" once uploaded\n'
             + generate
         )
     if base["kind"] == "hf":
         load = f'"{base["repo_id"]}", revision="{base["sha"]}")'
     else:
-        load = f'"{params.paths.base_model}")  # the pretrained pipeline, as fetched from {base["path"]}'
+        load = f"{params.paths.base_model!r})  # the pretrained pipeline, as fetched from {base['path']}"
     sampler = build_sampler(s.sampler, pretrained_scheduler_config(params.paths.base_model))
     settings = {key: sampler.config[key] for key in SAMPLER_SETTINGS if key in sampler.config}
     arguments = "".join(f", {key}={value!r}" for key, value in settings.items())
@@ -247,23 +254,23 @@ def text_usage(params: Params, base: dict) -> str:
     return (
         f"```python\nfrom diffusers import {name}, StableDiffusionPipeline\n"
         f"pipeline = StableDiffusionPipeline.from_pretrained({load}\n"
-        f'pipeline.load_lora_weights("{where}")  # this LoRA adapter (rank {params.train.lora_rank})\n'
+        f"pipeline.load_lora_weights({where!r})  # this LoRA adapter (rank {params.train.lora_rank})\n"
         f"pipeline.scheduler = {name}.from_config(pipeline.scheduler.config{arguments})  # the evaluated sampler\n"
         + generate
     )
 
 
-def usage(params: Params, pipeline_class: type, class_names: list[str]) -> str:
+def usage(params: Params, pipeline_class: type, class_names: list[str], sampled: list[int] = ()) -> str:
     """Three lines that load and sample the published folder (tests execute them from this card)."""
     s, data = params.sample, params.data
     n, name = s.grid_size**2, pipeline_class.__name__
     if class_names:
-        where, first = params.paths.pipeline, (s.classes or [0])[0]
+        where, first = params.paths.pipeline, sampled[0]  # a class the evaluation sampled: one with images
         return (
             f"```python\nfrom diffusers import DiffusionPipeline\n"
-            f'pipeline = DiffusionPipeline.from_pretrained("{where}", custom_pipeline="{where}", '
+            f"pipeline = DiffusionPipeline.from_pretrained({where!r}, custom_pipeline={where!r}, "
             f"trust_remote_code=True)  # runs {CUSTOM_PIPELINE}: read it first\n"
-            f"images = pipeline(class_labels=[{first}] * {s.grid_size}, guidance_scale={s.guidance_scale:g}, "
+            f"images = pipeline(class_labels=[{first}] * {s.grid_size}, guidance_scale={s.guidance_scale!r}, "
             f"num_inference_steps={s.num_inference_steps}"
             f"{'' if s.applied_eta is None else f', eta={s.eta}'}).images"
             f"  # {s.grid_size} PIL images of class {class_names[first]!r}, {data.resolution}x{data.resolution}\n```\n"
@@ -271,7 +278,7 @@ def usage(params: Params, pipeline_class: type, class_names: list[str]) -> str:
     eta = f", eta={s.eta}" if pipeline_class is DDIMPipeline else ""
     return (
         f"```python\nfrom diffusers import {name}\n"
-        f'pipeline = {name}.from_pretrained("{params.paths.pipeline}")  # or "<user>/<repo>" once uploaded\n'
+        f'pipeline = {name}.from_pretrained({params.paths.pipeline!r})  # or "<user>/<repo>" once uploaded\n'
         f"images = pipeline(batch_size={n}, num_inference_steps={s.num_inference_steps}{eta}).images"
         f"  # {n} PIL images, {data.resolution}x{data.resolution}\n```\n"
     )
@@ -301,7 +308,8 @@ def description(
     )
     if not class_names:
         return f"An unconditional image diffusion model: {trained}.\n"
-    rows = "\n".join(f"| {i} | {name} |" for i, name in enumerate(class_names))
+    cells = (name.replace("|", "\\|").replace("\n", " ") for name in class_names)  # Markdown table cells
+    rows = "\n".join(f"| {i} | {name} |" for i, name in enumerate(cells))
     return (
         f"A class-conditional image diffusion model with classifier-free guidance: {trained}, conditioned on "
         f"its {len(class_names)} classes (a class embedding; `train.label_dropout` "
@@ -321,8 +329,10 @@ def model_card(
     sampler: str,
     class_names: list[str],
     base: dict | None = None,
+    sampled: list[int] = (),
 ) -> str:
-    """README.md: the Hub's YAML front matter, then the grid, usage, evaluation, training and hardware."""
+    """README.md: the Hub's YAML front matter, then the grid, usage, evaluation, training and hardware;
+    `sampled`: a class-conditional model's classes the evaluation sampled (models.sampling.sampled_classes)."""
     s = params.sample
     sections = ("data", "model", "train") if base else ("data", "model", "scheduler", "train")
     recipe = {"seed": params.seed, **{k: params.to_dict()[k] for k in sections}}
@@ -341,12 +351,12 @@ def model_card(
     software = ", ".join(f"{k} {v}" for k, v in sorted(summary["software"].items()))
     return "\n".join(
         [
-            f"---\n{card_metadata(params, source, metrics, class_names, base).to_yaml()}\n---\n",
+            f"---\n{card_metadata(params, source, metrics, class_names, base, sampled).to_yaml()}\n---\n",
             f"# {model_name(params)}\n",
             description(params, source, meta, summary, class_names, base),
             f"![{grid_alt}]({GRID})\n",
             "## Use\n",
-            text_usage(params, base) if base else usage(params, pipeline_class, class_names),
+            text_usage(params, base) if base else usage(params, pipeline_class, class_names, sampled),
             (
                 f"The sampler the evaluation used is `{sampler}` on {schedule}"
                 f"{', set as above' if params.train.lora_rank else ', saved here as the scheduler'}. "
@@ -385,15 +395,30 @@ def run(params: Params) -> dict:
     source = read_record(Path(p.raw) / SOURCE_FILE, "download")
     meta = read_record(p.meta, "preprocess")
     metrics = read_record(p.metrics, "evaluate")
-    summary = trainlog.read_summary(p.train_log)
+    summary = trainlog.read_summary(
+        p.train_log,
+        (
+            "software",
+            "compiled",
+            "torch_threads",
+            "num_parameters",
+            "trainable_parameters",
+            "num_processes",
+            "mixed_precision",
+            "loss_final",
+            "seconds",
+            "images_per_second",
+        ),
+    )
     if not Path(p.grid).is_file():
         raise ConfigError(f"{p.grid}: no such file; the sample stage makes it")
     class_names = [] if base else load_class_names(p.trained)
+    sampled = sampled_classes(params, class_names, load_labels(p.labels)) if class_names else []
     with atomic_dir(p.pipeline) as out:
         publish = publish_text_to_image if base else publish_pipeline
         pipeline_class, sampler = publish(params, Path(p.trained), out)
         shutil.copyfile(p.grid, out / GRID)
-        card = model_card(params, source, meta, metrics, summary, pipeline_class, sampler, class_names, base)
+        card = model_card(params, source, meta, metrics, summary, pipeline_class, sampler, class_names, base, sampled)
         (out / CARD).write_text(card)
         write_manifest(out)
     return {"pipeline": p.pipeline, "class": pipeline_class.__name__, "fid": metrics["fid"]}
