@@ -68,6 +68,12 @@ def test_default_selection_skips_a_commit_without_results_and_a_workspace_seen_a
     assert [r["name"] for r in compare.select(compare.exp_show_rows(shown), [])][0] == "workspace"
 
 
+def test_edited_params_not_yet_run_are_not_credited_with_a_recorded_runs_results():
+    """params.yaml edited after `dvc exp apply lr-1e-3`: the workspace's metrics.json is still that run's."""
+    edited = dict(SHOWN[0], data=_data(_params(lr=0.05), {"fid": 70.5, "kid": 0.1}))
+    assert [r["name"] for r in compare.select(compare.exp_show_rows([edited, SHOWN[1]]), [])] == ["steps-8", "lr-1e-3"]
+
+
 def test_default_selection_shows_a_repeated_run_once():
     again = _rev("rerun", "d" * 40, _params(steps=8), {"fid": 90.0})  # `make run` twice: same params, same results
     shown = [SHOWN[0], dict(SHOWN[1], experiments=[*SHOWN[1]["experiments"], {"revs": [again]}])]

@@ -159,7 +159,8 @@ def _same_results(a: dict, b: dict) -> bool:
 
 def select(rows: list, wanted: list) -> list:
     """The rows named in `wanted` (name, rev prefix or `workspace`), in that order; without names, the
-    experiments, the baseline commit if it has results, and the workspace if its results are new.
+    experiments, the baseline commit if it has results, and the workspace if its results are new (not a
+    recorded run's metrics, which edited params would otherwise be credited with).
     A run whose params and metrics equal an earlier one's (`make run` twice on one commit records the
     same cached results twice) is shown once, under the name dvc lists first."""
     if wanted:
@@ -176,7 +177,8 @@ def select(rows: list, wanted: list) -> list:
         recorded = row["kind"] == "experiment" or (row["kind"] == "commit" and row_metrics(row))
         if recorded and not any(_same_results(row, other) for other in chosen):
             chosen.append(row)
-    # an experiment running in the workspace: its params are new, its metrics not yet
+    # an experiment running in the workspace: its params are new, its metrics not yet; and params edited
+    # but not yet run: the metrics are still a recorded run's (the same to the last digit), not theirs
     running_here = any(r["kind"] == "unfinished" and r["rev"] == "workspace" for r in rows)
     workspace = [
         r
@@ -184,7 +186,7 @@ def select(rows: list, wanted: list) -> list:
         if r["kind"] == "workspace"
         and not running_here
         and row_metrics(r)
-        and not any(_same_results(r, other) for other in chosen)
+        and not any(row_metrics(r) == row_metrics(other) for other in chosen)
     ]
     return workspace + chosen
 
