@@ -2,6 +2,7 @@
 and the page (opened in Chromium, sorted by a click). The real `dvc exp show` and DVC cache are
 exercised end to end in tests/test_e2e.py."""
 
+import dataclasses
 import io
 import math
 import re
@@ -175,6 +176,14 @@ def test_page_marks_the_best_fid_and_shows_every_experiment():
     assert '<button type="button">seed</button>' not in page  # the same everywhere
     assert "failed</strong>: reports/samples/grid.png: not in the cache" in page
     assert not re.search(r"(?:src|href)=\"(?!data:)", page) and "http" not in page
+
+
+def test_no_best_is_marked_among_fids_scored_differently():
+    """FID is biased upwards at small sample counts: a run scored on more samples is not better for it."""
+    more = dataclasses.replace(EXPERIMENTS[1], metrics={**EXPERIMENTS[1].metrics, "fid_num_samples": 1000})
+    page = compare.render_comparison([EXPERIMENTS[0], more, EXPERIMENTS[2]])
+    assert 'class="badge">best' not in page and "class=best" not in page
+    assert "best FID n/a (scored with different sample or reference counts" in page
 
 
 def test_page_plots_fid_against_each_swept_param_and_names_the_best():

@@ -488,15 +488,23 @@ function order(a, b, ascending) {
 """
 
 
+# what a FID's value depends on besides the model: FIDs that differ here are not comparable
+SCORED_WITH = ("fid_num_samples", "fid_num_reference", "fid_weights_sha256")
+
+
 def render_comparison(experiments: list) -> str:
     """The whole page: a pure function of the loaded experiments."""
     shown = ranked(experiments)
     colours = {e.name: PALETTE[i % len(PALETTE)] for i, e in enumerate(shown)}
-    best = shown[0] if shown and math.isfinite(shown[0].fid) else None
+    scored = [e for e in shown if math.isfinite(e.fid)]
+    ways = {tuple(e.metrics.get(k) for k in SCORED_WITH) for e in scored}
+    best = scored[0] if scored and len(ways) == 1 else None
     keys = differing_params(shown)
-    subtitle = f"{len(shown)} experiment(s) from `dvc exp show`; best FID " + (
-        f"{best.fid:.2f}: {best.name}" if best else "n/a (no experiment has a FID)"
-    )
+    if len(ways) > 1:  # few samples bias FID upwards: the lowest may be the one scored on the most samples
+        why = "n/a (scored with different sample or reference counts or Inception weights: compare runs scored alike)"
+    else:
+        why = f"{best.fid:.2f}: {best.name}" if best else "n/a (no experiment has a FID)"
+    subtitle = f"{len(shown)} experiment(s) from `dvc exp show`; best FID {why}"
     body = (
         table_section(shown, colours, keys, best)
         + sweeps_section(shown, keys, best)
