@@ -100,6 +100,14 @@ def test_a_missing_artifact_names_the_stage_that_makes_it(run):
         untrained = dataclasses.replace(params, paths=dataclasses.replace(params.paths, trained="nowhere"))
         with pytest.raises(ConfigError, match="nowhere holds no trained pipeline: run the train stage first"):
             package(untrained)
+        summary = root / params.paths.train_log / "summary.json"
+        saved = summary.read_text()
+        try:  # an older train stage's summary, without the software versions the card lists
+            summary.write_text(json.dumps({k: v for k, v in json.loads(saved).items() if k != "software"}))
+            with pytest.raises(ConfigError, match=r"summary.json: missing keys \['software'\]; re-run the train"):
+                package(params)
+        finally:
+            summary.write_text(saved)
 
 
 def test_the_card_says_which_weights_were_published(run):

@@ -388,6 +388,13 @@ def model_card(
     )
 
 
+# what the card shows of the training summary: an older summary.json without one is named, not a KeyError
+SUMMARY_KEYS = (
+    "steps", "seconds", "loss_final", "images_per_second", "num_parameters", "trainable_parameters",
+    "num_processes", "mixed_precision", "compiled", "torch_threads", "device", "device_name", "software",
+)  # fmt: skip
+
+
 def run(params: Params) -> dict:
     p = params.paths
     base = read_base(p.base_model) if params.model.pretrained is not None else None
@@ -395,21 +402,7 @@ def run(params: Params) -> dict:
     source = read_record(Path(p.raw) / SOURCE_FILE, "download")
     meta = read_record(p.meta, "preprocess")
     metrics = read_record(p.metrics, "evaluate")
-    summary = trainlog.read_summary(
-        p.train_log,
-        (
-            "software",
-            "compiled",
-            "torch_threads",
-            "num_parameters",
-            "trainable_parameters",
-            "num_processes",
-            "mixed_precision",
-            "loss_final",
-            "seconds",
-            "images_per_second",
-        ),
-    )
+    summary = trainlog.read_summary(p.train_log, SUMMARY_KEYS)
     if not Path(p.grid).is_file():
         raise ConfigError(f"{p.grid}: no such file; the sample stage makes it")
     class_names = [] if base else load_class_names(p.trained)
