@@ -5,6 +5,7 @@
 #   bench/gpu_check.sh fid       # FID-10k at 64 px end to end (compiled and eager sampler); ours vs the tutorial's sampling call
 #   bench/gpu_check.sh dag       # both presets' whole DAG, shortened and on the embedded digits, under dvc repro
 #   bench/gpu_check.sh quality-start, then quality-finish   # the recipe-quality matrix (docs/QUALITY.md), see there
+#   bench/gpu_check.sh quality-generate   # its 32 px part in one call, scored afterwards on a CPU (see there)
 #   bench/gpu_check.sh t2i       # text-to-image steps from the encode cache vs encoding every step, SD 1.5's shapes
 #                                # (random weights: the machine reaches no Hub), full and LoRA, 512 px
 #   bench/gpu_check.sh t2i-all   # t2i, then the guide's full fine-tune preset's DAG (shortened, on that random
@@ -34,7 +35,7 @@
 # Output: $OUT/<part>.log and <part>.json (every --json result and each step's exit), dag.tar.gz (the reports).
 # GPU_CHECK_SCALE=tiny runs everything at toy sizes (a CPU rehearsal of the script itself).
 set -uo pipefail
-part=${1:?usage: bench/gpu_check.sh train|fid|dag|quality-start|quality-finish|t2i|t2i-all|t2i-dag-train|t2i-dag-finish|t2i-dag-lora}
+part=${1:?usage: bench/gpu_check.sh train|fid|dag|quality-start|quality-finish|quality-generate|t2i|t2i-all|t2i-dag-train|t2i-dag-finish|t2i-dag-lora}
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 tiny=$([ "${GPU_CHECK_SCALE:-full}" = tiny ] && echo 1 || echo 0)
@@ -245,6 +246,44 @@ quality_finish_part() {
     jobs/*/failed.txt jobs/*/train_log/summary.json 2>/dev/null)
 }
 
+# quality-generate: the 32 px recipe matrix in one call, trained and sampled (`matrix --generate-only`: no
+# Inception file needed) for as much as QUALITY_DEADLINE seconds allow, in this order: every recipe and seed
+# at 10 minutes (the target's comparison), seed 0 at 2 and 5, then seeds 1 and 2 at 2 and 5. What was
+# generated comes back as $OUT/quality-32.tar.part-*; on a CPU, unpack it to the same path (the job params
+# name it) and score it with the same options and --score-only instead of --generate-only:
+#   cat quality-32.tar.part-* | tar xf - -C /
+#   python -m workflow quality matrix <quality_32's options> --budgets 2 5 10 --score-only
+QUALITY_32_DIR=${QUALITY_32_DIR:-/root/quality-32}
+quality_32() {  # quality_32 SECONDS_LEFT MATRIX_OPTION...
+  local left=$1; shift
+  [ "$left" -gt 30 ] || { echo "no time left"; return 0; }
+  python3 -m workflow quality matrix --rates bench/quality/rates.json bench/quality/rates-variants.json \
+    --out "$QUALITY_32_DIR" --resolutions 32 --sampler-sweep "" --reference 2000 --sample-batch 1000 \
+    --weights /root/fid/default_1.pt --weights-sha256 $PACKAGED_SHA256 --generate-only \
+    --workers "${QUALITY_WORKERS:-6}" --threads 2 --deadline "$left" "$@"
+}
+quality_generate_part() {
+  nvidia-smi -L || true
+  local until=$((SECONDS + ${QUALITY_DEADLINE:-480}))
+  if [ "$tiny" = 1 ]; then
+    step q32-tiny quality_32 $((until - SECONDS)) --budgets 0.02 --seeds 0 --samples 8 --sample-batch 8 --reference 16
+  else
+    step q32-b10 quality_32 $((until - SECONDS)) --budgets 10
+    step q32-s0 quality_32 $((until - SECONDS)) --budgets 2 5 --seeds 0
+    step q32-s12 quality_32 $((until - SECONDS)) --budgets 2 5 --seeds 1 2
+  fi
+  local files=()  # each generated job's files for scoring, not its weights or checkpoints
+  for marker in "$QUALITY_32_DIR"/jobs/*/generated.json; do
+    [ -f "$marker" ] || continue
+    local job=${marker%/generated.json}
+    for f in params.yaml generated.json grid.png samples train_log/summary.json log.txt; do
+      [ -e "$job/$f" ] && files+=("${job#/}/$f")
+    done
+  done
+  [ ${#files[@]} -gt 0 ] && (cd / && tar cf - "${files[@]}" | split -b 15M - "$out/quality-32.tar.part-")
+  ls -la "$out"
+}
+
 # random_pipeline SHAPES: a Stable Diffusion pipeline of these shapes with random weights (the lent machines
 # reach no Hub), saved once under $RANDOM_PIPELINES; a later call on the same warm machine reuses it
 RANDOM_PIPELINES=${RANDOM_PIPELINES:-/root/pipelines}
@@ -341,6 +380,7 @@ case $part in
   dag) dag_part ;;
   quality-start) quality_start_part ;;
   quality-finish) quality_finish_part ;;
+  quality-generate) quality_generate_part ;;
   t2i) t2i_part ;;
   t2i-dag-train) t2i_dag_part train ;;
   t2i-dag-finish) t2i_dag_part finish ;;
@@ -348,7 +388,7 @@ case $part in
     lora $(t2i_dag_args)
     (cd "$T2I_DAGS" && tar czf "$out/t2i-dag-lora.tar.gz" --ignore-failed-read lora/reports lora/dvc.lock 2>/dev/null) ;;
   t2i-all) t2i_part; t2i_dag_part train ;;
-  *) echo "unknown part $part (train | fid | dag | quality-start | quality-finish | t2i | t2i-all |"\
+  *) echo "unknown part $part (train | fid | dag | quality-start | quality-finish | quality-generate | t2i | t2i-all |"\
     "t2i-dag-train | t2i-dag-finish | t2i-dag-lora)"; exit 2 ;;
 esac
 collect_json

@@ -197,6 +197,20 @@ def test_a_worker_killed_mid_job_fails_its_job_and_the_sweeps_of_its_model(tmp_p
     assert "the model this job samples failed" in (m.job_dir(sweep.name) / FAILED).read_text()
 
 
+def test_generate_only_then_score_only_splits_a_job_between_two_machines(tmp_path):
+    """A lent GPU generates without the Inception file (--generate-only); --score-only scores its sets here."""
+    m = matrix(tmp_path)
+    prepare_data(m, [8])
+    generated, never = Job(OURS, 8, 0, 0.1, 3), Job(OURS, 8, 1, 0.1, 3)
+    made = run_matrix(m, [generated], workers=1, deadline=None, score=False)  # what the lent machine does
+    assert made == {**made, "scored": 0, "generated_unscored": [generated.name], "unfinished": [], "out_of_time": False}
+    assert read_results(m.out) == [] and (m.job_dir(generated.name) / GENERATED).is_file()
+    summary = run_matrix(m, [generated, never], workers=1, deadline=None, generate=False)
+    assert summary == {**summary, "scored": 1, "failed": [], "unfinished": [never.name], "out_of_time": False}
+    assert [r["name"] for r in read_results(m.out)] == [generated.name]
+    assert not m.job_dir(never.name).exists()  # nothing trained or sampled for it
+
+
 def test_spread_and_cells_are_mean_and_sample_standard_deviation():
     assert quality_tables.spread([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
     mean, sd, n = quality_tables.spread([5.0, None, float("nan")])

@@ -9,7 +9,9 @@ each resolution with the train stage and records its optimiser steps per second 
 the recipes alternating), and times the sample stage per sampler and step count. `matrix` trains every
 recipe x resolution x seed for each budget (minutes on that CPU, converted with those rates), samples
 --samples images with the recipe's own sampler, scores them against the reference with evaluate, and
-sweeps samplers and steps over one model (workflow/tools/quality_jobs.py). `tables` turns the results
+sweeps samplers and steps over one model (workflow/tools/quality_jobs.py); `matrix --generate-only` trains
+and samples where the Inception file is not (a lent GPU), and `matrix --score-only` scores that later in
+the same --out path. `tables` turns the results
 into docs/QUALITY.md's tables (mean +- standard deviation over seeds) and figures.
 """
 
@@ -190,7 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--workers", type=int, default=1)
     matrix.add_argument("--weights", help="the Inception file (default: the packaged one)")
     matrix.add_argument("--weights-sha256")
-    matrix.add_argument("--deadline", type=float, help="seconds after which no job starts")
+    matrix.add_argument("--deadline", type=float, help="seconds after which the workers are stopped")
+    only = matrix.add_mutually_exclusive_group()
+    only.add_argument(
+        "--generate-only", action="store_true", help="train and sample; score nothing (no Inception file)"
+    )
+    only.add_argument("--score-only", action="store_true", help="score what a --generate-only run into --out made")
     matrix.add_argument("--out", required=True)
     tables = sub.add_parser("tables")
     tables.add_argument("results", nargs="+", help="matrix output folders")
@@ -213,7 +220,8 @@ def main(argv=None) -> None:
         m = matrix_of(args, args.out, args.samples)
         prepare_data(m, args.resolutions)
         print(f"quality: {len(jobs)} jobs, {args.workers} workers -> {args.out}", flush=True)
-        print(json.dumps(run_matrix(m, jobs, args.workers, args.deadline)), flush=True)
+        summary = run_matrix(m, jobs, args.workers, args.deadline, not args.score_only, not args.generate_only)
+        print(json.dumps(summary), flush=True)
     else:
         rates_ = read_rates(args.rates)
         print(quality_tables.markdown(args.results, rates_, args.figures))

@@ -264,11 +264,14 @@ def read_results(folder: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None) -> dict:
+def run_matrix(
+    m: Matrix, jobs: list[Job], workers: int, deadline: float | None, generate: bool = True, score: bool = True
+) -> dict:
     """Generate in job order, each job in a process of its own with at most `workers` at once; score in
     this one as sample sets appear (on a CPU, once the workers are done). At `deadline` (seconds) the
     workers are stopped and what they finished is scored. Jobs scored before are skipped, if they were
-    scored as they are set up now."""
+    scored as they are set up now. A lent GPU without the Inception file generates only (score=False),
+    and a CPU then scores what it generated, in the same folder, without generating (generate=False)."""
     started = time.monotonic()
     scored = {row["name"]: row for row in read_results(m.out)}
     check_earlier_work(m, jobs, scored)
@@ -279,7 +282,8 @@ def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None)
         raise SystemExit(f"quality: no trained model for {orphans}: remove its row from {m.out}/{RESULTS} to retrain")
     for job in pending.values():  # an earlier run's failure: this run tries the job again
         m.job_dir(job.name).joinpath(FAILED).unlink(missing_ok=True)
-    processes = Workers(m, [j for j in pending.values() if not is_generated(m, j)], workers)
+    to_generate = [j for j in pending.values() if not is_generated(m, j)] if generate else []
+    processes = Workers(m, to_generate, workers)
     # On a CPU the scorer and the workers would share the cores, each process with a full set of threads,
     # and a training job ran up to 20x slower beside a scoring one: there, scoring waits for the workers
     scores_alongside = default_device().type != "cpu"
@@ -288,25 +292,27 @@ def run_matrix(m: Matrix, jobs: list[Job], workers: int, deadline: float | None)
         while pending:
             processes.step()
             if scores_alongside or processes.done:
-                failed += score_ready(m, pending)
-            if not told and not weights_ready(m) and any(is_generated(m, j) for j in pending.values()):
+                failed += score_ready(m, pending, score)
+            if score and not told and not weights_ready(m) and any(is_generated(m, j) for j in pending.values()):
                 told = True  # the matrix waits for it (a GPU lease copies it in later), until --deadline
                 print(f"quality: sample sets are waiting for the Inception file {m.weights}", flush=True)
             if deadline is not None and time.monotonic() - started > deadline:
                 out_of_time = True
                 break
             if pending:
-                if processes.done and not any(is_generated(m, j) for j in pending.values()):
+                if processes.done and (not score or not any(is_generated(m, j) for j in pending.values())):
                     break  # nothing left that could still appear
                 time.sleep(1.0)
     finally:
         processes.stop()
-    failed += score_ready(m, pending)  # what the workers finished before they were stopped
+    failed += score_ready(m, pending, score)  # what the workers finished before they were stopped
+    unscored = sorted(name for name, job in pending.items() if is_generated(m, job))
     return {
         "scored": to_do - len(pending) - len(failed),  # by this run
         "already_scored": len({j.name for j in jobs}) - to_do,
         "failed": failed,
-        "unfinished": sorted(pending),
+        "generated_unscored": unscored,
+        "unfinished": sorted(set(pending) - set(unscored)),
         "out_of_time": out_of_time,
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -432,8 +438,9 @@ def is_generated(m: Matrix, job: Job) -> bool:
     return (m.job_dir(job.name) / GENERATED).is_file()
 
 
-def score_ready(m: Matrix, pending: dict) -> list[str]:
-    """Score every generated job (once the Inception file is there); drop failed ones. Returns those."""
+def score_ready(m: Matrix, pending: dict, score_them: bool = True) -> list[str]:
+    """Score every generated job (once the Inception file is there; unless told not to); drop failed ones.
+    Returns those."""
     failed = []
     for name, job in list(pending.items()):
         folder = m.job_dir(name)
@@ -441,7 +448,7 @@ def score_ready(m: Matrix, pending: dict) -> list[str]:
             failed.append(name)
             del pending[name]
             print(f"quality: {name} failed:\n{(folder / FAILED).read_text()}", flush=True)
-        elif is_generated(m, job) and weights_ready(m):
+        elif score_them and is_generated(m, job) and weights_ready(m):
             append_row(m, score(m, job))
             del pending[name]
             print(f"quality: scored {name} ({len(pending)} to go)", flush=True)
