@@ -155,3 +155,20 @@ def test_a_class_conditional_card_names_what_was_sampled_and_keeps_its_table_who
         names,
     )
     assert "| 1 | a\\|b |\n| 2 | two lines |" in text
+
+
+def test_a_card_names_a_local_folder_without_the_path_on_the_authors_disk():
+    """A published card is public: a local image folder or pipeline is named, not located (/home/<user>/...)."""
+    from workflow.core.config import params_from_dict
+    from workflow.stages.package import base_line, card_metadata, description
+
+    cats = "/home/alice/private/cats"
+    params = params_from_dict(tiny_dict(data={"source": f"imagefolder:{cats}", "folder": cats}))
+    source = {"kind": "imagefolder", "path": "/home/alice/private/cats", "count": 3}
+    metrics = {"fid": 1.0, "kid": 0.1, "fid_num_samples": 8, "fid_num_reference": 8, "fid_weights_sha256": "0"}
+    text = description(params, source, {"count": 3}, {"num_parameters": 1}, [])
+    front = card_metadata(params, source, metrics, []).to_yaml()
+    assert "a local image folder (`cats`)" in text
+    assert "      name: cats\n      type: imagefolder:cats\n" in front  # model-index: dataset
+    assert base_line({"kind": "local", "path": "/home/alice/models/sd"}) == "a local pipeline folder (`sd`)"
+    assert "/home/alice" not in text + front

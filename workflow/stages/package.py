@@ -129,7 +129,12 @@ def base_line(base: dict) -> str:
             f"[`{base['repo_id']}`](https://huggingface.co/{base['repo_id']}) at commit `{base['sha']}` "
             f"(requested `{base['revision']}`, fetched from {base['endpoint']})"
         )
-    return f"the local pipeline folder `{base['path']}`"
+    return f"a local pipeline folder (`{local_name(base['path'])}`)"
+
+
+def local_name(path: str) -> str:
+    """A local folder as a published card names it: its own name, not where it lies on the author's disk."""
+    return Path(path).name or str(path)
 
 
 def card_metadata(
@@ -143,13 +148,14 @@ def card_metadata(
     """The YAML front matter the Hub reads: library, tags, dataset (with its pinned commit), FID and KID;
     a fine-tune's base model."""
     hf = source["kind"] == "hf"
+    local = local_name(source["path"]) if source["kind"] == "imagefolder" else None
     names = {
         "hf": lambda: source["repo_id"],
-        "imagefolder": lambda: source["path"],
+        "imagefolder": lambda: local,
         "builtin": lambda: f"{source['name']} ({source['package']} {source['package_version']})",
     }
     dataset = {
-        "dataset_type": source["repo_id"] if hf else params.data.source,
+        "dataset_type": source["repo_id"] if hf else f"{source['kind']}:{local or source['name']}",
         "dataset_name": names[source["kind"]](),
         **(
             {
@@ -224,7 +230,7 @@ def dataset_line(source: dict) -> str:
             f"{source['package']} {source['package_version']} (`{source['data_file']}`, sha256 "
             f"`{source['data_file_sha256']}`)"
         )
-    return f"the image folder `{source['path']}`"
+    return f"a local image folder (`{local_name(source['path'])}`)"
 
 
 def text_usage(params: Params, base: dict) -> str:
@@ -246,7 +252,9 @@ def text_usage(params: Params, base: dict) -> str:
     if base["kind"] == "hf":
         load = f'"{base["repo_id"]}", revision="{base["sha"]}")'
     else:
-        load = f"{params.paths.base_model!r})  # the pretrained pipeline, as fetched from {base['path']}"
+        load = (
+            f"{params.paths.base_model!r})  # the pretrained pipeline, from a local folder {local_name(base['path'])!r}"
+        )
     sampler = build_sampler(s.sampler, pretrained_scheduler_config(params.paths.base_model))
     settings = {key: sampler.config[key] for key in SAMPLER_SETTINGS if key in sampler.config}
     arguments = "".join(f", {key}={value!r}" for key, value in settings.items())
