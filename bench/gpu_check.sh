@@ -247,11 +247,13 @@ quality_finish_part() {
 }
 
 # quality-generate: the 32 px recipe matrix in one call, trained and sampled (`matrix --generate-only`: no
-# Inception file needed) for as much as QUALITY_DEADLINE seconds allow, in this order: every recipe and seed
-# at 10 minutes (the target's comparison), seed 0 at 2 and 5, then seeds 1 and 2 at 2 and 5. What was
-# generated comes back as $OUT/quality-32.tar.part-*; on a CPU, unpack it to the same path (the job params
-# name it) and score it with the same options and --score-only instead of --generate-only:
-#   cat quality-32.tar.part-* | tar xf - -C /
+# Inception file needed) until QUALITY_DEADLINE seconds after the script started, in this order: every
+# recipe and seed at 10 minutes (the target's comparison), seed 0 at 2 and 5, then seeds 1 and 2 at 2 and 5.
+# After each of the three, what it generated is packed into $OUT/quality-32-<step>.tar.gz (split at 15 MiB),
+# so a call stopped at its limit still returns the steps before. On a CPU, unpack them to the same path
+# (the job params name it, and $INCEPTION) and score with quality_32's options, --score-only instead of
+# --generate-only:
+#   for f in quality-32-*; do cat $f; done | tar xzif - -C /     # tar -i: the packs one after another
 #   python -m workflow quality matrix <quality_32's options> --budgets 2 5 10 --score-only
 QUALITY_32_DIR=${QUALITY_32_DIR:-/root/quality-32}
 quality_32() {  # quality_32 SECONDS_LEFT MATRIX_OPTION...
@@ -259,29 +261,37 @@ quality_32() {  # quality_32 SECONDS_LEFT MATRIX_OPTION...
   [ "$left" -gt 30 ] || { echo "no time left"; return 0; }
   python3 -m workflow quality matrix --rates bench/quality/rates.json bench/quality/rates-variants.json \
     --out "$QUALITY_32_DIR" --resolutions 32 --sampler-sweep "" --reference 2000 --sample-batch 1000 \
-    --weights /root/fid/default_1.pt --weights-sha256 $PACKAGED_SHA256 --generate-only \
+    --weights "$INCEPTION" --weights-sha256 $PACKAGED_SHA256 --generate-only \
     --workers "${QUALITY_WORKERS:-6}" --threads 2 --deadline "$left" "$@"
 }
-quality_generate_part() {
-  nvidia-smi -L || true
-  local until=$((SECONDS + ${QUALITY_DEADLINE:-480}))
-  if [ "$tiny" = 1 ]; then
-    step q32-tiny quality_32 $((until - SECONDS)) --budgets 0.02 --seeds 0 --samples 8 --sample-batch 8 --reference 16
-  else
-    step q32-b10 quality_32 $((until - SECONDS)) --budgets 10
-    step q32-s0 quality_32 $((until - SECONDS)) --budgets 2 5 --seeds 0
-    step q32-s12 quality_32 $((until - SECONDS)) --budgets 2 5 --seeds 1 2
-  fi
-  local files=()  # each generated job's files for scoring, not its weights or checkpoints
+pack_generated() {  # pack_generated NAME: the jobs generated since the last pack, for scoring elsewhere
+  local files=() marker job f
   for marker in "$QUALITY_32_DIR"/jobs/*/generated.json; do
     [ -f "$marker" ] || continue
-    local job=${marker%/generated.json}
+    job=${marker%/generated.json}
+    [ -e "$job/.packed" ] && continue
     for f in params.yaml generated.json grid.png samples train_log/summary.json log.txt; do
       [ -e "$job/$f" ] && files+=("${job#/}/$f")
     done
+    touch "$job/.packed"
   done
-  [ ${#files[@]} -gt 0 ] && (cd / && tar cf - "${files[@]}" | split -b 15M - "$out/quality-32.tar.part-")
+  [ ${#files[@]} -gt 0 ] || return 0
+  (cd / && tar czf - "${files[@]}") | split -b 15M - "$out/quality-32-$1.tar.gz.part-"
+}
+quality_generate_part() {
+  nvidia-smi -L || true
+  local until=${QUALITY_DEADLINE:-480}  # seconds after the script started (bash's SECONDS)
+  if [ "$tiny" = 1 ]; then
+    step q32-tiny quality_32 $((until - SECONDS)) --budgets 0.02 --seeds 0 --samples 8 --sample-batch 8 --reference 16
+    pack_generated tiny
+  else
+    step q32-b10 quality_32 $((until - SECONDS)) --budgets 10; pack_generated b10
+    step q32-s0 quality_32 $((until - SECONDS)) --budgets 2 5 --seeds 0; pack_generated s0
+    step q32-s12 quality_32 $((until - SECONDS)) --budgets 2 5 --seeds 1 2; pack_generated s12
+  fi
   ls -la "$out"
+  local count; count=$(ls "$out" | wc -l)
+  [ "$count" -le 6 ] || echo "WARNING: $count files in \$OUT; only 8 come back (with this part's .log and .json)"
 }
 
 # random_pipeline SHAPES: a Stable Diffusion pipeline of these shapes with random weights (the lent machines

@@ -19,6 +19,7 @@ import yaml
 
 from tests.helpers import ROOT, TINY
 from workflow.core.config import load_params, overlay, params_from_dict
+from workflow.models.inception import packaged_weights
 from workflow.tools import quality, quality_tables
 from workflow.tools.quality_jobs import (
     FAILED,
@@ -198,17 +199,39 @@ def test_a_worker_killed_mid_job_fails_its_job_and_the_sweeps_of_its_model(tmp_p
 
 
 def test_generate_only_then_score_only_splits_a_job_between_two_machines(tmp_path):
-    """A lent GPU generates without the Inception file (--generate-only); --score-only scores its sets here."""
-    m = matrix(tmp_path)
+    """A lent GPU generates without the Inception file (--generate-only); --score-only scores its sets here,
+    and without the file it stops (the sets kept) instead of waiting forever."""
+    inception = tmp_path / "inception.pt"  # absent at first, as on the lent machine
+    m = matrix(tmp_path, weights=str(inception))
     prepare_data(m, [8])
     generated, never = Job(OURS, 8, 0, 0.1, 3), Job(OURS, 8, 1, 0.1, 3)
     made = run_matrix(m, [generated], workers=1, deadline=None, score=False)  # what the lent machine does
     assert made == {**made, "scored": 0, "generated_unscored": [generated.name], "unfinished": [], "out_of_time": False}
     assert read_results(m.out) == [] and (m.job_dir(generated.name) / GENERATED).is_file()
+    waiting = run_matrix(m, [generated], workers=1, deadline=None, generate=False)
+    assert waiting == {**waiting, "scored": 0, "generated_unscored": [generated.name], "out_of_time": False}
+    inception.symlink_to(packaged_weights())
     summary = run_matrix(m, [generated, never], workers=1, deadline=None, generate=False)
     assert summary == {**summary, "scored": 1, "failed": [], "unfinished": [never.name], "out_of_time": False}
     assert [r["name"] for r in read_results(m.out)] == [generated.name]
     assert not m.job_dir(never.name).exists()  # nothing trained or sampled for it
+
+
+def test_a_rerun_with_another_reference_or_recipe_stops_instead_of_mixing_them(tmp_path):
+    m = matrix(tmp_path)
+    prepare_data(m, [8])
+    job = Job(OURS, 8, 0, 0.1, 3)
+    run_matrix(m, [job], workers=1, deadline=None)
+    # --reference changed: the scored row (6 images) and the cached reference file are not this run's
+    with pytest.raises(SystemExit, match=rf"{job.name} \(scored: .* 6 samples vs 6 images; now: .* vs 7 images\)"):
+        run_matrix(dataclasses.replace(m, reference=7), [job], workers=1, deadline=None)
+    another = Job(OURS, 8, 1, 0.1, 3)
+    with pytest.raises(SystemExit, match=r"fid_ref.npz holds 6 reference images, this run asks for 7"):
+        run_matrix(dataclasses.replace(m, reference=7), [another], workers=1, deadline=None)
+    # the recipe changed under a scored job (a params.yaml default, say): its row is not skipped as done
+    lr = dataclasses.replace(m, defaults=overlay(m.defaults, {"train": {"learning_rate": 0.5}}))
+    with pytest.raises(SystemExit, match=rf"\['{job.name}'\] hold an earlier run's files, made with other params"):
+        run_matrix(lr, [job], workers=1, deadline=None)
 
 
 def test_spread_and_cells_are_mean_and_sample_standard_deviation():

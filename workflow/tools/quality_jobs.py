@@ -27,6 +27,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -208,6 +209,12 @@ def score(m: Matrix, job: Job) -> dict:
     params = params_from_dict(yaml.safe_load((m.job_dir(job.name) / "params.yaml").read_text()))
     if not Path(params.paths.fid_ref).is_file():
         fid_reference.run(params_from_dict(params_dict(m, Job(job.recipe, job.resolution, 0, 0.0, 1))))
+    made, wanted = int(load_reference(params.paths.fid_ref)["num_images"]), wanted_reference(m, job.resolution)
+    if made != wanted:  # an earlier run into this --out asked for another --reference
+        raise SystemExit(
+            f"quality: {params.paths.fid_ref} holds {made:,} reference images, this run asks for {wanted:,} "
+            f"(--reference): use a new --out"
+        )
     metrics = evaluate.run(params)
     generated = json.loads((m.job_dir(job.name) / GENERATED).read_text())
     row = {
@@ -220,6 +227,11 @@ def score(m: Matrix, job: Job) -> dict:
     if job.recipe == OURS and job.sampler is None and m.samples >= DEFAULT_RUN_SAMPLES:
         row["fid_default_size"] = default_size_fid(m, params)
     return row
+
+
+def wanted_reference(m: Matrix, resolution: int) -> int:
+    """The reference images a score uses: --reference, or every training image."""
+    return m.reference or len(np.load(m.data_dir(resolution) / "images.npy", mmap_mode="r"))
 
 
 def sampled_with(s) -> dict:
@@ -298,6 +310,10 @@ def run_matrix(
                 print(f"quality: sample sets are waiting for the Inception file {m.weights}", flush=True)
             if deadline is not None and time.monotonic() - started > deadline:
                 out_of_time = True
+                break
+            if score and processes.done and not weights_ready(m) and (deadline is None or not generate):
+                # only a lent GPU's later call brings the file in, and such a run sets --deadline
+                print(f"quality: no Inception file at {m.weights}: the sample sets stay unscored", flush=True)
                 break
             if pending:
                 if processes.done and (not score or not any(is_generated(m, j) for j in pending.values())):
@@ -392,12 +408,12 @@ def check_earlier_work(m: Matrix, jobs: list[Job], scored: dict) -> None:
             row["sampled_with"] != planned[job.name]
             or row["steps"] != job.steps
             or counts[0] != m.samples
-            or (m.reference is not None and counts[1] != m.reference)
+            or counts[1] != wanted_reference(m, job.resolution)
         ):
             changed.append(
                 f"{job.name} (scored: {sampling_label(row['sampled_with'])}, {row['steps']:,} steps, "
                 f"{counts[0]} samples vs {counts[1]} images; now: {sampling_label(planned[job.name])}, "
-                f"{job.steps:,} steps, {m.samples} samples vs {m.reference or 'all'} images)"
+                f"{job.steps:,} steps, {m.samples} samples vs {wanted_reference(m, job.resolution)} images)"
             )
     if changed:
         raise SystemExit(
@@ -407,14 +423,13 @@ def check_earlier_work(m: Matrix, jobs: list[Job], scored: dict) -> None:
     stale = [
         job.name
         for job in jobs
-        if job.name not in scored
-        and (saved := m.job_dir(job.name) / "params.yaml").is_file()
+        if (saved := m.job_dir(job.name) / "params.yaml").is_file()
         and yaml.safe_load(saved.read_text()) != params_dict(m, job)
     ]
-    if stale:
+    if stale:  # a scored one too: its row was made with a recipe (params.yaml, a preset) since changed
         raise SystemExit(
             f"quality: {stale} hold an earlier run's files, made with other params than they have now: "
-            f"remove those folders under {m.out}/jobs to redo them"
+            f"remove those folders under {m.out}/jobs (and their rows in {m.out}/{RESULTS}) to redo them"
         )
 
 
