@@ -403,3 +403,50 @@ def test_a_grid_is_shrunk_on_the_page_and_embedded_whole_unless_twice_too_wide_o
     damaged = png_of(400)[:60]  # the header says 400 px wide, the pixel data is cut off
     tag, scale = pixel_image(damaged, 100, "grid")
     assert _data_uris(tag) == [damaged] and scale == 0.25  # shown as it is, not a crash
+
+
+def test_params_keep_every_digit_and_long_or_row_level_skips_stay_readable(run_dir):
+    """0.9999999 is not shown as 1.0; a folder's thousands of ignored files are summarised (not listed in
+    full); rows skipped inside one parquet file are told apart by their row."""
+    (run_dir / "params.yaml").write_text(
+        yaml.safe_dump({"seed": 3, "train": {"max_steps": 100, "ema_max_decay": 0.9999999}})
+    )
+    source_path = run_dir / Params().paths.raw / "SOURCE.json"
+    source = json.loads(source_path.read_text())
+    source["ignored"] = [
+        {"file": f"captions/{i:05d}.txt", "reason": "not an image file name: .txt"} for i in range(5000)
+    ]
+    _write_json(source_path, source)
+    meta_path = run_dir / Params().paths.meta
+    meta = json.loads(meta_path.read_text())
+    meta["skipped"] = [{"file": "train-0.parquet", "row": r, "reason": "cannot identify image file"} for r in (3, 9)]
+    _write_json(meta_path, meta)
+    page = _render(run_dir)
+    assert "<code>0.9999999</code>" in page
+    assert "5,000 input file(s) skipped" in page and "captions/04999.txt" not in page
+    assert "<code>train-0.parquet</code> row 3</td>" in page and "<code>train-0.parquet</code> row 9</td>" in page
+
+
+def test_a_sweep_the_params_ask_for_but_absent_is_shown_missing(run_dir):
+    (run_dir / "params.yaml").write_text(
+        yaml.safe_dump({"seed": 3, "train": {"max_steps": 100}, "fid": {"steps_sweep": [10, 25]}})
+    )
+    page = _render(run_dir)
+    assert f"<strong>missing:</strong> {Params().paths.fid_steps} <span>(written by the `fid_sweep` stage" in page
+    sweeps = page.split("<h2>FID sweeps</h2>", 1)[1].split("</section>", 1)[0]
+    assert Params().paths.fid_guidance not in sweeps  # not asked for: not missing
+
+
+def test_a_progress_grid_past_ten_million_steps_is_found(tmp_path):
+    grids = tmp_path / trainlog.GRIDS_DIR
+    grids.mkdir()
+    for step in (9_999_999, 10_000_000):
+        trainlog.progress_grid(grids, step).write_bytes(_grid_png())
+    assert [step for step, _ in trainlog.progress_grids(tmp_path)] == [9_999_999, 10_000_000]
+
+
+def test_an_experiment_name_is_legend_text_not_matplotlib_markup():
+    history = {"step": np.arange(5.0), "loss": np.linspace(1, 0.2, 5), "lr": np.full(5, 1e-3)}
+    runs = [("x${$y", "#1f77b4", history), ("_hidden?", "#ff7f0e", history)]  # legal git ref names
+    assert curves.overlay_plot_png(runs).startswith(PNG_SIGNATURE)
+    assert curves.legend_text("_hidden?") != "_hidden?" and curves.legend_text("a$b") == r"a\$b"

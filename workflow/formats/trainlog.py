@@ -40,7 +40,7 @@ from workflow.formats.records import read_record
 LOSS, LR, THROUGHPUT = "train/loss", "train/lr", "train/images_per_second"  # dvclive metric names
 SUMMARY_FILE = "summary.json"
 GRIDS_DIR = "grids"
-_GRID_NAME = re.compile(r"step-(\d{7})\.png")
+_GRID_NAME = re.compile(r"step-(\d{7,})\.png")  # 7 digits, more past 9,999,999
 
 
 def write_summary(folder: str | Path, info: dict) -> None:

@@ -87,6 +87,13 @@ def loss_plot_png(history: dict, size: tuple[float, float] = (11.5, 4.4)) -> byt
         return _png(fig)
 
 
+def legend_text(name: str) -> str:
+    """A user's name (an experiment's) as literal legend text: matplotlib reads $...$ as maths and hides
+    a label that begins with an underscore."""
+    text = name.replace("$", r"\$")
+    return "\u200b" + text if text.startswith("_") else text
+
+
 def overlay_plot_png(runs: list, size: tuple[float, float] = (11.5, 4.8)) -> bytes:
     """Several runs: (label, colour, history) each; smoothed losses overlaid (raw ones faint) over
     their learning rates, one colour per run."""
@@ -101,7 +108,7 @@ def overlay_plot_png(runs: list, size: tuple[float, float] = (11.5, 4.8)) -> byt
             if len(loss):
                 x, y, _ = smoothed(steps, loss)
                 ax_loss.plot(steps, loss, color=colour, alpha=0.15, linewidth=0.7)
-                ax_loss.plot(x, y, color=colour, linewidth=1.8, label=label)
+                ax_loss.plot(x, y, color=colour, linewidth=1.8, label=legend_text(label))
                 drawn += 1
             keep = np.isfinite(history["step"]) & np.isfinite(history["lr"])
             ax_lr.plot(history["step"][keep], history["lr"][keep], color=colour, linewidth=1.3)

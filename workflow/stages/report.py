@@ -106,10 +106,18 @@ def load_progress_grids(log: Path) -> list | Missing:
 
 
 def load_sweeps(params: Params) -> list:
-    """The FID sweeps that have points; none when the fid_sweep stage was off (or has not run)."""
-    files = [Path(params.paths.fid_steps), Path(params.paths.fid_guidance)]
-    sweeps = [read_sweep(f) for f in files if f.is_file()]
-    return [s for s in sweeps if len(s.values)]
+    """The FID sweeps that have points, and a Missing for each one the params ask for but that is absent."""
+    wanted = [
+        (Path(params.paths.fid_steps), params.fid.steps_sweep),
+        (Path(params.paths.fid_guidance), params.fid.guidance_sweep),
+    ]
+    sweeps = []
+    for path, points in wanted:
+        if path.is_file():
+            sweeps += [sweep] if len((sweep := read_sweep(path)).values) else []
+        elif points:
+            sweeps.append(Missing(str(path), _written_by("fid_sweep")))
+    return sweeps
 
 
 def load_inputs(params: Params) -> ReportInputs:
@@ -139,15 +147,15 @@ FETCH = (
 def with_fetch_hints(inputs: ReportInputs) -> ReportInputs:
     """Each Missing input that a recorded run made (its DVC output is absent here) says how to pull it."""
     absent = {f.name: getattr(inputs, f.name) for f in fields(inputs) if isinstance(getattr(inputs, f.name), Missing)}
-    if not absent:
+    if not absent and not any(isinstance(s, Missing) for s in inputs.sweeps):
         return inputs  # the usual case: DVC is not consulted
     lacking = absent_outputs()
-    hinted = {
-        name: Missing(m.what, FETCH)
-        for name, m in absent.items()
-        if any(o == Path(m.what) or o in Path(m.what).parents for o in lacking)
-    }
-    return replace(inputs, **hinted)
+
+    def hinted(m):
+        recorded = isinstance(m, Missing) and any(o == Path(m.what) or o in Path(m.what).parents for o in lacking)
+        return Missing(m.what, FETCH) if recorded else m
+
+    return replace(inputs, **{name: hinted(m) for name, m in absent.items()}, sweeps=[hinted(s) for s in inputs.sweeps])
 
 
 def absent_outputs() -> list[Path]:
@@ -414,7 +422,9 @@ def skipped_table(skipped) -> str:
     if not isinstance(skipped, list):
         return nested(skipped)
     rows = "".join(
-        f"<tr><td><code>{esc(s.get('file', '?') if isinstance(s, dict) else s)}</code></td>"
+        f"<tr><td><code>{esc(s.get('file', '?') if isinstance(s, dict) else s)}</code>"
+        + (f" row {esc(s['row'])}" if isinstance(s, dict) and "row" in s else "")
+        + "</td>"
         f"<td>{esc(s.get('reason', '') if isinstance(s, dict) else '')}</td></tr>"
         for s in skipped[:MAX_SKIPPED_SHOWN]
     )
@@ -431,7 +441,7 @@ def skipped_table(skipped) -> str:
 
 def record_table(record: dict) -> str:
     """A SOURCE/meta record as a nested table, its long lists (files, skipped) summarised."""
-    special = {"files": files_summary, "skipped": skipped_table}
+    special = {"files": files_summary, "skipped": skipped_table, "ignored": skipped_table}
     return kv_table((key, special.get(key, nested)(value)) for key, value in record.items())
 
 
@@ -518,6 +528,9 @@ def sweeps_section(sweeps: list) -> str:
         return ""
     figures = []
     for sweep in sweeps:
+        if isinstance(sweep, Missing):
+            figures.append(f"<figure>{sweep.html()}</figure>")
+            continue
         png = curves.sweep_plot_png(sweep.setting, sweep.values, sweep.fid)
         width, height = png_size(png)
         what = curves.SWEEP_LABELS.get(sweep.setting, sweep.setting)
@@ -553,8 +566,9 @@ def render_report(inputs: ReportInputs, loss_png: bytes) -> str:
 def run(params: Params) -> dict:
     inputs = load_inputs(params)
     loss_png = loss_plot(inputs)
+    html_text = render_report(inputs, loss_png)  # both made before either is written
     write_bytes(params.paths.loss_plot, loss_png)
-    write_page(params.paths.report, render_report(inputs, loss_png))
+    write_page(params.paths.report, html_text)
     return {"report": params.paths.report, "loss_plot": params.paths.loss_plot}
 
 
