@@ -115,6 +115,11 @@ def test_bad_knobs_are_clear_errors(flag, value):
         bench.parse_args(["train", flag, value])
 
 
+def test_the_peer_needs_a_warm_up_step():
+    with pytest.raises(ConfigError, match="--warmup must be >= 1 with --peer"):
+        bench.main(["train", "--peer", str(PEER), "--warmup", "0"])
+
+
 def test_missing_peer_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         bench_train.load_peer(tmp_path / "tutorial_loop.py")

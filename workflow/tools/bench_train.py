@@ -354,6 +354,8 @@ MINIMUMS = {"resolution": 1, "batch_size": 1, "peer_batch_size": 1, "steps": 1, 
 
 
 def run(args, argv: list) -> None:
+    if args.peer and args.warmup < 1:  # the tutorial loop starts its clock when its warm-up steps are done
+        raise ConfigError("--warmup must be >= 1 with --peer (the tutorial loop times from the end of its warm-up)")
     result = bench_train(
         load_params(args.params),
         resolution=args.resolution,
