@@ -450,3 +450,18 @@ def test_an_experiment_name_is_legend_text_not_matplotlib_markup():
     runs = [("x${$y", "#1f77b4", history), ("_hidden?", "#ff7f0e", history)]  # legal git ref names
     assert curves.overlay_plot_png(runs).startswith(PNG_SIGNATURE)
     assert curves.legend_text("_hidden?") != "_hidden?" and curves.legend_text("a$b") == r"a\$b"
+
+
+def test_the_fid_sweeps_time_is_a_stage_of_its_own_and_in_the_total(run_dir):
+    from workflow.formats.fid_sweeps import write_sweep
+
+    rows = [
+        {"num_inference_steps": n, "fid": 30.0 - n / 10, "kid": 0.01, "seconds": sec}
+        for n, sec in ((10, 10.0), (25, 20.0))
+    ]
+    write_sweep(run_dir / Params().paths.fid_steps, "num_inference_steps", rows)
+    page = _render(run_dir)
+    timings = page[page.index("Time per stage") : page.index("Software and device")]
+    assert timings.index(">evaluate<") < timings.index(">fid_sweep<")
+    assert "30.0 s" in timings and "2 min 41 s" in timings  # 51.2 + 4.5 + 75.25 + 30
+    assert "FID against the sampling steps (2 points; lowest FID at 25)" in page

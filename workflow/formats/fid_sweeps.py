@@ -3,7 +3,7 @@
 is empty. Written by fid_sweep; read by `dvc plots` (dvc.yaml declares them) and the report.
 
     write_sweep("reports/fid_guidance.csv", "guidance_scale", rows)    # rows: dicts of those keys
-    sweep = read_sweep("reports/fid_guidance.csv")                       # Sweep(setting, values, fid)
+    sweep = read_sweep("reports/fid_guidance.csv")                       # Sweep(setting, values, fid, seconds)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class Sweep:
     setting: str  # the sample.* setting swept
     values: np.ndarray
     fid: np.ndarray
+    seconds: np.ndarray  # each point's sampling and scoring
 
 
 def write_sweep(path: str | Path, setting: str, rows: list[dict]) -> None:
@@ -41,7 +42,7 @@ def read_sweep(path: str | Path) -> Sweep:
     if not header or tuple(header[1:]) != SCORES:
         raise ConfigError(f"{path}: not a sweep of the fid_sweep stage (header {header}); re-run it")
     try:
-        table = np.array([[float(cell) for cell in row[:2]] for row in reader if row], dtype=float).reshape(-1, 2)
-    except ValueError as exc:
+        table = np.array([[float(row[i]) for i in (0, 1, 3)] for row in reader if row], dtype=float).reshape(-1, 3)
+    except (ValueError, IndexError) as exc:
         raise ConfigError(f"{path}: not numbers ({exc}); re-run the fid_sweep stage") from None
-    return Sweep(header[0], table[:, 0], table[:, 1])
+    return Sweep(header[0], table[:, 0], table[:, 1], table[:, 2])

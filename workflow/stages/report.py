@@ -28,7 +28,7 @@ from workflow import STAGES
 from workflow.core.artifacts import write_bytes
 from workflow.core.config import Params
 from workflow.formats import trainlog
-from workflow.formats.fid_sweeps import read_sweep
+from workflow.formats.fid_sweeps import Sweep, read_sweep
 from workflow.formats.png import read_png
 from workflow.formats.raw_dataset import SOURCE_FILE
 from workflow.formats.records import read_record
@@ -225,7 +225,7 @@ def key_figures(inputs: ReportInputs) -> str:
         f"{fmt_number(metrics.get('precision'), '.3f')} &middot; recall {fmt_number(metrics.get('recall'), '.3f')}"
         f" &middot; {basis}</div></div>"
     )
-    seconds = [v for k, v in metrics.items() if k.endswith("_seconds") and isinstance(v, (int, float))]
+    seconds = [sec for _, sec, _ in stage_timings(metrics, inputs.sweeps) if sec is not None]
     rows = [
         ("final training loss", fmt_number(metrics.get("train_loss_final"), ".4g")),
         ("training steps", fmt_number(metrics.get("train_steps"))),
@@ -309,10 +309,13 @@ def training_section(history: dict | Missing, summary: dict | Missing, loss_png:
     return section(title, f"<figure>{img}<figcaption>{caption}</figcaption></figure>{note}{details}")
 
 
-def stage_timings(metrics: dict) -> list:
+def stage_timings(metrics: dict, sweeps: list = ()) -> list:
     """[(stage, seconds or None, images/s or None)] from the metrics' `<stage>_seconds` and
-    `<stage>_images_per_second` keys, in pipeline order."""
+    `<stage>_images_per_second` keys, and fid_sweep's from its points, in pipeline order."""
     found: dict = {}
+    measured = [s for s in sweeps if isinstance(s, Sweep)]
+    if measured:
+        found["fid_sweep"] = {"seconds": float(sum(s.seconds.sum() for s in measured))}
     for key, value in metrics.items():
         match = re.fullmatch(r"(\w+?)_(seconds|images_per_second)", key)
         if match and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -322,11 +325,11 @@ def stage_timings(metrics: dict) -> list:
     return [(s, found[s].get("seconds"), found[s].get("images_per_second")) for s in stages]
 
 
-def timings_section(metrics: dict | Missing) -> str:
+def timings_section(metrics: dict | Missing, sweeps: list = ()) -> str:
     title = "Time per stage"
     if isinstance(metrics, Missing):
         return section(title, metrics.html())
-    rows = stage_timings(metrics)
+    rows = stage_timings(metrics, sweeps)
     if not rows:
         return section(title, Missing("stage timings", "metrics.json records no `<stage>_seconds`").html())
     body = "".join(
@@ -552,7 +555,7 @@ def render_report(inputs: ReportInputs, loss_png: bytes) -> str:
         + training_section(inputs.history, inputs.summary, loss_png)
         + sweeps_section(inputs.sweeps)
         + '<div class="row2">'
-        + timings_section(inputs.metrics)
+        + timings_section(inputs.metrics, inputs.sweeps)
         + environment_section(inputs.summary)
         + "</div>\n"
         + dataset_section(inputs.meta, inputs.source)
