@@ -291,7 +291,7 @@ quality_generate_part() {
   fi
   ls -la "$out"
   local count; count=$(ls "$out" | wc -l)
-  [ "$count" -le 6 ] || echo "WARNING: $count files in \$OUT; only 8 come back (with this part's .log and .json)"
+  [ "$count" -le 7 ] || echo "WARNING: $count files in \$OUT, and the part's .json to come; only 8 come back"
 }
 
 # random_pipeline SHAPES: a Stable Diffusion pipeline of these shapes with random weights (the lent machines

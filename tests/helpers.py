@@ -187,7 +187,11 @@ def check_card(root: Path, params: Params) -> None:
         assert result["dataset"]["revision"] == source["sha"] and result["dataset"]["split"] == source["split"]
         assert result["dataset"].get("config") == source.get("config")
     else:
-        assert "datasets" not in meta and result["dataset"]["type"] == params.data.source
+        from workflow.stages.package import local_name
+
+        local = params.data.kind == "imagefolder"
+        named = f"imagefolder:{local_name(params.data.location)}" if local else params.data.source
+        assert "datasets" not in meta and result["dataset"]["type"] == named
     scores = {m["type"]: m for m in result["metrics"]}
     assert set(scores) == {"fid", "kid"}
     for kind, score in scores.items():

@@ -184,6 +184,11 @@ def test_no_best_is_marked_among_fids_scored_differently():
     page = compare.render_comparison([EXPERIMENTS[0], more, EXPERIMENTS[2]])
     assert 'class="badge">best' not in page and "class=best" not in page
     assert "best FID n/a (scored with different sample or reference counts" in page
+    # the same counts against other images (another resolution): not comparable either
+    other = dataclasses.replace(EXPERIMENTS[1], params={**EXPERIMENTS[1].params, "data": {"resolution": 32}})
+    page = compare.render_comparison([EXPERIMENTS[0], other, EXPERIMENTS[2]])
+    assert 'class="badge">best' not in page and "reference images (data.*, sample.classes)" in page
+    assert "<strong>scored differently</strong> (see the title): not comparable" in page  # its sweep plot says so
 
 
 def test_page_plots_fid_against_each_swept_param_and_names_the_best():

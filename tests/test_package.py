@@ -158,17 +158,25 @@ def test_a_class_conditional_card_names_what_was_sampled_and_keeps_its_table_who
 
 
 def test_a_card_names_a_local_folder_without_the_path_on_the_authors_disk():
-    """A published card is public: a local image folder or pipeline is named, not located (/home/<user>/...)."""
+    """A published card is public: a local image folder or pipeline outside the project is named, not located
+    (/home/<user>/...), in the front matter, the text and the params it shows; one inside it keeps its path."""
+    from diffusers import DDPMPipeline
+
     from workflow.core.config import params_from_dict
-    from workflow.stages.package import base_line, card_metadata, description
+    from workflow.stages.package import base_line, local_name, model_card
 
     cats = "/home/alice/private/cats"
     params = params_from_dict(tiny_dict(data={"source": f"imagefolder:{cats}", "folder": cats}))
-    source = {"kind": "imagefolder", "path": "/home/alice/private/cats", "count": 3}
+    source = {"kind": "imagefolder", "path": cats, "count": 3}
     metrics = {"fid": 1.0, "kid": 0.1, "fid_num_samples": 8, "fid_num_reference": 8, "fid_weights_sha256": "0"}
-    text = description(params, source, {"count": 3}, {"num_parameters": 1}, [])
-    front = card_metadata(params, source, metrics, []).to_yaml()
-    assert "a local image folder (`cats`)" in text
-    assert "      name: cats\n      type: imagefolder:cats\n" in front  # model-index: dataset
+    metrics["fid_weights_origin"] = "params"
+    summary = dict.fromkeys(("steps", "seconds", "loss_final", "images_per_second", "num_parameters"), 1)
+    summary |= {"num_processes": 1, "mixed_precision": "no", "compiled": False, "torch_threads": 2}
+    summary |= {"device": "cpu", "device_name": "a CPU", "software": {"torch": "2"}}
+    card = model_card(params, source, {"count": 3}, metrics, summary, DDPMPipeline, "DDIMScheduler", [])
+    assert "a local image folder (`cats`)" in card
+    assert "      name: cats\n      type: imagefolder:cats\n" in card  # model-index: dataset
+    assert "  source: imagefolder:cats\n" in card and "  folder: cats\n" in card  # the params shown
+    assert "/home/alice" not in card
     assert base_line({"kind": "local", "path": "/home/alice/models/sd"}) == "a local pipeline folder (`sd`)"
-    assert "/home/alice" not in text + front
+    assert [local_name(p) for p in ("data/images", "../photos", "~/photos")] == ["data/images", "photos", "photos"]

@@ -222,12 +222,14 @@ def test_a_rerun_with_another_reference_or_recipe_stops_instead_of_mixing_them(t
     prepare_data(m, [8])
     job = Job(OURS, 8, 0, 0.1, 3)
     run_matrix(m, [job], workers=1, deadline=None)
-    # --reference changed: the scored row (6 images) and the cached reference file are not this run's
-    with pytest.raises(SystemExit, match=rf"{job.name} \(scored: .* 6 samples vs 6 images; now: .* vs 7 images\)"):
-        run_matrix(dataclasses.replace(m, reference=7), [job], workers=1, deadline=None)
+    # --reference changed: the cached reference file (6 images) and the scored row are not this run's
     another = Job(OURS, 8, 1, 0.1, 3)
     with pytest.raises(SystemExit, match=r"fid_ref.npz holds 6 reference images, this run asks for 7"):
         run_matrix(dataclasses.replace(m, reference=7), [another], workers=1, deadline=None)
+    assert not m.job_dir(another.name).exists()  # refused before anything trained
+    (m.data_dir(8) / "fid_ref.npz").unlink()  # as the message offers
+    with pytest.raises(SystemExit, match=rf"{job.name} \(scored: .* 6 samples vs 6 images; now: .* vs 7 images\)"):
+        run_matrix(dataclasses.replace(m, reference=7), [job], workers=1, deadline=None)
     # the recipe changed under a scored job (a params.yaml default, say): its row is not skipped as done
     lr = dataclasses.replace(m, defaults=overlay(m.defaults, {"train": {"learning_rate": 0.5}}))
     with pytest.raises(SystemExit, match=rf"\['{job.name}'\] hold an earlier run's files, made with other params"):

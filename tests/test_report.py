@@ -423,7 +423,7 @@ def test_params_keep_every_digit_and_long_or_row_level_skips_stay_readable(run_d
     _write_json(meta_path, meta)
     page = _render(run_dir)
     assert "<code>0.9999999</code>" in page
-    assert "5,000 input file(s) skipped" in page and "captions/04999.txt" not in page
+    assert "5,000 input file(s) ignored" in page and "captions/04999.txt" not in page
     assert "<code>train-0.parquet</code> row 3</td>" in page and "<code>train-0.parquet</code> row 9</td>" in page
 
 

@@ -33,7 +33,7 @@ def fmt_scalar(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        text = repr(value)  # every digit: 0.9999999 is not 1.0
+        text = repr(float(value))  # every digit: 0.9999999 is not 1.0 (float(): numpy's repr names its type)
         return esc(text if any(c in text for c in ".ein") else text + ".0")  # 1.0, not 1
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(fmt_scalar(v) for v in value) + "]"

@@ -133,8 +133,23 @@ def base_line(base: dict) -> str:
 
 
 def local_name(path: str) -> str:
-    """A local folder as a published card names it: its own name, not where it lies on the author's disk."""
-    return Path(path).name or str(path)
+    """A local folder as a published card names it: a path inside the project as it is, any other by its
+    own name alone, not where it lies on the author's disk."""
+    inside = not Path(path).is_absolute() and ".." not in Path(path).parts and not str(path).startswith("~")
+    return str(path) if inside else (Path(path).name or "folder")
+
+
+def published_recipe(params: Params, sections: tuple) -> dict:
+    """The params the card shows, local folders named by local_name."""
+    recipe = {"seed": params.seed, **{k: params.to_dict()[k] for k in sections}}
+    data, model = recipe["data"], recipe["model"]
+    data["folder"] = local_name(data["folder"])
+    if params.data.kind == "imagefolder":
+        data["source"] = f"imagefolder:{local_name(params.data.location)}"
+    model["folder"] = local_name(model["folder"])
+    if params.model.kind == "folder":
+        model["pretrained"] = f"folder:{local_name(params.model.location)}"
+    return recipe
 
 
 def card_metadata(
@@ -343,7 +358,7 @@ def model_card(
     `sampled`: a class-conditional model's classes the evaluation sampled (models.sampling.sampled_classes)."""
     s = params.sample
     sections = ("data", "model", "train") if base else ("data", "model", "scheduler", "train")
-    recipe = {"seed": params.seed, **{k: params.to_dict()[k] for k in sections}}
+    recipe = published_recipe(params, sections)
     schedule = (
         "the pretrained pipeline's noise schedule"
         if base

@@ -419,9 +419,9 @@ def files_summary(files) -> str:
     return f"{len(entries):,} file(s){esc(total)}<ul>{shown}{more}</ul>"
 
 
-def skipped_table(skipped) -> str:
+def skipped_table(skipped, what: str = "skipped") -> str:
     if not skipped:
-        return "<p>No input files were skipped.</p>"
+        return f"<p>No input files were {what}.</p>"
     if not isinstance(skipped, list):
         return nested(skipped)
     rows = "".join(
@@ -437,14 +437,18 @@ def skipped_table(skipped) -> str:
         else ""
     )
     return (
-        f'<p>{len(skipped):,} input file(s) skipped:</p><table class="list">'
+        f'<p>{len(skipped):,} input file(s) {what}:</p><table class="list">'
         f"<tr><th>file</th><th>reason</th></tr>{rows}</table>{more}"
     )
 
 
 def record_table(record: dict) -> str:
     """A SOURCE/meta record as a nested table, its long lists (files, skipped) summarised."""
-    special = {"files": files_summary, "skipped": skipped_table, "ignored": skipped_table}
+    special = {
+        "files": files_summary,
+        "skipped": skipped_table,
+        "ignored": lambda files: skipped_table(files, "ignored"),
+    }
     return kv_table((key, special.get(key, nested)(value)) for key, value in record.items())
 
 

@@ -394,9 +394,10 @@ def _numeric(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def sweeps_section(experiments: list, keys: list, best: Experiment | None) -> str:
+def sweeps_section(experiments: list, keys: list, best: Experiment | None, comparable: bool = True) -> str:
     """FID against each differing numeric param (a sweep: `dvc exp run --queue -S key=a,b,c`), the best
-    experiment starred; nothing when no param is numeric in every experiment with a FID."""
+    experiment starred; nothing when no param is numeric in every experiment with a FID. Points scored
+    differently (not `comparable`) are drawn, and the caption says so."""
     scored = [e for e in experiments if math.isfinite(e.fid)]
     figures = []
     for key in keys:
@@ -411,6 +412,7 @@ def sweeps_section(experiments: list, keys: list, best: Experiment | None) -> st
             if star
             else ""
         )
+        caption += "" if comparable else "; <strong>scored differently</strong> (see the title): not comparable"
         figures.append(
             f'<figure><img src="{data_uri(png)}" width="{width}" height="{height}" '
             f'alt="FID against {esc(key)}"><figcaption>{caption}</figcaption></figure>'
@@ -492,22 +494,32 @@ function order(a, b, ascending) {
 SCORED_WITH = ("fid_num_samples", "fid_num_reference", "fid_weights_sha256")
 
 
+def scored_with(e: Experiment) -> tuple:
+    """SCORED_WITH's values, and the params that choose the reference images (the data, and the classes
+    sampled): FIDs against other images are not comparable either."""
+    reference = {"data": e.params.get("data"), "classes": (e.params.get("sample") or {}).get("classes")}
+    return (*(e.metrics.get(k) for k in SCORED_WITH), json.dumps(reference, sort_keys=True))
+
+
 def render_comparison(experiments: list) -> str:
     """The whole page: a pure function of the loaded experiments."""
     shown = ranked(experiments)
     colours = {e.name: PALETTE[i % len(PALETTE)] for i, e in enumerate(shown)}
     scored = [e for e in shown if math.isfinite(e.fid)]
-    ways = {tuple(e.metrics.get(k) for k in SCORED_WITH) for e in scored}
+    ways = {scored_with(e) for e in scored}
     best = scored[0] if scored and len(ways) == 1 else None
     keys = differing_params(shown)
     if len(ways) > 1:  # few samples bias FID upwards: the lowest may be the one scored on the most samples
-        why = "n/a (scored with different sample or reference counts or Inception weights: compare runs scored alike)"
+        why = (
+            "n/a (scored with different sample or reference counts, reference images (data.*, sample.classes) "
+            "or Inception weights: compare runs scored alike)"
+        )
     else:
         why = f"{best.fid:.2f}: {best.name}" if best else "n/a (no experiment has a FID)"
     subtitle = f"{len(shown)} experiment(s) from `dvc exp show`; best FID {why}"
     body = (
         table_section(shown, colours, keys, best)
-        + sweeps_section(shown, keys, best)
+        + sweeps_section(shown, keys, best, comparable=len(ways) <= 1)
         + grids_section(shown, colours, best)
         + curves_section(shown, colours)
         + problems_section(shown)

@@ -209,12 +209,7 @@ def score(m: Matrix, job: Job) -> dict:
     params = params_from_dict(yaml.safe_load((m.job_dir(job.name) / "params.yaml").read_text()))
     if not Path(params.paths.fid_ref).is_file():
         fid_reference.run(params_from_dict(params_dict(m, Job(job.recipe, job.resolution, 0, 0.0, 1))))
-    made, wanted = int(load_reference(params.paths.fid_ref)["num_images"]), wanted_reference(m, job.resolution)
-    if made != wanted:  # an earlier run into this --out asked for another --reference
-        raise SystemExit(
-            f"quality: {params.paths.fid_ref} holds {made:,} reference images, this run asks for {wanted:,} "
-            f"(--reference): use a new --out"
-        )
+    check_reference(m, job.resolution)
     metrics = evaluate.run(params)
     generated = json.loads((m.job_dir(job.name) / GENERATED).read_text())
     row = {
@@ -232,6 +227,19 @@ def score(m: Matrix, job: Job) -> dict:
 def wanted_reference(m: Matrix, resolution: int) -> int:
     """The reference images a score uses: --reference, or every training image."""
     return m.reference or len(np.load(m.data_dir(resolution) / "images.npy", mmap_mode="r"))
+
+
+def check_reference(m: Matrix, resolution: int) -> None:
+    """A reference file an earlier run into this --out made with another --reference stops the matrix."""
+    path = m.data_dir(resolution) / "fid_ref.npz"
+    if not path.is_file():
+        return
+    made, wanted = int(load_reference(path)["num_images"]), wanted_reference(m, resolution)
+    if made != wanted:
+        raise SystemExit(
+            f"quality: {path} holds {made:,} reference images, this run asks for {wanted:,} (--reference): "
+            f"use a new --out, or delete that file to score this run's jobs against a new one"
+        )
 
 
 def sampled_with(s) -> dict:
@@ -398,6 +406,8 @@ def check_earlier_work(m: Matrix, jobs: list[Job], scored: dict) -> None:
     would pass the old measurement off as the new one, and a job folder written with other params would
     be scored (if generated) or resumed (from its checkpoint) as it is."""
     planned = planned_sampling(m, jobs)
+    for resolution in sorted({job.resolution for job in jobs}):  # before anything trains
+        check_reference(m, resolution)
     changed = []
     for job in jobs:
         row = scored.get(job.name)
