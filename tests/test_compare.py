@@ -101,6 +101,13 @@ def test_queued_running_and_failed_experiments_are_never_shown_with_the_baseline
     assert [r["name"] for r in compare.select(rows, [])] == ["main", "steps-8", "lr-1e-3"]
     with pytest.raises(ConfigError, match="experiment 'queued-lr' is queued: it has no results of its own"):
         compare.select(rows, ["queued-lr"])
+    # run in the workspace (`dvc exp run`): the workspace row has that run's params and an earlier run's FID
+    here = {"revs": [_rev("here-lr", "workspace", _params(lr=0.04), {"fid": 80.0})], "executor": {"state": "running"}}
+    shown = [SHOWN[0], dict(SHOWN[1], data=baseline, experiments=[*SHOWN[1]["experiments"], here])]
+    rows = compare.exp_show_rows(shown)
+    assert "workspace" not in [r["name"] for r in compare.select(rows, [])]
+    with pytest.raises(ConfigError, match="the workspace: an experiment is running there"):
+        compare.select(rows, ["workspace"])
 
 
 def test_named_selection_by_name_or_rev_prefix():

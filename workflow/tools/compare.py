@@ -163,9 +163,15 @@ def select(rows: list, wanted: list) -> list:
     recorded run's metrics, which edited params would otherwise be credited with).
     A run whose params and metrics equal an earlier one's (`make run` twice on one commit records the
     same cached results twice) is shown once, under the name dvc lists first."""
+    running_here = any(r["kind"] == "unfinished" and r["rev"] == "workspace" for r in rows)
     if wanted:
         found = [_find(rows, name) for name in wanted]
         for row in found:
+            if row["kind"] == "workspace" and running_here:
+                raise ConfigError(
+                    "the workspace: an experiment is running there, so its params are that run's and its "
+                    "metrics an earlier run's; compare it once the run has ended"
+                )
             if row["kind"] == "unfinished":
                 raise ConfigError(
                     f"experiment {row['name']!r} is {row['state']}: it has no results of its own to compare "
@@ -179,7 +185,6 @@ def select(rows: list, wanted: list) -> list:
             chosen.append(row)
     # an experiment running in the workspace: its params are new, its metrics not yet; and params edited
     # but not yet run: the metrics are still a recorded run's (the same to the last digit), not theirs
-    running_here = any(r["kind"] == "unfinished" and r["rev"] == "workspace" for r in rows)
     workspace = [
         r
         for r in rows
@@ -193,7 +198,7 @@ def select(rows: list, wanted: list) -> list:
 
 def _find(rows: list, wanted: str) -> dict:
     for row in rows:
-        if wanted == row["name"] or (len(wanted) >= 4 and row["rev"].startswith(wanted)):
+        if wanted == row["name"] or (len(wanted) >= 4 and row["rev"] != "workspace" and row["rev"].startswith(wanted)):
             return row
     names = ", ".join(r["name"] for r in rows)
     raise ConfigError(f"no experiment {wanted!r} in `dvc exp show` of this commit; there are: {names}")
