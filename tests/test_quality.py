@@ -351,6 +351,11 @@ def test_result_folders_merge_by_job_and_sampler(tmp_path):
     assert fids("a", "b", "c") == [11.0, 20.0]
     with pytest.raises(SystemExit, match="typo has no results.jsonl"):  # not silently dropped
         fids("a", "typo")
+    # seeds of one cell from folders of unlike setups (another step count) are refused, not averaged
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "results.jsonl").write_text(json.dumps({**_row(OURS, 1, 2, 13.0), "steps": 99}) + "\n")
+    with pytest.raises(SystemExit, match=r"would average unlike runs .*\(99, None, None\)"):
+        fids("b", "d")
     # a recipe with no rate at this resolution shows "-" on the rates line, not a KeyError
     rows = quality_tables.collect([str(tmp_path / "a"), str(tmp_path / "b")])
     rows.append(_row("tutorial", 0, 2, 30.0))

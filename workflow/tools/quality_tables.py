@@ -40,7 +40,22 @@ def collect(folders: list[str]) -> list[dict]:
     for row in sorted(rows.values(), key=lambda r: r["sampler"] is not None):  # training jobs first
         key = (row["recipe"], row["resolution"], row["budget"], row["seed"], sampling_label(row["sampled_with"]))
         measured.setdefault(key, row)
+    check_alike(list(measured.values()))
     return list(measured.values())
+
+
+def check_alike(rows: list[dict]) -> None:
+    """The seeds a table cell averages must be one setup: the same steps, sample and reference counts."""
+    setups = defaultdict(set)
+    for r in rows:
+        key = (r["recipe"], r["resolution"], r["budget"], sampling_label(r["sampled_with"]))
+        setups[key].add((r["steps"], r.get("fid_num_samples"), r.get("fid_num_reference")))
+    unlike = {key: sorted(found) for key, found in setups.items() if len(found) > 1}
+    if unlike:
+        raise SystemExit(
+            "quality tables: these cells would average unlike runs ((steps, samples, reference images) differ "
+            f"between seeds): {unlike}; leave out the folder of the older setup"
+        )
 
 
 def spread(values: list) -> tuple[float, float, int]:
