@@ -117,6 +117,14 @@ def test_named_selection_by_name_or_rev_prefix():
         compare.select(rows, ["nope"])
 
 
+def test_a_rev_prefix_two_experiments_share_is_refused_and_a_name_wins_over_a_prefix():
+    shown = [dict(SHOWN[1], experiments=[*SHOWN[1]["experiments"], {"revs": [_rev("cccc", "c" * 39 + "d", _params(), None)]}])]
+    rows = compare.exp_show_rows(shown)
+    with pytest.raises(ConfigError, match=r"'ccccc' starts more than one.*lr-1e-3 \(cccccccccccc\), cccc \(cccccccccccc\)"):
+        compare.select(rows, ["ccccc"])
+    assert [r["name"] for r in compare.select(rows, ["cccc"])] == ["cccc"]
+
+
 def _grid(seed: int, size: int = 22) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
     buffer = io.BytesIO()

@@ -197,9 +197,18 @@ def select(rows: list, wanted: list) -> list:
 
 
 def _find(rows: list, wanted: str) -> dict:
-    for row in rows:
-        if wanted == row["name"] or (len(wanted) >= 4 and row["rev"] != "workspace" and row["rev"].startswith(wanted)):
-            return row
+    """The row named `wanted`, or the one whose rev starts with it (4 characters at least, like git's
+    short hashes); a prefix two revs share is refused rather than one of them taken."""
+    named = [row for row in rows if row["name"] == wanted]
+    if named:
+        return named[0]
+    if len(wanted) >= 4:
+        by_rev = [row for row in rows if row["rev"] != "workspace" and row["rev"].startswith(wanted)]
+        if len(by_rev) > 1:
+            matches = ", ".join(f"{r['name']} ({r['rev'][:12]})" for r in by_rev)
+            raise ConfigError(f"{wanted!r} starts more than one experiment's rev: {matches}; give more of it")
+        if by_rev:
+            return by_rev[0]
     names = ", ".join(r["name"] for r in rows)
     raise ConfigError(f"no experiment {wanted!r} in `dvc exp show` of this commit; there are: {names}")
 
