@@ -118,9 +118,10 @@ def test_named_selection_by_name_or_rev_prefix():
 
 
 def test_a_rev_prefix_two_experiments_share_is_refused_and_a_name_wins_over_a_prefix():
-    shown = [dict(SHOWN[1], experiments=[*SHOWN[1]["experiments"], {"revs": [_rev("cccc", "c" * 39 + "d", _params(), None)]}])]
-    rows = compare.exp_show_rows(shown)
-    with pytest.raises(ConfigError, match=r"'ccccc' starts more than one.*lr-1e-3 \(cccccccccccc\), cccc \(cccccccccccc\)"):
+    twin = {"revs": [_rev("cccc", "c" * 39 + "d", _params(), None)]}  # its rev shares lr-1e-3's first 39
+    rows = compare.exp_show_rows([dict(SHOWN[1], experiments=[*SHOWN[1]["experiments"], twin])])
+    both = r"lr-1e-3 \(cccccccccccc\), cccc \(cccccccccccc\)"
+    with pytest.raises(ConfigError, match=rf"'ccccc' starts more than one experiment's rev: {both}"):
         compare.select(rows, ["ccccc"])
     assert [r["name"] for r in compare.select(rows, ["cccc"])] == ["cccc"]
 

@@ -465,3 +465,24 @@ def test_the_fid_sweeps_time_is_a_stage_of_its_own_and_in_the_total(run_dir):
     assert timings.index(">evaluate<") < timings.index(">fid_sweep<")
     assert "30.0 s" in timings and "2 min 41 s" in timings  # 51.2 + 4.5 + 75.25 + 30
     assert "FID against the sampling steps (2 points; lowest FID at 25)" in page
+
+
+def test_a_fine_tuning_run_names_the_commit_of_its_pretrained_pipeline(run_dir):
+    """params.yaml names a branch (or nothing); the page names the commit download_model pinned."""
+    base = Path(Params().paths.base_model)
+    data = {"source": "hf:someone/captioned", "caption_column": "text", "channels": 3}
+    config = {"seed": 3, "data": data, "model": {"pretrained": "hf:someone/tiny-sd"}, "sample": {"prompts": ["a"]}}
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(config))
+    page = _render(run_dir)
+    box = f"<strong>missing:</strong> {base / 'BASE.json'} <span>(written by the `download_model` stage"
+    assert box in page and "Pretrained pipeline" in page[: page.index(box)].rsplit("<section", 1)[1]
+    files = [{"path": f"unet/part-{i}.safetensors", "size": 2**20, "sha256": "1" * 64} for i in range(7)]
+    record = {"kind": "hf", "repo_id": "someone/tiny-sd", "revision": "main", "sha": "f00dcafe" * 5}
+    _write_json(run_dir / base / "BASE.json", {**record, "endpoint": "http://127.0.0.1:9", "files": files})
+    section = _render(run_dir).split("<h2>Pretrained pipeline</h2>")[1].split("</section>")[0]
+    assert f"<th>sha</th><td><code>{'f00dcafe' * 5}</code>" in section
+    assert "<th>repo_id</th><td><code>someone/tiny-sd</code>" in section and "7 file(s), 7.0 MiB in total" in section
+
+
+def test_a_run_from_scratch_has_no_pretrained_section(run_dir):
+    assert "Pretrained pipeline" not in _render(run_dir)

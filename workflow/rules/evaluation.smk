@@ -76,6 +76,7 @@ rule report:
         metrics=rules.evaluate.output.metrics,
         fid_steps=rules.fid_sweep.output.fid_steps,
         fid_guidance=rules.fid_sweep.output.fid_guidance,
+        base_model=rules.download_model.output.base_model,
         code=stage_code("report"),
     output:
         report=report(PATHS["report"], caption="../pages/captions/run_report.rst", category="Run report"),

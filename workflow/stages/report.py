@@ -4,7 +4,8 @@
 
 Reads the sample grid, the training log (loss and lr as dvclive wrote them, see workflow/formats/trainlog.py;
 summary.json; the progress grids grids/step-XXXXXXX.png), metrics.json, the preprocessing meta.json,
-the download record SOURCE.json and the params. Writes `paths.report` (reports/index.html) and
+the download record SOURCE.json, for a fine-tuned pretrained pipeline its record BASE.json (repository and
+commit, or local folder), and the params. Writes `paths.report` (reports/index.html) and
 `paths.loss_plot` (reports/loss.png, the loss and learning-rate figure the page shows; Snakemake's
 report shows it too).
 
@@ -28,6 +29,7 @@ from workflow import STAGES
 from workflow.core.artifacts import write_bytes
 from workflow.core.config import Params
 from workflow.formats import trainlog
+from workflow.formats.base_model import BASE_FILE
 from workflow.formats.fid_sweeps import Sweep, read_sweep
 from workflow.formats.png import read_png
 from workflow.formats.raw_dataset import SOURCE_FILE
@@ -71,6 +73,7 @@ class ReportInputs:
     grid_png: bytes | Missing
     progress: list | Missing  # [(optimiser step, PNG bytes)], oldest first
     sweeps: list = field(default_factory=list)  # the FID sweeps with points (fid_sweep), each a Sweep
+    base: dict | Missing | None = None  # the pretrained pipeline's BASE.json; None: the run trains from scratch
 
 
 # ---------------------------------------------------------------- loading (the only I/O)
@@ -134,6 +137,9 @@ def load_inputs(params: Params) -> ReportInputs:
             grid_png=_optional(read_png, p.grid, "sample"),
             progress=load_progress_grids(log),
             sweeps=load_sweeps(params),
+            base=None
+            if params.model.pretrained is None
+            else _optional(read_record, Path(p.base_model) / BASE_FILE, "download_model"),
         )
     )
 
@@ -483,6 +489,23 @@ def dataset_section(meta: dict | Missing, source: dict | Missing) -> str:
     return section("Dataset provenance", body)
 
 
+BASE_IDENTITY_KEYS = ("kind", "repo_id", "endpoint", "revision", "sha", "path", "class_name")
+
+
+def pretrained_section(base: dict | Missing | None) -> str:
+    """Which pretrained pipeline a fine-tuning run started from: the commit it was pinned to (not just the
+    branch params.yaml names) or the local folder, and its files' content."""
+    if base is None:
+        return ""
+    if isinstance(base, Missing):
+        return section("Pretrained pipeline", base.html())
+    rows = [(key, f"<code>{fmt_scalar(base[key])}</code>") for key in BASE_IDENTITY_KEYS if key in base]
+    if "files" in base:
+        rows.append(("files", files_summary(base["files"])))
+    body = kv_table(rows) + f"<details><summary>download record (BASE.json)</summary>{record_table(base)}</details>"
+    return section("Pretrained pipeline", body)
+
+
 def params_section(params: dict) -> str:
     """Every param, one card per section of params.yaml."""
     loose = {k: v for k, v in params.items() if not isinstance(v, dict)}
@@ -563,6 +586,7 @@ def render_report(inputs: ReportInputs, loss_png: bytes) -> str:
         + environment_section(inputs.summary)
         + "</div>\n"
         + dataset_section(inputs.meta, inputs.source)
+        + pretrained_section(inputs.base)
         + params_section(inputs.params)
         + "<footer>Written by <code>python -m workflow report</code> from params.yaml and the pipeline's "
         "artifacts.</footer>\n"
