@@ -20,6 +20,8 @@ export PYTHONPATH := $(CURDIR)
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "the pinned stack (numpy, snakemake, diffusers) needs Python 3.11 or newer: make PYTHON=python3.11 ..." >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
@@ -80,5 +82,7 @@ slurm:
 smk: setup
 	snakemake --cores all $(if $(CONFIG),--configfile '$(CONFIG)')
 
+# The default paths' outputs; the folders' tracked .gitignore and README files stay.
 clean-outputs:
-	rm -rf data/raw data/processed data/samples models/trained models/pipeline models/checkpoints reports/train reports/samples reports/index.html reports/loss.png reports/metrics.json reports/experiments.html reports/snakemake.html
+	rm -rf data/raw data/samples models/base models/trained models/pipeline models/checkpoints reports/train reports/index.html reports/loss.png reports/metrics.json reports/fid_steps.csv reports/fid_guidance.csv reports/experiments.html reports/snakemake.html
+	find data/processed reports/samples -mindepth 1 ! -name .gitignore -exec rm -rf {} +
