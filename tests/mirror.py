@@ -310,7 +310,8 @@ class StallingProxy:
     (olah, offline, checks none): a request for that dataset without `Authorization: Bearer <token>`
     gets 401 and `X-Error-Code: RepoNotFound`. `authorized` says, per request, whether it carried the
     token (the token itself is kept in memory only). With `fail=(text, n)`, the n-th request whose path
-    contains `text` gets a 500."""
+    contains `text` gets a 500. With `gate=text`, a request whose path contains `text` gets the Hub's answer
+    for a gated file the token has no access to (403, `X-Error-Code: GatedRepo`)."""
 
     def __init__(
         self,
@@ -318,9 +319,11 @@ class StallingProxy:
         stall: str | None = None,
         private: tuple[str, str] | None = None,
         fail: tuple[str, int] | None = None,
+        gate: str | None = None,
     ):
         self.upstream_port, self.stall = upstream_port, stall
         self.fail, self.fail_count = fail, 0
+        self.gate = gate
         self.private, self.token = private or (None, None)
         self.stalled = threading.Event()
         self.released = threading.Event()
@@ -354,6 +357,8 @@ class StallingProxy:
         self.authorized.append(handler.headers.get("Authorization") == f"Bearer {self.token}")
         if self.private and f"datasets/{self.private}/" in handler.path and not self.authorized[-1]:
             return self.refuse(handler, method)
+        if self.gate and self.gate in handler.path:
+            return self.gated(handler, method)
         if self.fail and self.fail[0] in handler.path:
             self.fail_count += 1
             if self.fail_count == self.fail[1]:
@@ -394,6 +399,18 @@ class StallingProxy:
         handler.send_response(401)
         handler.send_header("X-Error-Code", "RepoNotFound")
         handler.send_header("X-Error-Message", "Repository not found")
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if method != "HEAD":
+            handler.wfile.write(body)
+
+    @staticmethod
+    def gated(handler: BaseHTTPRequestHandler, method: str) -> None:
+        body = b'{"error":"Access to this dataset is restricted"}'
+        handler.send_response(403)
+        handler.send_header("X-Error-Code", "GatedRepo")
+        handler.send_header("X-Error-Message", "Access to this dataset is restricted")
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()

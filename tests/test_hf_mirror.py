@@ -363,6 +363,34 @@ def test_a_failed_request_never_passes_off_the_cached_commit_of_main_as_current(
     assert "from the cache; retrying in 1 s (2/3)" in done.stderr, done.stderr[-3000:]
 
 
+def test_a_server_error_on_a_pinned_commit_is_retried_not_taken_for_a_missing_one(mirror, tmp_path):
+    """olah answers a missing sha with a 500, and so does a server having a bad moment: a correct pin
+    is asked again (a missing one is named after the last try: test_errors_name_the_cause...)."""
+    repo = Dataset.create(mirror, "org/pinned-flaky", parquet_files(3))
+    proxy = StallingProxy(mirror.port, fail=(f"/api/datasets/org/pinned-flaky/revision/{repo.head}", 1))
+    try:
+        done, record = download(
+            tmp_path / "w", hf_env(proxy, tmp_path / "hf"), source="hf:org/pinned-flaky", revision=repo.head
+        )
+    finally:
+        proxy.close()
+    ok(done)
+    assert record["sha"] == repo.head and "retrying in 1 s (2/3)" in done.stderr, done.stderr[-3000:]
+
+
+def test_a_gated_data_file_is_one_error_saying_how_to_get_access(mirror, tmp_path):
+    """The card and the listing answered, the data file refused (403 GatedRepo): the stage's own message."""
+    Dataset.create(mirror, "org/gated-files", parquet_files(3))
+    proxy = StallingProxy(mirror.port, gate=".parquet")
+    try:
+        done, _ = download(tmp_path / "w", hf_env(proxy, tmp_path / "hf"), source="hf:org/gated-files")
+    finally:
+        proxy.close()
+    line = one_error(done)
+    assert "'hf:org/gated-files'" in line and "is gated" in line and "hf auth login" in line, line
+    assert "Traceback" not in done.stderr
+
+
 # --- interruption and resume -------------------------------------------------------------------------
 
 

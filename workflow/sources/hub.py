@@ -190,15 +190,20 @@ def download(repo: HubRepo, revision: str, env: HubEnv, select: Select) -> tuple
             time.sleep(wait)
         try:
             # first: snapshot_download itself would fall back to the cache without a word
-            sha = check_revision(api, repo, revision, env)
+            sha = check_revision(api, repo, revision, env, final=attempt == ATTEMPTS - 1)
             # by name: the cache records what `main` is; where its own request fails, snapshot_download
             # answers from that record without a word, hence `expect`
             return fetch(repo, revision, select, env, expect=sha)
         except (*TRANSIENT, StaleSnapshot) as exc:
             last = describe(exc, env)
+        except GatedRepoError:  # the card may be open and the data files gated
+            raise ConfigError(gated(repo, env)) from None
         except HfHubHTTPError as exc:
             if not transient_status(exc):
-                raise
+                raise ConfigError(
+                    f"`{repo.source_key}` {repo.source!r} at revision {revision!r}: {env.shown} (HF_ENDPOINT) "
+                    f"answered {describe(exc, env)}"
+                ) from None
             last = describe(exc, env)
     raise Unreachable(last)
 
@@ -222,12 +227,14 @@ def describe(exc: BaseException, env: HubEnv) -> str:
     return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
-def check_revision(api: HfApi, repo: HubRepo, revision: str, env: HubEnv) -> str:
+def check_revision(api: HfApi, repo: HubRepo, revision: str, env: HubEnv, final: bool = True) -> str:
     """The commit sha `revision` names, or a ConfigError that says which of repo or revision is wrong.
 
-    Network errors and server errors (5xx) propagate for the caller to retry. Mirrors do not all
-    answer like the Hub: olah answers "repository not found" (401) for a missing branch and a server
-    error for a missing sha, so a failure is checked against the repository's `main` branch.
+    Network errors and server errors (5xx, 408, 429) propagate for the caller to retry. Mirrors do not
+    all answer like the Hub: olah answers "repository not found" (401) for a missing branch and a 500
+    for a missing sha, so such a failure is checked against the repository's `main` branch; a 500 only
+    on the `final` try, since a server having a bad moment answers the same, and a rate limit or a
+    gateway error never (a correct pin must not be called missing).
     """
     timeout = constants.HF_HUB_ETAG_TIMEOUT  # repo_info has no timeout of its own
     try:
@@ -238,7 +245,8 @@ def check_revision(api: HfApi, repo: HubRepo, revision: str, env: HubEnv) -> str
         raise ConfigError(gated(repo, env)) from None
     except HfHubHTTPError as exc:
         missing = isinstance(exc, RepositoryNotFoundError) or status(exc) in (401, 403, 404)
-        if revision != "main" and (missing or transient_status(exc)) and has_main(api, repo, timeout):
+        maybe_missing = missing or (final and status(exc) == 500)
+        if revision != "main" and maybe_missing and has_main(api, repo, timeout):
             raise ConfigError(revision_not_found(repo, revision, env)) from None
         if missing:
             raise ConfigError(repo_not_found(repo, env)) from None
