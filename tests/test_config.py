@@ -146,3 +146,63 @@ def test_sampling_steps_within_the_training_schedule():
         params_from_dict(tiny_dict(scheduler={"num_train_timesteps": 100}, sample={"num_inference_steps": 101}))
     with pytest.raises(ConfigError, match=r"`fid.steps_sweep` \(\[2000\]\)"):
         params_from_dict(tiny_dict(fid={"steps_sweep": [10, 2000]}))
+
+
+@pytest.mark.parametrize(
+    "section, folder, paths, words",
+    [
+        ("data", "data/raw/photos", {}, "`data.folder` ('data/raw/photos') is inside `paths.raw` ('data/raw')"),
+        ("data", "data/raw", {}, "`data.folder` ('data/raw') is `paths.raw` ('data/raw')"),
+        ("data", "./data/images/../raw//x/", {}, "`data.folder` ('./data/images/../raw//x/') is inside `paths.raw`"),
+        ("data", "data/processed/latents/mine", {}, "is inside `paths.latents` ('data/processed/latents')"),
+        ("data", "photos/in", {"samples": "photos"}, "`data.folder` ('photos/in') is inside `paths.samples`"),
+        ("model", "models/base", {}, "`model.folder` ('models/base') is `paths.base_model` ('models/base')"),
+        ("model", "models/base/sd", {}, "`model.folder` ('models/base/sd') is inside `paths.base_model`"),
+        ("model", "models/trained", {}, "`model.folder` ('models/trained') is `paths.trained`"),
+    ],
+)
+def test_a_source_folder_in_an_output_is_refused_naming_both_keys(section, folder, paths, words):
+    """The stage writing that output replaces it whole: the user's folder would be deleted with it."""
+    source = {"source": f"imagefolder:{folder}"} if section == "data" else {}  # dvc tracks model.folder always
+    raw = tiny_dict(**{section: {**source, "folder": folder}}, paths=paths)
+    with pytest.raises(ConfigError, match="whole: the folder would be deleted") as error:
+        params_from_dict(raw)
+    assert words in str(error.value)
+
+
+def test_a_source_folder_beside_the_outputs_is_accepted():
+    """Only containment counts: `data/raw2` shares a prefix with `data/raw` but is not inside it."""
+    for folder in ("data/raw2", "data/images", "data", "."):
+        assert params_from_dict(tiny_dict(data={"folder": folder})).data.folder == folder
+    assert params_from_dict(tiny_dict(model={"folder": "models/base2"})).model.folder == "models/base2"
+
+
+def test_a_source_folder_reached_through_a_link_into_an_output_is_refused(tmp_path):
+    """Paths are compared resolved: a link to `paths.raw`'s folder is that folder."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "raw")
+    raw = tiny_dict(paths={"raw": str(tmp_path / "raw")}, data={"folder": str(tmp_path / "link" / "photos")})
+    with pytest.raises(ConfigError, match=r"`data.folder` .*link/photos'\) is inside `paths.raw`"):
+        params_from_dict(raw)
+
+
+def test_download_refuses_a_source_folder_inside_paths_raw_and_keeps_it(tmp_path, monkeypatch, capsys):
+    """The case that deleted a user's photos: `data.folder: data/raw/photos` and download's rename of paths.raw."""
+    from PIL import Image
+
+    from workflow.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    photos = tmp_path / "data" / "raw" / "photos"
+    photos.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(photos / "cat.png")
+    data = {"source": "imagefolder:data/raw/photos", "folder": "data/raw/photos"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_dict(data=data)))
+    assert main(["download", "--params", "params.yaml"]) == 1
+    assert "`data.folder` ('data/raw/photos') is inside `paths.raw` ('data/raw')" in capsys.readouterr().err
+    assert sorted(p.name for p in photos.iterdir()) == ["cat.png"]
+
+
+def test_a_path_with_a_nul_is_one_config_error():
+    with pytest.raises(ConfigError, match=r"`paths.raw` must be a non-empty path with no NUL character"):
+        params_from_dict(tiny_dict(paths={"raw": "data/\0raw"}))

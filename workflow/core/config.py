@@ -81,6 +81,8 @@ def positive_list(limit, count):
 UNIT_OPEN = _rule(lambda v: 0 < v < 1, "must be in (0, 1)")
 UNIT_CLOSED = _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
 NON_EMPTY = _rule(lambda v: len(v) > 0, "must not be empty")
+# no file system takes a NUL, and os.path raises ValueError on one (the source folders are compared resolved)
+PATH = _rule(lambda v: len(v) > 0 and "\0" not in v, "must be a non-empty path with no NUL character")
 STEPS = 10_000_000  # optimiser steps, and every count of them (warm-up, logging, checkpoint cadence)
 IMAGES = 100_000_000  # images in a dataset
 CLASSES = 100_000  # classes of a labelled dataset (one embedding row each)
@@ -111,8 +113,8 @@ def checked_tuple(default, rule=None):
 
 
 def _path(default):
-    """A path in params.yaml: any non-empty string."""
-    return checked(default, NON_EMPTY)
+    """A path in params.yaml: any non-empty string without a NUL."""
+    return checked(default, PATH)
 
 
 @dataclass(frozen=True)
@@ -506,6 +508,24 @@ def _check_cross_field(p: Params, source: str) -> None:
             f"({p.data.folder!r}), the folder dvc and Snakemake track: set `data.folder: "
             f"{p.data.location}` too"
         )
+    _check_source_folders(p, source)
+
+
+def _check_source_folders(p: Params, source: str) -> None:
+    """A source folder (read by download or download_model) equal to or inside an output in `paths.*`: the
+    stage writing that output replaces it whole, deleting the user's files with it (and dvc would see the
+    stage depend on its own output)."""
+    outputs = {f"paths.{key}": value for key, value in dataclasses.asdict(p.paths).items()}
+    for key, folder in (("data.folder", p.data.folder), ("model.folder", p.model.folder)):
+        mine = Path(os.path.realpath(folder))
+        for out_key, out in outputs.items():
+            theirs = Path(os.path.realpath(out))
+            if mine.is_relative_to(theirs):
+                where = "is" if mine == theirs else "is inside"
+                raise ConfigError(
+                    f"{source}: `{key}` ({folder!r}) {where} `{out_key}` ({out!r}), an output a stage replaces "
+                    f"whole: the folder would be deleted; keep `{key}` outside every `paths.*` output"
+                )
 
 
 def _check_guidance_is_trained(p: Params, source: str) -> None:
