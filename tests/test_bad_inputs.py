@@ -138,3 +138,19 @@ def test_a_file_name_that_escapes_the_raw_folder_is_refused(tmp_path, name):
         fetch.inside(images, name)
     assert fetch.inside(images, "a/b.png") == images / "a" / "b.png"
     assert list(tmp_path.rglob("evil.png")) == []
+
+
+def test_a_decompression_bomb_row_is_skipped_with_its_reason_not_a_crash(tmp_path):
+    """PIL raises DecompressionBombError (not an OSError) when it opens a bomb's header: one row skipped,
+    named, and the rest of the shard still exported."""
+    snapshot, out = tmp_path / "snap", tmp_path / "raw" / "images"
+    (snapshot / "data").mkdir(parents=True)
+    png = encoded(Image.new("RGB", (4, 4), RED), "PNG")
+    rows = [{"bytes": blob, "path": None} for blob in (png, header_only_png(30000, 30000), png)]
+    shard = snapshot / "data" / "train-00000-of-00001.parquet"
+    pq.write_table(pa.table({"image": rows}), shard)
+    count, skipped, _, _ = fetch.export_parquet([shard], snapshot, Data(source="hf:org/bomb"), out)
+    assert count == 2
+    assert sorted(p.name for p in (out / "data" / "train-00000-of-00001").iterdir()) == ["000000.png", "000002.png"]
+    assert [(item["file"], item["row"]) for item in skipped] == [("data/train-00000-of-00001.parquet", 1)]
+    assert skipped[0]["reason"].startswith("not a supported image (unknown: DecompressionBombError: Image size")

@@ -538,11 +538,16 @@ def _image_bytes(cell, column: str, name: str, row: int) -> bytes:
     return cell["bytes"]
 
 
+# What PIL raises while identifying bytes that are not a usable image: a decompression bomb (more than twice
+# PIL.Image.MAX_IMAGE_PIXELS) raises a plain Exception subclass, which would end the whole download unnamed.
+IDENTIFY_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
 def image_extension(blob: bytes) -> str:
-    """`.png`, `.jpg`, ... from the encoded bytes themselves; `unknown` if PIL cannot identify them."""
+    """`.png`, `.jpg`, ... from the encoded bytes themselves; `unknown: <why>` if PIL cannot identify them."""
     try:
         with Image.open(io.BytesIO(blob)) as image:
             fmt = image.format
-    except (OSError, ValueError) as exc:
-        return f"unknown: {exc}"
+    except IDENTIFY_ERRORS as exc:
+        return f"unknown: {type(exc).__name__}: {exc}"
     return {"JPEG": ".jpg", "TIFF": ".tiff"}.get(fmt, f".{fmt.lower()}")
