@@ -154,3 +154,19 @@ def test_a_decompression_bomb_row_is_skipped_with_its_reason_not_a_crash(tmp_pat
     assert sorted(p.name for p in (out / "data" / "train-00000-of-00001").iterdir()) == ["000000.png", "000002.png"]
     assert [(item["file"], item["row"]) for item in skipped] == [("data/train-00000-of-00001.parquet", 1)]
     assert skipped[0]["reason"].startswith("not a supported image (unknown: DecompressionBombError: Image size")
+
+
+def test_a_camera_mpo_jpeg_row_is_exported_as_a_jpg_and_decodes(tmp_path):
+    """PIL names a JPEG carrying a second picture (many cameras' files) "MPO": it is a .jpg, and preprocess
+    reads its first picture."""
+    snapshot, out = tmp_path / "snap", tmp_path / "raw" / "images"
+    (snapshot / "data").mkdir(parents=True)
+    mpo = encoded(Image.new("RGB", (8, 8), RED), "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8), BLUE)])
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    shard = snapshot / "data" / "train-00000-of-00001.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": mpo, "path": "DSC0001.JPG"}]}), shard)
+    count, skipped, _, _ = fetch.export_parquet([shard], snapshot, Data(source="hf:org/camera"), out)
+    written = out / "data" / "train-00000-of-00001" / "000000.jpg"
+    assert count == 1 and skipped == [] and written.read_bytes() == mpo
+    array, skipped = preprocess.preprocess_images([written], 8, 3, True)
+    assert skipped == [] and np.abs(array[0].astype(int) - np.array(RED)[:, None, None]).max() <= 6

@@ -550,4 +550,6 @@ def image_extension(blob: bytes) -> str:
             fmt = image.format
     except IDENTIFY_ERRORS as exc:
         return f"unknown: {type(exc).__name__}: {exc}"
-    return {"JPEG": ".jpg", "TIFF": ".tiff"}.get(fmt, f".{fmt.lower()}")
+    # MPO: a JPEG with more pictures after the first (many cameras write it); a plain JPEG reader, and PIL,
+    # decode its first picture, so it is a .jpg like any other
+    return {"JPEG": ".jpg", "MPO": ".jpg", "TIFF": ".tiff"}.get(fmt, f".{fmt.lower()}")
