@@ -13,6 +13,7 @@ from workflow.formats.raw_dataset import list_image_files
 from workflow.stages import download, preprocess
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
+F = (0.0, 0.25, 0.5, 1.0)  # float pixel values and, x 255 rounded, the bytes they become: 0, 64, 128, 255
 
 
 def save(image, path):
@@ -70,6 +71,40 @@ def test_palette_alpha_and_16_bit_images(tmp_path):
     array, skipped = preprocess.preprocess_images([palette, rgba, deep], 8, 3, True)
     assert skipped == [] and tuple(array[0, :, 0, 0]) == BLUE and tuple(array[1, :, 0, 0]) == RED
     assert np.all(array[2] == 40000 >> 8)  # scaled to 8 bits, not clipped to 255
+
+
+def test_float_images_in_unit_range_are_scaled_to_8_bits(tmp_path):
+    """A float TIFF (mode F) in [0, 1] is x 255, rounded; PIL's convert("L") would make it nearly black."""
+    files = [save(Image.fromarray(np.full((8, 8), v, np.float32)), tmp_path / f"{i}.tif") for i, v in enumerate(F)]
+    array, skipped = preprocess.preprocess_images(files, 8, 1, True)
+    assert skipped == [] and [int(a.min()) for a in array] == [int(a.max()) for a in array] == [0, 64, 128, 255]
+
+
+def test_images_with_no_fixed_8_bit_range_are_skipped_with_the_reason(tmp_path):
+    """Signed or 32-bit integers (PIL's mode I) and float outside [0, 1] declare no range: mapping them would
+    be a guess (PIL clips mode I at 255), so they are skipped, named, as undecodable files are."""
+    signed = tmp_path / "signed16.tif"  # SampleFormat 2: int16, which PIL opens as mode I
+    Image.fromarray(np.array([[65531, 300]], np.uint16)).save(signed, tiffinfo={339: 2})
+    files = [
+        signed,
+        save(Image.fromarray(np.full((8, 8), 70000, np.int32)), tmp_path / "int32.tif"),
+        save(Image.fromarray(np.full((8, 8), 200.0, np.float32)), tmp_path / "float255.tif"),
+        save(Image.fromarray(np.array([[0.5, np.nan]], np.float32)), tmp_path / "nan.tif"),
+        save(Image.new("RGB", (8, 8), RED), tmp_path / "good.png"),
+    ]
+    array, skipped = preprocess.preprocess_images(files, 8, 1, True)
+    assert len(array) == 1 and [s["file"] for s in skipped] == [str(f) for f in files[:4]]
+    reasons = [s["reason"] for s in skipped]
+    assert (
+        reasons[0]
+        == reasons[1]
+        == (
+            "UnsupportedPixels: signed or 32-bit integer pixels (mode I): no fixed range to map onto 8 bits; "
+            "save the image with 8 or 16 unsigned bits"
+        )
+    )
+    assert reasons[2].startswith("UnsupportedPixels: float pixels (mode F) from 200 to 200, outside [0, 1]")
+    assert reasons[3].startswith("UnsupportedPixels: float pixels (mode F) from nan to nan, outside [0, 1]")
 
 
 def test_exif_orientation_is_applied(tmp_path):

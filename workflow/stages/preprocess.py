@@ -9,14 +9,16 @@ array). Each image is EXIF-rotated, converted to L or RGB, and either resized on
 centre-cropped (`data.center_crop: true`) or squashed to a square, with PIL's antialiasing bicubic.
 A file that cannot be decoded (corrupt, truncated, empty, not an image, or a decompression bomb:
 more pixels than PIL.Image.MAX_IMAGE_PIXELS) is skipped and listed with its reason; so are files the
-source ignored (no image extension). Fewer than `data.min_images` usable images is an error naming
-the count and the commonest reasons. `data.max_images` takes a subset of the files chosen with
-`seed`, before decoding, kept in file order. A labelled dataset (`<paths.raw>/LABELS.json`) gives
-`paths.labels` the class names and each kept image's class; an unlabelled one, empty lists. A
-captioned one (`<paths.raw>/CAPTIONS.json`) gives `paths.captions` each kept image's captions;
-an uncaptioned one, an empty list. `data.holdout` (text-to-image) takes that many of the decoded
-images, chosen with `seed`, out of the training set into `paths.holdout_images` and
-`paths.holdout_captions` (both empty otherwise): FID later scores the fine-tune on them.
+source ignored (no image extension), and images whose pixels have no fixed 8-bit range (signed or
+32-bit integers, float outside [0, 1]; 16-bit keeps its top byte, float in [0, 1] is x 255: `to_8bit`).
+Fewer than `data.min_images` usable images is an error naming the count and the commonest reasons.
+`data.max_images` takes a subset of the files chosen with `seed`, before decoding, kept in file order.
+A labelled dataset (`<paths.raw>/LABELS.json`) gives `paths.labels` the class names and each kept
+image's class; an unlabelled one, empty lists. A captioned one (`<paths.raw>/CAPTIONS.json`) gives
+`paths.captions` each kept image's captions; an uncaptioned one, an empty list. `data.holdout`
+(text-to-image) takes that many of the decoded images, chosen with `seed`, out of the training set
+into `paths.holdout_images` and `paths.holdout_captions` (both empty otherwise): FID later scores the
+fine-tune on them.
 """
 
 from __future__ import annotations
@@ -67,11 +69,32 @@ def load_image(path: str | Path, resolution: int, channels: int, center_crop: bo
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
+class UnsupportedPixels(ValueError):
+    """Pixels with no fixed range to map onto 8 bits: the file is skipped with this as its reason."""
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit grayscale -> 8-bit by its top byte (PIL's own convert("L") would clip at 255)."""
-    if not image.mode.startswith("I;16"):
+    """Wide grayscale -> 8 bits where the range is fixed (PIL's own convert("L") would clip at 255):
+    unsigned 16-bit (I;16*) by its top byte; float (F) with every value in [0, 1] scaled by 255, rounded.
+    Signed or 32-bit integers (mode I: a TIFF's int16, int32, uint32) and float outside [0, 1] declare no
+    range, so any mapping would be a guess that changes the image: they raise UnsupportedPixels."""
+    if image.mode == "F":
+        pixels = np.asarray(image)
+        if not ((pixels >= 0) & (pixels <= 1)).all():  # NaN fails both
+            raise UnsupportedPixels(
+                f"float pixels (mode F) from {pixels.min():g} to {pixels.max():g}, outside [0, 1]: "
+                "no fixed range to map onto 8 bits; save the image with 8 or 16 unsigned bits"
+            )
+        return Image.fromarray(np.round(pixels * 255).astype(np.uint8))
+    if not image.mode.startswith("I"):
         return image
-    return Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8))
+    pixels = np.asarray(image)
+    if pixels.dtype.kind != "u" or pixels.dtype.itemsize != 2:
+        raise UnsupportedPixels(
+            f"signed or 32-bit integer pixels (mode {image.mode}): no fixed range to map onto 8 bits; "
+            "save the image with 8 or 16 unsigned bits"
+        )
+    return Image.fromarray((pixels.astype(np.uint32) >> 8).astype(np.uint8))
 
 
 def resize(image: Image.Image, resolution: int, center_crop: bool) -> Image.Image:
