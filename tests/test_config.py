@@ -206,3 +206,15 @@ def test_download_refuses_a_source_folder_inside_paths_raw_and_keeps_it(tmp_path
 def test_a_path_with_a_nul_is_one_config_error():
     with pytest.raises(ConfigError, match=r"`paths.raw` must be a non-empty path with no NUL character"):
         params_from_dict(tiny_dict(paths={"raw": "data/\0raw"}))
+
+
+@pytest.mark.parametrize(
+    "section, key", [("data", "revision"), ("data", "split"), ("data", "image_column"), ("fid", "weights")]
+)
+def test_an_empty_string_where_it_means_nothing_is_refused_naming_the_key(section, key):
+    """`data.revision: ""` was read as main, `data.image_column: ""` failed later with a KeyError traceback,
+    `fid.weights: ""` chose the default extractor: each is one error naming the key."""
+    raw = tiny_dict(data={"source": "hf:org/flowers"})
+    raw[section] = {**raw.get(section, {}), key: ""}
+    with pytest.raises(ConfigError, match=rf"`{section}.{key}` must (not be empty|be a non-empty path)"):
+        params_from_dict(raw)

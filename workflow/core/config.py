@@ -146,10 +146,11 @@ class Paths:
 class Data:
     source: str = checked("builtin:mnist", SOURCE)
     folder: str = _path("data/images")  # the imagefolder: path; dvc and Snakemake track its content
-    revision: Optional[str] = None
+    # "" is refused in the four below: a revision "" silently read as main, an image column "" failed with a traceback
+    revision: Optional[str] = checked(None, NON_EMPTY)  # hf only: branch, tag or commit sha; null = main
     config: Optional[str] = checked(None, NON_EMPTY)  # hf only: a config the dataset card declares; None = its default
-    split: str = "train"
-    image_column: str = "image"
+    split: str = checked("train", NON_EMPTY)
+    image_column: str = checked("image", NON_EMPTY)
     label_column: Optional[str] = checked(None, NON_EMPTY)  # hf only: a ClassLabel column; null = no labels
     # hf parquet: a text column; an image folder (local or hf): the field of its metadata.jsonl; null = none
     caption_column: Optional[str] = checked(None, NON_EMPTY)
@@ -264,7 +265,7 @@ class Sample:
 class Fid:
     num_samples: int = checked(250, at_least(2, 100_000))  # the FID sample set (sample makes it); 2 for a covariance
     num_reference: Optional[int] = checked(250, positive(1_000_000))
-    weights: Optional[str] = None
+    weights: Optional[str] = checked(None, PATH)  # "" would silently mean null: the default extractor
     weights_sha256: Optional[str] = checked(None, SHA256)
     batch_size: int = checked(50, positive(4096))
     steps_sweep: tuple[int, ...] = checked_tuple((), positive_items(10_000, 32))  # FID against the sampling steps
