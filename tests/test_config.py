@@ -218,3 +218,15 @@ def test_an_empty_string_where_it_means_nothing_is_refused_naming_the_key(sectio
     raw[section] = {**raw.get(section, {}), key: ""}
     with pytest.raises(ConfigError, match=rf"`{section}.{key}` must (not be empty|be a non-empty path)"):
         params_from_dict(raw)
+
+
+@pytest.mark.parametrize("key, value", [("revision", "v1.0"), ("config", "full"), ("label_column", "label")])
+@pytest.mark.parametrize("source", ["builtin:mnist", "imagefolder:data/images"])
+def test_an_hf_only_data_key_is_refused_for_another_source(key, value, source):
+    """Only the hf: fetch reads them: elsewhere they were silently not used (a label column on an image folder
+    gave no labels, or the sub-folders' ones)."""
+    with pytest.raises(ConfigError, match=rf"`data.{key}` applies to `data.source: hf:<owner>/<name>` only") as err:
+        params_from_dict(tiny_dict(data={"source": source, key: value}))
+    assert f"not {source!r}: set it to null" in str(err.value)
+    assert ("sub-folders" in str(err.value)) == (key == "label_column")
+    assert getattr(params_from_dict(tiny_dict(data={"source": "hf:org/flowers", key: value})).data, key) == value

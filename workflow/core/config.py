@@ -502,6 +502,7 @@ def _check_cross_field(p: Params, source: str) -> None:
         raise ConfigError(f"{source}: `fid.weights_sha256` is set but `fid.weights` is not")
     if p.data.kind == "hf" and "/" not in p.data.location:
         raise ConfigError(f"{source}: `data.source` {p.data.source!r} must name a repository as hf:<owner>/<name>")
+    _check_hf_only(p.data, source)
     _check_text_to_image(p, source)
     if p.data.kind == "imagefolder" and os.path.normpath(p.data.location) != os.path.normpath(p.data.folder):
         raise ConfigError(
@@ -527,6 +528,24 @@ def _check_source_folders(p: Params, source: str) -> None:
                     f"{source}: `{key}` ({folder!r}) {where} `{out_key}` ({out!r}), an output a stage replaces "
                     f"whole: the folder would be deleted; keep `{key}` outside every `paths.*` output"
                 )
+
+
+def _check_hf_only(data: Data, source: str) -> None:
+    """The keys only an hf: dataset reads: set for builtin: or imagefolder:, they were silently not used."""
+    if data.kind == "hf":
+        return
+    hf_only = {"data.revision": data.revision, "data.config": data.config, "data.label_column": data.label_column}
+    for key, value in hf_only.items():
+        if value is not None:
+            classes = (
+                " (an image folder's classes are its sub-folders, one per class)"
+                if key.endswith("label_column")
+                else ""
+            )
+            raise ConfigError(
+                f"{source}: `{key}` applies to `data.source: hf:<owner>/<name>` only, not {data.source!r}: "
+                f"set it to null{classes}"
+            )
 
 
 def _check_guidance_is_trained(p: Params, source: str) -> None:
