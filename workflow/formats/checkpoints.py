@@ -4,11 +4,11 @@ Layout: <paths.checkpoints>/<run key>/step-0000250/ holding what `accelerator.sa
 (model weights as safetensors; optimiser and RNG states, which accelerate loads with
 `torch.load(weights_only=True)`), training_state.pt (lr schedule and EMA: tensors and numbers only,
 loaded with `weights_only=True` as well; accelerate's own custom-object path unpickles with
-`weights_only=False`, so it is not used), manifest.json (size and sha256 of every file) and
-progress.json (step, time, loss history), written last. The folder is built as .step-0000250.tmp
-and renamed into place, so a save cut short is never mistaken for a checkpoint; one whose files no
-longer match its manifest (truncated, corrupted) is skipped with a warning in favour of the one
-before. The run key hashes everything that shapes the weights, the train stage's code included, so a
+`weights_only=False`, so it is not used), progress.json (step, time, loss history) and manifest.json
+(size and sha256 of every other file, progress.json included), written last. The folder is built as
+.step-0000250.tmp and renamed into place, so a save cut short is never mistaken for a checkpoint; one
+whose files no longer match its manifest (truncated, corrupted) is skipped with a warning in favour of
+the one before. The run key hashes everything that shapes the weights, the train stage's code included, so a
 run only ever resumes its own checkpoints: change the learning rate, or edit the training code (which
 re-runs train under DVC and Snakemake), and training starts afresh, beside the old checkpoints, instead
 of "resuming" a finished run of other code in zero steps.
@@ -107,8 +107,8 @@ def save_checkpoint(accelerator, run_dir: Path, progress: dict, limit: int, stat
             if accelerator.is_main_process:
                 torch.save({name: obj.state_dict() for name, obj in states.items()}, tmp / TRAINING_STATE)
                 maybe_fault("train.checkpoint.mid_save", progress["step"])
-                write_manifest(tmp)
                 write_json(tmp / PROGRESS, progress)
+                write_manifest(tmp)  # last, so it covers progress.json: a damaged one never sets the resume step
     except Exception:
         if accelerator.is_main_process:
             remove(tmp)  # a failed save must not hold the space it took
