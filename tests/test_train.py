@@ -167,6 +167,51 @@ def test_non_finite_loss_names_the_step(tiny_params):
     assert not Path(params.paths.trained).exists()
 
 
+def train_with_an_overflow_at_step(params, step: int, scaler=None):
+    """train_loop from scratch, the gradients of `step` made non-finite in its real backward pass (as a
+    bf16 or fp32 overflow would) while its loss stays finite; with `scaler`, a real GradScaler, as fp16
+    on a GPU has. Returns (the training, its checkpoint folder)."""
+    import torch
+
+    from workflow.stages.train import make_accelerator, setup, train_loop
+
+    images = write_images(params.paths.images)
+    accelerator = make_accelerator(params)
+    accelerator.scaler = scaler  # before setup's prepare, so the optimiser steps through it
+    training = setup(params, images, accelerator)
+    backward_passes = []
+
+    def overflow(grad):  # one backward pass per step here (no accumulation)
+        backward_passes.append(1)
+        return grad * torch.inf if len(backward_passes) == step else grad
+
+    training.eager_model.conv_in.weight.register_hook(overflow)
+    folder = Path(params.paths.checkpoints) / "run"
+    train_loop(training, folder)
+    return training, folder
+
+
+def test_non_finite_gradient_norm_names_the_step_before_its_checkpoint(tiny_params, one_thread):
+    """A finite loss with non-finite gradients: clipping scales the update by NaN, so the weights of that
+    step are NaN. At a checkpoint step (8) they were saved, and only step 9's loss stopped the run."""
+    params = tiny_params(train={"progress_grids": False})
+    with pytest.raises(FloatingPointError, match=r"^gradient norm is inf at step 8; .* Earlier checkpoints are intact"):
+        train_with_an_overflow_at_step(params, 8)
+    run_dir = Path(params.paths.checkpoints) / "run"
+    assert [s for s, _ in checkpoints.complete_checkpoints(run_dir)] == [4]
+
+
+def test_a_step_the_grad_scaler_skips_is_not_an_error(tiny_params, one_thread):
+    """fp16's GradScaler: an inf gradient norm is its signal to skip the step (and lower its scale)."""
+    import torch
+
+    params = tiny_params(train={"progress_grids": False})
+    training, run_dir = train_with_an_overflow_at_step(params, 8, torch.amp.GradScaler("cpu"))
+    assert [s for s, _ in checkpoints.complete_checkpoints(run_dir)] == [8, 12]
+    assert training.lr_scheduler.last_epoch == 11  # the skipped step left the lr schedule where it was
+    assert all(torch.isfinite(w).all() for w in training.eager_model.parameters())
+
+
 def test_progress_grids_survive_a_resume_and_leave_the_weights_alone(tiny_params):
     """One grid per checkpoint in train_log/grids; a resumed run has them all, bitwise; grids off: same weights."""
     params = tiny_params()

@@ -133,6 +133,7 @@ class Training:
     latents: LatentSet | None = None  # text-to-image: the encoded set, instead of `images`
     grid_encoders: object | None = None  # text-to-image: the VAE and text encoder, loaded for the first grid
     live: object | None = None  # the dvclive logger, on the main process
+    grad_norm: torch.Tensor | None = None  # the last optimiser step's gradient norm (0 where fp16 skipped it)
     progress: dict = field(
         default_factory=lambda: {"step": 0, "seconds": 0.0, "images": 0, "history": [], "throughput": []}
     )
@@ -350,10 +351,14 @@ def train_step(training: Training, step: int) -> torch.Tensor:
 def optimizer_step(training: Training) -> None:
     """After the step's gradients: clip them, step the optimiser and the lr schedule, update the EMA."""
     weights = trainable_parameters(training.eager_model)
-    training.accelerator.clip_grad_norm_(weights, training.params.train.max_grad_norm)
+    norm = training.accelerator.clip_grad_norm_(weights, training.params.train.max_grad_norm)
     training.optimizer.step()
-    if not training.accelerator.optimizer_step_was_skipped:  # fp16's GradScaler skips a step that overflowed
+    skipped = training.accelerator.optimizer_step_was_skipped  # fp16's GradScaler skips a step that overflowed
+    if not skipped:
         training.lr_scheduler.step()
+    # Kept on the device, checked with the loss: a non-finite norm means clipping has just scaled the update
+    # by max_norm / norm (NaN weights), unless the GradScaler skipped the step, where inf is its normal signal
+    training.grad_norm = torch.zeros_like(norm) if skipped else norm.detach()
     training.optimizer.zero_grad(set_to_none=True)
     if training.ema is not None:
         training.ema.step(weights)
@@ -391,17 +396,20 @@ def check_ranks_agree(training: Training) -> None:
 
 
 def _flush_losses(training: Training, pending: list) -> None:
-    """Move the buffered per-step losses to the host in one transfer; stop on a non-finite loss."""
+    """Move the buffered per-step losses and gradient norms to the host in one transfer; stop on a
+    non-finite one."""
     if not pending:
         return
-    steps, losses, lrs = zip(*pending, strict=True)
-    values = training.accelerator.reduce(torch.stack(losses), reduction="mean").float().cpu().tolist()
-    for step, loss, lr in zip(steps, values, lrs, strict=True):
-        if not np.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss} at step {step}; lower train.learning_rate or use "
-                f"train.mixed_precision other than fp16. Earlier checkpoints are intact."
-            )
+    steps, losses, norms, lrs = zip(*pending, strict=True)
+    both = torch.stack([torch.stack(losses).float(), torch.stack(norms).float()])
+    values, norm_values = training.accelerator.reduce(both, reduction="mean").cpu().tolist()
+    for step, loss, norm, lr in zip(steps, values, norm_values, lrs, strict=True):
+        for what, value in (("training loss", loss), ("gradient norm", norm)):
+            if not np.isfinite(value):
+                raise FloatingPointError(
+                    f"{what} is {value} at step {step}; lower train.learning_rate or use "
+                    f"train.mixed_precision other than fp16. Earlier checkpoints are intact."
+                )
         training.progress["history"].append([step, loss, lr])
     pending.clear()
 
@@ -415,7 +423,8 @@ def train_loop(training: Training, checkpoint_dir: Path) -> None:
         logged_at, logged_images = started, 0
         for step in range(start_step, last):
             lr = training.lr_scheduler.get_last_lr()[0]
-            pending.append((step + 1, guarded_step(training, step), lr))
+            loss = guarded_step(training, step)
+            pending.append((step + 1, loss, training.grad_norm, lr))
             images += p.train.batch_size
             done = step + 1
             maybe_fault("train.after_step", done)
