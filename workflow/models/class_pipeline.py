@@ -36,6 +36,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     def _predict(self, x: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         no_class = torch.full_like(labels, self.num_classes)
+        # the latents stay float32 for the scheduler; a UNet loaded with torch_dtype=float16 needs its own dtype
+        x = x.to(self.unet.dtype)
         if guidance_scale in (0.0, 1.0):
             chosen = labels if guidance_scale == 1.0 else no_class
             return self.unet(x, t, class_labels=chosen, return_dict=False)[0].float()
