@@ -539,6 +539,33 @@ def test_sample_and_package_a_fine_tune(text_params):
     assert index["scheduler"] == ["diffusers", "DDIMScheduler"]  # the sampler the evaluation used
 
 
+def test_sampling_decodes_a_batch_an_image_at_a_time(tiny_sd):
+    """The sample stage's and the progress grids' pipeline slices its VAE decode (250 images at 512 px in
+    one call need tens of GB). The images are the whole batch's decode to float rounding (a convolution
+    over one image rounds differently from one over four: measured 3e-6 at most), so a pixel may move by
+    one level where its value sits on a rounding boundary."""
+    from workflow.core.config import Sample
+    from workflow.models.builders import load_pretrained_unet
+    from workflow.models.text_sampling import prompt_batches, text_pipeline
+
+    settings = Sample(sampler="ddim", num_inference_steps=2, guidance_scale=2.0, batch_size=4)
+    pipe = text_pipeline(tiny_sd, load_pretrained_unet(tiny_sd), settings, torch.device("cpu"))
+    assert pipe.vae.use_slicing
+
+    def images():
+        batches = prompt_batches(pipe, ["the cat", "a red fox", "a dog", "the sand"], settings, 0, 16, progress=False)
+        return np.concatenate([images for _, images in batches]).astype(int)
+
+    sliced = images()
+    pipe.vae.disable_slicing()
+    assert sliced.shape == (4, 16, 16, 3) and np.abs(sliced - images()).max() <= 1
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = pipe.vae.decode(latents).sample
+        pipe.vae.enable_slicing()
+        assert torch.allclose(whole, pipe.vae.decode(latents).sample, rtol=0, atol=1e-5)
+
+
 # --- the whole DAG, under both orchestrators, through the mirror ----------------------------------------
 
 

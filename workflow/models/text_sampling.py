@@ -29,7 +29,7 @@ from workflow.models.sampling import image_generators
 
 
 def text_pipeline(base: str | Path, unet: torch.nn.Module, settings: Sample, device, encoders: Encoders | None = None):
-    """A StableDiffusionPipeline of `unet` and the encoders of `base` (loaded unless given)."""
+    """A StableDiffusionPipeline of `unet` and the encoders of `base` (loaded unless given), its VAE sliced."""
     from diffusers import StableDiffusionPipeline
 
     encoders = encoders or load_encoders(base, device)
@@ -44,6 +44,8 @@ def text_pipeline(base: str | Path, unet: torch.nn.Module, settings: Sample, dev
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    # decode a batch an image at a time (the same images, to float rounding): 250 at 512 px in one call need tens of GB
+    pipe.vae.enable_slicing()
     return pipe
 
 
