@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from workflow.core.config import ConfigError, Fid
@@ -142,6 +143,21 @@ def test_grayscale_features_equal_pil_rgb_conversion(extractor):
     rgb = np.stack([np.asarray(Image.fromarray(g[0]).convert("RGB")).transpose(2, 0, 1) for g in gray])
     assert np.array_equal(rgb, np.repeat(gray, 3, axis=1))
     assert np.array_equal(fid.features(gray, extractor, 2, "cpu"), fid.features(rgb, extractor, 2, "cpu"))
+
+
+def test_features_are_float32_convolutions_whatever_tf32_was(extractor):
+    """A GPU's cuDNN would run the Inception convolutions in TF32 (its default): features() turns it off
+    while it runs and gives the setting back."""
+    seen = []
+    hook = extractor.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.cudnn.allow_tf32))
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        fid.features(np.zeros((3, 1, 8, 8), np.uint8), extractor, 2, "cpu")
+        assert seen == [False, False] and torch.backends.cudnn.allow_tf32 is True
+    finally:
+        hook.remove()
+        torch.backends.cudnn.allow_tf32 = before
 
 
 def test_features_reject_wrong_layout(extractor):

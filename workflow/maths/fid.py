@@ -60,10 +60,16 @@ def features(
     loader = DataLoader(_Resized(images), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     extractor = extractor.to(device).eval()
     out = [np.zeros((0, FEATURE_DIM))]
-    with torch.no_grad():
-        for batch in loader:
-            feats = extractor(batch.to(device))
-            out.append(feats.detach().cpu().numpy().astype(np.float64))
+    # cuDNN convolutions run in TF32 by default (and after a train.allow_tf32 run): features ~1e-3 off the
+    # float32 ones, so a reference made on one device and samples scored on another would not meet
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                feats = extractor(batch.to(device))
+                out.append(feats.detach().cpu().numpy().astype(np.float64))
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     return np.concatenate(out)
 
 
