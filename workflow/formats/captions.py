@@ -32,8 +32,9 @@ def load_captions(path: str | Path) -> list[list[str]]:
 
 def fid_prompts(params: Params) -> tuple[list[str], str]:
     """(the prompt of each image of the FID sample set, what they are the captions of): the first caption of
-    held-out image i mod N (`data.holdout`), else of training image i mod N, so FID compares the samples
-    with images of the same captions."""
+    held-out image i mod N (`data.holdout`), else of training image i mod N: the captions of the images
+    FID compares the samples with, one for one where the reference takes all N and num_samples is a
+    multiple of N, else in distribution (the reference is then a seeded subset)."""
     held_out = params.data.holdout > 0
     path = params.paths.holdout_captions if held_out else params.paths.captions
     captions = [image[0] for image in load_captions(path)]

@@ -23,7 +23,10 @@ row per class (the first MAX_GRID_ROWS), labelled with the class name, grid_size
 
 A text-to-image fine-tune (`model.pretrained`; workflow.models.text_sampling) samples image i of the set
 from the first caption of training image i mod N (`paths.captions`; with `data.holdout`, of held-out
-image i mod N, `paths.holdout_captions`), so FID compares it with images of the same captions, guided
+image i mod N, `paths.holdout_captions`), so the sample set follows the captions of the images FID
+compares it with (caption for caption where `fid.num_reference` takes them all and `fid.num_samples`
+is a multiple of N, as in the naruto presets; else in distribution, the reference being a seeded
+subset), guided
 by `sample.guidance_scale` away from `sample.negative_prompt`; samples.json records each sample's
 prompt. Its grid has one row per `sample.prompts` prompt, labelled with it, grid_size seeds each.
 """
