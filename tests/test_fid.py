@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from workflow.core.config import ConfigError, Fid
+from workflow.formats.training_images import Rows, load_images, write_images
 from workflow.maths import fid
 from workflow.models import inception
 
@@ -158,6 +159,17 @@ def test_features_are_float32_convolutions_whatever_tf32_was(extractor):
     finally:
         hook.remove()
         torch.backends.cudnn.allow_tf32 = before
+
+
+def test_a_reference_subset_read_row_by_row_has_the_features_of_the_copied_subset(extractor, tmp_path):
+    """fid_reference reads its seeded subset of a memory-mapped images.npy a row at a time (Rows), not as
+    one copy in memory: the same features, bit for bit."""
+    images = np.random.default_rng(0).integers(0, 256, (7, 1, 12, 12), dtype=np.uint8)
+    write_images(tmp_path / "images.npy", images)
+    index = [0, 2, 3, 6]
+    rows = Rows(load_images(tmp_path / "images.npy"), index)
+    assert rows.shape == (4, 1, 12, 12) and rows.dtype == np.uint8 and rows.ndim == 4
+    assert np.array_equal(fid.features(rows, extractor, 3, "cpu"), fid.features(images[index], extractor, 3, "cpu"))
 
 
 def test_features_reject_wrong_layout(extractor):

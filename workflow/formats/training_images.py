@@ -3,6 +3,7 @@ written by preprocess (with `paths.meta`, a JSON record), read by fid_reference 
 
     sha256 = write_images("data/processed/images.npy", array)
     images = load_images("data/processed/images.npy")          # memory-mapped, read-only
+    subset = Rows(images, [3, 10, 42])                          # those rows, read as they are indexed
 """
 
 from __future__ import annotations
@@ -28,3 +29,22 @@ def load_images(path: str | Path, in_memory: bool = False) -> np.ndarray:
     if not path.is_file():
         raise ConfigError(f"{path} (`paths.images`): no such file; the preprocess stage makes it")
     return np.load(path, mmap_mode=None if in_memory else "r", allow_pickle=False)
+
+
+class Rows:
+    """Rows `index` of a (memory-mapped) array, read one at a time as they are indexed: a reference subset
+    of a large set costs no copy of it in memory (`images[index]` would read every chosen row at once)."""
+
+    def __init__(self, array: np.ndarray, index):
+        self.array, self.index = array, np.asarray(index)
+        self.dtype, self.ndim = array.dtype, array.ndim
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.index), *self.array.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.asarray(self.array[self.index[i]])

@@ -54,12 +54,14 @@ class _Resized(Dataset):
 def features(
     images: np.ndarray, extractor: torch.nn.Module, batch_size: int, device: torch.device | str, num_workers: int = 0
 ) -> np.ndarray:
-    """uint8 (N, C, H, W) images (C = 1 or 3) -> float64 (N, 2048) Inception features."""
+    """uint8 (N, C, H, W) images (C = 1 or 3) -> float64 (N, 2048) Inception features. `images` may be any
+    sequence with that shape and dtype whose items are read as they are indexed (a memory map, the
+    Rows of one, a SampleSet): only a batch at a time is in memory, besides the features."""
     if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected uint8 (N, C, H, W) with C = 1 or 3, got {images.dtype} {images.shape}")
     loader = DataLoader(_Resized(images), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     extractor = extractor.to(device).eval()
-    out = [np.zeros((0, FEATURE_DIM))]
+    out, done = np.empty((len(images), FEATURE_DIM)), 0
     # cuDNN convolutions run in TF32 by default (and after a train.allow_tf32 run): features ~1e-3 off the
     # float32 ones, so a reference made on one device and samples scored on another would not meet
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
@@ -67,10 +69,11 @@ def features(
         with torch.no_grad():
             for batch in loader:
                 feats = extractor(batch.to(device))
-                out.append(feats.detach().cpu().numpy().astype(np.float64))
+                out[done : done + len(feats)] = feats.detach().cpu().numpy()
+                done += len(feats)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-    return np.concatenate(out)
+    return out
 
 
 def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

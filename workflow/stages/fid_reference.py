@@ -19,7 +19,7 @@ from workflow.core.config import ConfigError, Params
 from workflow.core.runtime import default_device, feature_workers
 from workflow.formats.labels import load_labels
 from workflow.formats.reference_stats import save_reference
-from workflow.formats.training_images import load_images
+from workflow.formats.training_images import Rows, load_images
 from workflow.maths import fid
 from workflow.models.inception import load_extractor
 
@@ -36,8 +36,9 @@ def choose_reference(num_images: int, num_reference: int | None, seed: int, whic
     return np.sort(np.random.default_rng(seed).permutation(num_images)[:num_reference])
 
 
-def reference_statistics(images: np.ndarray, extractor: torch.nn.Module, batch_size: int, device: torch.device) -> dict:
-    """The arrays of fid_ref.npz (without weights_sha256) for uint8 (N, C, H, W) images."""
+def reference_statistics(images, extractor: torch.nn.Module, batch_size: int, device: torch.device) -> dict:
+    """The arrays of fid_ref.npz (without weights_sha256) for uint8 (N, C, H, W) images (an array, or Rows
+    of one)."""
     feats = fid.features(images, extractor, batch_size, device, feature_workers(device))
     mu, sigma = fid.statistics(feats)
     return {"mu": mu, "sigma": sigma, "features": feats.astype(np.float32), "num_images": np.int64(len(feats))}
@@ -66,7 +67,7 @@ def run(params: Params) -> dict:
         raise ConfigError(f"{path}: FID statistics need at least 2 images, got {len(index)}")
     extractor, info = load_extractor(params.fid)
     device = default_device()
-    stats = reference_statistics(np.asarray(images[index]), extractor, params.fid.batch_size, device)
+    stats = reference_statistics(Rows(images, index), extractor, params.fid.batch_size, device)
     stats["weights_sha256"] = np.array(info["sha256"])
     save_reference(params.paths.fid_ref, stats)
     return stats
