@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import ROOT
 from workflow.core.config import ConfigError
-from workflow.core.slots import Slot, device_slot, gpu_count, take_slots, try_lock
+from workflow.core.slots import Slot, device_slot, gpu_count, lock_name, slot_pool, slots_wanted, take_slots, try_lock
 
 HOLD = """
 import json, os, sys, time
@@ -131,15 +131,61 @@ def test_a_multi_gpu_training_takes_its_slots_all_at_once_or_none(tmp_path):
     """train.num_processes: 2 on a box of three GPUs, one of them busy: it gets the two free ones; with
     one free it takes nothing (holding one while waiting for another could deadlock two launches)."""
     busy = try_lock(tmp_path / "slot-1.lock")  # another stage holds GPU 1
-    held = take_slots(tmp_path, count=3, wanted=2)
-    assert sorted(held) == [0, 2]
+    held = take_slots(tmp_path, ["0", "1", "2"], wanted=2)
+    assert sorted(held) == ["0", "2"]
     for handle in held.values():
         handle.close()
     other = try_lock(tmp_path / "slot-2.lock")  # now GPUs 1 and 2 are busy
-    assert take_slots(tmp_path, count=3, wanted=2) is None
+    assert take_slots(tmp_path, ["0", "1", "2"], wanted=2) is None
     assert (free := try_lock(tmp_path / "slot-0.lock")) is not None  # the failed attempt kept nothing
     for handle in (busy, other, free):
         handle.close()
+
+
+@pytest.mark.parametrize(
+    "visible, gpus, devices, slurm, pool",
+    [
+        (None, 4, 1, False, ["0", "1", "2", "3"]),  # a whole machine: every GPU is a slot
+        (None, 4, 1, True, ["0", "1", "2", "3"]),  # a SLURM job on a whole GPU node, no --gres: the same
+        ("0,1,2,3", 4, 1, True, ["0", "1", "2", "3"]),  # SLURM --gpus=4 running a queue of one-GPU stages
+        ("2,5", 8, 1, True, ["2", "5"]),  # an allocation of two: slots among those two only
+        ("GPU-aa,GPU-bb", 2, 1, False, ["GPU-aa", "GPU-bb"]),  # named by UUID: taken by UUID
+        ("3", 4, 1, True, None),  # SLURM --gpus=1, or a launcher: exactly its GPU, confined
+        ("1,3", 4, 2, False, None),  # a two-process training given its two GPUs
+        ("0", 4, 2, False, ["0"]),  # one GPU for two processes: a pool too small, refused by device_slot
+        ("", 4, 1, False, None),  # GPUs hidden: a CPU run
+        ("3", 0, 1, False, None),  # set on a machine without GPUs: nothing to share
+        (None, 0, 1, True, None),  # a SLURM job on a CPU node: its allocation confines it
+        (None, 0, 2, False, ["0"]),  # no GPU: WORKFLOW_SLOTS (default 1) CPU slots, one per training
+    ],
+)
+def test_the_slots_are_the_gpus_a_process_may_use_unless_it_was_given_exactly_its_own(
+    monkeypatch, visible, gpus, devices, slurm, pool
+):
+    """Any CUDA_VISIBLE_DEVICES used to mean "confined": in a SLURM allocation of four GPUs every queued
+    experiment then trained on the first one."""
+    monkeypatch.delenv("WORKFLOW_SLOTS", raising=False)
+    assert slot_pool(visible, gpus, devices, slurm) == pool
+
+
+def test_a_device_named_by_uuid_has_a_lock_file_of_its_own(tmp_path):
+    mig = "MIG-GPU-5c89852c/1/0"  # the older MIG form holds slashes
+    assert lock_name("3") == "slot-3.lock" and lock_name(mig) == "slot-MIG-GPU-5c89852c_1_0.lock"
+    held = take_slots(tmp_path, ["GPU-aa", mig], wanted=2)
+    assert sorted(held) == ["GPU-aa", mig] and take_slots(tmp_path, ["GPU-aa"], wanted=1) is None
+    for handle in held.values():
+        handle.close()
+
+
+def test_more_gpus_than_the_pool_holds_are_refused_naming_where_the_pool_came_from():
+    """Two ranks on the one GPU CUDA_VISIBLE_DEVICES names would fail inside NCCL ("Duplicate GPU")."""
+    with pytest.raises(
+        ConfigError, match=r"train needs 2 GPUs \(train.num_processes\) but CUDA_VISIBLE_DEVICES='0' names 1"
+    ):
+        slots_wanted("train", ["0"], devices=2, gpus=4, visible="0")
+    with pytest.raises(ConfigError, match=r"needs 4 GPUs \(train.num_processes\) but this machine has 2"):
+        slots_wanted("train", ["0", "1"], devices=4, gpus=2, visible=None)
+    assert slots_wanted("train", ["0"], devices=2, gpus=0, visible=None) == 1  # CPU: one job, one slot
 
 
 @pytest.mark.parametrize("bad", ["0", "two", "-1"])

@@ -5,15 +5,19 @@ a GPU of their own, so two never share a card and none waits while one is free.
         ...                              # CUDA_VISIBLE_DEVICES names slot.index's GPU; WORKFLOW_SLOT=index
     with device_slot("train", devices=2):  # a two-process training: two GPUs, CUDA_VISIBLE_DEVICES="i,j"
 
-A slot is a lock file, `slot-<i>.lock` in WORKFLOW_SLOT_DIR (default `<tmp>/workflow-slots-<uid>`),
+A slot is a lock file, `slot-<device>.lock` in WORKFLOW_SLOT_DIR (default `<tmp>/workflow-slots-<uid>`),
 held with fcntl.flock for the life of the process (and of a multi-process launcher it starts, which
 inherits the lock): the kernel releases it when they exit, crash or are killed, so a slot is never
 leaked and there is nothing to clean up. There are as many
 slots as GPUs; without a GPU, WORKFLOW_SLOTS of them (default 1: two trainings on one CPU only slow
 each other down), the same code, so a test can watch CPU experiments take turns.
-A process already confined takes no slot: CUDA_VISIBLE_DEVICES set (by you, SLURM or a launcher), a
-SLURM job on a node without GPUs (SLURM_JOB_ID: the allocation is the scheduler's), or one rank of a
-multi-process launch (WORLD_SIZE > 1: accelerate launch, torchrun).
+Where CUDA_VISIBLE_DEVICES lists more GPUs than the stage uses (a SLURM allocation of four, running a
+queue of one-GPU experiments), the slots are those GPUs, named as it names them (so give every process
+on a machine its GPUs the same way: by index, or by UUID), and the stage sees its own among them.
+A process already confined takes no slot: CUDA_VISIBLE_DEVICES naming exactly the GPUs it uses (SLURM's
+--gpus, a launcher) or none at all (CPU only), any of it set on a machine without GPUs, a SLURM job on
+a node without GPUs (SLURM_JOB_ID: the allocation is the scheduler's), or one rank of a multi-process
+launch (WORLD_SIZE > 1: accelerate launch, torchrun).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,25 +65,42 @@ def gpu_count() -> int:
     return 0
 
 
-def slot_count() -> int:
-    """GPUs, else WORKFLOW_SLOTS (default 1)."""
-    gpus = gpu_count()
-    if gpus:
-        return gpus
+def slot_pool(visible: str | None, gpus: int, devices: int, slurm: bool) -> list[str] | None:
+    """The devices this process takes its slots among, as CUDA_VISIBLE_DEVICES would name them, or None
+    where it is already confined. `visible`: its CUDA_VISIBLE_DEVICES (None: unset); `gpus`: the machine's;
+    `devices`: how many the stage uses. Confined: one rank of a launch (the caller's check), the GPUs
+    named being exactly the ones it uses or none (CPU only), or no GPU on the machine and CUDA_VISIBLE_DEVICES
+    set or a SLURM job (its CPUs are its allocation: jobs the scheduler put on one node must not wait for
+    each other inside their time limits). A SLURM job that sees GPUs without CUDA_VISIBLE_DEVICES (a whole
+    node, no --gres) takes slots, so the stages it runs side by side spread over them."""
+    names = None if visible is None else [name.strip() for name in visible.split(",") if name.strip()]
+    if not gpus:
+        return None if names is not None or slurm else [str(i) for i in range(cpu_slot_count())]
+    if names is None:
+        return [str(i) for i in range(gpus)]
+    return None if len(names) in (0, devices) else names
+
+
+def cpu_slot_count() -> int:
     raw = os.environ.get(SLOTS_ENV, "1")
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError(f"environment variable {SLOTS_ENV}={raw!r}: must be a whole number of slots, at least 1")
     return int(raw)
 
 
-def confined() -> bool:
-    """Already given its devices: CUDA_VISIBLE_DEVICES set, one rank of a multi-process launch, or a SLURM
-    job on a node without GPUs (its CPUs are its allocation: jobs the scheduler put on one node must not
-    wait for each other inside their time limits). A SLURM job that sees GPUs without CUDA_VISIBLE_DEVICES
-    (a whole node, no --gres) still takes slots, so the stages it runs side by side spread over them."""
-    if "CUDA_VISIBLE_DEVICES" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return True
-    return "SLURM_JOB_ID" in os.environ and gpu_count() == 0
+def slots_wanted(stage: str, pool: list[str], devices: int, gpus: int, visible: str | None) -> int:
+    """How many of the pool's slots the stage takes: its devices on a GPU machine, else one (a
+    multi-process CPU training shares the CPU as one job); more than the pool holds is refused."""
+    wanted = devices if gpus else 1
+    if wanted > len(pool):
+        where = f"CUDA_VISIBLE_DEVICES={visible!r} names" if visible is not None else "this machine has"
+        raise ConfigError(f"{stage} needs {wanted} GPUs (train.num_processes) but {where} {len(pool)}")
+    return wanted
+
+
+def lock_name(device: str) -> str:
+    """The slot file of a device as CUDA_VISIBLE_DEVICES names it (an index, a GPU-/MIG- UUID)."""
+    return "slot-" + re.sub(r"[^A-Za-z0-9._-]", "_", device) + ".lock"
 
 
 def current_slot() -> str | None:
@@ -97,14 +119,15 @@ def try_lock(path: Path):
     return handle
 
 
-def take_slots(folder: Path, count: int, wanted: int) -> dict | None:
-    """{index: held lock file} of `wanted` free slots among `count`, or None, holding nothing: all or none,
-    since two launches each holding part of what they need while waiting for the rest would wait forever."""
+def take_slots(folder: Path, pool: list[str], wanted: int) -> dict | None:
+    """{device: held lock file} of `wanted` free slots among the `pool` devices, or None, holding nothing:
+    all or none, since two launches each holding part of what they need while waiting for the rest would
+    wait forever."""
     held = {}
-    for index in range(count):
-        handle = try_lock(folder / f"slot-{index}.lock")
+    for device in pool:
+        handle = try_lock(folder / lock_name(device))
         if handle is not None:
-            held[index] = handle
+            held[device] = handle
             if len(held) == wanted:
                 return held
     for handle in held.values():
@@ -117,17 +140,18 @@ def device_slot(stage: str, devices: int = 1):
     """Hold `devices` free slots while the block runs (waiting until that many are free), with
     CUDA_VISIBLE_DEVICES and WORKFLOW_SLOT naming them; a confined process takes none. Without a GPU a
     multi-process training takes one slot: its processes share the CPU as one job."""
-    if confined():
+    gpus = gpu_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    pool = None if launched else slot_pool(visible, gpus, devices, "SLURM_JOB_ID" in os.environ)
+    if pool is None:
         yield Slot(None, 0)
         return
-    count = slot_count()
-    wanted = devices if gpu_count() else 1
-    if wanted > count:
-        raise ConfigError(f"{stage} needs {wanted} GPUs (train.num_processes) but this machine has {count}")
+    count, wanted = len(pool), slots_wanted(stage, pool, devices, gpus, visible)
     folder = slot_dir()
     folder.mkdir(parents=True, exist_ok=True)
     waited = False
-    while (held := take_slots(folder, count, wanted)) is None:
+    while (held := take_slots(folder, pool, wanted)) is None:
         if not waited:
             print(f"{stage}: all {count} device slots are in use ({folder}); waiting for {wanted}", file=sys.stderr)
             waited = True
@@ -139,7 +163,7 @@ def device_slot(stage: str, devices: int = 1):
     if count > 1:
         print(f"{stage}: device slot {names} of {count}", file=sys.stderr)
     try:
-        yield Slot(min(held), count, tuple(handle.fileno() for handle in held.values()))
+        yield Slot(min(pool.index(device) for device in held), count, tuple(h.fileno() for h in held.values()))
     finally:
         for key, value in saved.items():
             if value is None:
