@@ -7,8 +7,10 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import yaml
 
 from tests.helpers import ROOT, make_repo, repo_env, sh, snapshot, tiny_dict, write_images
 from workflow.core import faults
+from workflow.core.artifacts import write_json
 from workflow.formats import trainlog
 from workflow.stages.train import GRIDS, LIVE
 
@@ -108,6 +111,31 @@ def test_a_folder_replaced_by_a_killed_write_is_whole_or_absent_never_half(tmp_p
     assert write("new") == 0
     assert sorted(p.read_text() for p in out.iterdir()) == ["new"] * 50
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the killed write's leftovers are gone
+
+
+def test_a_write_leaves_the_temporary_of_a_writer_still_running_alone(tmp_path):
+    """Two processes writing one artifact at once (Snakemake's cluster jobs each write logs/params/<hash>.yaml
+    as they parse the Snakefile): the second's clean-up must not delete the first's work in progress. A
+    temporary of a process that is gone, or too old to name its writer, is removed."""
+    out = tmp_path / "params.yaml"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".params.yaml.~{sleeper.pid}~{socket.gethostname()}~abc.tmp"
+        other_host = tmp_path / ".params.yaml.~1~some-other-node~def.tmp"
+        dead = tmp_path / f".params.yaml.~99999999~{socket.gethostname()}~ghi.tmp"
+        unnamed = tmp_path / ".params.yaml.jkl.tmp"  # an earlier version's name
+        for folder in (live, other_host, dead, unnamed):
+            folder.mkdir()
+        write_json(out, {"a": 1})
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name, other_host.name])
+        os.utime(other_host, (time.time() - 2 * 86400,) * 2)  # a day past: its writer is taken for gone
+        write_json(out, {"a": 2})
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    write_json(out, {"a": 3})
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
 @pytest.mark.parametrize("fault", TRAIN_KILLS)

@@ -2,8 +2,10 @@
 
 Everything is written under a temporary sibling name and renamed into place at the end, so an
 interrupted stage never leaves a half-written file or folder that looks complete. Temporaries a
-killed process left behind are removed by the next write of the same artifact. A write that runs
-out of space raises DiskFullError naming the artifact, and leaves the previous version in place.
+killed process left behind are removed by the next write of the same artifact (not those of a writer
+still running, here or, for a day, on another host sharing the folder). A write that runs out of space
+raises DiskFullError naming the artifact, and leaves the previous version in place. This holds for a
+process that is killed; nothing is fsynced, so after a power cut the filesystem's journal decides.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +77,35 @@ def disk_full_guard(final: str | Path) -> Iterator[None]:
         ) from exc
 
 
+OTHER_HOSTS_STALE_SECONDS = 24 * 3600  # a temporary of another host's writer: its process can't be asked
+
+
+def _writer_tag() -> str:
+    return f"~{os.getpid()}~{socket.gethostname()}~"
+
+
+def _is_stale(temporary: Path) -> bool:
+    """Whether a temporary beside an artifact was left by a writer that is gone: a process no longer
+    running on this host, one on another host a day ago, or a writer too old to have named itself."""
+    found = re.search(r"~(\d+)~([^~/]*)~", temporary.name)
+    if found is None:
+        return True
+    pid, host = int(found.group(1)), found.group(2)
+    if host != socket.gethostname():
+        with contextlib.suppress(OSError):
+            return time.time() - temporary.lstat().st_mtime > OTHER_HOSTS_STALE_SECONDS
+        return False
+    if pid == os.getpid():  # an earlier process that had this pid: this one writes an artifact once at a time
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success it replaces `final` (file or folder). A file
@@ -81,9 +114,10 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     or the new one."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):  # left by a killed earlier write
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    for left in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):  # left by a killed earlier write
+        if _is_stale(left):
+            shutil.rmtree(left, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_writer_tag()}", suffix=".tmp", dir=final.parent))
     work = tmp / final.name  # keeps the suffix, for writers that add one (np.savez)
     try:
         with disk_full_guard(final):
