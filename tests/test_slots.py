@@ -83,6 +83,33 @@ def test_three_processes_share_two_slots_without_ever_sharing_one(tmp_path):
     assert sum("test: device slot" in m for m in messages) == 3
 
 
+def test_a_stage_waiting_for_a_slot_gets_it_before_one_that_came_later(tmp_path):
+    """One slot: A holds it, B waits, then C arrives. C lines up behind B (it says so) instead of racing
+    B for the slot A frees: a two-GPU training would otherwise wait for ever behind one-GPU stages."""
+    env = slot_env(tmp_path, slots=1)
+    gates = {name: tmp_path / f"gate-{name}" for name in "ABC"}
+    for gate in gates.values():
+        gate.mkdir()
+    procs = {"A": holder(env, 0.0, gates["A"])}
+    try:
+        wait_for(lambda: any(gates["A"].glob("held-*")), "A holding the slot")
+        procs["B"] = holder(env, 0.0, gates["B"])
+        assert "all 1 device slots are in use" in procs["B"].stderr.readline()
+        procs["C"] = holder(env, 0.0, gates["C"])
+        assert "another stage is waiting for device slots" in procs["C"].stderr.readline()
+        (gates["A"] / "release").touch()
+        wait_for(lambda: any(gates["B"].glob("held-*")), "B taking the slot A freed")
+        assert not any(gates["C"].glob("held-*"))
+        (gates["B"] / "release").touch()
+        wait_for(lambda: any(gates["C"].glob("held-*")), "C taking it after B")
+    finally:
+        for gate in gates.values():
+            (gate / "release").touch()
+    for p in procs.values():
+        p.communicate(timeout=120)
+        assert p.returncode == 0
+
+
 def test_a_killed_holder_frees_its_slot(tmp_path):
     env = slot_env(tmp_path, slots=1)
     first = holder(env, 60.0)

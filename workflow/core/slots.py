@@ -136,6 +136,20 @@ def take_slots(folder: Path, pool: list[str], wanted: int) -> dict | None:
 
 
 @contextlib.contextmanager
+def waiting_in_line(folder: Path, stage: str):
+    """Hold the slots' queue lock while taking slots: a stage waiting for them keeps it, so later stages
+    line up behind it instead of taking each slot it frees (a two-GPU training would otherwise wait for
+    ever behind a stream of one-GPU stages). Released once the slots are taken, or by the kernel on a kill."""
+    with open(folder / "queue.lock", "a+") as line:
+        try:
+            fcntl.flock(line, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{stage}: another stage is waiting for device slots ({folder}); waiting behind it", file=sys.stderr)
+            fcntl.flock(line, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+@contextlib.contextmanager
 def device_slot(stage: str, devices: int = 1):
     """Hold `devices` free slots while the block runs (waiting until that many are free), with
     CUDA_VISIBLE_DEVICES and WORKFLOW_SLOT naming them; a confined process takes none. Without a GPU a
@@ -150,12 +164,13 @@ def device_slot(stage: str, devices: int = 1):
     count, wanted = len(pool), slots_wanted(stage, pool, devices, gpus, visible)
     folder = slot_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    waited = False
-    while (held := take_slots(folder, pool, wanted)) is None:
-        if not waited:
-            print(f"{stage}: all {count} device slots are in use ({folder}); waiting for {wanted}", file=sys.stderr)
-            waited = True
-        time.sleep(POLL_SECONDS)
+    with waiting_in_line(folder, stage):
+        waited = False
+        while (held := take_slots(folder, pool, wanted)) is None:
+            if not waited:
+                print(f"{stage}: all {count} device slots are in use ({folder}); waiting for {wanted}", file=sys.stderr)
+                waited = True
+            time.sleep(POLL_SECONDS)
     names = ",".join(str(index) for index in held)
     saved = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", SLOT_ENV)}
     os.environ["CUDA_VISIBLE_DEVICES"] = names
