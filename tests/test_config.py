@@ -172,8 +172,15 @@ def test_a_source_folder_in_an_output_is_refused_naming_both_keys(section, folde
 
 def test_a_source_folder_beside_the_outputs_is_accepted():
     """Only containment counts: `data/raw2` shares a prefix with `data/raw` but is not inside it."""
-    for folder in ("data/raw2", "data/images", "data", "."):
+    for folder in ("data/raw2", "data/images", "photos"):
         assert params_from_dict(tiny_dict(data={"folder": folder})).data.folder == folder
+
+
+@pytest.mark.parametrize("folder, holds", [("data", "paths.raw"), (".", "paths.raw"), ("reports", "paths.train_log")])
+def test_a_source_folder_holding_an_output_is_refused(folder, holds):
+    """`imagefolder:data` would read the pipeline's own outputs (data/samples' PNGs) as training images."""
+    with pytest.raises(ConfigError, match=rf"`data.folder` \('{re.escape(folder)}'\) holds `{holds}`"):
+        params_from_dict(tiny_dict(data={"folder": folder}))
     assert params_from_dict(tiny_dict(model={"folder": "models/base2"})).model.folder == "models/base2"
 
 

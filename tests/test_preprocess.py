@@ -80,31 +80,26 @@ def test_float_images_in_unit_range_are_scaled_to_8_bits(tmp_path):
     assert skipped == [] and [int(a.min()) for a in array] == [int(a.max()) for a in array] == [0, 64, 128, 255]
 
 
-def test_images_with_no_fixed_8_bit_range_are_skipped_with_the_reason(tmp_path):
-    """Signed or 32-bit integers (PIL's mode I) and float outside [0, 1] declare no range: mapping them would
-    be a guess (PIL clips mode I at 255), so they are skipped, named, as undecodable files are."""
+def test_images_with_no_known_8_bit_range_are_skipped_with_the_reason(tmp_path):
+    """Negative or wider-than-8-bit integers (PIL's mode I: signed 16-bit, int32) and NaN declare no range:
+    mapping them would be a guess (PIL clips mode I at 255), so they are skipped, named, as undecodable
+    files are. Values already in [0, 255], integer or float, are kept as they are."""
     signed = tmp_path / "signed16.tif"  # SampleFormat 2: int16, which PIL opens as mode I
     Image.fromarray(np.array([[65531, 300]], np.uint16)).save(signed, tiffinfo={339: 2})
     files = [
         signed,
         save(Image.fromarray(np.full((8, 8), 70000, np.int32)), tmp_path / "int32.tif"),
-        save(Image.fromarray(np.full((8, 8), 200.0, np.float32)), tmp_path / "float255.tif"),
         save(Image.fromarray(np.array([[0.5, np.nan]], np.float32)), tmp_path / "nan.tif"),
-        save(Image.new("RGB", (8, 8), RED), tmp_path / "good.png"),
+        save(Image.fromarray(np.full((8, 8), 200.0, np.float32)), tmp_path / "float255.tif"),
+        save(Image.fromarray(np.full((8, 8), 100, np.int32)), tmp_path / "int32-8bit.tif"),
     ]
     array, skipped = preprocess.preprocess_images(files, 8, 1, True)
-    assert len(array) == 1 and [s["file"] for s in skipped] == [str(f) for f in files[:4]]
+    assert [s["file"] for s in skipped] == [str(f) for f in files[:3]]
+    assert [int(a.min()) for a in array] == [int(a.max()) for a in array] == [200, 100]
     reasons = [s["reason"] for s in skipped]
-    assert (
-        reasons[0]
-        == reasons[1]
-        == (
-            "UnsupportedPixels: signed or 32-bit integer pixels (mode I): no fixed range to map onto 8 bits; "
-            "save the image with 8 or 16 unsigned bits"
-        )
-    )
-    assert reasons[2].startswith("UnsupportedPixels: float pixels (mode F) from 200 to 200, outside [0, 1]")
-    assert reasons[3].startswith("UnsupportedPixels: float pixels (mode F) from nan to nan, outside [0, 1]")
+    assert reasons[0].startswith("UnsupportedPixels: integer pixels (mode I) from -5 to 300: no known range"), reasons
+    assert reasons[1].startswith("UnsupportedPixels: integer pixels (mode I) from 70000 to 70000: no known range")
+    assert reasons[2].startswith("UnsupportedPixels: float pixels (mode F) from 0.5 to 0.5 with NaN or inf")
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -170,29 +170,72 @@ def test_a_multi_gpu_training_takes_its_slots_all_at_once_or_none(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "visible, gpus, devices, slurm, pool",
+    "visible, gpus, slurm, inherited, pool",
     [
-        (None, 4, 1, False, ["0", "1", "2", "3"]),  # a whole machine: every GPU is a slot
-        (None, 4, 1, True, ["0", "1", "2", "3"]),  # a SLURM job on a whole GPU node, no --gres: the same
-        ("0,1,2,3", 4, 1, True, ["0", "1", "2", "3"]),  # SLURM --gpus=4 running a queue of one-GPU stages
-        ("2,5", 8, 1, True, ["2", "5"]),  # an allocation of two: slots among those two only
-        ("GPU-aa,GPU-bb", 2, 1, False, ["GPU-aa", "GPU-bb"]),  # named by UUID: taken by UUID
-        ("3", 4, 1, True, None),  # SLURM --gpus=1, or a launcher: exactly its GPU, confined
-        ("1,3", 4, 2, False, None),  # a two-process training given its two GPUs
-        ("0", 4, 2, False, ["0"]),  # one GPU for two processes: a pool too small, refused by device_slot
-        ("", 4, 1, False, None),  # GPUs hidden: a CPU run
-        ("3", 0, 1, False, None),  # set on a machine without GPUs: nothing to share
-        (None, 0, 1, True, None),  # a SLURM job on a CPU node: its allocation confines it
-        (None, 0, 2, False, ["0"]),  # no GPU: WORKFLOW_SLOTS (default 1) CPU slots, one per training
+        (None, 4, False, None, ["0", "1", "2", "3"]),  # a whole machine: every GPU is a slot
+        (None, 4, True, None, ["0", "1", "2", "3"]),  # a SLURM job on a whole GPU node, no --gres: the same
+        ("0,1,2,3", 4, True, None, ["0", "1", "2", "3"]),  # SLURM --gpus=4 running a queue of one-GPU stages
+        ("2,5", 8, True, None, ["2", "5"]),  # an allocation of two: slots among those two only
+        ("GPU-aa,GPU-bb", 2, False, None, ["GPU-aa", "GPU-bb"]),  # named by UUID: taken by UUID
+        ("3", 4, True, None, ["3"]),  # SLURM --gpus=1: its GPU, locked (in the job's own folder)
+        ("1,3", 4, False, None, ["1", "3"]),  # two GPUs, as many as a two-process training: locked all the same
+        ("1", 4, False, "1", None),  # a child of the process holding slot 1: it runs in its parent's slot
+        ("", 4, False, None, None),  # GPUs hidden: a CPU run
+        ("-1", 4, False, None, None),  # CUDA reads no device past an invalid entry: a CPU run too
+        ("0,-1,2", 4, False, None, ["0"]),  # ... and stops there
+        ("3", 0, False, None, None),  # set on a machine without GPUs: nothing to share
+        (None, 0, True, None, None),  # a SLURM job on a CPU node: its allocation confines it
+        (None, 0, False, None, ["0"]),  # no GPU: WORKFLOW_SLOTS (default 1) CPU slots
     ],
 )
-def test_the_slots_are_the_gpus_a_process_may_use_unless_it_was_given_exactly_its_own(
-    monkeypatch, visible, gpus, devices, slurm, pool
-):
+def test_the_slots_are_the_gpus_a_process_may_use(monkeypatch, visible, gpus, slurm, inherited, pool):
     """Any CUDA_VISIBLE_DEVICES used to mean "confined": in a SLURM allocation of four GPUs every queued
     experiment then trained on the first one."""
     monkeypatch.delenv("WORKFLOW_SLOTS", raising=False)
-    assert slot_pool(visible, gpus, devices, slurm) == pool
+    assert slot_pool(visible, gpus, slurm, inherited) == pool
+
+
+def test_each_slurm_job_has_slots_of_its_own(monkeypatch):
+    """SLURM may number every job's GPUs from 0: two jobs on one node must not wait for each other's "0"."""
+    from workflow.core.slots import SLOT_DIR_ENV, slot_dir
+
+    monkeypatch.delenv(SLOT_DIR_ENV, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    first = slot_dir()
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    assert first != slot_dir() == Path(f"/tmp/workflow-slots-{os.getuid()}-job42")
+
+
+def test_stages_given_other_gpus_never_wait_in_each_others_line(tmp_path):
+    """The queue lock is the pool's: a stage waiting for GPUs 0-3 does not hold back one given 4-7."""
+    from workflow.core.slots import waiting_in_line
+
+    with waiting_in_line(tmp_path, "a", ["0", "1", "2", "3"]):
+        done = subprocess.run(
+            [sys.executable, "-c", WAIT_IN_LINE, str(tmp_path), "4,5,6,7"],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0 and "waiting behind" not in done.stderr, done.stderr
+        same = subprocess.Popen(
+            [sys.executable, "-c", WAIT_IN_LINE, str(tmp_path), "3,2,1,0"],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert "another stage is waiting for device slots" in same.stderr.readline()  # the same pool: it waits
+    assert same.wait(timeout=60) == 0
+
+
+WAIT_IN_LINE = """
+import sys
+from pathlib import Path
+from workflow.core.slots import waiting_in_line
+with waiting_in_line(Path(sys.argv[1]), "b", sys.argv[2].split(",")):
+    pass
+"""
 
 
 def test_a_device_named_by_uuid_has_a_lock_file_of_its_own(tmp_path):

@@ -84,10 +84,10 @@ def _writer_tag() -> str:
     return f"~{os.getpid()}~{socket.gethostname()}~"
 
 
-def _is_stale(temporary: Path) -> bool:
-    """Whether a temporary beside an artifact was left by a writer that is gone: a process no longer
-    running on this host, one on another host a day ago, or a writer too old to have named itself."""
-    found = re.search(r"~(\d+)~([^~/]*)~", temporary.name)
+def _is_stale(temporary: Path, final: Path) -> bool:
+    """Whether a temporary beside `final` was left by a writer that is gone: a process no longer running
+    on this host, one on another host a day ago, or a writer too old to have named itself."""
+    found = re.match(rf"\.{re.escape(final.name)}\.~(\d+)~([^~/]*)~", temporary.name)
     if found is None:
         return True
     pid, host = int(found.group(1)), found.group(2)
@@ -115,7 +115,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     for left in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):  # left by a killed earlier write
-        if _is_stale(left):
+        if _is_stale(left, final):
             shutil.rmtree(left, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_writer_tag()}", suffix=".tmp", dir=final.parent))
     work = tmp / final.name  # keeps the suffix, for writers that add one (np.savez)

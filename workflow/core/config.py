@@ -516,7 +516,7 @@ def _check_cross_field(p: Params, source: str) -> None:
 def _check_source_folders(p: Params, source: str) -> None:
     """A source folder (read by download or download_model) equal to or inside an output in `paths.*`: the
     stage writing that output replaces it whole, deleting the user's files with it (and dvc would see the
-    stage depend on its own output)."""
+    stage depend on its own output); or one holding an output, whose files it would read as input."""
     outputs = {f"paths.{key}": value for key, value in dataclasses.asdict(p.paths).items()}
     for key, folder in (("data.folder", p.data.folder), ("model.folder", p.model.folder)):
         mine = Path(os.path.realpath(folder))
@@ -527,6 +527,12 @@ def _check_source_folders(p: Params, source: str) -> None:
                 raise ConfigError(
                     f"{source}: `{key}` ({folder!r}) {where} `{out_key}` ({out!r}), an output a stage replaces "
                     f"whole: the folder would be deleted; keep `{key}` outside every `paths.*` output"
+                )
+            if theirs.is_relative_to(mine):  # a source holding an output: it would read what the pipeline wrote
+                raise ConfigError(
+                    f"{source}: `{key}` ({folder!r}) holds `{out_key}` ({out!r}), an output of the pipeline: its "
+                    f"files would be read as input (and DVC would see a stage depend on an output); keep `{key}` "
+                    "and the `paths.*` outputs apart"
                 )
 
 

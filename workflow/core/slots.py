@@ -11,19 +11,20 @@ inherits the lock): the kernel releases it when they exit, crash or are killed, 
 leaked and there is nothing to clean up. There are as many
 slots as GPUs; without a GPU, WORKFLOW_SLOTS of them (default 1: two trainings on one CPU only slow
 each other down), the same code, so a test can watch CPU experiments take turns.
-Where CUDA_VISIBLE_DEVICES lists more GPUs than the stage uses (a SLURM allocation of four, running a
-queue of one-GPU experiments), the slots are those GPUs, named as it names them (so give every process
-on a machine its GPUs the same way: by index, or by UUID), and the stage sees its own among them.
-A process already confined takes no slot: CUDA_VISIBLE_DEVICES naming exactly the GPUs it uses (SLURM's
---gpus, a launcher) or none at all (CPU only), any of it set on a machine without GPUs, a SLURM job on
-a node without GPUs (SLURM_JOB_ID: the allocation is the scheduler's), or one rank of a multi-process
-launch (WORLD_SIZE > 1: accelerate launch, torchrun).
+Where CUDA_VISIBLE_DEVICES is set (a SLURM allocation of four GPUs running a queue, a shell given two),
+the slots are the GPUs it names, as it names them (so give every process on a machine its GPUs the same
+way: by index, or by UUID), and the stage sees its own among them; a SLURM job's slots are its own
+(one folder per job). A process already confined takes no slot: CUDA_VISIBLE_DEVICES naming no GPU
+(CPU only) or the slot its parent holds, any of it set on a machine without GPUs, a SLURM job on a node
+without GPUs (SLURM_JOB_ID: the allocation is the scheduler's), or one rank of a multi-process launch
+(WORLD_SIZE > 1: accelerate launch, torchrun).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -49,8 +50,21 @@ class Slot:
 
 
 def slot_dir() -> Path:
-    # /tmp itself, not $TMPDIR: a scheduler may give each job its own TMPDIR, and the slots must be shared
-    return Path(os.environ.get(SLOT_DIR_ENV) or f"/tmp/workflow-slots-{os.getuid()}")
+    """/tmp itself, not $TMPDIR: a scheduler may give each job its own TMPDIR, and the slots must be shared.
+    One folder per SLURM job: a job's GPUs are its own, and SLURM may number each job's GPUs from 0."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return Path(os.environ.get(SLOT_DIR_ENV) or f"/tmp/workflow-slots-{os.getuid()}" + (f"-job{job}" if job else ""))
+
+
+def visible_names(visible: str) -> list[str]:
+    """The devices CUDA_VISIBLE_DEVICES names, read as CUDA reads it: up to the first entry that is not a
+    device (an index, or a GPU-/MIG- UUID), so "-1" or "" name none (a CPU run)."""
+    names = []
+    for name in (entry.strip() for entry in visible.split(",")):
+        if not (name.isdigit() or name.startswith(("GPU-", "MIG-"))):
+            break
+        names.append(name)
+    return names
 
 
 def gpu_count() -> int:
@@ -65,20 +79,21 @@ def gpu_count() -> int:
     return 0
 
 
-def slot_pool(visible: str | None, gpus: int, devices: int, slurm: bool) -> list[str] | None:
+def slot_pool(visible: str | None, gpus: int, slurm: bool, inherited: str | None = None) -> list[str] | None:
     """The devices this process takes its slots among, as CUDA_VISIBLE_DEVICES would name them, or None
     where it is already confined. `visible`: its CUDA_VISIBLE_DEVICES (None: unset); `gpus`: the machine's;
-    `devices`: how many the stage uses. Confined: one rank of a launch (the caller's check), the GPUs
-    named being exactly the ones it uses or none (CPU only), or no GPU on the machine and CUDA_VISIBLE_DEVICES
-    set or a SLURM job (its CPUs are its allocation: jobs the scheduler put on one node must not wait for
-    each other inside their time limits). A SLURM job that sees GPUs without CUDA_VISIBLE_DEVICES (a whole
-    node, no --gres) takes slots, so the stages it runs side by side spread over them."""
-    names = None if visible is None else [name.strip() for name in visible.split(",") if name.strip()]
+    `inherited`: WORKFLOW_SLOT, set where a parent holds the slots. Confined: one rank of a launch (the
+    caller's check), a child of a slot holder (CUDA_VISIBLE_DEVICES is that slot), no GPU named (a CPU
+    run), or no GPU on the machine and CUDA_VISIBLE_DEVICES set or a SLURM job (its CPUs are its
+    allocation: jobs the scheduler put on one node must not wait for each other inside their time
+    limits). The GPUs CUDA_VISIBLE_DEVICES names are locked even where they are as many as the stage
+    uses: another process given the same ones (a queue in one allocation) must not share them."""
+    names = None if visible is None else visible_names(visible)
     if not gpus:
         return None if names is not None or slurm else [str(i) for i in range(cpu_slot_count())]
     if names is None:
         return [str(i) for i in range(gpus)]
-    return None if len(names) in (0, devices) else names
+    return None if not names or inherited == visible else names
 
 
 def cpu_slot_count() -> int:
@@ -136,11 +151,13 @@ def take_slots(folder: Path, pool: list[str], wanted: int) -> dict | None:
 
 
 @contextlib.contextmanager
-def waiting_in_line(folder: Path, stage: str):
-    """Hold the slots' queue lock while taking slots: a stage waiting for them keeps it, so later stages
-    line up behind it instead of taking each slot it frees (a two-GPU training would otherwise wait for
-    ever behind a stream of one-GPU stages). Released once the slots are taken, or by the kernel on a kill."""
-    with open(folder / "queue.lock", "a+") as line:
+def waiting_in_line(folder: Path, stage: str, pool: list[str]):
+    """Hold the pool's queue lock while taking slots: a stage waiting for them keeps it, so later stages
+    wait behind it instead of taking each slot it frees (a two-GPU training would otherwise wait for ever
+    behind a stream of one-GPU stages). One line per pool: stages given other GPUs never wait in it.
+    Released once the slots are taken, or by the kernel on a kill."""
+    key = hashlib.sha256(",".join(sorted(pool)).encode()).hexdigest()[:12]
+    with open(folder / f"queue-{key}.lock", "a+") as line:
         try:
             fcntl.flock(line, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -157,14 +174,14 @@ def device_slot(stage: str, devices: int = 1):
     gpus = gpu_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    pool = None if launched else slot_pool(visible, gpus, devices, "SLURM_JOB_ID" in os.environ)
+    pool = None if launched else slot_pool(visible, gpus, "SLURM_JOB_ID" in os.environ, os.environ.get(SLOT_ENV))
     if pool is None:
         yield Slot(None, 0)
         return
     count, wanted = len(pool), slots_wanted(stage, pool, devices, gpus, visible)
     folder = slot_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    with waiting_in_line(folder, stage):
+    with waiting_in_line(folder, stage, pool):
         waited = False
         while (held := take_slots(folder, pool, wanted)) is None:
             if not waited:
@@ -176,7 +193,7 @@ def device_slot(stage: str, devices: int = 1):
     os.environ["CUDA_VISIBLE_DEVICES"] = names
     os.environ[SLOT_ENV] = names
     if count > 1:
-        print(f"{stage}: device slot {names} of {count}", file=sys.stderr)
+        print(f"{stage}: device slot {names} (of {', '.join(pool)})", file=sys.stderr)
     try:
         yield Slot(min(pool.index(device) for device in held), count, tuple(h.fileno() for h in held.values()))
     finally:

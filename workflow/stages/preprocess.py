@@ -9,8 +9,9 @@ array). Each image is EXIF-rotated, converted to L or RGB, and either resized on
 centre-cropped (`data.center_crop: true`) or squashed to a square, with PIL's antialiasing bicubic.
 A file that cannot be decoded (corrupt, truncated, empty, not an image, or a decompression bomb:
 more pixels than PIL.Image.MAX_IMAGE_PIXELS) is skipped and listed with its reason; so are files the
-source ignored (no image extension), and images whose pixels have no fixed 8-bit range (signed or
-32-bit integers, float outside [0, 1]; 16-bit keeps its top byte, float in [0, 1] is x 255: `to_8bit`).
+source ignored (no image extension), and images whose pixels have no known 8-bit range (negative,
+wider than 8 bits but not unsigned 16-bit, NaN; 16-bit keeps its top byte, float in [0, 1] is x 255,
+values already in [0, 255] stay: `to_8bit`).
 Fewer than `data.min_images` usable images is an error naming the count and the commonest reasons.
 `data.max_images` takes a subset of the files chosen with `seed`, before decoding, kept in file order.
 A labelled dataset (`<paths.raw>/LABELS.json`) gives `paths.labels` the class names and each kept
@@ -74,27 +75,26 @@ class UnsupportedPixels(ValueError):
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
-    """Wide grayscale -> 8 bits where the range is fixed (PIL's own convert("L") would clip at 255):
-    unsigned 16-bit (I;16*) by its top byte; float (F) with every value in [0, 1] scaled by 255, rounded.
-    Signed or 32-bit integers (mode I: a TIFF's int16, int32, uint32) and float outside [0, 1] declare no
-    range, so any mapping would be a guess that changes the image: they raise UnsupportedPixels."""
-    if image.mode == "F":
-        pixels = np.asarray(image)
-        if not ((pixels >= 0) & (pixels <= 1)).all():  # NaN fails both
-            raise UnsupportedPixels(
-                f"float pixels (mode F) from {pixels.min():g} to {pixels.max():g}, outside [0, 1]: "
-                "no fixed range to map onto 8 bits; save the image with 8 or 16 unsigned bits"
-            )
-        return Image.fromarray(np.round(pixels * 255).astype(np.uint8))
-    if not image.mode.startswith("I"):
+    """Wide grayscale -> 8 bits where the range is known (PIL's own convert("L") would clip at 255):
+    unsigned 16-bit (I;16*) by its top byte; values that are 8-bit already (integers, or floats, all in
+    [0, 255] with some above 1) as they are, rounded; floats all in [0, 1] scaled by 255. Anything else
+    (negative, wider integers, NaN) declares no range we can read, so any mapping would be a guess that
+    changes the image: it raises UnsupportedPixels and the file is skipped with that reason."""
+    if image.mode.startswith("I;16") and np.asarray(image).dtype.kind == "u":
+        return Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8))
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;"):
         return image
-    pixels = np.asarray(image)
-    if pixels.dtype.kind != "u" or pixels.dtype.itemsize != 2:
+    pixels = np.asarray(image).astype(np.float64)
+    if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 255):
+        low, high = np.nanmin(pixels), np.nanmax(pixels)
         raise UnsupportedPixels(
-            f"signed or 32-bit integer pixels (mode {image.mode}): no fixed range to map onto 8 bits; "
+            f"{'float' if image.mode == 'F' else 'integer'} pixels (mode {image.mode}) from {low:g} to {high:g}"
+            f"{' with NaN or inf' if not np.isfinite(pixels).all() else ''}: no known range to map onto 8 bits; "
             "save the image with 8 or 16 unsigned bits"
         )
-    return Image.fromarray((pixels.astype(np.uint32) >> 8).astype(np.uint8))
+    if image.mode == "F" and pixels.max() <= 1:
+        pixels = pixels * 255
+    return Image.fromarray(np.round(pixels).astype(np.uint8))
 
 
 def resize(image: Image.Image, resolution: int, center_crop: bool) -> Image.Image:

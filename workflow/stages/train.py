@@ -404,12 +404,17 @@ def _flush_losses(training: Training, pending: list) -> None:
     both = torch.stack([torch.stack(losses).float(), torch.stack(norms).float()])
     values, norm_values = training.accelerator.reduce(both, reduction="mean").cpu().tolist()
     for step, loss, norm, lr in zip(steps, values, norm_values, lrs, strict=True):
-        for what, value in (("training loss", loss), ("gradient norm", norm)):
-            if not np.isfinite(value):
-                raise FloatingPointError(
-                    f"{what} is {value} at step {step}; lower train.learning_rate or use "
-                    f"train.mixed_precision other than fp16. Earlier checkpoints are intact."
-                )
+        if not np.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss} at step {step}; lower train.learning_rate or use "
+                f"train.mixed_precision other than fp16. Earlier checkpoints are intact."
+            )
+        if not np.isfinite(norm):  # fp16's skipped steps count 0: here under bf16 or float32
+            raise FloatingPointError(
+                f"gradient norm is {norm} at step {step} (its loss {loss:g} was finite): the update would make "
+                "the weights NaN; lower train.learning_rate, or check the data for extreme values. "
+                "Earlier checkpoints are intact."
+            )
         training.progress["history"].append([step, loss, lr])
     pending.clear()
 
