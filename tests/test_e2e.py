@@ -341,7 +341,7 @@ def test_a_queued_sweep_runs_on_two_workers_each_training_in_a_device_slot(exp_r
     status = sh(repo, "dvc", "queue", "status")
     for name in EXPERIMENTS:
         assert re.search(rf"\b{re.escape(name)}\b.*\bSuccess\b", status), status
-        assert re.search(r"train: device slot [01] of 2", sh(repo, "dvc", "queue", "logs", name)), name
+        assert re.search(r"train: device slot [01] \(of 0, 1\)", sh(repo, "dvc", "queue", "logs", name)), name
     shown = sh(repo, "dvc", "exp", "show", "--sort-by", "fid", "--sort-order", "asc", "--csv")
     rows = list(csv.DictReader(io.StringIO(shown)))
     fids = [float(r["fid"]) for r in rows if r["Experiment"] in EXPERIMENTS]
