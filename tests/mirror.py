@@ -393,40 +393,33 @@ class StallingProxy:
             handler.close_connection = True
 
     @staticmethod
-    def refuse(handler: BaseHTTPRequestHandler, method: str) -> None:
+    def answer(handler: BaseHTTPRequestHandler, method: str, status: int, error: str, code: str | None = None) -> None:
+        """A JSON error as the Hub sends it, with its X-Error-Code (which huggingface_hub maps to an exception)."""
+        body = f'{{"error":"{error}"}}'.encode()
+        handler.send_response(status)
+        if code:
+            handler.send_header("X-Error-Code", code)
+            handler.send_header("X-Error-Message", error)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if method != "HEAD":
+            handler.wfile.write(body)
+
+    @classmethod
+    def refuse(cls, handler: BaseHTTPRequestHandler, method: str) -> None:
         """The Hub's answer to a private repository without a valid token."""
-        body = b'{"error":"Repository not found"}'
-        handler.send_response(401)
-        handler.send_header("X-Error-Code", "RepoNotFound")
-        handler.send_header("X-Error-Message", "Repository not found")
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        if method != "HEAD":
-            handler.wfile.write(body)
+        cls.answer(handler, method, 401, "Repository not found", "RepoNotFound")
 
-    @staticmethod
-    def gated(handler: BaseHTTPRequestHandler, method: str) -> None:
-        body = b'{"error":"Access to this dataset is restricted"}'
-        handler.send_response(403)
-        handler.send_header("X-Error-Code", "GatedRepo")
-        handler.send_header("X-Error-Message", "Access to this dataset is restricted")
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        if method != "HEAD":
-            handler.wfile.write(body)
+    @classmethod
+    def gated(cls, handler: BaseHTTPRequestHandler, method: str) -> None:
+        """The Hub's answer to a gated file the token has no access to."""
+        cls.answer(handler, method, 403, "Access to this dataset is restricted", "GatedRepo")
 
-    @staticmethod
-    def server_error(handler: BaseHTTPRequestHandler, method: str) -> None:
+    @classmethod
+    def server_error(cls, handler: BaseHTTPRequestHandler, method: str) -> None:
         """A 500, as a Hub or mirror having a bad moment answers."""
-        body = b'{"error":"Internal Error"}'
-        handler.send_response(500)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        if method != "HEAD":
-            handler.wfile.write(body)
+        cls.answer(handler, method, 500, "Internal Error")
 
     def close(self) -> None:
         self.released.set()
