@@ -151,8 +151,6 @@ def fetch_imagefolder(data: Data, images: Path) -> dict:
     root = Path(data.location)
     if not root.is_dir():
         raise ConfigError(f"`data.source` {data.source!r}: folder {str(root)!r} does not exist")
-    if images.resolve().is_relative_to(root.resolve()):
-        raise ConfigError(f"`paths.raw` is inside the `data.source` folder {str(root)!r}: it would copy itself")
     files = list_image_files(root)
     if not files:
         raise ConfigError(
