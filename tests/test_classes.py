@@ -169,7 +169,7 @@ def test_the_published_pipeline_samples_as_our_sampler(sampler):
             )
         ]
     )
-    pipeline = ClassConditionalPipeline(unet=unet, scheduler=build_sampler(sampler, scheduler.config))
+    pipeline = ClassConditionalPipeline(unet=unet, scheduler=build_sampler(sampler, scheduler.config, "leading"))
     pipeline.set_progress_bar_config(disable=True)
     theirs = pipeline(
         class_labels=labels.tolist(),
@@ -209,7 +209,7 @@ def test_the_published_pipeline_loads_in_half_precision(tmp_path):
     the float32 latents the scheduler steps, to the float32 pipeline's images within half's rounding
     (measured: 0.007 at most)."""
     unet, scheduler = tiny_unet(), build_noise_scheduler(params_from_dict({}).scheduler)
-    ClassConditionalPipeline(unet=unet, scheduler=build_sampler("ddim", scheduler.config)).save_pretrained(tmp_path)
+    ClassConditionalPipeline(unet=unet, scheduler=build_sampler("ddim", scheduler.config, "leading")).save_pretrained(tmp_path)
 
     def images(dtype):
         pipeline = ClassConditionalPipeline.from_pretrained(tmp_path, torch_dtype=dtype)

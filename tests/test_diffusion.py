@@ -70,8 +70,21 @@ def test_tutorial_attention_placement():
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmsolver++"])
 def test_samplers_share_the_training_schedule(name):
     noise_scheduler = build_noise_scheduler(Params().scheduler)
-    sampler = build_sampler(name, noise_scheduler.config)
+    sampler = build_sampler(name, noise_scheduler.config, "leading")
     assert sampler.config.num_train_timesteps == 1000
     assert torch.allclose(sampler.alphas_cumprod, noise_scheduler.alphas_cumprod)
     if name == "dpmsolver++":
         assert sampler.config.algorithm_type == "dpmsolver++" and sampler.config.solver_order == 2
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmsolver++"])
+def test_trailing_spacing_starts_from_the_last_training_timestep(name):
+    """sample.timestep_spacing: "trailing" starts 50 steps at t = 999 (pure noise) and ends at 19; "leading",
+    diffusers' default, starts DDPM and DDIM at 980 and ends at 0 (DPM-Solver++: 950 to 19)."""
+    config = build_noise_scheduler(Params().scheduler).config
+    trailing, leading = build_sampler(name, config, "trailing"), build_sampler(name, config, "leading")
+    trailing.set_timesteps(50)
+    leading.set_timesteps(50)
+    assert trailing.timesteps.tolist() == list(range(999, 0, -20))
+    assert leading.timesteps[0] == (950 if name == "dpmsolver++" else 980)
+    assert leading.timesteps[-1] == (19 if name == "dpmsolver++" else 0)

@@ -66,7 +66,8 @@ def test_the_folder_is_the_trained_pipeline_with_the_evaluated_sampler(run):
 
 
 def test_another_sampler_gets_its_scheduler_and_its_snippet(run):
-    """dpmsolver++ has no pipeline of its own: DDPMPipeline with the DPM-Solver++ scheduler saved."""
+    """dpmsolver++ has no pipeline of its own: DDPMPipeline with the DPM-Solver++ scheduler saved, its
+    timestep spacing the evaluated one."""
     from diffusers import DiffusionPipeline
 
     from workflow.stages.package import run as package
@@ -74,7 +75,7 @@ def test_another_sampler_gets_its_scheduler_and_its_snippet(run):
     root, params = run
     params = dataclasses.replace(
         params,
-        sample=dataclasses.replace(params.sample, sampler="dpmsolver++"),
+        sample=dataclasses.replace(params.sample, sampler="dpmsolver++", timestep_spacing="trailing"),
         paths=dataclasses.replace(params.paths, pipeline="models/pipeline-dpm"),
     )
     with pytest.MonkeyPatch.context() as patch:
@@ -84,6 +85,7 @@ def test_another_sampler_gets_its_scheduler_and_its_snippet(run):
     assert type(pipeline).__name__ == "DDPMPipeline"
     assert type(pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert pipeline.scheduler.config["algorithm_type"] == "dpmsolver++"
+    assert pipeline.scheduler.config["timestep_spacing"] == "trailing"
     check_card(root, params)
 
 

@@ -89,6 +89,9 @@ def test_job_params_put_the_recipe_over_the_defaults_and_fix_precision_and_paths
     sweep = Job(OURS, 8, 0, 0.5, 15, sampler="ddim", sampling_steps=7, eta=1.0, model="ours-r8-s0-b0.5")
     s = params_from_dict(params_dict(m, sweep))
     assert (s.sample.sampler, s.sample.num_inference_steps, s.sample.eta) == ("ddim", 7, 1.0)
+    assert s.sample.timestep_spacing == "leading"
+    trailing = dataclasses.replace(sweep, spacing="trailing")
+    assert params_from_dict(params_dict(m, trailing)).sample.timestep_spacing == "trailing"
     assert s.paths.trained == f"{m.out}/jobs/ours-r8-s0-b0.5/trained"  # samples the model job's weights
     assert s.paths.samples == f"{m.out}/jobs/{sweep.name}/samples"
 
@@ -96,7 +99,7 @@ def test_job_params_put_the_recipe_over_the_defaults_and_fix_precision_and_paths
 def test_matrix_jobs_longest_first_then_the_sweep_and_optionally_without_ours():
     common = ["matrix", "--rates", "r.json", "--out", "q", "--resolutions", "8", "--budgets", "0.5", "1"]
     common += ["--seeds", "0", "--recipes", RECIPES[0]]
-    args = quality.build_parser().parse_args([*common, "--sampler-sweep", "ddim:1:3"])
+    args = quality.build_parser().parse_args([*common, "--sampler-sweep", "ddim:1:3 ddpm:0:3:trailing"])
     jobs = quality.matrix_jobs(args, RATES)
     assert [(j.name, j.steps) for j in jobs] == [
         ("tutorial-r8-s0-b1", 60),
@@ -104,8 +107,9 @@ def test_matrix_jobs_longest_first_then_the_sweep_and_optionally_without_ours():
         ("ours-r8-s0-b1", 30),
         ("ours-r8-s0-b0.5", 15),
         ("ours-r8-s0-b1-ddim-eta1-n3", 30),  # over our model at the largest budget
+        ("ours-r8-s0-b1-ddpm-eta0-n3-trailing", 30),  # the default spacing, "leading", stays out of the name
     ]
-    assert jobs[-1].model == "ours-r8-s0-b1"
+    assert jobs[-2].model == jobs[-1].model == "ours-r8-s0-b1"
     alone = quality.build_parser().parse_args([*common, "--without-ours", "--sampler-sweep", ""])
     assert [j.name for j in quality.matrix_jobs(alone, RATES)] == ["tutorial-r8-s0-b1", "tutorial-r8-s0-b0.5"]
     with pytest.raises(SystemExit, match="--without-ours: the sampler sweep samples our recipe's model"):
@@ -113,9 +117,14 @@ def test_matrix_jobs_longest_first_then_the_sweep_and_optionally_without_ours():
 
 
 def test_sweep_text_parses_and_a_bad_part_is_named():
-    assert quality.parse_sweep("ddim:1:10,25 ddpm:0:5") == [("ddim", 1.0, 10), ("ddim", 1.0, 25), ("ddpm", 0.0, 5)]
-    with pytest.raises(SystemExit, match="'ddim:10'"):
-        quality.parse_sweep("ddim:10")
+    assert quality.parse_sweep("ddim:1:10,25 ddpm:0:5:trailing") == [
+        ("ddim", 1.0, 10, "leading"),
+        ("ddim", 1.0, 25, "leading"),
+        ("ddpm", 0.0, 5, "trailing"),
+    ]
+    for bad in ("ddim:10", "ddim:1:10:trailng", "ddim:1:10:trailing:x"):
+        with pytest.raises(SystemExit, match=f"'{bad}'"):
+            quality.parse_sweep(bad)
 
 
 def test_the_matrix_trains_samples_and_scores_with_the_stages(tmp_path):
@@ -297,7 +306,9 @@ def test_tables_from_results(tmp_path):
     again = {**_row(OURS, 0, 5, 99.0), "name": "sweep-of-the-default", "sampler": "ddpm"}  # counted once, as trained
     # one sampler tried on a shorter-trained model too: the sampler table stays on the sweep's 5-minute models
     short = {**_row(OURS, 1, 2, 7.0, {"sampler": "ddim", "steps": 25, "eta": 1.0}), "name": "short", "sampler": "ddim"}
-    results = [short, *rows, *old, sweep, again]
+    spaced = {"sampler": "ddim", "steps": 25, "eta": 1.0, "spacing": "trailing"}  # at the same cost as leading's
+    trailing = {**_row(OURS, 0, 5, 8.0, spaced), "name": "sweep-trailing", "sampler": "ddim"}
+    results = [short, *rows, *old, sweep, trailing, again]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     rates = {
         "steps_per_second": {OURS: {"16": 2.5}, "tutorial": {"16": 12.0}},
@@ -309,6 +320,7 @@ def test_tables_from_results(tmp_path):
     assert "| 2 | 14.0 ± 1.0 | - | 31.0 ± 1.0 | 0.45x (separated) |" in text
     assert "| 5 | 11.0 ± 1.0 | 20.5 ± 0.7 (n=2) | 31.0 ± 1.0 | 0.35x (separated) |" in text
     assert "| ddim | 1 | 25 | 0 | 9.00 (n=1) | 0.0100 (n=1) | 0.500 (n=1) | 0.500 (n=1) | 20.0 | 180 |" in text
+    assert "| ddim, trailing | 1 | 25 | 0 | 8.00 (n=1) | 0.0100 (n=1) | 0.500 (n=1) | 0.500 (n=1) | 20.0 | 160 |" in text
     assert "Our recipe's 5-minute models at 16 px" in text
     assert "| ddim | 1 | 50 | 0, 1 | 20.50 ± 0.71 (n=2) | 0.0100 ± 0.0000 (n=2) |" in text
     assert (

@@ -77,18 +77,21 @@ def test_eta_and_the_seed_change_the_images(trained):
     assert not np.array_equal(deterministic, read_samples(base.paths.samples))
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
-def test_our_loop_equals_diffusers_pipelines_on_cpu(trained, sampler, eta):
-    """In float32 our loop is DDPMPipeline (the tutorial's sampler) or DDIMPipeline at that eta, with the
-    same per-image generators."""
+@pytest.mark.parametrize(
+    "sampler, eta, spacing",
+    [("ddpm", 0.0, "leading"), ("ddim", 0.0, "leading"), ("ddim", 1.0, "leading"), ("ddpm", 0.0, "trailing")],
+)
+def test_our_loop_equals_diffusers_pipelines_on_cpu(trained, sampler, eta, spacing):
+    """In float32 our loop is DDPMPipeline (the tutorial's sampler) or DDIMPipeline at that eta and timestep
+    spacing, with the same per-image generators."""
     from diffusers import DDIMPipeline, DDPMPipeline
 
     params = trained()
     unet, config = load_unet(params.paths.trained, torch.device("cpu"))
-    settings = Sample(sampler=sampler, num_inference_steps=5, batch_size=3, eta=eta)
+    settings = Sample(sampler=sampler, num_inference_steps=5, batch_size=3, eta=eta, timestep_spacing=spacing)
     ours = np.concatenate([b for _, b in sample_batches(unet, config, settings, 0, 3, torch.device("cpu"))])
     pipeline = (DDIMPipeline if sampler == "ddim" else DDPMPipeline).from_pretrained(params.paths.trained)
-    pipeline.scheduler = build_sampler(sampler, pipeline.scheduler.config)
+    pipeline.scheduler = build_sampler(sampler, pipeline.scheduler.config, spacing)
     pipeline.set_progress_bar_config(disable=True)
     theirs = pipeline(
         batch_size=3,

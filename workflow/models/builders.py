@@ -3,7 +3,7 @@
 check_size(params)          # first: refuses a UNet or a batch over the caps, allocating nothing
 unet = build_unet(params.model, resolution=16, channels=1)
 noise_scheduler = build_noise_scheduler(params.scheduler)
-sampler = build_sampler("ddim", noise_scheduler.config)
+sampler = build_sampler("ddim", noise_scheduler.config, "trailing")
 
 Text-to-image (`model.pretrained`): the pretrained pipeline's own UNet2DConditionModel and noise schedule,
 from its folder (`paths.base_model`), and optionally a LoRA adapter on the UNet's attention projections:
@@ -64,10 +64,11 @@ def build_noise_scheduler(scheduler: Scheduler) -> DDPMScheduler:
     )
 
 
-def build_sampler(name: str, noise_scheduler_config):
-    """A sampling scheduler sharing the training noise schedule (betas, prediction type)."""
+def build_sampler(name: str, noise_scheduler_config, timestep_spacing: str):
+    """A sampling scheduler sharing the training noise schedule (betas, prediction type), its steps spaced
+    over the training timesteps by `timestep_spacing` (sample.timestep_spacing)."""
     cls, settings = SAMPLERS[name]
-    return cls.from_config(noise_scheduler_config, **settings)
+    return cls.from_config(noise_scheduler_config, **settings, timestep_spacing=timestep_spacing)
 
 
 def count_parameters(module) -> int:

@@ -38,7 +38,7 @@ def text_pipeline(base: str | Path, unet: torch.nn.Module, settings: Sample, dev
         text_encoder=encoders.text_encoder,
         tokenizer=encoders.tokenizer,
         unet=unet,
-        scheduler=build_sampler(settings.sampler, pretrained_scheduler_config(base)),
+        scheduler=build_sampler(settings.sampler, pretrained_scheduler_config(base), settings.timestep_spacing),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -6,8 +6,8 @@ two DVC plots that the report shows too.
     dvc exp run -S 'fid.guidance_sweep=[1,2,4]'                        # class-conditional: FID against w
 
 For each n in fid.steps_sweep: samples fid.num_samples images from params.paths.trained with
-sample.sampler (and sample.eta, batch size, precision, compile, guidance) in n steps, which are exactly
-the images the sample stage makes with sample.num_inference_steps = n, and scores them against
+sample.sampler (and sample.eta, timestep_spacing, batch size, precision, compile, guidance) in n steps,
+which are exactly the images the sample stage makes with sample.num_inference_steps = n, and scores them against
 params.paths.fid_ref as evaluate does. For each w in fid.guidance_sweep, the same with
 sample.guidance_scale = w (class-conditional and text-to-image models; a text-to-image fine-tune samples
 through StableDiffusionPipeline from the sample stage's prompts, workflow.formats.captions.fid_prompts).

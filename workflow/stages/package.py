@@ -59,7 +59,7 @@ CONDITIONAL_TASK = "class-conditional-image-generation"
 TEXT_TASK = "text-to-image"
 CUSTOM_PIPELINE = "pipeline.py"  # the file name diffusers' `custom_pipeline=<folder>` loads
 # what the evaluated sampler sets over the base pipeline's scheduler config (the LoRA card's usage line)
-SAMPLER_SETTINGS = ("algorithm_type", "solver_order", "clip_sample")
+SAMPLER_SETTINGS = ("algorithm_type", "solver_order", "clip_sample", "timestep_spacing")
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -77,7 +77,9 @@ def publish_pipeline(params: Params, trained: Path, out: Path) -> tuple[type, st
     for path in sorted((trained / "unet").rglob("*")):
         if path.is_file():
             link_or_copy(path, out / path.relative_to(trained))
-    sampler = build_sampler(params.sample.sampler, DDPMScheduler.load_config(trained / "scheduler"))
+    sampler = build_sampler(
+        params.sample.sampler, DDPMScheduler.load_config(trained / "scheduler"), params.sample.timestep_spacing
+    )
     pipeline_class = PIPELINES[params.sample.sampler]
     if load_class_names(trained):  # class-conditional: our pipeline, shipped beside the weights
         pipeline_class = class_pipeline.ClassConditionalPipeline
@@ -93,7 +95,9 @@ def publish_pipeline(params: Params, trained: Path, out: Path) -> tuple[type, st
 def publish_text_to_image(params: Params, trained: Path, out: Path) -> tuple[type, str]:
     """The fine-tune's files in `out` (every part, or the LoRA adapter alone), a full pipeline with the
     evaluated sampler as its scheduler. Returns (StableDiffusionPipeline, the scheduler's class name)."""
-    sampler = build_sampler(params.sample.sampler, pretrained_scheduler_config(params.paths.base_model))
+    sampler = build_sampler(
+        params.sample.sampler, pretrained_scheduler_config(params.paths.base_model), params.sample.timestep_spacing
+    )
     if is_lora(trained):
         link_or_copy(trained / LORA_FILE, out / LORA_FILE)
         return StableDiffusionPipeline, type(sampler).__name__
@@ -188,6 +192,7 @@ def card_metadata(
         "num_reference": metrics["fid_num_reference"],
         "sampler": s.sampler,
         "num_inference_steps": s.num_inference_steps,
+        "timestep_spacing": s.timestep_spacing,
         "eta": s.applied_eta,
         "inception_sha256": metrics["fid_weights_sha256"],
     }
@@ -270,7 +275,7 @@ def text_usage(params: Params, base: dict) -> str:
         load = (
             f"{params.paths.base_model!r})  # the pretrained pipeline, from a local folder {local_name(base['path'])!r}"
         )
-    sampler = build_sampler(s.sampler, pretrained_scheduler_config(params.paths.base_model))
+    sampler = build_sampler(s.sampler, pretrained_scheduler_config(params.paths.base_model), s.timestep_spacing)
     settings = {key: sampler.config[key] for key in SAMPLER_SETTINGS if key in sampler.config}
     arguments = "".join(f", {key}={value!r}" for key, value in settings.items())
     name = type(sampler).__name__
@@ -391,7 +396,7 @@ def model_card(
             f"| metric | value | samples | {reference_set(params)} | sampler |\n|---|---|---|---|---|",
             *(
                 f"| {kind.upper()} | {metrics[kind]:.6g} | {metrics['fid_num_samples']:,} | "
-                f"{metrics['fid_num_reference']:,} | {s.sampler}, {s.num_inference_steps} steps"
+                f"{metrics['fid_num_reference']:,} | {s.sampler}, {s.num_inference_steps} steps ({s.timestep_spacing})"
                 f"{'' if s.applied_eta is None else f', eta {s.eta}'} |"
                 for kind in ("fid", "kid")
             ),

@@ -4,7 +4,7 @@
 
 Loads params.paths.trained (the weights train saved: EMA unless train.ema is false) and samples
 fid.num_samples images with sample.sampler (ddpm | ddim with sample.eta | dpmsolver++) in
-sample.num_inference_steps, sample.batch_size at a time (workflow.models.sampling: bf16 + channels_last
+sample.num_inference_steps spaced by sample.timestep_spacing, sample.batch_size at a time (workflow.models.sampling: bf16 + channels_last
 on a GPU, float32 on CPU, optional torch.compile).
 Each batch's PNGs go straight into the output folder (written under a temporary name, renamed to
 params.paths.samples when complete, with samples.json holding the timing), so memory does not grow
@@ -72,6 +72,7 @@ def run(params: Params) -> dict:
     settings = {
         "sampler": s.sampler,
         "num_inference_steps": s.num_inference_steps,
+        "timestep_spacing": s.timestep_spacing,
         "eta": s.applied_eta,
         "device": device.type,
         "dtype": str(runtime.sampling_dtype(s.mixed_precision)).removeprefix("torch."),
@@ -101,6 +102,7 @@ def run_text_to_image(params: Params) -> dict:
     settings = {
         "sampler": s.sampler,
         "num_inference_steps": s.num_inference_steps,
+        "timestep_spacing": s.timestep_spacing,
         "eta": s.applied_eta,
         "guidance_scale": s.guidance_scale,
         "negative_prompt": s.negative_prompt,

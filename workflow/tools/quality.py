@@ -23,10 +23,12 @@ import json
 import platform
 import shutil
 import tempfile
+import typing
 from pathlib import Path
 
 import torch
 
+from workflow.core.config import TimestepSpacing
 from workflow.core.environment import software_versions
 from workflow.stages import sample, train
 from workflow.tools import quality_tables
@@ -46,15 +48,19 @@ from workflow.tools.quality_jobs import (
 SWEEP = "ddpm:0:10,25,50,100,250,1000 ddim:0:10,25,50,100 ddim:1:10,25,50,100 dpmsolver++:0:10,25,50,100"
 
 
-def parse_sweep(text: str) -> list[tuple[str, float, int]]:
-    """'ddim:1:10,25 dpmsolver++:0:10' -> [(sampler, eta, steps), ...]."""
+def parse_sweep(text: str) -> list[tuple[str, float, int, str]]:
+    """'ddim:1:10,25 dpmsolver++:0:10:trailing' -> [(sampler, eta, steps, timestep spacing), ...]; the spacing
+    is "leading" unless given."""
     points = []
     for part in text.split():
         try:
-            sampler, eta, steps = part.split(":")
-            points += [(sampler, float(eta), int(n)) for n in steps.split(",")]
+            sampler, eta, steps, *spacing = part.split(":")
+            (spacing,) = spacing or ["leading"]
+            if spacing not in typing.get_args(TimestepSpacing):
+                raise ValueError(spacing)
+            points += [(sampler, float(eta), int(n), spacing) for n in steps.split(",")]
         except ValueError:
-            raise SystemExit(f"--sampler-sweep: {part!r} is not sampler:eta:steps,steps,...") from None
+            raise SystemExit(f"--sampler-sweep: {part!r} is not sampler:eta:steps,steps,...[:spacing]") from None
     return points
 
 
@@ -87,8 +93,8 @@ def measure_rates(args) -> dict:
     sampling = {}
     model = Job(OURS, args.resolutions[0], 0, 0.0, 10)
     timed_steps(m, model, keep=True)
-    for sampler, eta, n in parse_sweep(args.sampler_sweep):
-        job = dataclasses.replace(model, sampler=sampler, eta=eta, sampling_steps=n, model=model.name)
+    for sampler, eta, n, spacing in parse_sweep(args.sampler_sweep):  # the spacing does not change the cost
+        job = dataclasses.replace(model, sampler=sampler, eta=eta, sampling_steps=n, spacing=spacing, model=model.name)
         params = write_params(m, job)
         record = sample.run(params)
         sampling.setdefault(f"{sampler}-eta{eta:g}", {})[str(n)] = record["seconds"] / record["count"]
@@ -135,8 +141,8 @@ def matrix_jobs(args, rates: dict) -> list[Job]:
         top = max(args.budgets)
         model = Job(OURS, first, args.seeds[0], top, budget_steps(rates, OURS, first, top))
         jobs += [
-            dataclasses.replace(model, sampler=s, eta=eta, sampling_steps=n, model=model.name)
-            for s, eta, n in parse_sweep(args.sampler_sweep)
+            dataclasses.replace(model, sampler=s, eta=eta, sampling_steps=n, spacing=spacing, model=model.name)
+            for s, eta, n, spacing in parse_sweep(args.sampler_sweep)
         ]
     jobs += block([Path(p).stem for p in args.variants], first, args.variant_budgets)
     for res in others:
@@ -171,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name)
         p.add_argument("--recipes", nargs="*", default=RECIPES, help="recipe presets besides params.yaml's")
         p.add_argument("--resolutions", type=int, nargs="+", default=[16, 32])
-        p.add_argument("--sampler-sweep", default=SWEEP, help="sampler:eta:steps,... (space-separated)")
+        p.add_argument(
+            "--sampler-sweep", default=SWEEP, help="sampler:eta:steps,...[:timestep spacing] (space-separated)"
+        )
         p.add_argument("--sample-batch", type=int, default=250)
         p.add_argument("--threads", type=int, help="torch threads per process (default: the cores over the workers)")
     rates = sub.choices["rates"]

@@ -56,12 +56,16 @@ class Job:
     sampler: str | None = None  # a sampler-sweep job: sample the model of `model` this way
     sampling_steps: int | None = None
     eta: float = 0.0
+    spacing: str = "leading"  # sample.timestep_spacing
     model: str | None = None
 
     @property
     def name(self) -> str:
         base = f"{self.recipe}-r{self.resolution}-s{self.seed}-b{self.budget:g}"
-        return base if self.sampler is None else f"{base}-{self.sampler}-eta{self.eta:g}-n{self.sampling_steps}"
+        if self.sampler is None:
+            return base
+        spacing = "" if self.spacing == "leading" else f"-{self.spacing}"  # the names of earlier sweeps stay
+        return f"{base}-{self.sampler}-eta{self.eta:g}-n{self.sampling_steps}{spacing}"
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,9 @@ def params_dict(m: Matrix, job: Job, steps: int | None = None) -> dict:
         },
     }
     if job.sampler is not None:
-        fixed["sample"].update(sampler=job.sampler, num_inference_steps=job.sampling_steps, eta=job.eta)
+        fixed["sample"].update(
+            sampler=job.sampler, num_inference_steps=job.sampling_steps, eta=job.eta, timestep_spacing=job.spacing
+        )
     raw = overlay(m.defaults, m.recipes[job.recipe], fixed)
     raw["sample"]["grid_size"] = min(raw["sample"]["grid_size"], math.isqrt(m.samples))  # a small set's grid
     return raw
@@ -243,14 +249,18 @@ def check_reference(m: Matrix, resolution: int) -> None:
 
 
 def sampled_with(s) -> dict:
-    """The sampler a sample set was made with (a training job's is its recipe's); eta only where it acts."""
-    return {"sampler": s.sampler, "steps": s.num_inference_steps, "eta": s.applied_eta}
+    """The sampler a sample set was made with (a training job's is its recipe's); eta only where it acts, the
+    timestep spacing only where it is not diffusers' default, "leading" (as the rows made before it was a
+    param)."""
+    spacing = {} if s.timestep_spacing == "leading" else {"spacing": s.timestep_spacing}
+    return {"sampler": s.sampler, "steps": s.num_inference_steps, "eta": s.applied_eta, **spacing}
 
 
 def sampling_label(sampled: dict) -> str:
-    """e.g. "ddim-50 eta 1", "ddpm-1000"."""
+    """e.g. "ddim-50 eta 1", "ddpm-1000", "dpmsolver++-25 trailing"."""
     eta = "" if sampled["eta"] is None else f" eta {sampled['eta']:g}"
-    return f"{sampled['sampler']}-{sampled['steps']}{eta}"
+    spacing = f" {sampled['spacing']}" if "spacing" in sampled else ""
+    return f"{sampled['sampler']}-{sampled['steps']}{eta}{spacing}"
 
 
 def device_seconds(generated: dict) -> dict:

@@ -175,7 +175,8 @@ def sampler_table(rows: list[dict], rates: dict, default: str) -> tuple[str, lis
         cpu = per_image.get(key, {}).get(str(w["steps"]))
         cpu_k = None if cpu is None else 1000 * cpu
         fid_mean, fid_sd, _ = spread([x["fid"] for x in g])
-        name = f"{w['sampler']}{' (the default)' if label == default else ''}"
+        sampler = w["sampler"] + (f", {w['spacing']}" if "spacing" in w else "")
+        name = f"{sampler}{' (the default)' if label == default else ''}"
         eta = "" if w["eta"] is None else f"{w['eta']:g}"
         lines.append(
             f"| {name} | {eta} | {w['steps']} | {', '.join(str(x['seed']) for x in sorted(g, key=_seed))} | "
@@ -183,7 +184,7 @@ def sampler_table(rows: list[dict], rates: dict, default: str) -> tuple[str, lis
             f"{cell([x['precision'] for x in g], 3)} | {cell([x['recall'] for x in g], 3)} | {_num(cpu_k, 1)} | "
             f"{_num(cpu_k and cpu_k * fid_mean, 0)} |"
         )
-        legend = w["sampler"] if w["eta"] is None else f"{w['sampler']}, eta {w['eta']:g}"
+        legend = sampler if w["eta"] is None else f"{sampler}, eta {w['eta']:g}"
         series[legend].append((w["steps"], fid_mean, np.nan_to_num(fid_sd), cpu_k))
     return "\n".join(lines) + "\n", series
 
@@ -227,7 +228,7 @@ def _seed(row: dict) -> int:
 
 
 def _order(w: dict) -> tuple:
-    return (w["sampler"], w["eta"] or 0, w["steps"])
+    return (w["sampler"], w.get("spacing", ""), w["eta"] or 0, w["steps"])
 
 
 def _num(value, digits: int) -> str:
