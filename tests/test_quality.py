@@ -4,6 +4,7 @@ run by the real stages on a tiny configuration, and the tables' statistics on ha
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -34,6 +35,7 @@ from workflow.tools.quality_jobs import (
     read_results,
     recipe_presets,
     run_matrix,
+    same_params,
 )
 
 RECIPES = [str(ROOT / "configs/recipes/tutorial.yaml"), str(ROOT / "configs/recipes/train-unconditional.yaml")]
@@ -125,6 +127,17 @@ def test_sweep_text_parses_and_a_bad_part_is_named():
     for bad in ("ddim:10", "ddim:1:10:trailng", "ddim:1:10:trailing:x"):
         with pytest.raises(SystemExit, match=f"'{bad}'"):
             quality.parse_sweep(bad)
+
+
+def test_a_job_folder_written_before_a_params_key_was_added_is_the_same_job(tmp_path):
+    """The key then has its default, what the folder's run did; any other difference is another job."""
+    now = params_dict(matrix(tmp_path), Job(OURS, 8, 0, 0.1, 3))
+    older = copy.deepcopy(now)
+    del older["sample"]["timestep_spacing"]
+    assert same_params(older, now)
+    assert not same_params(older, overlay(now, {"sample": {"timestep_spacing": "trailing"}}))
+    assert not same_params(overlay(now, {"train": {"max_steps": 4}}), now)
+    assert not same_params(overlay(now, {"sample": {"sampler": "dpmsolver"}}), now)  # refused now: not the same
 
 
 def test_the_matrix_trains_samples_and_scores_with_the_stages(tmp_path):

@@ -444,13 +444,22 @@ def check_earlier_work(m: Matrix, jobs: list[Job], scored: dict) -> None:
         job.name
         for job in jobs
         if (saved := m.job_dir(job.name) / "params.yaml").is_file()
-        and yaml.safe_load(saved.read_text()) != params_dict(m, job)
+        and not same_params(yaml.safe_load(saved.read_text()), params_dict(m, job))
     ]
     if stale:  # a scored one too: its row was made with a recipe (params.yaml, a preset) since changed
         raise SystemExit(
             f"quality: {stale} hold an earlier run's files, made with other params than they have now: "
             f"remove those folders under {m.out}/jobs (and their rows in {m.out}/{RESULTS}) to redo them"
         )
+
+
+def same_params(saved: dict, now: dict) -> bool:
+    """Whether a job folder's params file sets what the job's params set now. Compared as loaded: a key added
+    to the params since (absent from the file) has the value the file's run had, its default."""
+    try:
+        return params_from_dict(saved).to_dict() == params_from_dict(now).to_dict()
+    except ValueError:  # a file the params now refuse was made another way
+        return False
 
 
 def planned_sampling(m: Matrix, jobs: list[Job]) -> dict:
