@@ -209,7 +209,9 @@ def test_the_published_pipeline_loads_in_half_precision(tmp_path):
     the float32 latents the scheduler steps, to the float32 pipeline's images within half's rounding
     (measured: 0.007 at most)."""
     unet, scheduler = tiny_unet(), build_noise_scheduler(params_from_dict({}).scheduler)
-    ClassConditionalPipeline(unet=unet, scheduler=build_sampler("ddim", scheduler.config, "leading")).save_pretrained(tmp_path)
+    ClassConditionalPipeline(unet=unet, scheduler=build_sampler("ddim", scheduler.config, "leading")).save_pretrained(
+        tmp_path
+    )
 
     def images(dtype):
         pipeline = ClassConditionalPipeline.from_pretrained(tmp_path, torch_dtype=dtype)

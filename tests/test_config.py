@@ -44,6 +44,7 @@ def test_values_are_typed():
         ({"sample": {"grid_size": 3}}, ["`sample.grid_size`", "`fid.num_samples`"]),
         ({"sample": {"sampler": "dpm"}}, ["`sample.sampler`", "'dpmsolver++'"]),
         ({"sample": {"eta": 1.5}}, ["`sample.eta`", "[0, 1]"]),
+        ({"sample": {"timestep_spacing": "trailng"}}, ["`sample.timestep_spacing`", "'trailing'"]),
         ({"fid": {"steps_sweep": [10, 0]}}, ["`fid.steps_sweep`", "> 0"]),
         ({"fid": {"weights_sha256": "abc"}}, ["`fid.weights_sha256`", "hex"]),
         ({"model": {"block_out_channels": "32"}}, ["`model.block_out_channels`", "list"]),

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from workflow.core.config import Model, Params, Scheduler
+from workflow.core.config import ConfigError, Model, Params, Scheduler
 from workflow.maths.diffusion import (
     apply_flip,
     batch_indices,
@@ -12,7 +12,7 @@ from workflow.maths.diffusion import (
     to_model_range,
     training_target,
 )
-from workflow.models.builders import build_noise_scheduler, build_sampler, build_unet
+from workflow.models.builders import build_noise_scheduler, build_sampler, build_unet, set_steps
 
 
 def test_each_epoch_visits_every_image_once():
@@ -88,3 +88,25 @@ def test_trailing_spacing_starts_from_the_last_training_timestep(name):
     assert trailing.timesteps.tolist() == list(range(999, 0, -20))
     assert leading.timesteps[0] == (950 if name == "dpmsolver++" else 980)
     assert leading.timesteps[-1] == (19 if name == "dpmsolver++" else 0)
+    # null keeps the schedule's own: "leading" for the models trained here, in memory as saved with the model
+    assert build_sampler(name, config, None).config.timestep_spacing == "leading"
+    assert build_sampler(name, {**config, "timestep_spacing": "trailing"}, None).config.timestep_spacing == "trailing"
+    # a config that sets none (SD 1.x's scheduler_config.json) leaves the sampler's diffusers default
+    unset = {k: v for k, v in config.items() if k not in ("timestep_spacing", "_use_default_values")}
+    default = "linspace" if name == "dpmsolver++" else "leading"
+    assert build_sampler(name, unset, None).config.timestep_spacing == default
+
+
+@pytest.mark.parametrize("spacing, steps", [("linspace", 25), ("trailing", 30)])
+def test_ddim_is_refused_where_its_step_misses_its_next_timestep(spacing, steps):
+    """diffusers' DDIMScheduler steps from t to t - 1000 // steps whatever its timesteps are: with linspace
+    spacing, or trailing with a step count not dividing 1000, that is not the next timestep."""
+    config = build_noise_scheduler(Params().scheduler).config
+    with pytest.raises(ConfigError, match=rf"ddim with timestep spacing '{spacing}' in {steps} steps"):
+        set_steps(build_sampler("ddim", config, spacing), steps)
+    for fine, n in (("leading", steps), ("trailing", 25), ("linspace", steps)):
+        for name in ("ddim", "ddpm", "dpmsolver++"):
+            if (name, fine) != ("ddim", "linspace"):
+                sampler = build_sampler(name, config, fine)
+                set_steps(sampler, n)
+                assert len(sampler.timesteps) == n

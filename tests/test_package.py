@@ -86,6 +86,7 @@ def test_another_sampler_gets_its_scheduler_and_its_snippet(run):
     assert type(pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert pipeline.scheduler.config["algorithm_type"] == "dpmsolver++"
     assert pipeline.scheduler.config["timestep_spacing"] == "trailing"
+    assert "steps (trailing spacing)" in (root / "models/pipeline-dpm/README.md").read_text()  # its evaluation table
     check_card(root, params)
 
 
@@ -162,7 +163,7 @@ def test_a_class_conditional_card_names_what_was_sampled_and_keeps_its_table_who
 def test_a_card_names_a_local_folder_without_the_path_on_the_authors_disk():
     """A published card is public: a local image folder or pipeline outside the project is named, not located
     (/home/<user>/...), in the front matter, the text and the params it shows; one inside it keeps its path."""
-    from diffusers import DDPMPipeline
+    from diffusers import DDIMScheduler, DDPMPipeline
 
     from workflow.core.config import params_from_dict
     from workflow.stages.package import base_line, local_name, model_card
@@ -175,7 +176,7 @@ def test_a_card_names_a_local_folder_without_the_path_on_the_authors_disk():
     summary = dict.fromkeys(("steps", "seconds", "loss_final", "images_per_second", "num_parameters"), 1)
     summary |= {"num_processes": 1, "mixed_precision": "no", "compiled": False, "torch_threads": 2}
     summary |= {"device": "cpu", "device_name": "a CPU", "software": {"torch": "2"}}
-    card = model_card(params, source, {"count": 3}, metrics, summary, DDPMPipeline, "DDIMScheduler", [])
+    card = model_card(params, source, {"count": 3}, metrics, summary, DDPMPipeline, DDIMScheduler(), [])
     assert "a local image folder (`cats`)" in card
     assert "      name: cats\n      type: imagefolder:cats\n" in card  # model-index: dataset
     assert "  source: imagefolder:cats\n" in card and "  folder: cats\n" in card  # the params shown

@@ -91,7 +91,7 @@ def test_job_params_put_the_recipe_over_the_defaults_and_fix_precision_and_paths
     sweep = Job(OURS, 8, 0, 0.5, 15, sampler="ddim", sampling_steps=7, eta=1.0, model="ours-r8-s0-b0.5")
     s = params_from_dict(params_dict(m, sweep))
     assert (s.sample.sampler, s.sample.num_inference_steps, s.sample.eta) == ("ddim", 7, 1.0)
-    assert s.sample.timestep_spacing == "leading"
+    assert s.sample.timestep_spacing is None  # the params', the schedule's own
     trailing = dataclasses.replace(sweep, spacing="trailing")
     assert params_from_dict(params_dict(m, trailing)).sample.timestep_spacing == "trailing"
     assert s.paths.trained == f"{m.out}/jobs/ours-r8-s0-b0.5/trained"  # samples the model job's weights
@@ -109,7 +109,7 @@ def test_matrix_jobs_longest_first_then_the_sweep_and_optionally_without_ours():
         ("ours-r8-s0-b1", 30),
         ("ours-r8-s0-b0.5", 15),
         ("ours-r8-s0-b1-ddim-eta1-n3", 30),  # over our model at the largest budget
-        ("ours-r8-s0-b1-ddpm-eta0-n3-trailing", 30),  # the default spacing, "leading", stays out of the name
+        ("ours-r8-s0-b1-ddpm-eta0-n3-trailing", 30),  # the params' spacing (none given) stays out of the name
     ]
     assert jobs[-2].model == jobs[-1].model == "ours-r8-s0-b1"
     alone = quality.build_parser().parse_args([*common, "--without-ours", "--sampler-sweep", ""])
@@ -120,8 +120,8 @@ def test_matrix_jobs_longest_first_then_the_sweep_and_optionally_without_ours():
 
 def test_sweep_text_parses_and_a_bad_part_is_named():
     assert quality.parse_sweep("ddim:1:10,25 ddpm:0:5:trailing") == [
-        ("ddim", 1.0, 10, "leading"),
-        ("ddim", 1.0, 25, "leading"),
+        ("ddim", 1.0, 10, None),
+        ("ddim", 1.0, 25, None),
         ("ddpm", 0.0, 5, "trailing"),
     ]
     for bad in ("ddim:10", "ddim:1:10:trailng", "ddim:1:10:trailing:x"):
@@ -333,7 +333,9 @@ def test_tables_from_results(tmp_path):
     assert "| 2 | 14.0 ± 1.0 | - | 31.0 ± 1.0 | 0.45x (separated) |" in text
     assert "| 5 | 11.0 ± 1.0 | 20.5 ± 0.7 (n=2) | 31.0 ± 1.0 | 0.35x (separated) |" in text
     assert "| ddim | 1 | 25 | 0 | 9.00 (n=1) | 0.0100 (n=1) | 0.500 (n=1) | 0.500 (n=1) | 20.0 | 180 |" in text
-    assert "| ddim, trailing | 1 | 25 | 0 | 8.00 (n=1) | 0.0100 (n=1) | 0.500 (n=1) | 0.500 (n=1) | 20.0 | 160 |" in text
+    assert (
+        "| ddim, trailing | 1 | 25 | 0 | 8.00 (n=1) | 0.0100 (n=1) | 0.500 (n=1) | 0.500 (n=1) | 20.0 | 160 |" in text
+    )
     assert "Our recipe's 5-minute models at 16 px" in text
     assert "| ddim | 1 | 50 | 0, 1 | 20.50 ± 0.71 (n=2) | 0.0100 ± 0.0000 (n=2) |" in text
     assert (

@@ -446,7 +446,10 @@ def test_lora_saves_only_the_adapter_which_loads_onto_the_pretrained_pipeline(te
         ["README.md", LORA_FILE, "manifest.json", "samples.png"]
     )
     code = card_snippet(card.split("\n---\n", 1)[1])
-    assert "pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False, timestep_spacing='leading')" in code
+    assert (
+        "pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False, "
+        "timestep_spacing='leading')" in code
+    )
     assert ", eta=1.0)" in code  # the evaluated sampler's eta (diffusers' call defaults to 0)
     namespace: dict = {}
     exec(code, namespace)  # the card's lines: the pretrained pipeline, this adapter, the evaluated sampler

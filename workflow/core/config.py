@@ -247,9 +247,10 @@ class Sample:
     num_inference_steps: int = checked(50, positive(10_000))
     # DDIM only (the other samplers ignore it, as diffusers' pipelines do): 0 = deterministic, 1 = DDPM-like noise
     eta: float = checked(1.0, UNIT_CLOSED)
-    # where the sampler's steps fall on the 1,000 training timesteps: "leading" (diffusers' default: 50 steps are
-    # 980, 960, ..., 0), "trailing" (999, 979, ..., 19: the first step starts at pure noise) or "linspace"
-    timestep_spacing: TimestepSpacing = "leading"
+    # where the sampler's steps fall on the 1,000 training timesteps: "leading" (50 steps are 980, 960, ..., 0),
+    # "trailing" (999, 979, ..., 19: the first step starts at pure noise) or "linspace"; None: the noise
+    # schedule's own (leading for the models trained here, a pretrained pipeline's its scheduler config's)
+    timestep_spacing: Optional[TimestepSpacing] = None
     grid_size: int = checked(8, positive(16))
     batch_size: int = checked(250, positive(4096))
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32

@@ -3,7 +3,8 @@
 check_size(params)          # first: refuses a UNet or a batch over the caps, allocating nothing
 unet = build_unet(params.model, resolution=16, channels=1)
 noise_scheduler = build_noise_scheduler(params.scheduler)
-sampler = build_sampler("ddim", noise_scheduler.config, "trailing")
+sampler = build_sampler("ddim", noise_scheduler.config, "trailing")   # None: the schedule's own spacing
+set_steps(sampler, 50)                                                 # DDIM's own stride checked
 
 Text-to-image (`model.pretrained`): the pretrained pipeline's own UNet2DConditionModel and noise schedule,
 from its folder (`paths.base_model`), and optionally a LoRA adapter on the UNet's attention projections:
@@ -13,12 +14,13 @@ noise_scheduler = load_pretrained_noise_scheduler("models/base")
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel, UNet2DModel
 
-from workflow.core.config import ConfigError, Model, Params, Scheduler
+from workflow.core.config import ConfigError, Model, Params, Sample, Scheduler
 
 GIB = 2**30
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as the reference LoRA script
@@ -61,14 +63,42 @@ def build_noise_scheduler(scheduler: Scheduler) -> DDPMScheduler:
         num_train_timesteps=scheduler.num_train_timesteps,
         beta_schedule=scheduler.beta_schedule,
         prediction_type=scheduler.prediction_type,
+        # named, so that this config equals the one saved with the model: a sampler built from_config takes
+        # only the values set explicitly, and would take its own default spacing (DPM-Solver's is "linspace")
+        timestep_spacing="leading",
     )
 
 
-def build_sampler(name: str, noise_scheduler_config, timestep_spacing: str):
+def build_sampler(name: str, noise_scheduler_config, timestep_spacing: str | None):
     """A sampling scheduler sharing the training noise schedule (betas, prediction type), its steps spaced
-    over the training timesteps by `timestep_spacing` (sample.timestep_spacing)."""
+    over the training timesteps by `timestep_spacing` (sample.timestep_spacing). None keeps the schedule's
+    spacing where its config sets one ("leading" for the models trained here), else the sampler's diffusers
+    default, as `from_config(pipeline.scheduler.config)` does."""
     cls, settings = SAMPLERS[name]
-    return cls.from_config(noise_scheduler_config, **settings, timestep_spacing=timestep_spacing)
+    spacing = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+    return cls.from_config(noise_scheduler_config, **settings, **spacing)
+
+
+def sampler_spacing(settings: Sample, noise_scheduler_config) -> str:
+    """The timestep spacing `settings` samples with on that schedule (what records and cards name)."""
+    return build_sampler(settings.sampler, noise_scheduler_config, settings.timestep_spacing).config.timestep_spacing
+
+
+def set_steps(sampler, steps: int, device=None) -> None:
+    """`sampler.set_timesteps(steps)`, refusing DDIM where it would not step onto its own next timestep:
+    diffusers' DDIMScheduler always steps from t to t - num_train_timesteps // steps, which is the next
+    timestep only for "leading" spacing, or "trailing" with a step count dividing num_train_timesteps."""
+    sampler.set_timesteps(steps, device=device)
+    if not isinstance(sampler, DDIMScheduler):
+        return
+    stride, timesteps = sampler.config.num_train_timesteps // steps, sampler.timesteps.tolist()
+    if any(t - after != stride for t, after in itertools.pairwise(timesteps)):
+        raise ConfigError(
+            f"`sample.sampler` ddim with timestep spacing {sampler.config.timestep_spacing!r} in {steps} steps: "
+            f"diffusers' DDIM steps from t to t - {stride}, not to its next timestep ({timesteps[:3]}...); "
+            f"use `sample.timestep_spacing` leading, or trailing with a step count that divides "
+            f"{sampler.config.num_train_timesteps}"
+        )
 
 
 def count_parameters(module) -> int:

@@ -29,7 +29,7 @@ import torch
 from workflow.core.config import ConfigError, Params, Sample
 from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
 from workflow.maths.diffusion import guided, sample_classes, stream_seed
-from workflow.models.builders import build_sampler, null_class
+from workflow.models.builders import build_sampler, null_class, set_steps
 
 
 class Denoiser:
@@ -89,8 +89,10 @@ def denoise(
 
     unet_config = denoiser.eager.config
     shape = (len(generators), unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
-    scheduler = build_sampler(settings.sampler, scheduler_config, settings.timestep_spacing)  # fresh per batch: multistep solvers keep state
-    scheduler.set_timesteps(settings.num_inference_steps, device=denoiser.device)
+    scheduler = build_sampler(
+        settings.sampler, scheduler_config, settings.timestep_spacing
+    )  # fresh per batch: multistep solvers keep state
+    set_steps(scheduler, settings.num_inference_steps, device=denoiser.device)
     x = randn_tensor(shape, generator=generators, device=denoiser.device, dtype=torch.float32)
     x = x * scheduler.init_noise_sigma
     extra = {"eta": settings.eta} if settings.sampler == "ddim" else {}

@@ -23,7 +23,7 @@ import torch
 
 from workflow.core.config import Sample
 from workflow.core.runtime import Runtime
-from workflow.models.builders import build_sampler, pretrained_scheduler_config
+from workflow.models.builders import build_sampler, pretrained_scheduler_config, set_steps
 from workflow.models.latent import Encoders, load_encoders
 from workflow.models.sampling import image_generators
 
@@ -66,6 +66,7 @@ def prompt_batches(
     """One image per prompt, `settings.batch_size` at a time, as (first index, uint8 B x H x W x C)."""
     from tqdm.auto import tqdm
 
+    set_steps(pipe.scheduler, settings.num_inference_steps)  # the pipeline sets them again, to the same
     runtime = runtime or Runtime.for_device(pipe.unet.device)
     dtype = runtime.sampling_dtype(settings.mixed_precision)
     autocast = torch.autocast(runtime.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()

@@ -73,7 +73,7 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 def publish_pipeline(params: Params, trained: Path, out: Path) -> tuple[type, str]:
     """The trained UNet's files in `out`, with the sampler as the pipeline's scheduler.
-    Returns (the pipeline's class, the scheduler's class name)."""
+    Returns (the pipeline's class, the sampler)."""
     for path in sorted((trained / "unet").rglob("*")):
         if path.is_file():
             link_or_copy(path, out / path.relative_to(trained))
@@ -89,18 +89,18 @@ def publish_pipeline(params: Params, trained: Path, out: Path) -> tuple[type, st
         unet = UNet2DModel.from_config(UNet2DModel.load_config(trained / "unet"))
     pipeline_class(unet=unet, scheduler=sampler).save_config(out)  # model_index.json, as save_pretrained
     sampler.save_pretrained(out / "scheduler")
-    return pipeline_class, type(sampler).__name__
+    return pipeline_class, sampler
 
 
 def publish_text_to_image(params: Params, trained: Path, out: Path) -> tuple[type, str]:
     """The fine-tune's files in `out` (every part, or the LoRA adapter alone), a full pipeline with the
-    evaluated sampler as its scheduler. Returns (StableDiffusionPipeline, the scheduler's class name)."""
+    evaluated sampler as its scheduler. Returns (StableDiffusionPipeline, the sampler)."""
     sampler = build_sampler(
         params.sample.sampler, pretrained_scheduler_config(params.paths.base_model), params.sample.timestep_spacing
     )
     if is_lora(trained):
         link_or_copy(trained / LORA_FILE, out / LORA_FILE)
-        return StableDiffusionPipeline, type(sampler).__name__
+        return StableDiffusionPipeline, sampler
     for path in sorted(trained.rglob("*")):
         parts = path.relative_to(trained).parts
         if path.is_file() and len(parts) > 1 and parts[0] != "scheduler":
@@ -109,7 +109,7 @@ def publish_text_to_image(params: Params, trained: Path, out: Path) -> tuple[typ
     index = json.loads((trained / INDEX_FILE).read_text())
     index["scheduler"] = ["diffusers", type(sampler).__name__]
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return StableDiffusionPipeline, type(sampler).__name__
+    return StableDiffusionPipeline, sampler
 
 
 def model_name(params: Params) -> str:
@@ -160,6 +160,7 @@ def card_metadata(
     params: Params,
     source: dict,
     metrics: dict,
+    sampler,
     class_names: list[str],
     base: dict | None = None,
     sampled: list[int] = (),
@@ -192,7 +193,7 @@ def card_metadata(
         "num_reference": metrics["fid_num_reference"],
         "sampler": s.sampler,
         "num_inference_steps": s.num_inference_steps,
-        "timestep_spacing": s.timestep_spacing,
+        "timestep_spacing": sampler.config.timestep_spacing,
         "eta": s.applied_eta,
         "inception_sha256": metrics["fid_weights_sha256"],
     }
@@ -354,7 +355,7 @@ def model_card(
     metrics: dict,
     summary: dict,
     pipeline_class: type,
-    sampler: str,
+    sampler,
     class_names: list[str],
     base: dict | None = None,
     sampled: list[int] = (),
@@ -377,26 +378,28 @@ def model_card(
         "sample set"
     )
     software = ", ".join(f"{k} {v}" for k, v in sorted(summary["software"].items()))
+    scheduler = type(sampler).__name__
     return "\n".join(
         [
-            f"---\n{card_metadata(params, source, metrics, class_names, base, sampled).to_yaml()}\n---\n",
+            f"---\n{card_metadata(params, source, metrics, sampler, class_names, base, sampled).to_yaml()}\n---\n",
             f"# {model_name(params)}\n",
             description(params, source, meta, summary, class_names, base),
             f"![{grid_alt}]({GRID})\n",
             "## Use\n",
             text_usage(params, base) if base else usage(params, pipeline_class, class_names, sampled),
             (
-                f"The sampler the evaluation used is `{sampler}` on {schedule}"
+                f"The sampler the evaluation used is `{scheduler}` on {schedule}"
                 f"{', set as above' if params.train.lora_rank else ', saved here as the scheduler'}. "
                 if base
-                else f"The scheduler saved here is the sampler the evaluation used: `{sampler}` on {schedule}. "
+                else f"The scheduler saved here is the sampler the evaluation used: `{scheduler}` on {schedule}. "
             )
             + f"Upload this folder as it is with `hf upload <user>/<repo> {params.paths.pipeline}`.\n",
             "## Evaluation\n",
             f"| metric | value | samples | {reference_set(params)} | sampler |\n|---|---|---|---|---|",
             *(
                 f"| {kind.upper()} | {metrics[kind]:.6g} | {metrics['fid_num_samples']:,} | "
-                f"{metrics['fid_num_reference']:,} | {s.sampler}, {s.num_inference_steps} steps ({s.timestep_spacing})"
+                f"{metrics['fid_num_reference']:,} | {s.sampler}, {s.num_inference_steps} steps "
+                f"({sampler.config.timestep_spacing} spacing)"
                 f"{'' if s.applied_eta is None else f', eta {s.eta}'} |"
                 for kind in ("fid", "kid")
             ),

@@ -4,8 +4,8 @@
 
 Loads params.paths.trained (the weights train saved: EMA unless train.ema is false) and samples
 fid.num_samples images with sample.sampler (ddpm | ddim with sample.eta | dpmsolver++) in
-sample.num_inference_steps spaced by sample.timestep_spacing, sample.batch_size at a time (workflow.models.sampling: bf16 + channels_last
-on a GPU, float32 on CPU, optional torch.compile).
+sample.num_inference_steps spaced by sample.timestep_spacing, sample.batch_size at a time
+(workflow.models.sampling: bf16 + channels_last on a GPU, float32 on CPU, optional torch.compile).
 Each batch's PNGs go straight into the output folder (written under a temporary name, renamed to
 params.paths.samples when complete, with samples.json holding the timing), so memory does not grow
 with the number of samples; only the first grid_size^2 images are kept, for params.paths.grid.
@@ -41,6 +41,7 @@ from workflow.formats.labels import load_labels
 from workflow.formats.pipeline import load_class_names, load_unet
 from workflow.formats.png import write_grid
 from workflow.formats.sample_set import write_sample_set
+from workflow.models.builders import sampler_spacing
 from workflow.models.sampling import grid_columns, sample_batches, sample_labels, sampled_classes
 
 MAX_GRID_ROWS = 32
@@ -72,7 +73,7 @@ def run(params: Params) -> dict:
     settings = {
         "sampler": s.sampler,
         "num_inference_steps": s.num_inference_steps,
-        "timestep_spacing": s.timestep_spacing,
+        "timestep_spacing": sampler_spacing(s, scheduler_config),
         "eta": s.applied_eta,
         "device": device.type,
         "dtype": str(runtime.sampling_dtype(s.mixed_precision)).removeprefix("torch."),
@@ -102,7 +103,7 @@ def run_text_to_image(params: Params) -> dict:
     settings = {
         "sampler": s.sampler,
         "num_inference_steps": s.num_inference_steps,
-        "timestep_spacing": s.timestep_spacing,
+        "timestep_spacing": pipe.scheduler.config.timestep_spacing,
         "eta": s.applied_eta,
         "guidance_scale": s.guidance_scale,
         "negative_prompt": s.negative_prompt,

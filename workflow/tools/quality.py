@@ -48,15 +48,15 @@ from workflow.tools.quality_jobs import (
 SWEEP = "ddpm:0:10,25,50,100,250,1000 ddim:0:10,25,50,100 ddim:1:10,25,50,100 dpmsolver++:0:10,25,50,100"
 
 
-def parse_sweep(text: str) -> list[tuple[str, float, int, str]]:
+def parse_sweep(text: str) -> list[tuple[str, float, int, str | None]]:
     """'ddim:1:10,25 dpmsolver++:0:10:trailing' -> [(sampler, eta, steps, timestep spacing), ...]; the spacing
-    is "leading" unless given."""
+    is None (the params', the schedule's own) unless given."""
     points = []
     for part in text.split():
         try:
             sampler, eta, steps, *spacing = part.split(":")
-            (spacing,) = spacing or ["leading"]
-            if spacing not in typing.get_args(TimestepSpacing):
+            (spacing,) = spacing or [None]
+            if spacing is not None and spacing not in typing.get_args(TimestepSpacing):
                 raise ValueError(spacing)
             points += [(sampler, float(eta), int(n), spacing) for n in steps.split(",")]
         except ValueError:

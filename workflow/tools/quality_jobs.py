@@ -56,7 +56,7 @@ class Job:
     sampler: str | None = None  # a sampler-sweep job: sample the model of `model` this way
     sampling_steps: int | None = None
     eta: float = 0.0
-    spacing: str = "leading"  # sample.timestep_spacing
+    spacing: str | None = None  # sample.timestep_spacing
     model: str | None = None
 
     @property
@@ -64,7 +64,7 @@ class Job:
         base = f"{self.recipe}-r{self.resolution}-s{self.seed}-b{self.budget:g}"
         if self.sampler is None:
             return base
-        spacing = "" if self.spacing == "leading" else f"-{self.spacing}"  # the names of earlier sweeps stay
+        spacing = "" if self.spacing is None else f"-{self.spacing}"  # the names of earlier sweeps stay
         return f"{base}-{self.sampler}-eta{self.eta:g}-n{self.sampling_steps}{spacing}"
 
 
@@ -250,9 +250,9 @@ def check_reference(m: Matrix, resolution: int) -> None:
 
 def sampled_with(s) -> dict:
     """The sampler a sample set was made with (a training job's is its recipe's); eta only where it acts, the
-    timestep spacing only where it is not diffusers' default, "leading" (as the rows made before it was a
+    timestep spacing only where it is not our schedule's own, "leading" (as the rows made before it was a
     param)."""
-    spacing = {} if s.timestep_spacing == "leading" else {"spacing": s.timestep_spacing}
+    spacing = {} if s.timestep_spacing in (None, "leading") else {"spacing": s.timestep_spacing}
     return {"sampler": s.sampler, "steps": s.num_inference_steps, "eta": s.applied_eta, **spacing}
 
 
