@@ -63,6 +63,7 @@ def test_images_depend_on_seed_and_index_only(trained, sampler, eta):
     assert np.array_equal(whole[:4], read_samples(params.paths.samples))
     meta = json.loads((Path(params.paths.samples) / "samples.json").read_text())
     assert meta["sampler"] == sampler and meta["num_inference_steps"] == 4
+    assert meta["timestep_spacing"] == "leading"  # null: the schedule's own, the spacing it sampled with
     assert meta["eta"] == (eta if sampler == "ddim" else None)  # the samplers other than DDIM ignore it
     assert meta["count"] == 4 and meta["dtype"] == "float32" and meta["device"] == "cpu"
 
@@ -150,3 +151,17 @@ def test_the_other_samplers_ignore_eta(trained):
         plain = read_samples(params.paths.samples)
         record = sample(trained(sample={"sampler": sampler, "eta": 0.5}))
         assert np.array_equal(plain, read_samples(params.paths.samples)) and record["eta"] is None
+
+
+def test_the_timestep_spacing_changes_the_images_and_a_ddim_stride_that_misses_is_refused(trained):
+    """sample.timestep_spacing reaches the sampler and the record; DDIM with linspace spacing (its fixed
+    stride would step past its own timesteps) stops before any image is written."""
+    sample(trained())
+    leading = read_samples(trained().paths.samples)
+    params = trained(sample={"timestep_spacing": "trailing"})
+    record = sample(params)
+    assert record["timestep_spacing"] == "trailing" and not np.array_equal(read_samples(params.paths.samples), leading)
+    shutil.rmtree(params.paths.samples)
+    with pytest.raises(ConfigError, match="ddim with timestep spacing 'linspace' in 4 steps"):
+        sample(trained(sample={"sampler": "ddim", "timestep_spacing": "linspace"}))
+    assert not Path(params.paths.samples).exists()

@@ -125,5 +125,6 @@ def run_text_to_image(params: Params) -> dict:
 def headline(record: dict, params: Params) -> str:
     return (
         f"sampled {record['count']} images with {record['sampler']}-{record['num_inference_steps']} "
-        f"in {record['seconds']:.1f} s ({record['images_per_second']:.1f} images/s)"
+        f"({record['timestep_spacing']} spacing) in {record['seconds']:.1f} s "
+        f"({record['images_per_second']:.1f} images/s)"
     )
