@@ -89,9 +89,8 @@ def denoise(
 
     unet_config = denoiser.eager.config
     shape = (len(generators), unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
-    scheduler = build_sampler(
-        settings.sampler, scheduler_config, settings.timestep_spacing
-    )  # fresh per batch: multistep solvers keep state
+    # fresh per batch: multistep solvers keep state
+    scheduler = build_sampler(settings.sampler, scheduler_config, settings.timestep_spacing)
     set_steps(scheduler, settings.num_inference_steps, device=denoiser.device)
     x = randn_tensor(shape, generator=generators, device=denoiser.device, dtype=torch.float32)
     x = x * scheduler.init_noise_sigma

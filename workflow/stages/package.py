@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline, UNet2DModel
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DModel
 from huggingface_hub import EvalResult, ModelCardData
 
 from workflow.core.artifacts import atomic_dir, write_manifest
@@ -71,7 +71,7 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def publish_pipeline(params: Params, trained: Path, out: Path) -> tuple[type, str]:
+def publish_pipeline(params: Params, trained: Path, out: Path) -> tuple[type, SchedulerMixin]:
     """The trained UNet's files in `out`, with the sampler as the pipeline's scheduler.
     Returns (the pipeline's class, the sampler)."""
     for path in sorted((trained / "unet").rglob("*")):
@@ -92,7 +92,7 @@ def publish_pipeline(params: Params, trained: Path, out: Path) -> tuple[type, st
     return pipeline_class, sampler
 
 
-def publish_text_to_image(params: Params, trained: Path, out: Path) -> tuple[type, str]:
+def publish_text_to_image(params: Params, trained: Path, out: Path) -> tuple[type, SchedulerMixin]:
     """The fine-tune's files in `out` (every part, or the LoRA adapter alone), a full pipeline with the
     evaluated sampler as its scheduler. Returns (StableDiffusionPipeline, the sampler)."""
     sampler = build_sampler(
@@ -160,7 +160,7 @@ def card_metadata(
     params: Params,
     source: dict,
     metrics: dict,
-    sampler,
+    sampler: SchedulerMixin,
     class_names: list[str],
     base: dict | None = None,
     sampled: list[int] = (),
@@ -355,7 +355,7 @@ def model_card(
     metrics: dict,
     summary: dict,
     pipeline_class: type,
-    sampler,
+    sampler: SchedulerMixin,
     class_names: list[str],
     base: dict | None = None,
     sampled: list[int] = (),
