@@ -164,6 +164,37 @@ def test_train_killed_resumes_to_the_uninterrupted_weights(train_dir, tmp_path, 
     assert not list((workdir / "models").glob(".*.tmp"))  # no stale temporaries left beside the outputs
 
 
+def test_sample_killed_resumes_from_its_last_whole_batch_to_the_uninterrupted_set(train_dir, tmp_path):
+    """Killed after image 5 of 6 (batches of 2): images 0-3 are kept, the re-run makes 4 and 5 only, and the
+    set is bitwise the uninterrupted one."""
+    source, _ = train_dir
+    runs = {}
+    for name in ("straight", "killed"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        params = tiny_dict(sample={"batch_size": 2}, fid={"num_samples": 6})
+        (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+        shutil.copytree(source / "models/trained", workdir / "models/trained")
+        runs[name] = workdir
+    assert stage(runs["straight"], "sample").returncode == 0
+    killed_run = runs["killed"]
+    done = stage(killed_run, "sample", "sample.after_image=5")
+    assert killed(done), (done.returncode, done.stderr[-2000:])
+    assert not (killed_run / "data/samples").exists() and not (killed_run / "reports/samples").exists()
+    # a restart from 0 would write image 3 again, which this fault kills
+    done = stage(killed_run, "sample", "sample.after_image=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = yaml.safe_load((killed_run / "data/samples/samples.json").read_text())
+    assert record["resumed_from"] == 4 and record["count"] == 6
+
+    def files(workdir: Path) -> dict:
+        pngs = [*sorted((workdir / "data/samples").glob("*.png")), workdir / "reports/samples/grid.png"]
+        return {p.relative_to(workdir).as_posix(): p.read_bytes() for p in pngs}
+
+    assert files(killed_run) == files(runs["straight"]) and len(files(killed_run)) == 7
+    assert [p.name for p in (killed_run / "data").iterdir()] == ["samples"]  # the partial folder is gone
+
+
 def dvc(repo: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     if fault is None:
         sh(repo, "dvc", "repro")

@@ -115,19 +115,98 @@ def test_grid_is_the_first_samples(trained):
 
 
 def test_sample_set_is_written_batch_by_batch_and_published_whole(tmp_path):
-    """Each batch is on disk (under the temporary name) before the next is made; the folder appears at the end."""
+    """Each batch is on disk (in the partial folder) before the next is made; the folder appears at the end."""
     folder = tmp_path / "samples"
 
-    def batches():
+    def batches_from(start):
+        assert start == 0
         for first in (0, 2):
             if first:
                 written = sorted(p.name for p in tmp_path.rglob("*.png"))
                 assert written == ["000000.png", "000001.png"] and not folder.exists()
             yield first, np.full((2, 4, 4, 1), first, np.uint8)
 
-    kept, record = write_sample_set(batches(), str(folder), keep=3, settings={"sampler": "ddim"})
+    kept, record = write_sample_set(batches_from, 4, str(folder), 3, {"sampler": "ddim"}, {})
     assert kept.shape == (3, 4, 4, 1) and kept[2, 0, 0, 0] == 2 and record["count"] == 4
+    assert record["resumed_from"] == 0
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(4)] + ["samples.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["samples"]  # no partial folder left
+
+
+def numbered_batches(calls: list, stop_after: int | None = None, size: int = 2):
+    """batches_from for a set of 6 RGB images where image i is all i*10, `size` at a time; it records each
+    start it is asked for and, with `stop_after`, raises after that many batches (an interrupted run)."""
+
+    def batches_from(start):
+        calls.append(start)
+        for n, first in enumerate(range(start, 6, size)):
+            if stop_after is not None and n == stop_after:
+                raise KeyboardInterrupt
+            count = min(size, 6 - first)
+            yield first, np.stack([np.full((4, 4, 3), 10 * (first + k), np.uint8) for k in range(count)])
+
+    return batches_from
+
+
+def test_an_interrupted_sample_set_resumes_from_its_last_whole_batch(tmp_path):
+    folder, settings, identity = tmp_path / "samples", {"sampler": "ddpm"}, {"weights": "abc", "seed": 0}
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        write_sample_set(numbered_batches(calls, stop_after=2), 6, str(folder), 3, settings, identity)
+    assert not folder.exists()  # nothing that looks complete
+    partial = tmp_path / ".samples.partial"
+    assert sorted(p.name for p in partial.glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
+
+    kept, record = write_sample_set(numbered_batches(calls), 6, str(folder), 3, settings, identity)
+    assert calls == [0, 4]  # the second run made images 4 and 5 only
+    assert record["resumed_from"] == 4 and record["count"] == 6 and record["seconds"] >= 0
+    assert [int(k[0, 0, 0]) for k in kept] == [0, 10, 20]  # the grid's images, read back from the first run
+    assert [int(read_samples(folder)[i, 0, 0, 0]) for i in range(6)] == [0, 10, 20, 30, 40, 50]
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(6)] + ["samples.json"]
+    assert not partial.exists()
+
+
+def test_a_partial_set_of_other_settings_is_not_resumed(tmp_path):
+    """Another sampler setting (or weights, seed, batch size, code: the identity) starts afresh, and an
+    image the killed batch left half-written is never kept."""
+    folder, calls = tmp_path / "samples", []
+    with pytest.raises(KeyboardInterrupt):
+        write_sample_set(numbered_batches(calls, stop_after=1), 6, str(folder), 0, {"eta": 0.0}, {"seed": 0})
+    (tmp_path / ".samples.partial" / "000002.png").write_bytes(b"cut short")  # the next batch, killed mid-write
+    write_sample_set(numbered_batches(calls), 6, str(folder), 0, {"eta": 0.0}, {"seed": 1})
+    assert calls == [0, 0]
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        write_sample_set(numbered_batches(calls, stop_after=1), 6, str(folder), 0, {"eta": 0.0}, {"seed": 0})
+    (tmp_path / ".samples.partial" / "000002.png").write_bytes(b"cut short")
+    _, record = write_sample_set(numbered_batches(calls), 6, str(folder), 0, {"eta": 0.0}, {"seed": 0})
+    assert calls == [0, 2] and record["resumed_from"] == 2
+    assert [int(read_samples(folder)[i, 0, 0, 0]) for i in range(6)] == [0, 10, 20, 30, 40, 50]
+
+
+def test_a_partial_set_larger_than_asked_gives_its_first_images(tmp_path):
+    """A smaller set is the start of a larger one: 4 images made, 3 asked for, nothing sampled again."""
+    folder, calls = tmp_path / "samples", []
+    with pytest.raises(KeyboardInterrupt):
+        write_sample_set(numbered_batches(calls, stop_after=2), 6, str(folder), 0, {}, {})
+    _, record = write_sample_set(numbered_batches(calls), 3, str(folder), 0, {}, {})
+    assert calls == [0] and record["count"] == 3 and record["resumed_from"] == 3
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(3)] + ["samples.json"]
+
+
+def test_a_second_writer_of_the_same_set_is_refused(tmp_path):
+    import fcntl
+
+    partial = tmp_path / ".samples.partial"
+    partial.mkdir()
+    holder = os.open(partial, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first writer, still running
+        with pytest.raises(ConfigError, match="another process is writing this sample set"):
+            write_sample_set(numbered_batches([]), 6, str(tmp_path / "samples"), 0, {}, {})
+    finally:
+        os.close(holder)
+    assert not (tmp_path / "samples").exists()
 
 
 def test_make_grid_layout_rgb():

@@ -117,8 +117,10 @@ def sample_batches(
     progress: bool = True,
     runtime: Runtime | None = None,
     labels: np.ndarray | None = None,
+    start: int = 0,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Images 0 .. count-1, `settings.batch_size` at a time, as (first index, uint8 B x H x W x C).
+    """Images start .. count-1, `settings.batch_size` at a time, as (first index, uint8 B x H x W x C)
+    (`start` a multiple of the batch size, for a resumed set to have the uninterrupted one's batches).
 
     `runtime` (default: `device` with its own choices) decides precision and memory layout. A
     class-conditional UNet samples image i as class `labels[i]`, guided by `settings.guidance_scale`."""
@@ -126,8 +128,8 @@ def sample_batches(
 
     denoiser = Denoiser(unet, settings, runtime or Runtime.for_device(device))
     name = f"{settings.sampler}-{settings.num_inference_steps}"
-    with tqdm(total=count, desc=f"sample {name}", unit="img", disable=not progress) as bar:
-        for first in range(0, count, settings.batch_size):
+    with tqdm(total=count, initial=start, desc=f"sample {name}", unit="img", disable=not progress) as bar:
+        for first in range(start, count, settings.batch_size):
             indices = range(first, min(first + settings.batch_size, count))
             batch_labels = None if labels is None else torch.as_tensor(labels[indices.start : indices.stop])
             with torch.inference_mode():  # per batch: grad mode is thread state, and the caller runs between yields

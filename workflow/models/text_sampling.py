@@ -62,8 +62,10 @@ def prompt_batches(
     resolution: int,
     runtime: Runtime | None = None,
     progress: bool = True,
+    start: int = 0,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """One image per prompt, `settings.batch_size` at a time, as (first index, uint8 B x H x W x C)."""
+    """One image per prompt from prompt `start` on (a multiple of the batch size), `settings.batch_size`
+    at a time, as (first index, uint8 B x H x W x C)."""
     from tqdm.auto import tqdm
 
     set_steps(pipe.scheduler, settings.num_inference_steps)  # the pipeline sets them again, to the same
@@ -71,8 +73,8 @@ def prompt_batches(
     dtype = runtime.sampling_dtype(settings.mixed_precision)
     autocast = torch.autocast(runtime.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     name = f"{settings.sampler}-{settings.num_inference_steps}"
-    with tqdm(total=len(prompts), desc=f"sample {name}", unit="img", disable=not progress) as bar:
-        for first in range(0, len(prompts), settings.batch_size):
+    with tqdm(total=len(prompts), initial=start, desc=f"sample {name}", unit="img", disable=not progress) as bar:
+        for first in range(start, len(prompts), settings.batch_size):
             chosen = list(prompts[first : first + settings.batch_size])
             negative = [settings.negative_prompt] * len(chosen) if settings.negative_prompt is not None else None
             with torch.inference_mode(), autocast:

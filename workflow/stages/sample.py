@@ -9,6 +9,9 @@ sample.num_inference_steps spaced by sample.timestep_spacing, sample.batch_size 
 Each batch's PNGs go straight into the output folder (written under a temporary name, renamed to
 params.paths.samples when complete, with samples.json holding the timing), so memory does not grow
 with the number of samples; only the first grid_size^2 images are kept, for params.paths.grid.
+A run that is killed resumes from its last whole batch when the stage runs again with the same
+weights, seed, sampler settings, batch size and code (workflow.formats.sample_set): an hour of DDPM
+sampling on a CPU is not lost to a preempted job.
 Image i is a function of (seed, i): the samples do not depend on sample.batch_size (bit for bit on
 CPU in float32; on a GPU up to bf16 rounding), a smaller set is the start of a larger one, and the
 grid is the start of the sample set.
@@ -33,8 +36,12 @@ prompt. Its grid has one row per `sample.prompts` prompt, labelled with it, grid
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from workflow.core.artifacts import MANIFEST, sha256_file
+from workflow.core.code_deps import code_sha256
 from workflow.core.config import Params
 from workflow.core.runtime import Runtime
 from workflow.formats.labels import load_labels
@@ -69,7 +76,6 @@ def run(params: Params) -> dict:
         columns = grid_columns(params, chosen)
         keep = len(chosen) * columns
         extra = {"guidance_scale": s.guidance_scale, "class_names": class_names, "labels": labels.tolist()}
-    batches = sample_batches(unet, scheduler_config, s, params.seed, params.fid.num_samples, device, labels=labels)
     settings = {
         "sampler": s.sampler,
         "num_inference_steps": s.num_inference_steps,
@@ -80,7 +86,13 @@ def run(params: Params) -> dict:
         "compile": s.compile,
         **extra,
     }
-    kept, record = write_sample_set(batches, params.paths.samples, keep, settings)
+    count = params.fid.num_samples
+
+    def batches_from(start: int):
+        return sample_batches(unet, scheduler_config, s, params.seed, count, device, labels=labels, start=start)
+
+    identity = images_identity(params, manifest_sha256(params.paths.trained))
+    kept, record = write_sample_set(batches_from, count, params.paths.samples, keep, settings, identity)
     if class_names:
         rows = [class_names[c] for c in chosen[:MAX_GRID_ROWS]]
         write_grid(class_grid(kept, len(chosen), columns), columns, params.paths.grid, row_labels=rows)
@@ -90,6 +102,7 @@ def run(params: Params) -> dict:
 
 
 def run_text_to_image(params: Params) -> dict:
+    from workflow.formats.base_model import base_sha256
     from workflow.formats.captions import fid_prompts
     from workflow.formats.pipeline import load_finetuned_unet
     from workflow.models.text_sampling import grid_prompts, prompt_batches, text_pipeline
@@ -112,14 +125,38 @@ def run_text_to_image(params: Params) -> dict:
         "prompts": prompts,
         "prompts_from": prompts_from,
     }
-    batches = prompt_batches(pipe, prompts, s, params.seed, resolution, runtime)
-    _, record = write_sample_set(batches, paths.samples, 0, settings)
+
+    def batches_from(start: int):
+        return prompt_batches(pipe, prompts, s, params.seed, resolution, runtime, start=start)
+
+    identity = {
+        **images_identity(params, manifest_sha256(paths.trained)),
+        "base": base_sha256(paths.base_model),
+        "resolution": resolution,
+    }
+    _, record = write_sample_set(batches_from, len(prompts), paths.samples, 0, settings, identity)
     rows = list(s.prompts[:MAX_GRID_ROWS])
     grid = np.concatenate(
         [b for _, b in prompt_batches(pipe, grid_prompts(rows, s.grid_size), s, params.seed, resolution, runtime)]
     )
     write_grid(grid, s.grid_size, paths.grid, row_labels=rows)
     return record
+
+
+def images_identity(params: Params, weights: str) -> dict:
+    """What decides the images besides the sampler's settings: an interrupted set resumes only into a run
+    where all of it is the same (the batch size too: on a GPU the batch changes the last bits)."""
+    return {
+        "weights": weights,
+        "seed": params.seed,
+        "batch_size": params.sample.batch_size,
+        "code": code_sha256("sample"),
+    }
+
+
+def manifest_sha256(pipeline: str) -> str:
+    """The trained pipeline's files, by content: the sha256 of its manifest (checked against them on load)."""
+    return sha256_file(Path(pipeline) / MANIFEST)
 
 
 def headline(record: dict, params: Params) -> str:

@@ -149,8 +149,14 @@ def bench_fid(
     config = build_noise_scheduler(params.scheduler).config
     with tempfile.TemporaryDirectory(prefix="bench-fid-") as tmp:
         started = time.perf_counter()
-        batches = sample_batches(unet, config, settings, params.seed, num_images, device)
-        write_sample_set(batches, f"{tmp}/samples", 0, {})
+        write_sample_set(
+            lambda start: sample_batches(unet, config, settings, params.seed, num_images, device, start=start),
+            num_images,
+            f"{tmp}/samples",
+            0,
+            {},
+            {},
+        )
         sampled = time.perf_counter()
         feats = fid.features(load_samples(f"{tmp}/samples"), extractor, params.fid.batch_size, device, workers)
         scores = fid.score(feats, reference, params.seed)
