@@ -192,7 +192,7 @@ def test_sample_killed_resumes_from_its_last_whole_batch_to_the_uninterrupted_se
         return {p.relative_to(workdir).as_posix(): p.read_bytes() for p in pngs}
 
     assert files(killed_run) == files(runs["straight"]) and len(files(killed_run)) == 7
-    assert [p.name for p in (killed_run / "data").iterdir()] == ["samples"]  # the partial folder is gone
+    assert [p.name for p in (killed_run / "data/.samples.partial").iterdir()] == ["lock"]  # images published
 
 
 def dvc(repo: Path, fault: str | None = None) -> subprocess.CompletedProcess:

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from tests.helpers import tiny_dict, write_images
+from workflow.core.artifacts import try_lock
 from workflow.core.config import ConfigError, Sample, params_from_dict
+from workflow.formats import sample_set
 from workflow.formats.pipeline import load_unet
 from workflow.formats.png import make_grid
 from workflow.formats.sample_set import write_sample_set
@@ -126,87 +128,140 @@ def test_sample_set_is_written_batch_by_batch_and_published_whole(tmp_path):
                 assert written == ["000000.png", "000001.png"] and not folder.exists()
             yield first, np.full((2, 4, 4, 1), first, np.uint8)
 
-    kept, record = write_sample_set(batches_from, 4, str(folder), 3, {"sampler": "ddim"}, {})
+    kept, record = write_sample_set(batches_from, 4, 2, str(folder), 3, {"sampler": "ddim"}, {})
     assert kept.shape == (3, 4, 4, 1) and kept[2, 0, 0, 0] == 2 and record["count"] == 4
     assert record["resumed_from"] == 0
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(4)] + ["samples.json"]
-    assert [p.name for p in tmp_path.iterdir()] == ["samples"]  # no partial folder left
+    assert [p.name for p in (tmp_path / ".samples.partial").iterdir()] == ["lock"]  # no images, no progress
 
 
-def numbered_batches(calls: list, stop_after: int | None = None, size: int = 2):
-    """batches_from for a set of 6 RGB images where image i is all i*10, `size` at a time; it records each
-    start it is asked for and, with `stop_after`, raises after that many batches (an interrupted run)."""
+def numbered_batches(calls: list, stop_after: int | None = None, fail=KeyboardInterrupt, total: int = 6, size: int = 2):
+    """batches_from for a set of `total` RGB images where image i is all i*10, `size` at a time; it records
+    each start it is asked for and, with `stop_after`, raises `fail` after that many batches (an
+    interrupted run)."""
 
     def batches_from(start):
         calls.append(start)
-        for n, first in enumerate(range(start, 6, size)):
+        for n, first in enumerate(range(start, total, size)):
             if stop_after is not None and n == stop_after:
-                raise KeyboardInterrupt
-            count = min(size, 6 - first)
+                raise fail
+            count = min(size, total - first)
             yield first, np.stack([np.full((4, 4, 3), 10 * (first + k), np.uint8) for k in range(count)])
 
     return batches_from
+
+
+def values(folder: Path) -> list[int]:
+    return [int(v) for v in read_samples(folder)[:, 0, 0, 0]]
+
+
+def interrupted(folder: Path, stop_after: int, count: int = 6, settings=None, identity=None) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        write_sample_set(numbered_batches([], stop_after), count, 2, str(folder), 0, settings or {}, identity or {})
 
 
 def test_an_interrupted_sample_set_resumes_from_its_last_whole_batch(tmp_path):
     folder, settings, identity = tmp_path / "samples", {"sampler": "ddpm"}, {"weights": "abc", "seed": 0}
     calls = []
     with pytest.raises(KeyboardInterrupt):
-        write_sample_set(numbered_batches(calls, stop_after=2), 6, str(folder), 3, settings, identity)
+        write_sample_set(numbered_batches(calls, stop_after=2), 6, 2, str(folder), 3, settings, identity)
     assert not folder.exists()  # nothing that looks complete
-    partial = tmp_path / ".samples.partial"
-    assert sorted(p.name for p in partial.glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
+    images = tmp_path / ".samples.partial/images"
+    assert sorted(p.name for p in images.glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
+    (images / "000004.png").write_bytes(b"cut short")  # the next batch, killed mid-write
+    (images / ".leftover.~1~host~x.tmp").mkdir()  # anything else a killed write left
 
-    kept, record = write_sample_set(numbered_batches(calls), 6, str(folder), 3, settings, identity)
+    kept, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), 3, settings, identity)
     assert calls == [0, 4]  # the second run made images 4 and 5 only
     assert record["resumed_from"] == 4 and record["count"] == 6 and record["seconds"] >= 0
     assert [int(k[0, 0, 0]) for k in kept] == [0, 10, 20]  # the grid's images, read back from the first run
-    assert [int(read_samples(folder)[i, 0, 0, 0]) for i in range(6)] == [0, 10, 20, 30, 40, 50]
+    assert values(folder) == [0, 10, 20, 30, 40, 50]
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(6)] + ["samples.json"]
-    assert not partial.exists()
 
 
-def test_a_partial_set_of_other_settings_is_not_resumed(tmp_path):
-    """Another sampler setting (or weights, seed, batch size, code: the identity) starts afresh, and an
-    image the killed batch left half-written is never kept."""
+def test_a_partial_set_of_other_settings_is_replaced_only_once_the_new_run_makes_a_batch(tmp_path):
+    """Another sampler setting (or weights, seed, batch size, code: the identity) starts afresh, but a run
+    that fails before its first batch (a refused setting) leaves the other's partial set to resume."""
     folder, calls = tmp_path / "samples", []
-    with pytest.raises(KeyboardInterrupt):
-        write_sample_set(numbered_batches(calls, stop_after=1), 6, str(folder), 0, {"eta": 0.0}, {"seed": 0})
-    (tmp_path / ".samples.partial" / "000002.png").write_bytes(b"cut short")  # the next batch, killed mid-write
-    write_sample_set(numbered_batches(calls), 6, str(folder), 0, {"eta": 0.0}, {"seed": 1})
-    assert calls == [0, 0]
+    interrupted(folder, 2, settings={"eta": 0.0})  # images 0-3 of eta 0
+    refused = numbered_batches(calls, stop_after=0, fail=ConfigError("refused"))
+    with pytest.raises(ConfigError):
+        write_sample_set(refused, 6, 2, str(folder), 0, {"eta": 1.0}, {})
+    _, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), 0, {"eta": 0.0}, {})
+    assert calls == [0, 4] and record["resumed_from"] == 4
+
     calls.clear()
-    with pytest.raises(KeyboardInterrupt):
-        write_sample_set(numbered_batches(calls, stop_after=1), 6, str(folder), 0, {"eta": 0.0}, {"seed": 0})
-    (tmp_path / ".samples.partial" / "000002.png").write_bytes(b"cut short")
-    _, record = write_sample_set(numbered_batches(calls), 6, str(folder), 0, {"eta": 0.0}, {"seed": 0})
-    assert calls == [0, 2] and record["resumed_from"] == 2
-    assert [int(read_samples(folder)[i, 0, 0, 0]) for i in range(6)] == [0, 10, 20, 30, 40, 50]
+    interrupted(folder, 2, settings={"eta": 0.0})
+    _, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), 0, {"eta": 0.0}, {"seed": 1})
+    assert calls == [0] and record["resumed_from"] == 0 and values(folder) == [0, 10, 20, 30, 40, 50]
 
 
 def test_a_partial_set_larger_than_asked_gives_its_first_images(tmp_path):
     """A smaller set is the start of a larger one: 4 images made, 3 asked for, nothing sampled again."""
     folder, calls = tmp_path / "samples", []
-    with pytest.raises(KeyboardInterrupt):
-        write_sample_set(numbered_batches(calls, stop_after=2), 6, str(folder), 0, {}, {})
-    _, record = write_sample_set(numbered_batches(calls), 3, str(folder), 0, {}, {})
-    assert calls == [0] and record["count"] == 3 and record["resumed_from"] == 3
+    interrupted(folder, 2)
+    _, record = write_sample_set(numbered_batches(calls), 3, 2, str(folder), 0, {}, {})
+    assert calls == [] and record["count"] == 3 and record["resumed_from"] == 3
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(3)] + ["samples.json"]
 
 
-def test_a_second_writer_of_the_same_set_is_refused(tmp_path):
-    import fcntl
+def test_a_set_ended_mid_batch_resumes_from_the_batch_boundary(tmp_path, monkeypatch):
+    """5 images in batches of 2 (the last one short), killed before publishing; asked for 6, the run
+    makes images 4 and 5 as one batch, as an uninterrupted run of 6 does."""
+    folder, calls = tmp_path / "samples", []
 
+    def killed(*_):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(sample_set, "publish_folder", killed)
+        write_sample_set(numbered_batches([], total=5), 5, 2, str(folder), 0, {}, {})
+    assert len(list((tmp_path / ".samples.partial/images").glob("*.png"))) == 5
+    _, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), 0, {}, {})
+    assert calls == [4] and record["resumed_from"] == 4 and values(folder) == [0, 10, 20, 30, 40, 50]
+
+
+def test_a_damaged_partial_image_starts_the_set_afresh(tmp_path):
+    """A PNG the grid needs, damaged after its batch was counted (a power cut): not a resume that fails
+    for ever, a fresh start."""
+    folder, calls = tmp_path / "samples", []
+    interrupted(folder, 2)
+    (tmp_path / ".samples.partial/images/000001.png").write_bytes(b"\x89PNG damaged")
+    _, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), 3, {}, {})
+    assert calls == [0] and record["resumed_from"] == 0 and values(folder) == [0, 10, 20, 30, 40, 50]
+
+
+def test_a_second_writer_of_the_same_set_is_refused(tmp_path):
     partial = tmp_path / ".samples.partial"
     partial.mkdir()
-    holder = os.open(partial, os.O_RDONLY)
-    try:
-        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first writer, still running
-        with pytest.raises(ConfigError, match="another process is writing this sample set"):
-            write_sample_set(numbered_batches([]), 6, str(tmp_path / "samples"), 0, {}, {})
-    finally:
-        os.close(holder)
+    with try_lock(partial / "lock"), pytest.raises(ConfigError, match="another process is writing this sample set"):
+        write_sample_set(numbered_batches([]), 6, 2, str(tmp_path / "samples"), 0, {}, {})
     assert not (tmp_path / "samples").exists()
+
+
+def test_the_sample_stage_resumes_only_a_set_of_the_same_seed(trained, monkeypatch):
+    """The stage's identity reaches the key: killed after its first batch, the set resumes under the same
+    params (to the uninterrupted images) and starts afresh under another seed."""
+    import workflow.stages.sample as stage
+
+    params = trained(sample={"batch_size": 2})
+    sample(params)
+    straight = read_samples(params.paths.samples)
+    real = stage.sample_batches
+
+    def first_batch_then_killed(*args, **kwargs):
+        batches = real(*args, **kwargs)
+        yield next(batches)
+        raise KeyboardInterrupt
+
+    for seed, resumed in ((1, 0), (0, 2)):
+        monkeypatch.setattr(stage, "sample_batches", first_batch_then_killed)
+        with pytest.raises(KeyboardInterrupt):
+            sample(params)
+        monkeypatch.setattr(stage, "sample_batches", real)
+        record = sample(trained(seed=seed, sample={"batch_size": 2}))
+        assert record["resumed_from"] == resumed
+    assert np.array_equal(read_samples(params.paths.samples), straight)
 
 
 def test_make_grid_layout_rgb():

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
+from workflow.core.artifacts import try_lock
 from workflow.core.config import ConfigError
-from workflow.core.slots import Slot, device_slot, gpu_count, lock_name, slot_pool, slots_wanted, take_slots, try_lock
+from workflow.core.slots import Slot, device_slot, gpu_count, lock_name, slot_pool, slots_wanted, take_slots
 
 HOLD = """
 import json, os, sys, time

@@ -208,7 +208,7 @@ def test_a_killed_stage_leaves_its_slot_held_until_its_ranks_are_gone(tiny_param
     import signal
 
     from tests.test_slots import slot_env, wait_for
-    from workflow.core.slots import try_lock
+    from workflow.core.artifacts import try_lock
 
     params = tiny_params(train={"max_steps": 100_000, "num_processes": 2, "checkpoint_every": 1})
     write_images(params.paths.images)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -122,11 +123,29 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     try:
         with disk_full_guard(final):
             yield work
-        maybe_fault("artifact.before_rename", final.name)
-        if (final.exists() or final.is_symlink()) and (work.is_dir() or final.is_dir()):
-            os.replace(final, tmp / f"{final.name}.replaced")  # deleted with tmp, below
-            maybe_fault("artifact.old_aside", final.name)
-        os.replace(work, final)  # over a file, or a link into the DVC cache: the link, not its target
+        _into_place(work, final, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _into_place(work: Path, final: Path, tmp: Path) -> None:
+    """Rename the complete `work` to `final`, an old folder at `final` first renamed aside into `tmp`
+    (which the caller deletes)."""
+    maybe_fault("artifact.before_rename", final.name)
+    if (final.exists() or final.is_symlink()) and (work.is_dir() or final.is_dir()):
+        os.replace(final, tmp / f"{final.name}.replaced")
+        maybe_fault("artifact.old_aside", final.name)
+    os.replace(work, final)  # over a file, or a link into the DVC cache: the link, not its target
+
+
+def publish_folder(folder: str | Path, final: str | Path) -> None:
+    """Rename a folder built elsewhere on the same file system (a resumable one: atomic_path's temporary
+    would not survive its writer) to `final`, as atomic_path does: `final` is only ever the old
+    artifact, nothing, or the new one."""
+    final = Path(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_writer_tag()}", suffix=".tmp", dir=final.parent))
+    try:
+        _into_place(Path(folder), final, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -137,6 +156,21 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     with atomic_path(final) as work:
         work.mkdir()
         yield work
+
+
+def try_lock(path: str | Path):
+    """The open file `path` (created if need be), flock'd by this process, if no other held it; else None.
+    Opened for writing: NFS turns an exclusive flock into a byte-range lock, which needs that."""
+    handle = open(path, "a+")  # noqa: SIM115 -- held open as long as the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    except OSError:
+        handle.close()
+        raise
+    return handle
 
 
 def write_json(path: str | Path, data) -> None:

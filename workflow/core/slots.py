@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workflow.core.artifacts import try_lock
 from workflow.core.config import ConfigError
 
 SLOT_DIR_ENV, SLOTS_ENV, SLOT_ENV = "WORKFLOW_SLOT_DIR", "WORKFLOW_SLOTS", "WORKFLOW_SLOT"
@@ -121,17 +122,6 @@ def lock_name(device: str) -> str:
 def current_slot() -> str | None:
     """The slots this process holds (set by device_slot), as "1" or "0,1"; None if it holds none."""
     return os.environ.get(SLOT_ENV)
-
-
-def try_lock(path: Path):
-    """The open, flock'd file if the lock was free, else None."""
-    handle = open(path, "a+")  # noqa: SIM115 -- held open for the life of the slot
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
 
 
 def take_slots(folder: Path, pool: list[str], wanted: int) -> dict | None:

@@ -1,9 +1,10 @@
 """The sample set (`paths.samples`): 000000.png, 000001.png, ... (image i is sample i) and samples.json,
 the sampler's settings with count, seconds, images_per_second and resumed_from. Written by the sample
 stage, read by evaluate (and the FID benchmark). An interrupted write resumes: the set grows in
-`.<name>.partial/` beside it, with progress.json after every batch, and is renamed into place whole.
+`.<name>.partial/images/`, with progress.json beside it after every batch, and is renamed into place
+whole.
 
-    grid_images, record = write_sample_set(batches_from, 1000, "data/samples", 16, settings, identity)
+    grid_images, record = write_sample_set(batches_from, 1000, 250, "data/samples", 16, settings, identity)
     images = load_samples("data/samples")                     # uint8 N x 3 x H x W, in sample order, lazily
     read_sample_record("data/samples", ("seconds",))          # from samples.json
 """
@@ -11,18 +12,17 @@ stage, read by evaluate (and the FID benchmark). An interrupted write resumes: t
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from workflow.core.artifacts import atomic_path, disk_full_guard, remove, write_json
+from workflow.core.artifacts import disk_full_guard, publish_folder, remove, try_lock, write_json
 from workflow.core.config import ConfigError
 from workflow.core.faults import maybe_fault
 from workflow.formats.png import to_pil
@@ -34,33 +34,45 @@ RECORD = "samples.json"
 def write_sample_set(
     batches_from: Callable[[int], Iterator[tuple[int, np.ndarray]]],
     count: int,
+    batch_size: int,
     folder: str,
     keep: int,
     settings: dict,
     identity: dict,
 ) -> tuple[np.ndarray, dict]:
-    """Stream the (first index, uint8 B x H x W x C) batches of `batches_from(start)` into `folder` as
-    000000.png ... (images start .. count - 1); return the first `keep` images and the record of
-    samples.json: `settings` plus count, seconds, images_per_second and resumed_from.
+    """Stream the (first index, uint8 B x H x W x C) batches of `batches_from(start)` (`batch_size` images
+    each, `start` a multiple of it) into `folder` as 000000.png ... (images start .. count - 1); return the
+    first `keep` images and the record of samples.json: `settings` plus count, seconds, images_per_second
+    and resumed_from.
 
-    The set grows in a partial folder beside `folder` (PARTIAL_SUFFIX), its progress saved after every
-    batch, and is renamed into place when complete. A run that was killed is resumed from its last whole
-    batch by the next run whose `settings` and `identity` (what else decides the images: weights, seed,
-    batch size, code) are the same; anything else starts afresh. `seconds` adds up the runs' sampling."""
-    folder_path = Path(folder)
-    partial = partial_folder(folder_path)
+    The set grows in `.<folder>.partial/images/`, with progress.json beside it after every batch, and
+    is renamed into place when complete. A run that was killed is resumed from its last whole batch by
+    the next run whose `settings` and `identity` (what else decides the images: weights, seed, batch
+    size, code, software) are the same; another run leaves it alone until its own first batch, then
+    starts afresh. `seconds` adds up the runs' sampling of the images kept."""
+    final = Path(folder)
+    work = partial_folder(final)
+    images = work / "images"
     key = hashlib.sha256(json.dumps({"settings": settings, "identity": identity}, sort_keys=True).encode()).hexdigest()
-    with disk_full_guard(folder_path), _writing(partial, folder_path):
-        done, earlier_seconds = _resume_point(partial, key, count)
-        kept = [_read_png(partial / png_name(i)) for i in range(min(keep, done))]
+    with disk_full_guard(final), _writing(work, final):
+        done, earlier_seconds = _resume_point(work, key, count, batch_size)
+        try:
+            kept = [_read_png(images / png_name(i)) for i in range(min(keep, done))]
+        except ConfigError:  # a damaged PNG (a power cut: nothing is fsynced) would fail every resume alike
+            done, earlier_seconds, kept = 0, 0.0, []
+        tidied = False
         started = time.perf_counter()
-        for first, images in batches_from(done) if done < count else iter(()):
-            for k, image in enumerate(images):
-                to_pil(image).save(partial / png_name(first + k))
+        for first, batch in batches_from(done) if done < count else iter(()):
+            if not tidied:  # only now: a run that fails before its first batch leaves another's partial set be
+                tidied = _tidy(images, done)
+            for k, image in enumerate(batch):
+                to_pil(image).save(images / png_name(first + k))
                 maybe_fault("sample.after_image", first + k + 1)
-            kept.extend(images[: max(0, keep - len(kept))])
+            kept.extend(batch[: max(0, keep - len(kept))])
             seconds = earlier_seconds + time.perf_counter() - started
-            write_json(partial / PROGRESS, {"key": key, "done": first + len(images), "seconds": seconds})
+            write_json(work / PROGRESS, {"key": key, "done": first + len(batch), "seconds": seconds})
+        if not tidied:  # every image made by earlier runs: drop those past `count`
+            _tidy(images, done)
         seconds = earlier_seconds + time.perf_counter() - started
         record = {
             **settings,
@@ -69,15 +81,15 @@ def write_sample_set(
             "images_per_second": count / seconds if seconds > 0 else 0.0,
             "resumed_from": done,
         }
-        write_json(partial / RECORD, record)
-        with atomic_path(folder_path) as work:
-            os.replace(partial, work)
-            (work / PROGRESS).unlink(missing_ok=True)
+        write_json(images / RECORD, record)
+        publish_folder(images, final)
+        (work / PROGRESS).unlink(missing_ok=True)
     return np.array(kept, dtype=np.uint8), record
 
 
 PARTIAL_SUFFIX = ".partial"
 PROGRESS = "progress.json"
+LOCK = "lock"
 
 
 def png_name(index: int) -> str:
@@ -85,42 +97,54 @@ def png_name(index: int) -> str:
 
 
 def partial_folder(folder: Path) -> Path:
+    """Where the set `folder` grows: images/, progress.json and the writers' lock file."""
     return folder.parent / f".{folder.name}{PARTIAL_SUFFIX}"
 
 
 @contextlib.contextmanager
-def _writing(partial: Path, folder: Path) -> Iterator[None]:
-    """Hold the partial folder (created if need be) for this process: a second writer of the same set is
-    refused rather than mixed in."""
-    partial.mkdir(parents=True, exist_ok=True)
-    handle = os.open(partial, os.O_RDONLY)
+def _writing(work: Path, folder: Path) -> Iterator[None]:
+    """Hold the set's lock file (kept, so that a lock is never on a file another writer could replace):
+    a second writer of the same set is refused rather than mixed in."""
+    work.mkdir(parents=True, exist_ok=True)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"{folder}: another process is writing this sample set (in {partial})") from None
+        handle = try_lock(work / LOCK)
+    except OSError as exc:  # a file system without flock (NFS without lockd, Lustre without -o flock)
+        warnings.warn(f"{folder}: cannot lock {work / LOCK} ({exc}); not guarded against a second writer", stacklevel=3)
         yield
-    finally:
-        os.close(handle)
+        return
+    if handle is None:
+        raise ConfigError(f"{folder}: another process is writing this sample set (in {work})")
+    with handle:
+        yield
 
 
-def _resume_point(partial: Path, key: str, count: int) -> tuple[int, float]:
-    """(images already made, their sampling seconds) in `partial`, having removed everything else there
-    (a batch cut short, another run's images); (0, 0.0) unless its progress is for the same `key`."""
+def _resume_point(work: Path, key: str, count: int, batch_size: int) -> tuple[int, float]:
+    """(images already made that this run keeps, their sampling seconds): (0, 0.0) unless the progress in
+    `work` is for the same `key` and its images are all there. Past `count` only `count` are kept; short
+    of it, whole batches, so that the rest are made in the uninterrupted run's batches."""
     progress = {}
     with contextlib.suppress(OSError, ValueError):
-        progress = json.loads((partial / PROGRESS).read_text())
-    done, seconds = 0, 0.0
-    if isinstance(progress, dict) and progress.get("key") == key:
-        done = min(int(progress.get("done", 0)), count)
-        seconds = float(progress.get("seconds", 0.0))
-        if not all((partial / png_name(i)).is_file() for i in range(done)):
-            done, seconds = 0, 0.0
-    wanted = {png_name(i) for i in range(done)} | ({PROGRESS} if done else set())
-    for entry in partial.iterdir():
+        progress = json.loads((work / PROGRESS).read_text())
+    if not isinstance(progress, dict) or progress.get("key") != key:
+        return 0, 0.0
+    saved, seconds = int(progress.get("done", 0)), float(progress.get("seconds", 0.0))
+    done = min(saved, count)
+    if done < count:
+        done -= done % batch_size
+    if not all((work / "images" / png_name(i)).is_file() for i in range(done)):
+        return 0, 0.0
+    return done, seconds * done / saved if saved else 0.0
+
+
+def _tidy(images: Path, done: int) -> bool:
+    """Leave `images` (created if need be) holding images 0 .. done - 1 only: not a batch cut short, nor
+    another run's images."""
+    images.mkdir(parents=True, exist_ok=True)
+    wanted = {png_name(i) for i in range(done)}
+    for entry in images.iterdir():
         if entry.name not in wanted:
             remove(entry)
-    return done, seconds
+    return True
 
 
 def _read_png(path: Path) -> np.ndarray:

@@ -6,12 +6,12 @@ Loads params.paths.trained (the weights train saved: EMA unless train.ema is fal
 fid.num_samples images with sample.sampler (ddpm | ddim with sample.eta | dpmsolver++) in
 sample.num_inference_steps spaced by sample.timestep_spacing, sample.batch_size at a time
 (workflow.models.sampling: bf16 + channels_last on a GPU, float32 on CPU, optional torch.compile).
-Each batch's PNGs go straight into the output folder (written under a temporary name, renamed to
+Each batch's PNGs go straight to disk (into .samples.partial/ beside the set, renamed to
 params.paths.samples when complete, with samples.json holding the timing), so memory does not grow
 with the number of samples; only the first grid_size^2 images are kept, for params.paths.grid.
 A run that is killed resumes from its last whole batch when the stage runs again with the same
-weights, seed, sampler settings, batch size and code (workflow.formats.sample_set): an hour of DDPM
-sampling on a CPU is not lost to a preempted job.
+weights, seed, sampler settings, batch size, code and software (workflow.formats.sample_set): an hour
+of DDPM sampling on a CPU is not lost to a preempted job.
 Image i is a function of (seed, i): the samples do not depend on sample.batch_size (bit for bit on
 CPU in float32; on a GPU up to bf16 rounding), a smaller set is the start of a larger one, and the
 grid is the start of the sample set.
@@ -43,6 +43,7 @@ import numpy as np
 from workflow.core.artifacts import MANIFEST, sha256_file
 from workflow.core.code_deps import code_sha256
 from workflow.core.config import Params
+from workflow.core.environment import device_name, software_versions
 from workflow.core.runtime import Runtime
 from workflow.formats.labels import load_labels
 from workflow.formats.pipeline import load_class_names, load_unet
@@ -91,8 +92,8 @@ def run(params: Params) -> dict:
     def batches_from(start: int):
         return sample_batches(unet, scheduler_config, s, params.seed, count, device, labels=labels, start=start)
 
-    identity = images_identity(params, manifest_sha256(params.paths.trained))
-    kept, record = write_sample_set(batches_from, count, params.paths.samples, keep, settings, identity)
+    identity = images_identity(params, manifest_sha256(params.paths.trained), device)
+    kept, record = write_sample_set(batches_from, count, s.batch_size, params.paths.samples, keep, settings, identity)
     if class_names:
         rows = [class_names[c] for c in chosen[:MAX_GRID_ROWS]]
         write_grid(class_grid(kept, len(chosen), columns), columns, params.paths.grid, row_labels=rows)
@@ -130,11 +131,11 @@ def run_text_to_image(params: Params) -> dict:
         return prompt_batches(pipe, prompts, s, params.seed, resolution, runtime, start=start)
 
     identity = {
-        **images_identity(params, manifest_sha256(paths.trained)),
+        **images_identity(params, manifest_sha256(paths.trained), runtime.device),
         "base": base_sha256(paths.base_model),
         "resolution": resolution,
     }
-    _, record = write_sample_set(batches_from, len(prompts), paths.samples, 0, settings, identity)
+    _, record = write_sample_set(batches_from, len(prompts), s.batch_size, paths.samples, 0, settings, identity)
     rows = list(s.prompts[:MAX_GRID_ROWS])
     grid = np.concatenate(
         [b for _, b in prompt_batches(pipe, grid_prompts(rows, s.grid_size), s, params.seed, resolution, runtime)]
@@ -143,14 +144,16 @@ def run_text_to_image(params: Params) -> dict:
     return record
 
 
-def images_identity(params: Params, weights: str) -> dict:
+def images_identity(params: Params, weights: str, device) -> dict:
     """What decides the images besides the sampler's settings: an interrupted set resumes only into a run
-    where all of it is the same (the batch size too: on a GPU the batch changes the last bits)."""
+    where all of it is the same (the batch size, card and software too: on a GPU they change the last bits)."""
     return {
         "weights": weights,
         "seed": params.seed,
         "batch_size": params.sample.batch_size,
         "code": code_sha256("sample"),
+        "software": software_versions(),
+        "device": device_name(device),
     }
 
 

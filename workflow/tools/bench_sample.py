@@ -152,6 +152,7 @@ def bench_fid(
         write_sample_set(
             lambda start: sample_batches(unet, config, settings, params.seed, num_images, device, start=start),
             num_images,
+            batch_size,
             f"{tmp}/samples",
             0,
             {},

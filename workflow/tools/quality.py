@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
+from workflow.core.artifacts import remove
 from workflow.core.config import TimestepSpacing
 from workflow.core.environment import software_versions
+from workflow.formats.sample_set import partial_folder
 from workflow.stages import sample, train
 from workflow.tools import quality_tables
 from workflow.tools.quality_jobs import (
@@ -96,6 +98,7 @@ def measure_rates(args) -> dict:
     for sampler, eta, n, spacing in parse_sweep(args.sampler_sweep):  # the spacing does not change the cost
         job = dataclasses.replace(model, sampler=sampler, eta=eta, sampling_steps=n, spacing=spacing, model=model.name)
         params = write_params(m, job)
+        remove(partial_folder(Path(params.paths.samples)))  # timed whole: never a killed calibration resumed
         record = sample.run(params)
         sampling.setdefault(f"{sampler}-eta{eta:g}", {})[str(n)] = record["seconds"] / record["count"]
     return {
