@@ -60,6 +60,7 @@ OWNED_NAMES = {
     "samples.json": "formats/sample_set.py",
     "SOURCE.json": "formats/raw_dataset.py",
     "progress.json": "formats/checkpoints.py",
+    "partial.json": "formats/sample_set.py",
     "model_index.json": "formats/base_model.py",
     "grids": "formats/trainlog.py",
     "LABELS.json": "formats/raw_dataset.py",

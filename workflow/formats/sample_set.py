@@ -1,7 +1,7 @@
 """The sample set (`paths.samples`): 000000.png, 000001.png, ... (image i is sample i) and samples.json,
 the sampler's settings with count, seconds, images_per_second and resumed_from. Written by the sample
 stage, read by evaluate (and the FID benchmark). An interrupted write resumes: the set grows in
-`.<name>.partial/images/`, with progress.json beside it after every batch, and is renamed into place
+`.<name>.partial/images/`, with partial.json beside it after every batch, and is renamed into place
 whole.
 
     grid_images, record = write_sample_set(batches_from, 1000, 250, "data/samples", 16, settings, identity)
@@ -45,7 +45,7 @@ def write_sample_set(
     first `keep` images and the record of samples.json: `settings` plus count, seconds, images_per_second
     and resumed_from.
 
-    The set grows in `.<folder>.partial/images/`, with progress.json beside it after every batch, and
+    The set grows in `.<folder>.partial/images/`, with partial.json beside it after every batch, and
     is renamed into place when complete. A run that was killed is resumed from its last whole batch by
     the next run whose `settings` and `identity` (what else decides the images: weights, seed, batch
     size, code, software) are the same; another run leaves it alone until its own first batch, then
@@ -88,7 +88,7 @@ def write_sample_set(
 
 
 PARTIAL_SUFFIX = ".partial"
-PROGRESS = "progress.json"
+PROGRESS = "partial.json"
 LOCK = "lock"
 
 
@@ -97,7 +97,7 @@ def png_name(index: int) -> str:
 
 
 def partial_folder(folder: Path) -> Path:
-    """Where the set `folder` grows: images/, progress.json and the writers' lock file."""
+    """Where the set `folder` grows: images/, partial.json and the writers' lock file."""
     return folder.parent / f".{folder.name}{PARTIAL_SUFFIX}"
 
 
