@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from tests.helpers import tiny_dict, write_images
-from workflow.core.config import ConfigError, Model, Sample, load_params, params_from_dict
+from workflow.core.config import ConfigError, Model, Sample, Scheduler, load_params, params_from_dict
 from workflow.core.runtime import Runtime
 from workflow.formats import checkpoints
 from workflow.formats.labels import load_labels, write_labels
 from workflow.formats.pipeline import load_class_names, load_unet
 from workflow.maths.diffusion import guided, label_dropout_mask, sample_classes
-from workflow.models.builders import build_noise_scheduler, build_sampler, build_unet, null_class
+from workflow.models.builders import build_noise_scheduler, build_sampler, build_unet, null_class, sampling_peak_bytes
 from workflow.models.class_pipeline import ClassConditionalPipeline
 from workflow.models.sampling import Denoiser, image_generators, sample_batches, sample_labels, sampled_classes
 from workflow.stages import download, preprocess
@@ -141,6 +141,22 @@ def test_guidance_one_is_the_conditional_and_zero_the_unconditional_prediction()
     assert torch.allclose(guided_out, guided(cond, uncond, 3.0), atol=1e-5)
     assert torch.allclose(guided(cond, uncond, 1.0), cond, atol=1e-6)
     assert torch.equal(guided(cond, uncond, 0.0), uncond)
+
+
+def test_a_guided_batch_counts_twice_against_the_sampling_cap():
+    """Guidance other than w = 0 and 1 runs the conditional and unconditional inputs in one UNet call, so
+    a cap that holds one call of the batch refuses it guided, on the call, before any batch is made."""
+    unet, labels = tiny_unet(), np.zeros(4, dtype=int)
+    config = build_noise_scheduler(Scheduler()).config
+    cap = sampling_peak_bytes(unet, 4) / 2**30
+    assert sampling_peak_bytes(unet, 8) / 2**30 > cap
+    for w in (0.0, 1.0, 3.0):
+        settings = Sample(guidance_scale=w, batch_size=4, max_activation_gib=cap)
+        if w == 3.0:
+            with pytest.raises(ConfigError, match=r"runs the UNet on 8 inputs \(twice the images"):
+                sample_batches(unet, config, settings, 0, 4, torch.device("cpu"), labels=labels)
+        else:
+            sample_batches(unet, config, settings, 0, 4, torch.device("cpu"), labels=labels)
 
 
 def test_sample_classes_fill_the_grid_in_turn_then_follow_the_training_shares():

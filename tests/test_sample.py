@@ -264,6 +264,16 @@ def test_the_sample_stage_resumes_only_a_set_of_the_same_seed(trained, monkeypat
     assert np.array_equal(read_samples(params.paths.samples), straight)
 
 
+def test_a_sampling_batch_over_the_cap_is_refused_before_it_starts(trained):
+    params = trained(sample={"max_activation_gib": 1e-4})
+    with pytest.raises(
+        ConfigError, match=r"\(`sample.batch_size`\) runs the UNet .* `sample.max_activation_gib` \(0.0001\)"
+    ):
+        sample(params)
+    assert not Path(params.paths.samples).exists()
+    assert not list(sample_set.partial_folder(Path(params.paths.samples)).rglob("*.png"))
+
+
 def test_make_grid_layout_rgb():
     images = np.stack([np.full((3, 3, 3), i, np.uint8) for i in range(4)])
     grid = make_grid(images, 2, padding=1)

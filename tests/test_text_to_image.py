@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from safetensors.numpy import load_file
 
-from tests.helpers import card_snippet, merged
+from tests.helpers import ROOT, card_snippet, merged
 from tests.mirror import SECRET_TOKEN, Dataset, hf_env, secret_free
 from tests.tiny_sd import save_tiny_sd
-from workflow.core.config import ConfigError, Data
+from workflow.core.config import ConfigError, Data, load_params
 from workflow.formats import checkpoints
 from workflow.formats.base_model import read_base
 from workflow.formats.captions import load_captions
@@ -569,6 +569,27 @@ def test_sampling_decodes_a_batch_an_image_at_a_time(tiny_sd):
         assert torch.allclose(whole, pipe.vae.decode(latents).sample, rtol=0, atol=1e-5)
 
 
+def test_a_text_batch_is_held_to_the_sampling_cap_guided_twice(tiny_sd):
+    """The UNet's pass over the latents and the caption embeddings, both halves when guidance is on."""
+    from workflow.core.config import Sample
+    from workflow.models.builders import load_pretrained_unet, sampling_peak_bytes
+    from workflow.models.text_sampling import prompt_batches, text_pipeline
+
+    unet, prompts = load_pretrained_unet(tiny_sd), ["the cat", "a red fox", "a dog", "the sand"]
+    pipe = text_pipeline(tiny_sd, unet, Sample(), torch.device("cpu"))
+    latent = (unet.config.in_channels, 16 // pipe.vae_scale_factor, 16 // pipe.vae_scale_factor)
+    text = (pipe.tokenizer.model_max_length, unet.config.cross_attention_dim)  # the padded caption embeddings
+    cap = sampling_peak_bytes(unet, 4, latent, text) / 2**30
+    assert sampling_peak_bytes(unet, 8, latent, text) / 2**30 > cap
+    for guidance in (1.0, 2.0):
+        settings = Sample(num_inference_steps=2, guidance_scale=guidance, batch_size=4, max_activation_gib=cap)
+        if guidance > 1:
+            with pytest.raises(ConfigError, match=r"runs the UNet on 8 inputs \(twice the images"):
+                prompt_batches(pipe, prompts, settings, 0, 16, progress=False)
+        else:
+            prompt_batches(pipe, prompts, settings, 0, 16, progress=False)
+
+
 # --- the whole DAG, under both orchestrators, through the mirror ----------------------------------------
 
 
@@ -691,3 +712,18 @@ def test_the_random_sd15_pipeline_has_stable_diffusion_1_5s_shapes():
         parts = components("sd15", clip_vocabulary())
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
     assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+
+
+@pytest.mark.parametrize("preset", ["text-to-image-naruto-512.yaml", "text-to-image-naruto-lora-512.yaml"])
+def test_the_text_to_image_presets_sample_within_the_cap(preset):
+    """SD 1.5's UNet at 512 px (64 x 64 latents, 77 x 768 caption embeddings), guided: both halves."""
+    from workflow.models.builders import sampling_peak_bytes
+    from workflow.tools.random_pipeline import clip_vocabulary, components
+
+    params = load_params(ROOT / "configs" / preset)
+    with torch.device("meta"):
+        unet = components("sd15", clip_vocabulary())["unet"]
+    latent = params.data.resolution // 8
+    batch = params.sample.batch_size * (2 if params.sample.guidance_scale > 1 else 1)
+    gib = sampling_peak_bytes(unet, batch, (4, latent, latent), (77, 768)) / 2**30
+    assert gib > 0.1 and gib * 10 < params.sample.max_activation_gib

@@ -253,6 +253,8 @@ class Sample:
     timestep_spacing: Optional[TimestepSpacing] = None
     grid_size: int = checked(8, positive(16))
     batch_size: int = checked(250, positive(4096))
+    # cap: sampling refuses a batch whose UNet pass would hold more (float32 estimate, meta device)
+    max_activation_gib: float = checked(256.0, positive(2**20))
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     compile: bool = False  # torch.compile the UNet; falls back to eager with a warning if it fails
     # class-conditional only: eps = eps_uncond + w (eps_cond - eps_uncond); 1 = conditional, 0 = unconditional

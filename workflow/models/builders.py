@@ -15,10 +15,13 @@ noise_scheduler = load_pretrained_noise_scheduler("models/base")
 from __future__ import annotations
 
 import itertools
+import weakref
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel, UNet2DModel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from workflow.core.config import ConfigError, Model, Params, Sample, Scheduler
 
@@ -213,3 +216,61 @@ def activation_bytes(unet, batch: int, shape: tuple | None = None, context: tupl
             condition["encoder_hidden_states"] = torch.zeros(batch, *context, device=device)
         unet(noisy, steps, return_dict=False, **condition)
     return sum(saved.values())
+
+
+class PeakBytes(TorchDispatchMode):
+    """Counts the bytes of each tensor an op creates (views and in-place results share one already counted)
+    until Python frees it, and keeps the largest total: what a forward pass holds at its fullest."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if all(r.alias_info is None for r in func._schema.returns):
+            for tensor in tree_leaves(out):
+                if isinstance(tensor, torch.Tensor):
+                    nbytes = tensor.untyped_storage().nbytes()
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(tensor, self._free, nbytes)
+        return out
+
+
+def sampling_peak_bytes(unet, batch: int, shape: tuple | None = None, context: tuple | None = None) -> int:
+    """Bytes of the tensors one float32 sampling call of `unet` (no gradients) holds at once at its
+    fullest, over `batch` inputs of `shape` (default: the UNet's own sample size; with `context`, the
+    L x D caption embeddings), the weights not at all. Counted on a meta-device copy built from its config:
+    nothing allocated. Kernel workspaces are not tensors, so a real pass holds somewhat more (README)."""
+    with torch.device("meta"):
+        meta = type(unet).from_config(unet.config)
+    size, channels = meta.config.sample_size, meta.config.in_channels
+    shape = shape or (channels, size, size)
+    with torch.inference_mode(), PeakBytes() as counter:
+        steps = torch.zeros(batch, dtype=torch.long, device="meta")
+        condition = {"class_labels": steps if meta.config.num_class_embeds else None}
+        if context is not None:
+            condition["encoder_hidden_states"] = torch.zeros(batch, *context, device="meta")
+        meta(torch.zeros(batch, *shape, device="meta"), steps, return_dict=False, **condition)
+    return counter.peak
+
+
+def check_sampling_memory(
+    unet, settings: Sample, images: int, per_call: int, shape: tuple | None = None, context: tuple | None = None
+) -> float:
+    """Refuse, before sampling, a batch of `images` whose UNet calls (`per_call` inputs each: twice the
+    images when guidance evaluates both predictions in one call) would hold more than
+    `sample.max_activation_gib`. Returns the estimate in GiB."""
+    gib = sampling_peak_bytes(unet, per_call, shape, context) / GIB
+    if gib > settings.max_activation_gib:
+        doubled = " (twice the images: guidance makes both predictions in one call)" if per_call > images else ""
+        raise ConfigError(
+            f"a sampling batch of {images} images (`sample.batch_size`) runs the UNet on {per_call} inputs{doubled}, "
+            f"which hold about {gib:,.1f} GiB at once, over `sample.max_activation_gib` "
+            f"({settings.max_activation_gib:,}): lower `sample.batch_size`, or raise the cap"
+        )
+    return gib

@@ -29,7 +29,7 @@ import torch
 from workflow.core.config import ConfigError, Params, Sample
 from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
 from workflow.maths.diffusion import guided, sample_classes, stream_seed
-from workflow.models.builders import build_sampler, null_class, set_steps
+from workflow.models.builders import build_sampler, check_sampling_memory, null_class, set_steps
 
 
 class Denoiser:
@@ -52,6 +52,10 @@ class Denoiser:
         self.model = self.model if compiled else self.eager
         self.compile_pending = False
         return out
+
+    def inputs_per_image(self, labelled: bool) -> int:
+        """UNet inputs per image in each call: 2 where guidance batches both predictions (see _predict)."""
+        return 2 if labelled and self.null_class is not None and self.guidance_scale not in (0.0, 1.0) else 1
 
     def _predict(self, model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The prediction for `labels` under classifier-free guidance: w = 1 is the conditional prediction
@@ -121,12 +125,19 @@ def sample_batches(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Images start .. count-1, `settings.batch_size` at a time, as (first index, uint8 B x H x W x C)
     (`start` a multiple of the batch size, for a resumed set to have the uninterrupted one's batches).
+    A batch over `sample.max_activation_gib` is refused here, before the first one is made.
 
     `runtime` (default: `device` with its own choices) decides precision and memory layout. A
     class-conditional UNet samples image i as class `labels[i]`, guided by `settings.guidance_scale`."""
+    denoiser = Denoiser(unet, settings, runtime or Runtime.for_device(device))
+    batch = settings.batch_size
+    check_sampling_memory(denoiser.eager, settings, batch, batch * denoiser.inputs_per_image(labels is not None))
+    return _batches(denoiser, scheduler_config, settings, seed, count, progress, labels, start)
+
+
+def _batches(denoiser, scheduler_config, settings, seed, count, progress, labels, start):
     from tqdm.auto import tqdm
 
-    denoiser = Denoiser(unet, settings, runtime or Runtime.for_device(device))
     name = f"{settings.sampler}-{settings.num_inference_steps}"
     with tqdm(total=count, initial=start, desc=f"sample {name}", unit="img", disable=not progress) as bar:
         for first in range(start, count, settings.batch_size):

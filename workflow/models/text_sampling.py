@@ -23,7 +23,7 @@ import torch
 
 from workflow.core.config import Sample
 from workflow.core.runtime import Runtime
-from workflow.models.builders import build_sampler, pretrained_scheduler_config, set_steps
+from workflow.models.builders import build_sampler, check_sampling_memory, pretrained_scheduler_config, set_steps
 from workflow.models.latent import Encoders, load_encoders
 from workflow.models.sampling import image_generators
 
@@ -65,7 +65,18 @@ def prompt_batches(
     start: int = 0,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """One image per prompt from prompt `start` on (a multiple of the batch size), `settings.batch_size`
-    at a time, as (first index, uint8 B x H x W x C)."""
+    at a time, as (first index, uint8 B x H x W x C). A batch over `sample.max_activation_gib` is refused
+    here, before the first one is made (the VAE decodes an image at a time: its share is bounded by size)."""
+    scale = pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, resolution // scale, resolution // scale)
+    text = (pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim)  # padded caption embeddings
+    batch = settings.batch_size
+    guided = 2 if settings.guidance_scale > 1 else 1  # diffusers batches both predictions above 1
+    check_sampling_memory(pipe.unet, settings, batch, batch * guided, shape, text)
+    return _batches(pipe, prompts, settings, seed, resolution, runtime, progress, start)
+
+
+def _batches(pipe, prompts, settings, seed, resolution, runtime, progress, start):
     from tqdm.auto import tqdm
 
     set_steps(pipe.scheduler, settings.num_inference_steps)  # the pipeline sets them again, to the same
