@@ -267,7 +267,7 @@ def test_the_sample_stage_resumes_only_a_set_of_the_same_seed(trained, monkeypat
 def test_a_sampling_batch_over_the_cap_is_refused_before_it_starts(trained):
     params = trained(sample={"max_activation_gib": 1e-4})
     with pytest.raises(
-        ConfigError, match=r"\(`sample.batch_size`\) runs the UNet .* `sample.max_activation_gib` \(0.0001\)"
+        ConfigError, match=r"a sampling batch of \d+ images runs the UNet .* \(0.0001\): lower `sample.batch_size`"
     ):
         sample(params)
     assert not Path(params.paths.samples).exists()

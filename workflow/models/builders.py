@@ -148,13 +148,14 @@ def add_lora(unet, rank: int) -> None:
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
 
 
-def check_size(params: Params, num_classes: int = 0, latent: dict | None = None) -> dict:
+def check_size(params: Params, num_classes: int = 0, latent: dict | None = None, grid: Sample | None = None) -> dict:
     """Refuse, before anything is allocated, a UNet over `model.max_parameters` or a training micro-batch
-    whose activations exceed `train.max_activation_gib`. Both are measured on the meta device (shapes,
-    no memory), where config's upper bounds keep even the largest allowed build quick. A text-to-image
-    run passes `latent` = {"base": the pipeline folder, "latent_shape": (C, h, w), "text_shape": (L, D)}:
-    its pretrained UNet's config is built, with the caption embeddings it attends to.
-    Returns {"parameters": count, "activation_gib": estimate}."""
+    whose activations exceed `train.max_activation_gib`, and (with `train.progress_grids`) a progress grid
+    sampled with `grid` over its `max_activation_gib`, rather than at the first checkpoint. All are
+    measured on the meta device (shapes, no memory), where config's upper bounds keep even the largest
+    allowed build quick. A text-to-image run passes `latent` = {"base": the pipeline folder, "latent_shape":
+    (C, h, w), "text_shape": (L, D)}: its pretrained UNet's config is built, with the caption embeddings it
+    attends to. Returns {"parameters": count, "activation_gib": estimate}."""
     m, t, data = params.model, params.train, params.data
     with torch.device("meta"):
         if latent is None:
@@ -188,6 +189,9 @@ def check_size(params: Params, num_classes: int = 0, latent: dict | None = None)
             "`train.gradient_accumulation_steps` (or `train.num_processes`), lower `train.batch_size`, "
             "or raise the cap"
         )
+    if grid is not None and t.progress_grids:  # a text grid is guided as the run's samples are
+        inputs = grid.batch_size * (2 if latent and params.sample.guidance_scale > 1 else 1)
+        check_sampling_memory(unet, grid, grid.batch_size, inputs, shape, context, what="a progress grid")
     return {"parameters": count, "activation_gib": gib}
 
 
@@ -219,33 +223,44 @@ def activation_bytes(unet, batch: int, shape: tuple | None = None, context: tupl
 
 
 class PeakBytes(TorchDispatchMode):
-    """Counts the bytes of each tensor an op creates (views and in-place results share one already counted)
-    until Python frees it, and keeps the largest total: what a forward pass holds at its fullest."""
+    """Counts the bytes of each storage an op allocates (a view or an in-place result shares a storage
+    already counted, or an input's) until the storage is freed, and keeps the largest total: what a
+    forward pass holds at its fullest. Temporaries inside one kernel (its workspace) are not seen."""
 
     def __init__(self):
         super().__init__()
         self.live = self.peak = 0
+        self.counted = set()
 
-    def _free(self, nbytes: int) -> None:
+    def _free(self, key: int, nbytes: int) -> None:
+        self.counted.discard(key)
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if all(r.alias_info is None for r in func._schema.returns):
-            for tensor in tree_leaves(out):
-                if isinstance(tensor, torch.Tensor):
-                    nbytes = tensor.untyped_storage().nbytes()
-                    self.live += nbytes
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(tensor, self._free, nbytes)
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            if key in self.counted or key in inputs:
+                continue
+            nbytes = storage.nbytes()
+            self.counted.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key, nbytes)  # storages outlive the tensors that view them
         return out
 
 
 def sampling_peak_bytes(unet, batch: int, shape: tuple | None = None, context: tuple | None = None) -> int:
     """Bytes of the tensors one float32 sampling call of `unet` (no gradients) holds at once at its
     fullest, over `batch` inputs of `shape` (default: the UNet's own sample size; with `context`, the
-    L x D caption embeddings), the weights not at all. Counted on a meta-device copy built from its config:
-    nothing allocated. Kernel workspaces are not tensors, so a real pass holds somewhat more (README)."""
+    L x D caption embeddings), the weights not at all. Counted on a meta-device copy built from its config
+    (nothing allocated; a LoRA adapter's small projections are left out); attention as the fused kernels
+    run it, without its N x N weights. Kernel workspaces come on top (README, "Upper bounds")."""
+    unet = getattr(unet, "_orig_mod", unet)  # torch.compile's wrapper
     with torch.device("meta"):
         meta = type(unet).from_config(unet.config)
     size, channels = meta.config.sample_size, meta.config.in_channels
@@ -260,17 +275,24 @@ def sampling_peak_bytes(unet, batch: int, shape: tuple | None = None, context: t
 
 
 def check_sampling_memory(
-    unet, settings: Sample, images: int, per_call: int, shape: tuple | None = None, context: tuple | None = None
+    unet,
+    settings: Sample,
+    images: int,
+    per_call: int,
+    shape: tuple | None = None,
+    context: tuple | None = None,
+    what: str = "a sampling batch",
 ) -> float:
-    """Refuse, before sampling, a batch of `images` whose UNet calls (`per_call` inputs each: twice the
+    """Refuse, before sampling, `what` of `images` whose UNet calls (`per_call` inputs each: twice the
     images when guidance evaluates both predictions in one call) would hold more than
     `sample.max_activation_gib`. Returns the estimate in GiB."""
     gib = sampling_peak_bytes(unet, per_call, shape, context) / GIB
     if gib > settings.max_activation_gib:
         doubled = " (twice the images: guidance makes both predictions in one call)" if per_call > images else ""
         raise ConfigError(
-            f"a sampling batch of {images} images (`sample.batch_size`) runs the UNet on {per_call} inputs{doubled}, "
-            f"which hold about {gib:,.1f} GiB at once, over `sample.max_activation_gib` "
-            f"({settings.max_activation_gib:,}): lower `sample.batch_size`, or raise the cap"
+            f"{what} of {images} images runs the UNet on {per_call} inputs{doubled}, which hold about "
+            f"{gib:,.1f} GiB at once, over `sample.max_activation_gib` ({settings.max_activation_gib:,}): "
+            + ("lower `sample.batch_size`" if what == "a sampling batch" else "turn off `train.progress_grids`")
+            + ", or raise the cap"
         )
     return gib

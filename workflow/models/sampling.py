@@ -130,7 +130,7 @@ def sample_batches(
     `runtime` (default: `device` with its own choices) decides precision and memory layout. A
     class-conditional UNet samples image i as class `labels[i]`, guided by `settings.guidance_scale`."""
     denoiser = Denoiser(unet, settings, runtime or Runtime.for_device(device))
-    batch = settings.batch_size
+    batch = max(1, min(settings.batch_size, count - start))  # the largest batch this run makes
     check_sampling_memory(denoiser.eager, settings, batch, batch * denoiser.inputs_per_image(labels is not None))
     return _batches(denoiser, scheduler_config, settings, seed, count, progress, labels, start)
 

@@ -70,7 +70,7 @@ def prompt_batches(
     scale = pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, resolution // scale, resolution // scale)
     text = (pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim)  # padded caption embeddings
-    batch = settings.batch_size
+    batch = max(1, min(settings.batch_size, len(prompts) - start))  # the largest batch this run makes
     guided = 2 if settings.guidance_scale > 1 else 1  # diffusers batches both predictions above 1
     check_sampling_memory(pipe.unet, settings, batch, batch * guided, shape, text)
     return _batches(pipe, prompts, settings, seed, resolution, runtime, progress, start)

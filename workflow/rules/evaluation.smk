@@ -53,7 +53,8 @@ rule fid_sweep:  # off unless fid.steps_sweep or fid.guidance_sweep lists values
         fid_guidance=PATHS["fid_guidance"],
     params:
         values=params_of("seed", "sample.sampler", "sample.num_inference_steps", "sample.eta", "sample.timestep_spacing",
-                         "sample.batch_size", "sample.mixed_precision", "sample.compile", "sample.guidance_scale", "sample.classes",
+                         "sample.batch_size", "sample.max_activation_gib", "sample.mixed_precision", "sample.compile",
+                         "sample.guidance_scale", "sample.classes",
                          "sample.grid_size", "sample.negative_prompt", "model.pretrained", "data.resolution", "data.holdout",
                          "fid.num_samples", "fid.steps_sweep", "fid.guidance_sweep", "fid.weights",
                          "fid.weights_sha256", "fid.batch_size"),

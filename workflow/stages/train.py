@@ -632,7 +632,7 @@ def run(params: Params) -> dict:
     if params.model.pretrained is not None:  # memory-mapped: its record is what check_size needs
         encoded = load_encodings(params.paths.latents)
         latent = {"base": params.paths.base_model} | {k: encoded.record[k] for k in ("latent_shape", "text_shape")}
-    check_size(params, len(class_names), latent)  # a UNet or a batch over the caps is refused before it is built
+    check_size(params, len(class_names), latent, PROGRESS_SAMPLER)  # over a cap: refused before anything is built
     if encoded is None:
         images, data_sha = load_images(params.paths.images, in_memory=True), sha256_file(params.paths.images)
     else:  # the encoded set's record names its arrays' content
