@@ -201,6 +201,9 @@ dag_part() {
 # 13-18 steps/s (batch 16), the GPU time-slicing ten launch-bound processes, and DDPM-1000 over 1,000
 # samples took ~190 s per job; 7 jobs were scored in the session's time (docs/QUALITY.md). Hence 3 workers.
 QUALITY_DIR=${QUALITY_DIR:-/root/quality}
+# every rate file: a recipe takes the rate measured for its present settings (recipe_keys), in any of them
+QUALITY_RATES="bench/quality/rates.json bench/quality/rates-variants.json bench/quality/rates-variants-16.json
+  bench/quality/rates-variants-32.json"
 quality_start_part() {
   nvidia-smi -L || true
   if [ "$tiny" = 1 ]; then
@@ -214,7 +217,7 @@ quality_start_part() {
   mkdir -p "$QUALITY_DIR"
   # its own session (outlives this call); bash writes its pid, then becomes the matrix (exec keeps the pid)
   setsid nohup bash -c 'echo $$ > "$0/matrix.pid"; exec "$@"' "$QUALITY_DIR" \
-    python3 -m workflow quality matrix --rates bench/quality/rates.json bench/quality/rates-variants.json --out "$QUALITY_DIR" $size \
+    python3 -m workflow quality matrix --rates $QUALITY_RATES --out "$QUALITY_DIR" $size \
     --weights "$INCEPTION" --weights-sha256 $PACKAGED_SHA256 --deadline "${QUALITY_DEADLINE:-600}" \
     > "$QUALITY_DIR/matrix.log" 2>&1 < /dev/null &
   sleep 2
@@ -259,7 +262,7 @@ QUALITY_32_DIR=${QUALITY_32_DIR:-/root/quality-32}
 quality_32() {  # quality_32 SECONDS_LEFT MATRIX_OPTION...
   local left=$1; shift
   [ "$left" -gt 30 ] || { echo "no time left"; return 0; }
-  python3 -m workflow quality matrix --rates bench/quality/rates.json bench/quality/rates-variants.json \
+  python3 -m workflow quality matrix --rates $QUALITY_RATES \
     --out "$QUALITY_32_DIR" --resolutions 32 --sampler-sweep "" --reference 2000 --sample-batch 1000 \
     --weights "$INCEPTION" --weights-sha256 $PACKAGED_SHA256 --generate-only \
     --workers "${QUALITY_WORKERS:-6}" --threads 2 --deadline "$left" "$@"

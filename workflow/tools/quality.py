@@ -42,6 +42,7 @@ from workflow.tools.quality_jobs import (
     budget_steps,
     defaults,
     prepare_data,
+    recipe_key,
     recipe_presets,
     run_matrix,
     write_params,
@@ -106,6 +107,7 @@ def measure_rates(args) -> dict:
         "torch_threads": torch.get_num_threads(),
         "software": software_versions(),
         "steps_per_second": {r: {res: max(v) for res, v in t.items()} for r, t in trials.items()},
+        "recipe_keys": {r: recipe_key(m, r) for r in m.recipes},
         "trials": trials,
         "sampling_resolution": args.resolutions[0],
         "sampling_seconds_per_image": sampling,
@@ -123,10 +125,12 @@ def timed_steps(m: Matrix, job: Job, keep: bool = False) -> float:
     return info["steps"] / info["seconds"]
 
 
-def matrix_jobs(args, rates: dict) -> list[Job]:
+def matrix_jobs(args, rates: dict, keys: dict | None = None) -> list[Job]:
     """In the order the results matter: the recipes at the first resolution (seed-major, so seed 0's set
     is complete first; longest first within a seed), the sampler sweep over our seed-0 model at the
-    largest budget, the variants (at the first resolution, --variant-budgets), then other resolutions."""
+    largest budget, the variants (at the first resolution, --variant-budgets), then other resolutions.
+    `keys` (recipe name -> recipe_key) picks each recipe's rate by what it trains with."""
+    keys = keys or {}
     recipes = [OURS, *(Path(p).stem for p in args.recipes)][1 if args.without_ours else 0 :]
     if args.without_ours and args.sampler_sweep:
         raise SystemExit('--without-ours: the sampler sweep samples our recipe\'s model; add --sampler-sweep ""')
@@ -135,14 +139,14 @@ def matrix_jobs(args, rates: dict) -> list[Job]:
     def block(names: list[str], res: int, budgets: list[float]) -> list[Job]:
         jobs = []
         for seed in args.seeds:
-            one = [Job(r, res, seed, b, budget_steps(rates, r, res, b)) for b in budgets for r in names]
+            one = [Job(r, res, seed, b, budget_steps(rates, r, res, b, keys.get(r))) for b in budgets for r in names]
             jobs += sorted(one, key=lambda j: -j.steps)
         return jobs
 
     jobs = block(recipes, first, args.budgets)
     if args.sampler_sweep:
         top = max(args.budgets)
-        model = Job(OURS, first, args.seeds[0], top, budget_steps(rates, OURS, first, top))
+        model = Job(OURS, first, args.seeds[0], top, budget_steps(rates, OURS, first, top, keys.get(OURS)))
         jobs += [
             dataclasses.replace(model, sampler=s, eta=eta, sampling_steps=n, spacing=spacing, model=model.name)
             for s, eta, n, spacing in parse_sweep(args.sampler_sweep)
@@ -154,22 +158,25 @@ def matrix_jobs(args, rates: dict) -> list[Job]:
 
 
 def read_rates(paths: list[str]) -> dict:
-    """The first file, with the recipes of the later ones added. A later file was measured in another
+    """The first file, with the recipes (and resolutions) of the later ones added. A later file was measured in another
     session, when the machine may have run faster or slower: its rates are scaled by how our recipe's rate
     there compares with the first file's, so a budget means the same minutes for every recipe."""
     merged = json.loads(Path(paths[0]).read_text())
-    rates = merged["steps_per_second"]
+    rates, keys = merged["steps_per_second"], merged.setdefault("recipe_keys", {})
     for path in paths[1:]:
-        extra = json.loads(Path(path).read_text())["steps_per_second"]
+        later = json.loads(Path(path).read_text())
+        extra, extra_keys = later["steps_per_second"], later.get("recipe_keys", {})
         if OURS not in extra:
             raise SystemExit(f"{path}: no rate for {OURS!r}, which puts a later rates file on the first's scale")
+        if keys.get(OURS, extra_keys.get(OURS)) != extra_keys.get(OURS, keys.get(OURS)):
+            raise SystemExit(f"{path}: its {OURS!r} trained with other settings than {paths[0]}'s, so cannot scale it")
         for recipe, per_res in extra.items():
-            if recipe not in rates:
-                rates[recipe] = {
-                    res: rate * rates[OURS][res] / extra[OURS][res]
-                    for res, rate in per_res.items()
-                    if res in rates[OURS] and res in extra[OURS]
-                }
+            if recipe in extra_keys and keys.setdefault(recipe, extra_keys[recipe]) != extra_keys[recipe]:
+                raise SystemExit(f"{path}: its {recipe!r} trained with other settings than an earlier file's")
+            known = rates.setdefault(recipe, {})
+            for res, rate in per_res.items():  # the earlier file's measurement is kept where both have one
+                if res not in known and res in rates[OURS] and res in extra[OURS]:
+                    known[res] = rate * rates[OURS][res] / extra[OURS][res]
     return merged
 
 
@@ -227,8 +234,8 @@ def main(argv=None) -> None:
         print(json.dumps(result["steps_per_second"], indent=2))
     elif args.command == "matrix":
         rates_ = read_rates(args.rates)
-        jobs = matrix_jobs(args, rates_)  # a bad combination of options stops here, before any work
         m = matrix_of(args, args.out, args.samples)
+        jobs = matrix_jobs(args, rates_, {r: recipe_key(m, r) for r in m.recipes})  # bad options stop here
         prepare_data(m, args.resolutions)
         print(f"quality: {len(jobs)} jobs, {args.workers} workers -> {args.out}", flush=True)
         summary = run_matrix(m, jobs, args.workers, args.deadline, not args.score_only, not args.generate_only)

@@ -19,6 +19,7 @@ file exists (on a GPU lease it may arrive after training has started); on a CPU,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import multiprocessing
@@ -95,10 +96,31 @@ def recipe_presets(paths: list[str]) -> dict:
     return recipes
 
 
-def budget_steps(rates: dict, recipe: str, resolution: int, minutes: float) -> int:
-    """Optimiser steps the recipe makes in `minutes` on the CPU `rates` was measured on."""
+def recipe_key(m: Matrix, recipe: str) -> str:
+    """What a recipe trains with (its model, noise schedule and training settings over the defaults, the
+    step count aside), hashed: a rates file records it beside each rate, so a recipe whose settings have
+    changed since (params.yaml's `ours` when a default moves) is never budgeted with another's rate."""
+    raw = overlay(m.defaults, m.recipes[recipe])
+    trains = {k: v for k, v in raw["train"].items() if k not in ("max_steps", "epochs")}
+    part = {"model": raw["model"], "scheduler": raw["scheduler"], "train": trains}
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def budget_steps(rates: dict, recipe: str, resolution: int, minutes: float, key: str | None = None) -> int:
+    """Optimiser steps the recipe makes in `minutes` on the CPU `rates` was measured on. With the recipe's
+    `key`, the rate is the one measured for those settings, under whichever name it was measured."""
+    measured, keys, res = rates["steps_per_second"], rates.get("recipe_keys", {}), str(resolution)
+    name = recipe
+    if key is not None and keys:
+        names = [recipe, *(n for n in keys if n != recipe)]
+        name = next((n for n in names if keys.get(n) == key and res in measured.get(n, {})), None)
+        if name is None:
+            raise SystemExit(
+                f"the rates files have no rate at {resolution} px for recipe {recipe!r} as it is now (its settings "
+                "changed since, or it was never measured): run `quality rates`"
+            )
     try:
-        per_second = rates["steps_per_second"][recipe][str(resolution)]
+        per_second = measured[name][res]
     except KeyError:
         raise SystemExit(
             f"the rates file has no rate for recipe {recipe!r} at {resolution} px: run `quality rates`"
