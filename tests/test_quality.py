@@ -33,6 +33,7 @@ from workflow.tools.quality_jobs import (
     params_dict,
     prepare_data,
     read_results,
+    recipe_key,
     recipe_presets,
     run_matrix,
     same_params,
@@ -281,6 +282,52 @@ def test_a_later_rates_file_is_put_on_the_first_files_scale_by_our_recipes_rate(
     (tmp_path / "c.json").write_text(json.dumps({"steps_per_second": {"lr-1e-3": {"16": 2.5}}}))
     with pytest.raises(SystemExit, match="c.json: no rate for 'ours'"):
         quality.read_rates([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+
+
+def test_a_recipe_is_budgeted_with_the_rate_of_what_it_trains_with():
+    """A rates file keys each rate by the recipe's settings: a recipe whose settings moved (params.yaml's
+    when a default changes) takes the rate measured for its new settings, under whatever name, or none."""
+    rates = {
+        "steps_per_second": {OURS: {"8": 2.0}, "batch-32": {"8": 8.0}},
+        "recipe_keys": {OURS: "a", "batch-32": "b"},
+    }
+    assert budget_steps(rates, OURS, 8, 1.0, key="a") == 120
+    assert budget_steps(rates, OURS, 8, 1.0, key="b") == 480  # measured as batch-32
+    with pytest.raises(SystemExit, match="no rate at 8 px for recipe 'ours' as it is now"):
+        budget_steps(rates, OURS, 8, 1.0, key="c")
+    assert budget_steps(RATES, OURS, 8, 2.0, key="c") == 60  # a file from before the keys: by name
+
+
+def test_a_later_rates_file_whose_ours_trained_otherwise_is_refused(tmp_path):
+    first = {"steps_per_second": {OURS: {"16": 2.0}}, "recipe_keys": {OURS: "a"}}
+    later = {"steps_per_second": {OURS: {"16": 6.0}, "x": {"16": 1.0}}, "recipe_keys": {OURS: "b", "x": "c"}}
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(later))
+    with pytest.raises(SystemExit, match="b.json: its 'ours' trained with other settings"):
+        quality.read_rates([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    later["recipe_keys"][OURS] = "a"
+    (tmp_path / "b.json").write_text(json.dumps(later))
+    merged = quality.read_rates([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert merged["steps_per_second"]["x"] == {"16": 2.0 / 6.0} and merged["recipe_keys"]["x"] == "c"
+
+
+def test_the_committed_rates_budget_todays_recipes_as_the_measured_jobs_were():
+    """bench/quality's rate files against the recipes as they are now: our default (batch 32 since
+    2026-11-27) takes the rate measured as the batch-32 variant; its jobs made 5,308 steps at 16 px and
+    1,881 at 32 in 10 minutes, the batch-128 recipe (ours before) 1,696 at 16 px and 398 at 32."""
+    files = [
+        f"bench/quality/{name}.json" for name in ("rates", "rates-variants", "rates-variants-16", "rates-variants-32")
+    ]
+    tutorial, old = "configs/recipes/tutorial.yaml", "bench/quality/variants/batch-128.yaml"
+    argv = ["matrix", "--rates", *files, "--out", "q", "--resolutions", "16", "32", "--budgets", "10", "--seeds", "0"]
+    args = quality.build_parser().parse_args([*argv, "--recipes", tutorial, old, "--sampler-sweep", ""])
+    m = Matrix("q", recipe_presets([str(ROOT / tutorial), str(ROOT / old)]), 1, None, 1, 1, None, None, defaults())
+    rates = quality.read_rates([str(ROOT / f) for f in files])
+    jobs = quality.matrix_jobs(args, rates, {r: recipe_key(m, r) for r in m.recipes})
+    steps = {j.name: j.steps for j in jobs}
+    assert steps["ours-r16-s0-b10"] == 5308 and steps["ours-r32-s0-b10"] == 1881
+    assert steps["batch-128-r16-s0-b10"] == 1696 and steps["batch-128-r32-s0-b10"] == 398
+    assert steps["tutorial-r32-s0-b10"] == 3079
 
 
 DEFAULT_SAMPLER = {"sampler": "ddpm", "steps": 50, "eta": None}  # params.yaml's

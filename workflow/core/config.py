@@ -204,12 +204,12 @@ class Scheduler:
 
 @dataclass(frozen=True)
 class Train:
-    batch_size: int = checked(128, positive(65_536))  # images per optimiser step, over all processes and micro-batches
+    batch_size: int = checked(32, positive(65_536))  # images per optimiser step, over all processes and micro-batches
     gradient_accumulation_steps: int = checked(1, positive(1024))  # micro-batches per step: a memory knob only
     num_processes: int = checked(1, positive(1024))  # data-parallel processes, one per GPU; > 1: accelerate launch
     # one micro-batch's activations, estimated before anything is built (workflow.models.builders.check_size)
     max_activation_gib: float = checked(256.0, positive(2**20))
-    max_steps: Optional[int] = checked(1200, positive(STEPS))
+    max_steps: Optional[int] = checked(3750, positive(STEPS))
     epochs: Optional[float] = checked(None, positive(100_000))  # alternative to max_steps
     learning_rate: float = checked(2e-3, positive(1))
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
