@@ -252,18 +252,22 @@ quality_finish_part() {
 
 # quality-generate: the 32 px recipe matrix in one call, trained and sampled (`matrix --generate-only`: no
 # Inception file needed) until QUALITY_DEADLINE seconds after the script started, in this order: every
-# recipe and seed at 10 minutes (the target's comparison), seed 0 at 2 and 5, then seeds 1 and 2 at 2 and 5.
-# After each of the three, what it generated is packed into $OUT/quality-32-<step>.tar.gz (split at 15 MiB),
-# so a call stopped at its limit still returns the steps before. On a CPU, unpack them to the same path
+# recipe and seed at 10 minutes (the target's comparison), then every seed at 2 and 5 (seed-major: seed 0's
+# first), one matrix each so no worker idles until its step ends. After each, what it generated is packed
+# into $OUT/quality-32-<step>.tar.gz (split at 15 MiB), so a call stopped at its limit still returns the
+# steps before; the GPU's use every 15 s goes to gpu-use.csv. On a CPU, unpack them to the same path
 # (the job params name it, and $INCEPTION) and score with quality_32's options, --score-only instead of
 # --generate-only:
 #   for f in quality-32-*; do cat $f; done | tar xzif - -C /     # tar -i: the packs one after another
 #   python -m workflow quality matrix <quality_32's options> --budgets 2 5 10 --score-only
 QUALITY_32_DIR=${QUALITY_32_DIR:-/root/quality-32}
+# today's default as `batch-32` (--without-ours): its rows must not merge with batch 128's "ours" rows
+QUALITY_32_RECIPES=${QUALITY_32_RECIPES:-configs/recipes/tutorial.yaml configs/recipes/train-unconditional.yaml
+  bench/quality/variants/batch-32.yaml}
 quality_32() {  # quality_32 SECONDS_LEFT MATRIX_OPTION...
   local left=$1; shift
   [ "$left" -gt 30 ] || { echo "no time left"; return 0; }
-  python3 -m workflow quality matrix --rates $QUALITY_RATES \
+  python3 -m workflow quality matrix --rates $QUALITY_RATES --recipes $QUALITY_32_RECIPES --without-ours \
     --out "$QUALITY_32_DIR" --resolutions 32 --sampler-sweep "" --reference 2000 --sample-batch 1000 \
     --weights "$INCEPTION" --weights-sha256 $PACKAGED_SHA256 --generate-only \
     --workers "${QUALITY_WORKERS:-6}" --threads 2 --deadline "$left" "$@"
@@ -284,14 +288,14 @@ pack_generated() {  # pack_generated NAME: the jobs generated since the last pac
 }
 quality_generate_part() {
   nvidia-smi -L || true
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 > "$out/gpu-use.csv" 2>/dev/null &
   local until=${QUALITY_DEADLINE:-480}  # seconds after the script started (bash's SECONDS)
   if [ "$tiny" = 1 ]; then
     step q32-tiny quality_32 $((until - SECONDS)) --budgets 0.02 --seeds 0 --samples 8 --sample-batch 8 --reference 16
     pack_generated tiny
   else
     step q32-b10 quality_32 $((until - SECONDS)) --budgets 10; pack_generated b10
-    step q32-s0 quality_32 $((until - SECONDS)) --budgets 2 5 --seeds 0; pack_generated s0
-    step q32-s12 quality_32 $((until - SECONDS)) --budgets 2 5 --seeds 1 2; pack_generated s12
+    step q32-short quality_32 $((until - SECONDS)) --budgets 2 5; pack_generated short
   fi
   ls -la "$out"
   local count; count=$(ls "$out" | wc -l)
