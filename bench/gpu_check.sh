@@ -30,6 +30,15 @@
 #   1. carry .whl .fid/a:  mkdir -p /root/fid && cp .fid/a/* /root/fid/ && bash bench/gpu_check.sh t2i-all   (7.7 min)
 #   2. at once, carry .fid/b:  cp .fid/b/* /root/fid/ && bash bench/gpu_check.sh t2i-dag-finish             (1.6 min)
 #   3. bash bench/gpu_check.sh t2i-dag-lora   (about 3.5 minutes; the time ran out in its package stage)
+# and for the 32 px matrix (2026-11-28, H200; results in bench/results/2026-11-28-quality/h200-32/):
+#   carry .whl:  QUALITY_WORKERS=9 QUALITY_DEADLINE=540 bash bench/gpu_check.sh quality-generate
+#   Nine jobs at once, the GPU 96-100% busy throughout (fp32: the matrix fixes the precision). The three
+#   batch-32 jobs trained in 184-191 s (about 10 steps/s each) and sampled (DDPM-50) in 24-26 s; the
+#   reference recipes' six DDPM-1000 sets, begun about then as the GPU's memory use shows (11 to 46 GB),
+#   had not ended 5 minutes later. A second call within the 30 s the machine stays warm
+#   resumes them (the checkpoints, and each sample set from its last whole batch of --sample-batch);
+#   that one came too late and no machine was lent again. Six sets unfinished after 300 s at 100% is over
+#   50 GPU-seconds a set: the whole matrix's 18 DDPM-1000 sets need more than one session's 15 minutes.
 # On an H200: train about 5.5 minutes, fid about 5, dag about 6, plus about 1.5 minutes to start the machine;
 # 15 minutes of device time hold two parts: use GPU_CHECK_ONLY to run what is still missing.
 # Output: $OUT/<part>.log and <part>.json (every --json result and each step's exit), dag.tar.gz (the reports).
@@ -264,11 +273,13 @@ QUALITY_32_DIR=${QUALITY_32_DIR:-/root/quality-32}
 # today's default as `batch-32` (--without-ours): its rows must not merge with batch 128's "ours" rows
 QUALITY_32_RECIPES=${QUALITY_32_RECIPES:-configs/recipes/tutorial.yaml configs/recipes/train-unconditional.yaml
   bench/quality/variants/batch-32.yaml}
+# --sample-batch 250 (the CPU runs' own): a DDPM-1000 set stopped by the deadline resumes from its last
+# whole batch in the next call; sets of 1,000 at once restarted from nothing
 quality_32() {  # quality_32 SECONDS_LEFT MATRIX_OPTION...
   local left=$1; shift
   [ "$left" -gt 30 ] || { echo "no time left"; return 0; }
   python3 -m workflow quality matrix --rates $QUALITY_RATES --recipes $QUALITY_32_RECIPES --without-ours \
-    --out "$QUALITY_32_DIR" --resolutions 32 --sampler-sweep "" --reference 2000 --sample-batch 1000 \
+    --out "$QUALITY_32_DIR" --resolutions 32 --sampler-sweep "" --reference 2000 --sample-batch 250 \
     --weights "$INCEPTION" --weights-sha256 $PACKAGED_SHA256 --generate-only \
     --workers "${QUALITY_WORKERS:-6}" --threads 2 --deadline "$left" "$@"
 }

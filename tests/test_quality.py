@@ -75,7 +75,7 @@ def test_budget_steps_converts_cpu_minutes_with_the_measured_rate():
     assert budget_steps(RATES, OURS, 8, 2.0) == 60
     assert budget_steps(RATES, "tutorial", 8, 0.5) == 30
     assert budget_steps(RATES, "tutorial", 8, 0.001) == 1  # never zero steps
-    with pytest.raises(SystemExit, match="no rate for recipe 'tutorial' at 16 px"):
+    with pytest.raises(SystemExit, match="no rate at 16 px for recipe 'tutorial': run"):
         budget_steps(RATES, "tutorial", 16, 1.0)
 
 
@@ -155,6 +155,7 @@ def test_the_matrix_trains_samples_and_scores_with_the_stages(tmp_path):
     assert set(rows) == {model.name, sweep.name}
     trained = rows[model.name]
     assert trained["train_steps"] == model.steps == 3
+    assert trained["recipe_key"] == rows[sweep.name]["recipe_key"] == recipe_key(m, OURS)  # what `tables` tells apart
     assert trained["fid_num_samples"] == 6 and trained["fid_num_reference"] == 6
     assert all(math.isfinite(trained[k]) for k in ("fid", "kid", "precision", "recall"))
     assert rows[sweep.name]["train_steps"] == 3  # the sweep scores the model job's weights
@@ -433,8 +434,44 @@ def test_result_folders_merge_by_job_and_sampler(tmp_path):
     # a recipe with no rate at this resolution shows "-" on the rates line, not a KeyError
     rows = quality_tables.collect([str(tmp_path / "a"), str(tmp_path / "b")])
     rows.append(_row("tutorial", 0, 2, 30.0))
-    table = quality_tables.budget_table(rows, 16, [OURS, "tutorial"], {OURS: {"16": 2.5}}, "ddpm-50")
+    table = quality_tables.budget_table(
+        rows, 16, [OURS, "tutorial"], {"steps_per_second": {OURS: {"16": 2.5}}}, "ddpm-50"
+    )
     assert "at 16 px: ours 2.50, tutorial -." in table
+
+
+def test_rows_of_one_name_trained_with_other_settings_are_tabled_apart(tmp_path):
+    """After a default changed, "ours" rows of the old and the new settings (recipe_key) are two recipes
+    under one name: `quality tables` refuses to replace, average or line up one with the other."""
+    folders = {
+        "old": [_row(OURS, 0, 2, 20.0), _row(OURS, 0, 5, 15.0)],  # scored before rows recorded their settings
+        "new": [{**_row(OURS, 0, 2, 12.0), "recipe_key": "b32"}],
+        "other-budget": [{**_row(OURS, 1, 5, 11.0), "recipe_key": "b32"}],
+        "again": [{**_row(OURS, 1, 5, 10.0), "recipe_key": "b32"}],
+    }
+    for folder, rows in folders.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    collect = lambda *names: quality_tables.collect([str(tmp_path / n) for n in names])  # noqa: E731
+    with pytest.raises(
+        SystemExit,
+        match=r"new scored job ours-0-2 \(ddpm-50\) with other recorded recipe settings .*b32 against unrecorded",
+    ):
+        collect("old", "new")
+    with pytest.raises(
+        SystemExit,
+        match=r"rows of one recipe name with other recorded recipe settings .*'ours': \['b32', 'unrecorded'\]",
+    ):
+        collect("old", "other-budget")
+    assert sorted(r["fid"] for r in collect("new", "other-budget", "again")) == [10.0, 12.0]  # one settings: merged
+    # the rates line gives the rate measured for the rows' settings, under whichever name it was measured
+    rates = {
+        "steps_per_second": {OURS: {"16": 2.5}, "batch-32": {"16": 8.0}},
+        "recipe_keys": {OURS: "b128", "batch-32": "b32"},
+    }
+    table = quality_tables.budget_table(collect("new"), 16, [OURS], rates, "ddpm-50")
+    assert "at 16 px: ours 8.00." in table
+    assert "at 16 px: ours 2.50." in quality_tables.budget_table(collect("old"), 16, [OURS], rates, "ddpm-50")
 
 
 def test_the_matrix_workers_share_the_cores_unless_threads_are_given(tmp_path):

@@ -106,25 +106,24 @@ def recipe_key(m: Matrix, recipe: str) -> str:
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def budget_steps(rates: dict, recipe: str, resolution: int, minutes: float, key: str | None = None) -> int:
-    """Optimiser steps the recipe makes in `minutes` on the CPU `rates` was measured on. With the recipe's
-    `key`, the rate is the one measured for those settings, under whichever name it was measured."""
+def measured_rate(rates: dict, recipe: str, resolution: int, key: str | None = None) -> float | None:
+    """The recipe's optimiser steps per second at `resolution` on the rates' CPU, or None. With the recipe's
+    `key`, the rate measured for those settings, under whichever name it was measured."""
     measured, keys, res = rates["steps_per_second"], rates.get("recipe_keys", {}), str(resolution)
-    name = recipe
-    if key is not None and keys:
-        names = [recipe, *(n for n in keys if n != recipe)]
-        name = next((n for n in names if keys.get(n) == key and res in measured.get(n, {})), None)
-        if name is None:
-            raise SystemExit(
-                f"the rates files have no rate at {resolution} px for recipe {recipe!r} as it is now (its settings "
-                "changed since, or it was never measured): run `quality rates`"
-            )
-    try:
-        per_second = measured[name][res]
-    except KeyError:
+    if key is None or not keys:
+        return measured.get(recipe, {}).get(res)
+    names = [recipe, *(n for n in keys if n != recipe)]
+    return next((measured[n][res] for n in names if keys.get(n) == key and res in measured.get(n, {})), None)
+
+
+def budget_steps(rates: dict, recipe: str, resolution: int, minutes: float, key: str | None = None) -> int:
+    """Optimiser steps the recipe makes in `minutes` on the CPU `rates` was measured on (see measured_rate)."""
+    per_second = measured_rate(rates, recipe, resolution, key)
+    if per_second is None:
+        changed = " as it is now (its settings changed since, or it was never measured)" if key else ""
         raise SystemExit(
-            f"the rates file has no rate for recipe {recipe!r} at {resolution} px: run `quality rates`"
-        ) from None
+            f"the rates files have no rate at {resolution} px for recipe {recipe!r}{changed}: run `quality rates`"
+        )
     return max(1, round(minutes * 60 * per_second))
 
 
@@ -243,6 +242,7 @@ def score(m: Matrix, job: Job) -> dict:
     row = {
         **asdict(job),
         "name": job.name,
+        "recipe_key": recipe_key(m, job.recipe),  # what it trained with: `quality tables` never mixes two
         **metrics,
         "device_seconds": device_seconds(generated),
         "sampled_with": sampled_with(params.sample),

@@ -17,6 +17,7 @@ from workflow.tools.quality_jobs import (
     RECIPES,
     RESULTS,
     defaults,
+    measured_rate,
     read_results,
     sampled_with,
     sampling_label,
@@ -35,7 +36,14 @@ def collect(folders: list[str]) -> list[dict]:
         if not (Path(folder) / RESULTS).is_file():  # a mistyped folder would otherwise drop its rows unseen
             raise SystemExit(f"quality tables: {folder} has no {RESULTS}: not a `quality matrix` --out folder")
         for row in read_results(folder):  # a job name may be scored under two samplers (the default changed)
-            rows[(row["name"], sampling_label(row["sampled_with"]))] = row
+            key = (row["name"], sampling_label(row["sampled_with"]))
+            if key in rows and rows[key].get("recipe_key") != row.get("recipe_key"):
+                raise SystemExit(
+                    f"quality tables: {folder} scored job {key[0]} ({key[1]}) with other recorded recipe settings "
+                    f"than an earlier folder's job of that name ({settings(row)} against {settings(rows[key])}; "
+                    "unrecorded: scored before rows recorded them): table them apart"
+                )
+            rows[key] = row
     measured = {}
     for row in sorted(rows.values(), key=lambda r: r["sampler"] is not None):  # training jobs first
         key = (row["recipe"], row["resolution"], row["budget"], row["seed"], sampling_label(row["sampled_with"]))
@@ -44,17 +52,31 @@ def collect(folders: list[str]) -> list[dict]:
     return list(measured.values())
 
 
+def settings(row: dict) -> str:
+    """A row's recipe settings as its `recipe_key`; rows scored before they recorded one say so."""
+    return row.get("recipe_key") or "unrecorded"
+
+
 def check_alike(rows: list[dict]) -> None:
-    """The seeds a table cell averages must be one setup: the same steps, sample and reference counts."""
-    setups = defaultdict(set)
+    """The seeds a table cell averages must be one setup: the same steps, sample and reference counts. And a
+    recipe's rows must all have trained with one recipe's settings (a row that did not record them differs
+    from one that did): "ours" before and after a default changed are two recipes under one name."""
+    setups, recipes = defaultdict(set), defaultdict(set)
     for r in rows:
         key = (r["recipe"], r["resolution"], r["budget"], sampling_label(r["sampled_with"]))
         setups[key].add((r["steps"], r.get("fid_num_samples"), r.get("fid_num_reference")))
+        recipes[r["recipe"]].add(settings(r))
     unlike = {key: sorted(found) for key, found in setups.items() if len(found) > 1}
     if unlike:
         raise SystemExit(
             "quality tables: these cells would average unlike runs ((steps, samples, reference images) differ "
             f"between seeds): {unlike}; leave out the folder of the older setup"
+        )
+    renamed = {name: sorted(found) for name, found in recipes.items() if len(found) > 1}
+    if renamed:
+        raise SystemExit(
+            f"quality tables: rows of one recipe name with other recorded recipe settings (recipe_key; "
+            f"unrecorded: scored before rows recorded them): {renamed}; table those folders apart"
         )
 
 
@@ -110,7 +132,7 @@ def ratio_cell(ours: list[dict], ref: list[dict]) -> str:
     return f"{mo / mr:.2f}x" + (" (separated)" if separated else "")
 
 
-def budget_table(rows: list[dict], resolution: int, recipes: list[str], steps_per_second: dict, default: str) -> str:
+def budget_table(rows: list[dict], resolution: int, recipes: list[str], rates: dict, default: str) -> str:
     groups = budget_groups(rows)
     series = budget_series(rows, resolution, recipes, default)
     reference = next((pair for pair in series if pair[0] == REFERENCE_RECIPE), None)
@@ -140,7 +162,8 @@ def budget_table(rows: list[dict], resolution: int, recipes: list[str], steps_pe
                 f"{cell([x['recall'] for x in g], 3)} | {cell([x.get('fid_default_size') for x in g])} |"
             )
     shown = [r for r in recipes if any(pair[0] == r for pair in series)]
-    rate_line = ", ".join(f"{r} {_num(steps_per_second.get(r, {}).get(str(resolution)), 2)}" for r in shown)
+    keys = {r["recipe"]: r.get("recipe_key") for r in rows}  # one per recipe (check_alike)
+    rate_line = ", ".join(f"{r} {_num(measured_rate(rates, r, resolution, keys.get(r)), 2)}" for r in shown)
     return "\n".join(lines) + f"\n\nSteps per second on the rates' CPU at {resolution} px: {rate_line}.\n"
 
 
@@ -245,7 +268,7 @@ def markdown(folders: list[str], rates: dict, figures: str | None) -> str:
         out += [
             f"### {res} px: FID against training minutes on the CPU",
             "",
-            budget_table(rows, res, recipes, rates["steps_per_second"], default),
+            budget_table(rows, res, recipes, rates, default),
         ]
         if figures:
             groups = budget_groups(rows)
