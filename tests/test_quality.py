@@ -281,7 +281,7 @@ def test_a_later_rates_file_is_put_on_the_first_files_scale_by_our_recipes_rate(
     rates = quality.read_rates([str(tmp_path / "a.json"), str(tmp_path / "b.json")])["steps_per_second"]
     assert rates == {**first["steps_per_second"], "lr-1e-3": {"16": 2.0}}  # the first file's measurements kept
     (tmp_path / "c.json").write_text(json.dumps({"steps_per_second": {"lr-1e-3": {"16": 2.5}}}))
-    with pytest.raises(SystemExit, match="c.json: no rate for 'ours'"):
+    with pytest.raises(SystemExit, match="c.json: no recipe measured at 16 px both there and in the files before"):
         quality.read_rates([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
 
 
@@ -299,17 +299,39 @@ def test_a_recipe_is_budgeted_with_the_rate_of_what_it_trains_with():
     assert budget_steps(RATES, OURS, 8, 2.0, key="c") == 60  # a file from before the keys: by name
 
 
-def test_a_later_rates_file_whose_ours_trained_otherwise_is_refused(tmp_path):
-    first = {"steps_per_second": {OURS: {"16": 2.0}}, "recipe_keys": {OURS: "a"}}
-    later = {"steps_per_second": {OURS: {"16": 6.0}, "x": {"16": 1.0}}, "recipe_keys": {OURS: "b", "x": "c"}}
-    (tmp_path / "a.json").write_text(json.dumps(first))
-    (tmp_path / "b.json").write_text(json.dumps(later))
-    with pytest.raises(SystemExit, match="b.json: its 'ours' trained with other settings"):
-        quality.read_rates([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
-    later["recipe_keys"][OURS] = "a"
-    (tmp_path / "b.json").write_text(json.dumps(later))
-    merged = quality.read_rates([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
-    assert merged["steps_per_second"]["x"] == {"16": 2.0 / 6.0} and merged["recipe_keys"]["x"] == "c"
+def test_a_later_rates_file_is_scaled_by_a_recipe_of_the_same_settings_in_both(tmp_path):
+    """Each rate is tied to what its recipe trained with (recipe_keys): a later file is put on the first's scale
+    by a recipe measured with the same settings in both, under whatever names, and a later recipe whose name an
+    earlier file holds with other settings (ours after a default changed) is kept apart as name@key."""
+
+    def read(*files):
+        for name, content in zip("abc", files, strict=False):
+            (tmp_path / f"{name}.json").write_text(json.dumps(content))
+        return quality.read_rates([str(tmp_path / f"{name}.json") for name in "abc"[: len(files)]])
+
+    first = {
+        "steps_per_second": {OURS: {"16": 2.0}, "batch-32": {"16": 4.0}},
+        "recipe_keys": {OURS: "a", "batch-32": "b"},
+    }
+    # today's ours is batch-32's settings, measured beside a new recipe x on a machine twice as fast
+    later = {"steps_per_second": {OURS: {"16": 8.0}, "x": {"16": 1.0}}, "recipe_keys": {OURS: "b", "x": "c"}}
+    merged = read(first, later)
+    assert merged["steps_per_second"]["x"] == {"16": 0.5}  # scaled by batch-32's 4.0 against 8.0
+    assert merged["steps_per_second"]["batch-32"] == {"16": 4.0}  # the first file's measurement kept
+    assert merged["recipe_keys"] == {OURS: "a", "batch-32": "b", "x": "c"}
+    with pytest.raises(SystemExit, match="b.json: no recipe measured at 32 px both there and in the files before"):
+        read(first, {**later, "steps_per_second": {**later["steps_per_second"], "x": {"16": 1.0, "32": 1.0}}})
+    # a recipe name held with other settings, and no recipe in common: refused, never scaled by a stranger
+    with pytest.raises(SystemExit, match="b.json: no recipe measured at 16 px both there"):
+        read(first, {"steps_per_second": {OURS: {"16": 6.0}}, "recipe_keys": {OURS: "z"}})
+    # ... with one in common: kept apart as name@key, where a budget finds it by its settings
+    apart = read(
+        first, {"steps_per_second": {OURS: {"16": 6.0}, "y": {"16": 3.0}}, "recipe_keys": {OURS: "z", "y": "b"}}
+    )
+    assert apart["steps_per_second"][OURS] == {"16": 2.0} and apart["steps_per_second"]["ours@z"] == {"16": 8.0}
+    assert budget_steps(apart, OURS, 16, 1.0, key="z") == 480 and budget_steps(apart, OURS, 16, 1.0, key="a") == 120
+    with pytest.raises(SystemExit, match="records its recipes' settings"):  # a file from before the keys
+        read(first, {"steps_per_second": {OURS: {"16": 2.0}}})
 
 
 def test_the_committed_rates_budget_todays_recipes_as_the_measured_jobs_were():

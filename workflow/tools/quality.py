@@ -159,24 +159,41 @@ def matrix_jobs(args, rates: dict, keys: dict | None = None) -> list[Job]:
 
 def read_rates(paths: list[str]) -> dict:
     """The first file, with the recipes (and resolutions) of the later ones added. A later file was measured in another
-    session, when the machine may have run faster or slower: its rates are scaled by how our recipe's rate
-    there compares with the first file's, so a budget means the same minutes for every recipe."""
+    session, when the machine may have run faster or slower: its rates are scaled by how a recipe measured in both
+    (the same settings, `recipe_keys`; ours where it can) compares with the first file's, so a budget means the same
+    minutes for every recipe. A later recipe whose name an earlier file holds with other settings is added under
+    `name@key` (today's ours beside the batch-128 ours of older files): budgets find a rate by its settings."""
     merged = json.loads(Path(paths[0]).read_text())
     rates, keys = merged["steps_per_second"], merged.setdefault("recipe_keys", {})
     for path in paths[1:]:
         later = json.loads(Path(path).read_text())
         extra, extra_keys = later["steps_per_second"], later.get("recipe_keys", {})
-        if OURS not in extra:
-            raise SystemExit(f"{path}: no rate for {OURS!r}, which puts a later rates file on the first's scale")
-        if keys.get(OURS, extra_keys.get(OURS)) != extra_keys.get(OURS, keys.get(OURS)):
-            raise SystemExit(f"{path}: its {OURS!r} trained with other settings than {paths[0]}'s, so cannot scale it")
-        for recipe, per_res in extra.items():
-            if recipe in extra_keys and keys.setdefault(recipe, extra_keys[recipe]) != extra_keys[recipe]:
-                raise SystemExit(f"{path}: its {recipe!r} trained with other settings than an earlier file's")
-            known = rates.setdefault(recipe, {})
-            for res, rate in per_res.items():  # the earlier file's measurement is kept where both have one
-                if res not in known and res in rates[OURS] and res in extra[OURS]:
-                    known[res] = rate * rates[OURS][res] / extra[OURS][res]
+        if bool(extra_keys) != bool(keys):
+            raise SystemExit(
+                f"{path}: one of it and {paths[0]} records its recipes' settings (recipe_keys), the other not"
+            )
+        named = {}  # the later file's recipe names -> the merged ones
+        for recipe in extra:
+            key = extra_keys.get(recipe)
+            same = sorted((n for n in rates if key is not None and keys.get(n) == key), key=lambda n: n != recipe)
+            taken = recipe in rates and keys.get(recipe) != key
+            named[recipe] = same[0] if same else f"{recipe}@{key}" if taken else recipe
+        for res in sorted({res for per_res in extra.values() for res in per_res}):
+            new = [r for r, per_res in extra.items() if res in per_res and res not in rates.get(named[r], {})]
+            if not new:
+                continue
+            both = [r for r in extra if res in extra[r] and res in rates.get(named[r], {}) and named[r] in rates]
+            if not both:
+                raise SystemExit(
+                    f"{path}: no recipe measured at {res} px both there and in the files before it (the same "
+                    "settings), which puts its rates on the first file's scale"
+                )
+            anchor = OURS if OURS in both else sorted(both)[0]
+            scale = rates[named[anchor]][res] / extra[anchor][res]
+            for recipe in new:  # the earlier files' measurements are kept where both have one
+                rates.setdefault(named[recipe], {})[res] = extra[recipe][res] * scale
+                if extra_keys:
+                    keys[named[recipe]] = extra_keys[recipe]
     return merged
 
 
