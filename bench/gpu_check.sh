@@ -300,6 +300,7 @@ pack_generated() {  # pack_generated NAME: the jobs generated since the last pac
 quality_generate_part() {
   nvidia-smi -L || true
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 > "$out/gpu-use.csv" 2>/dev/null &
+  local logger=$!
   local until=${QUALITY_DEADLINE:-480}  # seconds after the script started (bash's SECONDS)
   if [ "$tiny" = 1 ]; then
     step q32-tiny quality_32 $((until - SECONDS)) --budgets 0.02 --seeds 0 --samples 8 --sample-batch 8 --reference 16
@@ -308,6 +309,7 @@ quality_generate_part() {
     step q32-b10 quality_32 $((until - SECONDS)) --budgets 10; pack_generated b10
     step q32-short quality_32 $((until - SECONDS)) --budgets 2 5; pack_generated short
   fi
+  kill $logger 2>/dev/null  # a second call on the warm machine starts its own
   ls -la "$out"
   local count; count=$(ls "$out" | wc -l)
   [ "$count" -le 7 ] || echo "WARNING: $count files in \$OUT, and the part's .json to come; only 8 come back"

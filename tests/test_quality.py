@@ -173,14 +173,21 @@ def test_the_matrix_trains_samples_and_scores_with_the_stages(tmp_path):
     # ... if it was scored as it is set up now: a job of the same name trained or sampled another way stops the
     # matrix, naming it, instead of passing the old measurement off as the new one
     longer = dataclasses.replace(model, steps=model.steps + 1)
-    scored = rf"{model.name} \(scored: ddim-4 eta 1, 3 steps, 6 samples vs 6 images; now: "
-    with pytest.raises(SystemExit, match=scored + r"ddim-4 eta 1, 4 steps, 6 samples vs 6 images\)"):
+    key = recipe_key(m, OURS)
+    scored = rf"{model.name} \(scored: ddim-4 eta 1, 3 steps, 6 samples vs 6 images, recipe settings {key}; now: "
+    with pytest.raises(
+        SystemExit, match=scored + rf"ddim-4 eta 1, 4 steps, 6 samples vs 6 images, recipe settings {key}\)"
+    ):
         run_matrix(m, [longer], workers=1, deadline=None)
     eta0 = matrix(tmp_path, defaults=overlay(m.defaults, {"sample": {"eta": 0.0}}))
-    with pytest.raises(SystemExit, match=scored + r"ddim-4 eta 0, 3 steps, 6 samples vs 6 images\)"):
+    with pytest.raises(SystemExit, match=scored + r"ddim-4 eta 0, 3 steps, 6 samples vs 6 images"):
         run_matrix(eta0, [model], workers=1, deadline=None)
-    with pytest.raises(SystemExit, match=scored + r"ddim-4 eta 1, 3 steps, 5 samples vs 6 images\)"):
+    with pytest.raises(SystemExit, match=scored + r"ddim-4 eta 1, 3 steps, 5 samples vs 6 images"):
         run_matrix(dataclasses.replace(m, samples=5), [model], workers=1, deadline=None)
+    # ... or with a recipe whose settings moved since (a default changed), which the row recorded
+    lr = matrix(tmp_path, defaults=overlay(m.defaults, {"train": {"learning_rate": 0.5}}))
+    with pytest.raises(SystemExit, match=rf"recipe settings {key}; now: .* recipe settings {recipe_key(lr, OURS)}\)"):
+        run_matrix(lr, [model], workers=1, deadline=None)
     # a job folder an earlier run left (interrupted before scoring) with other params is not scored or resumed
     unscored = Job(OURS, 8, 1, 0.1, model.steps)
     m.job_dir(unscored.name).mkdir(parents=True)
@@ -332,6 +339,8 @@ def test_a_later_rates_file_is_scaled_by_a_recipe_of_the_same_settings_in_both(t
     assert budget_steps(apart, OURS, 16, 1.0, key="z") == 480 and budget_steps(apart, OURS, 16, 1.0, key="a") == 120
     with pytest.raises(SystemExit, match="records its recipes' settings"):  # a file from before the keys
         read(first, {"steps_per_second": {OURS: {"16": 2.0}}})
+    with pytest.raises(SystemExit, match=r"b.json: no recipe_keys entry for \['x'\]"):
+        read(first, {**later, "recipe_keys": {OURS: "b"}})
 
 
 def test_the_committed_rates_budget_todays_recipes_as_the_measured_jobs_were():

@@ -172,6 +172,9 @@ def read_rates(paths: list[str]) -> dict:
             raise SystemExit(
                 f"{path}: one of it and {paths[0]} records its recipes' settings (recipe_keys), the other not"
             )
+        unkeyed = sorted(set(extra) - set(extra_keys)) if extra_keys else []
+        if unkeyed:
+            raise SystemExit(f"{path}: no recipe_keys entry for {unkeyed}")
         named = {}  # the later file's recipe names -> the merged ones
         for recipe in extra:
             key = extra_keys.get(recipe)
@@ -190,8 +193,8 @@ def read_rates(paths: list[str]) -> dict:
                 )
             anchor = OURS if OURS in both else sorted(both)[0]
             scale = rates[named[anchor]][res] / extra[anchor][res]
-            for recipe in new:  # the earlier files' measurements are kept where both have one
-                rates.setdefault(named[recipe], {})[res] = extra[recipe][res] * scale
+            for recipe in new:  # the earlier files' measurements are kept where both have one (or two here: the first)
+                rates.setdefault(named[recipe], {}).setdefault(res, extra[recipe][res] * scale)
                 if extra_keys:
                     keys[named[recipe]] = extra_keys[recipe]
     return merged

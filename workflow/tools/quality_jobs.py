@@ -242,7 +242,9 @@ def score(m: Matrix, job: Job) -> dict:
     row = {
         **asdict(job),
         "name": job.name,
-        "recipe_key": recipe_key(m, job.recipe),  # what it trained with: `quality tables` never mixes two
+        # what it trained with (`quality tables` never mixes two): today's recipe, which check_earlier_work and
+        # the job folder's params check have tied to what this job's folder holds
+        "recipe_key": recipe_key(m, job.recipe),
         **metrics,
         "device_seconds": device_seconds(generated),
         "sampled_with": sampled_with(params.sample),
@@ -446,16 +448,19 @@ def check_earlier_work(m: Matrix, jobs: list[Job], scored: dict) -> None:
         if row is None:
             continue
         counts = (row.get("fid_num_samples"), row.get("fid_num_reference"))
+        settings = (row.get("recipe_key") or "unrecorded", recipe_key(m, job.recipe))  # a default moved since?
         if (
             row["sampled_with"] != planned[job.name]
             or row["steps"] != job.steps
             or counts[0] != m.samples
             or counts[1] != wanted_reference(m, job.resolution)
+            or settings[0] != settings[1]
         ):
             changed.append(
                 f"{job.name} (scored: {sampling_label(row['sampled_with'])}, {row['steps']:,} steps, "
-                f"{counts[0]} samples vs {counts[1]} images; now: {sampling_label(planned[job.name])}, "
-                f"{job.steps:,} steps, {m.samples} samples vs {wanted_reference(m, job.resolution)} images)"
+                f"{counts[0]} samples vs {counts[1]} images, recipe settings {settings[0]}; now: "
+                f"{sampling_label(planned[job.name])}, {job.steps:,} steps, {m.samples} samples vs "
+                f"{wanted_reference(m, job.resolution)} images, recipe settings {settings[1]})"
             )
     if changed:
         raise SystemExit(
