@@ -185,7 +185,7 @@ def read_rates(paths: list[str]) -> dict:
             new = [r for r, per_res in extra.items() if res in per_res and res not in rates.get(named[r], {})]
             if not new:
                 continue
-            both = [r for r in extra if res in extra[r] and res in rates.get(named[r], {}) and named[r] in rates]
+            both = [r for r in extra if res in extra[r] and res in rates.get(named[r], {})]
             if not both:
                 raise SystemExit(
                     f"{path}: no recipe measured at {res} px both there and in the files before it (the same "
