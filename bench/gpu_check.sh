@@ -274,12 +274,14 @@ QUALITY_32_DIR=${QUALITY_32_DIR:-/root/quality-32}
 QUALITY_32_RECIPES=${QUALITY_32_RECIPES:-configs/recipes/tutorial.yaml configs/recipes/train-unconditional.yaml
   bench/quality/variants/batch-32.yaml}
 # --sample-batch 250 (the CPU runs' own): a DDPM-1000 set stopped by the deadline resumes from its last
-# whole batch in the next call; sets of 1,000 at once restarted from nothing
+# whole batch in the next call; sets of 1,000 at once restarted from nothing. QUALITY_SAMPLE_BATCH=1000
+# makes a quarter of the UNet calls (the model is small: a call's time is mostly kernel launches) at
+# that price; how much faster is unmeasured
 quality_32() {  # quality_32 SECONDS_LEFT MATRIX_OPTION...
   local left=$1; shift
   [ "$left" -gt 30 ] || { echo "no time left"; return 0; }
   python3 -m workflow quality matrix --rates $QUALITY_RATES --recipes $QUALITY_32_RECIPES --without-ours \
-    --out "$QUALITY_32_DIR" --resolutions 32 --sampler-sweep "" --reference 2000 --sample-batch 250 \
+    --out "$QUALITY_32_DIR" --resolutions 32 --sampler-sweep "" --reference 2000 --sample-batch "${QUALITY_SAMPLE_BATCH:-250}" \
     --weights "$INCEPTION" --weights-sha256 $PACKAGED_SHA256 --generate-only \
     --workers "${QUALITY_WORKERS:-6}" --threads 2 --deadline "$left" "$@"
 }
