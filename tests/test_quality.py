@@ -37,6 +37,7 @@ from workflow.tools.quality_jobs import (
     recipe_presets,
     run_matrix,
     same_params,
+    settings_key,
 )
 
 RECIPES = [str(ROOT / "configs/recipes/tutorial.yaml"), str(ROOT / "configs/recipes/train-unconditional.yaml")]
@@ -441,6 +442,33 @@ def test_variants_are_tabled_against_ours_at_their_seeds_and_kept_out_of_the_bud
     assert "| ours | 16 | 10 | 0, 1 | 100 | 10.50 ± 0.71 (n=2) |" in text  # seed 2: no variant tried it
     assert "| batch-64 | 16 | 10 | 0, 1 | 100 | 9.50 ± 0.71 (n=2) |" in text and "| 0.90x |" in text
     assert "| lr-4e-3 | 16 | 10 | 0 | 100 | 12.00 (n=1) |" in text and "| 1.20x |" in text
+
+
+def test_a_default_measured_as_a_variant_is_tabled_and_drawn_as_todays_default(tmp_path):
+    """After params.yaml's recipe moved, its rows are a variant's (kept apart from the old "ours" rows); the
+    budget tables and figures show that variant first, as params.yaml, and take the ratio against it."""
+    present = settings_key(defaults(), {})
+    ours = [{**_row(OURS, s, 2, 40.0 + s), "recipe_key": "earlier"} for s in range(3)]
+    moved = [{**_row("batch-32", s, 2, 25.0 + s, DEFAULT_SAMPLER), "recipe_key": present} for s in range(3)]
+    tutorial = [_row("tutorial", s, 2, 100.0 + s) for s in range(3)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*ours, *moved, *tutorial]))
+    text = quality_tables.markdown([str(tmp_path)], {"steps_per_second": {OURS: {"16": 2.5}}}, str(tmp_path / "f"))
+    head = "| budget (min) | batch-32 (params.yaml) FID (ddpm-50) | ours (earlier params.yaml) FID (ddpm-50) |"
+    assert head + " tutorial FID (ddpm-1000) | batch-32 (params.yaml) (ddpm-50) / tutorial |" in text
+    assert "| 2 | 26.0 ± 1.0 | 41.0 ± 1.0 | 101.0 ± 1.0 | 0.26x (separated) |" in text
+    assert "| batch-32 | 16 | 2 | 0, 1, 2 | 100 | 26.00 ± 1.00 |" in text and "| 0.63x |" in text  # still a variant
+    assert (tmp_path / "f" / "fid_vs_minutes_r16.png").read_bytes().startswith(b"\x89PNG")
+    rows = quality_tables.collect([str(tmp_path)])
+    recipes = ["batch-32", OURS, "tutorial"]
+    curves = quality_tables.budget_curves(rows, 16, recipes, "ddpm-50", {"batch-32": "batch-32 (params.yaml)"})
+    assert [(c[0], list(c[2]), list(c[3])) for c in curves] == [
+        ("batch-32 (params.yaml) (ddpm-50)", [26.0], [1.0]),
+        ("ours (ddpm-50)", [41.0], [1.0]),
+        ("tutorial (ddpm-1000)", [101.0], [1.0]),
+    ]
+    # once ours' own rows are params.yaml's, no variant stands in for it
+    assert quality_tables.present_defaults([*ours, *moved], present) == ["batch-32"]
+    assert quality_tables.present_defaults([{**ours[0], "recipe_key": present}, *moved], present) == []
 
 
 def test_result_folders_merge_by_job_and_sampler(tmp_path):

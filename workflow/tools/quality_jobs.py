@@ -100,7 +100,12 @@ def recipe_key(m: Matrix, recipe: str) -> str:
     """What a recipe trains with (its model, noise schedule and training settings over the defaults, the
     step count aside), hashed: a rates file records it beside each rate, so a recipe whose settings have
     changed since (params.yaml's `ours` when a default moves) is never budgeted with another's rate."""
-    raw = overlay(m.defaults, m.recipes[recipe])
+    return settings_key(m.defaults, m.recipes[recipe])
+
+
+def settings_key(base: dict, preset: dict) -> str:
+    """recipe_key of `preset` over the params `base`."""
+    raw = overlay(base, preset)
     trains = {k: v for k, v in raw["train"].items() if k not in ("max_steps", "epochs")}
     part = {"model": raw["model"], "scheduler": raw["scheduler"], "train": trains}
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]

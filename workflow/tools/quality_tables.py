@@ -21,6 +21,7 @@ from workflow.tools.quality_jobs import (
     read_results,
     sampled_with,
     sampling_label,
+    settings_key,
 )
 
 REFERENCE_RECIPE = "tutorial"  # what the target ratio is taken against
@@ -111,15 +112,47 @@ def budget_groups(rows: list[dict]) -> dict:
     return groups
 
 
+def present_defaults(rows: list[dict], key: str) -> list[str]:
+    """The variants whose rows trained with params.yaml's present settings (recipe_key `key`), where ours'
+    rows did not: a default that moved is measured as a variant, to keep its rows apart from those of the
+    default before, and the budget tables and figures show it as today's default."""
+    if any(r["recipe"] == OURS and r.get("recipe_key") == key for r in rows):
+        return []
+    return sorted({r["recipe"] for r in rows if r["recipe"] not in COMPARED and r.get("recipe_key") == key})
+
+
 def budget_series(rows: list[dict], resolution: int, recipes: list[str], default: str) -> list[tuple[str, str]]:
     """The (recipe, sampling) columns of a resolution's table: each recipe under the samplers its training
-    jobs used, and ours under the default sampler (params.yaml's) too, first."""
+    jobs used (the default sampler, params.yaml's, first), and the first recipe (today's default) under the
+    default sampler first of all."""
     used = {(r["recipe"], sampling_label(r["sampled_with"])) for r in rows if r["resolution"] == resolution}
     trained = {(r["recipe"], sampling_label(r["sampled_with"])) for r in rows if r["sampler"] is None}
-    series = [(OURS, default)] if (OURS, default) in used else []
+    series = [(recipes[0], default)] if (recipes[0], default) in used else []
     return series + sorted(
-        (pair for pair in trained if pair in used and pair not in series), key=lambda p: (recipes.index(p[0]), p[1])
+        (pair for pair in trained if pair in used and pair not in series),
+        key=lambda p: (recipes.index(p[0]), p[1] != default, p[1]),
     )
+
+
+def budget_curves(rows: list[dict], resolution: int, recipes: list[str], default: str, names: dict) -> list:
+    """The budget table's columns as curves: (legend, budgets, mean FIDs, their sds)."""
+    groups = budget_groups(rows)
+    curves = []
+    for recipe, label in budget_series(rows, resolution, recipes, default):
+        points = sorted(
+            (b, spread([x["fid"] for x in g]))
+            for (res, b, *pair), g in groups.items()
+            if res == resolution and pair == [recipe, label]
+        )
+        curves.append(
+            (
+                f"{names.get(recipe, recipe)} ({label})",
+                np.array([b for b, _ in points]),
+                np.array([s[0] for _, s in points]),
+                np.nan_to_num(np.array([s[1] for _, s in points])),
+            )
+        )
+    return curves
 
 
 def ratio_cell(ours: list[dict], ref: list[dict]) -> str:
@@ -132,18 +165,23 @@ def ratio_cell(ours: list[dict], ref: list[dict]) -> str:
     return f"{mo / mr:.2f}x" + (" (separated)" if separated else "")
 
 
-def budget_table(rows: list[dict], resolution: int, recipes: list[str], rates: dict, default: str) -> str:
+def budget_table(
+    rows: list[dict], resolution: int, recipes: list[str], rates: dict, default: str, names: dict | None = None
+) -> str:
+    """FID against budget for `recipes`, the first (today's default) against the tutorial's; `names`: what a
+    recipe is called in the table, where not its own name."""
+    name = lambda recipe: (names or {}).get(recipe, recipe)  # noqa: E731
     groups = budget_groups(rows)
     series = budget_series(rows, resolution, recipes, default)
     reference = next((pair for pair in series if pair[0] == REFERENCE_RECIPE), None)
     budgets = sorted({b for (res, b, _, _) in groups if res == resolution})
-    head = ["budget (min)"] + [f"{r} FID ({label})" for r, label in series]
-    head += [f"ours ({default}) / {REFERENCE_RECIPE}"] if reference else []
+    head = ["budget (min)"] + [f"{name(r)} FID ({label})" for r, label in series]
+    head += [f"{name(recipes[0])} ({default}) / {REFERENCE_RECIPE}"] if reference else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b in budgets:
         cells = [f"{b:g}"] + [cell([x["fid"] for x in groups.get((resolution, b, *pair), [])]) for pair in series]
         if reference:
-            ours = groups.get((resolution, b, OURS, default), [])
+            ours = groups.get((resolution, b, recipes[0], default), [])
             cells.append(ratio_cell(ours, groups.get((resolution, b, *reference), [])))
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -157,13 +195,13 @@ def budget_table(rows: list[dict], resolution: int, recipes: list[str], rates: d
             if not g:
                 continue
             lines.append(
-                f"| {b:g} | {r} | {label} | {g[0]['steps']:,} | {cell([x['fid'] for x in g])} | "
+                f"| {b:g} | {name(r)} | {label} | {g[0]['steps']:,} | {cell([x['fid'] for x in g])} | "
                 f"{cell([x['kid'] for x in g], 4)} | {cell([x['precision'] for x in g], 3)} | "
                 f"{cell([x['recall'] for x in g], 3)} | {cell([x.get('fid_default_size') for x in g])} |"
             )
     shown = [r for r in recipes if any(pair[0] == r for pair in series)]
     keys = {r["recipe"]: r.get("recipe_key") for r in rows}  # one per recipe (check_alike)
-    rate_line = ", ".join(f"{r} {_num(measured_rate(rates, r, resolution, keys.get(r)), 2)}" for r in shown)
+    rate_line = ", ".join(f"{name(r)} {_num(measured_rate(rates, r, resolution, keys.get(r)), 2)}" for r in shown)
     return "\n".join(lines) + f"\n\nSteps per second on the rates' CPU at {resolution} px: {rate_line}.\n"
 
 
@@ -260,37 +298,29 @@ def _num(value, digits: int) -> str:
 
 def markdown(folders: list[str], rates: dict, figures: str | None) -> str:
     everything = collect(folders)
-    rows = [r for r in everything if r["recipe"] in COMPARED]
-    recipes = [OURS] + sorted({r["recipe"] for r in rows} - {OURS})
+    today = present_defaults(everything, settings_key(defaults(), {}))
+    rows = [r for r in everything if r["recipe"] in COMPARED or r["recipe"] in today]
+    recipes = today + [OURS] + sorted({r["recipe"] for r in rows} - {OURS, *today})
+    names = {name: f"{name} (params.yaml)" for name in today}
+    if today:
+        names[OURS] = "ours (earlier params.yaml)"
     default = sampling_label(sampled_with(params_from_dict(defaults()).sample))
     out = []
     for res in sorted({r["resolution"] for r in rows if r["sampler"] is None}):
         out += [
             f"### {res} px: FID against training minutes on the CPU",
             "",
-            budget_table(rows, res, recipes, rates, default),
+            budget_table(rows, res, recipes, rates, default, names),
         ]
         if figures:
-            groups = budget_groups(rows)
-            series = []
-            for recipe, label in budget_series(rows, res, recipes, default):
-                points = sorted(
-                    (b, spread([x["fid"] for x in g]))
-                    for (r_, b, *pair), g in groups.items()
-                    if r_ == res and pair == [recipe, label]
-                )
-                series.append(
-                    (
-                        f"{recipe} ({label})",
-                        np.array([b for b, _ in points]),
-                        np.array([s[0] for _, s in points]),
-                        np.nan_to_num(np.array([s[1] for _, s in points])),
-                    )
-                )
             write(
                 figures,
                 f"fid_vs_minutes_r{res}.png",
-                errorbar_plot_png(series, "training minutes on the CPU", "FID (1,000 samples)"),
+                errorbar_plot_png(
+                    budget_curves(rows, res, recipes, default, names),
+                    "training minutes on the CPU",
+                    "FID (1,000 samples)",
+                ),
             )
     variants = variants_table(everything, default)
     if variants:
