@@ -1,8 +1,9 @@
 """python -m workflow <command> [options]  -- the one command line of the pipeline.
 
 Stages (each reads params.yaml, or the file given with --params):
-  download, preprocess, fid_reference, train, sample, evaluate, fid_sweep, report, package.
-Tools beside them: bench (train | sample | fid throughput), compare (DVC experiments on one page),
+  download, download_model, preprocess, encode, fid_reference, train, sample, evaluate, fid_sweep,
+  report, package.
+Tools beside them: bench (train | sample | fid | encode throughput), compare (DVC experiments on one page),
 preset (a configs/*.yaml preset checked and printed as `dvc exp run -S` arguments),
 pull (`dvc pull` with every object checked against its md5; a corrupt one is named, never checked out),
 quality (recipes' FID against training compute, over seeds: docs/QUALITY.md).
