@@ -27,7 +27,9 @@ def test_data_order_is_a_function_of_seed_and_step():
     assert not np.array_equal(batch_indices(3, 7, 5, 11), batch_indices(4, 7, 5, 11))
 
 
-def test_step_noise_shards_match_the_global_draw():
+def test_step_noise_is_a_function_of_seed_and_step():
+    """Every process draws the whole global batch from the (seed, step) stream (its shard is then a slice:
+    tests/test_train.py), so the draw may depend on nothing else."""
     noise, t, flip = step_noise(0, 5, (4, 1, 8, 8), 1000, "cpu")
     again = step_noise(0, 5, (4, 1, 8, 8), 1000, "cpu")
     assert all(torch.equal(a, b) for a, b in zip((noise, t, flip), again, strict=True))

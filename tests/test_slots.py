@@ -112,13 +112,10 @@ def test_a_stage_waiting_for_a_slot_gets_it_before_one_that_came_later(tmp_path)
 
 
 def test_a_killed_holder_frees_its_slot(tmp_path):
-    env = slot_env(tmp_path, slots=1)
-    first = holder(env, 60.0)
-    deadline = time.monotonic() + 60
-    lock = tmp_path / "slots" / "slot-0.lock"
-    while not lock.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)  # let it take the lock
+    env, gate = slot_env(tmp_path, slots=1), tmp_path / "gate"
+    gate.mkdir()
+    first = holder(env, 0.0, gate)  # holds the only slot until killed: the gate is never opened
+    wait_for(lambda: any(gate.glob("held-*")), "the first holder taking the slot")
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     second = holder(env, 0.1)

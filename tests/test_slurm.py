@@ -55,7 +55,7 @@ def test_the_tiny_pipeline_on_slurm_equals_the_local_run(slurm, dvc_repo, tmp_pa
     assert set(records) == set(jobs), records
     for job_id, line in records.items():
         assert "JobState=COMPLETED" in line and "ExitCode=0:0" in line, (jobs[job_id], line)
-        # what it asked for (slurmctld keeps a finished job's record for MinJobAge, 300 s)
+        # what it asked for (slurmctld keeps a finished job's record for MinJobAge, 3,600 s)
         shown = subprocess.run(
             ["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True, check=True
         ).stdout

@@ -5,15 +5,18 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.numpy import load_file
 
 from tests.helpers import train_history, write_images
 from workflow.core.config import ConfigError
 from workflow.formats import checkpoints, trainlog
+from workflow.stages.train import _process_slice
 from workflow.stages.train import run as train
 
 WEIGHTS = "models/trained/unet/diffusion_pytorch_model.safetensors"
@@ -56,13 +59,37 @@ def test_train_writes_a_loadable_pipeline_and_history(tiny_params):
 
 
 def test_saved_weights_are_the_ema_weights(tiny_params):
+    from diffusers import UNet2DModel
+
     params = tiny_params()
     write_images(params.paths.images)
-    train(params)
-    key = checkpoints.latest_checkpoint(next(Path(params.paths.checkpoints).iterdir()))
-    raw = load_file(key / "model.safetensors")  # the raw (non-EMA) weights accelerate saved
+    info = train(params)
+    last = checkpoints.latest_checkpoint(next(Path(params.paths.checkpoints).iterdir()))
+    assert checkpoints.load_progress(last)["step"] == info["steps"]  # the state the weights were saved from
+    raw = load_file(last / "model.safetensors")  # the raw (non-EMA) weights accelerate saved
+    shadow = torch.load(last / checkpoints.TRAINING_STATE, weights_only=True)["ema"]["shadow_params"]
+    names = [name for name, _ in UNet2DModel.from_pretrained(params.paths.trained, subfolder="unet").named_parameters()]
     saved = weights()
+    assert len(shadow) == len(names) == len(saved)
+    assert all(np.array_equal(saved[name], average.numpy()) for name, average in zip(names, shadow, strict=True))
     assert not same_weights(raw, saved)
+
+
+def test_process_shards_partition_each_micro_batch():
+    """Each rank takes its slice of every micro-batch of the global batch (train_step): over the ranks and
+    micro-batches the slices cover each position once, in order, so a multi-process step sees the same
+    images, noise and timesteps as one process."""
+    size, micro_batches, ranks = 24, 3, 4
+    micro = size // micro_batches
+    positions = [
+        position
+        for m in range(micro_batches)
+        for rank in range(ranks)
+        for position in range(size)[
+            _process_slice(m * micro, micro, SimpleNamespace(num_processes=ranks, process_index=rank))
+        ]
+    ]
+    assert positions == list(range(size))
 
 
 def test_two_runs_are_bitwise_identical(tiny_params, tmp_path):
