@@ -21,7 +21,7 @@ import yaml
 from tests.helpers import ROOT, TINY
 from workflow.core.config import load_params, overlay, params_from_dict
 from workflow.models.inception import packaged_weights
-from workflow.tools import quality, quality_tables
+from workflow.tools import quality, quality_jobs, quality_tables
 from workflow.tools.quality_jobs import (
     FAILED,
     GENERATED,
@@ -224,6 +224,37 @@ def test_a_worker_killed_mid_job_fails_its_job_and_the_sweeps_of_its_model(tmp_p
     why = (m.job_dir(model.name) / FAILED).read_text()
     assert f"the worker process for {model.name} was ended by signal 9 (SIGKILL" in why and "log.txt" in why
     assert "the model this job samples failed" in (m.job_dir(sweep.name) / FAILED).read_text()
+
+
+def test_on_a_cpu_a_finished_job_is_scored_in_a_free_slot_while_another_worker_runs(tmp_path, monkeypatch):
+    """With no job left to start, a worker's slot is free: the scorer takes it, with a worker's threads, instead
+    of waiting for the last worker (on a CPU a long DDPM-1,000 set can keep one busy for hours)."""
+    m = matrix(tmp_path)
+    prepare_data(m, [8])
+    quick, slow = Job(OURS, 8, 0, 0.1, 3), Job(OURS, 8, 1, 1000.0, 100_000)  # the slow one cannot end first
+    scoring, real_score = [], quality_jobs.score
+
+    def score_noting_the_threads(m, job):  # the real scoring, watched
+        scoring.append((job.name, torch.get_num_threads()))
+        return real_score(m, job)
+
+    monkeypatch.setattr(quality_jobs, "score", score_noting_the_threads)
+    seen = []
+
+    def note_the_first_row_then_stop_the_slow_worker():
+        while not read_results(m.out):
+            time.sleep(0.05)
+        workers = [c for c in multiprocessing.active_children() if c.name == f"quality {slow.name}"]
+        seen.extend(w.is_alive() for w in workers)
+        for worker in workers:
+            worker.kill()
+
+    threading.Thread(target=note_the_first_row_then_stop_the_slow_worker, daemon=True).start()
+    summary = run_matrix(m, [quick, slow], workers=2, deadline=120)  # a missed kill fails the test, not hangs it
+    assert [r["name"] for r in read_results(m.out)] == [quick.name]
+    assert seen == [True]  # the slow job's worker was still running when the quick job's row was written
+    assert scoring == [(quick.name, m.threads)] and m.threads == 1
+    assert (summary["scored"], summary["failed"], summary["out_of_time"]) == (1, [slow.name], False)
 
 
 def test_generate_only_then_score_only_splits_a_job_between_two_machines(tmp_path):

@@ -13,7 +13,8 @@ Layout under the output folder:
                                   or by the main process with the exit code, if the worker died)
     results.jsonl                 one row per scored job, appended as each is scored
 Workers (processes) train and sample; the main process scores as sample sets appear, once the Inception
-file exists (on a GPU lease it may arrive after training has started); on a CPU, once the workers are done.
+file exists (on a GPU lease it may arrive after training has started); on a CPU, only when a worker's
+slot is free (no job left to start), with a worker's share of the cores.
 """
 
 from __future__ import annotations
@@ -327,10 +328,11 @@ def run_matrix(
     m: Matrix, jobs: list[Job], workers: int, deadline: float | None, generate: bool = True, score: bool = True
 ) -> dict:
     """Generate in job order, each job in a process of its own with at most `workers` at once; score in
-    this one as sample sets appear (on a CPU, once the workers are done). At `deadline` (seconds) the
-    workers are stopped and what they finished is scored. Jobs scored before are skipped, if they were
-    scored as they are set up now. A lent GPU without the Inception file generates only (score=False),
-    and a CPU then scores what it generated, in the same folder, without generating (generate=False)."""
+    this one as sample sets appear (on a CPU, in a worker's slot no job is left to take). At `deadline`
+    (seconds) the workers are stopped and what they finished is scored. Jobs scored before are skipped,
+    if they were scored as they are set up now. A lent GPU without the Inception file generates only
+    (score=False), and a CPU then scores what it generated, in the same folder, without generating
+    (generate=False)."""
     started = time.monotonic()
     scored = {row["name"]: row for row in read_results(m.out)}
     check_earlier_work(m, jobs, scored)
@@ -343,14 +345,16 @@ def run_matrix(
         m.job_dir(job.name).joinpath(FAILED).unlink(missing_ok=True)
     to_generate = [j for j in pending.values() if not is_generated(m, j)] if generate else []
     processes = Workers(m, to_generate, workers)
-    # On a CPU the scorer and the workers would share the cores, each process with a full set of threads,
-    # and a training job ran up to 20x slower beside a scoring one: there, scoring waits for the workers
+    # On a CPU the scorer shares the cores with the workers (a training job ran up to 20x slower beside a
+    # scorer with a full set of threads): there it scores only in a free worker's slot, with a worker's threads
     scores_alongside = default_device().type != "cpu"
+    cores = torch.get_num_threads()
     failed, out_of_time, told = [], False, False
     try:
         while pending:
             processes.step()
-            if scores_alongside or processes.done:
+            if scores_alongside or processes.slot_free:
+                torch.set_num_threads(m.threads if processes.running else cores)
                 failed += score_ready(m, pending, score)
             if score and not told and not weights_ready(m) and any(is_generated(m, j) for j in pending.values()):
                 told = True  # the matrix waits for it (a GPU lease copies it in later), until --deadline
@@ -368,6 +372,7 @@ def run_matrix(
                 time.sleep(1.0)
     finally:
         processes.stop()
+    torch.set_num_threads(cores)
     failed += score_ready(m, pending, score)  # what the workers finished before they were stopped
     unscored = sorted(name for name, job in pending.items() if is_generated(m, job))
     return {
@@ -394,6 +399,11 @@ class Workers:
     @property
     def done(self) -> bool:
         return not self.queue and not self.running
+
+    @property
+    def slot_free(self) -> bool:
+        """No job is waiting for a process and fewer than `count` run: a core the scorer can take."""
+        return not self.queue and len(self.running) < self.count
 
     def step(self) -> None:
         """Reap the processes that ended, then start jobs up to the count."""
