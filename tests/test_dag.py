@@ -210,3 +210,54 @@ def test_declared_code_is_exactly_what_the_stage_imports(both, name):
     dvc, _ = both
     declared = {d for d in dvc[name]["deps"] if d.startswith("workflow/")}
     assert declared == set(stage_code(name))
+
+
+PLOT_AXES = {  # each top-level plot's x and y columns, as dvc.yaml declares them
+    "Training loss": ("step", "loss"),
+    "Learning rate": ("step", "lr"),
+    "Training throughput": ("step", "images_per_second"),
+    "FID against sampling steps": ("num_inference_steps", "fid"),
+    "FID against the guidance scale": ("guidance_scale", "fid"),
+}
+
+
+def test_the_metrics_and_plots_dvc_shows_follow_params_paths(tmp_path):
+    """dvc.yaml's top-level metrics and plots name params.yaml's `paths`, like its stages: a training log
+    and sweeps moved there are what `dvc metrics show` and `dvc plots show` read."""
+    import json
+    import shutil
+
+    import yaml
+
+    from tests.helpers import sh
+    from workflow.formats import trainlog
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    moved = {"train_log": "logs/run-1", "fid_steps": "sweeps/steps.csv", "fid_guidance": "sweeps/guidance.csv"}
+    params["paths"].update(moved)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    sh(tmp_path, "dvc", "init", "--no-scm", "-q")
+    trainlog.start(tmp_path / moved["train_log"], [[1, 0.5, 1e-3], [2, 0.25, 2e-3]], [[2, 100.0]]).end()
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / moved["fid_steps"]).write_text("num_inference_steps,fid\n25,30.5\n50,20.5\n")
+    (tmp_path / moved["fid_guidance"]).write_text("guidance_scale,fid\n1.0,12.5\n")
+
+    metrics = json.loads(sh(tmp_path, "dvc", "metrics", "show", "--json"))[""]["data"]
+    assert metrics[f"{moved['train_log']}/metrics.json"]["data"] == {
+        "train": {"loss": 0.25, "lr": 0.002, "images_per_second": 100.0},
+        "step": 2,
+    }
+    plots = json.loads(sh(tmp_path, "dvc", "plots", "show", "--json"))
+    assert not plots.get("errors"), plots["errors"]
+    drawn = {}
+    for title, (plot,) in plots["data"].items():
+        x, y = PLOT_AXES[title]
+        drawn[title] = [(row[x], row[y]) for row in plot["content"]["data"]["values"]]
+    assert drawn == {
+        "Training loss": [("1", "0.5"), ("2", "0.25")],
+        "Learning rate": [("1", "0.001"), ("2", "0.002")],
+        "Training throughput": [("2", "100.0")],
+        "FID against sampling steps": [("25", "30.5"), ("50", "20.5")],
+        "FID against the guidance scale": [("1.0", "12.5")],
+    }

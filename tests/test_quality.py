@@ -250,7 +250,7 @@ def test_on_a_cpu_a_finished_job_is_scored_in_a_free_slot_while_another_worker_r
             worker.kill()
 
     threading.Thread(target=note_the_first_row_then_stop_the_slow_worker, daemon=True).start()
-    summary = run_matrix(m, [quick, slow], workers=2, deadline=120)  # a missed kill fails the test, not hangs it
+    summary = run_matrix(m, [quick, slow], workers=2, deadline=600)  # a missed kill fails the test, not hangs it
     assert [r["name"] for r in read_results(m.out)] == [quick.name]
     assert seen == [True]  # the slow job's worker was still running when the quick job's row was written
     assert scoring == [(quick.name, m.threads)] and m.threads == 1

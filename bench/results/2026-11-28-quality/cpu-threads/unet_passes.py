@@ -23,4 +23,5 @@ with torch.inference_mode():
     for _ in range(passes):
         unet(x, t)
     seconds = time.perf_counter() - start
-print(f"batch {BATCH}, threads {threads}: {passes * BATCH / seconds:.1f} img-steps/s ({seconds / passes:.2f} s a step)", flush=True)
+rate = passes * BATCH / seconds
+print(f"batch {BATCH}, threads {threads}: {rate:.1f} img-steps/s ({seconds / passes:.2f} s a step)", flush=True)
