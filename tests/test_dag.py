@@ -1,13 +1,17 @@
 """dvc.yaml and the Snakefile declare one DAG: same stages, commands, deps, outs and params."""
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, sh
 from workflow import STAGES
 from workflow.core.code_deps import stage_code
+from workflow.formats import trainlog
 
 
 def dvc_stages():
@@ -224,14 +228,6 @@ PLOT_AXES = {  # each top-level plot's x and y columns, as dvc.yaml declares the
 def test_the_metrics_and_plots_dvc_shows_follow_params_paths(tmp_path):
     """dvc.yaml's top-level metrics and plots name params.yaml's `paths`, like its stages: a training log
     and sweeps moved there are what `dvc metrics show` and `dvc plots show` read."""
-    import json
-    import shutil
-
-    import yaml
-
-    from tests.helpers import sh
-    from workflow.formats import trainlog
-
     shutil.copy(ROOT / "dvc.yaml", tmp_path)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     moved = {"train_log": "logs/run-1", "fid_steps": "sweeps/steps.csv", "fid_guidance": "sweeps/guidance.csv"}
