@@ -9,9 +9,15 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import os
+import pickle
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,6 +230,47 @@ def test_a_worker_killed_mid_job_fails_its_job_and_the_sweeps_of_its_model(tmp_p
     why = (m.job_dir(model.name) / FAILED).read_text()
     assert f"the worker process for {model.name} was ended by signal 9 (SIGKILL" in why and "log.txt" in why
     assert "the model this job samples failed" in (m.job_dir(sweep.name) / FAILED).read_text()
+
+
+MATRIX_IN_A_PROCESS = """
+import pickle, sys
+from workflow.tools.quality_jobs import run_matrix
+m, job = pickle.loads(open(sys.argv[1], "rb").read())
+run_matrix(m, [job], workers=1, deadline=600)
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie, ended and not yet reaped by its new parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_a_worker_ends_when_its_matrix_process_is_killed(tmp_path, how):
+    """Killed, or ended by a SIGTERM (which runs no cleanup), the matrix process takes its workers with it: an
+    orphan would train or sample on for hours and hold its sample set's lock, refusing the rerun."""
+    m = matrix(tmp_path)
+    prepare_data(m, [8])
+    job = Job(OURS, 8, 0, 1000.0, 100_000)  # far more steps than the test leaves it time for
+    (tmp_path / "matrix.pickle").write_bytes(pickle.dumps((m, job)))
+    main = subprocess.Popen([sys.executable, "-c", MATRIX_IN_A_PROCESS, str(tmp_path / "matrix.pickle")], cwd=ROOT)
+    log, deadline = m.job_dir(job.name) / "log.txt", time.monotonic() + 300  # hang guards, not timings
+    while "train:" not in (log.read_text() if log.is_file() else ""):  # the worker is training
+        assert main.poll() is None and time.monotonic() < deadline, "the worker never started training"
+        time.sleep(0.1)
+    children = Path(f"/proc/{main.pid}/task/{main.pid}/children").read_text().split()
+    worker = next(int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text())
+    os.kill(main.pid, how)
+    assert main.wait(60) == -how
+    while running(worker):
+        assert time.monotonic() < deadline, f"the worker {worker} outlived its matrix process"
+        time.sleep(0.1)
+    assert log.read_text().rstrip().endswith("quality: the matrix process ended; this worker stops with it")
+    assert not (m.job_dir(job.name) / GENERATED).exists()
 
 
 def test_on_a_cpu_a_finished_job_is_scored_in_a_free_slot_while_another_worker_runs(tmp_path, monkeypatch):

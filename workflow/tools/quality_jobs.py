@@ -24,6 +24,9 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
+import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -209,6 +212,7 @@ def prepare_data(m: Matrix, resolutions: list[int]) -> None:
 def generate(m: Matrix, job: Job) -> str:
     """Worker: train (unless a sampler job) and sample one job, its output in <job>/log.txt; its marker
     file says how it went."""
+    end_with_the_matrix()
     torch.set_num_threads(m.threads)
     folder = m.job_dir(job.name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -223,6 +227,25 @@ def generate(m: Matrix, job: Job) -> str:
         except Exception:  # noqa: BLE001 -- one job's failure is recorded and the matrix goes on
             (folder / FAILED).write_text(traceback.format_exc())
     return job.name
+
+
+def end_with_the_matrix() -> None:
+    """Worker: end this process once the matrix process that started it is gone (killed, or ended by a
+    SIGTERM, which runs no cleanup). An orphan would go on for hours on cores the next run needs, and
+    hold its sample set's lock, so that the rerun of the same command fails the job as "another process
+    is writing this sample set". What it made is kept: the job resumes from its last checkpoint or whole
+    sample batch."""
+    parent = multiprocessing.parent_process()
+    if parent is None:  # called outside a worker
+        return
+
+    def watch() -> None:
+        parent.join()  # returns when the parent's end of the spawn pipe closes, i.e. when it is gone
+        with contextlib.suppress(ValueError, OSError):  # the job's log may be closed already
+            print("quality: the matrix process ended; this worker stops with it", file=sys.stderr, flush=True)
+        os._exit(1)  # at once: no cleanup of a half-done step, which resuming never reads
+
+    threading.Thread(target=watch, name="end with the matrix", daemon=True).start()
 
 
 def wait_for(model_dir: Path, poll: float = 2.0) -> None:
