@@ -43,6 +43,7 @@ OLAH = Path(sys.executable).parent / "olah-cli"
 ACCESS = re.compile(r'"(GET|HEAD|POST) (\S+) HTTP/[\d.]+" (\d{3})')
 # A token-shaped secret, new each session (so no source file holds it): the tests check it never
 # reaches any file, log, report or lock.
+BARRIER = "/api/datasets/barrier/"  # barrier()'s requests, left out of requests()
 SECRET_TOKEN = "hf_" + secrets.token_hex(17)
 
 
@@ -67,6 +68,7 @@ class Mirror:
     port: int
     process: subprocess.Popen | None = None
     mirrors: Path = field(init=False)
+    barriers: int = 0  # requests made by barrier(), each to its own path
 
     def __post_init__(self):
         self.mirrors = self.root / "mirrors"
@@ -151,15 +153,29 @@ offline = true
 
     def mark(self) -> int:
         """A position in the access log; `requests(mark)` lists what came after it."""
-        time.sleep(0.05)
-        return self.log.stat().st_size
+        return self.barrier()
 
     def requests(self, since: int = 0) -> list[tuple[str, str, int]]:
-        time.sleep(0.2)  # let the server write its access lines
+        end = self.barrier()
         with open(self.log, "rb") as log:
             log.seek(since)
-            text = log.read().decode(errors="replace")
-        return [(m[1], m[2], int(m[3])) for m in ACCESS.finditer(text)]
+            text = log.read(end - since).decode(errors="replace")
+        return [(m[1], m[2], int(m[3])) for m in ACCESS.finditer(text) if not m[2].startswith(BARRIER)]
+
+    def barrier(self, timeout: float = 30.0) -> int:
+        """Ask the server something new and wait for its access line; return the log's size after it. The
+        server writes a request's line before its answer goes out, so every request answered before this
+        call is in the log by then: no sleep that a loaded machine could outrun."""
+        self.barriers += 1
+        path = f"{BARRIER}{self.barriers}/revision/main"
+        with contextlib.suppress(urllib.error.HTTPError):  # a missing repository: it answers 404
+            urllib.request.urlopen(f"{self.endpoint}{path}", timeout=timeout)
+        wanted, deadline = f'"GET {path} '.encode(), time.monotonic() + timeout
+        while (at := self.log.read_bytes().find(wanted)) < 0:
+            if time.monotonic() > deadline:
+                pytest.fail(f"olah answered {path} but logged no line for it in {timeout} s: {self.log}")
+            time.sleep(0.02)
+        return self.log.read_bytes().index(b"\n", at) + 1
 
     def file_gets(self, since: int, repo: str) -> list[str]:
         """Paths of the files of `repo` fetched (GET .../resolve/<rev>/<path>) since the mark."""
