@@ -41,9 +41,9 @@ from tests.helpers import ROOT
 
 OLAH = Path(sys.executable).parent / "olah-cli"
 ACCESS = re.compile(r'"(GET|HEAD|POST) (\S+) HTTP/[\d.]+" (\d{3})')
+BARRIER = "/api/datasets/barrier/"  # barrier()'s requests, left out of requests()
 # A token-shaped secret, new each session (so no source file holds it): the tests check it never
 # reaches any file, log, report or lock.
-BARRIER = "/api/datasets/barrier/"  # barrier()'s requests, left out of requests()
 SECRET_TOKEN = "hf_" + secrets.token_hex(17)
 
 
@@ -171,11 +171,14 @@ offline = true
         with contextlib.suppress(urllib.error.HTTPError):  # a missing repository: it answers 404
             urllib.request.urlopen(f"{self.endpoint}{path}", timeout=timeout)
         wanted, deadline = f'"GET {path} '.encode(), time.monotonic() + timeout
-        while (at := self.log.read_bytes().find(wanted)) < 0:
+        while True:  # the whole line: its end is where the next reader starts
+            text = self.log.read_bytes()
+            at = text.find(wanted)
+            if at >= 0 and (end := text.find(b"\n", at)) >= 0:
+                return end + 1
             if time.monotonic() > deadline:
                 pytest.fail(f"olah answered {path} but logged no line for it in {timeout} s: {self.log}")
             time.sleep(0.02)
-        return self.log.read_bytes().index(b"\n", at) + 1
 
     def file_gets(self, since: int, repo: str) -> list[str]:
         """Paths of the files of `repo` fetched (GET .../resolve/<rev>/<path>) since the mark."""
