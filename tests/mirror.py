@@ -47,10 +47,36 @@ BARRIER = "/api/datasets/barrier/"  # barrier()'s requests, left out of requests
 SECRET_TOKEN = "hf_" + secrets.token_hex(17)
 
 
+_issued_ports: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that binds now, never handed out before in this process, and, where the system
+    leaves room, below its ephemeral range: a port from bind(0) can be taken again, between this call
+    and the server's own bind, by any client connection's source port (the tests make many). The scan
+    starts at a pid-derived offset so two test sessions on one machine look at different ports first."""
+    low, _ = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    first, last = 10000, low - 1
+    candidates = range(first, last + 1) if last - first >= 1000 else ()
+    start = (os.getpid() * 97) % len(candidates) if candidates else 0
+    for i in range(len(candidates)):
+        port = candidates[(start + i) % len(candidates)]
+        if port in _issued_ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _issued_ports.add(port)
+        return port
+    while True:  # no room below the ephemeral range: the system's choice, still never twice
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _issued_ports:
+            _issued_ports.add(port)
+            return port
 
 
 def git(cwd: Path, *args: str) -> str:
