@@ -4,6 +4,7 @@ import dataclasses
 import json
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,8 @@ from safetensors.numpy import load_file
 from tests.helpers import train_history, write_images
 from workflow.core.config import ConfigError
 from workflow.formats import checkpoints, trainlog
+from workflow.formats.training_images import load_images
+from workflow.formats.training_images import write_images as save_images
 from workflow.stages.train import _process_slice
 from workflow.stages.train import run as train
 
@@ -180,6 +183,22 @@ def test_missing_images_is_a_clear_error(tiny_params):
         ConfigError, match=r"images.npy \(`paths.images`\): no such file; the preprocess stage makes it"
     ):
         train(tiny_params())
+
+
+def test_the_training_set_is_the_files_mapping_not_a_copy_of_it(tmp_path):
+    """train reads images.npy copy-on-write: torch takes it without complaint (writable), its pages are the
+    file's (one copy in memory for every rank of a machine, not one each), and a write stays in memory."""
+    path = tmp_path / "images.npy"
+    images = np.arange(5 * 1 * 4 * 4, dtype=np.uint8).reshape(5, 1, 4, 4)
+    save_images(path, images)
+    mapped = load_images(path, copy_on_write=True)
+    assert isinstance(mapped, np.memmap) and Path(mapped.filename) == path.resolve()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a read-only array
+        tensor = torch.from_numpy(np.ascontiguousarray(mapped))
+    assert tensor.data_ptr() == mapped.ctypes.data
+    tensor[0] = 255
+    assert np.array_equal(np.load(path), images)
 
 
 def test_non_finite_loss_names_the_step(tiny_params):

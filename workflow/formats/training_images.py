@@ -3,6 +3,7 @@ written by preprocess (with `paths.meta`, a JSON record), read by fid_reference 
 
     sha256 = write_images("data/processed/images.npy", array)
     images = load_images("data/processed/images.npy")          # memory-mapped, read-only
+    images = load_images(path, copy_on_write=True)              # memory-mapped, writable in memory only
     subset = Rows(images, [3, 10, 42])                          # those rows, read as they are indexed
 """
 
@@ -23,12 +24,14 @@ def write_images(path: str | Path, array: np.ndarray) -> str:
     return sha256_file(path)
 
 
-def load_images(path: str | Path, in_memory: bool = False) -> np.ndarray:
-    """The array, memory-mapped read-only (`in_memory`: read whole, writable)."""
+def load_images(path: str | Path, copy_on_write: bool = False) -> np.ndarray:
+    """The array, memory-mapped read-only; `copy_on_write`: writable (as torch.from_numpy wants), a write
+    changing this process's copy of that page only. Either way its pages are the file's, shared by every
+    process that maps it (a machine's training ranks, the page cache), not a private copy of the set each."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} (`paths.images`): no such file; the preprocess stage makes it")
-    return np.load(path, mmap_mode=None if in_memory else "r", allow_pickle=False)
+    return np.load(path, mmap_mode="c" if copy_on_write else "r", allow_pickle=False)
 
 
 class Rows:

@@ -634,7 +634,7 @@ def run(params: Params) -> dict:
         latent = {"base": params.paths.base_model} | {k: encoded.record[k] for k in ("latent_shape", "text_shape")}
     check_size(params, len(class_names), latent, PROGRESS_SAMPLER)  # over a cap: refused before anything is built
     if encoded is None:
-        images, data_sha = load_images(params.paths.images, in_memory=True), sha256_file(params.paths.images)
+        images, data_sha = load_images(params.paths.images, copy_on_write=True), sha256_file(params.paths.images)
     else:  # the encoded set's record names its arrays' content
         check_encoded(params, encoded)
         images, data_sha = None, encoding_sha256(params.paths.latents)
