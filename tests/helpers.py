@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +233,22 @@ def check_card(root: Path, params: Params) -> None:
     count = params.sample.grid_size if conditional else params.sample.grid_size**2
     assert len(images) == count and all(im.size == (size, size) for im in images)
     assert len({im.tobytes() for im in images}) == len(images)  # distinct samples, not a constant
+
+
+def wait_for(condition, what: str, seconds: float = 120.0) -> None:
+    """Until `condition()`; `seconds` is a hang guard, not a bound anything is measured against."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def blocked_on_flock(pid: int, path: Path) -> bool:
+    """Whether process `pid` waits for a flock on `path` (/proc/locks lists a waiter as `-> FLOCK`)."""
+    inode = path.stat().st_ino
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        waiter = fields[1] == "->" and fields[2] == "FLOCK" and fields[5] == str(pid)
+        if waiter and int(fields[6].split(":")[2]) == inode:
+            return True
+    return False

@@ -272,6 +272,7 @@ def test_make_run_config_records_the_preset_as_an_experiment_and_keeps_params_ya
     original = (repo / "params.yaml").read_text()
     edited = original.replace("grid_size: 2", "grid_size: 1")  # the grid only: the scores stay Snakemake's
     assert edited != original
+    applied = False
     (repo / "configs/classes-8.yaml").write_text(yaml.safe_dump(CLASSES_8))
     (repo / "configs/typo.yaml").write_text("train:\n  max_step: 8\n")
     try:
@@ -293,7 +294,14 @@ def test_make_run_config_records_the_preset_as_an_experiment_and_keeps_params_ya
         assert {k: metrics[k] for k in QUALITY} == {k: smk_metrics[k] for k in QUALITY}
         assert json.loads((repo / "reports/metrics.json").read_text())["train_steps"] == 16  # the workspace's
         assert (repo / PACKAGED_WEIGHTS).read_bytes() == first["weights"]
+        # applied, its model samples anew without training again: its checkpoints are no DVC output to miss
+        applied = True
+        sh(repo, "dvc", "exp", "apply", name)
+        resampled = sh(repo, "dvc", "exp", "run", "-S", "sample.grid_size=2")
+        assert "Running stage 'sample'" in resampled and "Running stage 'train'" not in resampled
     finally:
+        if applied:
+            sh(repo, "dvc", "exp", "apply", "baseline")  # the workspace as the other tests expect it
         (repo / "params.yaml").write_text(original)
         for preset in ("classes-8.yaml", "typo.yaml"):
             (repo / "configs" / preset).unlink()

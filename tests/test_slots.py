@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, wait_for
 from workflow.core.artifacts import try_lock
 from workflow.core.config import ConfigError
 from workflow.core.slots import Slot, device_slot, gpu_count, lock_name, slot_pool, slots_wanted, take_slots
@@ -43,13 +42,6 @@ def slot_env(tmp_path, slots: int = 2) -> dict:
 def holder(env: dict, seconds: float, gate: Path | None = None) -> subprocess.Popen:
     args = [sys.executable, "-c", HOLD, str(seconds), *([str(gate)] if gate else [])]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(condition, what: str, seconds: float = 120.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_three_processes_share_two_slots_without_ever_sharing_one(tmp_path):

@@ -1,9 +1,12 @@
 """The training stage on a tiny model: it learns, it is deterministic, and resume is exact."""
 
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.numpy import load_file
 
-from tests.helpers import train_history, write_images
+from tests.helpers import ROOT, blocked_on_flock, train_history, wait_for, write_images
 from workflow.core.config import ConfigError
 from workflow.formats import checkpoints, trainlog
 from workflow.formats.training_images import load_images
@@ -176,6 +179,64 @@ def test_changed_recipe_does_not_resume_foreign_checkpoints(tiny_params):
     info = train(other)
     assert info["resumed_from_step"] == 0
     assert len(list(Path(params.paths.checkpoints).iterdir())) == 2
+
+
+def test_a_run_in_a_copy_of_the_workspace_resumes_from_the_workspaces_checkpoints(tiny_params, tmp_path, monkeypatch):
+    """As DVC runs a `--temp` or queued experiment: in a copy of the workspace, DVC_ROOT naming the workspace.
+    An interrupted run's copy is gone, but its checkpoints are the workspace's: the next copy resumes them,
+    to the uninterrupted weights, and leaves no checkpoint of its own; git ignores them where they are."""
+    from workflow.stages import train as train_stage
+
+    params = tiny_params()
+    write_images(params.paths.images)
+    train(params)
+    straight = weights()
+    (run_dir,) = Path(params.paths.checkpoints).absolute().iterdir()
+    shutil.rmtree(run_dir / "step-0000012")  # as if the run was stopped after step 8's checkpoint
+    copy = tmp_path / ".dvc/tmp/exps/tmp1234"  # where DVC puts it
+    shutil.copytree("data", copy / "data")
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    taken, step_function = [], train_stage.train_step
+    monkeypatch.setattr(train_stage, "train_step", lambda run, step: taken.append(step) or step_function(run, step))
+    info = train(params)
+    assert info["resumed_from_step"] == 8 and taken == [8, 9, 10, 11]
+    assert same_weights(straight, weights()) and not (copy / "models/checkpoints").exists()
+    assert [s for s, _ in checkpoints.complete_checkpoints(run_dir)] == [8, 12]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=tmp_path, capture_output=True, text=True
+    ).stdout
+    assert "models/trained/" in status and "checkpoints" not in status
+
+
+def test_a_second_run_of_a_recipe_being_trained_waits_then_resumes_what_it_saved(tiny_params, tmp_path):
+    """Two experiments of one recipe (a queued sweep of sampling params): the second waits on the first's
+    lock on the run's folder, then trains nothing, taking the first's final checkpoint. Here the test holds
+    the lock the first run would hold, so the order is certain."""
+    params = tiny_params()
+    write_images(params.paths.images)
+    first = train(params)
+    trained = weights()
+    run_dir = Path(params.paths.checkpoints) / first["run_key"]
+    shutil.rmtree(params.paths.trained)
+    with open(run_dir / ".rank0.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = subprocess.Popen(
+            [sys.executable, "-m", "workflow", "train"],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        waiting = second.stderr.readline()
+        assert f"waiting: another run is training this recipe into {run_dir}" in waiting, waiting
+        wait_for(lambda: blocked_on_flock(second.pid, run_dir / ".rank0.lock"), "the second run blocked on the lock")
+        assert second.poll() is None and not Path(params.paths.trained).exists()
+    rest = second.communicate(timeout=300)[1]
+    assert second.returncode == 0, rest[-3000:]
+    assert same_weights(trained, weights())
+    assert json.loads(Path(params.paths.train_log, "summary.json").read_text())["resumed_from_step"] == 12
 
 
 def test_missing_images_is_a_clear_error(tiny_params):

@@ -207,7 +207,8 @@ def test_a_killed_stage_leaves_its_slot_held_until_its_ranks_are_gone(tiny_param
     import contextlib
     import signal
 
-    from tests.test_slots import slot_env, wait_for
+    from tests.helpers import wait_for
+    from tests.test_slots import slot_env
     from workflow.core.artifacts import try_lock
 
     params = tiny_params(train={"max_steps": 100_000, "num_processes": 2, "checkpoint_every": 1})

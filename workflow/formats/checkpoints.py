@@ -12,20 +12,39 @@ the one before. The run key hashes everything that shapes the weights, the train
 run only ever resumes its own checkpoints: change the learning rate, or edit the training code (which
 re-runs train under DVC and Snakemake), and training starts afresh, beside the old checkpoints, instead
 of "resuming" a finished run of other code in zero steps.
+
+A relative paths.checkpoints is the workspace's (run_folder): DVC names it in DVC_ROOT for every stage it
+runs, and for an experiment it runs in a copy (`dvc exp run --temp`, `make run CONFIG=...`, a queued one)
+that is the workspace it came from, not the copy; so an interrupted copy resumes on its next run, and
+experiments of one recipe (a queue varying sampling alone) train it once. Snakemake and a direct call: the
+current folder. Each run's folder holds a .gitignore of its own: never committed, wherever it is.
+One run at a time trains a key (sole_trainer); another waits for it, then resumes from what it saved.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from workflow.core.artifacts import disk_full_guard, manifest_damage, read_json, remove, write_json, write_manifest
+from workflow.core.artifacts import (
+    atomic_path,
+    disk_full_guard,
+    manifest_damage,
+    read_json,
+    remove,
+    try_lock,
+    write_json,
+    write_manifest,
+)
 from workflow.core.code_deps import code_sha256
 from workflow.core.config import Params
 from workflow.core.faults import maybe_fault
@@ -33,6 +52,8 @@ from workflow.core.faults import maybe_fault
 PROGRESS = "progress.json"
 TRAINING_STATE = "training_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
+WORKSPACE_ENV = "DVC_ROOT"  # set by DVC for every stage: the workspace, even when the stage runs in a copy
+IGNORE_ALL = "# training checkpoints: resume state, never committed (workflow/formats/checkpoints.py)\n*\n"
 
 
 def run_key(params: Params, images_sha256: str, labels_sha256: str | None = None) -> str:
@@ -64,6 +85,46 @@ def run_key(params: Params, images_sha256: str, labels_sha256: str | None = None
     if labels_sha256 is not None:  # class-conditional: the labels shape the weights too
         identity["labels"] = labels_sha256
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_folder(checkpoints: str | Path, key: str) -> Path:
+    """<paths.checkpoints>/<key>, a relative paths.checkpoints taken in the workspace (DVC_ROOT where DVC
+    runs the stage, else the current folder); made, with a .gitignore that git reads as ignoring it whole."""
+    root = Path(checkpoints)
+    if not root.is_absolute():
+        root = Path(os.environ.get(WORKSPACE_ENV) or ".") / root
+    run_dir = root / key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ignore = run_dir / ".gitignore"
+    if not ignore.is_file():
+        with atomic_path(ignore) as tmp:
+            tmp.write_text(IGNORE_ALL)
+    return run_dir
+
+
+@contextlib.contextmanager
+def sole_trainer(run_dir: Path):
+    """Held while this run trains `run_dir`: another run of the same key (an experiment that differs in
+    sampling alone, queued beside this one) waits, then resumes from what this one saved, its final
+    checkpoint if it finished. One lock per rank (<key>/.rank<r>.lock), taken before the ranks meet: a
+    rank waiting here is not a rank waiting in a collective, whose timeout a long wait would pass."""
+    rank = int(os.environ.get("RANK", "0"))
+    path = run_dir / f".rank{rank}.lock"
+    handle = try_lock(path)
+    if handle is None:
+        if rank == 0:
+            print(
+                f"waiting: another run is training this recipe into {run_dir}; this one then resumes from its "
+                "checkpoints",
+                file=sys.stderr,
+                flush=True,
+            )
+        handle = open(path, "a+")  # noqa: SIM115 -- held open as long as the lock
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        handle.close()  # the kernel frees it with the process too: a killed run never leaves it held
 
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

@@ -642,22 +642,23 @@ def run(params: Params) -> dict:
         raise ConfigError(f"{params.paths.labels}: {len(labels)} labels for {len(images)} images; re-run preprocess")
     labels_sha = sha256_file(params.paths.labels) if labels is not None else None
     key = checkpoints.run_key(params, data_sha, labels_sha)
-    checkpoint_dir = Path(params.paths.checkpoints) / key
-    accelerator = make_accelerator(params)
-    training = setup(params, images, accelerator, labels=labels, class_names=class_names, encoded=encoded)
-    resumed_from = resume(training, checkpoint_dir)
-    if resumed_from is not None:
-        accelerator.print(f"resuming from {resumed_from} (step {training.progress['step']})")
-    if accelerator.is_main_process:
-        training.live = trainlog.start(
-            checkpoint_dir / LIVE, training.progress["history"], training.progress["throughput"]
-        )
-    train_loop(training, checkpoint_dir)
-    check_ranks_agree(training)
-    info = summary(training, resumed_from, key)
-    if accelerator.is_main_process:
-        save_outputs(training, info, checkpoint_dir)
-    accelerator.wait_for_everyone()
+    checkpoint_dir = checkpoints.run_folder(params.paths.checkpoints, key)
+    with checkpoints.sole_trainer(checkpoint_dir):
+        accelerator = make_accelerator(params)
+        training = setup(params, images, accelerator, labels=labels, class_names=class_names, encoded=encoded)
+        resumed_from = resume(training, checkpoint_dir)
+        if resumed_from is not None:
+            accelerator.print(f"resuming from {resumed_from} (step {training.progress['step']})")
+        if accelerator.is_main_process:
+            training.live = trainlog.start(
+                checkpoint_dir / LIVE, training.progress["history"], training.progress["throughput"]
+            )
+        train_loop(training, checkpoint_dir)
+        check_ranks_agree(training)
+        info = summary(training, resumed_from, key)
+        if accelerator.is_main_process:
+            save_outputs(training, info, checkpoint_dir)
+        accelerator.wait_for_everyone()
     return info
 
 
