@@ -229,8 +229,12 @@ def test_a_second_run_of_a_recipe_being_trained_waits_then_resumes_what_it_saved
             cwd=tmp_path,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
-        waiting = second.stderr.readline()
-        assert f"waiting: another run is training this recipe into {run_dir}" in waiting, waiting
+        said = []  # other lines may come first (a device slot on a GPU host, a warning)
+        message = f"waiting: another run is training this recipe into {run_dir}"
+        while not any(message in line for line in said):
+            line = second.stderr.readline()
+            assert line, "".join(said)  # the run ended (or closed stderr) without waiting
+            said.append(line)
         wait_for(lambda: blocked_on_flock(second.pid, run_dir / ".rank0.lock"), "the second run blocked on the lock")
         assert second.poll() is None and not Path(params.paths.trained).exists()
     rest = second.communicate(timeout=300)[1]
