@@ -210,6 +210,21 @@ def test_a_run_in_a_copy_of_the_workspace_resumes_from_the_workspaces_checkpoint
     assert "models/trained/" in status and "checkpoints" not in status
 
 
+def test_the_workspace_of_a_stage_is_dvc_roots_only_for_dvcs_own_copies(tmp_path):
+    """DVC_ROOT names the workspace a `--temp` or queued experiment's copy came from; a stage run anywhere
+    else (a shell or another project's stage that has DVC_ROOT set) keeps its own folder."""
+    root = tmp_path / "repo"
+    copy = root / ".dvc/tmp/exps/tmpab12"
+    (copy / "sub/.dvc").mkdir(parents=True)  # a DVC project in a subfolder of its git repository
+    (copy / "sub/stage").mkdir()
+    elsewhere = tmp_path / "other"
+    assert checkpoints.workspace(copy, str(root)) == root
+    assert checkpoints.workspace(copy / "sub/stage", str(root)) == root / "stage"
+    assert checkpoints.workspace(root / "stage", str(root)) == root / "stage"
+    assert checkpoints.workspace(elsewhere, str(root)) == elsewhere
+    assert checkpoints.workspace(elsewhere, None) == elsewhere
+
+
 def test_a_second_run_of_a_recipe_being_trained_waits_then_resumes_what_it_saved(tiny_params, tmp_path):
     """Two experiments of one recipe (a queued sweep of sampling params): the second waits on the first's
     lock on the run's folder, then trains nothing, taking the first's final checkpoint. Here the test holds
@@ -220,25 +235,20 @@ def test_a_second_run_of_a_recipe_being_trained_waits_then_resumes_what_it_saved
     trained = weights()
     run_dir = Path(params.paths.checkpoints) / first["run_key"]
     shutil.rmtree(params.paths.trained)
-    with open(run_dir / ".rank0.lock", "a+") as held:
+    lock, said = run_dir / checkpoints.TRAINER_LOCK, tmp_path / "stderr.txt"
+    with open(lock, "a+") as held, open(said, "w") as stderr:  # a file, not a pipe: no read can hang the test
         fcntl.flock(held, fcntl.LOCK_EX)
         second = subprocess.Popen(
             [sys.executable, "-m", "workflow", "train"],
-            stderr=subprocess.PIPE,
-            text=True,
+            stderr=stderr,
             cwd=tmp_path,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
-        said = []  # other lines may come first (a device slot on a GPU host, a warning)
-        message = f"waiting: another run is training this recipe into {run_dir}"
-        while not any(message in line for line in said):
-            line = second.stderr.readline()
-            assert line, "".join(said)  # the run ended (or closed stderr) without waiting
-            said.append(line)
-        wait_for(lambda: blocked_on_flock(second.pid, run_dir / ".rank0.lock"), "the second run blocked on the lock")
+        wait_for(lambda: blocked_on_flock(second.pid, lock) or second.poll() is not None, "the run to block")
+        # said before it blocked; other lines may come first (a device slot on a GPU host, a warning)
+        assert f"waiting: another run is training this recipe into {run_dir.absolute()}" in said.read_text()
         assert second.poll() is None and not Path(params.paths.trained).exists()
-    rest = second.communicate(timeout=300)[1]
-    assert second.returncode == 0, rest[-3000:]
+    assert second.wait(timeout=300) == 0, said.read_text()[-3000:]
     assert same_weights(trained, weights())
     assert json.loads(Path(params.paths.train_log, "summary.json").read_text())["resumed_from_step"] == 12
 

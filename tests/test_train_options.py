@@ -2,6 +2,7 @@
 non-finite loss, several processes (auto precision: tests/test_gpu_paths_on_cpu.py)."""
 
 import dataclasses
+import fcntl
 import os
 import shutil
 import subprocess
@@ -227,6 +228,8 @@ def test_a_killed_stage_leaves_its_slot_held_until_its_ranks_are_gone(tiny_param
         stage.wait(timeout=30)
         assert processes_of(slots), "the launcher and its ranks went with the stage"
         assert try_lock(slots / "slot-0.lock") is None  # still held: by the launcher
+        (run_dir,) = Path(params.paths.checkpoints).iterdir()
+        assert try_lock(run_dir / checkpoints.TRAINER_LOCK) is None  # so is the recipe's: no second run trains it
     finally:
         for pid in processes_of(slots):
             with contextlib.suppress(ProcessLookupError):
@@ -239,6 +242,40 @@ def test_a_killed_stage_leaves_its_slot_held_until_its_ranks_are_gone(tiny_param
         return handle is not None
 
     wait_for(slot_free, "the slot to be freed with its last holder", 60)
+
+
+@pytest.mark.e2e
+def test_a_multi_process_run_waits_for_its_recipe_before_it_launches_a_rank(tiny_params, tmp_path):
+    """Two runs of one recipe with `train.num_processes: 2`: the second waits in the process the user
+    started, before any rank exists, so no two runs can each hold part of what training needs and meet
+    nobody. Here the test holds the lock the first run would hold; once free, the run trains."""
+    from tests.helpers import blocked_on_flock, wait_for
+    from tests.test_slots import slot_env
+    from workflow.stages.train import training_data
+
+    params = tiny_params(train={"max_steps": 2, "num_processes": 2})
+    write_images(params.paths.images)
+    run_dir = checkpoints.run_folder(params.paths.checkpoints, training_data(params).key)
+    env = slot_env(tmp_path, slots=1) | {"OMP_NUM_THREADS": "1"}
+    with open(run_dir / checkpoints.TRAINER_LOCK, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stage = subprocess.Popen(
+            [sys.executable, "-m", "workflow", "train", "--params", "params.yaml"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lock = run_dir / checkpoints.TRAINER_LOCK
+        wait_for(lambda: blocked_on_flock(stage.pid, lock) or stage.poll() is not None, "the run to block")
+        children = Path(f"/proc/{stage.pid}/task/{stage.pid}/children").read_text().split()
+        assert children == [] and stage.poll() is None  # no launcher, so no rank: nothing waits to meet
+        assert not (tmp_path / "slots").exists()  # nor any device slot taken: a waiting run holds no GPU
+    rest = stage.communicate(timeout=300)[1]
+    assert stage.returncode == 0, rest[-3000:]
+    assert "waiting: another run is training this recipe" in rest
+    summary = yaml.safe_load((Path(params.paths.train_log) / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 2 and summary["resumed_from_step"] == 0
 
 
 def test_resume_with_accumulation_is_bitwise_and_counts_optimiser_steps(tiny_params):

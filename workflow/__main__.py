@@ -18,7 +18,7 @@ import sys
 from workflow import DEVICE_STAGES, STAGES, TOOLS
 from workflow.core.artifacts import DiskFullError
 from workflow.core.config import DEFAULT_PARAMS, ConfigError, load_params
-from workflow.core.launch import launch_ranks, needs_launch
+from workflow.core.launch import in_rank, launch_ranks, needs_launch
 from workflow.core.slots import device_slot
 
 
@@ -34,9 +34,15 @@ def run_stage(name: str, argv: list[str]) -> None:
     params_file = parser.parse_args(argv).params
     params = load_params(params_file)
     processes = params.train.num_processes if name == "train" else 1
-    with device_slot(name, devices=processes) if name in DEVICE_STAGES else contextlib.nullcontext() as slot:
-        if needs_launch(processes):  # each rank runs this same command
-            launch_ranks(name, params_file, processes, slot.locks if slot else ())
+    # a stage that must run alone on its outputs (train: one run per recipe) waits for that before any device;
+    # ranks are past it: the process that launched them waited
+    alone = hasattr(stage, "sole_run") and not in_rank()
+    sole = stage.sole_run(params) if alone else contextlib.nullcontext()
+    devices = device_slot(name, devices=processes) if name in DEVICE_STAGES else contextlib.nullcontext()
+    with sole as held, devices as slot:
+        if needs_launch(processes):  # each rank runs this same command; the launcher inherits the locks
+            locks = (slot.locks if slot else ()) + ((held,) if held is not None else ())
+            launch_ranks(name, params_file, processes, locks)
         else:
             print(stage.headline(stage.run(params), params))
 

@@ -53,6 +53,8 @@ PROGRESS = "progress.json"
 TRAINING_STATE = "training_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
 WORKSPACE_ENV = "DVC_ROOT"  # set by DVC for every stage: the workspace, even when the stage runs in a copy
+TRAINER_LOCK = ".training.lock"
+HELD_ENV = "WORKFLOW_TRAINING_LOCK"  # the lock a process holds for the training it runs or launches
 IGNORE_ALL = "# training checkpoints: resume state, never committed (workflow/formats/checkpoints.py)\n*\n"
 
 
@@ -88,11 +90,11 @@ def run_key(params: Params, images_sha256: str, labels_sha256: str | None = None
 
 
 def run_folder(checkpoints: str | Path, key: str) -> Path:
-    """<paths.checkpoints>/<key>, a relative paths.checkpoints taken in the workspace (DVC_ROOT where DVC
-    runs the stage, else the current folder); made, with a .gitignore that git reads as ignoring it whole."""
+    """<paths.checkpoints>/<key>, a relative paths.checkpoints taken in the workspace (workspace()); made,
+    with a .gitignore that git reads as ignoring it whole."""
     root = Path(checkpoints)
     if not root.is_absolute():
-        root = Path(os.environ.get(WORKSPACE_ENV) or ".") / root
+        root = workspace(Path.cwd(), os.environ.get(WORKSPACE_ENV)) / root
     run_dir = root / key
     run_dir.mkdir(parents=True, exist_ok=True)
     ignore = run_dir / ".gitignore"
@@ -102,28 +104,52 @@ def run_folder(checkpoints: str | Path, key: str) -> Path:
     return run_dir
 
 
+def workspace(cwd: Path, dvc_root: str | None) -> Path:
+    """The folder a relative path is the workspace's in: for a stage DVC runs in a copy of the workspace
+    (<DVC_ROOT>/.dvc/tmp/exps/<copy>/...), the same place in DVC_ROOT; anywhere else, `cwd`. DVC_ROOT is
+    only believed for its own copies: a shell, or a stage of another project, may have it set."""
+    if not dvc_root:
+        return cwd
+    root, here = Path(dvc_root).resolve(), cwd.resolve()
+    copies = root / ".dvc" / "tmp" / "exps"
+    if copies not in here.parents:
+        return cwd
+    inside = [folder for folder in (here, *here.parents) if copies in folder.parents]
+    copy_root = next((folder for folder in inside if (folder / ".dvc").is_dir()), inside[-1])
+    return root / here.relative_to(copy_root)
+
+
 @contextlib.contextmanager
 def sole_trainer(run_dir: Path):
-    """Held while this run trains `run_dir`: another run of the same key (an experiment that differs in
-    sampling alone, queued beside this one) waits, then resumes from what this one saved, its final
-    checkpoint if it finished. One lock per rank (<key>/.rank<r>.lock), taken before the ranks meet: a
-    rank waiting here is not a rank waiting in a collective, whose timeout a long wait would pass."""
-    rank = int(os.environ.get("RANK", "0"))
-    path = run_dir / f".rank{rank}.lock"
+    """Held while this run trains `run_dir` (its .training.lock): another run of the same key (an
+    experiment that differs in sampling alone, queued beside this one) waits, then resumes from what this
+    one saved, its final checkpoint if it finished. Yields the lock file's descriptor, for the launcher of
+    the ranks to inherit (a killed stage's ranks keep it held), or None where it is not this process's:
+    the stage that launched the ranks took it before (HELD_ENV names it), or, launched by hand, rank 0
+    takes it for all. One lock, taken before the ranks meet: no two runs each hold part of it, and a run
+    waiting here is not a rank waiting in a collective, whose timeout a long wait would pass."""
+    path = (run_dir / TRAINER_LOCK).resolve()
+    if os.environ.get(HELD_ENV) == str(path) or int(os.environ.get("RANK", "0")) != 0:
+        yield None
+        return
     handle = try_lock(path)
     if handle is None:
-        if rank == 0:
-            print(
-                f"waiting: another run is training this recipe into {run_dir}; this one then resumes from its "
-                "checkpoints",
-                file=sys.stderr,
-                flush=True,
-            )
+        print(
+            f"waiting: another run is training this recipe into {run_dir}; this one then resumes from its checkpoints",
+            file=sys.stderr,
+            flush=True,
+        )
         handle = open(path, "a+")  # noqa: SIM115 -- held open as long as the lock
         fcntl.flock(handle, fcntl.LOCK_EX)
+    saved = os.environ.get(HELD_ENV)
+    os.environ[HELD_ENV] = str(path)  # for this process's own train.run and the ranks it launches
     try:
-        yield
+        yield handle.fileno()
     finally:
+        if saved is None:
+            os.environ.pop(HELD_ENV, None)
+        else:
+            os.environ[HELD_ENV] = saved
         handle.close()  # the kernel frees it with the process too: a killed run never leaves it held
 
 

@@ -626,7 +626,18 @@ def check_encoded(params: Params, encoded: Encodings) -> None:
             )
 
 
-def run(params: Params) -> dict:
+@dataclass
+class TrainingData:
+    """What a run trains on, checked, memory-mapped, and the run key it gives."""
+
+    images: np.ndarray | None  # uint8 N x C x H x W; None for text-to-image, which trains on `encoded`
+    encoded: Encodings | None
+    labels: np.ndarray | None
+    class_names: tuple[str, ...]
+    key: str  # checkpoints.run_key: the folder of checkpoints this run resumes and writes
+
+
+def training_data(params: Params) -> TrainingData:
     labels, class_names = training_labels(params)
     encoded, latent = None, None
     if params.model.pretrained is not None:  # memory-mapped: its record is what check_size needs
@@ -642,10 +653,27 @@ def run(params: Params) -> dict:
         raise ConfigError(f"{params.paths.labels}: {len(labels)} labels for {len(images)} images; re-run preprocess")
     labels_sha = sha256_file(params.paths.labels) if labels is not None else None
     key = checkpoints.run_key(params, data_sha, labels_sha)
-    checkpoint_dir = checkpoints.run_folder(params.paths.checkpoints, key)
-    with checkpoints.sole_trainer(checkpoint_dir):
+    return TrainingData(images, encoded, labels, class_names, key)
+
+
+@contextlib.contextmanager
+def sole_run(params: Params):
+    """Taken by `python -m workflow train` before its device slots and before it launches ranks: a run
+    waiting for another of its recipe holds no device, and the ranks it launches meet only once it may
+    train (checkpoints.sole_trainer). Yields the lock's descriptor, for the launcher to inherit."""
+    data = training_data(params)
+    with checkpoints.sole_trainer(checkpoints.run_folder(params.paths.checkpoints, data.key)) as lock:
+        yield lock
+
+
+def run(params: Params) -> dict:
+    data = training_data(params)
+    checkpoint_dir = checkpoints.run_folder(params.paths.checkpoints, data.key)
+    with checkpoints.sole_trainer(checkpoint_dir):  # held already where `python -m workflow train` took it
         accelerator = make_accelerator(params)
-        training = setup(params, images, accelerator, labels=labels, class_names=class_names, encoded=encoded)
+        training = setup(
+            params, data.images, accelerator, labels=data.labels, class_names=data.class_names, encoded=data.encoded
+        )
         resumed_from = resume(training, checkpoint_dir)
         if resumed_from is not None:
             accelerator.print(f"resuming from {resumed_from} (step {training.progress['step']})")
@@ -655,7 +683,7 @@ def run(params: Params) -> dict:
             )
         train_loop(training, checkpoint_dir)
         check_ranks_agree(training)
-        info = summary(training, resumed_from, key)
+        info = summary(training, resumed_from, data.key)
         if accelerator.is_main_process:
             save_outputs(training, info, checkpoint_dir)
         accelerator.wait_for_everyone()
