@@ -195,6 +195,7 @@ def test_a_run_in_a_copy_of_the_workspace_resumes_from_the_workspaces_checkpoint
     shutil.rmtree(run_dir / "step-0000012")  # as if the run was stopped after step 8's checkpoint
     copy = tmp_path / ".dvc/tmp/exps/tmp1234"  # where DVC puts it
     shutil.copytree("data", copy / "data")
+    (copy / ".dvc").mkdir()  # DVC opens the copy as a project of its own
     monkeypatch.chdir(copy)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     taken, step_function = [], train_stage.train_step
@@ -214,15 +215,56 @@ def test_the_workspace_of_a_stage_is_dvc_roots_only_for_dvcs_own_copies(tmp_path
     """DVC_ROOT names the workspace a `--temp` or queued experiment's copy came from; a stage run anywhere
     else (a shell or another project's stage that has DVC_ROOT set) keeps its own folder."""
     root = tmp_path / "repo"
-    copy = root / ".dvc/tmp/exps/tmpab12"
+    copy, temp = root / ".dvc/tmp/exps/tmpab12", root / ".dvc/tmp/exps/standalone/tmpcd34"  # queued, --temp
+    (copy / ".dvc").mkdir(parents=True)  # DVC opens a copy as a project of its own
     (copy / "sub/.dvc").mkdir(parents=True)  # a DVC project in a subfolder of its git repository
     (copy / "sub/stage").mkdir()
+    (temp / ".dvc").mkdir(parents=True)
     elsewhere = tmp_path / "other"
     assert checkpoints.workspace(copy, str(root)) == root
     assert checkpoints.workspace(copy / "sub/stage", str(root)) == root / "stage"
+    assert checkpoints.workspace(temp, str(root)) == root
     assert checkpoints.workspace(root / "stage", str(root)) == root / "stage"
     assert checkpoints.workspace(elsewhere, str(root)) == elsewhere
     assert checkpoints.workspace(elsewhere, None) == elsewhere
+    linked = tmp_path / "linked"  # .dvc/tmp a link to scratch space, as on clusters
+    (linked / ".dvc").mkdir(parents=True)
+    (linked / ".dvc/tmp").symlink_to(tmp_path / "scratch", target_is_directory=True)
+    (tmp_path / "scratch/exps/tmpef56/.dvc").mkdir(parents=True)
+    assert checkpoints.workspace((linked / ".dvc/tmp/exps/tmpef56").resolve(), str(linked)) == linked
+
+
+def test_a_run_covered_by_a_held_lock_of_another_recipe_is_an_error_not_a_wait(tmp_path, monkeypatch):
+    """`python -m workflow train` locked its recipe, then waited for a device; meanwhile the images or the
+    code changed, so its training has another key: waiting for that one with the devices held could
+    deadlock against a run that has the lock and waits for the devices."""
+    monkeypatch.setenv(checkpoints.HELD_ENV, str(tmp_path / "old-key" / checkpoints.TRAINER_LOCK))
+    (tmp_path / "new-key").mkdir()
+    changed = r"changed while this run waited: it locked .*old-key.*run it again"
+    with pytest.raises(ConfigError, match=changed), checkpoints.sole_trainer(tmp_path / "new-key"):
+        pass
+
+
+def test_ranks_launched_by_hand_never_wait_for_a_recipe_being_trained(tmp_path, monkeypatch):
+    """`accelerate launch -m workflow train` started by hand: rank 0 would wait while the other ranks wait
+    for it in the rendezvous, until that times out. It stops the launch instead, naming the way that waits;
+    the other ranks take no lock."""
+    lock = tmp_path / checkpoints.TRAINER_LOCK
+    monkeypatch.delenv(checkpoints.HELD_ENV, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        monkeypatch.setenv("RANK", "1")
+        with checkpoints.sole_trainer(tmp_path) as fd:
+            assert fd is None
+        monkeypatch.setenv("RANK", "0")
+        by_hand = r"launch started by hand cannot wait .* `python -m workflow train`"
+        with pytest.raises(ConfigError, match=by_hand), checkpoints.sole_trainer(tmp_path):
+            pass
+    with checkpoints.sole_trainer(tmp_path) as fd:  # free: rank 0 takes it for the launch
+        assert fd is not None and not blocked_on_flock(os.getpid(), lock)
+        assert os.environ[checkpoints.HELD_ENV] == str(lock.resolve())
+    assert checkpoints.HELD_ENV not in os.environ
 
 
 def test_a_second_run_of_a_recipe_being_trained_waits_then_resumes_what_it_saved(tiny_params, tmp_path):
@@ -246,7 +288,7 @@ def test_a_second_run_of_a_recipe_being_trained_waits_then_resumes_what_it_saved
         )
         wait_for(lambda: blocked_on_flock(second.pid, lock) or second.poll() is not None, "the run to block")
         # said before it blocked; other lines may come first (a device slot on a GPU host, a warning)
-        assert f"waiting: another run is training this recipe into {run_dir.absolute()}" in said.read_text()
+        assert f"waiting: another run is training this recipe into {run_dir}" in said.read_text()
         assert second.poll() is None and not Path(params.paths.trained).exists()
     assert second.wait(timeout=300) == 0, said.read_text()[-3000:]
     assert same_weights(trained, weights())

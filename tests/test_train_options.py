@@ -268,8 +268,9 @@ def test_a_multi_process_run_waits_for_its_recipe_before_it_launches_a_rank(tiny
         )
         lock = run_dir / checkpoints.TRAINER_LOCK
         wait_for(lambda: blocked_on_flock(stage.pid, lock) or stage.poll() is not None, "the run to block")
+        assert stage.poll() is None, stage.communicate()[1][-3000:]  # blocked, not ended
         children = Path(f"/proc/{stage.pid}/task/{stage.pid}/children").read_text().split()
-        assert children == [] and stage.poll() is None  # no launcher, so no rank: nothing waits to meet
+        assert children == []  # no launcher, so no rank: nothing waits to meet
         assert not (tmp_path / "slots").exists()  # nor any device slot taken: a waiting run holds no GPU
     rest = stage.communicate(timeout=300)[1]
     assert stage.returncode == 0, rest[-3000:]

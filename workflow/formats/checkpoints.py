@@ -13,11 +13,11 @@ run only ever resumes its own checkpoints: change the learning rate, or edit the
 re-runs train under DVC and Snakemake), and training starts afresh, beside the old checkpoints, instead
 of "resuming" a finished run of other code in zero steps.
 
-A relative paths.checkpoints is the workspace's (run_folder): DVC names it in DVC_ROOT for every stage it
-runs, and for an experiment it runs in a copy (`dvc exp run --temp`, `make run CONFIG=...`, a queued one)
-that is the workspace it came from, not the copy; so an interrupted copy resumes on its next run, and
-experiments of one recipe (a queue varying sampling alone) train it once. Snakemake and a direct call: the
-current folder. Each run's folder holds a .gitignore of its own: never committed, wherever it is.
+A relative paths.checkpoints is the workspace's (run_folder): for an experiment DVC runs in a copy
+(`dvc exp run --temp`, `make run CONFIG=...`, a queued one), the workspace it came from, which DVC names
+in DVC_ROOT, not the copy; so an interrupted copy resumes on its next run, and experiments of one recipe
+(a queue varying sampling alone) train it once. Anywhere else (the workspace, Snakemake, a direct call):
+the current folder. Each run's folder holds a .gitignore of its own: never committed, wherever it is.
 One run at a time trains a key (sole_trainer); another waits for it, then resumes from what it saved.
 """
 
@@ -46,8 +46,9 @@ from workflow.core.artifacts import (
     write_manifest,
 )
 from workflow.core.code_deps import code_sha256
-from workflow.core.config import Params
+from workflow.core.config import ConfigError, Params
 from workflow.core.faults import maybe_fault
+from workflow.core.launch import in_rank
 
 PROGRESS = "progress.json"
 TRAINING_STATE = "training_state.pt"
@@ -93,8 +94,9 @@ def run_folder(checkpoints: str | Path, key: str) -> Path:
     """<paths.checkpoints>/<key>, a relative paths.checkpoints taken in the workspace (workspace()); made,
     with a .gitignore that git reads as ignoring it whole."""
     root = Path(checkpoints)
-    if not root.is_absolute():
-        root = workspace(Path.cwd(), os.environ.get(WORKSPACE_ENV)) / root
+    here = Path.cwd()
+    if not root.is_absolute() and (place := workspace(here, os.environ.get(WORKSPACE_ENV))) != here:
+        root = place / root  # else kept relative, as messages name it
     run_dir = root / key
     run_dir.mkdir(parents=True, exist_ok=True)
     ignore = run_dir / ".gitignore"
@@ -111,28 +113,51 @@ def workspace(cwd: Path, dvc_root: str | None) -> Path:
     if not dvc_root:
         return cwd
     root, here = Path(dvc_root).resolve(), cwd.resolve()
-    copies = root / ".dvc" / "tmp" / "exps"
+    copies = (root / ".dvc" / "tmp" / "exps").resolve()  # .dvc/tmp may be a link to scratch space
     if copies not in here.parents:
         return cwd
-    inside = [folder for folder in (here, *here.parents) if copies in folder.parents]
-    copy_root = next((folder for folder in inside if (folder / ".dvc").is_dir()), inside[-1])
-    return root / here.relative_to(copy_root)
+    # the copy's own DVC project (DVC opens the copy as one, so it has its .dvc): exps/<copy>/[<subfolder>]
+    inside = (folder for folder in (here, *here.parents) if copies in folder.parents)
+    copy_root = next((folder for folder in inside if (folder / ".dvc").is_dir()), None)
+    return cwd if copy_root is None else root / here.relative_to(copy_root)
 
 
 @contextlib.contextmanager
 def sole_trainer(run_dir: Path):
     """Held while this run trains `run_dir` (its .training.lock): another run of the same key (an
     experiment that differs in sampling alone, queued beside this one) waits, then resumes from what this
-    one saved, its final checkpoint if it finished. Yields the lock file's descriptor, for the launcher of
-    the ranks to inherit (a killed stage's ranks keep it held), or None where it is not this process's:
-    the stage that launched the ranks took it before (HELD_ENV names it), or, launched by hand, rank 0
-    takes it for all. One lock, taken before the ranks meet: no two runs each hold part of it, and a run
-    waiting here is not a rank waiting in a collective, whose timeout a long wait would pass."""
+    one saved, its final checkpoint if it finished. One lock, taken before any rank exists, so no two runs
+    each hold part of what training needs. Yields the lock file's descriptor, for the launcher of the
+    ranks to inherit (a killed stage's ranks keep it), or None where this process is covered by another's:
+
+    - `python -m workflow train` took it (HELD_ENV names it) before its device slots and its ranks; its
+      own train.run and its ranks go on. Should their key differ from the held one (the images or the code
+      changed while it waited for a device), that is an error, not a wait with the devices held.
+    - ranks launched by hand (`accelerate launch -m workflow train`): ranks other than 0 go on, and rank 0
+      takes it without waiting, or stops the launch: its other ranks would wait for it in the process
+      group's rendezvous, and time out there.
+    """
     path = (run_dir / TRAINER_LOCK).resolve()
-    if os.environ.get(HELD_ENV) == str(path) or int(os.environ.get("RANK", "0")) != 0:
+    held = os.environ.get(HELD_ENV)
+    if held is not None:
+        if held != str(path):
+            raise ConfigError(
+                f"the training data or the train stage's code changed while this run waited: it locked {held}, "
+                f"but now trains into {run_dir}; run it again"
+            )
+        yield None
+        return
+    by_hand = in_rank()
+    if by_hand and os.environ.get("RANK", "0") != "0":
         yield None
         return
     handle = try_lock(path)
+    if handle is None and by_hand:
+        raise ConfigError(
+            f"another run is training this recipe into {run_dir}: a launch started by hand cannot wait for it (its "
+            "ranks would time out meeting); start it as `python -m workflow train` with train.num_processes, "
+            "which waits"
+        )
     if handle is None:
         print(
             f"waiting: another run is training this recipe into {run_dir}; this one then resumes from its checkpoints",
@@ -141,16 +166,12 @@ def sole_trainer(run_dir: Path):
         )
         handle = open(path, "a+")  # noqa: SIM115 -- held open as long as the lock
         fcntl.flock(handle, fcntl.LOCK_EX)
-    saved = os.environ.get(HELD_ENV)
     os.environ[HELD_ENV] = str(path)  # for this process's own train.run and the ranks it launches
     try:
         yield handle.fileno()
     finally:
-        if saved is None:
-            os.environ.pop(HELD_ENV, None)
-        else:
-            os.environ[HELD_ENV] = saved
-        handle.close()  # the kernel frees it with the process too: a killed run never leaves it held
+        os.environ.pop(HELD_ENV, None)
+        handle.close()  # the kernel frees it once no process holds it (a launcher that inherited it keeps it)
 
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
