@@ -6,9 +6,10 @@ sampling, channels_last, fused AdamW. torch.compile of the training step and of 
 for real (inductor's CPU backend), and its eager fallback is forced once each.
 
 What only a GPU can check: the CUDA kernels and their numerics (bf16 tensor cores, TF32), the
-dataset held in GPU memory or in pinned host memory (`Runtime.place_dataset`; its rule,
-`fits_on_device`, is tested here), compile failures only the CUDA backend raises (such as
-"misaligned address"; the fallback they take is the one forced here), speed, and several GPUs.
+dataset held in GPU memory or left memory-mapped with each batch copied through pinned memory
+(`Runtime.place_dataset`, `to_device`; the rule, `fits_on_device`, is tested here), compile failures
+only the CUDA backend raises (such as "misaligned address"; the fallback they take is the one forced
+here), speed, and several GPUs.
 bench/gpu_check.sh runs those on a lent GPU (docs/PERFORMANCE.md).
 """
 

@@ -273,6 +273,10 @@ def test_the_cached_step_equals_the_step_that_encodes_on_the_fly(text_params):
     encoded = load_encodings(params.paths.latents)
     assert encoded.record["views"] == 2 and encoded.mean.shape == (6, 2, 4, 8, 8) and encoded.text.shape == (8, 16, 32)
     training = setup(params, None, make_accelerator(params), encoded=encoded)
+    # trained from the files' pages, as the ranks of one machine share them, not from a copy in each
+    cache = training.latents
+    for name in ("mean", "logvar", "text", "offsets"):
+        assert getattr(cache, name).data_ptr() == getattr(encoded, name).ctypes.data, name
     assert training.model.training  # from_pretrained leaves eval mode; dropout must act as the reference's
     index = torch.tensor([5, 0, 3, 1])
     noise, timesteps, flip = step_noise(params.seed, 0, (4, 4, 8, 8), 1000, torch.device("cpu"))
@@ -426,7 +430,8 @@ def test_lora_saves_only_the_adapter_which_loads_onto_the_pretrained_pipeline(te
     from workflow.formats.pipeline import load_finetuned_unet
     from workflow.stages.train import ema_weights, make_accelerator, resume, setup
 
-    training = setup(params, None, make_accelerator(params), encoded=load_encodings(params.paths.latents))
+    encoded = load_encodings(params.paths.latents)
+    training = setup(params, None, make_accelerator(params), encoded=encoded)
     assert resume(training, run_dir) is not None
     unet = training.accelerator.unwrap_model(training.eager_model)
     g = torch.Generator().manual_seed(0)

@@ -7,10 +7,12 @@
     rt.sampling_dtype("auto")                       # torch.bfloat16 on such a GPU, else torch.float32
     model, x = rt.layout(model), rt.layout(x)       # channels_last on a GPU (it pays there, not on CPU)
     optimizer = rt.adamw(model.parameters(), lr=1e-4)    # fused where torch has it for the device
+    (images,) = rt.place_dataset(images)            # on the GPU when it fits, else left memory-mapped
+    batch = to_device(images[index], rt.device)     # a batch drawn from the host, through pinned memory
     result, compiled = with_eager_fallback(compiled_call, eager_call, "training")
 
-A GPU's choices are bf16, channels_last, fused AdamW and the dataset kept on the device. Each is
-also a plain torch path on CPU, so `Runtime.gpu_paths_on(torch.device("cpu"))` makes a CPU run take
+A GPU's choices are bf16, channels_last, fused AdamW and the dataset kept on the device when it fits.
+Each is also a plain torch path on CPU, so `Runtime.gpu_paths_on(torch.device("cpu"))` makes a CPU run take
 them: the tests do (tests/test_gpu_paths_on_cpu.py), so a dtype or layout mistake shows without a GPU.
 """
 
@@ -79,18 +81,29 @@ class Runtime:
         return torch.optim.AdamW(parameters, fused=self.fused_optimizer or None, **settings)
 
     def place_dataset(self, *arrays: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """A dataset's arrays on a GPU once when together they fit, else all in pinned host memory; on CPU as
-        they are. One decision for all: indices made on one array's device must index the others."""
+        """A dataset's arrays on a GPU once when together they fit, else where they are: memory-mapped
+        files, whose pages the ranks of one machine share, each batch then copied over as it is drawn
+        (`to_device`). A copy per rank in host memory would multiply the set by the ranks, and gain
+        nothing: a batch gathered from it is a new tensor anyway. One decision for all arrays: indices
+        made on one array's device must index the others."""
         if self.device.type != "cuda":
             return arrays
         free, _ = torch.cuda.mem_get_info(self.device)
         if fits_on_device(sum(a.nbytes for a in arrays), free):
             return tuple(a.to(self.device) for a in arrays)
-        return tuple(a.pin_memory() for a in arrays)
+        return arrays
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on `device`; one gathered on the host reaches a GPU through pinned memory (torch's caching
+    host allocator reuses the buffer once the copy is done), so the copy does not stall the host."""
+    if device.type == "cuda" and batch.device.type == "cpu":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
 
 
 def default_device() -> torch.device:

@@ -10,7 +10,7 @@ running the VAE and the text encoder at every step. Written by encode, read by t
                    (these three in the record's `storage` dtype, encode.storage: float16 or float32)
   offsets.npy      int64 N + 1: image i's captions are text[offsets[i]:offsets[i + 1]]
 
-The arrays are .npy files, memory-mapped when read. The folder is built under a temporary name and
+The arrays are .npy files, memory-mapped (copy-on-write) when read. The folder is built under a temporary name and
 renamed into place when complete.
 
     with encoding_writer("data/processed/latents", count, views, latent_shape, captions, text_shape, "float16") as w:
@@ -106,7 +106,9 @@ def encoding_sha256(path: str | Path) -> str:
 
 
 def load_encodings(path: str | Path) -> Encodings:
-    """The encoded set, memory-mapped read-only; ConfigError if it is not a latent one or is inconsistent."""
+    """The encoded set, memory-mapped copy-on-write: writable, as torch.from_numpy wants for training from
+    the files' pages (shared by a machine's ranks), a write changing only this process's copy of a page.
+    ConfigError if it is not a latent one or is inconsistent."""
     path = Path(path)
     record = read_record(path / ENCODING_FILE, "encode")
     if not record.get("latent"):
@@ -118,7 +120,7 @@ def load_encodings(path: str | Path) -> Encodings:
     arrays = {}
     for name in ARRAYS:
         try:
-            arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            arrays[name] = np.load(path / f"{name}.npy", mmap_mode="c", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{path / f'{name}.npy'}: unreadable ({exc}); re-run the encode stage") from None
     encoded = Encodings(record, **arrays)

@@ -53,7 +53,7 @@ from workflow.core.artifacts import atomic_dir, sha256_file
 from workflow.core.config import STEPS, ConfigError, Params, Sample
 from workflow.core.environment import device_name, software_versions
 from workflow.core.faults import maybe_fault
-from workflow.core.runtime import Runtime, maybe_compile, with_eager_fallback
+from workflow.core.runtime import Runtime, maybe_compile, to_device, with_eager_fallback
 from workflow.core.slots import current_slot
 from workflow.formats import checkpoints, trainlog
 from workflow.formats.encodings import Encodings, encoding_sha256, load_encodings
@@ -96,7 +96,7 @@ LIVE = "dvclive"  # the training log's folder while training, beside the checkpo
 
 @dataclass
 class LatentSet:
-    """A text-to-image run's training set, from the encode stage: on the GPU when it fits, else pinned."""
+    """A text-to-image run's training set, from the encode stage: on the GPU when it fits, else memory-mapped."""
 
     mean: torch.Tensor  # N x V x C x h x w (V = 2: view 1 is the mirrored image's), as stored (float16|32)
     logvar: torch.Tensor
@@ -107,8 +107,7 @@ class LatentSet:
     @classmethod
     def place(cls, encoded: Encodings, runtime: Runtime) -> LatentSet:
         arrays = (encoded.mean, encoded.logvar, encoded.text, encoded.offsets)
-        # read whole from the memory-mapped files
-        placed = runtime.place_dataset(*(torch.from_numpy(np.array(a)) for a in arrays))
+        placed = runtime.place_dataset(*(torch.from_numpy(a) for a in arrays))
         return cls(*placed, float(encoded.record["scaling_factor"]))
 
 
@@ -125,7 +124,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     ema: object | None
-    images: torch.Tensor | None  # uint8 N x C x H x W, on the GPU when it fits, else in pinned host memory
+    images: torch.Tensor | None  # uint8 N x C x H x W, on the GPU when it fits, else the memory-mapped file
     total_steps: int
     labels: torch.Tensor | None = None  # class-conditional: int64 N, each image's class, beside the images
     class_names: tuple[str, ...] = ()
@@ -273,10 +272,10 @@ def _process_slice(start: int, size: int, accelerator) -> slice:
 
 def pixel_batch(training: Training, index: torch.Tensor, flip, drop, device) -> tuple[torch.Tensor, dict]:
     """(clean images in -1..1, mirrored where `flip` says with train.random_flip; the UNet's class labels)."""
-    clean = to_model_range(training.images[index.to(training.images.device)].to(device, non_blocking=True))
+    clean = to_model_range(to_device(training.images[index.to(training.images.device)], device))
     labels = None
     if training.labels is not None:  # "no class" where dropped: one network learns both models
-        labels = training.labels[index.to(training.labels.device)].to(device, non_blocking=True)
+        labels = to_device(training.labels[index.to(training.labels.device)], device)
         labels = drop_labels(labels, drop, len(training.class_names))
     if training.params.train.random_flip:
         clean = apply_flip(clean, flip)
@@ -290,10 +289,10 @@ def latent_batch(training: Training, index: torch.Tensor, flip, draws, device) -
     rows = index.to(cache.mean.device)
     view = flip.long() if training.params.train.random_flip else torch.zeros_like(flip, dtype=torch.long)
     view = view.to(cache.mean.device)
-    mean = cache.mean[rows, view].to(device, non_blocking=True).float()
-    logvar = cache.logvar[rows, view].to(device, non_blocking=True).float()
+    mean = to_device(cache.mean[rows, view], device).float()
+    logvar = to_device(cache.logvar[rows, view], device).float()
     caption = pick_captions(cache.offsets, rows, uniform.to(cache.offsets.device))
-    hidden = cache.text[caption.to(cache.text.device)].to(device, non_blocking=True).float()
+    hidden = to_device(cache.text[caption.to(cache.text.device)], device).float()
     return latent_sample(mean, logvar, vae_noise, cache.scaling_factor), {"encoder_hidden_states": hidden}
 
 
