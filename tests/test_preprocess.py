@@ -102,6 +102,22 @@ def test_images_with_no_known_8_bit_range_are_skipped_with_the_reason(tmp_path):
     assert reasons[2].startswith("UnsupportedPixels: float pixels (mode F) from 0.5 to 0.5 with NaN or inf")
 
 
+def test_an_image_too_thin_to_centre_crop_is_skipped_with_its_reason(tmp_path):
+    """Centre-cropping scales the shorter side to the resolution first: a 1 x 50,000 strip at 256 would
+    become a 3.3 GB image. Beyond 1:64 such a file is skipped with its reason, read from its header only;
+    at 1:64, or squashed to a square instead, it is used."""
+    strip = save(Image.new("L", (1, 50_000), 90), tmp_path / "strip.png")
+    edge = save(Image.new("L", (64, 1), 90), tmp_path / "edge.png")
+    array, skipped = preprocess.preprocess_images([strip, edge], 256, 1, True)
+    assert [s["file"] for s in skipped] == [str(strip)] and array.shape == (1, 1, 256, 256)
+    assert skipped[0]["reason"] == (
+        "ExtremeAspect: 1 x 50000 pixels, an aspect ratio beyond 1:64: `data.center_crop` would scale it to "
+        "12,800,000 pixels long to keep a 256-pixel square; crop the file, or set `data.center_crop: false`"
+    )
+    squashed, skipped = preprocess.preprocess_images([strip], 8, 1, False)
+    assert skipped == [] and squashed.shape == (1, 1, 8, 8) and (squashed == 90).all()
+
+
 def test_exif_orientation_is_applied(tmp_path):
     image = Image.new("RGB", (40, 20), BLUE)
     image.paste(RED, (0, 0, 20, 20))  # red left half

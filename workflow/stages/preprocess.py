@@ -9,7 +9,8 @@ array). Each image is EXIF-rotated, converted to L or RGB, and either resized on
 centre-cropped (`data.center_crop: true`) or squashed to a square, with PIL's antialiasing bicubic.
 A file that cannot be decoded (corrupt, truncated, empty, not an image, or a decompression bomb:
 more pixels than PIL.Image.MAX_IMAGE_PIXELS) is skipped and listed with its reason; so are files the
-source ignored (no image extension), and images whose pixels have no known 8-bit range (negative,
+source ignored (no image extension), images too thin to centre-crop (an aspect ratio beyond
+1:MAX_ASPECT, where `data.center_crop` is on), and images whose pixels have no known 8-bit range (negative,
 wider than 8 bits but not unsigned 16-bit, NaN; 16-bit keeps its top byte, float in [0, 1] is x 255,
 values already in [0, 255] stay: `to_8bit`).
 Fewer than `data.min_images` usable images is an error naming the count and the commonest reasons.
@@ -46,6 +47,10 @@ from workflow.formats.raw_dataset import (
 from workflow.formats.training_images import write_images
 
 MODES = {1: "L", 3: "RGB"}
+# `data.center_crop` scales the shorter side to the resolution before cropping, so a thin strip of an image
+# would first grow into a huge one (1 x 50,000 pixels at 256: 3.3 GB) to keep a sliver: beyond this aspect
+# ratio an image is skipped instead, with its reason.
+MAX_ASPECT = 64
 # What a broken or non-image file raises while PIL decodes it (UnidentifiedImageError is an OSError).
 DECODE_ERRORS = (
     OSError,
@@ -63,6 +68,8 @@ def load_image(path: str | Path, resolution: int, channels: int, center_crop: bo
         # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse those too, before decoding
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
+            if center_crop:
+                check_aspect(image.size, resolution)
             image.load()
             image = to_8bit(ImageOps.exif_transpose(image)).convert(MODES[channels])
     image = resize(image, resolution, center_crop)
@@ -72,6 +79,21 @@ def load_image(path: str | Path, resolution: int, channels: int, center_crop: bo
 
 class UnsupportedPixels(ValueError):
     """Pixels with no fixed range to map onto 8 bits: the file is skipped with this as its reason."""
+
+
+class ExtremeAspect(ValueError):
+    """An image too thin to centre-crop (beyond MAX_ASPECT): the file is skipped with this as its reason."""
+
+
+def check_aspect(size: tuple[int, int], resolution: int) -> None:
+    short, long = sorted(size)
+    if long > MAX_ASPECT * short:
+        scaled = round(long * resolution / short)
+        raise ExtremeAspect(
+            f"{size[0]} x {size[1]} pixels, an aspect ratio beyond 1:{MAX_ASPECT}: `data.center_crop` would scale "
+            f"it to {scaled:,} pixels long to keep a {resolution}-pixel square; crop the file, or set "
+            "`data.center_crop: false`"
+        )
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
