@@ -146,6 +146,28 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny_params):
 
 
 @pytest.mark.e2e
+def test_more_cpu_ranks_than_cores_are_refused_before_anything_is_taken(tiny_params, capsys):
+    """Without a GPU each rank is a whole torch process on the same cores and memory: `train.num_processes`
+    above the cores this process may use is refused, before the recipe's lock, a device slot or a rank."""
+    from workflow.__main__ import main
+    from workflow.core.launch import check_cpu_ranks
+    from workflow.core.slots import gpu_count
+
+    cores = len(os.sched_getaffinity(0))
+    check_cpu_ranks(cores, gpus=0)
+    check_cpu_ranks(cores + 1, gpus=1)  # GPU ranks are counted against the GPUs (device slots)
+    if gpu_count():
+        return  # the stage below would launch GPU ranks
+    params = tiny_params(train={"max_steps": 2, "num_processes": cores + 1, "batch_size": 2 * (cores + 1)})
+    write_images(params.paths.images)
+    assert main(["train", "--params", "params.yaml"]) == 1
+    assert capsys.readouterr().err == (
+        f"error in stage train: `train.num_processes` {cores + 1} on a machine without a GPU, which gives this "
+        f"process {cores} CPU cores: at most one rank per core (a single process already uses every core)\n"
+    )
+    assert not Path(params.paths.checkpoints).exists()  # no recipe folder, no lock taken
+
+
 def test_two_processes_match_one(tiny_params, tmp_path):
     """`train.num_processes: 2`: the stage launches 2 ranks itself (accelerate launch; gloo on CPU), the ranks
     agree (checked inside train), and the result equals the single-process run with the same global batch

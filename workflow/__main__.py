@@ -18,8 +18,8 @@ import sys
 from workflow import DEVICE_STAGES, STAGES, TOOLS
 from workflow.core.artifacts import DiskFullError
 from workflow.core.config import DEFAULT_PARAMS, ConfigError, load_params
-from workflow.core.launch import in_rank, launch_ranks, needs_launch
-from workflow.core.slots import device_slot
+from workflow.core.launch import check_cpu_ranks, in_rank, launch_ranks, needs_launch
+from workflow.core.slots import device_slot, gpu_count
 
 
 def run_stage(name: str, argv: list[str]) -> None:
@@ -34,6 +34,8 @@ def run_stage(name: str, argv: list[str]) -> None:
     params_file = parser.parse_args(argv).params
     params = load_params(params_file)
     processes = params.train.num_processes if name == "train" else 1
+    if needs_launch(processes):
+        check_cpu_ranks(processes, gpu_count())
     # a stage that must run alone on its outputs (train: one run per recipe) waits for that before any device;
     # ranks are past it: the process that launched them waited
     alone = hasattr(stage, "sole_run") and not in_rank()

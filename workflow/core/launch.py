@@ -4,6 +4,7 @@ on the same params file, so dvc.yaml, the Snakefile and a SLURM job run one comm
 or many. Each rank then runs the stage (workflow/stages/train.py checks that it is one of N).
 
     if needs_launch(num_processes):
+        check_cpu_ranks(num_processes, gpu_count())          # before waiting for anything
         launch_ranks("train", params_file, num_processes)   # returns when every rank has; SystemExit if one failed
 """
 
@@ -15,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from workflow.core.config import ConfigError
+
 
 def in_rank() -> bool:
     """True inside a process started by a multi-process launcher (accelerate launch, torchrun)."""
@@ -23,6 +26,18 @@ def in_rank() -> bool:
 
 def needs_launch(num_processes: int) -> bool:
     return num_processes > 1 and not in_rank()
+
+
+def check_cpu_ranks(num_processes: int, gpus: int) -> None:
+    """Without a GPU the ranks are whole torch processes sharing this machine's cores and memory: more of
+    them than the cores this process may use (its CPU affinity: a SLURM allocation's) only contend, and
+    enough of them exhaust the memory, so such a `train.num_processes` is refused."""
+    cores = len(os.sched_getaffinity(0))
+    if not gpus and num_processes > cores:
+        raise ConfigError(
+            f"`train.num_processes` {num_processes} on a machine without a GPU, which gives this process "
+            f"{cores} CPU cores: at most one rank per core (a single process already uses every core)"
+        )
 
 
 def launch_command(stage: str, params_file: str, num_processes: int, config_file: str | Path) -> list[str]:
