@@ -89,6 +89,23 @@ def test_a_micro_batch_over_the_activation_cap_is_refused_naming_its_keys():
     assert check_size(params_from_dict(raw))["activation_gib"] == accumulated
 
 
+def test_a_global_batch_whose_noise_outgrows_the_cap_is_refused():
+    """A step draws its noise for the whole global batch on each device, not a micro-batch's: with the batch
+    spread over many micro-batches and devices, that is what fills the memory (3 x 512 x 512 float32: 3 MiB
+    an image; a micro-batch of one image keeps 129 GiB here, the middle block's attention)."""
+    train = {"batch_size": 2**16, "gradient_accumulation_steps": 1024, "num_processes": 64}
+    raw = tiny_dict(model={"attention_levels": []}, data={"resolution": 512, "channels": 3}, train=train)
+    with pytest.raises(ConfigError) as error:
+        check_size(params_from_dict(raw))
+    assert str(error.value) == (
+        "a training step draws its noise for the whole `train.batch_size` (65,536 images) on each device: "
+        "192.0 GiB beside the micro-batch's 128.8 GiB of activations, over `train.max_activation_gib` (256.0): "
+        "lower `train.batch_size`, or raise the cap"
+    )
+    raw["train"].update(batch_size=2**14, num_processes=16)  # a quarter of it fits
+    assert check_size(params_from_dict(raw))["noise_gib"] == 48.0
+
+
 def saved_by_a_real_forward_pass(unet, batch: int, bf16: bool = False) -> int:
     """Bytes a real CPU forward pass saves for backward (weights aside): activation_bytes off the meta device."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -15,6 +15,7 @@ noise_scheduler = load_pretrained_noise_scheduler("models/base")
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from pathlib import Path
 
@@ -155,7 +156,8 @@ def check_size(params: Params, num_classes: int = 0, latent: dict | None = None,
     measured on the meta device (shapes, no memory), where config's upper bounds keep even the largest
     allowed build quick. A text-to-image run passes `latent` = {"base": the pipeline folder, "latent_shape":
     (C, h, w), "text_shape": (L, D)}: its pretrained UNet's config is built, with the caption embeddings it
-    attends to. Returns {"parameters": count, "activation_gib": estimate}."""
+    attends to. The step's noise, drawn for the global batch, counts against `train.max_activation_gib` too.
+    Returns {"parameters": count, "activation_gib": estimate, "noise_gib": the noise's}."""
     m, t, data = params.model, params.train, params.data
     with torch.device("meta"):
         if latent is None:
@@ -189,10 +191,20 @@ def check_size(params: Params, num_classes: int = 0, latent: dict | None = None,
             "`train.gradient_accumulation_steps` (or `train.num_processes`), lower `train.batch_size`, "
             "or raise the cap"
         )
+    # The step's noise is drawn for the whole global batch on every device (so that each shard equals the
+    # one-process run's slice), not a micro-batch's: with many accumulated micro-batches it can outgrow them.
+    image = math.prod(shape) if shape else data.channels * data.resolution**2
+    noise_gib = t.batch_size * image * 4 * (2 if latent else 1) / GIB  # a latent run also draws each latent
+    if gib + noise_gib > t.max_activation_gib:
+        raise ConfigError(
+            f"a training step draws its noise for the whole `train.batch_size` ({t.batch_size:,} images) on each "
+            f"device: {noise_gib:,.1f} GiB beside the micro-batch's {gib:,.1f} GiB of activations, over "
+            f"`train.max_activation_gib` ({t.max_activation_gib:,}): lower `train.batch_size`, or raise the cap"
+        )
     if grid is not None and t.progress_grids:  # a text grid is guided as the run's samples are
         inputs = grid.batch_size * (2 if latent and params.sample.guidance_scale > 1 else 1)
         check_sampling_memory(unet, grid, grid.batch_size, inputs, shape, context, what="a progress grid")
-    return {"parameters": count, "activation_gib": gib}
+    return {"parameters": count, "activation_gib": gib, "noise_gib": noise_gib}
 
 
 def activation_bytes(unet, batch: int, shape: tuple | None = None, context: tuple | None = None) -> int:
