@@ -22,6 +22,7 @@ from workflow.models.builders import build_noise_scheduler, build_sampler, build
 from workflow.models.class_pipeline import ClassConditionalPipeline
 from workflow.models.sampling import Denoiser, image_generators, sample_batches, sample_labels, sampled_classes
 from workflow.stages import download, preprocess
+from workflow.stages.sample import MAX_GRID_ROWS, class_grid_indices
 from workflow.stages.sample import run as sample
 from workflow.stages.train import run as train
 
@@ -265,6 +266,15 @@ def test_the_sample_set_follows_the_training_classes_and_the_grid_has_a_row_per_
     assert record["guidance_scale"] == 2.0
     with Image.open(params.paths.grid) as grid:  # 3 rows of 2 samples (8 px, 2 px padding), labels at the left
         assert grid.height == 3 * 10 + 2 and grid.width > 2 * 10 + 2
+
+
+def test_the_class_grid_keeps_only_the_samples_it_shows():
+    """Sample i is of class i mod classes: row r of the grid is samples r, r + classes, ...; with more classes
+    than MAX_GRID_ROWS only the rows shown are kept (not the 8,000 of 1,000 classes x 8 columns)."""
+    assert class_grid_indices(3, 2) == [0, 3, 1, 4, 2, 5]
+    many = class_grid_indices(1000, 8)
+    assert len(many) == MAX_GRID_ROWS * 8 == 256
+    assert many[:8] == list(range(0, 8000, 1000)) and many[-8:] == list(range(MAX_GRID_ROWS - 1, 8000, 1000))
 
 
 def test_the_reference_holds_only_the_sampled_classes(tiny_params):

@@ -128,7 +128,7 @@ def test_sample_set_is_written_batch_by_batch_and_published_whole(tmp_path):
                 assert written == ["000000.png", "000001.png"] and not folder.exists()
             yield first, np.full((2, 4, 4, 1), first, np.uint8)
 
-    kept, record = write_sample_set(batches_from, 4, 2, str(folder), 3, {"sampler": "ddim"}, {})
+    kept, record = write_sample_set(batches_from, 4, 2, str(folder), range(3), {"sampler": "ddim"}, {})
     assert kept.shape == (3, 4, 4, 1) and kept[2, 0, 0, 0] == 2 and record["count"] == 4
     assert record["resumed_from"] == 0
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(4)] + ["samples.json"]
@@ -157,21 +157,21 @@ def values(folder: Path) -> list[int]:
 
 def interrupted(folder: Path, stop_after: int, count: int = 6, settings=None, identity=None) -> None:
     with pytest.raises(KeyboardInterrupt):
-        write_sample_set(numbered_batches([], stop_after), count, 2, str(folder), 0, settings or {}, identity or {})
+        write_sample_set(numbered_batches([], stop_after), count, 2, str(folder), (), settings or {}, identity or {})
 
 
 def test_an_interrupted_sample_set_resumes_from_its_last_whole_batch(tmp_path):
     folder, settings, identity = tmp_path / "samples", {"sampler": "ddpm"}, {"weights": "abc", "seed": 0}
     calls = []
     with pytest.raises(KeyboardInterrupt):
-        write_sample_set(numbered_batches(calls, stop_after=2), 6, 2, str(folder), 3, settings, identity)
+        write_sample_set(numbered_batches(calls, stop_after=2), 6, 2, str(folder), range(3), settings, identity)
     assert not folder.exists()  # nothing that looks complete
     images = tmp_path / ".samples.partial/images"
     assert sorted(p.name for p in images.glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
     (images / "000004.png").write_bytes(b"cut short")  # the next batch, killed mid-write
     (images / ".leftover.~1~host~x.tmp").mkdir()  # anything else a killed write left
 
-    kept, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), 3, settings, identity)
+    kept, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), range(3), settings, identity)
     assert calls == [0, 4]  # the second run made images 4 and 5 only
     assert record["resumed_from"] == 4 and record["count"] == 6 and record["seconds"] >= 0
     assert [int(k[0, 0, 0]) for k in kept] == [0, 10, 20]  # the grid's images, read back from the first run
@@ -186,13 +186,13 @@ def test_a_partial_set_of_other_settings_is_replaced_only_once_the_new_run_makes
     interrupted(folder, 2, settings={"eta": 0.0})  # images 0-3 of eta 0
     refused = numbered_batches(calls, stop_after=0, fail=ConfigError("refused"))
     with pytest.raises(ConfigError):
-        write_sample_set(refused, 6, 2, str(folder), 0, {"eta": 1.0}, {})
-    _, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), 0, {"eta": 0.0}, {})
+        write_sample_set(refused, 6, 2, str(folder), (), {"eta": 1.0}, {})
+    _, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), (), {"eta": 0.0}, {})
     assert calls == [0, 4] and record["resumed_from"] == 4
 
     calls.clear()
     interrupted(folder, 2, settings={"eta": 0.0})
-    _, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), 0, {"eta": 0.0}, {"seed": 1})
+    _, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), (), {"eta": 0.0}, {"seed": 1})
     assert calls == [0] and record["resumed_from"] == 0 and values(folder) == [0, 10, 20, 30, 40, 50]
 
 
@@ -200,9 +200,21 @@ def test_a_partial_set_larger_than_asked_gives_its_first_images(tmp_path):
     """A smaller set is the start of a larger one: 4 images made, 3 asked for, nothing sampled again."""
     folder, calls = tmp_path / "samples", []
     interrupted(folder, 2)
-    _, record = write_sample_set(numbered_batches(calls), 3, 2, str(folder), 0, {}, {})
+    _, record = write_sample_set(numbered_batches(calls), 3, 2, str(folder), (), {}, {})
     assert calls == [] and record["count"] == 3 and record["resumed_from"] == 3
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(3)] + ["samples.json"]
+
+
+def test_only_the_images_asked_for_are_kept_in_their_order(tmp_path):
+    """The grid's images, wherever they lie in the set (a class grid's are spread over it), and no others:
+    from the batches as they are made and, on a resume, from the images already on disk."""
+    kept, _ = write_sample_set(numbered_batches([]), 6, 2, str(tmp_path / "fresh"), [4, 1, 5], {}, {})
+    assert kept.shape == (3, 4, 4, 3) and [int(k[0, 0, 0]) for k in kept] == [40, 10, 50]
+    folder, calls = tmp_path / "samples", []
+    interrupted(folder, 2)  # images 0-3 on disk
+    kept, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), [4, 1, 5], {}, {})
+    assert calls == [4] and record["resumed_from"] == 4
+    assert kept.shape == (3, 4, 4, 3) and [int(k[0, 0, 0]) for k in kept] == [40, 10, 50]
 
 
 def test_a_set_ended_mid_batch_resumes_from_the_batch_boundary(tmp_path, monkeypatch):
@@ -215,9 +227,9 @@ def test_a_set_ended_mid_batch_resumes_from_the_batch_boundary(tmp_path, monkeyp
 
     with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
         patched.setattr(sample_set, "publish_folder", killed)
-        write_sample_set(numbered_batches([], total=5), 5, 2, str(folder), 0, {}, {})
+        write_sample_set(numbered_batches([], total=5), 5, 2, str(folder), (), {}, {})
     assert len(list((tmp_path / ".samples.partial/images").glob("*.png"))) == 5
-    _, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), 0, {}, {})
+    _, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), (), {}, {})
     assert calls == [4] and record["resumed_from"] == 4 and values(folder) == [0, 10, 20, 30, 40, 50]
 
 
@@ -227,7 +239,7 @@ def test_a_damaged_partial_image_starts_the_set_afresh(tmp_path):
     folder, calls = tmp_path / "samples", []
     interrupted(folder, 2)
     (tmp_path / ".samples.partial/images/000001.png").write_bytes(b"\x89PNG damaged")
-    _, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), 3, {}, {})
+    _, record = write_sample_set(numbered_batches(calls), 6, 2, str(folder), range(3), {}, {})
     assert calls == [0] and record["resumed_from"] == 0 and values(folder) == [0, 10, 20, 30, 40, 50]
 
 
@@ -235,7 +247,7 @@ def test_a_second_writer_of_the_same_set_is_refused(tmp_path):
     partial = tmp_path / ".samples.partial"
     partial.mkdir()
     with try_lock(partial / "lock"), pytest.raises(ConfigError, match="another process is writing this sample set"):
-        write_sample_set(numbered_batches([]), 6, 2, str(tmp_path / "samples"), 0, {}, {})
+        write_sample_set(numbered_batches([]), 6, 2, str(tmp_path / "samples"), (), {}, {})
     assert not (tmp_path / "samples").exists()
 
 

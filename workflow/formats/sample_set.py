@@ -4,7 +4,7 @@ stage, read by evaluate (and the FID benchmark). An interrupted write resumes: t
 `.<name>.partial/images/`, with partial.json beside it after every batch, and is renamed into place
 whole.
 
-    grid_images, record = write_sample_set(batches_from, 1000, 250, "data/samples", 16, settings, identity)
+    grid_images, record = write_sample_set(batches_from, 1000, 250, "data/samples", range(16), settings, identity)
     images = load_samples("data/samples")                     # uint8 N x 3 x H x W, in sample order, lazily
     read_sample_record("data/samples", ("seconds",))          # from samples.json
 """
@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +36,14 @@ def write_sample_set(
     count: int,
     batch_size: int,
     folder: str,
-    keep: int,
+    keep: Sequence[int],
     settings: dict,
     identity: dict,
 ) -> tuple[np.ndarray, dict]:
     """Stream the (first index, uint8 B x H x W x C) batches of `batches_from(start)` (`batch_size` images
     each, `start` a multiple of it) into `folder` as 000000.png ... (images start .. count - 1); return the
-    first `keep` images and the record of samples.json: `settings` plus count, seconds, images_per_second
-    and resumed_from.
+    images whose indices `keep` lists (each below count), in its order, and the record of samples.json:
+    `settings` plus count, seconds, images_per_second and resumed_from. Only those images are held.
 
     The set grows in `.<folder>.partial/images/`, with partial.json beside it after every batch, and
     is renamed into place when complete. A run that was killed is resumed from its last whole batch by
@@ -56,10 +56,11 @@ def write_sample_set(
     key = hashlib.sha256(json.dumps({"settings": settings, "identity": identity}, sort_keys=True).encode()).hexdigest()
     with disk_full_guard(final), _writing(work, final):
         done, earlier_seconds = _resume_point(work, key, count, batch_size)
+        wanted = set(keep)
         try:
-            kept = [_read_png(images / png_name(i)) for i in range(min(keep, done))]
+            kept = {i: _read_png(images / png_name(i)) for i in sorted(wanted) if i < done}
         except ConfigError:  # a damaged PNG (a power cut: nothing is fsynced) would fail every resume alike
-            done, earlier_seconds, kept = 0, 0.0, []
+            done, earlier_seconds, kept = 0, 0.0, {}
         tidied = False
         started = time.perf_counter()
         for first, batch in batches_from(done) if done < count else iter(()):
@@ -68,7 +69,8 @@ def write_sample_set(
             for k, image in enumerate(batch):
                 to_pil(image).save(images / png_name(first + k))
                 maybe_fault("sample.after_image", first + k + 1)
-            kept.extend(batch[: max(0, keep - len(kept))])
+            # copies: a view would hold its whole batch in memory
+            kept.update((first + k, image.copy()) for k, image in enumerate(batch) if first + k in wanted)
             seconds = earlier_seconds + time.perf_counter() - started
             write_json(work / PROGRESS, {"key": key, "done": first + len(batch), "seconds": seconds})
         if not tidied:  # every image made by earlier runs: drop those past `count`
@@ -84,7 +86,7 @@ def write_sample_set(
         write_json(images / RECORD, record)
         publish_folder(images, final)
         (work / PROGRESS).unlink(missing_ok=True)
-    return np.array(kept, dtype=np.uint8), record
+    return np.array([kept[i] for i in keep], dtype=np.uint8), record
 
 
 PARTIAL_SUFFIX = ".partial"

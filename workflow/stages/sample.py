@@ -8,7 +8,8 @@ sample.num_inference_steps spaced by sample.timestep_spacing, sample.batch_size 
 (workflow.models.sampling: bf16 + channels_last on a GPU, float32 on CPU, optional torch.compile).
 Each batch's PNGs go straight to disk (into .samples.partial/ beside the set, renamed to
 params.paths.samples when complete, with samples.json holding the timing), so memory does not grow
-with the number of samples; only the first grid_size^2 images are kept, for params.paths.grid.
+with the number of samples; only the images params.paths.grid shows are kept (without classes: the first
+grid_size^2).
 A run that is killed resumes from its last whole batch when the stage runs again with the same
 weights, seed, sampler settings, batch size, code and software (workflow.formats.sample_set): an hour
 of DDPM sampling on a CPU is not lost to a preempted job.
@@ -55,10 +56,11 @@ from workflow.models.sampling import grid_columns, sample_batches, sample_labels
 MAX_GRID_ROWS = 32
 
 
-def class_grid(images: np.ndarray, classes: int, columns: int) -> np.ndarray:
-    """From the first classes x columns samples (sample i of class i mod `classes`), one row per class."""
+def class_grid_indices(classes: int, columns: int) -> list[int]:
+    """The samples of a class grid, row by row: of the first classes x columns samples (sample i of class
+    i mod `classes`), `columns` of each of the first MAX_GRID_ROWS classes. Only these are kept in memory."""
     rows = min(classes, MAX_GRID_ROWS)
-    return np.stack([images[r + classes * c] for r in range(rows) for c in range(columns)])
+    return [r + classes * c for r in range(rows) for c in range(columns)]
 
 
 def run(params: Params) -> dict:
@@ -69,13 +71,13 @@ def run(params: Params) -> dict:
     device = runtime.device
     unet, scheduler_config = load_unet(params.paths.trained, device)
     class_names = load_class_names(params.paths.trained)
-    labels, columns, keep, extra = None, s.grid_size, s.grid_size**2, {}
+    labels, columns, keep, extra = None, s.grid_size, range(s.grid_size**2), {}
     if class_names:
         training = load_labels(params.paths.labels)
         chosen = sampled_classes(params, class_names, training)
         labels = sample_labels(params, class_names, training)
         columns = grid_columns(params, chosen)
-        keep = len(chosen) * columns
+        keep = class_grid_indices(len(chosen), columns)
         extra = {"guidance_scale": s.guidance_scale, "class_names": class_names, "labels": labels.tolist()}
     settings = {
         "sampler": s.sampler,
@@ -94,11 +96,8 @@ def run(params: Params) -> dict:
 
     identity = images_identity(params, manifest_sha256(params.paths.trained), device)
     kept, record = write_sample_set(batches_from, count, s.batch_size, params.paths.samples, keep, settings, identity)
-    if class_names:
-        rows = [class_names[c] for c in chosen[:MAX_GRID_ROWS]]
-        write_grid(class_grid(kept, len(chosen), columns), columns, params.paths.grid, row_labels=rows)
-    else:
-        write_grid(kept, s.grid_size, params.paths.grid)
+    rows = [class_names[c] for c in chosen[:MAX_GRID_ROWS]] if class_names else None
+    write_grid(kept, columns, params.paths.grid, row_labels=rows)
     return record
 
 
@@ -135,7 +134,7 @@ def run_text_to_image(params: Params) -> dict:
         "base": base_sha256(paths.base_model),
         "resolution": resolution,
     }
-    _, record = write_sample_set(batches_from, len(prompts), s.batch_size, paths.samples, 0, settings, identity)
+    _, record = write_sample_set(batches_from, len(prompts), s.batch_size, paths.samples, (), settings, identity)
     rows = list(s.prompts[:MAX_GRID_ROWS])
     grid = np.concatenate(
         [b for _, b in prompt_batches(pipe, grid_prompts(rows, s.grid_size), s, params.seed, resolution, runtime)]

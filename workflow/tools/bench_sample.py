@@ -155,7 +155,7 @@ def bench_fid(
             num_images,
             batch_size,
             f"{tmp}/samples",
-            0,
+            (),
             {},
             {},
         )
