@@ -178,6 +178,22 @@ def test_progress_strip_labels_steps_and_thins_long_runs(run_dir):
     assert shown == sorted(shown) and f"{report.MAX_PROGRESS_SHOWN} of 33 checkpoints" in page
 
 
+def test_only_the_progress_grids_shown_are_read(run_dir):
+    """A long run's grids are chosen before any is read: here the ones not shown are not PNGs, which reading
+    refuses, and the page is still made, from the shown ones."""
+    grids = run_dir / "reports/train/grids"
+    steps = [*PROGRESS_STEPS, *range(200, 3001, 100)]
+    shown = [step for step, _ in report.shown_progress([(step, None) for step in steps])]
+    assert len(shown) == report.MAX_PROGRESS_SHOWN < len(steps)
+    for step in steps:
+        (grids / f"step-{step:07d}.png").write_bytes(_grid_png(seed=step) if step in shown else b"not read")
+    progress, total = report.load_progress_grids(run_dir / "reports/train")
+    assert [step for step, _ in progress] == shown and total == 33
+    page = _render(run_dir)
+    assert _data_uris(page)[1:-1] == [_grid_png(seed=step) for step in shown]
+    assert f"{report.MAX_PROGRESS_SHOWN} of 33 checkpoints" in page
+
+
 def test_stage_timings_software_and_device(run_dir):
     page = _render(run_dir)
     timings = page[page.index("Time per stage") : page.index("Software and device")]

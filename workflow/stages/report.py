@@ -3,7 +3,7 @@
     python -m workflow report [--params params.yaml]
 
 Reads the sample grid, the training log (loss and lr as dvclive wrote them, see workflow/formats/trainlog.py;
-summary.json; the progress grids grids/step-XXXXXXX.png), metrics.json, the preprocessing meta.json,
+summary.json; the progress grids grids/step-XXXXXXX.png that it shows), metrics.json, the preprocessing meta.json,
 the download record SOURCE.json, for a fine-tuned pretrained pipeline its record BASE.json (repository and
 commit, or local folder), and the params. Writes `paths.report` (reports/index.html) and
 `paths.loss_plot` (reports/loss.png, the loss and learning-rate figure the page shows; Snakemake's
@@ -71,7 +71,8 @@ class ReportInputs:
     meta: dict | Missing
     source: dict | Missing
     grid_png: bytes | Missing
-    progress: list | Missing  # [(optimiser step, PNG bytes)], oldest first
+    progress: list | Missing  # [(optimiser step, PNG bytes)] of the grids shown (shown_progress), oldest first
+    progress_total: int  # how many progress grids the run made, shown or not
     sweeps: list = field(default_factory=list)  # the FID sweeps with points (fid_sweep), each a Sweep
     base: dict | Missing | None = None  # the pretrained pipeline's BASE.json; None: the run trains from scratch
 
@@ -97,15 +98,14 @@ def _optional(load, path: str | Path, stage: str):
     return load(path, stage) if path.is_file() else Missing(str(path), _written_by(stage))
 
 
-def load_progress_grids(log: Path) -> list | Missing:
-    """The training log's progress grids as [(step, png)], oldest first."""
+def load_progress_grids(log: Path) -> tuple[list | Missing, int]:
+    """The training log's progress grids that the page shows, as [(step, png)], oldest first, and how many
+    there are: only the shown ones are read (a long run can have thousands)."""
     found = trainlog.progress_grids(log)
     if not found:
-        return Missing(
-            f"{log / trainlog.GRIDS_DIR}/step-*.png",
-            "written by the `train` stage at each checkpoint, when the run makes progress grids",
-        )
-    return [(step, read_png(path, "train")) for step, path in found]
+        what = "written by the `train` stage at each checkpoint, when the run makes progress grids"
+        return Missing(f"{log / trainlog.GRIDS_DIR}/step-*.png", what), 0
+    return [(step, read_png(path, "train")) for step, path in shown_progress(found)], len(found)
 
 
 def load_sweeps(params: Params) -> list:
@@ -126,6 +126,7 @@ def load_sweeps(params: Params) -> list:
 def load_inputs(params: Params) -> ReportInputs:
     p = params.paths
     log = Path(p.train_log)
+    progress, progress_total = load_progress_grids(log)
     return with_fetch_hints(
         ReportInputs(
             params=params.to_dict(),
@@ -135,7 +136,8 @@ def load_inputs(params: Params) -> ReportInputs:
             meta=_optional(read_record, p.meta, "preprocess"),
             source=_optional(read_record, Path(p.raw) / SOURCE_FILE, "download"),
             grid_png=_optional(read_png, p.grid, "sample"),
-            progress=load_progress_grids(log),
+            progress=progress,
+            progress_total=progress_total,
             sweeps=load_sweeps(params),
             base=None
             if params.model.pretrained is None
@@ -266,18 +268,19 @@ def run_rows(inputs: ReportInputs) -> list:
 
 
 def shown_progress(progress: list) -> list:
-    """At most MAX_PROGRESS_SHOWN grids, evenly spaced, always the first and the last."""
+    """At most MAX_PROGRESS_SHOWN of the grids `progress` (oldest first), evenly spaced, always the first and
+    the last."""
     if len(progress) <= MAX_PROGRESS_SHOWN:
         return progress
     picks = np.unique(np.linspace(0, len(progress) - 1, MAX_PROGRESS_SHOWN).round().astype(int))
     return [progress[i] for i in picks]
 
 
-def progress_section(progress: list | Missing, weights: str) -> str:
+def progress_section(shown: list | Missing, total: int, weights: str) -> str:
+    """The progress grids `shown` (shown_progress) of the run's `total`."""
     title = "Progress over training"
-    if isinstance(progress, Missing):
-        return section(title, progress.html())
-    shown = shown_progress(progress)
+    if isinstance(shown, Missing):
+        return section(title, shown.html())
     # The strip fills the width (CSS scales each grid up, pixels kept sharp), never below 1:1; a grid
     # wider than a strip figure's STRIP_PX is embedded downscaled
     figures = "".join(
@@ -286,11 +289,7 @@ def progress_section(progress: list | Missing, weights: str) -> str:
         f"<figcaption>step {step:,}</figcaption></figure>"
         for step, png in shown
     )
-    note = (
-        f"{len(shown)} of {len(progress)} checkpoints"
-        if len(shown) < len(progress)
-        else f"{len(progress)} checkpoint(s)"
-    )
+    note = f"{len(shown)} of {total} checkpoints" if len(shown) < total else f"{total} checkpoint(s)"
     caption = f'<p class="caption">Samples from the {weights} at each checkpoint, from the same noise: {note}.</p>'
     return section(title, f'<div class="strip">{figures}</div>{caption}')
 
@@ -578,7 +577,7 @@ def render_report(inputs: ReportInputs, loss_png: bytes) -> str:
     title, subtitle = _title(inputs.params, inputs.meta)
     body = (
         hero_section(inputs)
-        + progress_section(inputs.progress, weights_shown(inputs.params))
+        + progress_section(inputs.progress, inputs.progress_total, weights_shown(inputs.params))
         + training_section(inputs.history, inputs.summary, loss_png)
         + sweeps_section(inputs.sweeps)
         + '<div class="row2">'
