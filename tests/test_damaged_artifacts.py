@@ -1,21 +1,25 @@
 """Damaged artifacts are detected, never used: a truncated or altered checkpoint is skipped (with a
 warning) for the one before, and resuming from it still gives the uninterrupted weights; a damaged
-pipeline is refused by the sample stage with a message naming the file."""
+pipeline is refused by the sample stage, and damaged training images or FID reference statistics by each
+stage that reads them, with a message naming the file and the stage that makes it."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from tests.helpers import ROOT, write_images
 from workflow.core import faults
-from workflow.core.config import ConfigError
+from workflow.core.config import ConfigError, load_params
 from workflow.formats import checkpoints
+from workflow.stages import download, evaluate, fid_reference, fid_sweep, preprocess
 from workflow.stages.sample import run as sample
 from workflow.stages.train import run as train
 
@@ -134,3 +138,55 @@ def test_sample_refuses_a_damaged_pipeline_naming_the_file(trained):
     write_manifest(params.paths.trained)
     with pytest.raises(ConfigError, match="not a loadable pipeline with safetensors weights"):
         sample(params)
+
+
+def as_float32(path: Path) -> None:
+    """A readable .npy, but not the uint8 images preprocess writes."""
+    np.save(path, np.load(path).astype(np.float32))
+
+
+def as_npz(path: Path) -> None:
+    """A zip archive where a .npy belongs (np.load opens it as one)."""
+    with open(path, "wb") as f:
+        np.savez(f, images=np.zeros((2, 1, 8, 8), np.uint8))
+
+
+# (file, damage, the stages that read it, the stage that makes it)
+INTERMEDIATE_DAMAGE = [
+    ("images", truncate, ("fid_reference", "train"), "preprocess"),
+    ("images", as_float32, ("fid_reference", "train"), "preprocess"),
+    ("images", as_npz, ("fid_reference", "train"), "preprocess"),
+    ("fid_ref", truncate, ("evaluate", "fid_sweep"), "fid_reference"),
+    ("fid_ref", flip_a_byte, ("evaluate", "fid_sweep"), "fid_reference"),  # an array's CRC no longer matches
+]
+READERS = {
+    "fid_reference": fid_reference.run,
+    "train": train,
+    "evaluate": evaluate.run,
+    "fid_sweep": fid_sweep.run,  # (with a sweep: it reads nothing without one)
+}
+
+
+@pytest.fixture
+def prepared(tiny_params):
+    """Tiny params (one FID sweep point), preprocessed and with FID reference statistics, as the pipeline
+    makes them."""
+    tiny_params(fid={"steps_sweep": [2]})
+    params = load_params("params.yaml")
+    download.run(params)
+    preprocess.run(params)
+    fid_reference.run(params)
+    return params
+
+
+@pytest.mark.parametrize(
+    "key, damage, readers, maker", INTERMEDIATE_DAMAGE, ids=[f"{c[0]}-{c[1].__name__}" for c in INTERMEDIATE_DAMAGE]
+)
+def test_damaged_intermediate_files_are_refused_naming_the_file_and_its_stage(prepared, key, damage, readers, maker):
+    params = prepared
+    path = getattr(params.paths, key)
+    damage(Path(path))
+    for reader in readers:
+        with pytest.raises(ConfigError, match=f"^{re.escape(path)}: .*; re-run the {maker} stage$"):
+            READERS[reader](params)
+    assert not Path(params.paths.trained).exists() and not Path(params.paths.metrics).exists()

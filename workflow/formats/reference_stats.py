@@ -9,6 +9,7 @@ KID), num_images, and weights_sha256 (the Inception file that made them).
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,18 @@ def load_reference(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} (`paths.fid_ref`): no such file; the fid_reference stage makes it")
-    with np.load(path, allow_pickle=False) as npz:
-        missing = [k for k in REFERENCE_KEYS if k not in npz.files]
-        if missing:
-            raise ConfigError(f"{path}: missing arrays {missing}; re-run the fid_reference stage")
-        return {k: npz[k] for k in REFERENCE_KEYS}
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):  # a .npy (or junk) loads as an array, not an archive
+            raise ValueError("not an .npz archive")
+        with npz:  # an array is read (and its CRC checked) here: a damaged one fails now, not in evaluate's maths
+            arrays = {k: npz[k] for k in REFERENCE_KEYS if k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc}); re-run the fid_reference stage") from None
+    missing = [k for k in REFERENCE_KEYS if k not in arrays]
+    if missing:
+        raise ConfigError(f"{path}: missing arrays {missing}; re-run the fid_reference stage")
+    return arrays
 
 
 def check_weights(reference: dict, info: dict, ref_path: str) -> None:

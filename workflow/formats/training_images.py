@@ -31,7 +31,18 @@ def load_images(path: str | Path, copy_on_write: bool = False) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} (`paths.images`): no such file; the preprocess stage makes it")
-    return np.load(path, mmap_mode="c" if copy_on_write else "r", allow_pickle=False)
+    try:
+        images = np.load(path, mmap_mode="c" if copy_on_write else "r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # cut short, or not a .npy file
+        raise ConfigError(f"{path}: unreadable ({exc}); re-run the preprocess stage") from None
+    if isinstance(images, np.lib.npyio.NpzFile):  # np.load opens a zip as an archive, not an array
+        images.close()
+        raise ConfigError(f"{path}: an .npz archive, not a .npy array; re-run the preprocess stage")
+    if images.dtype != np.uint8 or images.ndim != 4:  # anything else would fail far downstream, or train on garbage
+        raise ConfigError(
+            f"{path}: {images.dtype} of shape {images.shape}, not uint8 N x C x H x W; re-run the preprocess stage"
+        )
+    return images
 
 
 class Rows:
