@@ -107,6 +107,17 @@ def test_too_many_reference_images_is_a_config_error(tiny_params):
         fid_reference.run(load_params("params.yaml"))
 
 
+def test_all_images_as_reference_is_held_to_the_bound_a_number_gets(tiny_params):
+    """`fid.num_reference: null` over 1,000,000 images is refused as 1,000,001 would be, before Inception
+    loads (these weights do not exist) and with nothing written; at the bound it takes them all."""
+    tiny_params(fid={"num_reference": None, "weights": "no-such-inception.pt"})
+    write_images("data/processed/images.npy", n=1_000_001, size=1)
+    with pytest.raises(ConfigError, match=r"`fid.num_reference` is null \(all the 1,000,001 preprocessed images\)"):
+        fid_reference.run(load_params("params.yaml"))
+    assert not Path("data/processed/fid_ref.npz").exists()
+    assert len(fid_reference.choose_reference(1_000_000, None, 0, "images")) == 1_000_000
+
+
 def test_the_sample_set_is_read_one_image_at_a_time_and_a_damaged_one_is_named(reference):
     """load_samples checks sizes from the PNG headers and decodes an image when indexed (a 30,000-image
     512 px set decoded whole is 24 GB); a sample cut short, whose header still reads, is named by evaluate."""

@@ -87,6 +87,7 @@ STEPS = 10_000_000  # optimiser steps, and every count of them (warm-up, logging
 IMAGES = 100_000_000  # images in a dataset
 CLASSES = 100_000  # classes of a labelled dataset (one embedding row each)
 GUIDANCE = 100.0  # classifier-free guidance scales
+REFERENCE_IMAGES = 1_000_000  # FID reference images (2048 float64 Inception features each: 16 GB at the bound)
 SHA256 = _rule(lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None, "must be 64 lowercase hex digits")
 SOURCE = _rule(
     lambda v: re.fullmatch(r"(builtin|imagefolder|hf):.+", v) is not None,
@@ -273,7 +274,8 @@ class Sample:
 @dataclass(frozen=True)
 class Fid:
     num_samples: int = checked(250, at_least(2, 100_000))  # the FID sample set (sample makes it); 2 for a covariance
-    num_reference: Optional[int] = checked(250, positive(1_000_000))
+    # null = all the images; fid_reference holds that to the same bound once it knows their number
+    num_reference: Optional[int] = checked(250, positive(REFERENCE_IMAGES))
     weights: Optional[str] = checked(None, PATH)  # "" would silently mean null: the default extractor
     weights_sha256: Optional[str] = checked(None, SHA256)
     batch_size: int = checked(50, positive(4096))

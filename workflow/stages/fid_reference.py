@@ -4,10 +4,10 @@
 
 Reads `paths.images` (uint8 N x C x H x W; a text-to-image run with `data.holdout`: the held-out images,
 `paths.holdout_images`, instead; a class-conditional one with `sample.classes`: the images of those
-classes, by `paths.labels`) and takes `fid.num_reference` of them (null = all), chosen by a
-permutation seeded with `seed`. Writes `paths.fid_ref`, an .npz with mu, sigma
-(float64), features (float32, for KID), num_images, and weights_sha256 (the Inception file used;
-evaluate refuses a reference computed with other weights).
+classes, by `paths.labels`) and takes `fid.num_reference` of them (null = all, refused over
+1,000,000 as a number is), chosen by a permutation seeded with `seed`. Writes `paths.fid_ref`, an
+.npz with mu, sigma (float64), features (float32, for KID), num_images, and weights_sha256 (the
+Inception file used; evaluate refuses a reference computed with other weights).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workflow.core.config import ConfigError, Params
+from workflow.core.config import REFERENCE_IMAGES, ConfigError, Params
 from workflow.core.runtime import default_device, feature_workers
 from workflow.formats.labels import load_labels
 from workflow.formats.reference_stats import save_reference
@@ -27,6 +27,11 @@ from workflow.models.inception import load_extractor
 def choose_reference(num_images: int, num_reference: int | None, seed: int, which: str) -> np.ndarray:
     """Sorted indices of the reference subset: the first `num_reference` of a seeded permutation."""
     if num_reference is None:
+        if num_images > REFERENCE_IMAGES:  # the bound a number gets: their features alone would be N x 2048 float64
+            raise ConfigError(
+                f"`fid.num_reference` is null (all the {num_images:,} {which}), over its bound of "
+                f"{REFERENCE_IMAGES:,}; set it to a number, at most {REFERENCE_IMAGES:,}"
+            )
         return np.arange(num_images)
     if num_reference > num_images:
         raise ConfigError(
