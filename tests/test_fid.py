@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from workflow.core.config import ConfigError, Fid
+from tests.helpers import ROOT
+from workflow.core.config import ConfigError, Fid, load_params
 from workflow.formats.training_images import Rows, load_images, write_images
 from workflow.maths import fid
 from workflow.models import inception
+from workflow.models.memory import PeakBytes
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +234,52 @@ def test_non_torchscript_file_with_right_pin_is_a_config_error(tmp_path):
     weights.write_bytes(b"junk")
     with pytest.raises(ConfigError, match="junk.pt"):
         inception.load_extractor(Fid(weights=str(weights), weights_sha256=inception.sha256_file(weights)))
+
+
+# --- fid.batch_size against fid.max_activation_gib -------------------------------------------------------
+
+
+def test_the_meta_device_count_of_the_torchscript_network_is_a_real_cpu_pass(extractor, one_thread):
+    """The TorchScript interpreter dispatches its ops like eager code, so PeakBytes counts a meta-device copy
+    of the file as it counts a real pass: 12.6 MiB an image, the input batch included, and linear in it."""
+    with torch.inference_mode(), PeakBytes() as real:
+        extractor(torch.zeros(2, 3, 299, 299))
+    meta = inception.load_layers(inception.packaged_weights(), "meta")
+    assert inception.feature_peak_bytes(meta, 2) == real.peak
+    assert real.peak / 2 / 2**20 == pytest.approx(12.6, abs=0.05)
+    assert inception.feature_peak_bytes(meta, 4096) == 2048 * real.peak  # 50.4 GiB
+
+
+def test_a_fid_batch_over_its_cap_is_refused_naming_both_keys():
+    path = inception.packaged_weights()
+    with pytest.raises(
+        ConfigError,
+        match=r"`fid.batch_size` \(4,096\) images hold about 50.4 GiB .* over "
+        r"`fid.max_activation_gib` \(32.0\): lower `fid.batch_size`, or raise the cap",
+    ):
+        inception.load_extractor(Fid(batch_size=4096))
+    assert inception.check_feature_memory(Fid(batch_size=4096, max_activation_gib=64), path) == pytest.approx(
+        50.4, abs=0.05
+    )
+    with pytest.raises(ConfigError, match=r"`fid.batch_size` \(2\) .* over `fid.max_activation_gib` \(0.01\)"):
+        inception.check_feature_memory(Fid(batch_size=2, max_activation_gib=0.01), path)
+
+
+@pytest.mark.parametrize("stage", ["fid_reference", "evaluate", "fid_sweep"])
+def test_the_fid_stages_refuse_a_batch_over_the_cap_before_reading_anything(tiny_params, capsys, stage):
+    """Through the CLI with nothing on disk: the cap is checked before a reference, samples or a model load."""
+    from workflow.__main__ import main
+
+    params = tiny_params(fid={"batch_size": 64, "max_activation_gib": 0.5, "steps_sweep": [2]})
+    if stage == "fid_reference":  # it counts the images first (memory-mapped: no pixel read) for num_reference
+        write_images(params.paths.images, np.zeros((params.fid.num_reference, 1, 8, 8), np.uint8))
+    assert main([stage]) == 1
+    err = capsys.readouterr().err
+    assert f"error in stage {stage}:" in err and "over `fid.max_activation_gib` (0.5)" in err
+
+
+@pytest.mark.parametrize("config", ["params.yaml", *sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))])
+def test_the_default_and_the_presets_extract_features_within_the_cap(config):
+    params = load_params(ROOT / config if config == "params.yaml" else ROOT / "configs" / config)
+    gib = inception.check_feature_memory(params.fid, inception.packaged_weights())
+    assert 0 < gib * 10 < params.fid.max_activation_gib

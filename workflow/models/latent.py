@@ -7,6 +7,7 @@ tokenizer + text encoder that map captions to the hidden states the UNet attends
 
 The same calls serve the encode stage (once per dataset) and any on-the-fly encoding (the reference
 script's way, which the tests and the benchmark compare against), so both compute exactly the same.
+check_encode_memory refuses, from the configs alone, an `encode.batch_size` over `encode.max_activation_gib`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from workflow.core.config import ConfigError
+from workflow.core.config import ConfigError, Encode
+from workflow.models.memory import GIB, peak_bytes
 
 
 @dataclass
@@ -46,6 +48,59 @@ def load_encoders(base: str | Path, device: torch.device) -> Encoders:
     for module in (vae, text_encoder):
         module.requires_grad_(False).eval().to(device)  # float32, as loaded
     return Encoders(vae, tokenizer, text_encoder)
+
+
+def encode_peak_bytes(vae_config, text_config, batch: int, resolution: int, views: int) -> dict[str, int]:
+    """Bytes the encode stage's calls hold at once at their fullest, the inputs included and the weights not:
+    the VAE's over `batch` images of `resolution` (with `views` 2, the mirrored copy beside them) and the text
+    encoder's over `batch` captions of its full token length (an upper bound: the tokenizer pads to at most
+    that). Counted on meta-device copies built from the configs: nothing is allocated."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    with torch.device("meta"):
+        vae, text_encoder = AutoencoderKL.from_config(vae_config), CLIPTextModel(text_config)
+
+    def images():
+        pixels = torch.zeros(batch, vae.config.in_channels, resolution, resolution, device="meta")
+        encode_images(vae, pixels.flip(-1) if views > 1 else pixels)
+
+    def captions():
+        ids = torch.zeros(batch, text_config.max_position_embeddings, dtype=torch.long, device="meta")
+        text_encoder(ids, return_dict=False)
+
+    return {"vae": peak_bytes(images), "text_encoder": peak_bytes(captions)}
+
+
+def check_encode_memory(base: str | Path, settings: Encode, resolution: int, views: int) -> dict[str, float]:
+    """Refuse, before the encoders' weights load, an `encode.batch_size` whose VAE or text encoder call would
+    hold more than `encode.max_activation_gib` (encode_peak_bytes on the configs in `base`). Returns the GiB."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig
+
+    try:
+        vae_config = AutoencoderKL.load_config(str(base), subfolder="vae")
+        text_config = CLIPTextConfig.from_pretrained(str(base), subfolder="text_encoder")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{base}: cannot read the pretrained encoders' configs ({exc}); re-run download_model"
+        ) from None
+    peaks = encode_peak_bytes(vae_config, text_config, settings.batch_size, resolution, views)
+    gib = {name: nbytes / GIB for name, nbytes in peaks.items()}
+    what = {
+        "vae": f"images at `data.resolution` {resolution}"
+        + (" and their mirror images (`train.random_flip`)" if views > 1 else "")
+        + " in the VAE encoder",
+        "text_encoder": "captions in the text encoder",
+    }
+    for name, size in gib.items():
+        if size > settings.max_activation_gib:
+            raise ConfigError(
+                f"`encode.batch_size` ({settings.batch_size:,}) {what[name]} of {base} hold about {size:,.1f} GiB "
+                f"at once, over `encode.max_activation_gib` ({settings.max_activation_gib:,}): lower "
+                "`encode.batch_size`, or raise the cap"
+            )
+    return gib
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ rule encode:  # text-to-image: latents and caption embeddings, once; otherwise a
     output:
         latents=directory(PATHS["latents"]),
     params:
-        values=params_of("encode.batch_size", "encode.storage", "train.random_flip"),
+        values=params_of("encode.batch_size", "encode.max_activation_gib", "encode.storage", "train.random_flip"),
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:

@@ -8,7 +8,7 @@ rule fid_reference:
         fid_ref=PATHS["fid_ref"],
     params:
         values=params_of("seed", "data.holdout", "sample.classes", "fid.num_reference", "fid.weights",
-                         "fid.weights_sha256", "fid.batch_size"),
+                         "fid.weights_sha256", "fid.batch_size", "fid.max_activation_gib"),
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
@@ -28,7 +28,7 @@ rule evaluate:
     output:
         metrics=report(PATHS["metrics"], caption="../pages/captions/metrics.rst", category="Metrics"),
     params:
-        values=params_of("seed", "fid.weights", "fid.weights_sha256", "fid.batch_size"),
+        values=params_of("seed", "fid.weights", "fid.weights_sha256", "fid.batch_size", "fid.max_activation_gib"),
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:
@@ -57,7 +57,7 @@ rule fid_sweep:  # off unless fid.steps_sweep or fid.guidance_sweep lists values
                          "sample.guidance_scale", "sample.classes",
                          "sample.grid_size", "sample.negative_prompt", "model.pretrained", "data.resolution", "data.holdout",
                          "fid.num_samples", "fid.steps_sweep", "fid.guidance_sweep", "fid.weights",
-                         "fid.weights_sha256", "fid.batch_size"),
+                         "fid.weights_sha256", "fid.batch_size", "fid.max_activation_gib"),
         config=PARAMS_FILE,
     threads: workflow.cores  # CPU runs use every core, as under dvc
     resources:

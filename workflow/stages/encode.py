@@ -9,7 +9,8 @@ mirrored (the VAE does not commute with a flip), and training picks the view its
 Without `model.pretrained` it writes a record saying the run trains in pixel space, and loads nothing.
 The encoders run in float32 (`encode.batch_size` images or captions per call) on the GPU if there is one;
 their output is stored as `encode.storage` says (float16 by default: half the size, and refused where a
-value exceeds float16's range).
+value exceeds float16's range). A batch whose call would hold more than `encode.max_activation_gib` is refused
+before the encoders load (measured on the meta device from their configs).
 """
 
 from __future__ import annotations
@@ -39,15 +40,24 @@ def encode(params: Params, base: dict) -> dict:
     from workflow.formats.encodings import encoding_writer, put
     from workflow.formats.training_images import load_images
     from workflow.maths.diffusion import to_model_range
-    from workflow.models.latent import encode_captions, encode_images, load_encoders
+    from workflow.models.latent import check_encode_memory, encode_captions, encode_images, load_encoders
 
     paths, size = params.paths, params.encode.batch_size
+    # hashed before they are read: were they replaced while encoding, the record then names the files encoded
+    # (train sees the change and asks for a re-run), not the new ones beside latents of the old
+    sources = {
+        "base_sha256": base_sha256(paths.base_model),
+        "images_sha256": sha256_file(paths.images),
+        "captions_sha256": sha256_file(paths.captions),
+    }
     images, captions = load_images(paths.images), load_captions(paths.captions)
     if len(captions) != len(images):
         raise ConfigError(
             f"{paths.captions}: captions for {len(captions)} images, {paths.images} holds {len(images)}; "
             "text-to-image needs `data.caption_column` (re-run download and preprocess)"
         )
+    views = 2 if params.train.random_flip else 1
+    check_encode_memory(paths.base_model, params.encode, images.shape[-1], views)  # before any weights load
     device = Runtime.detect().device
     encoders = load_encoders(paths.base_model, device)
     factor, resolution = encoders.scale_factor, images.shape[-1]
@@ -56,7 +66,6 @@ def encode(params: Params, base: dict) -> dict:
             f"`data.resolution` ({resolution}) must be divisible by the VAE's downsampling factor ({factor}) "
             f"of {params.model.pretrained}"
         )
-    views = 2 if params.train.random_flip else 1
     latent_shape = (encoders.vae.config.latent_channels, resolution // factor, resolution // factor)
     flat = [caption for image in captions for caption in image]
     text_shape = tuple(encode_captions(encoders, flat[:1]).shape[1:])
@@ -77,9 +86,7 @@ def encode(params: Params, base: dict) -> dict:
             "scaling_factor": float(encoders.vae.config.scaling_factor),
             "vae_scale_factor": factor,
             "base": {key: base[key] for key in ("kind", "repo_id", "sha", "path") if key in base},
-            "base_sha256": base_sha256(paths.base_model),
-            "images_sha256": sha256_file(paths.images),
-            "captions_sha256": sha256_file(paths.captions),
+            **sources,
             "device": device.type,
         }
         record = dict(out.record)

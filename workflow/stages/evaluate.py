@@ -73,11 +73,11 @@ def _native(key: str, value):
 def run(params: Params) -> dict:
     started = time.perf_counter()
     paths = params.paths
+    extractor, info = load_extractor(params.fid)  # first: it refuses a batch over `fid.max_activation_gib`
     reference = load_reference(paths.fid_ref)
     train = trainlog.read_summary(paths.train_log, TRAIN_KEYS)
     sample = read_sample_record(paths.samples, SAMPLE_KEYS)
     images = load_samples(paths.samples)
-    extractor, info = load_extractor(params.fid)
     check_weights(reference, info, paths.fid_ref)
     device = default_device()
     feats = fid.features(images, extractor, params.fid.batch_size, device, feature_workers(device))

@@ -60,8 +60,8 @@ class Scorer:
         from workflow.models.inception import load_extractor
         from workflow.models.sampling import sample_labels
 
+        extractor, info = load_extractor(params.fid)  # first: it refuses a batch over `fid.max_activation_gib`
         reference = load_reference(params.paths.fid_ref)
-        extractor, info = load_extractor(params.fid)
         check_weights(reference, info, params.paths.fid_ref)
         if params.model.pretrained is not None:
             from workflow.formats.captions import fid_prompts
