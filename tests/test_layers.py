@@ -148,15 +148,16 @@ def test_the_maths_does_no_io(module):
 
 def code_strings(module: str) -> set[str]:
     """The string constants of a module's code: docstrings and comments are prose, not code."""
+    parsed = tree(module)  # one tree: ids of a second parse's nodes could be the first's, freed and reused
     docstrings = set()
-    for node in ast.walk(tree(module)):
+    for node in ast.walk(parsed):
         if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             first = node.body[0] if node.body else None
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
                 docstrings.add(id(first.value))
     return {
         n.value
-        for n in ast.walk(tree(module))
+        for n in ast.walk(parsed)
         if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
     }
 
