@@ -1,6 +1,8 @@
 """workflow/stages/preprocess.py: decoding, resizing and cropping, skipped files, the seeded subset, the stage."""
 
 import json
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from PIL import Image
 
 from workflow.core.artifacts import sha256_file
 from workflow.core.config import ConfigError, load_params
+from workflow.formats import training_images
 from workflow.formats.raw_dataset import list_image_files
 from workflow.stages import download, preprocess
 
@@ -186,7 +189,7 @@ def test_zero_readable_images_is_a_config_error(tmp_path, monkeypatch):
     download.run(load_params("params.yaml"))
     with pytest.raises(ConfigError, match="only 0 usable images in 'data/raw/images'.*UnidentifiedImageError: 1"):
         preprocess.run(load_params("params.yaml"))
-    assert not (tmp_path / "data" / "processed").exists()
+    assert not list((tmp_path / "data/processed").iterdir())  # the folder the images were decoded in, empty
 
 
 def test_missing_raw_folder_is_a_config_error(tmp_path, monkeypatch):
@@ -220,3 +223,58 @@ def test_skipped_files_are_listed_relative_to_the_raw_images(tmp_path, monkeypat
     meta = preprocess.run(load_params("params.yaml"))
     assert meta["count"] == 1 and [s["file"] for s in meta["skipped"]] == ["bad/b.jpg"]
     assert meta["source"] == {"kind": "imagefolder", "path": str(src), "count": 2, "classes": 2}  # ok/, bad/
+
+
+def test_the_stage_holds_an_image_in_memory_not_the_set(tmp_path, monkeypatch):
+    """500 RGB images at 128 px are 24.6 MB decoded (200,000 at 512 px: 157 GB). The stage decodes them
+    straight into images.npy's memory map and cuts the skipped rows off in place: tracemalloc, which counts
+    numpy's arrays but not a file's mapped pages, sees 3 to 7 MB at its peak (an image, the list of files,
+    sha256's reads, modules imported the first time), under half the set, where any whole-set array is more
+    than the set (the stage held two, 49 MB, with its copy without the skipped rows)."""
+    src, broken = tmp_path / "src", (3, 250, 499)
+    src.mkdir()
+    for i in range(500):
+        save(Image.new("RGB", (4, 4), (i % 256, i // 256, 7)), src / f"{i:03d}.png")
+    for i in broken:
+        (src / f"{i:03d}.png").write_bytes(b"not an image")
+    write_params(tmp_path, monkeypatch, source=f"imagefolder:{src}", folder=str(src), channels=3, resolution=128)
+    download.run(load_params("params.yaml"))
+    params = load_params("params.yaml")
+    tracemalloc.start()
+    try:
+        meta = preprocess.run(params)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    images = np.load("data/processed/images.npy", mmap_mode="r")
+    assert meta["count"] == len(images) == 497 and len(meta["skipped"]) == 3
+    assert images.shape[1:] == (3, 128, 128) and images.nbytes > 24_000_000
+    kept = [i for i in range(500) if i not in broken]
+    assert images[:, 0, 9, 9].tolist() == [i % 256 for i in kept] and images[:, 1, 9, 9].tolist() == [
+        i // 256 for i in kept
+    ]
+    assert peak < images.nbytes / 2, f"{peak:,} bytes at the peak"
+
+
+def test_rows_kept_and_copied_a_chunk_at_a_time_are_the_bytes_numpy_saves(tmp_path, monkeypatch):
+    """keep_rows cuts a memory-mapped images file to some of its rows in place (1,000 rows to 7: fewer digits
+    in the header's count) and copy_rows copies others into their own file, CHUNK_BYTES at a time: each
+    file is byte for byte what np.save makes of those rows; the decoded array is a map of the file."""
+    monkeypatch.setattr(training_images, "CHUNK_BYTES", 3 * 48)  # three rows a chunk
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (1000, 3, 4, 4), dtype=np.uint8)
+    for kept in ([0, 1, 2, 3, 4, 5, 6], [1, 5, 6, 7, 200, 998, 999], np.sort(rng.permutation(1000)[:700])):
+        held = np.setdiff1d(np.arange(1000), kept)
+        path, other = tmp_path / "images.npy", tmp_path / "held.npy"
+        images = training_images.new_images(path, 1000, (3, 4, 4))
+        assert isinstance(images, np.memmap) and Path(images.filename) == path
+        images[:] = pixels
+        training_images.copy_rows(images, held, training_images.new_images(other, len(held), (3, 4, 4)))
+        training_images.keep_rows(path, images, kept)
+        del images
+        for written, rows in ((path, kept), (other, held)):
+            np.save(tmp_path / "saved.npy", pixels[rows])
+            assert written.read_bytes() == (tmp_path / "saved.npy").read_bytes(), (len(kept), written.name)
+    files = [save(Image.new("RGB", (8, 8), (i, 0, 0)), tmp_path / f"{i}.png") for i in range(3)]
+    array, _ = preprocess.preprocess_images(files, 8, 3, True, into=tmp_path / "decoded.npy")
+    assert isinstance(array, np.memmap) and Path(array.filename) == tmp_path / "decoded.npy"

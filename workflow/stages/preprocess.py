@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from workflow.core.artifacts import write_json
+from workflow.core.artifacts import atomic_path, sha256_file, write_json
 from workflow.core.config import ConfigError, Params
 from workflow.core.faults import maybe_fault
 from workflow.formats.captions import write_captions
@@ -44,7 +44,7 @@ from workflow.formats.raw_dataset import (
     read_raw_captions,
     read_raw_labels,
 )
-from workflow.formats.training_images import write_images
+from workflow.formats.training_images import copy_rows, keep_rows, new_images
 
 MODES = {1: "L", 3: "RGB"}
 # `data.center_crop` scales the shorter side to the resolution before cropping, so a thin strip of an image
@@ -131,11 +131,16 @@ def resize(image: Image.Image, resolution: int, center_crop: bool) -> Image.Imag
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def preprocess_images(files, resolution: int, channels: int, center_crop: bool) -> tuple[np.ndarray, list[dict]]:
-    """Decode `files` in order -> (N x C x H x W uint8 of those that decode, [{"file", "reason"}] of the rest)."""
+def preprocess_images(
+    files, resolution: int, channels: int, center_crop: bool, into: Path | None = None
+) -> tuple[np.ndarray, list[dict]]:
+    """Decode `files` in order -> (N x C x H x W uint8 of those that decode, [{"file", "reason"}] of the rest).
+    `into`: decoded straight into that new .npy file (new_images: one row per file, memory-mapped, so memory
+    holds one image, not the set), the array returned its first rows; keep_rows then cuts it to them."""
     if channels not in MODES:
         raise ConfigError(f"`data.channels` must be one of {sorted(MODES)}, got {channels!r}")
-    out = np.empty((len(files), channels, resolution, resolution), dtype=np.uint8)
+    shape = (channels, resolution, resolution)
+    out = np.empty((len(files), *shape), dtype=np.uint8) if into is None else new_images(into, len(files), shape)
     count, skipped = 0, []
     for path in files:
         try:
@@ -150,7 +155,7 @@ def preprocess_images(files, resolution: int, channels: int, center_crop: bool) 
             continue
         count += 1
         maybe_fault("preprocess.after_image", count)
-    return out[:count].copy() if count < len(files) else out, skipped
+    return out[:count], skipped
 
 
 def select_subset(files: list, max_images: int | None, seed: int) -> list:
@@ -223,35 +228,40 @@ def run(params: Params) -> dict:
     data = params.data
     root, record = read_raw(params.paths.raw)
     files = select_subset(list_image_files(root), data.max_images, params.seed)
-    array, skipped = preprocess_images(files, data.resolution, data.channels, data.center_crop)
-    classes, labels = image_labels(params.paths.raw, root, files, skipped)
-    captions = image_captions(params.paths.raw, root, files, skipped)
-    for item in skipped:
-        item["file"] = Path(item["file"]).relative_to(root).as_posix()
-    skipped = record.get("ignored", []) + record.get("skipped", []) + skipped  # the source's, then ours
-    check_enough(len(array), data.min_images, skipped, root)
-    kept, held = holdout_split(len(array), data.holdout, data.min_images, params.seed)
-    held_images, held_captions = array[held], [captions[i] for i in held] if captions else []
-    if len(held):
-        array = array[kept]
-        labels = [labels[i] for i in kept] if labels else labels
-        captions = [captions[i] for i in kept] if captions else captions
-    meta = {
-        "count": len(array),
-        "resolution": data.resolution,
-        "channels": data.channels,
-        "center_crop": data.center_crop,
-        "max_images": data.max_images,
-        "seed": params.seed,
-        "skipped": skipped,
-        "source": source_summary(record),
-        "classes": len(classes),
-        "captions": sum(map(len, captions)),
-        "holdout": len(held),
-        "images_sha256": write_images(params.paths.images, array),
-    }
-    # after the images (the biggest file), so a full disk there leaves nothing of this run
-    write_images(params.paths.holdout_images, held_images)
+    # The images are decoded straight into their file (memory-mapped) in its atomic temporary, then the
+    # held-out rows are copied out and the file is cut down to the training rows in place: memory holds an
+    # image or a chunk of rows, never the set. The holdout's temporary is opened first, so it is put in place
+    # after the images (the biggest file): a failure before then leaves nothing of this run.
+    with atomic_path(params.paths.holdout_images) as held_path, atomic_path(params.paths.images) as images_path:
+        array, skipped = preprocess_images(files, data.resolution, data.channels, data.center_crop, images_path)
+        classes, labels = image_labels(params.paths.raw, root, files, skipped)
+        captions = image_captions(params.paths.raw, root, files, skipped)
+        for item in skipped:
+            item["file"] = Path(item["file"]).relative_to(root).as_posix()
+        skipped = record.get("ignored", []) + record.get("skipped", []) + skipped  # the source's, then ours
+        check_enough(len(array), data.min_images, skipped, root)
+        kept, held = holdout_split(len(array), data.holdout, data.min_images, params.seed)
+        copy_rows(array, held, new_images(held_path, len(held), array.shape[1:]))
+        keep_rows(images_path, array, kept)
+        del array  # a map of rows past the file's new end
+        held_captions = [captions[i] for i in held] if captions else []
+        if len(held):
+            labels = [labels[i] for i in kept] if labels else labels
+            captions = [captions[i] for i in kept] if captions else captions
+        meta = {
+            "count": len(kept),
+            "resolution": data.resolution,
+            "channels": data.channels,
+            "center_crop": data.center_crop,
+            "max_images": data.max_images,
+            "seed": params.seed,
+            "skipped": skipped,
+            "source": source_summary(record),
+            "classes": len(classes),
+            "captions": sum(map(len, captions)),
+            "holdout": len(held),
+            "images_sha256": sha256_file(images_path),
+        }
     write_captions(params.paths.holdout_captions, held_captions)
     write_labels(params.paths.labels, classes, labels)
     write_captions(params.paths.captions, captions)
