@@ -334,17 +334,17 @@ def test_the_issues_sampler_experiment(dvc_repo):
             "-n",
             "dpmsolver-25",
         )
+        assert "Running stage 'sample'" in out and "Running stage 'evaluate'" in out
+        assert "Running stage 'fid_reference'" not in out and "Running stage 'train'" not in out
+        data = experiments(repo)["dpmsolver-25"]
+        assert data["params"]["params.yaml"]["data"]["sample"]["sampler"] == "dpmsolver++"
+        metrics = data["metrics"]["reports/metrics.json"]["data"]
+        assert np.isfinite(metrics["fid"]) and np.isfinite(metrics["kid"]) and metrics["fid_num_samples"] == 8
+        samples = json.loads((repo / "data/samples/samples.json").read_text())  # the experiment's, applied
+        assert samples["sampler"] == "dpmsolver++" and samples["num_inference_steps"] == 25
     finally:  # exp run leaves its params and outputs in the workspace: the baseline's, as the other tests expect
         sh(repo, "dvc", "exp", "apply", "baseline")
         (repo / "params.yaml").write_text(original)
-    assert "Running stage 'sample'" in out and "Running stage 'evaluate'" in out
-    assert "Running stage 'fid_reference'" not in out and "Running stage 'train'" not in out
-    data = experiments(repo)["dpmsolver-25"]
-    assert data["params"]["params.yaml"]["data"]["sample"]["sampler"] == "dpmsolver++"
-    metrics = data["metrics"]["reports/metrics.json"]["data"]
-    assert np.isfinite(metrics["fid"]) and np.isfinite(metrics["kid"]) and metrics["fid_num_samples"] == 8
-    samples = json.loads((repo / "data/samples/samples.json").read_text())
-    assert samples["sampler"] == "dpmsolver++" and samples["num_inference_steps"] == 25
 
 
 def test_a_queued_sweep_runs_on_two_workers_each_training_in_a_device_slot(exp_runs):

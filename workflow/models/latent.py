@@ -80,7 +80,7 @@ def check_encode_memory(base: str | Path, settings: Encode, resolution: int, vie
 
     try:
         vae_config = AutoencoderKL.load_config(str(base), subfolder="vae")
-        text_config = CLIPTextConfig.from_pretrained(str(base), subfolder="text_encoder")
+        text_config = CLIPTextConfig.from_json_file(Path(base) / "text_encoder" / "config.json")  # no weights
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"{base}: cannot read the pretrained encoders' configs ({exc}); re-run download_model"
