@@ -15,13 +15,13 @@ from tests.helpers import ROOT, tiny_dict
 from workflow.core.config import ConfigError, Model, load_params, params_from_dict
 from workflow.formats import checkpoints
 from workflow.models.builders import (
-    PeakBytes,
     activation_bytes,
     build_unet,
     check_size,
     count_parameters,
     sampling_peak_bytes,
 )
+from workflow.models.memory import PeakBytes
 from workflow.stages.train import PROGRESS_SAMPLER, total_steps
 
 
@@ -104,6 +104,8 @@ def test_a_global_batch_whose_noise_outgrows_the_cap_is_refused():
     )
     raw["train"].update(batch_size=2**14, num_processes=16)  # a quarter of it fits
     assert check_size(params_from_dict(raw))["noise_gib"] == 48.0
+    raw["train"]["noise_offset"] = 0.1  # the offset is added to a second draw of the same size
+    assert check_size(params_from_dict(raw))["noise_gib"] == 96.0
 
 
 def saved_by_a_real_forward_pass(unet, batch: int, bf16: bool = False) -> int:

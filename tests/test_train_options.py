@@ -23,6 +23,9 @@ from workflow.models.builders import build_noise_scheduler
 from workflow.stages.train import run as train
 from workflow.stages.train import total_steps
 
+# Two CPU ranks need two cores: check_cpu_ranks refuses more ranks than cores on a machine without a GPU.
+TWO_CORES = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two CPU ranks need two cores")
+
 WEIGHTS = "models/trained/unet/diffusion_pytorch_model.safetensors"
 
 
@@ -145,18 +148,17 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny_params):
     assert not Path(params.paths.trained).exists()
 
 
-@pytest.mark.e2e
 def test_more_cpu_ranks_than_cores_are_refused_before_anything_is_taken(tiny_params, capsys):
     """Without a GPU each rank is a whole torch process on the same cores and memory: `train.num_processes`
     above the cores this process may use is refused, before the recipe's lock, a device slot or a rank."""
     from workflow.__main__ import main
     from workflow.core.launch import check_cpu_ranks
-    from workflow.core.slots import gpu_count
+    from workflow.core.slots import usable_gpus
 
     cores = len(os.sched_getaffinity(0))
     check_cpu_ranks(cores, gpus=0)
     check_cpu_ranks(cores + 1, gpus=1)  # GPU ranks are counted against the GPUs (device slots)
-    if gpu_count():
+    if usable_gpus():
         return  # the stage below would launch GPU ranks
     params = tiny_params(train={"max_steps": 2, "num_processes": cores + 1, "batch_size": 2 * (cores + 1)})
     write_images(params.paths.images)
@@ -168,6 +170,8 @@ def test_more_cpu_ranks_than_cores_are_refused_before_anything_is_taken(tiny_par
     assert not Path(params.paths.checkpoints).exists()  # no recipe folder, no lock taken
 
 
+@pytest.mark.e2e
+@TWO_CORES
 def test_two_processes_match_one(tiny_params, tmp_path):
     """`train.num_processes: 2`: the stage launches 2 ranks itself (accelerate launch; gloo on CPU), the ranks
     agree (checked inside train), and the result equals the single-process run with the same global batch
@@ -224,6 +228,7 @@ def processes_of(slot_dir: Path) -> list[int]:
 
 
 @pytest.mark.e2e
+@TWO_CORES
 def test_a_killed_stage_leaves_its_slot_held_until_its_ranks_are_gone(tiny_params, tmp_path):
     """The launcher inherits the slot's lock: SIGKILL to `python -m workflow train` (the OOM killer, a
     forced queue kill) must not free the slot while the ranks it launched still train on its devices."""
@@ -267,6 +272,7 @@ def test_a_killed_stage_leaves_its_slot_held_until_its_ranks_are_gone(tiny_param
 
 
 @pytest.mark.e2e
+@TWO_CORES
 def test_a_multi_process_run_waits_for_its_recipe_before_it_launches_a_rank(tiny_params, tmp_path):
     """Two runs of one recipe with `train.num_processes: 2`: the second waits in the process the user
     started, before any rank exists, so no two runs can each hold part of what training needs and meet

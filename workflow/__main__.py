@@ -19,7 +19,7 @@ from workflow import DEVICE_STAGES, STAGES, TOOLS
 from workflow.core.artifacts import DiskFullError
 from workflow.core.config import DEFAULT_PARAMS, ConfigError, load_params
 from workflow.core.launch import check_cpu_ranks, in_rank, launch_ranks, needs_launch
-from workflow.core.slots import device_slot, gpu_count
+from workflow.core.slots import device_slot, usable_gpus
 
 
 def run_stage(name: str, argv: list[str]) -> None:
@@ -35,7 +35,7 @@ def run_stage(name: str, argv: list[str]) -> None:
     params = load_params(params_file)
     processes = params.train.num_processes if name == "train" else 1
     if needs_launch(processes):
-        check_cpu_ranks(processes, gpu_count())
+        check_cpu_ranks(processes, usable_gpus())
     # a stage that must run alone on its outputs (train: one run per recipe) waits for that before any device;
     # ranks are past it: the process that launched them waited
     alone = hasattr(stage, "sole_run") and not in_rank()

@@ -4,7 +4,7 @@ on the same params file, so dvc.yaml, the Snakefile and a SLURM job run one comm
 or many. Each rank then runs the stage (workflow/stages/train.py checks that it is one of N).
 
     if needs_launch(num_processes):
-        check_cpu_ranks(num_processes, gpu_count())          # before waiting for anything
+        check_cpu_ranks(num_processes, usable_gpus())        # before waiting for anything
         launch_ranks("train", params_file, num_processes)   # returns when every rank has; SystemExit if one failed
 """
 

@@ -80,6 +80,14 @@ def gpu_count() -> int:
     return 0
 
 
+def usable_gpus() -> int:
+    """The GPUs this process may use: the machine's, as many as CUDA_VISIBLE_DEVICES names where it is set
+    ("" or "-1": none, a CPU run on a GPU machine)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = gpu_count()
+    return count if visible is None else min(count, len(visible_names(visible)))
+
+
 def slot_pool(visible: str | None, gpus: int, slurm: bool, inherited: str | None = None) -> list[str] | None:
     """The devices this process takes its slots among, as CUDA_VISIBLE_DEVICES would name them, or None
     where it is already confined. `visible`: its CUDA_VISIBLE_DEVICES (None: unset); `gpus`: the machine's;

@@ -22,7 +22,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel, UNet2DModel
 
 from workflow.core.config import ConfigError, Model, Params, Sample, Scheduler
-from workflow.models.memory import GIB, PeakBytes
+from workflow.models.memory import GIB, peak_bytes
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as the reference LoRA script
 
@@ -191,7 +191,9 @@ def check_size(params: Params, num_classes: int = 0, latent: dict | None = None,
     # The step's noise is drawn for the whole global batch on every device (so that each shard equals the
     # one-process run's slice), not a micro-batch's: with many accumulated micro-batches it can outgrow them.
     image = math.prod(shape) if shape else data.channels * data.resolution**2
-    noise_gib = t.batch_size * image * 4 * (2 if latent else 1) / GIB  # a latent run also draws each latent
+    # a latent run also draws each latent; offset noise is added to a second full-size draw
+    draws = (2 if latent else 1) + (1 if t.noise_offset else 0)
+    noise_gib = t.batch_size * image * 4 * draws / GIB
     if gib + noise_gib > t.max_activation_gib:
         raise ConfigError(
             f"a training step draws its noise for the whole `train.batch_size` ({t.batch_size:,} images) on each "
@@ -242,13 +244,15 @@ def sampling_peak_bytes(unet, batch: int, shape: tuple | None = None, context: t
         meta = type(unet).from_config(unet.config)
     size, channels = meta.config.sample_size, meta.config.in_channels
     shape = shape or (channels, size, size)
-    with torch.inference_mode(), PeakBytes() as counter:
+
+    def one_call():
         steps = torch.zeros(batch, dtype=torch.long, device="meta")
         condition = {"class_labels": steps if meta.config.num_class_embeds else None}
         if context is not None:
             condition["encoder_hidden_states"] = torch.zeros(batch, *context, device="meta")
         meta(torch.zeros(batch, *shape, device="meta"), steps, return_dict=False, **condition)
-    return counter.peak
+
+    return peak_bytes(one_call)
 
 
 def check_sampling_memory(

@@ -43,6 +43,9 @@ def encode(params: Params, base: dict) -> dict:
     from workflow.models.latent import check_encode_memory, encode_captions, encode_images, load_encoders
 
     paths, size = params.paths, params.encode.batch_size
+    views = 2 if params.train.random_flip else 1
+    # before any weights load, and before the dataset is hashed: a refused batch costs no read of it
+    check_encode_memory(paths.base_model, params.encode, params.data.resolution, views)
     # hashed before they are read: were they replaced while encoding, the record then names the files encoded
     # (train sees the change and asks for a re-run), not the new ones beside latents of the old
     sources = {
@@ -56,8 +59,6 @@ def encode(params: Params, base: dict) -> dict:
             f"{paths.captions}: captions for {len(captions)} images, {paths.images} holds {len(images)}; "
             "text-to-image needs `data.caption_column` (re-run download and preprocess)"
         )
-    views = 2 if params.train.random_flip else 1
-    check_encode_memory(paths.base_model, params.encode, images.shape[-1], views)  # before any weights load
     device = Runtime.detect().device
     encoders = load_encoders(paths.base_model, device)
     factor, resolution = encoders.scale_factor, images.shape[-1]

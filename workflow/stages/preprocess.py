@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from workflow.core.artifacts import atomic_path, sha256_file, write_json
+from workflow.core.artifacts import atomic_path, disk_full_guard, sha256_file, write_json
 from workflow.core.config import ConfigError, Params
 from workflow.core.faults import maybe_fault
 from workflow.formats.captions import write_captions
@@ -241,7 +241,8 @@ def run(params: Params) -> dict:
         skipped = record.get("ignored", []) + record.get("skipped", []) + skipped  # the source's, then ours
         check_enough(len(array), data.min_images, skipped, root)
         kept, held = holdout_split(len(array), data.holdout, data.min_images, params.seed)
-        copy_rows(array, held, new_images(held_path, len(held), array.shape[1:]))
+        with disk_full_guard(params.paths.holdout_images):  # inside the images' guard, which would blame them
+            copy_rows(array, held, new_images(held_path, len(held), array.shape[1:]))
         keep_rows(images_path, array, kept)
         del array  # a map of rows past the file's new end
         held_captions = [captions[i] for i in held] if captions else []
